@@ -1,0 +1,140 @@
+"""Argument checks and layout helpers shared by every core function.
+
+Everything here looks only at types, shapes and dtypes, never at values, so the
+functions that use it keep no value-dependent Python control flow and trace
+under ``jax.jit``. Errors name the offending argument.
+"""
+
+from __future__ import annotations
+
+import operator
+from collections.abc import Sequence
+from typing import Any
+
+import array_api_compat
+
+
+def namespace_of(x: Any, name: str) -> Any:
+    """Return the array-API namespace of ``x``, or raise ``TypeError`` naming ``name``."""
+    if not array_api_compat.is_array_api_obj(x) or isinstance(x, (bool, int, float, complex)):
+        raise TypeError(f"{name} must be an array (NumPy, PyTorch, JAX, CuPy, ...), got {type(x).__name__}")
+    return array_api_compat.array_namespace(x)
+
+
+def is_half(xp: Any, dtype: Any) -> bool:
+    return xp.finfo(dtype).bits < 32
+
+
+def compute_dtype(xp: Any, dtype: Any) -> Any:
+    """Dtype the maths runs in: float16/bfloat16 inputs are promoted to float32."""
+    return xp.float32 if is_half(xp, dtype) else dtype
+
+
+def check_floating(xp: Any, x: Any, name: str) -> None:
+    if not xp.isdtype(x.dtype, "real floating"):
+        raise TypeError(f"{name} must have a real floating dtype, got {x.dtype}")
+
+
+def check_weight(x: Any, name: str = "w") -> Any:
+    """Validate one weight array (a layer's kernel) and return its namespace."""
+    xp = namespace_of(x, name)
+    check_floating(xp, x, name)
+    if x.ndim < 2:
+        raise ValueError(
+            f"{name} must have at least 2 dimensions (neurons x fan-in), got shape {tuple(x.shape)}"
+        )
+    if any(int(s) == 0 for s in x.shape):
+        raise ValueError(f"{name} must not be empty, got shape {tuple(x.shape)}")
+    return xp
+
+
+def normalize_axis(axis: Any, ndim: int, name: str = "neuron_axis") -> int:
+    """Return ``axis`` as a non-negative int, or raise naming ``name``."""
+    if isinstance(axis, bool):
+        raise TypeError(f"{name} must be an int, got bool")
+    try:
+        axis = operator.index(axis)
+    except TypeError:
+        raise TypeError(f"{name} must be an int, got {type(axis).__name__}") from None
+    if not -ndim <= axis < ndim:
+        raise ValueError(f"{name}={axis} is out of range for an array with {ndim} dimensions")
+    return axis % ndim
+
+
+def device_of(x: Any) -> Any:
+    """The device of ``x``; ``None`` where it cannot be read (a JAX tracer under jit)."""
+    try:
+        return array_api_compat.device(x)
+    except Exception:  # noqa: BLE001 - tracers and exotic arrays have no readable device
+        return None
+
+
+def check_partner(w: Any, other: Any, name: str, other_name: str) -> None:
+    """``other`` must come from the same library, live on the same device, and match in shape."""
+    xp = array_api_compat.array_namespace(w)
+    xp_other = namespace_of(other, other_name)
+    if xp_other is not xp:
+        raise TypeError(
+            f"{other_name} comes from a different array library than {name} "
+            f"({type(other).__module__}.{type(other).__name__} vs "
+            f"{type(w).__module__}.{type(w).__name__})"
+        )
+    check_floating(xp, other, other_name)
+    if tuple(other.shape) != tuple(w.shape):
+        raise ValueError(
+            f"{other_name} must have the shape of {name}: {tuple(other.shape)} != {tuple(w.shape)}"
+        )
+    dev, dev_other = device_of(w), device_of(other)
+    if dev is not None and dev_other is not None and dev != dev_other:
+        raise ValueError(f"{other_name} is on {dev_other} but {name} is on {dev}")
+
+
+def to_rows(xp: Any, w: Any, axis: int) -> Any:
+    """View ``w`` as an ``(n, d)`` matrix with one row per neuron (neuron axis moved first)."""
+    if axis != 0:
+        order = (axis, *(i for i in range(w.ndim) if i != axis))
+        w = xp.permute_dims(w, order)
+    return xp.reshape(w, (w.shape[0], -1))
+
+
+def from_rows(xp: Any, rows: Any, shape: Sequence[int], axis: int) -> Any:
+    """Inverse of :func:`to_rows`: give ``rows`` the layout of an array of ``shape``."""
+    shape = tuple(int(s) for s in shape)
+    moved = (shape[axis], *(s for i, s in enumerate(shape) if i != axis))
+    out = xp.reshape(rows, moved)
+    if axis != 0:
+        inverse = [0] * len(shape)
+        order = (axis, *(i for i in range(len(shape)) if i != axis))
+        for position, source in enumerate(order):
+            inverse[source] = position
+        out = xp.permute_dims(out, tuple(inverse))
+    return out
+
+
+def check_block_size(block_size: Any) -> int | None:
+    if block_size is None:
+        return None
+    if isinstance(block_size, bool):
+        raise TypeError("block_size must be a positive int or None, got bool")
+    try:
+        block_size = operator.index(block_size)
+    except TypeError:
+        raise TypeError(f"block_size must be a positive int or None, got {type(block_size).__name__}") from None
+    if block_size < 1:
+        raise ValueError(f"block_size must be a positive int or None, got {block_size}")
+    return block_size
+
+
+def check_choice(value: Any, allowed: Sequence[str], name: str) -> str:
+    if value not in allowed:
+        raise ValueError(f"unknown {name} {value!r}; expected one of {', '.join(map(repr, allowed))}")
+    return value
+
+
+def check_zero_tol(zero_tol: Any) -> float | None:
+    if zero_tol is None:
+        return None
+    zero_tol = float(zero_tol)
+    if not 0.0 <= zero_tol < 1.0:
+        raise ValueError(f"zero_tol must lie in [0, 1), got {zero_tol}")
+    return zero_tol

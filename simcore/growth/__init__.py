@@ -1,0 +1,1 @@
+"""Growth maths: widening operators, budgets and selection, SSD splitting, Firefly scoring."""

@@ -1,0 +1,1 @@
+"""Conformance kit: backends, strategies and assertions to check any Array-API backend."""

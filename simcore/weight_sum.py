@@ -1,0 +1,105 @@
+"""Eq. 4 of Sakai & Hotta: a penalty on the change of a layer's weights after growth.
+
+The paper writes ``log(|sum W_cur / sum W_prev|)``. Read literally that term
+
+* is unbounded below: minimising it drives ``sum W_cur`` to 0;
+* has the same gradient ``1 / sum W_cur`` for every entry, a common shift that
+  *raises* the pairwise cosines Eq. 2 is lowering;
+* is ill-conditioned at initialisation, where ``sum W`` of a zero-mean layer
+  sits near 0 and changes sign.
+
+``form="literal"`` reproduces it exactly, for reproduction studies. The default,
+``form="squared_log"`` with ``statistic="rms"``, is ``(log q(W) / q(W_ref))^2``
+with ``q`` the root-mean-square weight. It is what the paper's prose asks for
+("avoid sudden increases or decreases in weights") and is well posed: >= 0, 0
+when the layer is unchanged, symmetric in the two arrays, smooth, finite for any
+input (``q`` is floored at the dtype's smallest normal number). And its gradient
+``2 log(q/q_ref) W / (size q^2)`` points along each row, orthogonal to the
+similarity gradient, so the two terms of Eq. 5 never fight: it rescales the
+layer and leaves every cosine untouched. ``form="abs_log"`` is
+``|log q / q_ref|`` (a kink at 0, ``sign(0) = 0``); ``statistic="mean_abs"``
+uses ``mean |W|``.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+from ._arrays import check_choice, check_partner, check_weight, compute_dtype
+
+__all__ = ["FORMS", "STATISTICS", "weight_sum_penalty", "weight_sum_penalty_and_grad"]
+
+FORMS = ("squared_log", "abs_log", "literal")
+STATISTICS = ("rms", "mean_abs")
+
+
+def _statistic(xp, x, statistic, tiny):
+    """``(q floored at tiny, raw q > tiny)`` for the chosen positive statistic."""
+    raw = xp.sqrt(xp.mean(x * x)) if statistic == "rms" else xp.mean(xp.abs(x))
+    return xp.maximum(raw, tiny), raw > tiny
+
+
+def _value_and_grad(w, w_ref, form, statistic, with_grad):
+    xp = check_weight(w, "w")
+    check_partner(w, w_ref, "w", "w_ref")
+    check_choice(form, FORMS, "form")
+    check_choice(statistic, STATISTICS, "statistic")
+    work = compute_dtype(xp, w.dtype)
+    cur = xp.astype(w, work) if work != w.dtype else w
+    ref = xp.astype(w_ref, work) if work != w_ref.dtype else w_ref
+
+    def out(x):
+        return x if x.dtype == w.dtype else xp.astype(x, w.dtype)
+
+    if form == "literal":
+        total = xp.sum(cur)
+        value = xp.log(xp.abs(total / xp.sum(ref)))
+        grad = xp.ones_like(cur) / total if with_grad else None
+        return out(value), (out(grad) if with_grad else None)
+
+    tiny = xp.finfo(work).smallest_normal
+    q, q_live = _statistic(xp, cur, statistic, tiny)
+    q_ref, _ = _statistic(xp, ref, statistic, tiny)
+    log_ratio = xp.log(q) - xp.log(q_ref)
+    if form == "squared_log":
+        value, dvalue_dq = log_ratio * log_ratio, 2.0 * log_ratio / q
+    else:
+        value, dvalue_dq = xp.abs(log_ratio), xp.sign(log_ratio) / q
+    if not with_grad:
+        return out(value), None
+    size = float(math.prod(cur.shape))
+    if statistic == "rms":
+        dq_dw = cur / (size * q)
+    else:
+        dq_dw = xp.sign(cur) / size
+    grad = dq_dw * (dvalue_dq * xp.astype(q_live, work))
+    return out(value), out(grad)
+
+
+def weight_sum_penalty(
+    w: Any, w_ref: Any, *, form: str = "squared_log", statistic: str = "rms"
+) -> Any:
+    """Eq. 4 for one layer: how far ``w`` has moved from ``w_ref`` in overall size.
+
+    ``w_ref`` is the snapshot the change is measured against (the weights right
+    after growth, or those of the previous step); it must match ``w`` in
+    library, device and shape. See the module docstring for the forms.
+
+    >>> import numpy as np, simcore
+    >>> w = np.ones((2, 3))
+    >>> float(simcore.weight_sum_penalty(w, w))
+    0.0
+    >>> round(float(simcore.weight_sum_penalty(2 * w, w)), 4)  # (log 2)^2
+    0.4805
+    >>> round(float(simcore.weight_sum_penalty(2 * w, w, form="literal")), 4)  # log 2
+    0.6931
+    """
+    return _value_and_grad(w, w_ref, form, statistic, with_grad=False)[0]
+
+
+def weight_sum_penalty_and_grad(
+    w: Any, w_ref: Any, *, form: str = "squared_log", statistic: str = "rms"
+) -> tuple[Any, Any]:
+    """Eq. 4 and its gradient with respect to ``w`` (``w_ref`` is held constant)."""
+    return _value_and_grad(w, w_ref, form, statistic, with_grad=True)
