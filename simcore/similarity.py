@@ -75,7 +75,7 @@ class _Rows:
         active = norms > tol * xp.max(norms)
         self.active = xp.astype(active, work)
         self.safe_norms = xp.where(active, norms, xp.ones_like(norms))
-        self.unit = rows / self.safe_norms[:, None] * self.active[:, None]
+        self.unit = rows * (self.active / self.safe_norms)[:, None]
         n_active = xp.sum(self.active)
         self.pair_count = n_active * (n_active - 1)
         self.n = int(rows.shape[0])
@@ -92,28 +92,32 @@ class _Rows:
         return self.out(from_rows(xp, grad_rows, self.shape, self.axis))
 
     def blocks(self, block_size: int | None):
-        """Yield ``(start, stop, off_diagonal_mask)`` for row blocks against all rows."""
+        """Yield ``(start, stop, off_diagonal)`` for row blocks against all rows.
+
+        ``off_diagonal`` is a boolean ``(stop - start, n)`` mask, False where the
+        global row index equals the column index.
+        """
         xp, n = self.xp, self.n
+        device = device_of(self.unit)
         size = n if block_size is None else min(block_size, n)
-        columns = xp.arange(n)
+        columns = xp.arange(n, device=device)
         for start in range(0, n, size):
             stop = min(start + size, n)
-            rows = xp.arange(start, stop)
-            mask = xp.astype(rows[:, None] != columns[None, :], self.unit.dtype)
-            yield start, stop, mask
+            rows = xp.arange(start, stop, device=device)
+            yield start, stop, rows[:, None] != columns[None, :]
 
 
 def _value_and_grad(w, neuron_axis, block_size, zero_tol, with_grad):
     block_size = check_block_size(block_size)
     rows = _Rows(w, neuron_axis, zero_tol)
     xp, u = rows.xp, rows.unit
-    total = xp.zeros((), dtype=u.dtype, device=device_of(u))
+    zero = xp.zeros((), dtype=u.dtype, device=device_of(u))
+    total = zero
     grad_blocks = []
     for start, stop, off_diagonal in rows.blocks(block_size):
-        block = u[start:stop, :]
-        cosines = block @ u.T
-        signs = xp.sign(cosines) * off_diagonal
-        total = total + xp.sum(signs * cosines)
+        cosines = u[start:stop, :] @ u.T
+        signs = xp.where(off_diagonal, xp.sign(cosines), zero)
+        total = total + xp.sum(xp.vecdot(signs, cosines))
         if with_grad:
             grad_blocks.append(signs @ u)
     scale = 1.0 / xp.maximum(rows.pair_count, xp.ones_like(rows.pair_count))
