@@ -1,0 +1,41 @@
+"""The README tells the truth: its examples run and CI runs its test command."""
+
+from __future__ import annotations
+
+import re
+import subprocess
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+README = (ROOT / "README.md").read_text()
+PYTHON_BLOCKS = re.findall(r"```python\n(.*?)```", README, flags=re.DOTALL)
+
+
+def test_readme_opens_with_the_two_commands():
+    commands = re.search(r"```bash\n(.*?)```", README, flags=re.DOTALL).group(1).splitlines()
+    main_job, tests = commands[:2]
+    assert "simcore " in main_job
+    assert "-m pytest" in tests
+    assert README.index("```bash") < README.index("## ")
+
+
+def test_ci_runs_the_readme_test_command():
+    script = (ROOT / ".ci" / "run").read_text()
+    pattern = re.search(r"grep -m1 -E '([^']+)' README.md", script).group(1)
+    found = [line for line in README.splitlines() if re.search(pattern, line)]
+    assert found and "-m pytest" in found[0]
+    assert 'eval "$test_command"' in script
+
+
+@pytest.mark.parametrize("block", PYTHON_BLOCKS, ids=[f"block{i}" for i in range(len(PYTHON_BLOCKS))])
+def test_readme_python_example_runs(block, tmp_path):
+    for module in re.findall(r"^import (\w+)", block, flags=re.MULTILINE):
+        pytest.importorskip(module)
+    script = tmp_path / "example.py"
+    script.write_text(block)
+    result = subprocess.run(
+        ["python3", str(script)], cwd=tmp_path, capture_output=True, text=True, timeout=300
+    )
+    assert result.returncode == 0, result.stderr
