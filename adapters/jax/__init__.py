@@ -1,0 +1,16 @@
+"""JAX glue for simcore."""
+
+from ._loss import growth_objective, similarity_loss
+from ._optax import SimilarityGradientState, add_similarity_gradient, penalty
+from ._trees import find_kernels, leaf_name, named_leaves
+
+__all__ = [
+    "SimilarityGradientState",
+    "add_similarity_gradient",
+    "find_kernels",
+    "growth_objective",
+    "leaf_name",
+    "named_leaves",
+    "penalty",
+    "similarity_loss",
+]
