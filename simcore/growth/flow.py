@@ -1,0 +1,298 @@
+"""Where a layer's channels flow: the framework-neutral description every growth operator reads.
+
+A network's parameters are a flat ``Mapping[str, array]`` (a torch ``state_dict``, a flattened
+Flax pytree keyed ``"a/b/c"``, ...). A :class:`ChannelFlow` names the entries that belong to one
+growable *producer* layer: its weight and bias, the BatchNorm after it, depthwise convolutions
+that act channel by channel on its output (MobileNet), and every *consumer* layer that reads its
+channels. Growing the producer by ``k`` channels grows all of them together, consistently.
+
+Axis conventions (negative values count from the end):
+
+=========================  ===========  ===========  ============================
+layer                      torch        flax         field
+=========================  ===========  ===========  ============================
+producer conv / dense      0 (OIHW)     -1 (HWIO)    ``ChannelFlow.out_axis``
+consumer conv              1 (OIHW)     -2 (HWIO)    ``Consumer.in_axis``
+consumer dense             1 (out, in)  0 (in, out)  ``Consumer.in_axis``
+depthwise conv             0 (C1HW)     -1 (HW1C)    ``Depthwise.channel_axis``
+=========================  ===========  ===========  ============================
+
+A flatten -> dense consumer reads ``spatial = H*W`` columns per channel: channel ``c`` owns the
+consecutive columns ``[c*spatial, (c+1)*spatial)`` after a channel-major (NCHW) flatten, or the
+interleaved columns ``c, c + C, c + 2C, ...`` after a channels-last (NHWC) flatten
+(``Consumer(channels_last=True)``).
+
+Functions and nets with activation functions, pooling and other parameter-free channel-wise
+layers between the producer and its consumers need no description: they commute with channel
+duplication and selection.
+
+Example:
+
+>>> import numpy as np
+>>> params = {"fc1.weight": np.ones((4, 3)), "fc1.bias": np.zeros(4), "fc2.weight": np.ones((2, 4))}
+>>> flow = ChannelFlow("fc1.weight", bias="fc1.bias", consumers=(Consumer("fc2.weight"),))
+>>> flow.channels(params)
+4
+>>> [(e.name, e.role, e.axis) for e in flow.entries(params)]
+[('fc1.weight', 'producer', 0), ('fc1.bias', 'bias', 0), ('fc2.weight', 'consumer', 1)]
+"""
+
+from __future__ import annotations
+
+import operator
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
+
+from .._arrays import namespace_of, normalize_axis
+
+__all__ = ["BatchNorm", "ChannelFlow", "Consumer", "Depthwise", "FlowEntry", "ROLES"]
+
+#: Roles of the entries of a flow. ``producer`` rows are the neurons' incoming weights;
+#: ``consumer`` columns are their outgoing weights; every other role is a per-channel entry that
+#: a copied channel duplicates and a fresh channel initialises (bias/shift/mean 0, scale/var 1,
+#: depthwise filters random and non-zero).
+ROLES = ("producer", "bias", "scale", "shift", "mean", "var", "depthwise", "consumer")
+
+
+def _check_name(value: Any, field: str, optional: bool) -> None:
+    if value is None and optional:
+        return
+    if not isinstance(value, str) or not value:
+        kind = "a non-empty str or None" if optional else "a non-empty str"
+        raise TypeError(f"{field} must be {kind}, got {value!r}")
+
+
+def _check_int(value: Any, field: str) -> int:
+    if isinstance(value, bool):
+        raise TypeError(f"{field} must be an int, got bool")
+    try:
+        return operator.index(value)
+    except TypeError:
+        raise TypeError(f"{field} must be an int, got {type(value).__name__}") from None
+
+
+@dataclass(frozen=True)
+class BatchNorm:
+    """Names of a BatchNorm's per-channel vectors in ``params``; any may be ``None``.
+
+    ``scale``/``shift`` are gamma/beta, ``mean``/``var`` the running statistics. Copies of a
+    channel copy all four; fresh channels get ``1, 0, 0, 1`` (an identity-like normalisation).
+    """
+
+    scale: str | None = None
+    shift: str | None = None
+    mean: str | None = None
+    var: str | None = None
+
+    def __post_init__(self) -> None:
+        for field in ("scale", "shift", "mean", "var"):
+            _check_name(getattr(self, field), f"BatchNorm.{field}", optional=True)
+
+
+@dataclass(frozen=True)
+class Depthwise:
+    """A channel-wise convolution after the producer (MobileNet's depthwise conv).
+
+    ``channel_axis`` is 0 for torch's ``(C, 1, kh, kw)`` and -1 for Flax's ``(kh, kw, 1, C)``.
+    When a channel is copied its filter, bias and BatchNorm are DUPLICATED (never halved: the
+    halving happens in the consumer); fresh channels get random non-zero filters. The number of
+    groups of the convolution must follow the channel count: the torch adapter sets
+    ``groups = in_channels = out_channels`` from the grown arrays' shapes.
+    """
+
+    weight: str
+    channel_axis: int = 0
+    bias: str | None = None
+    norm: BatchNorm | None = None
+
+    def __post_init__(self) -> None:
+        _check_name(self.weight, "Depthwise.weight", optional=False)
+        _check_int(self.channel_axis, "Depthwise.channel_axis")
+        _check_name(self.bias, "Depthwise.bias", optional=True)
+        if self.norm is not None and not isinstance(self.norm, BatchNorm):
+            raise TypeError(
+                f"Depthwise.norm must be a BatchNorm or None, got {type(self.norm).__name__}"
+            )
+
+
+@dataclass(frozen=True)
+class Consumer:
+    """A layer that reads the producer's channels along ``in_axis`` of its weight.
+
+    ``spatial`` is the number of columns one channel owns (``H*W`` for flatten -> dense, else 1);
+    ``channels_last`` says the flatten was NHWC (columns of channel ``c``: ``c, c+C, ...``)
+    instead of NCHW (columns ``c*spatial ... (c+1)*spatial - 1``).
+    """
+
+    weight: str
+    in_axis: int = 1
+    spatial: int = 1
+    channels_last: bool = False
+
+    def __post_init__(self) -> None:
+        _check_name(self.weight, "Consumer.weight", optional=False)
+        _check_int(self.in_axis, "Consumer.in_axis")
+        spatial = _check_int(self.spatial, "Consumer.spatial")
+        if spatial < 1:
+            raise ValueError(f"Consumer.spatial must be >= 1, got {spatial} (for {self.weight!r})")
+        if not isinstance(self.channels_last, bool):
+            raise TypeError(
+                f"Consumer.channels_last must be a bool, got {type(self.channels_last).__name__}"
+            )
+
+
+@dataclass(frozen=True)
+class FlowEntry:
+    """One parameter a growth touches: its name, role (see :data:`ROLES`) and grown axis.
+
+    ``axis`` is non-negative. The entry's size along ``axis`` is ``channels * spatial``.
+    """
+
+    name: str
+    role: str
+    axis: int
+    spatial: int = 1
+    channels_last: bool = False
+
+
+@dataclass(frozen=True)
+class ChannelFlow:
+    """One growable producer and everything its channels flow through.
+
+    ``producer`` is the weight whose ``out_axis`` indexes the neurons; ``bias`` and ``norm`` sit
+    right after it; ``depthwise`` lists channel-wise convolutions after it (each with its own bias
+    and BatchNorm); ``consumers`` read the channels. All names refer to entries of ``params``.
+    """
+
+    producer: str
+    out_axis: int = 0
+    consumers: tuple[Consumer, ...] = ()
+    bias: str | None = None
+    norm: BatchNorm | None = None
+    depthwise: tuple[Depthwise, ...] = ()
+
+    def __post_init__(self) -> None:
+        _check_name(self.producer, "ChannelFlow.producer", optional=False)
+        _check_int(self.out_axis, "ChannelFlow.out_axis")
+        _check_name(self.bias, "ChannelFlow.bias", optional=True)
+        if self.norm is not None and not isinstance(self.norm, BatchNorm):
+            raise TypeError(
+                f"ChannelFlow.norm must be a BatchNorm or None, got {type(self.norm).__name__}"
+            )
+        # Lists are accepted for convenience and frozen into tuples (the dataclass stays hashable).
+        for field, kind in (("consumers", Consumer), ("depthwise", Depthwise)):
+            value = getattr(self, field)
+            if isinstance(value, (str, bytes)) or not hasattr(value, "__iter__"):
+                raise TypeError(f"ChannelFlow.{field} must be a sequence of {kind.__name__}")
+            value = tuple(value)
+            for item in value:
+                if not isinstance(item, kind):
+                    raise TypeError(
+                        f"ChannelFlow.{field} must hold {kind.__name__} objects, "
+                        f"got {type(item).__name__}"
+                    )
+            object.__setattr__(self, field, value)
+        names = [e[0] for e in self._named()]
+        duplicates = sorted({n for n in names if names.count(n) > 1})
+        if duplicates:
+            raise ValueError(f"ChannelFlow names {duplicates[0]!r} more than once")
+
+    def _named(self) -> list[tuple[str, str, int, int, bool, bool]]:
+        """(name, role, axis, spatial, channels_last, is_vector) before validation."""
+        out = [(self.producer, "producer", self.out_axis, 1, False, False)]
+
+        def vectors(bias: str | None, norm: BatchNorm | None) -> None:
+            if bias is not None:
+                out.append((bias, "bias", 0, 1, False, True))
+            if norm is not None:
+                for role in ("scale", "shift", "mean", "var"):
+                    name = getattr(norm, role)
+                    if name is not None:
+                        out.append((name, role, 0, 1, False, True))
+
+        vectors(self.bias, self.norm)
+        for dw in self.depthwise:
+            out.append((dw.weight, "depthwise", dw.channel_axis, 1, False, False))
+            vectors(dw.bias, dw.norm)
+        for c in self.consumers:
+            out.append((c.weight, "consumer", c.in_axis, c.spatial, c.channels_last, False))
+        return out
+
+    def names(self) -> tuple[str, ...]:
+        """Every parameter name this flow touches, producer first."""
+        return tuple(e[0] for e in self._named())
+
+    def entries(self, params: Mapping[str, Any]) -> tuple[FlowEntry, ...]:
+        """Validate the flow against ``params`` and return its entries with normalised axes.
+
+        Raises ``ValueError`` naming the entry when a name is missing from ``params``, an axis is
+        out of range, or an entry's size along its axis disagrees with the producer's channel
+        count (times ``spatial`` for consumers); ``TypeError`` for non-arrays, non-floating
+        arrays or arrays from different libraries.
+        """
+        if not isinstance(params, Mapping):
+            raise TypeError(
+                f"params must be a Mapping of name -> array, got {type(params).__name__}"
+            )
+        named = self._named()
+        xp = None
+        for name, role, _, _, _, _ in named:
+            if name not in params:
+                raise ValueError(f"{role} entry {name!r} of the flow is missing from params")
+            xp_entry = namespace_of(params[name], f"params[{name!r}]")
+            if not xp_entry.isdtype(params[name].dtype, "real floating"):
+                raise TypeError(
+                    f"params[{name!r}] must have a real floating dtype, got {params[name].dtype}"
+                )
+            if xp is None:
+                xp = xp_entry
+            elif xp_entry is not xp:
+                raise TypeError(
+                    f"params[{name!r}] comes from a different array library than "
+                    f"params[{self.producer!r}]"
+                )
+
+        producer = params[self.producer]
+        if producer.ndim < 2:
+            raise ValueError(
+                f"producer {self.producer!r} must have at least 2 dimensions, "
+                f"got shape {tuple(producer.shape)}"
+            )
+        out_axis = normalize_axis(
+            self.out_axis, producer.ndim, f"out_axis of producer {self.producer!r}"
+        )
+        n = int(producer.shape[out_axis])
+
+        entries = []
+        for name, role, axis, spatial, channels_last, is_vector in named:
+            shape = tuple(int(s) for s in params[name].shape)
+            if is_vector:
+                if shape != (n,):
+                    raise ValueError(
+                        f"{role} entry {name!r} must have shape ({n},) to match the {n} "
+                        f"channels of producer {self.producer!r}, got {shape}"
+                    )
+                entries.append(FlowEntry(name, role, 0))
+                continue
+            if len(shape) < 2:
+                raise ValueError(
+                    f"{role} entry {name!r} must have at least 2 dimensions, got shape {shape}"
+                )
+            label = {"producer": "out_axis", "depthwise": "channel_axis", "consumer": "in_axis"}[
+                role
+            ]
+            axis = normalize_axis(axis, len(shape), f"{label} of {role} {name!r}")
+            if shape[axis] != n * spatial:
+                detail = f"{n} channels" if spatial == 1 else f"{n} channels x spatial {spatial}"
+                raise ValueError(
+                    f"{role} entry {name!r} has size {shape[axis]} along axis {axis} ({label}) but "
+                    f"producer {self.producer!r} has {detail} = {n * spatial}"
+                )
+            entries.append(FlowEntry(name, role, axis, spatial, channels_last))
+        return tuple(entries)
+
+    def channels(self, params: Mapping[str, Any]) -> int:
+        """The producer's channel count, after validating every entry (see :meth:`entries`)."""
+        entries = self.entries(params)
+        return int(params[self.producer].shape[entries[0].axis])

@@ -1,0 +1,454 @@
+"""Widening operators: add, replicate (Net2Net) and split (SSD/Firefly) neurons of one layer.
+
+Each operator takes the flat ``params`` mapping and a :class:`~simcore.growth.flow.ChannelFlow`
+and returns ``(new_params, channel_map)``: a NEW dict in which the flow's entries are new arrays
+of the same library, dtype and device, grown along their channel axis, and every other entry is
+passed through by identity. Nothing is mutated. The old channels keep their indices; the new
+ones are appended, and :class:`ChannelMap` records where each came from.
+
+Function preservation (DESIGN.md section 2), with ``h`` the producer's output and ``a`` the
+consumer's column block of a channel:
+
+=============================  ================  =======================  =================
+operator                       new incoming      consumer columns         network function
+=============================  ================  =======================  =================
+``add_neurons`` outgoing zero  random            zero                     exactly kept
+``add_neurons`` outgoing small random / given    ``U(-s, s)``             changes by O(s)
+``replicate_neurons``          parent's copy     parent's / replicas      exactly kept
+``split_neurons``              ``theta +- eps d`` halved, copy other half kept to O(eps^2)
+=============================  ================  =======================  =================
+
+Per-channel entries between producer and consumers (producer bias, BatchNorm vectors and running
+statistics, depthwise filters with their bias and BatchNorm) are *duplicated* for copies, never
+halved: halving happens only in the consumers. Fresh channels get bias 0, BatchNorm
+``gamma 1, beta 0, mean 0, var 1`` and random, non-zero depthwise filters (He-normal over the
+filter's ``kh*kw`` taps). A grown depthwise convolution has as many groups as channels: the
+adapters set ``groups = in_channels = out_channels`` from the grown arrays' shapes.
+
+Random numbers come from a ``numpy.random.Generator`` (or an int seed), drawn in float64 in this
+order -- producer rows, depthwise filters (flow order), consumer columns (consumer order, only
+for ``outgoing="small"``) -- and converted to each entry's dtype and device, so a seed gives the
+same network on every backend.
+
+Example (Net2Net on a two-layer MLP keeps the function exactly):
+
+>>> import numpy as np
+>>> from simcore.growth.flow import ChannelFlow, Consumer
+>>> rng = np.random.default_rng(0)
+>>> params = {"w1": rng.normal(size=(3, 2)), "w2": rng.normal(size=(1, 3))}
+>>> flow = ChannelFlow("w1", consumers=(Consumer("w2"),))
+>>> grown, cmap = replicate_neurons(params, flow, [2, 2])
+>>> cmap.sources, grown["w1"].shape, grown["w2"].shape
+((0, 1, 2, 2, 2), (5, 2), (1, 5))
+>>> x = rng.normal(size=(2, 4))
+>>> f = lambda p: p["w2"] @ np.tanh(p["w1"] @ x)
+>>> bool(np.allclose(f(grown), f(params)))
+True
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from .._arrays import check_choice, compute_dtype, device_of, from_rows, namespace_of, to_rows
+from ._host import as_generator, as_index, as_indices
+from .flow import ChannelFlow, FlowEntry
+
+__all__ = ["ChannelMap", "add_neurons", "replicate_neurons", "split_neurons"]
+
+KINDS = ("add", "replicate", "split")
+INCOMING = ("he", "match_norm")
+OUTGOING = ("zero", "small")
+
+# Values a fresh channel gets in each per-channel role.
+_FRESH_CONSTANT = {"bias": 0.0, "shift": 0.0, "mean": 0.0, "scale": 1.0, "var": 1.0}
+
+
+@dataclass(frozen=True)
+class ChannelMap:
+    """How the grown layer's channels relate to the old ones.
+
+    ``sources[j]`` is the old channel that new channel ``j`` copies (itself for the leading
+    ``old_channels`` entries, which are ``0, 1, ..., n-1`` in order) or ``-1`` for a fresh
+    neuron; ``kind`` is ``"add"``, ``"replicate"`` or ``"split"``.
+
+    >>> cmap = ChannelMap((0, 1, 2, 1), "split")
+    >>> cmap.old_channels, cmap.new_channels, cmap.copies, cmap.fresh
+    (3, 4, ((3, 1),), ())
+    >>> cmap.multiplicity().tolist()
+    [1, 2, 1]
+    """
+
+    sources: tuple[int, ...]
+    kind: str
+
+    def __post_init__(self) -> None:
+        check_choice(self.kind, KINDS, "ChannelMap.kind")
+        sources = tuple(as_index(s, f"ChannelMap.sources[{i}]") for i, s in enumerate(self.sources))
+        object.__setattr__(self, "sources", sources)
+        n = self.old_channels
+        for j, s in enumerate(sources[n:], start=n):
+            if not -1 <= s < n:
+                raise ValueError(
+                    f"ChannelMap.sources[{j}]={s} must be -1 or an old channel in [0, {n})"
+                )
+            if (s == -1) != (self.kind == "add"):
+                what = "fresh (-1)" if self.kind == "add" else "copies of old channels"
+                raise ValueError(
+                    f"new channels of a {self.kind!r} map must be {what}; sources[{j}]={s}"
+                )
+        parents = [s for s in sources[n:]]
+        if self.kind == "split" and len(set(parents)) != len(parents):
+            raise ValueError("a 'split' map must split each parent at most once")
+
+    @property
+    def old_channels(self) -> int:
+        """Number of channels before growth (the leading run ``0, 1, ..., n-1`` of ``sources``)."""
+        n = 0
+        while n < len(self.sources) and self.sources[n] == n:
+            n += 1
+        return n
+
+    @property
+    def new_channels(self) -> int:
+        """Number of channels after growth."""
+        return len(self.sources)
+
+    @property
+    def fresh(self) -> tuple[int, ...]:
+        """New indices of the fresh (randomly initialised) channels."""
+        return tuple(j for j, s in enumerate(self.sources) if s == -1)
+
+    @property
+    def copies(self) -> tuple[tuple[int, int], ...]:
+        """``(new index, parent)`` for every appended copy of an old channel."""
+        n = self.old_channels
+        return tuple((j, s) for j, s in enumerate(self.sources) if j >= n and s >= 0)
+
+    def multiplicity(self) -> np.ndarray:
+        """Per old channel, how many channels of the grown layer carry it (1 + its copies)."""
+        counts = np.ones(self.old_channels, dtype=np.int64)
+        for _, parent in self.copies:
+            counts[parent] += 1
+        return counts
+
+
+# --- channel-row views -------------------------------------------------------------------------
+
+
+def channel_rows(xp: Any, a: Any, entry: FlowEntry) -> Any:
+    """View an entry as an ``(n, r)`` matrix with one row per channel of the producer.
+
+    Consumers with ``spatial > 1`` put all columns of one channel into its row (``spatial``
+    blocks of the remaining axes, in flatten order).
+    """
+    rows = to_rows(xp, a, entry.axis)  # (n * spatial, rest)
+    s = entry.spatial
+    if s == 1:
+        return rows
+    n, rest = rows.shape[0] // s, rows.shape[1]
+    if entry.channels_last:
+        rows = xp.permute_dims(xp.reshape(rows, (s, n, rest)), (1, 0, 2))
+    return xp.reshape(rows, (n, s * rest))
+
+
+def from_channel_rows(xp: Any, rows: Any, old_shape: tuple[int, ...], entry: FlowEntry) -> Any:
+    """Inverse of :func:`channel_rows` for a grown row count ``m = rows.shape[0]``."""
+    m, s = int(rows.shape[0]), entry.spatial
+    shape = list(old_shape)
+    shape[entry.axis] = m * s
+    if s > 1:
+        rest = int(rows.shape[1]) // s
+        rows = xp.reshape(rows, (m, s, rest))
+        if entry.channels_last:
+            rows = xp.permute_dims(rows, (1, 0, 2))
+        rows = xp.reshape(rows, (m * s, rest))
+    return from_rows(xp, rows, shape, entry.axis)
+
+
+def _host_array(xp: Any, values: np.ndarray, like: Any) -> Any:
+    return xp.asarray(values, dtype=like.dtype, device=device_of(like))
+
+
+def _take(xp: Any, rows: Any, sources: Sequence[int], like: Any) -> Any:
+    index = xp.asarray(np.asarray(sources, dtype=np.int64), device=device_of(like))
+    return xp.take(rows, index, axis=0)
+
+
+def _grow_by_map(xp: Any, a: Any, entry: FlowEntry, cmap: ChannelMap, *, divide: bool) -> Any:
+    """Every new channel copies its source; consumers divide by the source's multiplicity."""
+    rows = channel_rows(xp, a, entry)
+    grown = _take(xp, rows, cmap.sources, a)
+    if divide:
+        counts = cmap.multiplicity()[np.asarray(cmap.sources, dtype=np.int64)]
+        grown = grown / _host_array(xp, counts[:, None].astype(np.float64), a)
+    return from_channel_rows(xp, grown, tuple(a.shape), entry)
+
+
+def _append_rows(xp: Any, a: Any, entry: FlowEntry, extra: Any) -> Any:
+    rows = channel_rows(xp, a, entry)
+    return from_channel_rows(xp, xp.concat([rows, extra], axis=0), tuple(a.shape), entry)
+
+
+# --- argument checks ---------------------------------------------------------------------------
+
+
+def _check_params(params: Any) -> None:
+    if not isinstance(params, Mapping):
+        raise TypeError(f"params must be a Mapping of name -> array, got {type(params).__name__}")
+
+
+def _check_flow(flow: Any) -> None:
+    if not isinstance(flow, ChannelFlow):
+        raise TypeError(f"flow must be a ChannelFlow, got {type(flow).__name__}")
+
+
+def _check_scalar(value: Any, name: str) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float, np.integer, np.floating)):
+        raise TypeError(f"{name} must be a real number, got {type(value).__name__}")
+    value = float(value)
+    if not math.isfinite(value) or value < 0:
+        raise ValueError(f"{name} must be finite and >= 0, got {value}")
+    return value
+
+
+def _rows_argument(value: Any, count: int, width: int, name: str, like: Any) -> Any:
+    """A user-given block of ``count`` rows of ``width`` values, reshaped to ``(count, width)``."""
+    xp = namespace_of(value, name)
+    if xp is not namespace_of(like, "params"):
+        raise TypeError(f"{name} comes from a different array library than params")
+    if not xp.isdtype(value.dtype, "real floating"):
+        raise TypeError(f"{name} must have a real floating dtype, got {value.dtype}")
+    size = math.prod(int(s) for s in value.shape)
+    if value.ndim < 1 or int(value.shape[0]) != count or size != count * width:
+        raise ValueError(
+            f"{name} must have {count} rows of {width} values (shape ({count}, {width}) or "
+            f"({count}, *per-channel shape)), got shape {tuple(value.shape)}"
+        )
+    value = xp.reshape(value, (count, width))
+    if value.dtype != like.dtype:
+        value = xp.astype(value, like.dtype)
+    return value
+
+
+# --- operators ---------------------------------------------------------------------------------
+
+
+def add_neurons(
+    params: Mapping[str, Any],
+    flow: ChannelFlow,
+    count: int,
+    *,
+    rng: Any = None,
+    incoming: Any = "he",
+    outgoing: Any = "zero",
+    outgoing_scale: float = 0.01,
+) -> tuple[dict[str, Any], ChannelMap]:
+    """Append ``count`` fresh neurons to the flow's producer.
+
+    ``incoming``: ``"he"`` draws rows from ``N(0, 2/fan_in)`` (Kaiming normal, ``fan_in`` the
+    row length, e.g. ``C_in*kh*kw``); ``"match_norm"`` draws random directions scaled to the mean
+    norm of the existing rows; an array of shape ``(count, fan_in)`` or ``(count, *per-neuron
+    shape)`` (the producer's shape without ``out_axis``) gives the rows (Firefly's trained
+    candidates). ``outgoing``: ``"zero"`` keeps the function exactly (Dota 2 surgery);
+    ``"small"`` draws ``U(-outgoing_scale, outgoing_scale)`` (Firefly-style, the function moves
+    by O(scale)); a sequence with one array per consumer, each ``(count, columns per channel)``,
+    gives the columns. ``rng`` (a ``numpy.random.Generator`` or an int seed) is required whenever
+    something is drawn. Fresh channels get producer bias 0, BatchNorm 1/0/0/1 and random
+    non-zero depthwise filters.
+
+    >>> import numpy as np
+    >>> from simcore.growth.flow import ChannelFlow, Consumer
+    >>> params = {"w1": np.ones((2, 3)), "w2": np.ones((4, 2))}
+    >>> flow = ChannelFlow("w1", consumers=(Consumer("w2"),))
+    >>> grown, cmap = add_neurons(params, flow, 3, rng=0)
+    >>> cmap.sources, grown["w1"].shape, float(np.abs(grown["w2"][:, 2:]).sum())
+    ((0, 1, -1, -1, -1), (5, 3), 0.0)
+    """
+    _check_params(params)
+    _check_flow(flow)
+    entries = flow.entries(params)
+    n = int(params[flow.producer].shape[entries[0].axis])
+    count = as_index(count, "count")
+    if count < 0:
+        raise ValueError(f"count must be >= 0, got {count}")
+    incoming_given = not isinstance(incoming, str)
+    if not incoming_given:
+        check_choice(incoming, INCOMING, "incoming")
+    outgoing_given = not isinstance(outgoing, str)
+    if outgoing_given:
+        if isinstance(outgoing, Mapping) or not isinstance(outgoing, Sequence):
+            raise TypeError(
+                "outgoing must be 'zero', 'small' or a sequence of one array per consumer"
+            )
+        if len(outgoing) != len(flow.consumers):
+            raise ValueError(
+                f"outgoing must hold one array per consumer ({len(flow.consumers)}), "
+                f"got {len(outgoing)}"
+            )
+    else:
+        check_choice(outgoing, OUTGOING, "outgoing")
+    scale = _check_scalar(outgoing_scale, "outgoing_scale")
+    needs_rng = (not incoming_given) or bool(flow.depthwise) or outgoing == "small"
+    if needs_rng and count > 0:
+        if rng is None:
+            raise ValueError(
+                "rng (a numpy.random.Generator or an int seed) is required to draw new neurons"
+            )
+        gen = as_generator(rng)
+    elif rng is not None:
+        as_generator(rng)  # still reject a wrong type
+
+    cmap = ChannelMap(tuple(range(n)) + (-1,) * count, "add")
+    out = dict(params)
+    if count == 0:
+        return out, cmap
+
+    xp = namespace_of(params[flow.producer], f"params[{flow.producer!r}]")
+    consumer_index = 0
+    for entry in entries:
+        a = params[entry.name]
+        rows = channel_rows(xp, a, entry)
+        width = int(rows.shape[1])
+        if entry.role == "producer":
+            if incoming_given:
+                extra = _rows_argument(incoming, count, width, "incoming", a)
+            elif incoming == "he":
+                extra = _host_array(
+                    xp, gen.standard_normal((count, width)) * math.sqrt(2.0 / width), a
+                )
+            else:
+                direction = gen.standard_normal((count, width))
+                direction /= np.linalg.norm(direction, axis=1, keepdims=True)
+                work = xp.astype(rows, compute_dtype(xp, a.dtype))  # half precision: norms in fp32
+                mean_norm = xp.mean(xp.sqrt(xp.sum(work * work, axis=1)))
+                extra = xp.astype(_host_array(xp, direction, work) * mean_norm, a.dtype)
+        elif entry.role == "depthwise":
+            extra = _host_array(xp, gen.standard_normal((count, width)) * math.sqrt(2.0 / width), a)
+        elif entry.role == "consumer":
+            if outgoing_given:
+                extra = _rows_argument(
+                    outgoing[consumer_index], count, width, f"outgoing[{consumer_index}]", a
+                )
+            elif outgoing == "small":
+                extra = _host_array(xp, gen.uniform(-scale, scale, (count, width)), a)
+            else:
+                extra = xp.zeros((count, width), dtype=a.dtype, device=device_of(a))
+            consumer_index += 1
+        else:
+            extra = xp.full(
+                (count, 1), _FRESH_CONSTANT[entry.role], dtype=a.dtype, device=device_of(a)
+            )
+        out[entry.name] = _append_rows(xp, a, entry, extra)
+    return out, cmap
+
+
+def replicate_neurons(
+    params: Mapping[str, Any], flow: ChannelFlow, parents: Any
+) -> tuple[dict[str, Any], ChannelMap]:
+    """Net2Net widening: append an exact copy of every neuron in ``parents``.
+
+    ``parents`` may repeat a neuron: a neuron carried by ``c`` channels (itself and its copies)
+    has each of their consumer columns divided by ``c``, so the network function is exactly kept.
+    Incoming rows, bias, BatchNorm and depthwise entries are copied unchanged.
+
+    >>> import numpy as np
+    >>> from simcore.growth.flow import ChannelFlow, Consumer
+    >>> params = {"w1": np.eye(2), "w2": np.array([[3.0, 6.0]])}
+    >>> flow = ChannelFlow("w1", consumers=(Consumer("w2"),))
+    >>> grown, _ = replicate_neurons(params, flow, [1, 1])
+    >>> grown["w2"].tolist()
+    [[3.0, 2.0, 2.0, 2.0]]
+    """
+    _check_params(params)
+    _check_flow(flow)
+    entries = flow.entries(params)
+    n = int(params[flow.producer].shape[entries[0].axis])
+    parents = as_indices(parents, n, "parents")
+    cmap = ChannelMap(tuple(range(n)) + parents, "replicate")
+    out = dict(params)
+    if not parents:
+        return out, cmap
+    xp = namespace_of(params[flow.producer], f"params[{flow.producer!r}]")
+    for entry in entries:
+        out[entry.name] = _grow_by_map(
+            xp, params[entry.name], entry, cmap, divide=entry.role == "consumer"
+        )
+    return out, cmap
+
+
+def split_neurons(
+    params: Mapping[str, Any],
+    flow: ChannelFlow,
+    parents: Any,
+    directions: Any,
+    *,
+    eps: float = 0.01,
+) -> tuple[dict[str, Any], ChannelMap]:
+    """Split each parent in two: ``theta + eps*delta`` in place, ``theta - eps*delta`` appended.
+
+    ``parents`` must be distinct; ``directions`` (an array of the params' library) has shape
+    ``(len(parents), fan_in)`` or ``(len(parents), *per-neuron shape)`` (the producer's shape
+    without ``out_axis``), row ``i`` the direction ``delta`` of ``parents[i]`` (SSD: the
+    eigenvector of the smallest eigenvalue of the splitting matrix; Firefly: the trained
+    ``delta``). The consumer columns of a parent are halved and the copy gets the other half;
+    bias, BatchNorm and depthwise entries are duplicated. The function is kept to O(eps^2)
+    (exactly at ``eps=0``), since ``(f(h + e) + f(h - e)) / 2 = f(h) + O(e^2)``.
+
+    >>> import numpy as np
+    >>> from simcore.growth.flow import ChannelFlow, Consumer
+    >>> params = {"w1": np.array([[1.0, 0.0], [0.0, 1.0]]), "w2": np.array([[4.0, 8.0]])}
+    >>> flow = ChannelFlow("w1", consumers=(Consumer("w2"),))
+    >>> grown, cmap = split_neurons(params, flow, [0], np.array([[0.0, 1.0]]), eps=0.5)
+    >>> grown["w1"].tolist(), grown["w2"].tolist()
+    ([[1.0, 0.5], [0.0, 1.0], [1.0, -0.5]], [[2.0, 8.0, 2.0]])
+    """
+    _check_params(params)
+    _check_flow(flow)
+    entries = flow.entries(params)
+    producer = params[flow.producer]
+    n = int(producer.shape[entries[0].axis])
+    parents = as_indices(parents, n, "parents")
+    seen: set[int] = set()
+    for i, p in enumerate(parents):
+        if p in seen:
+            raise ValueError(
+                f"parents must be distinct for split_neurons; parents[{i}]={p} repeats"
+            )
+        seen.add(p)
+    eps = _check_scalar(eps, "eps")
+    xp = namespace_of(producer, f"params[{flow.producer!r}]")
+    width = int(channel_rows(xp, producer, entries[0]).shape[1])
+    directions = _rows_argument(directions, len(parents), width, "directions", producer)
+    cmap = ChannelMap(tuple(range(n)) + parents, "split")
+    out = dict(params)
+    if not parents:
+        return out, cmap
+
+    # Row j of the perturbation is +delta_i for parent i, -delta_i for its copy, 0 elsewhere:
+    # gathered from [0; directions] so that unperturbed rows stay bit-exact.
+    slot = np.zeros(n + len(parents), dtype=np.int64)
+    sign = np.zeros(n + len(parents), dtype=np.float64)
+    for i, p in enumerate(parents):
+        slot[p], slot[n + i] = i + 1, i + 1
+        sign[p], sign[n + i] = 1.0, -1.0
+    padded = xp.concat(
+        [xp.zeros((1, width), dtype=producer.dtype, device=device_of(producer)), directions]
+    )
+    perturbation = _take(xp, padded, slot.tolist(), producer) * _host_array(
+        xp, eps * sign[:, None], producer
+    )
+
+    for entry in entries:
+        a = params[entry.name]
+        if entry.role == "producer":
+            rows = _take(xp, channel_rows(xp, a, entry), cmap.sources, a) + perturbation
+            out[entry.name] = from_channel_rows(xp, rows, tuple(a.shape), entry)
+        else:
+            out[entry.name] = _grow_by_map(xp, a, entry, cmap, divide=entry.role == "consumer")
+    return out, cmap
