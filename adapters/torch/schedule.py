@@ -1,0 +1,183 @@
+"""When to grow, and the similarity phase that follows each growth.
+
+:class:`GrowthSchedule` answers "grow at the end of this epoch?" for the paper's
+setting (250 epochs, a growth every 50 epochs, four growths of 35% each).
+
+:class:`SimilarityPhase` runs the paper's post-growth step: Eq. 5 minimised for
+``N`` iterations over the grown layers (its best ``N``: Random 20, SSD 10,
+Firefly 15). The paper does not say what an iteration is, so both readings are
+named (DESIGN.md section 1):
+
+* ``phase="weights_only"``: ``N`` gradient steps on Eq. 5 alone, on the weights
+  only, right after the growth (:meth:`SimilarityPenalty.decorrelate`);
+* ``phase="joint"``: the next ``N`` training steps add Eq. 5 to the task loss
+  (call :meth:`SimilarityPhase.term` in each step; it returns 0 afterwards).
+
+The paper calls ``lambda`` "an arbitrary constant" and gives no value; the
+default ``lam=0.1`` is ours.
+"""
+
+from __future__ import annotations
+
+import operator
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+from .penalty import SimilarityPenalty
+
+__all__ = ["DEFAULT_PHASE_STEPS", "PHASES", "GrowthSchedule", "SimilarityPhase"]
+
+#: The paper's best number of post-growth iterations per growth method (its Tables, N_best).
+DEFAULT_PHASE_STEPS = {"random": 20, "ssd": 10, "firefly": 15}
+#: The two readings of "N iterations of Eq. 5" (see the module docstring).
+PHASES = ("weights_only", "joint")
+UNITS = ("neurons", "parameters")
+
+
+def _index(value, name, minimum):
+    if isinstance(value, bool):
+        raise TypeError(f"{name} must be an int, got bool")
+    try:
+        value = operator.index(value)
+    except TypeError:
+        raise TypeError(f"{name} must be an int, got {type(value).__name__}") from None
+    if value < minimum:
+        raise ValueError(f"{name} must be >= {minimum}, got {value}")
+    return value
+
+
+@dataclass(frozen=True)
+class GrowthSchedule:
+    """Grow every ``every`` epochs from epoch ``start`` on, at most ``max_growths`` times.
+
+    Epochs count from 0 and a growth happens *after* training epoch ``e`` when
+    ``should_grow(e)``; ``start`` defaults to ``every`` (the paper: after epochs
+    50, 100, 150 and 200 of 250). ``ratio`` and ``unit`` are what each growth
+    adds (35% of the neuron count by default, DESIGN.md section 2). The object
+    holds no state, so resuming from a checkpoint needs only the epoch.
+
+    >>> schedule = GrowthSchedule(every=50, max_growths=4)
+    >>> [e for e in range(250) if schedule.should_grow(e)]
+    [50, 100, 150, 200]
+    >>> schedule.growths_before(120)
+    2
+    """
+
+    every: int = 50
+    ratio: float = 0.35
+    unit: str = "neurons"
+    max_growths: int = 4
+    start: int | None = None
+
+    def __post_init__(self):
+        object.__setattr__(self, "every", _index(self.every, "every", 1))
+        object.__setattr__(self, "max_growths", _index(self.max_growths, "max_growths", 0))
+        start = self.every if self.start is None else _index(self.start, "start", 0)
+        object.__setattr__(self, "start", start)
+        if isinstance(self.ratio, bool) or not isinstance(self.ratio, (int, float)):
+            raise TypeError(f"ratio must be a float, got {type(self.ratio).__name__}")
+        if not 0.0 < float(self.ratio) < float("inf"):
+            raise ValueError(f"ratio must be positive and finite, got {self.ratio}")
+        object.__setattr__(self, "ratio", float(self.ratio))
+        if self.unit not in UNITS:
+            raise ValueError(f"unit must be one of {UNITS}, got {self.unit!r}")
+
+    @property
+    def growth_epochs(self) -> tuple[int, ...]:
+        """Every epoch after which this schedule grows."""
+        return tuple(self.start + k * self.every for k in range(self.max_growths))
+
+    def should_grow(self, epoch: int) -> bool:
+        """Whether to grow after training epoch ``epoch`` (0-based)."""
+        epoch = _index(epoch, "epoch", 0)
+        if epoch < self.start:
+            return False
+        k, rest = divmod(epoch - self.start, self.every)
+        return rest == 0 and k < self.max_growths
+
+    def growths_before(self, epoch: int) -> int:
+        """How many growths happened after epochs ``< epoch`` (the model's growth count)."""
+        epoch = _index(epoch, "epoch", 0)
+        return sum(1 for e in self.growth_epochs if e < epoch)
+
+
+@dataclass
+class SimilarityPhase:
+    """The post-growth similarity phase (Eq. 5 for ``steps`` iterations on the grown layers).
+
+    ``steps`` defaults to the paper's best ``N`` for ``method`` (Random 20, SSD 10,
+    Firefly 15). After each growth call :meth:`start` with the model and the
+    grown layers' names (a :class:`GrowthReport`'s ``grown_layers``): with
+    ``phase="weights_only"`` it runs the steps at once (``lr`` is their step
+    size); with ``phase="joint"`` add :meth:`term` to the task loss in each of
+    the next ``steps`` training steps.
+
+    >>> import torch
+    >>> from torch import nn
+    >>> net = nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 2))
+    >>> phase = SimilarityPhase(method="ssd", phase="joint")
+    >>> phase.steps
+    10
+    >>> phase.start(net, ["0"])
+    >>> loss = net(torch.randn(3, 4)).square().mean() + phase.term()
+    >>> phase.remaining
+    9
+    """
+
+    method: str = "firefly"
+    phase: str = "weights_only"
+    steps: int | None = None
+    lam: float = 0.1
+    lr: float = 0.01
+    strength: float = 1.0
+    form: str = "squared_log"
+    statistic: str = "rms"
+    anchor: str = "snapshot"
+    include_depthwise: bool = False
+    remaining: int = field(default=0, init=False)
+    penalty: SimilarityPenalty | None = field(default=None, init=False, repr=False)
+
+    def __post_init__(self):
+        if self.method not in DEFAULT_PHASE_STEPS:
+            raise ValueError(
+                f"method must be one of {tuple(DEFAULT_PHASE_STEPS)}, got {self.method!r}"
+            )
+        if self.phase not in PHASES:
+            raise ValueError(f"phase must be one of {PHASES}, got {self.phase!r}")
+        if self.steps is None:
+            self.steps = DEFAULT_PHASE_STEPS[self.method]
+        self.steps = _index(self.steps, "steps", 0)
+
+    @property
+    def active(self) -> bool:
+        """Whether :meth:`term` still adds Eq. 5 (joint reading, steps left)."""
+        return self.penalty is not None and self.remaining > 0
+
+    def start(self, model: nn.Module, layers: Sequence[str]) -> None:
+        """Begin the phase after a growth of ``layers`` (producer module names)."""
+        if isinstance(layers, str):
+            layers = [layers]
+        layers = list(layers)
+        if not layers:
+            self.penalty, self.remaining = None, 0
+            return
+        self.penalty = SimilarityPenalty(
+            model, layers=layers, lam=self.lam, form=self.form, statistic=self.statistic,
+            anchor=self.anchor, include_depthwise=self.include_depthwise,
+            strength=self.strength,
+        )  # its construction snapshots the grown weights: W_prev of Eq. 4
+        if self.phase == "weights_only":
+            self.penalty.decorrelate(self.steps, self.lr)
+            self.remaining = 0
+        else:
+            self.remaining = self.steps
+
+    def term(self) -> torch.Tensor:
+        """Eq. 5 to add to this training step's loss (joint reading), else a zero tensor."""
+        if not self.active:
+            return torch.zeros(())
+        self.remaining -= 1
+        return self.penalty()
