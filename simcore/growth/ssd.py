@@ -1,0 +1,448 @@
+"""Splitting steepest descent (SSD; Liu, Wang, Wu 2019) and its fast Rayleigh-quotient variant.
+
+Splitting neuron ``i`` (incoming weights ``theta_i``) into two copies
+``theta_i +/- eps v`` whose outgoing weights are halved changes the loss by
+``eps^2 / 2 * v^T S_i v + O(eps^3)``, with the *splitting matrix*::
+
+    S_i = sum_{b, p} dL/dh_{b,p,i} * sigma''(z_{b,p,i}) * c_i^2 * x_{b,p} x_{b,p}^T     (d x d)
+
+where ``x_{b,p}`` is the unfolded input patch of sample ``b`` at spatial position
+``p`` (``d = C_in*kh*kw``; dense layers have one position), ``z`` the
+pre-activation (after BatchNorm when BN follows), ``h = sigma(z)`` the activation,
+and ``c_i = gamma_i / sqrt(running_var_i + eps)`` the BatchNorm coefficient (BN in
+eval mode, so ``dz/dtheta_i = c_i x``; ``c_i = 1`` without BN). The best split
+direction is the eigenvector of ``lambda_min(S_i)``; splitting helps only where
+``lambda_min < 0``.
+
+How the expectation is taken (as in the reference code, ``sp/conv.py``'s exact
+split of the Firefly/splitting repositories): the per-neuron auxiliary term
+``sigma''(z) (c x)^T S (c x)`` is added to every output position, the batch loss
+is the *mean* cross-entropy, and ``S`` is read off as its gradient. So positions
+are **summed** (a conv neuron's weights are shared by all positions, its Hessian
+is the sum over positions) and samples are **averaged** through the mean-reduced
+loss. Here ``backprop`` is exactly what autodiff returns for your loss: pass the
+gradient of the batch-*mean* loss with ``reduction="sum"`` (the default; then
+``S`` is the per-sample mean), or per-sample loss gradients with
+``reduction="mean"`` (divides by ``B``). The reference code additionally divides
+an accumulation over ``n_batches`` by ``n_batches / 10`` (a constant factor that
+changes no eigenvector and no ranking); average over batches yourself.
+
+ReLU's ``sigma''`` is 0: the ``"relu"`` entry of :mod:`.activations` uses the
+softplus (beta = 3) surrogate of the reference code.
+
+Layout: the last axis of ``patches`` must be ordered like the producer's weight
+rows (``to_rows``: neuron axis first, the remaining axes flattened in order).
+PyTorch's ``F.unfold`` gives ``(C_in, kh, kw)`` order, which matches OIHW weights.
+
+The fast variant (energy-aware splitting, Wang et al. 2019) never forms ``S``:
+:func:`hvp_from_statistics` gives ``V -> [S_i v_i]_i`` in ``O(B P (n + d))``
+memory, and :func:`rayleigh_min_direction` minimises ``v^T S v / v^T v`` for all
+neurons at once from any such product.
+"""
+
+from __future__ import annotations
+
+import operator
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any
+
+import numpy as np
+
+from .._arrays import check_choice, check_floating, compute_dtype, device_of, namespace_of
+from ._host import as_generator
+from .activations import resolve_second_derivative
+
+__all__ = [
+    "SplittingHVP",
+    "bn_coefficient",
+    "hvp_from_statistics",
+    "min_eigenpairs",
+    "rayleigh_min_direction",
+    "select_splits",
+    "splitting_matrices",
+    "ssd_split",
+]
+
+REDUCTIONS = ("sum", "mean")
+
+
+def bn_coefficient(scale: Any, running_var: Any, *, eps: float = 1e-5) -> Any:
+    """BatchNorm's eval-mode slope ``gamma / sqrt(running_var + eps)`` per channel.
+
+    ``eps`` defaults to PyTorch's 1e-5 (the reference code's value; Flax uses 1e-5 too).
+
+    >>> import numpy as np
+    >>> bn_coefficient(np.asarray([2.0]), np.asarray([3.0]), eps=1.0).tolist()
+    [1.0]
+    """
+    xp = namespace_of(scale, "scale")
+    namespace_of(running_var, "running_var")
+    check_floating(xp, scale, "scale")
+    check_floating(xp, running_var, "running_var")
+    if scale.ndim != 1 or tuple(running_var.shape) != tuple(scale.shape):
+        raise ValueError(
+            "scale and running_var must be 1-D of the same length, got "
+            f"{tuple(scale.shape)} and {tuple(running_var.shape)}"
+        )
+    eps = float(eps)
+    if not eps >= 0.0:
+        raise ValueError(f"eps must be >= 0, got {eps}")
+    return scale / xp.sqrt(running_var + eps)
+
+
+def _as_bpd(xp: Any, x: Any, name: str) -> Any:
+    """(B, P, k) view of a (B, k) or (B, P, k) array."""
+    if x.ndim == 2:
+        return xp.reshape(x, (x.shape[0], 1, x.shape[1]))
+    if x.ndim != 3:
+        raise ValueError(f"{name} must have shape (B, P, k) or (B, k), got {tuple(x.shape)}")
+    return x
+
+
+class _Statistics:
+    """Validated inputs flattened to ``X (M, d)`` and per-sample weights ``W (M, n)``."""
+
+    def __init__(self, patches, backprop, preactivations, activation, bn_scale, reduction):
+        xp = namespace_of(patches, "patches")
+        for other, name in ((backprop, "backprop"), (preactivations, "preactivations")):
+            if namespace_of(other, name) is not xp:
+                raise TypeError(f"{name} comes from a different array library than patches")
+        for x, name in ((patches, "patches"), (backprop, "backprop"),
+                        (preactivations, "preactivations")):
+            check_floating(xp, x, name)
+        check_choice(reduction, REDUCTIONS, "reduction")
+        d2 = resolve_second_derivative(activation)
+        x = _as_bpd(xp, patches, "patches")
+        g = _as_bpd(xp, backprop, "backprop")
+        z = _as_bpd(xp, preactivations, "preactivations")
+        if tuple(g.shape) != tuple(z.shape):
+            raise ValueError(
+                "backprop and preactivations must have the same shape (B, P, n), got "
+                f"{tuple(backprop.shape)} and {tuple(preactivations.shape)}"
+            )
+        if tuple(x.shape[:2]) != tuple(g.shape[:2]):
+            raise ValueError(
+                "patches (B, P, d) and backprop (B, P, n) must agree in B and P, got "
+                f"{tuple(patches.shape)} and {tuple(backprop.shape)}"
+            )
+        if any(int(s) == 0 for s in (*x.shape, g.shape[2])):
+            raise ValueError(f"empty statistics: patches {tuple(patches.shape)}, "
+                             f"backprop {tuple(backprop.shape)}")
+        batch, positions, d = (int(s) for s in x.shape)
+        n = int(g.shape[2])
+        work = compute_dtype(xp, xp.result_type(x.dtype, g.dtype, z.dtype))
+        x, g, z = (xp.astype(a, work) for a in (x, g, z))
+
+        weights = g * d2(xp, z)
+        if bn_scale is not None:
+            if namespace_of(bn_scale, "bn_scale") is not xp:
+                raise TypeError("bn_scale comes from a different array library than patches")
+            check_floating(xp, bn_scale, "bn_scale")
+            if tuple(bn_scale.shape) != (n,):
+                raise ValueError(f"bn_scale must have shape ({n},) (one coefficient per neuron), "
+                                 f"got {tuple(bn_scale.shape)}")
+            c = xp.astype(bn_scale, work)
+            weights = weights * (c * c)
+        if reduction == "mean":
+            weights = weights / batch
+        self.xp = xp
+        self.n, self.d = n, d
+        self.dtype = work
+        self.x = xp.reshape(x, (batch * positions, d))
+        self.w = xp.reshape(weights, (batch * positions, n))
+
+
+def splitting_matrices(
+    patches: Any,
+    backprop: Any,
+    preactivations: Any,
+    *,
+    activation: str | Callable[[Any, Any], Any] = "relu",
+    bn_scale: Any = None,
+    reduction: str = "sum",
+) -> Any:
+    """The SSD splitting matrices ``S`` of one layer, shape ``(n, d, d)``, each symmetric.
+
+    Args:
+        patches: ``(B, P, d)`` unfolded inputs at ``P`` positions (dense: ``(B, d)`` or P = 1).
+        backprop: ``(B, P, n)``, ``dL/dh`` with ``h = sigma(z)`` the layer's activation output.
+        preactivations: ``(B, P, n)``, ``z`` (after BatchNorm when BN follows).
+        activation: a registered name (see :mod:`.activations`) or ``fn(xp, z) = sigma''(z)``.
+        bn_scale: ``(n,)`` BatchNorm coefficients (:func:`bn_coefficient`), or None.
+        reduction: ``"sum"`` over samples (``backprop`` of a batch-mean loss) or ``"mean"``.
+
+    Positions are always summed (module docstring). float16/bfloat16 inputs give
+    float32 matrices (the eigen-solvers need them).
+
+    >>> import numpy as np
+    >>> x = np.asarray([[[1.0, 2.0]]])                       # B = P = 1, d = 2
+    >>> S = splitting_matrices(x, np.ones((1, 1, 1)), np.zeros((1, 1, 1)), activation="softplus")
+    >>> S[0].tolist()                                        # 0.25 * x x^T
+    [[0.25, 0.5], [0.5, 1.0]]
+    """
+    st = _Statistics(patches, backprop, preactivations, activation, bn_scale, reduction)
+    xp, x, w, n, d = st.xp, st.x, st.w, st.n, st.d
+    if n <= d:
+        # (n, M, d) weighted copies of X, then one batched GEMM: memory O(n M d).
+        weighted = xp.permute_dims(w, (1, 0))[:, :, None] * x[None, :, :]
+        s = xp.matmul(xp.permute_dims(x, (1, 0))[None, :, :], weighted)
+    else:
+        # (M, d*d) outer products against (M, n) weights: memory O(M d^2).
+        outer = xp.reshape(x[:, :, None] * x[:, None, :], (x.shape[0], d * d))
+        s = xp.reshape(xp.matmul(xp.permute_dims(w, (1, 0)), outer), (n, d, d))
+    # Exactly symmetric whatever the GEMM's rounding.
+    return 0.5 * (s + xp.permute_dims(s, (0, 2, 1)))
+
+
+def _canonical_sign(xp: Any, v: Any) -> Any:
+    """Flip each row so that its entry of largest magnitude (first on ties) is positive."""
+    d = v.shape[-1]
+    pivot_index = xp.argmax(xp.abs(v), axis=-1)
+    columns = xp.arange(d, device=device_of(v))
+    hit = columns[None, :] == xp.astype(pivot_index, columns.dtype)[:, None]
+    pivot = xp.sum(xp.where(hit, v, xp.zeros_like(v)), axis=-1)
+    return xp.where(pivot[:, None] < 0, -v, v)
+
+
+def min_eigenpairs(s: Any) -> tuple[Any, Any]:
+    """``(lambda_min (n,), v_min (n, d))`` of symmetric matrices ``s`` of shape ``(n, d, d)``.
+
+    Uses ``linalg.eigh`` (ascending eigenvalues). Each unit eigenvector is signed
+    so that its largest-magnitude entry is positive, so results are deterministic
+    across backends (up to genuinely repeated eigenvalues, whose eigenvectors are
+    not unique).
+
+    >>> import numpy as np
+    >>> lam, v = min_eigenpairs(np.asarray([[[2.0, 0.0], [0.0, -1.0]]]))
+    >>> lam.tolist(), v.tolist()
+    ([-1.0], [[0.0, 1.0]])
+    """
+    xp = namespace_of(s, "s")
+    check_floating(xp, s, "s")
+    if s.ndim != 3 or s.shape[1] != s.shape[2] or int(s.shape[1]) == 0:
+        raise ValueError(f"s must have shape (n, d, d) with d > 0, got {tuple(s.shape)}")
+    work = compute_dtype(xp, s.dtype)
+    vals, vecs = xp.linalg.eigh(xp.astype(s, work))
+    return vals[:, 0], _canonical_sign(xp, vecs[:, :, 0])
+
+
+class SplittingHVP:
+    """``V (n, d) -> [S_i v_i]_i`` for one layer's statistics, never forming ``S``.
+
+    Costs two ``(M, d) x (d, n)`` GEMMs per call (``M = B P``) and ``O(M (n + d))``
+    memory. Attributes: ``n``, ``d``, ``like`` (an array with the namespace, dtype
+    and device the products use). Build it with :func:`hvp_from_statistics`.
+    """
+
+    def __init__(self, stats: _Statistics):
+        self._xp = stats.xp
+        self._x = stats.x
+        self._w = stats.w
+        self.n, self.d = stats.n, stats.d
+        self.like = stats.x
+
+    def __call__(self, v: Any) -> Any:
+        xp = self._xp
+        if namespace_of(v, "v") is not xp:
+            raise TypeError("v comes from a different array library than the statistics")
+        if tuple(v.shape) != (self.n, self.d):
+            raise ValueError(f"v must have shape ({self.n}, {self.d}), got {tuple(v.shape)}")
+        v = xp.astype(v, self._x.dtype)
+        projections = xp.matmul(self._x, xp.permute_dims(v, (1, 0)))      # (M, n): x . v_i
+        return xp.matmul(xp.permute_dims(self._w * projections, (1, 0)), self._x)
+
+
+def hvp_from_statistics(
+    patches: Any,
+    backprop: Any,
+    preactivations: Any,
+    *,
+    activation: str | Callable[[Any, Any], Any] = "relu",
+    bn_scale: Any = None,
+    reduction: str = "sum",
+) -> SplittingHVP:
+    """The product ``V -> [S_i v_i]_i`` with ``S`` of :func:`splitting_matrices`, unformed.
+
+    Same arguments and conventions as :func:`splitting_matrices`.
+
+    >>> import numpy as np
+    >>> x = np.asarray([[[1.0, 2.0]]])
+    >>> hvp = hvp_from_statistics(x, np.ones((1, 1, 1)), np.zeros((1, 1, 1)), activation="softplus")
+    >>> hvp(np.asarray([[1.0, 0.0]])).tolist()
+    [[0.25, 0.5]]
+    """
+    return SplittingHVP(_Statistics(patches, backprop, preactivations, activation, bn_scale,
+                                    reduction))
+
+
+def _check_count(value: Any, name: str, minimum: int) -> int:
+    if isinstance(value, bool):
+        raise TypeError(f"{name} must be an int, got bool")
+    try:
+        value = operator.index(value)
+    except TypeError:
+        raise TypeError(f"{name} must be an int, got {type(value).__name__}") from None
+    if value < minimum:
+        raise ValueError(f"{name} must be >= {minimum}, got {value}")
+    return value
+
+
+def _unit_rows(xp: Any, v: Any) -> Any:
+    norms = xp.sqrt(xp.sum(v * v, axis=1))
+    return v / xp.where(norms > 0, norms, xp.ones_like(norms))[:, None]
+
+
+def rayleigh_min_direction(
+    hvp: Callable[[Any], Any],
+    n: int,
+    d: int,
+    *,
+    rng: np.random.Generator | int | None = None,
+    like: Any = None,
+    init: Any = None,
+    steps: int = 200,
+    lr: float = 0.5,
+    power_steps: int = 30,
+) -> tuple[Any, Any]:
+    """Minimise ``v_i^T S_i v_i / v_i^T v_i`` for all ``n`` neurons from ``hvp(V) = [S_i v_i]``.
+
+    Returns ``(lambda (n,), v (n, d))``: the Rayleigh quotients reached and the unit
+    directions, signed like :func:`min_eigenpairs`.
+
+    Each step is Riemannian gradient descent on the unit sphere,
+    ``v <- normalise(v - (lr / rho_i) (S_i v - q_i v))`` with ``q_i`` the current
+    quotient and ``rho_i`` a power-iteration estimate (``power_steps`` products) of
+    ``||S_i||``. With ``lr <= 0.5`` a step is a shifted power iteration whose
+    dominant eigenvalue belongs to ``lambda_min`` even if ``rho_i`` is under-estimated
+    by up to 2x, so it converges to the minimum eigenvector whenever the start has
+    a component along it; the error shrinks by about ``1 - lr * gap_i / rho_i`` per
+    step (``gap_i``: the distance from ``lambda_min`` to the next eigenvalue). The
+    reference code runs RMSprop (lr 1e-3) on the same gradient for 10 epochs; this
+    step size needs no tuning to the scale of ``S``.
+
+    Start: ``init`` (an ``(n, d)`` array), or ``rng.uniform(-0.1, 0.1, (n, d))``
+    (the reference code's initialisation; ``rng`` a Generator or an int seed) placed
+    like ``like`` (default: ``hvp.like`` when ``hvp`` has one, as the result of
+    :func:`hvp_from_statistics` does).
+
+    >>> import numpy as np
+    >>> s = np.asarray([[[2.0, 0.0], [0.0, -1.0]]])
+    >>> lam, v = rayleigh_min_direction(lambda v: (s @ v[:, :, None])[:, :, 0], 1, 2,
+    ...                                 rng=np.random.default_rng(0), like=s)
+    >>> round(float(lam[0]), 6), np.round(np.abs(v), 6).tolist()
+    (-1.0, [[0.0, 1.0]])
+    """
+    if not callable(hvp):
+        raise TypeError(f"hvp must be callable as hvp(V) -> S V, got {type(hvp).__name__}")
+    n = _check_count(n, "n", 1)
+    d = _check_count(d, "d", 1)
+    steps = _check_count(steps, "steps", 0)
+    power_steps = _check_count(power_steps, "power_steps", 1)
+    lr = float(lr)
+    if not 0.0 < lr <= 1.0:
+        raise ValueError(f"lr must lie in (0, 1] (0.5 or less is safe), got {lr}")
+    if init is not None:
+        xp = namespace_of(init, "init")
+        check_floating(xp, init, "init")
+        if tuple(init.shape) != (n, d):
+            raise ValueError(f"init must have shape ({n}, {d}), got {tuple(init.shape)}")
+        v = xp.astype(init, compute_dtype(xp, init.dtype))
+    else:
+        like = getattr(hvp, "like", None) if like is None else like
+        if like is None:
+            raise TypeError("pass like= (an array giving the namespace, dtype and device) or init=")
+        if rng is None:
+            raise TypeError("rng (a numpy.random.Generator or an int seed) is required "
+                            "without init=")
+        rng = as_generator(rng)
+        xp = namespace_of(like, "like")
+        check_floating(xp, like, "like")
+        start = rng.uniform(-0.1, 0.1, size=(n, d))
+        v = xp.asarray(start, dtype=compute_dtype(xp, like.dtype), device=device_of(like))
+
+    def product(u: Any) -> Any:
+        su = hvp(u)
+        if tuple(su.shape) != (n, d):
+            raise ValueError(f"hvp must return shape ({n}, {d}), got {tuple(su.shape)}")
+        return xp.astype(su, u.dtype)
+
+    v = _unit_rows(xp, v)
+    probe = v
+    rho = None
+    for _ in range(power_steps):
+        sp = product(probe)
+        rho = xp.sqrt(xp.sum(sp * sp, axis=1))
+        probe = _unit_rows(xp, sp)
+    # Neurons with S_i = 0 (rho 0) have zero gradient; any finite step size is fine there.
+    step = lr / xp.where(rho > 0, rho, xp.ones_like(rho))
+    for _ in range(steps):
+        sv = product(v)
+        q = xp.sum(v * sv, axis=1)
+        v = _unit_rows(xp, v - step[:, None] * (sv - q[:, None] * v))
+    v = _canonical_sign(xp, v)
+    return xp.sum(v * product(v), axis=1), v
+
+
+def select_splits(
+    lambda_min: Sequence[Any],
+    k: int,
+    *,
+    only_negative: bool = False,
+    caps: Sequence[int] | None = None,
+    groups: Sequence[int] | None = None,
+) -> list[np.ndarray]:
+    """Which neurons to split: the ``k`` lowest ``lambda_min`` over all layers.
+
+    ``lambda_min`` holds one ``(n_l,)`` array per layer; returns one sorted NumPy int
+    array of parent indices per layer, ``k`` picks in all (fewer when
+    ``only_negative`` or ``caps`` leave fewer). ``only_negative=True`` keeps SSD's
+    theory (a split lowers the loss only where ``lambda_min < 0``); the reference
+    code never checks it, hence the default. Exactly ``k`` picks with deterministic
+    ties (the reference's ``lambda <= sorted[k]`` picks ``k + 1`` or more).
+    Built on :func:`simcore.growth.select_lowest` (``caps``/``groups`` as there).
+
+    >>> import numpy as np
+    >>> [p.tolist() for p in select_splits([np.asarray([0.5, -2.0]), np.asarray([-1.0])], 2)]
+    [[1], [0]]
+    """
+    from .budget import select_lowest
+
+    return select_lowest(lambda_min, k, caps=caps, groups=groups, only_negative=only_negative)
+
+
+def ssd_split(
+    params: Mapping[str, Any],
+    flow: Any,
+    parents: Any,
+    v_min: Any,
+    *,
+    eps: float = 0.01,
+) -> tuple[dict[str, Any], Any]:
+    """Split ``parents`` of ``flow``'s producer along their minimum eigenvectors.
+
+    ``v_min`` is the ``(n, d)`` output of :func:`min_eigenpairs` or
+    :func:`rayleigh_min_direction` for the producer (rows in ``to_rows`` layout);
+    the rows of ``parents`` are used. Parent ``i`` becomes ``theta_i + eps v_i``, its
+    copy (appended) ``theta_i - eps v_i``, consumer columns halved
+    (:func:`simcore.growth.split_neurons`): the function is preserved to
+    ``O(eps^2)``. Returns ``(new params, ChannelMap)``.
+    """
+    from .widen import split_neurons
+
+    return split_neurons(params, flow, parents, _parent_rows(v_min, parents, flow, params),
+                         eps=eps)
+
+
+def _parent_rows(v_min: Any, parents: Any, flow: Any, params: Mapping[str, Any]) -> Any:
+    xp = namespace_of(v_min, "v_min")
+    check_floating(xp, v_min, "v_min")
+    n = flow.channels(params)
+    if v_min.ndim != 2 or int(v_min.shape[0]) != n:
+        raise ValueError(f"v_min must have shape ({n}, d) (one row per neuron of "
+                         f"{flow.producer!r}), got {tuple(v_min.shape)}")
+    index = np.asarray(parents)
+    if index.ndim != 1 or not (index.size == 0 or np.issubdtype(index.dtype, np.integer)):
+        raise TypeError(f"parents must be a 1-D sequence of ints, got {parents!r}")
+    if index.size and (index.min() < 0 or index.max() >= n):
+        raise ValueError(f"parents must lie in [0, {n}), got {index.tolist()}")
+    return xp.take(v_min, xp.asarray(index.astype(np.int64), device=device_of(v_min)), axis=0)
