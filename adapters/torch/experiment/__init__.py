@@ -1,0 +1,21 @@
+"""``simcore grow``: the paper's experiment — grow a network while training, with or without
+the similarity phase, and report accuracy, training time, N and parameters like its Tables 1-3.
+
+Modules: :mod:`.config` (a run's choices and the presets), :mod:`.data` (bundled digits,
+local CIFAR through a restricted unpickler, augmentation), :mod:`.terms` (the post-growth
+phase for each term of the ablation), :mod:`.runner` (one run, checkpointed and resumable),
+:mod:`.compare` (several runs and their table), :mod:`.report` (JSON, CSV, tables),
+:mod:`.figures` and :mod:`.gradcam` (the paper's Fig. 4 and Fig. 6), :mod:`.cli` (the
+``grow`` subcommand's arguments).
+"""
+
+from .config import METHODS, MODELS, PRESETS, TERMS, RunConfig, preset
+from .data import (
+    ImageDataset,
+    RestrictedUnpickler,
+    UnsafePickleError,
+    load_cifar,
+    load_dataset,
+    load_digits_dataset,
+)
+from .gradcam import grad_cam

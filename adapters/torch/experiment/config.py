@@ -1,0 +1,202 @@
+"""What one ``simcore grow`` run does: :class:`RunConfig`, and the ``quick`` and ``paper`` presets.
+
+A run is one model grown by one method with one choice of similarity terms
+and one seed. ``terms`` names the post-growth objective (the paper's Table 3
+ablation): ``"none"`` (the baseline: no similarity phase), ``"eq2"`` (the
+similarity loss alone, ``lam = 0``), ``"eq4"`` (the weight-sum term alone) and
+``"both"`` (Eq. 5, the paper's method, "+ours").
+
+>>> config = preset("quick").replace(method="ssd", seed=3)
+>>> config.method, config.seed, config.dataset
+('ssd', 3, 'digits')
+>>> config.phase_steps_or_default
+10
+>>> RunConfig.from_dict(config.to_dict()) == config
+True
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import operator
+from dataclasses import dataclass
+from typing import Any
+
+__all__ = ["METHODS", "MODELS", "PRESETS", "TERMS", "RunConfig", "preset"]
+
+MODELS = ("vgg16", "mobilenet_v1")
+METHODS = ("random", "ssd", "firefly")
+#: The ablation of the two terms of Eq. 5 (the paper's Table 3), "none" being the baseline.
+TERMS = ("none", "eq2", "eq4", "both")
+TERM_LABELS = {"none": "baseline", "eq2": "Eq. 2 only", "eq4": "Eq. 4 only", "both": "+ours"}
+#: The paper's best N per method (its Tables 1-3, N_best).
+PAPER_PHASE_STEPS = {"random": 20, "ssd": 10, "firefly": 15}
+LR_SCHEDULES = ("cosine", "constant")
+PHASES = ("weights_only", "joint")
+UNITS = ("neurons", "parameters")
+FORMS = ("squared_log", "abs_log", "literal")
+ANCHORS = ("snapshot", "previous")
+
+
+def _int(value: Any, name: str, minimum: int) -> int:
+    if isinstance(value, bool):
+        raise TypeError(f"{name} must be an int, got bool")
+    try:
+        value = operator.index(value)
+    except TypeError:
+        raise TypeError(f"{name} must be an int, got {type(value).__name__}") from None
+    if value < minimum:
+        raise ValueError(f"{name} must be >= {minimum}, got {value}")
+    return value
+
+
+def _float(value: Any, name: str, *, positive: bool = False) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise TypeError(f"{name} must be a number, got {type(value).__name__}")
+    value = float(value)
+    if not math.isfinite(value) or value < 0 or (positive and value == 0):
+        kind = "positive" if positive else "non-negative"
+        raise ValueError(f"{name} must be a finite {kind} number, got {value}")
+    return value
+
+
+def _choice(value: Any, allowed: tuple[str, ...], name: str) -> str:
+    if value not in allowed:
+        raise ValueError(f"{name} must be one of {allowed}, got {value!r}")
+    return value
+
+
+@dataclass(frozen=True)
+class RunConfig:
+    """Every choice of one run; validated on construction, stored in its checkpoint and results."""
+
+    # model and growth
+    model: str = "vgg16"
+    width: int | None = None          # seed width; None: the paper's (VGG16 16, MobileNetV1 32)
+    method: str = "firefly"
+    ssd_mode: str = "exact"           # SSD's splitting matrices formed ("exact") or Rayleigh ("fast")
+    ratio: float = 0.35
+    unit: str = "neurons"
+    grow_every: int = 50
+    max_growths: int = 4
+    growth_batches: int = 4           # batches SSD/Firefly use to score candidates
+    # similarity phase
+    terms: str = "both"
+    phase: str = "weights_only"
+    phase_steps: int | None = None    # N; None: the paper's best N for the method
+    phase_lr: float = 0.01
+    lam: float = 0.1
+    form: str = "squared_log"
+    anchor: str = "snapshot"
+    # training
+    epochs: int = 250
+    batch_size: int = 128
+    lr: float = 0.1
+    lr_schedule: str = "cosine"
+    momentum: float = 0.9
+    weight_decay: float = 5e-4
+    # data
+    dataset: str = "cifar10"
+    data_root: str | None = None
+    train_limit: int | None = None
+    test_limit: int | None = None
+    data_seed: int = 0
+    # run
+    seed: int = 0
+    device: str = "cpu"
+
+    def __post_init__(self):
+        _choice(self.model, MODELS, "model")
+        if self.width is not None:
+            _int(self.width, "width", 1)
+        _choice(self.method, METHODS, "method")
+        _choice(self.ssd_mode, ("exact", "fast"), "ssd_mode")
+        _float(self.ratio, "ratio", positive=True)
+        _choice(self.unit, UNITS, "unit")
+        _int(self.grow_every, "grow_every", 1)
+        _int(self.max_growths, "max_growths", 0)
+        _int(self.growth_batches, "growth_batches", 1)
+        _choice(self.terms, TERMS, "terms")
+        _choice(self.phase, PHASES, "phase")
+        if self.phase_steps is not None:
+            _int(self.phase_steps, "phase_steps", 0)
+        _float(self.phase_lr, "phase_lr")
+        _float(self.lam, "lam")
+        _choice(self.form, FORMS, "form")
+        _choice(self.anchor, ANCHORS, "anchor")
+        _int(self.epochs, "epochs", 1)
+        _int(self.batch_size, "batch_size", 1)
+        _float(self.lr, "lr", positive=True)
+        _choice(self.lr_schedule, LR_SCHEDULES, "lr_schedule")
+        _float(self.momentum, "momentum")
+        _float(self.weight_decay, "weight_decay")
+        _choice(self.dataset, ("digits", "cifar10", "cifar100"), "dataset")
+        if self.data_root is not None and not isinstance(self.data_root, str):
+            raise TypeError(f"data_root must be a str or None, got {type(self.data_root).__name__}")
+        for name in ("train_limit", "test_limit"):
+            if getattr(self, name) is not None:
+                _int(getattr(self, name), name, 1)
+        _int(self.data_seed, "data_seed", 0)
+        _int(self.seed, "seed", 0)
+        if not isinstance(self.device, str) or not self.device:
+            raise TypeError(f"device must be a device name such as 'cpu' or 'cuda', "
+                            f"got {self.device!r}")
+
+    @property
+    def phase_steps_or_default(self) -> int:
+        """N: ``phase_steps`` or the paper's best N for the method."""
+        return PAPER_PHASE_STEPS[self.method] if self.phase_steps is None else self.phase_steps
+
+    @property
+    def seed_width(self) -> int:
+        return self.width if self.width is not None else (16 if self.model == "vgg16" else 32)
+
+    @property
+    def label(self) -> str:
+        """A short unique name of the run, used for its folder: ``vgg16-firefly-both-seed0``."""
+        return f"{self.model}-{self.method}-{self.terms}-seed{self.seed}"
+
+    def replace(self, **changes: Any) -> RunConfig:
+        """A copy with ``changes`` (validated)."""
+        unknown = set(changes) - {f.name for f in dataclasses.fields(self)}
+        if unknown:
+            raise TypeError(f"unknown RunConfig field(s): {sorted(unknown)}")
+        return dataclasses.replace(self, **changes)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, values: dict[str, Any]) -> RunConfig:
+        if not isinstance(values, dict):
+            raise TypeError(f"values must be a dict, got {type(values).__name__}")
+        return cls().replace(**values)
+
+    def training_key(self) -> dict[str, Any]:
+        """The fields that decide the numbers a run produces (``device`` excluded).
+
+        A checkpoint resumes only a run with the same key; a different device
+        is allowed (the result may then differ in the last bits).
+        """
+        key = self.to_dict()
+        key.pop("device")
+        return key
+
+
+#: The presets: ``quick`` (digits on 2 CPU cores, a few minutes) and ``paper`` (CIFAR-10,
+#: DESIGN.md section 3: 250 epochs, a growth every 50, SGD momentum 0.9, cosine lr, batch 128).
+PRESETS: dict[str, dict[str, Any]] = {
+    "quick": dict(dataset="digits", epochs=6, grow_every=2, max_growths=2, batch_size=64,
+                  lr=0.05, weight_decay=5e-4, growth_batches=2, train_limit=None,
+                  test_limit=None),
+    "paper": dict(dataset="cifar10", data_root="data", epochs=250, grow_every=50, max_growths=4,
+                  batch_size=128, lr=0.1, weight_decay=5e-4, growth_batches=4, device="cuda"),
+}
+
+
+def preset(name: str) -> RunConfig:
+    """The :class:`RunConfig` of preset ``name`` (``"quick"`` or ``"paper"``)."""
+    if name not in PRESETS:
+        raise ValueError(f"unknown preset {name!r}; expected one of {tuple(PRESETS)}")
+    return RunConfig(**PRESETS[name])

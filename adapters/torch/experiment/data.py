@@ -1,0 +1,377 @@
+"""Datasets for ``simcore grow``: scikit-learn's bundled digits (no download) and local CIFAR.
+
+Every dataset is held as ``uint8`` images ``(N, 3, 32, 32)`` with integer
+labels, plus the per-channel mean and std used to normalise a batch. Batches
+are cut, augmented (CIFAR: random 32x32 crop of the 4-pixel zero-padded image
+and a horizontal flip) and normalised with torch ops on the training device;
+every random choice comes from an explicit ``torch.Generator`` so that a run
+can be replayed exactly (the runner seeds one per epoch).
+
+CIFAR files are Python pickles, and unpickling can run arbitrary code. They are
+read with :class:`RestrictedUnpickler`, which resolves only the few globals the
+real files need to rebuild NumPy arrays and refuses everything else before it
+is called, so a crafted file raises :class:`UnsafePickleError` and runs nothing.
+
+>>> data = load_digits_dataset(seed=0, train_limit=100, test_limit=20)
+>>> data.train_images.shape, data.train_images.dtype, data.num_classes
+(torch.Size([100, 3, 32, 32]), torch.uint8, 10)
+>>> import torch
+>>> x, y = next(iter_batches(data, "train", 32, generator=torch.Generator().manual_seed(0)))
+>>> x.shape, x.dtype, y.shape
+(torch.Size([32, 3, 32, 32]), torch.float32, torch.Size([32]))
+"""
+
+from __future__ import annotations
+
+import codecs
+import io
+import operator
+import pickle
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+__all__ = [
+    "CIFAR_URL",
+    "DATASETS",
+    "ImageDataset",
+    "RestrictedUnpickler",
+    "UnsafePickleError",
+    "augment_batch",
+    "iter_batches",
+    "load_cifar",
+    "load_dataset",
+    "load_digits_dataset",
+    "restricted_load",
+]
+
+DATASETS = ("digits", "cifar10", "cifar100")
+CIFAR_URL = "https://www.cs.toronto.edu/~kriz/cifar.html"
+IMAGE_SIZE = 32
+_CIFAR_PIXELS = 3 * IMAGE_SIZE * IMAGE_SIZE
+
+
+@dataclass(frozen=True)
+class ImageDataset:
+    """Train and test images (``uint8``, ``(N, 3, 32, 32)``), labels (``int64``) and normalisation."""
+
+    name: str
+    train_images: torch.Tensor
+    train_labels: torch.Tensor
+    test_images: torch.Tensor
+    test_labels: torch.Tensor
+    num_classes: int
+    mean: tuple[float, float, float]
+    std: tuple[float, float, float]
+    augment: bool
+
+    def to(self, device: torch.device | str) -> ImageDataset:
+        """The same dataset with its tensors on ``device`` (a copy only if the device differs)."""
+        move = {k: getattr(self, k).to(device) for k in
+                ("train_images", "train_labels", "test_images", "test_labels")}
+        return ImageDataset(name=self.name, num_classes=self.num_classes, mean=self.mean,
+                            std=self.std, augment=self.augment, **move)
+
+
+def _check_limit(value: Any, name: str) -> int | None:
+    if value is None:
+        return None
+    if isinstance(value, bool):
+        raise TypeError(f"{name} must be a positive int or None, got bool")
+    try:
+        value = operator.index(value)
+    except TypeError:
+        raise TypeError(f"{name} must be a positive int or None, got {type(value).__name__}") from None
+    if value < 1:
+        raise ValueError(f"{name} must be a positive int or None, got {value}")
+    return value
+
+
+def _channel_stats(images: torch.Tensor) -> tuple[tuple[float, ...], tuple[float, ...]]:
+    x = images.to(torch.float64) / 255.0
+    mean = x.mean(dim=(0, 2, 3))
+    std = x.std(dim=(0, 2, 3)).clamp_min(1e-3)
+    return tuple(float(v) for v in mean), tuple(float(v) for v in std)
+
+
+def load_digits_dataset(seed: int = 0, *, test_fraction: float = 0.25,
+                        train_limit: int | None = None,
+                        test_limit: int | None = None) -> ImageDataset:
+    """scikit-learn's bundled 8x8 digits (1797 images, 10 classes) as 32x32 RGB images.
+
+    The 0..16 grey levels are scaled to 0..255, resized bilinearly to 32x32
+    (the paper's models are built for CIFAR's input) and replicated to three
+    channels. ``seed`` fixes the stratified train/test split; the limits keep
+    the first images of each split (for quick runs and tests). No augmentation:
+    flipping a digit changes its meaning.
+    """
+    from sklearn.datasets import load_digits  # bundled with scikit-learn: no download
+
+    if isinstance(test_fraction, bool) or not isinstance(test_fraction, (int, float)):
+        raise TypeError(f"test_fraction must be a float, got {type(test_fraction).__name__}")
+    if not 0.0 < test_fraction < 1.0:
+        raise ValueError(f"test_fraction must lie in (0, 1), got {test_fraction}")
+    train_limit = _check_limit(train_limit, "train_limit")
+    test_limit = _check_limit(test_limit, "test_limit")
+    bunch = load_digits()
+    labels = np.asarray(bunch.target, dtype=np.int64)
+    rng = np.random.default_rng(seed)
+    train_idx, test_idx = [], []
+    for cls in range(10):  # stratified: every class split in the same proportion
+        members = rng.permutation(np.flatnonzero(labels == cls))
+        cut = int(round(len(members) * test_fraction))
+        test_idx.append(members[:cut])
+        train_idx.append(members[cut:])
+    train_idx = rng.permutation(np.concatenate(train_idx))[:train_limit]
+    test_idx = rng.permutation(np.concatenate(test_idx))[:test_limit]
+    small = torch.as_tensor(bunch.images, dtype=torch.float32)[:, None] * (255.0 / 16.0)
+    big = F.interpolate(small, size=(IMAGE_SIZE, IMAGE_SIZE), mode="bilinear",
+                        align_corners=False)
+    images = big.round().clamp(0, 255).to(torch.uint8).expand(-1, 3, -1, -1).contiguous()
+    targets = torch.as_tensor(labels)
+    train_images = images[torch.as_tensor(train_idx)]
+    mean, std = _channel_stats(train_images)
+    return ImageDataset(
+        name="digits", train_images=train_images, train_labels=targets[torch.as_tensor(train_idx)],
+        test_images=images[torch.as_tensor(test_idx)], test_labels=targets[torch.as_tensor(test_idx)],
+        num_classes=10, mean=mean, std=std, augment=False,
+    )
+
+
+# ---------------------------------------------------------------- CIFAR pickles
+
+
+class UnsafePickleError(pickle.UnpicklingError):
+    """A pickle asked for a global that the restricted unpickler does not allow."""
+
+
+def _latin1_encode(text: Any, encoding: Any = "utf-8", errors: Any = "strict") -> bytes:
+    """``_codecs.encode`` as Python 3 protocol-2 pickles use it for bytes: latin-1 only."""
+    if not isinstance(text, str) or encoding not in ("latin1", "latin-1") or errors != "strict":
+        raise UnsafePickleError(
+            f"refused _codecs.encode({type(text).__name__}, {encoding!r}): only latin-1 text "
+            f"(how Python 3 writes bytes into a protocol-2 pickle) is allowed"
+        )
+    return codecs.encode(text, "latin1")
+
+
+def _allowed_globals() -> dict[tuple[str, str], Any]:
+    try:
+        from numpy._core.multiarray import _reconstruct
+    except ImportError:  # NumPy 1.x
+        from numpy.core.multiarray import _reconstruct
+    return {
+        # the original files were written by Python 2 with NumPy 1.x; re-saved ones by NumPy 2
+        ("numpy.core.multiarray", "_reconstruct"): _reconstruct,
+        ("numpy._core.multiarray", "_reconstruct"): _reconstruct,
+        ("numpy", "ndarray"): np.ndarray,
+        ("numpy", "dtype"): np.dtype,
+        ("_codecs", "encode"): _latin1_encode,
+    }
+
+
+class RestrictedUnpickler(pickle.Unpickler):
+    """An unpickler that resolves only NumPy array reconstruction; any other global is refused.
+
+    >>> import io, os, pickle
+    >>> class Evil:
+    ...     def __reduce__(self):
+    ...         return (os.system, ("echo pwned",))
+    >>> RestrictedUnpickler(io.BytesIO(pickle.dumps(Evil(), protocol=2))).load()
+    ... # doctest: +ELLIPSIS
+    Traceback (most recent call last):
+    ...
+    simcore.adapters.torch.experiment.data.UnsafePickleError: refused global '...system' ...
+    """
+
+    _ALLOWED = None
+
+    def find_class(self, module: str, name: str) -> Any:
+        allowed = type(self)._ALLOWED
+        if allowed is None:
+            allowed = type(self)._ALLOWED = _allowed_globals()
+        try:
+            return allowed[(module, name)]
+        except KeyError:
+            raise UnsafePickleError(
+                f"refused global '{module}.{name}' while reading a CIFAR pickle: only NumPy array "
+                f"reconstruction is allowed, so this file is not a genuine CIFAR batch (it may "
+                f"try to run code); nothing from it was executed"
+            ) from None
+
+
+def restricted_load(path: str | Path) -> Any:
+    """Unpickle ``path`` with :class:`RestrictedUnpickler` (``encoding="bytes"``, as CIFAR needs)."""
+    path = Path(path)
+    data = path.read_bytes()
+    try:
+        return RestrictedUnpickler(io.BytesIO(data), encoding="bytes").load()
+    except UnsafePickleError as err:
+        raise UnsafePickleError(f"{path}: {err}") from None
+    except (pickle.UnpicklingError, EOFError, ValueError, TypeError, AttributeError) as err:
+        raise ValueError(f"{path} is not a readable CIFAR pickle: {err}") from None
+
+
+def _read_batch(path: Path, label_key: bytes, num_classes: int) -> tuple[np.ndarray, np.ndarray]:
+    batch = restricted_load(path)
+    if not isinstance(batch, dict):
+        raise ValueError(f"{path}: expected a dict batch, got {type(batch).__name__}")
+    for key in (b"data", label_key):
+        if key not in batch:
+            raise ValueError(f"{path}: batch has no {key!r} entry (keys: {sorted(batch)})")
+    data = batch[b"data"]
+    if not isinstance(data, np.ndarray) or data.dtype != np.uint8 or data.ndim != 2 \
+            or data.shape[1] != _CIFAR_PIXELS:
+        desc = (f"{data.dtype} array of shape {data.shape}" if isinstance(data, np.ndarray)
+                else type(data).__name__)
+        raise ValueError(f"{path}: b'data' must be a uint8 array of shape (N, {_CIFAR_PIXELS}), "
+                         f"got {desc}")
+    labels = batch[label_key]
+    if not isinstance(labels, (list, np.ndarray)) or not all(
+            isinstance(v, (int, np.integer)) and not isinstance(v, bool) for v in labels):
+        raise ValueError(f"{path}: {label_key!r} must be a list of ints")
+    labels = np.asarray(labels, dtype=np.int64).reshape(-1)
+    if labels.shape[0] != data.shape[0]:
+        raise ValueError(f"{path}: {labels.shape[0]} labels for {data.shape[0]} images")
+    if labels.size and (labels.min() < 0 or labels.max() >= num_classes):
+        raise ValueError(f"{path}: labels must lie in [0, {num_classes}), "
+                         f"got [{labels.min()}, {labels.max()}]")
+    return data.reshape(-1, 3, IMAGE_SIZE, IMAGE_SIZE), labels
+
+
+def _cifar_layout(variant: str) -> tuple[str, list[str], list[str], bytes, int]:
+    if variant == "cifar10":
+        return ("cifar-10-batches-py", [f"data_batch_{i}" for i in range(1, 6)], ["test_batch"],
+                b"labels", 10)
+    if variant == "cifar100":
+        return "cifar-100-python", ["train"], ["test"], b"fine_labels", 100
+    raise ValueError(f"unknown CIFAR variant {variant!r}; expected 'cifar10' or 'cifar100'")
+
+
+def load_cifar(root: str | Path, variant: str = "cifar10", *,
+               train_limit: int | None = None, test_limit: int | None = None) -> ImageDataset:
+    """CIFAR-10/100 from the standard python-pickle folders under ``root``.
+
+    ``root`` is the folder that holds ``cifar-10-batches-py/`` (``data_batch_1``
+    .. ``data_batch_5``, ``test_batch``) or ``cifar-100-python/`` (``train``,
+    ``test``), i.e. where ``cifar-10-python.tar.gz`` / ``cifar-100-python.tar.gz``
+    were extracted; the dataset folder itself is accepted too. Files are read
+    with :class:`RestrictedUnpickler` and their keys, shapes, dtypes and labels
+    are checked. CIFAR-100 uses the 100 fine labels.
+    """
+    if not isinstance(root, (str, Path)):
+        raise TypeError(f"root must be a path, got {type(root).__name__}")
+    folder_name, train_files, test_files, label_key, num_classes = _cifar_layout(variant)
+    train_limit = _check_limit(train_limit, "train_limit")
+    test_limit = _check_limit(test_limit, "test_limit")
+    root = Path(root).expanduser()
+    folder = root if root.name == folder_name else root / folder_name
+    missing = [name for name in train_files + test_files if not (folder / name).is_file()]
+    if missing:
+        archive = "cifar-10-python.tar.gz" if variant == "cifar10" else "cifar-100-python.tar.gz"
+        raise FileNotFoundError(
+            f"{variant} not found: missing {', '.join(str(folder / m) for m in missing)}. "
+            f"Download {archive} (python version) from {CIFAR_URL} and extract it into "
+            f"{root} (so that {folder} holds {', '.join(train_files + test_files)}), "
+            f"or pass --data-root pointing at the folder that contains {folder_name}/."
+        )
+
+    def read(names: list[str], limit: int | None) -> tuple[torch.Tensor, torch.Tensor]:
+        parts = [_read_batch(folder / name, label_key, num_classes) for name in names]
+        images = np.concatenate([p[0] for p in parts])[:limit]
+        labels = np.concatenate([p[1] for p in parts])[:limit]
+        return torch.from_numpy(np.ascontiguousarray(images)), torch.from_numpy(labels)
+
+    train_images, train_labels = read(train_files, train_limit)
+    test_images, test_labels = read(test_files, test_limit)
+    if train_images.shape[0] == 0 or test_images.shape[0] == 0:
+        raise ValueError(f"{folder}: the train and test splits must hold at least one image")
+    mean, std = _channel_stats(train_images)
+    return ImageDataset(name=variant, train_images=train_images, train_labels=train_labels,
+                        test_images=test_images, test_labels=test_labels,
+                        num_classes=num_classes, mean=mean, std=std, augment=True)
+
+
+def load_dataset(name: str, *, root: str | Path | None = None, seed: int = 0,
+                 train_limit: int | None = None, test_limit: int | None = None) -> ImageDataset:
+    """``"digits"`` (bundled) or ``"cifar10"``/``"cifar100"`` read from ``root``."""
+    if name == "digits":
+        return load_digits_dataset(seed, train_limit=train_limit, test_limit=test_limit)
+    if name in ("cifar10", "cifar100"):
+        if root is None:
+            raise ValueError(f"dataset {name!r} needs a data root (--data-root): the folder "
+                             f"where the CIFAR archive from {CIFAR_URL} was extracted")
+        return load_cifar(root, name, train_limit=train_limit, test_limit=test_limit)
+    raise ValueError(f"unknown dataset {name!r}; expected one of {DATASETS}")
+
+
+# ---------------------------------------------------------------- batches
+
+
+def augment_batch(images: torch.Tensor, generator: torch.Generator, *, padding: int = 4
+                  ) -> torch.Tensor:
+    """CIFAR augmentation: a random crop of the zero-padded image and a random horizontal flip.
+
+    ``images`` is ``(B, C, H, W)`` (any dtype, any device); the offsets and flips
+    are drawn on the CPU from ``generator`` (so they do not depend on the device).
+
+    >>> x = torch.arange(2 * 1 * 4 * 4, dtype=torch.float32).reshape(2, 1, 4, 4)
+    >>> augment_batch(x, torch.Generator().manual_seed(0), padding=0).shape
+    torch.Size([2, 1, 4, 4])
+    """
+    batch, _, height, width = images.shape
+    offsets = torch.randint(0, 2 * padding + 1, (2, batch), generator=generator)
+    flips = torch.rand(batch, generator=generator) < 0.5
+    padded = F.pad(images, (padding, padding, padding, padding))
+    rows = (offsets[0][:, None] + torch.arange(height)[None]).to(images.device)
+    cols = offsets[1][:, None] + torch.arange(width)[None]
+    cols = torch.where(flips[:, None], cols.flip(1), cols).to(images.device)
+    index = torch.arange(batch, device=images.device)[:, None, None]
+    cropped = padded.permute(0, 2, 3, 1)[index, rows[:, :, None], cols[:, None, :]]
+    return cropped.permute(0, 3, 1, 2).contiguous()
+
+
+def normalize(images: torch.Tensor, dataset: ImageDataset) -> torch.Tensor:
+    """``uint8`` images to float32, scaled to [0, 1] and standardised per channel."""
+    x = images.to(torch.float32) / 255.0
+    mean = torch.tensor(dataset.mean, dtype=torch.float32, device=x.device)[None, :, None, None]
+    std = torch.tensor(dataset.std, dtype=torch.float32, device=x.device)[None, :, None, None]
+    return (x - mean) / std
+
+
+def iter_batches(dataset: ImageDataset, split: str, batch_size: int, *,
+                 generator: torch.Generator | None = None, augment: bool | None = None,
+                 skip: int = 0) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    """Normalised ``(images, labels)`` batches of a split.
+
+    With a ``generator`` the order is a fresh permutation drawn from it (and,
+    if ``augment`` — default: the dataset's own setting, train split only — the
+    augmentation draws from it too); without one the order is fixed. ``skip``
+    leaves out the first batches (after drawing their random numbers), which is
+    how a run resumes in the middle of an epoch.
+    """
+    if split not in ("train", "test"):
+        raise ValueError(f"split must be 'train' or 'test', got {split!r}")
+    batch_size = _check_limit(batch_size, "batch_size")
+    images = getattr(dataset, f"{split}_images")
+    labels = getattr(dataset, f"{split}_labels")
+    count = images.shape[0]
+    if augment is None:
+        augment = dataset.augment and split == "train"
+    if augment and generator is None:
+        raise ValueError("augment=True needs a generator (the augmentation is random)")
+    order = (torch.randperm(count, generator=generator) if generator is not None
+             else torch.arange(count))
+    for number, start in enumerate(range(0, count, batch_size)):
+        index = order[start:start + batch_size].to(images.device)
+        batch = images[index]
+        if augment:
+            batch = augment_batch(batch, generator)
+        if number < skip:
+            continue
+        yield normalize(batch, dataset), labels[index]
