@@ -1,0 +1,509 @@
+"""Firefly neural architecture descent (Wu, Liu, Stone, Liu 2020): candidates, scores, growth.
+
+Firefly grows a network by trying many small changes at once and keeping the best:
+
+1. **Candidates** (:func:`firefly_candidates`): for every growable layer, a split
+   direction ``delta_i`` for every existing neuron (``theta_i -> theta_i +/- delta_i``,
+   outgoing halved) and ``K`` new neurons with incoming rows and outgoing columns.
+   Reference initialisation (``sp/conv.py`` of the authors' code): ``delta ~ U(-0.1, 0.1)``,
+   ``K = 70``, new incoming ``~ N(0, 0.1^2)`` (std 0.1), new outgoing
+   ``~ U(-0.01, 0.01)``.
+2. **Training** (adapters): the candidate variables are trained for one pass over
+   the data with everything else frozen (reference: RMSprop lr 1e-3, momentum 0.1,
+   alpha 0.9; L2 penalty 1e-2 on ``delta`` and 1e-4 on new incoming rows; BatchNorm in
+   eval mode), then each candidate gets a gate ``g`` (its perturbation times ``g``)
+   and its score is ``dL/dg`` at ``g = 1``, averaged over batches.
+3. **Selection** (:func:`firefly_select`): the most negative scores over all layers,
+   exactly ``k`` of them (the reference's ``score <= sorted[k]`` keeps ``k + 1`` or
+   more), optionally in groups (the reference uses two for MobileNet) and caps.
+4. **Growth** (:func:`firefly_apply`): chosen splits through
+   :func:`~simcore.growth.split_neurons` (``eps = 1``: the trained ``delta`` already
+   carries its scale), chosen new neurons through :func:`~simcore.growth.add_neurons`
+   with their trained incoming rows and outgoing columns. Channel order per layer:
+   old channels, split copies, new neurons (the reference's order).
+
+Layouts: candidates are stored as *channel rows* like the widening operators'
+``incoming``/``outgoing``/``directions`` arguments: producer rows in ``to_rows`` order
+(neuron axis first, the rest flattened), consumer columns as ``(K, columns per channel)``
+(:func:`simcore.growth.widen.channel_rows` of the consumer). :func:`candidate_weights`
+gives them in the weights' own layouts for a gated forward pass.
+
+Known bugs of the reference code we do not copy: the classifier is not a growable
+flow there and new neurons feeding it end with zero outgoing weights (their trained
+columns are dropped); new depthwise channels get zero filters (silent neurons: we use
+the random non-zero filters of ``add_neurons``); and its "random" growth method is
+NASH-style random splitting, not the random new neurons the paper's "Random" means.
+Also unlike the reference, connections between two *new* neurons of consecutive
+layers start at zero (the reference trains them as part of the consumer's candidate
+columns; here a candidate column only covers the consumer's existing rows).
+
+Closed forms, for adapters that want no autodiff (module functions below):
+:func:`split_gate_scores` gives ``delta_i^T S_i delta_i`` (the SSD splitting matrix),
+which is the gate gradient to leading order in ``delta``;
+:func:`new_neuron_gate_scores` gives the exact single-candidate gate gradient of a
+new neuron whose consumer is dense or pointwise.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from .._arrays import (
+    check_choice,
+    check_floating,
+    compute_dtype,
+    device_of,
+    from_rows,
+    namespace_of,
+)
+from ._host import as_generator, as_index, to_numpy
+from .activations import resolve_first_derivative
+from .flow import ChannelFlow
+from .ssd import REDUCTIONS, _as_bpd, hvp_from_statistics
+from .widen import ChannelMap, add_neurons, channel_rows, from_channel_rows, split_neurons
+
+__all__ = [
+    "FireflyCandidates",
+    "FireflySelection",
+    "candidate_weights",
+    "firefly_apply",
+    "firefly_candidates",
+    "firefly_select",
+    "new_neuron_gate_scores",
+    "split_gate_scores",
+]
+
+#: The reference code's number of new-neuron candidates per layer.
+DEFAULT_NEW_PER_LAYER = 70
+
+
+@dataclass(frozen=True)
+class FireflyCandidates:
+    """One layer's candidates, in channel-row layout (module docstring).
+
+    ``split_directions``: ``(n, fan_in)``, ``delta_i`` for each existing neuron, or None
+    (no split candidates). ``new_incoming``: ``(K, fan_in)``. ``new_outgoing``: one
+    ``(K, columns per channel)`` array per consumer of the flow, in flow order.
+    Replace trained values with ``dataclasses.replace``.
+    """
+
+    split_directions: Any
+    new_incoming: Any
+    new_outgoing: tuple[Any, ...]
+
+    @property
+    def new_count(self) -> int:
+        """``K``, the number of new-neuron candidates."""
+        return int(self.new_incoming.shape[0])
+
+
+@dataclass(frozen=True)
+class FireflySelection:
+    """Chosen candidates of one layer: split ``parents`` and indices of ``new`` candidates."""
+
+    split: np.ndarray
+    new: np.ndarray
+
+    @property
+    def count(self) -> int:
+        """Neurons this selection adds to the layer."""
+        return int(self.split.size + self.new.size)
+
+
+def _check_flows(flows: Any) -> tuple[ChannelFlow, ...]:
+    if isinstance(flows, ChannelFlow) or not isinstance(flows, Sequence):
+        raise TypeError("flows must be a sequence of ChannelFlow")
+    for i, f in enumerate(flows):
+        if not isinstance(f, ChannelFlow):
+            raise TypeError(f"flows[{i}] must be a ChannelFlow, got {type(f).__name__}")
+    return tuple(flows)
+
+
+def _check_params(params: Any) -> None:
+    if not isinstance(params, Mapping):
+        raise TypeError(f"params must be a Mapping of name -> array, got {type(params).__name__}")
+
+
+def _positive_scale(value: Any, name: str) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float, np.integer, np.floating)):
+        raise TypeError(f"{name} must be a real number, got {type(value).__name__}")
+    value = float(value)
+    if not (math.isfinite(value) and value >= 0.0):
+        raise ValueError(f"{name} must be finite and >= 0, got {value}")
+    return value
+
+
+def firefly_candidates(
+    params: Mapping[str, Any],
+    flows: Sequence[ChannelFlow],
+    *,
+    rng: Any,
+    new_per_layer: int = DEFAULT_NEW_PER_LAYER,
+    split: bool = True,
+    split_scale: float = 0.1,
+    incoming_std: float = 0.1,
+    outgoing_scale: float = 0.01,
+) -> list[FireflyCandidates]:
+    """Draw the reference candidates for every flow (one :class:`FireflyCandidates` each).
+
+    ``delta ~ U(-split_scale, split_scale)``, new incoming ``~ N(0, incoming_std^2)``,
+    new outgoing ``~ U(-outgoing_scale, outgoing_scale)``; ``split=False`` leaves out
+    the split directions. ``rng``: a ``numpy.random.Generator`` or an int seed; values
+    are drawn in float64 in the order flows, then split / incoming / outgoing per
+    consumer, and converted to each weight's dtype and device, so a seed gives the same
+    candidates on every backend.
+
+    >>> import numpy as np
+    >>> from simcore.growth import ChannelFlow, Consumer
+    >>> params = {"w1": np.ones((4, 3)), "w2": np.ones((2, 4))}
+    >>> [c] = firefly_candidates(params, [ChannelFlow("w1", consumers=(Consumer("w2"),))],
+    ...                          rng=0, new_per_layer=5)
+    >>> c.split_directions.shape, c.new_incoming.shape, c.new_outgoing[0].shape
+    ((4, 3), (5, 3), (5, 2))
+    """
+    _check_params(params)
+    flows = _check_flows(flows)
+    gen = as_generator(rng)
+    k = as_index(new_per_layer, "new_per_layer")
+    if k < 0:
+        raise ValueError(f"new_per_layer must be >= 0, got {k}")
+    split_scale = _positive_scale(split_scale, "split_scale")
+    incoming_std = _positive_scale(incoming_std, "incoming_std")
+    outgoing_scale = _positive_scale(outgoing_scale, "outgoing_scale")
+    out = []
+    for flow in flows:
+        entries = flow.entries(params)
+        w = params[flow.producer]
+        xp = namespace_of(w, f"params[{flow.producer!r}]")
+        rows = channel_rows(xp, w, entries[0])
+        n, fan_in = (int(s) for s in rows.shape)
+
+        def place(values: np.ndarray, like: Any, xp: Any = xp) -> Any:
+            return xp.asarray(values, dtype=like.dtype, device=device_of(like))
+
+        directions = None
+        if split:
+            directions = place(gen.uniform(-split_scale, split_scale, (n, fan_in)), w)
+        incoming = place(gen.normal(0.0, incoming_std, (k, fan_in)), w)
+        outgoing = []
+        for entry in entries:
+            if entry.role == "consumer":
+                a = params[entry.name]
+                width = int(channel_rows(xp, a, entry).shape[1])
+                outgoing.append(place(gen.uniform(-outgoing_scale, outgoing_scale, (k, width)), a))
+        out.append(FireflyCandidates(directions, incoming, tuple(outgoing)))
+    return out
+
+
+def candidate_weights(
+    params: Mapping[str, Any], flow: ChannelFlow, candidates: FireflyCandidates
+) -> dict[str, Any]:
+    """The candidates in the weights' own layouts, for a gated forward pass.
+
+    Returns ``{"split": like the producer (or None), "incoming": like the producer
+    with K neurons, "outgoing": tuple, one per consumer, like the consumer with K
+    channels}``.
+    """
+    entries = flow.entries(params)
+    producer = entries[0]
+    w = params[flow.producer]
+    xp = namespace_of(w, f"params[{flow.producer!r}]")
+    shape = tuple(int(s) for s in w.shape)
+    split = None
+    if candidates.split_directions is not None:
+        split = from_rows(xp, candidates.split_directions, shape, producer.axis)
+    k_shape = list(shape)
+    k_shape[producer.axis] = candidates.new_count
+    incoming = from_rows(xp, candidates.new_incoming, k_shape, producer.axis)
+    consumers = [e for e in entries if e.role == "consumer"]
+    outgoing = tuple(
+        from_channel_rows(xp, cols, tuple(params[e.name].shape), e)
+        for e, cols in zip(consumers, candidates.new_outgoing, strict=True)
+    )
+    return {"split": split, "incoming": incoming, "outgoing": outgoing}
+
+
+def firefly_select(
+    split_scores: Sequence[Any],
+    new_scores: Sequence[Any],
+    k: int,
+    *,
+    caps: Sequence[int] | None = None,
+    groups: Sequence[int] | None = None,
+    only_negative: bool = False,
+) -> list[FireflySelection]:
+    """Keep the ``k`` most negative gate gradients over all layers and both candidate kinds.
+
+    ``split_scores[l]`` is ``(n_l,)`` (None or empty: no split candidates in layer ``l``),
+    ``new_scores[l]`` is ``(K_l,)``. Per layer the two are ranked together, so
+    ``caps``/``groups`` (as in :func:`simcore.growth.select_lowest`) count both kinds.
+    Exactly ``k`` picks (fewer only when ``only_negative`` or caps leave fewer), ties
+    broken deterministically by :func:`~simcore.growth.select_lowest`.
+
+    >>> import numpy as np
+    >>> sel = firefly_select([np.asarray([-1.0, 0.5])], [np.asarray([-3.0, 0.0, -0.5])], 2)
+    >>> sel[0].split.tolist(), sel[0].new.tolist()
+    ([0], [0])
+    """
+    from .budget import select_lowest
+
+    if isinstance(split_scores, (str, bytes)) or not isinstance(split_scores, Sequence):
+        raise TypeError("split_scores must be a sequence with one score array per layer")
+    if isinstance(new_scores, (str, bytes)) or not isinstance(new_scores, Sequence):
+        raise TypeError("new_scores must be a sequence with one score array per layer")
+    if len(split_scores) != len(new_scores):
+        raise ValueError(
+            f"split_scores and new_scores must cover the same layers, got {len(split_scores)} "
+            f"and {len(new_scores)}"
+        )
+    combined, split_sizes = [], []
+    for layer, (s, a) in enumerate(zip(split_scores, new_scores, strict=True)):
+        parts = []
+        for values, name in ((s, "split_scores"), (a, "new_scores")):
+            if values is None:
+                parts.append(np.zeros(0))
+                continue
+            arr = np.asarray(to_numpy(values, f"{name}[{layer}]"), dtype=np.float64)
+            if arr.ndim != 1:
+                raise ValueError(f"{name}[{layer}] must be one-dimensional, got shape {arr.shape}")
+            if np.isnan(arr).any():
+                raise ValueError(f"{name}[{layer}] contains NaN")
+            parts.append(arr)
+        split_sizes.append(parts[0].size)
+        combined.append(np.concatenate(parts))
+    picks = select_lowest(combined, k, caps=caps, groups=groups, only_negative=only_negative)
+    out = []
+    for chosen, n_split in zip(picks, split_sizes, strict=True):
+        chosen = np.sort(np.asarray(chosen, dtype=np.int64))
+        out.append(FireflySelection(chosen[chosen < n_split], chosen[chosen >= n_split] - n_split))
+    return out
+
+
+def _compose(first: ChannelMap, second: ChannelMap) -> tuple[int, ...]:
+    """Sources of ``second`` applied after ``first``, in terms of the original channels."""
+    return tuple(first.sources[s] if s >= 0 else -1 for s in second.sources)
+
+
+def _regrow_rows(xp: Any, cols: Any, entry: Any, original_shape: tuple[int, ...],
+                 row_axis: int, sources: tuple[int, ...]) -> Any:
+    """Map candidate columns made for ``original_shape`` onto a consumer whose rows grew."""
+    full = from_channel_rows(xp, cols, original_shape, entry)
+    index = np.asarray([max(s, 0) for s in sources], dtype=np.int64)
+    keep = np.asarray([1.0 if s >= 0 else 0.0 for s in sources])
+    shape = [1] * full.ndim
+    shape[row_axis] = len(sources)
+    full = xp.take(full, xp.asarray(index, device=device_of(full)), axis=row_axis)
+    full = full * xp.asarray(np.reshape(keep, shape), dtype=full.dtype, device=device_of(full))
+    return channel_rows(xp, full, entry)
+
+
+def firefly_apply(
+    params: Mapping[str, Any],
+    flows: Sequence[ChannelFlow],
+    candidates: Sequence[FireflyCandidates],
+    selection: Sequence[FireflySelection],
+    *,
+    rng: Any,
+) -> tuple[dict[str, Any], list[tuple[ChannelMap, ChannelMap]]]:
+    """Grow every flow by its selected candidates; returns ``(new params, maps)``.
+
+    ``flows`` must be listed producers first (forward order); they are grown last to
+    first, like the reference, so a layer's new rows are grown before the earlier
+    layer adds its columns to them. Per flow: splits (``theta +/- delta`` with the
+    candidate's trained ``delta``, outgoing halved, ``eps = 1``) then new neurons
+    (candidate incoming rows and outgoing columns; bias 0, BatchNorm 1/0/0/1, random
+    non-zero depthwise filters drawn from ``rng``). ``maps[l]`` is the pair
+    ``(split map, add map)`` to apply in that order (e.g. with
+    ``map_optimizer_state``). Splits change the function by ``O(|delta|^2)``, new
+    neurons by ``O(outgoing scale)``.
+    """
+    _check_params(params)
+    flows = _check_flows(flows)
+    gen = as_generator(rng)
+    for label, seq, kind in (("candidates", candidates, FireflyCandidates),
+                             ("selection", selection, FireflySelection)):
+        if not isinstance(seq, Sequence) or len(seq) != len(flows):
+            raise ValueError(f"{label} must hold one {kind.__name__} per flow ({len(flows)})")
+        for i, item in enumerate(seq):
+            if not isinstance(item, kind):
+                raise TypeError(
+                    f"{label}[{i}] must be a {kind.__name__}, got {type(item).__name__}"
+                )
+    original = {f.producer: f.entries(params) for f in flows}
+    original_shapes = {name: tuple(int(s) for s in a.shape) for name, a in params.items()
+                       if hasattr(a, "shape")}
+    grown_rows: dict[str, tuple[int, tuple[int, ...]]] = {}  # producer -> (axis, sources)
+    out = dict(params)
+    maps: list[tuple[ChannelMap, ChannelMap] | None] = [None] * len(flows)
+    for index in reversed(range(len(flows))):
+        flow, cand, sel = flows[index], candidates[index], selection[index]
+        entries = original[flow.producer]
+        producer = entries[0]
+        if tuple(out[flow.producer].shape) != original_shapes[flow.producer]:
+            raise ValueError(
+                f"producer {flow.producer!r} changed shape before its own growth: list flows "
+                "producers first (forward order); firefly_apply grows them last to first"
+            )
+        w = out[flow.producer]
+        xp = namespace_of(w, f"params[{flow.producer!r}]")
+        split_parents = np.asarray(sel.split, dtype=np.int64)
+        new_index = np.asarray(sel.new, dtype=np.int64)
+        if split_parents.size and cand.split_directions is None:
+            raise ValueError(f"selection[{index}] picks splits but candidates[{index}] has none")
+        if new_index.size and (new_index.min() < 0 or new_index.max() >= cand.new_count):
+            raise ValueError(f"selection[{index}].new must lie in [0, {cand.new_count}), "
+                             f"got {new_index.tolist()}")
+
+        directions = None
+        if split_parents.size:
+            directions = xp.take(cand.split_directions,
+                                 xp.asarray(split_parents, device=device_of(w)), axis=0)
+        else:
+            directions = xp.zeros((0, int(channel_rows(xp, w, producer).shape[1])), dtype=w.dtype,
+                                  device=device_of(w))
+        out, split_map = split_neurons(out, flow, split_parents.tolist(), directions, eps=1.0)
+
+        picked = xp.asarray(new_index, device=device_of(w))
+        incoming = xp.take(cand.new_incoming, picked, axis=0)
+        outgoing = []
+        consumers = [e for e in entries if e.role == "consumer"]
+        if len(cand.new_outgoing) != len(consumers):
+            raise ValueError(f"candidates[{index}] has {len(cand.new_outgoing)} outgoing blocks "
+                             f"but flow {flow.producer!r} has {len(consumers)} consumers")
+        for entry, cols in zip(consumers, cand.new_outgoing, strict=True):
+            cols = xp.take(cols, picked, axis=0)
+            # The consumer read the old channels and split copies through split_map; a consumer
+            # that is itself a producer grown earlier in this loop has more rows now.
+            if entry.name in grown_rows and new_index.size:
+                row_axis, sources = grown_rows[entry.name]
+                cols = _regrow_rows(xp, cols, entry, original_shapes[entry.name], row_axis,
+                                    sources)
+            outgoing.append(cols)
+        out, add_map = add_neurons(out, flow, int(new_index.size), rng=gen, incoming=incoming,
+                                   outgoing=outgoing)
+        maps[index] = (split_map, add_map)
+        grown_rows[flow.producer] = (producer.axis, _compose(split_map, add_map))
+    return out, maps
+
+
+# --- closed-form gate gradients ---------------------------------------------------------------
+
+
+def split_gate_scores(
+    patches: Any,
+    backprop: Any,
+    preactivations: Any,
+    directions: Any,
+    *,
+    activation: str | Callable[[Any, Any], Any] = "relu",
+    bn_scale: Any = None,
+    reduction: str = "sum",
+) -> Any:
+    """``delta_i^T S_i delta_i`` per neuron: the split candidates' gate gradient to leading order.
+
+    With the split ``theta_i +/- g delta_i`` and halved outgoing weights the neuron's
+    output is ``(sigma(z + g t) + sigma(z - g t)) / 2`` (``t = c delta . x``), whose
+    ``g``-derivative at ``g = 1`` is ``t^2 sigma''(z) + O(t^4)``; so ``dL/dg`` at ``g = 1``
+    is ``delta^T S delta + O(|delta|^4)`` with ``S`` the SSD splitting matrix
+    (:func:`~simcore.growth.splitting_matrices`, same arguments). ``directions``:
+    ``(n, d)`` rows. Never forms ``S``.
+
+    >>> import numpy as np
+    >>> x = np.asarray([[[1.0, 2.0]]])
+    >>> split_gate_scores(x, np.ones((1, 1, 1)), np.zeros((1, 1, 1)), np.asarray([[0.0, 1.0]]),
+    ...                   activation="softplus").tolist()
+    [1.0]
+    """
+    hvp = hvp_from_statistics(patches, backprop, preactivations, activation=activation,
+                              bn_scale=bn_scale, reduction=reduction)
+    xp = namespace_of(directions, "directions")
+    check_floating(xp, directions, "directions")
+    if tuple(directions.shape) != (hvp.n, hvp.d):
+        raise ValueError(f"directions must have shape ({hvp.n}, {hvp.d}), "
+                         f"got {tuple(directions.shape)}")
+    delta = xp.astype(directions, hvp.like.dtype)
+    return xp.sum(delta * hvp(delta), axis=1)
+
+
+def new_neuron_gate_scores(
+    patches: Any,
+    incoming: Any,
+    outgoing: Any,
+    consumer_backprop: Any,
+    *,
+    activation: str | Callable[[Any, Any], Any] = "relu",
+    bn_scale: Any = None,
+    reduction: str = "sum",
+) -> Any:
+    """Gate gradients ``dL/dg`` at ``g = 1`` of new neurons read by a dense or pointwise consumer.
+
+    New neuron ``j`` computes ``h_j = sigma(g c_j u_j . x)`` (fresh BatchNorm: shift and
+    mean 0, so ``c_j`` is its coefficient, 1 without BN; bias 0) and adds ``a_oj h_j`` to
+    the consumer's pre-activation ``y_o`` at the same position. So::
+
+        dL/dg_j = sum_{b,p} (sum_o dL/dy_{b,p,o} a_oj) sigma'(c_j u_j.x) c_j u_j.x
+
+    (for ReLU, ``sigma'(z) z = sigma(z)``, so this is ``a_j . dL/da_j``: the outgoing
+    weights dotted with their gradient). Exact when ``consumer_backprop`` is taken with
+    the candidates in the network (the gated forward pass); from the unperturbed
+    network it is off by ``O(outgoing scale)``. Layers with pooling, a depthwise conv or
+    a spatial kernel between the new neuron and its consumer need autodiff instead.
+
+    Args:
+        patches: ``(B, P, d)`` (or ``(B, d)``) inputs of the producer.
+        incoming: ``(K, d)`` candidate incoming rows ``u``.
+        outgoing: ``(K, m)`` candidate outgoing weights ``a`` (row ``j``: what the
+            consumer's ``m`` outputs read from new neuron ``j``).
+        consumer_backprop: ``(B, P, m)`` ``dL/dy`` at the consumer's pre-activation.
+        activation: a registered name or ``fn(xp, z) = sigma'(z)``.
+        bn_scale: ``(K,)`` coefficients ``c_j`` or None.
+        reduction: ``"sum"`` or ``"mean"`` over the batch, as in SSD.
+
+    >>> import numpy as np
+    >>> x = np.asarray([[[1.0, 1.0]]])
+    >>> new_neuron_gate_scores(x, np.asarray([[1.0, 1.0]]), np.asarray([[3.0]]),
+    ...                        np.asarray([[[-1.0]]]), activation="identity").tolist()
+    [-6.0]
+    """
+    xp = namespace_of(patches, "patches")
+    for other, name in ((incoming, "incoming"), (outgoing, "outgoing"),
+                        (consumer_backprop, "consumer_backprop")):
+        if namespace_of(other, name) is not xp:
+            raise TypeError(f"{name} comes from a different array library than patches")
+    for a, name in ((patches, "patches"), (incoming, "incoming"), (outgoing, "outgoing"),
+                    (consumer_backprop, "consumer_backprop")):
+        check_floating(xp, a, name)
+    check_choice(reduction, REDUCTIONS, "reduction")
+    d1 = resolve_first_derivative(activation)
+    x = _as_bpd(xp, patches, "patches")
+    g = _as_bpd(xp, consumer_backprop, "consumer_backprop")
+    batch, positions, d = (int(s) for s in x.shape)
+    if tuple(g.shape[:2]) != (batch, positions):
+        raise ValueError("patches (B, P, d) and consumer_backprop (B, P, m) must agree in B and P, "
+                         f"got {tuple(patches.shape)} and {tuple(consumer_backprop.shape)}")
+    m = int(g.shape[2])
+    if incoming.ndim != 2 or int(incoming.shape[1]) != d:
+        raise ValueError(f"incoming must have shape (K, {d}), got {tuple(incoming.shape)}")
+    k = int(incoming.shape[0])
+    if tuple(outgoing.shape) != (k, m):
+        raise ValueError(f"outgoing must have shape ({k}, {m}) (K new neurons x consumer "
+                         f"outputs), got {tuple(outgoing.shape)}")
+    work = compute_dtype(xp, xp.result_type(x.dtype, incoming.dtype, g.dtype, outgoing.dtype))
+    xm = xp.reshape(xp.astype(x, work), (batch * positions, d))
+    gm = xp.reshape(xp.astype(g, work), (batch * positions, m))
+    pre = xp.matmul(xm, xp.permute_dims(xp.astype(incoming, work), (1, 0)))      # (M, K): u.x
+    if bn_scale is not None:
+        if namespace_of(bn_scale, "bn_scale") is not xp:
+            raise TypeError("bn_scale comes from a different array library than patches")
+        if tuple(bn_scale.shape) != (k,):
+            raise ValueError(f"bn_scale must have shape ({k},), got {tuple(bn_scale.shape)}")
+        pre = pre * xp.astype(bn_scale, work)
+    upstream = xp.matmul(gm, xp.permute_dims(xp.astype(outgoing, work), (1, 0)))  # (M, K)
+    scores = xp.sum(upstream * d1(xp, pre) * pre, axis=0)
+    return scores / batch if reduction == "mean" else scores
+
