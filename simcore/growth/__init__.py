@@ -3,14 +3,19 @@
 Everything works on a flat ``Mapping[str, array]`` of parameters and a
 :class:`ChannelFlow` that names the entries one growable layer's channels flow through;
 operators return new dicts and never mutate. See :mod:`simcore.growth.flow` and
-:mod:`simcore.growth.widen`.
+:mod:`simcore.growth.widen`; budgets and selection in :mod:`simcore.growth.budget`,
+optimizer state in :mod:`simcore.growth.optim_state`, the paper's seeds as plain data in
+:mod:`simcore.growth.presets`.
 """
 
+from .budget import UNITS, count_parameters, growth_budget, round_half_up, select_lowest
 from .flow import ROLES, BatchNorm, ChannelFlow, Consumer, Depthwise, FlowEntry
+from .optim_state import map_optimizer_state
 from .widen import ChannelMap, add_neurons, replicate_neurons, split_neurons
 
 __all__ = [
     "ROLES",
+    "UNITS",
     "BatchNorm",
     "ChannelFlow",
     "ChannelMap",
@@ -18,7 +23,12 @@ __all__ = [
     "Depthwise",
     "FlowEntry",
     "add_neurons",
+    "count_parameters",
+    "growth_budget",
+    "map_optimizer_state",
     "replicate_neurons",
+    "round_half_up",
+    "select_lowest",
     "split_neurons",
 ]
 
