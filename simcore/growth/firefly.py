@@ -233,15 +233,17 @@ def firefly_select(
     new_scores: Sequence[Any],
     k: int,
     *,
-    caps: Sequence[int] | None = None,
-    groups: Sequence[int] | None = None,
+    caps: Sequence[int | None] | None = None,
+    groups: Sequence[Sequence[int]] | None = None,
     only_negative: bool = False,
+    clamp: bool = False,
 ) -> list[FireflySelection]:
     """Keep the ``k`` most negative gate gradients over all layers and both candidate kinds.
 
     ``split_scores[l]`` is ``(n_l,)`` (None or empty: no split candidates in layer ``l``),
     ``new_scores[l]`` is ``(K_l,)``. Per layer the two are ranked together, so
-    ``caps``/``groups`` (as in :func:`simcore.growth.select_lowest`) count both kinds.
+    ``caps``/``groups``/``clamp`` (as in :func:`simcore.growth.select_lowest`) count
+    both kinds.
     Exactly ``k`` picks (fewer only when ``only_negative`` or caps leave fewer), ties
     broken deterministically by :func:`~simcore.growth.select_lowest`.
 
@@ -276,7 +278,8 @@ def firefly_select(
             parts.append(arr)
         split_sizes.append(parts[0].size)
         combined.append(np.concatenate(parts))
-    picks = select_lowest(combined, k, caps=caps, groups=groups, only_negative=only_negative)
+    picks = select_lowest(combined, k, caps=caps, groups=groups, only_negative=only_negative,
+                          clamp=clamp)
     out = []
     for chosen, n_split in zip(picks, split_sizes, strict=True):
         chosen = np.sort(np.asarray(chosen, dtype=np.int64))

@@ -388,8 +388,9 @@ def select_splits(
     k: int,
     *,
     only_negative: bool = False,
-    caps: Sequence[int] | None = None,
-    groups: Sequence[int] | None = None,
+    caps: Sequence[int | None] | None = None,
+    groups: Sequence[Sequence[int]] | None = None,
+    clamp: bool = False,
 ) -> list[np.ndarray]:
     """Which neurons to split: the ``k`` lowest ``lambda_min`` over all layers.
 
@@ -399,7 +400,7 @@ def select_splits(
     theory (a split lowers the loss only where ``lambda_min < 0``); the reference
     code never checks it, hence the default. Exactly ``k`` picks with deterministic
     ties (the reference's ``lambda <= sorted[k]`` picks ``k + 1`` or more).
-    Built on :func:`simcore.growth.select_lowest` (``caps``/``groups`` as there).
+    Built on :func:`simcore.growth.select_lowest` (``caps``/``groups``/``clamp`` as there).
 
     >>> import numpy as np
     >>> [p.tolist() for p in select_splits([np.asarray([0.5, -2.0]), np.asarray([-1.0])], 2)]
@@ -407,7 +408,8 @@ def select_splits(
     """
     from .budget import select_lowest
 
-    return select_lowest(lambda_min, k, caps=caps, groups=groups, only_negative=only_negative)
+    return select_lowest(lambda_min, k, caps=caps, groups=groups, only_negative=only_negative,
+                         clamp=clamp)
 
 
 def ssd_split(
