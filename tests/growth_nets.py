@@ -3,7 +3,9 @@
 API
 ---
 ``NETS``: ``dict[name, builder]``; ``builder(seed: int = 0) -> GrowthNet``.
-``build(name, seed=0) -> GrowthNet`` does the same by name.
+``build(name, seed=0) -> GrowthNet`` does the same by name; ``cases()`` lists every
+``(net name, flow index)``; ``on_backend(backend, params, dtype="float64")`` copies a params
+dict onto a ``simcore.testing.Backend``; ``to_host(backend, params)`` brings it back as float64.
 
 ``GrowthNet`` is a named tuple ``(params, forward, flows, inputs)``:
 
@@ -41,7 +43,7 @@ import numpy as np
 
 from simcore.growth import BatchNorm, ChannelFlow, Consumer, Depthwise
 
-__all__ = ["NETS", "GrowthNet", "build"]
+__all__ = ["NETS", "GrowthNet", "build", "cases", "on_backend", "to_host"]
 
 BN_EPS = 1e-5
 
@@ -350,3 +352,18 @@ NETS: dict[str, Callable[[int], GrowthNet]] = {
 def build(name: str, seed: int = 0) -> GrowthNet:
     """The network ``name`` of :data:`NETS`, built from ``seed``."""
     return NETS[name](seed)
+
+
+def on_backend(backend: Any, params: dict[str, np.ndarray], dtype: str | None = "float64") -> dict:
+    """``params`` copied onto ``backend`` (a ``simcore.testing.Backend``) in ``dtype``."""
+    return {k: backend.asarray(v, dtype) for k, v in params.items()}
+
+
+def to_host(backend: Any, params: dict[str, Any]) -> dict[str, np.ndarray]:
+    """``params`` back as float64 NumPy arrays."""
+    return {k: np.asarray(backend.to_numpy(v), dtype=np.float64) for k, v in params.items()}
+
+
+def cases() -> list[tuple[str, int]]:
+    """``(net name, flow index)`` for every growable producer of every network."""
+    return [(name, i) for name in NETS for i in range(len(build(name).flows))]
