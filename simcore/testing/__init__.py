@@ -32,6 +32,7 @@ from ._backends import (
     backend_for_namespace,
     get_backend,
 )
+from ._check import CheckResult, check_backend
 
 __all__ = [
     "BACKEND_NAMES",
@@ -39,10 +40,12 @@ __all__ = [
     "TOLERANCES",
     "Backend",
     "BackendUnavailableError",
+    "CheckResult",
     "Tolerance",
     "assert_close",
     "available_backends",
     "backend_for_namespace",
+    "check_backend",
     "get_backend",
     "max_error",
     "strategies",

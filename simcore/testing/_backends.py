@@ -220,19 +220,54 @@ def _torch_backend(name: str, device_name: str) -> Backend:
     )
 
 
-def _jit_runner(fn, *args, **kwargs):
+def _freeze(value: Any) -> Any:
+    """A hashable stand-in for a keyword argument (lists become tuples); raises if none."""
+    if isinstance(value, (list, tuple)):
+        return (type(value).__name__, tuple(_freeze(v) for v in value))
+    hash(value)
+    return value
+
+
+_JIT_CACHE: dict[Any, Any] = {}
+_JIT_CACHE_SIZE = 256
+
+
+def _jit_compiled(fn, kwargs):
+    """``jax.jit`` of ``partial(fn, **kwargs)``, reused for equal ``(fn, kwargs)``.
+
+    Reuse lets JAX's own cache skip recompiling for input shapes it has seen.
+    The wrapper turns a dataclass result into a dict (jit returns pytrees only)
+    and remembers the type so :func:`_jit_runner` can rebuild it.
+    """
     import jax
 
+    try:
+        key = (fn, _freeze(sorted(kwargs.items())))
+    except TypeError:  # an unhashable keyword argument: compile afresh
+        key = None
+    if key is not None and key in _JIT_CACHE:
+        return _JIT_CACHE[key]
+    partial_fn = functools.partial(fn, **kwargs)
     rebuild: dict[str, Any] = {}
 
-    def traced(*inner_args):
-        out = fn(*inner_args, **kwargs)
+    def traced(*args):
+        out = partial_fn(*args)
         if dataclasses.is_dataclass(out) and not isinstance(out, type):
             rebuild["type"] = type(out)
             return {f.name: getattr(out, f.name) for f in dataclasses.fields(out)}
         return out
 
-    result = jax.jit(traced)(*args)
+    compiled = (jax.jit(traced), rebuild)
+    if key is not None:
+        if len(_JIT_CACHE) >= _JIT_CACHE_SIZE:
+            _JIT_CACHE.pop(next(iter(_JIT_CACHE)))
+        _JIT_CACHE[key] = compiled
+    return compiled
+
+
+def _jit_runner(fn, *args, **kwargs):
+    jitted, rebuild = _jit_compiled(fn, kwargs)
+    result = jitted(*args)
     return rebuild["type"](**result) if "type" in rebuild else result
 
 
@@ -348,6 +383,7 @@ def get_backend(name: str) -> Backend:
 
 def requested_backend_names(value: str | None = None) -> list[str] | None:
     """The names in ``SIMCORE_TEST_BACKENDS`` (or ``value``), or None when it is unset/empty."""
+    source = ENV_VAR if value is None else "backend list"
     raw = os.environ.get(ENV_VAR, "") if value is None else value
     names = [part.strip() for part in raw.split(",") if part.strip()]
     if not names:
@@ -355,7 +391,7 @@ def requested_backend_names(value: str | None = None) -> list[str] | None:
     unknown = [n for n in names if n not in _FACTORIES]
     if unknown:
         raise ValueError(
-            f"{ENV_VAR} names unknown backend(s) {', '.join(map(repr, unknown))}; "
+            f"{source} names unknown backend(s) {', '.join(map(repr, unknown))}; "
             f"known backends: {', '.join(BACKEND_NAMES)}"
         )
     return list(dict.fromkeys(names))

@@ -1,0 +1,131 @@
+"""The ``simcore`` console command (also ``python -m simcore``).
+
+Subcommands:
+
+* ``simcore check [--backends numpy,torch] [--dtypes float32,float64]``: run
+  :func:`simcore.testing.check_backend` on every installed backend (or those
+  named) and print one table row per backend, function and dtype; exit status
+  1 when any check fails or a named backend is unusable.
+
+Each subcommand is a ``_register_*`` function that adds its parser and sets
+``handler`` (called with the parsed arguments, returning the exit status); a new
+subcommand adds one such function to :data:`SUBCOMMANDS`.
+
+>>> main(["check", "--backends", "numpy", "--dtypes", "float64", "--failures-only"])
+0 failed of 24 checks on numpy (float64)
+0
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import sys
+from collections.abc import Callable, Sequence
+
+__all__ = ["SUBCOMMANDS", "build_parser", "main"]
+
+
+def _comma_list(text: str) -> list[str]:
+    items = [part.strip() for part in text.split(",") if part.strip()]
+    if not items:
+        raise argparse.ArgumentTypeError("expected a comma-separated list of names")
+    return items
+
+
+def _format_number(x: float) -> str:
+    return "-" if math.isnan(x) else f"{x:.2e}"
+
+
+def _print_table(rows: list[list[str]], out) -> None:
+    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
+    for k, row in enumerate(rows):
+        print("  ".join(cell.ljust(w) for cell, w in zip(row, widths, strict=True)).rstrip(),
+              file=out)
+        if k == 0:
+            print("  ".join("-" * w for w in widths), file=out)
+
+
+def _run_check(args: argparse.Namespace) -> int:
+    from simcore.testing import BackendUnavailableError, available_backends, check_backend
+
+    try:
+        backends = available_backends(args.backends)
+    except (BackendUnavailableError, ValueError) as err:
+        print(f"simcore check: {err}", file=sys.stderr)
+        return 1
+    if not backends:
+        print("simcore check: no backend available", file=sys.stderr)
+        return 1
+    header = ["backend", "device", "function", "dtype", "max error", "tolerance", "result"]
+    rows, details, total, failed = [header], [], 0, 0
+    for backend in backends:
+        for result in check_backend(backend, dtypes=args.dtypes):
+            total += 1
+            failed += not result.passed
+            if result.passed and args.failures_only:
+                continue
+            rows.append([
+                result.backend, result.device, result.function, result.dtype,
+                _format_number(result.max_error), _format_number(result.tolerance),
+                "pass" if result.passed else "FAIL",
+            ])
+            if result.detail:
+                details.append(f"{result.backend} {result.function} {result.dtype}: "
+                               f"{result.detail}")
+    if len(rows) > 1:
+        _print_table(rows, sys.stdout)
+    for line in details:
+        print(line)
+    names = ", ".join(b.name for b in backends)
+    dtypes = f" ({', '.join(args.dtypes)})" if args.dtypes else ""
+    print(f"{failed} failed of {total} checks on {names}{dtypes}")
+    return 1 if failed or total == 0 else 0
+
+
+def _register_check(subparsers) -> None:
+    parser = subparsers.add_parser(
+        "check",
+        help="run the conformance checks against the NumPy reference on each backend",
+        description="Run every public simcore function on fixed inputs on each backend and "
+        "compare with simcore.reference; print a table and exit 1 if anything fails.",
+    )
+    parser.add_argument(
+        "--backends", type=_comma_list, default=None,
+        help="comma list of backends (default: $SIMCORE_TEST_BACKENDS, else every installed "
+        "one: numpy, array_api_strict, torch, torch_cuda, jax, jax_jit, cupy)",
+    )
+    parser.add_argument(
+        "--dtypes", type=_comma_list, default=None,
+        help="comma list of dtypes (default: every dtype each backend supports)",
+    )
+    parser.add_argument(
+        "--failures-only", action="store_true", help="print only failing rows and the summary"
+    )
+    parser.set_defaults(handler=_run_check)
+
+
+#: Functions that each add one subcommand to the ``simcore`` parser.
+SUBCOMMANDS: list[Callable[[argparse._SubParsersAction], None]] = [_register_check]
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The ``simcore`` argument parser with every registered subcommand."""
+    parser = argparse.ArgumentParser(
+        prog="simcore",
+        description="simcore: neuron-similarity loss (Sakai & Hotta) on any Array-API backend",
+    )
+    subparsers = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+    for register in SUBCOMMANDS:
+        register(subparsers)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of the ``simcore`` command; returns the exit status."""
+    args = build_parser().parse_args(argv)
+    return args.handler(args)
+
+
+if __name__ == "__main__":  # pragma: no cover - `python -m simcore.cli`
+    sys.exit(main())
