@@ -67,10 +67,11 @@ def _linen_kernels(tree: Any, depthwise: str) -> dict[str, int]:
     # depthwise="include", the default, when that matters).
     found = {}
     for path, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]:
-        if not path or _key_text(path[-1]) != "kernel" or getattr(leaf, "ndim", 0) < 2:
+        name = leaf_name(path)
+        if name.rsplit("/", 1)[-1] != "kernel" or getattr(leaf, "ndim", 0) < 2:
             continue
         if _keep(_is_depthwise_shape(leaf), depthwise):
-            found[leaf_name(path)] = -1
+            found[name] = -1
     return found
 
 

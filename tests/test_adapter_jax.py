@@ -1,0 +1,381 @@
+"""simcore.adapters.jax: custom_vjp wrappers, kernel finder, optax transform, penalty, examples.
+
+The oracle is simcore.reference (NumPy float64 loops, no code shared with the
+core); JAX runs in float32, compared with simcore.testing.assert_close.
+"""
+
+from __future__ import annotations
+
+import runpy
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+jax = pytest.importorskip("jax")
+jnp = pytest.importorskip("jax.numpy")
+optax = pytest.importorskip("optax")
+from hypothesis import given, settings  # noqa: E402
+from hypothesis import strategies as st  # noqa: E402
+
+import simcore  # noqa: E402
+from simcore import reference  # noqa: E402
+from simcore.adapters import jax as sj  # noqa: E402
+from simcore.testing import assert_close, get_backend, strategies  # noqa: E402
+
+JAX = get_backend("jax")
+EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
+
+
+def _f32(x):
+    return jnp.asarray(np.asarray(x), dtype=jnp.float32)
+
+
+# -- the custom_vjp loss -------------------------------------------------------------------
+
+
+def _grad_atol(w, neuron_axis):
+    # The gradient scales like 1/||w_i||: float32 rounding noise does too.
+    rows = np.moveaxis(np.asarray(w, np.float64), neuron_axis, 0).reshape(w.shape[neuron_axis], -1)
+    norms = np.linalg.norm(rows, axis=1)
+    return 1e-5 / max(min(norms[norms > 0], default=1.0), 1e-3)
+
+
+@settings(max_examples=10)
+@given(strategies.weights(layouts=("dense", "dense_io", "hwio", "oihw"), zero_rows=True))
+def test_value_and_grad_match_reference(draw):
+    w = _f32(draw.w)
+    value, grad = jax.value_and_grad(
+        lambda x: sj.similarity_loss(x, neuron_axis=draw.neuron_axis)
+    )(w)
+    want_value, want_grad = reference.similarity_loss_and_grad(
+        np.asarray(w, np.float64), neuron_axis=draw.neuron_axis
+    )
+    assert_close(value, np.asarray(want_value), backend=JAX, dtype="float32")
+    atol = _grad_atol(w, draw.neuron_axis)
+    assert_close(grad, want_grad, backend=JAX, dtype="float32", atol=atol)
+
+
+def test_grad_is_the_core_gradient_scaled_by_the_cotangent():
+    w = _f32(np.random.default_rng(0).standard_normal((6, 5)))
+    _, core_grad = simcore.similarity_loss_and_grad(w)
+    grad = jax.grad(lambda x: 3.0 * sj.similarity_loss(x))(w)
+    np.testing.assert_allclose(np.asarray(grad), 3.0 * np.asarray(core_grad), rtol=1e-6)
+
+
+def test_orthonormal_rows_get_an_exactly_zero_gradient_unlike_jnp_abs_autodiff():
+    w = jnp.eye(4, 6, dtype=jnp.float32)
+    ours = jax.grad(sj.similarity_loss)(w)
+    assert np.all(np.asarray(ours) == 0.0)
+
+    # Why the wrapper exists: JAX gives |x| slope +1 at 0, so the textbook
+    # jnp.abs formulation of Eq. 2 pushes orthonormal rows off their optimum.
+    def abs_loss(x):
+        u = x / jnp.linalg.norm(x, axis=1, keepdims=True)
+        c = jnp.abs(u @ u.T)
+        n = x.shape[0]
+        return (jnp.sum(c) - jnp.trace(c)) / (n * (n - 1))
+
+    assert float(jnp.abs(jax.grad(abs_loss)(w)).max()) > 0.1
+    # The core writes |C| as sign(C) * C, whose autodiff slope at 0 happens to be 0:
+    # plain jax.grad of the core is right here by implementation detail, not contract.
+    assert np.all(np.asarray(jax.grad(simcore.similarity_loss)(w)) == 0.0)
+
+
+def test_zero_rows_get_zero_gradient_where_plain_autodiff_gives_nan():
+    w = _f32([[1.0, 2.0, 0.0], [0.0, 0.0, 0.0], [2.0, -0.5, 1.0]])
+    ours = np.asarray(jax.grad(sj.similarity_loss)(w))
+    assert np.all(np.isfinite(ours)) and np.all(ours[1] == 0.0)
+    _, want = reference.similarity_loss_and_grad(np.asarray(w, np.float64))
+    np.testing.assert_allclose(ours, want, rtol=1e-5, atol=1e-7)
+    plain = np.asarray(jax.grad(simcore.similarity_loss)(w))
+    assert np.isnan(plain[1]).all()  # d sqrt(0): what the analytic gradient avoids
+
+
+def test_block_path_gives_the_same_value_and_gradient():
+    w = _f32(np.random.default_rng(1).standard_normal((3, 3, 4, 10)))
+    full = jax.value_and_grad(lambda x: sj.similarity_loss(x, neuron_axis=-1))(w)
+    blocked = jax.jit(
+        jax.value_and_grad(lambda x: sj.similarity_loss(x, neuron_axis=-1, block_size=3))
+    )(w)
+    np.testing.assert_allclose(float(blocked[0]), float(full[0]), rtol=1e-6)
+    np.testing.assert_allclose(np.asarray(blocked[1]), np.asarray(full[1]), rtol=1e-5, atol=1e-7)
+
+
+def test_vmap_over_a_stack_of_layers_matches_a_python_loop():
+    stack = _f32(np.random.default_rng(2).standard_normal((5, 3, 3, 2, 7)))
+    stack = stack.at[2, ..., 4].set(0.0)  # a zero neuron in one layer
+
+    def one(w):
+        return sj.similarity_loss(w, neuron_axis=-1)
+
+    values, grads = jax.jit(jax.vmap(jax.value_and_grad(one)))(stack)
+    total_grad = jax.grad(lambda s: jnp.sum(jax.vmap(one)(s)))(stack)
+    for i in range(stack.shape[0]):
+        value, grad = jax.value_and_grad(one)(stack[i])
+        np.testing.assert_allclose(float(values[i]), float(value), rtol=1e-6)
+        np.testing.assert_allclose(np.asarray(grads[i]), np.asarray(grad), rtol=1e-5, atol=1e-7)
+        np.testing.assert_allclose(np.asarray(total_grad[i]), np.asarray(grad), rtol=1e-5, atol=1e-7)
+
+
+def test_similarity_loss_rejects_non_jax_input():
+    with pytest.raises(TypeError, match="w must be a jax.Array"):
+        sj.similarity_loss(np.eye(3))
+
+
+# -- Eq. 5 over layers ---------------------------------------------------------------------
+
+
+@settings(max_examples=5)
+@given(st.sampled_from(["squared_log", "abs_log", "literal"]), st.integers(0, 2**31 - 1))
+def test_growth_objective_matches_reference_and_refs_get_no_gradient(form, seed):
+    rng = np.random.default_rng(seed)
+    weights = [rng.standard_normal((5, 4)) + 0.5, rng.standard_normal((3, 3, 2, 6)) + 0.5]
+    refs = [w * rng.uniform(0.7, 1.3) for w in weights]
+    axes = [0, -1]
+    ws, rs = [_f32(w) for w in weights], [_f32(r) for r in refs]
+
+    def objective(ws, rs):
+        return sj.growth_objective(ws, rs, lam=0.3, form=form, neuron_axis=axes)
+
+    value, (grads, ref_grads) = jax.jit(jax.value_and_grad(objective, argnums=(0, 1)))(ws, rs)
+    f64 = [np.asarray(x, np.float64) for x in ws], [np.asarray(x, np.float64) for x in rs]
+    want_value, want_grads = reference.growth_objective_and_grad(
+        *f64, lam=0.3, form=form, neuron_axis=axes
+    )
+    assert_close(value, np.asarray(want_value), backend=JAX, dtype="float32")
+    for grad, want in zip(grads, want_grads, strict=True):
+        assert_close(grad, want, backend=JAX, dtype="float32")
+    assert all(np.all(np.asarray(g) == 0.0) for g in ref_grads)
+
+
+def test_growth_objective_without_refs_is_the_sum_of_similarity_losses():
+    ws = [_f32(np.random.default_rng(3).standard_normal((4, 6))), jnp.eye(3)]
+    value, grads = jax.value_and_grad(sj.growth_objective)(ws)
+    np.testing.assert_allclose(
+        float(value), float(sj.similarity_loss(ws[0]) + sj.similarity_loss(ws[1])), rtol=1e-6
+    )
+    np.testing.assert_allclose(np.asarray(grads[0]), np.asarray(jax.grad(sj.similarity_loss)(ws[0])))
+
+
+def test_growth_objective_argument_errors():
+    with pytest.raises(TypeError, match="weights must be a sequence"):
+        sj.growth_objective(jnp.eye(3))
+    with pytest.raises(TypeError, match=r"weights\[1\] must be a jax.Array"):
+        sj.growth_objective([jnp.eye(3), np.eye(3)])
+    with pytest.raises(ValueError, match="refs is None"):
+        sj.growth_objective([jnp.eye(3)], lam=0.5)
+
+
+# -- kernels in Flax and Equinox trees -----------------------------------------------------
+
+
+def test_find_kernels_in_linen_params():
+    nn = pytest.importorskip("flax.linen")
+
+    class Net(nn.Module):
+        @nn.compact
+        def __call__(self, x):
+            x = nn.Conv(8, (3, 3))(x)
+            x = nn.BatchNorm(use_running_average=True)(x)
+            x = nn.Conv(8, (3, 3), feature_group_count=8)(x)
+            x = nn.LayerNorm()(x)
+            return nn.Dense(3)(x.reshape((x.shape[0], -1)))
+
+    variables = Net().init(jax.random.key(0), jnp.zeros((1, 4, 4, 2)))
+    params = variables["params"]
+    assert sj.find_kernels(params) == {"Conv_0/kernel": -1, "Conv_1/kernel": -1, "Dense_0/kernel": -1}
+    assert sj.find_kernels(params, depthwise="exclude") == {"Conv_0/kernel": -1, "Dense_0/kernel": -1}
+    assert sj.find_kernels(params, depthwise="only") == {"Conv_1/kernel": -1}
+    assert list(sj.find_kernels(variables)) == [
+        "params/Conv_0/kernel", "params/Conv_1/kernel", "params/Dense_0/kernel"
+    ]
+
+
+def test_find_kernels_in_nnx_modules_and_states():
+    nnx = pytest.importorskip("flax.nnx")
+
+    class Net(nnx.Module):
+        def __init__(self, rngs):
+            self.conv = nnx.Conv(3, 8, (3, 3), rngs=rngs)
+            self.depthwise = nnx.Conv(8, 8, (3, 3), feature_group_count=8, rngs=rngs)
+            self.norm = nnx.BatchNorm(8, rngs=rngs)
+            self.head = nnx.Linear(8, 4, rngs=rngs)
+
+    model = Net(nnx.Rngs(0))
+    kernels = sj.find_kernels(model)
+    assert kernels == {"conv/kernel": -1, "depthwise/kernel": -1, "head/kernel": -1}
+    assert sj.find_kernels(model, depthwise="exclude") == {"conv/kernel": -1, "head/kernel": -1}
+    _, state = nnx.split(model, nnx.Param, ...)[:2]
+    # The names match those of the split state's leaves, so they select there.
+    names = sj.named_leaves(state)
+    assert set(kernels) <= set(names)
+    assert names["head/kernel"].shape == (8, 4)
+    assert sj.find_kernels(state, layout="nnx") == kernels
+
+
+def test_find_kernels_in_equinox_modules():
+    eqx = pytest.importorskip("equinox")
+    keys = jax.random.split(jax.random.key(0), 4)
+    model = [
+        eqx.nn.Conv2d(3, 6, 3, key=keys[0]),
+        eqx.nn.Conv2d(6, 6, 3, groups=6, key=keys[1]),
+        eqx.nn.LayerNorm(6),
+        eqx.nn.Linear(6, 2, key=keys[2]),
+    ]
+    model = eqx.nn.Sequential(model)
+    kernels = sj.find_kernels(model)
+    assert kernels == {"layers/0/weight": 0, "layers/1/weight": 0, "layers/3/weight": 0}
+    assert sj.find_kernels(model, depthwise="exclude") == {"layers/0/weight": 0, "layers/3/weight": 0}
+    names = sj.named_leaves(eqx.filter(model, eqx.is_array))
+    assert names["layers/0/weight"].shape == (6, 3, 3, 3)  # OIHW: neurons on axis 0
+
+
+def test_find_kernels_argument_errors():
+    with pytest.raises(ValueError, match="unknown layout"):
+        sj.find_kernels({}, layout="keras")
+    with pytest.raises(ValueError, match="unknown depthwise"):
+        sj.find_kernels({}, depthwise="maybe")
+    with pytest.raises(TypeError, match="cannot tell the layout"):
+        sj.find_kernels([jnp.zeros((2, 2))])
+
+
+# -- penalty over a pytree -----------------------------------------------------------------
+
+
+def _params(seed=0):
+    rng = np.random.default_rng(seed)
+    return {
+        "conv": {"kernel": _f32(rng.standard_normal((3, 3, 2, 5))), "bias": _f32(rng.standard_normal(5))},
+        "dense": {"kernel": _f32(rng.standard_normal((5, 4))), "bias": _f32(rng.standard_normal(4))},
+        "norm": {"scale": jnp.ones(5)},
+    }
+
+
+def test_penalty_over_a_pytree_equals_the_objective_of_its_kernels():
+    params = _params()
+    refs = jax.tree_util.tree_map(lambda x: 1.2 * x, params)
+    kernels = [params["conv"]["kernel"], params["dense"]["kernel"]]
+    ref_kernels = [refs["conv"]["kernel"], refs["dense"]["kernel"]]
+    want = sj.growth_objective(kernels, ref_kernels, lam=0.5, neuron_axis=-1)
+    got, grads = jax.value_and_grad(
+        lambda p: sj.penalty(p, neuron_axis=sj.find_kernels(p), refs=refs, lam=0.5)
+    )(params)
+    np.testing.assert_allclose(float(got), float(want), rtol=1e-6)
+    _, want_grads = simcore.growth_objective_and_grad(kernels, ref_kernels, lam=0.5, neuron_axis=-1)
+    np.testing.assert_allclose(np.asarray(grads["dense"]["kernel"]), np.asarray(want_grads[1]), rtol=1e-5)
+    assert np.all(np.asarray(grads["conv"]["bias"]) == 0.0)
+    assert np.all(np.asarray(grads["norm"]["scale"]) == 0.0)
+    # An int axis selects every leaf with >= 2 dims (the two kernels here).
+    np.testing.assert_allclose(float(sj.penalty(params, refs=refs, lam=0.5)), float(want), rtol=1e-6)
+
+
+def test_penalty_mask_as_tree_and_callable():
+    params = _params()
+    only_dense = {
+        "conv": {"kernel": False, "bias": False},
+        "dense": {"kernel": True, "bias": False},
+        "norm": {"scale": False},
+    }
+    want = float(sj.similarity_loss(params["dense"]["kernel"], neuron_axis=-1))
+    assert float(sj.penalty(params, mask=only_dense)) == pytest.approx(want, rel=1e-6)
+    assert float(sj.penalty(params, mask=lambda p: only_dense)) == pytest.approx(want, rel=1e-6)
+    with pytest.raises(ValueError, match="structure of params"):
+        sj.penalty(params, mask={"conv": True})
+    with pytest.raises(ValueError, match="does not have"):
+        sj.penalty(params, neuron_axis={"nope/kernel": -1})
+    with pytest.raises(ValueError, match="no parameter is selected"):
+        sj.penalty(params, mask=jax.tree_util.tree_map(lambda _: False, params))
+    with pytest.raises(TypeError, match="neuron_axis must be"):
+        sj.penalty(params, neuron_axis="last")
+
+
+# -- the optax transform -------------------------------------------------------------------
+
+
+def test_add_similarity_gradient_adds_strength_times_the_core_gradient():
+    params = _params()
+    kernels = sj.find_kernels(params)
+    grads = jax.tree_util.tree_map(jnp.ones_like, params)
+    tx = sj.add_similarity_gradient(0.25, neuron_axis=kernels)
+    updates, state = jax.jit(tx.update)(grads, tx.init(params), params)
+    _, core = simcore.growth_objective_and_grad(
+        [params["conv"]["kernel"], params["dense"]["kernel"]], None, lam=0.0, neuron_axis=-1
+    )
+    np.testing.assert_allclose(np.asarray(updates["conv"]["kernel"]), 1.0 + 0.25 * np.asarray(core[0]), rtol=1e-6)
+    np.testing.assert_allclose(np.asarray(updates["dense"]["kernel"]), 1.0 + 0.25 * np.asarray(core[1]), rtol=1e-6)
+    assert np.all(np.asarray(updates["conv"]["bias"]) == 1.0)
+    assert int(state.count) == 1 and state.refs == {}
+
+
+def test_add_similarity_gradient_in_a_chain_equals_sgd_on_task_plus_penalty():
+    params = _params(4)
+    kernels = sj.find_kernels(params)
+    strength, lr = 0.5, 0.1
+
+    def task(p):
+        return sum(jnp.sum(jnp.sin(x)) for x in jax.tree_util.tree_leaves(p))
+
+    tx = optax.chain(sj.add_similarity_gradient(strength, neuron_axis=kernels), optax.sgd(lr))
+    state = tx.init(params)
+    updates, state = tx.update(jax.grad(task)(params), state, params)
+    stepped = optax.apply_updates(params, updates)
+    full = jax.grad(lambda p: task(p) + strength * sj.penalty(p, neuron_axis=kernels))(params)
+    want = jax.tree_util.tree_map(lambda p, g: p - lr * g, params, full)
+    for got, exp in zip(jax.tree_util.tree_leaves(stepped), jax.tree_util.tree_leaves(want), strict=True):
+        np.testing.assert_allclose(np.asarray(got), np.asarray(exp), rtol=1e-5, atol=1e-6)
+
+
+def test_strength_schedule_reads_the_step_count():
+    params = {"kernel": _f32([[1.0, 1.0], [1.0, 0.0]])}
+    zeros = {"kernel": jnp.zeros((2, 2))}
+    tx = sj.add_similarity_gradient(optax.linear_schedule(0.0, 2.0, 2))
+    state = tx.init(params)
+    first, state = tx.update(zeros, state, params)
+    second, state = tx.update(zeros, state, params)
+    assert np.all(np.asarray(first["kernel"]) == 0.0)  # strength 0 at step 0
+    _, core = simcore.similarity_loss_and_grad(params["kernel"], neuron_axis=-1)
+    np.testing.assert_allclose(np.asarray(second["kernel"]), 1.0 * np.asarray(core), rtol=1e-6)
+    assert int(state.count) == 2
+
+
+def test_refs_snapshot_and_previous():
+    params = {"kernel": _f32(np.random.default_rng(5).standard_normal((4, 3)))}
+    moved = {"kernel": 1.5 * params["kernel"]}
+    zeros = {"kernel": jnp.zeros((4, 3))}
+
+    snap = sj.add_similarity_gradient(1.0, lam=2.0, refs="snapshot")
+    state = snap.init(params)
+    assert state.refs["kernel"] is params["kernel"]
+    updates, state = snap.update(zeros, state, moved)
+    _, core = simcore.growth_objective_and_grad(
+        [moved["kernel"]], [params["kernel"]], lam=2.0, neuron_axis=-1
+    )
+    np.testing.assert_allclose(np.asarray(updates["kernel"]), np.asarray(core[0]), rtol=1e-6)
+    assert state.refs["kernel"] is params["kernel"]  # the snapshot stays
+
+    prev = sj.add_similarity_gradient(1.0, lam=2.0, refs="previous")
+    state = prev.init(params)
+    _, state = prev.update(zeros, state, moved)
+    assert state.refs["kernel"] is moved["kernel"]  # the next step compares with this one
+
+
+def test_add_similarity_gradient_errors():
+    tx = sj.add_similarity_gradient(1.0)
+    params = {"kernel": jnp.eye(2)}
+    with pytest.raises(ValueError, match="needs params"):
+        tx.update(params, tx.init(params))
+    with pytest.raises(ValueError, match="unknown refs"):
+        sj.add_similarity_gradient(1.0, refs="initial")
+
+
+# -- examples ------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("name", ["flax_penalty.py", "equinox_penalty.py"])
+def test_examples_train_and_lower_the_penalty(name):
+    module = runpy.run_path(str(EXAMPLES / name), run_name="example")
+    history = module["main"](steps=12)
+    assert len(history) == 12
+    assert history[-1]["penalty"] < history[0]["penalty"]
+    assert all(np.isfinite(h["loss"]) for h in history)
