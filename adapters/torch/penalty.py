@@ -1,0 +1,376 @@
+"""The similarity loss (Eq. 2) and the growth objective (Eq. 5) as PyTorch autograd functions.
+
+The core computes each value together with its analytic gradient in one pass
+(one extra GEMM on top of the Gram matrix); the autograd functions here save
+that gradient in ``forward`` and scale it in ``backward``. So PyTorch gets the
+library's conventions (``sign(0) = 0``, zero rows get zero gradient, fp32
+reductions for half inputs) rather than its own autograd's, and is faster than
+autograd through the formula (see ``benchmarks/bench_torch_step.py``).
+
+Autocast: the functions switch autocast off inside and hand the core the
+weights in their own dtype, so an fp32 parameter is reduced in fp32 even under
+``torch.autocast``; a float16/bfloat16 parameter is computed in fp32 by the core
+and its loss and gradient are returned in the parameter's dtype.
+
+``torch.compile``: the core's array-API code is not traced (it runs eagerly,
+behind a graph break, inside the compiled step); values and gradients agree
+with eager execution (tested).
+
+>>> import torch
+>>> from simcore.adapters.torch import similarity_loss
+>>> w = torch.tensor([[1.0, 0.0], [1.0, 1.0]], requires_grad=True)
+>>> loss = similarity_loss(w)
+>>> round(loss.item(), 4)
+0.7071
+>>> loss.backward()
+>>> w.grad.shape
+torch.Size([2, 2])
+"""
+
+from __future__ import annotations
+
+import contextlib
+import operator
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import torch
+from torch import nn
+
+import simcore
+
+__all__ = [
+    "GrowthObjectiveFunction",
+    "SimilarityLossFunction",
+    "SimilarityPenalty",
+    "growth_objective",
+    "similarity_loss",
+]
+
+
+def _check_tensor(x: Any, name: str) -> torch.Tensor:
+    if not isinstance(x, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(x).__name__}")
+    return x
+
+
+def _eager(fn: Callable) -> Callable:
+    """Run ``fn`` outside dynamo's tracing and with autocast switched off.
+
+    The core is plain array-API code with Python-level validation; tracing it
+    buys nothing (it is a handful of GEMMs) and autocast would run its
+    reductions in half precision.
+    """
+
+    def run(*args, **kwargs):
+        with contextlib.ExitStack() as stack:
+            for device_type in _AUTOCAST_DEVICES:
+                stack.enter_context(torch.autocast(device_type, enabled=False))
+            return fn(*args, **kwargs)
+
+    return torch._dynamo.disable(run)
+
+
+_AUTOCAST_DEVICES = ("cpu", "cuda") if torch.cuda.is_available() else ("cpu",)
+
+
+@_eager
+def _core_similarity(w, neuron_axis, block_size, zero_tol, with_grad):
+    if with_grad:
+        return simcore.similarity_loss_and_grad(
+            w, neuron_axis=neuron_axis, block_size=block_size, zero_tol=zero_tol
+        )
+    value = simcore.similarity_loss(
+        w, neuron_axis=neuron_axis, block_size=block_size, zero_tol=zero_tol
+    )
+    return value, None
+
+
+@_eager
+def _core_objective(weights, refs, options, with_grad):
+    if with_grad:
+        return simcore.growth_objective_and_grad(weights, refs, **options)
+    return simcore.growth_objective(weights, refs, **options), None
+
+
+class SimilarityLossFunction(torch.autograd.Function):
+    """Eq. 2 with the core's analytic gradient: ``apply(w, neuron_axis, block_size, zero_tol)``.
+
+    ``forward`` computes the value and ``dmu/dw`` once (the gradient only when
+    ``w`` needs one) and saves the gradient; ``backward`` returns
+    ``grad_output * dmu/dw`` in ``w``'s dtype. Prefer :func:`similarity_loss`.
+    """
+
+    @staticmethod
+    def forward(ctx, w, neuron_axis, block_size, zero_tol):
+        detached = w.detach()
+        value, grad = _core_similarity(
+            detached, neuron_axis, block_size, zero_tol, ctx.needs_input_grad[0]
+        )
+        if grad is not None:
+            ctx.save_for_backward(grad)
+        return value
+
+    @staticmethod
+    def backward(ctx, grad_output):
+        (grad,) = ctx.saved_tensors
+        return (grad_output * grad).to(grad.dtype), None, None, None
+
+
+def similarity_loss(
+    w: torch.Tensor,
+    *,
+    neuron_axis: int = 0,
+    block_size: int | None = None,
+    zero_tol: float | None = None,
+) -> torch.Tensor:
+    """Eq. 2, the mean |cosine| between the neurons of ``w``, with the core's gradient.
+
+    Same arguments as :func:`simcore.similarity_loss`; returns a 0-d tensor of
+    ``w``'s dtype and device.
+    """
+    _check_tensor(w, "w")
+    return SimilarityLossFunction.apply(w, neuron_axis, block_size, zero_tol)
+
+
+class GrowthObjectiveFunction(torch.autograd.Function):
+    """Eq. 5 over layers with the core's gradient: ``apply(options, count, *weights, *refs)``.
+
+    ``options`` is the keyword dictionary of :func:`simcore.growth_objective`;
+    refs get no gradient. Prefer :func:`growth_objective`.
+    """
+
+    @staticmethod
+    def forward(ctx, options, count, *tensors):
+        weights = [t.detach() for t in tensors[:count]]
+        refs = [t.detach() for t in tensors[count:]] or None
+        with_grad = any(ctx.needs_input_grad[2 : 2 + count])
+        value, grads = _core_objective(weights, refs, options, with_grad)
+        ctx.count, ctx.ref_count = count, len(tensors) - count
+        if grads is not None:
+            ctx.save_for_backward(*grads)
+        return value
+
+    @staticmethod
+    def backward(ctx, grad_output):
+        grads = [(grad_output * g).to(g.dtype) for g in ctx.saved_tensors]
+        return (None, None, *grads, *([None] * ctx.ref_count))
+
+
+def growth_objective(
+    weights: Sequence[torch.Tensor],
+    refs: Sequence[torch.Tensor] | None,
+    *,
+    lam: float,
+    form: str = "squared_log",
+    statistic: str = "rms",
+    neuron_axis: int | Sequence[int] = 0,
+    block_size: int | None = None,
+    zero_tol: float | None = None,
+) -> torch.Tensor:
+    """Eq. 5 summed over layers, differentiable in ``weights`` (``refs`` get no gradient).
+
+    Same arguments as :func:`simcore.growth_objective`.
+
+    >>> import torch
+    >>> from simcore.adapters.torch import growth_objective
+    >>> w = torch.eye(3, requires_grad=True)
+    >>> value = growth_objective([w], [2 * torch.eye(3)], lam=1.0)
+    >>> round(value.item(), 4)  # (log 1/2)^2: the similarity term is 0
+    0.4805
+    >>> value.backward(); w.grad.shape
+    torch.Size([3, 3])
+    """
+    if isinstance(weights, torch.Tensor):
+        raise TypeError("weights must be a sequence of tensors (one per layer), got a tensor")
+    weights = [_check_tensor(w, f"weights[{i}]") for i, w in enumerate(weights)]
+    if not weights:
+        raise ValueError("weights must hold at least one layer")
+    if refs is None:
+        refs = []
+    elif isinstance(refs, torch.Tensor):
+        raise TypeError("refs must be a sequence of tensors or None, got a tensor")
+    refs = [_check_tensor(r, f"refs[{i}]") for i, r in enumerate(refs)]
+    if refs and len(refs) != len(weights):
+        raise ValueError(f"refs has {len(refs)} layers but weights has {len(weights)}")
+    if isinstance(neuron_axis, Sequence):
+        neuron_axis = tuple(neuron_axis)
+    options = {"lam": float(lam), "form": form, "statistic": statistic,
+               "neuron_axis": neuron_axis, "block_size": block_size, "zero_tol": zero_tol}
+    return GrowthObjectiveFunction.apply(options, len(weights), *weights, *refs)
+
+
+_LAYER_TYPES = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear)
+
+
+def _is_depthwise(module: nn.Module) -> bool:
+    return (isinstance(module, (nn.Conv1d, nn.Conv2d, nn.Conv3d))
+            and module.groups > 1 and module.groups == module.in_channels)
+
+
+class SimilarityPenalty:
+    """Eq. 5 over chosen layers of a model, as a term to add to the task loss.
+
+    Chooses the weights (never biases) of the model's ``Conv1d/2d/3d`` and
+    ``Linear`` layers (neurons on axis 0, PyTorch's layout):
+
+    * ``layers=None``: all of them; depthwise convs (``groups == in_channels > 1``,
+      whose ``d = kh*kw`` rows cannot be decorrelated far, DESIGN.md section 1)
+      only with ``include_depthwise=True``;
+    * ``layers=callable``: those for which ``layers(name, module)`` is true
+      (after the depthwise rule);
+    * ``layers=[names]``: exactly the named modules (naming a depthwise conv
+      needs ``include_depthwise=True``).
+
+    Layers are looked up by name at every use, so growth that replaces a
+    module's parameters (or the module itself) is picked up.
+
+    ``W_prev`` of Eq. 4 (``lam * weight_sum_penalty``) is a stored copy of the
+    weights: taken at construction and by :meth:`snapshot`, which a grower calls
+    right after each growth (the post-growth reading). ``anchor`` names the
+    reading of DESIGN.md section 1:
+
+    * ``"snapshot"``: every call measures against the last :meth:`snapshot`;
+    * ``"previous"``: after every call (and after :meth:`decorrelate`) the
+      stored copy is replaced by the weights that call saw, so the next call,
+      one optimizer step later, measures against the previous step's weights.
+
+    A call returns ``strength * Eq. 5`` as a 0-d tensor with the core's gradient.
+
+    >>> import torch
+    >>> from simcore.adapters.torch import SimilarityPenalty, vgg16
+    >>> model = vgg16()
+    >>> penalty = SimilarityPenalty(model, lam=0.1)
+    >>> len(penalty.layer_names)  # 13 convs and the classifier
+    14
+    >>> term = penalty()
+    >>> term.backward()  # fills .grad of the chosen weights only
+    >>> model.classifier.bias.grad is None
+    True
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        *,
+        layers: None | Callable[[str, nn.Module], bool] | Sequence[str] = None,
+        lam: float,
+        form: str = "squared_log",
+        statistic: str = "rms",
+        anchor: str = "snapshot",
+        include_depthwise: bool = False,
+        strength: float = 1.0,
+        block_size: int | None = None,
+        zero_tol: float | None = None,
+    ):
+        if not isinstance(model, nn.Module):
+            raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+        if anchor not in simcore.ANCHORS:
+            raise ValueError(f"unknown anchor {anchor!r}; expected one of {simcore.ANCHORS}")
+        if form not in simcore.FORMS:
+            raise ValueError(f"unknown form {form!r}; expected one of {simcore.FORMS}")
+        if statistic not in simcore.STATISTICS:
+            raise ValueError(
+                f"unknown statistic {statistic!r}; expected one of {simcore.STATISTICS}"
+            )
+        self.model = model
+        self.lam = float(lam)
+        self.strength = float(strength)
+        if not self.strength >= 0.0:
+            raise ValueError(f"strength must be >= 0, got {strength}")
+        self.form, self.statistic, self.anchor = form, statistic, anchor
+        self.block_size, self.zero_tol = block_size, zero_tol
+        self.layer_names = self._choose(layers, bool(include_depthwise))
+        self._refs: list[torch.Tensor] = []
+        self.snapshot()
+
+    def _choose(self, layers, include_depthwise) -> list[str]:
+        modules = dict(self.model.named_modules())
+        if layers is None or callable(layers):
+            chosen = [
+                name for name, m in modules.items()
+                if isinstance(m, _LAYER_TYPES)
+                and (include_depthwise or not _is_depthwise(m))
+                and (layers is None or layers(name, m))
+            ]
+        elif isinstance(layers, Sequence) and not isinstance(layers, str):
+            chosen = []
+            for name in layers:
+                if name not in modules:
+                    raise ValueError(f"layers names {name!r}, which is not a module of the model")
+                module = modules[name]
+                if not isinstance(module, _LAYER_TYPES):
+                    raise ValueError(
+                        f"layers names {name!r}, a {type(module).__name__}; expected a conv or "
+                        f"linear layer"
+                    )
+                if _is_depthwise(module) and not include_depthwise:
+                    raise ValueError(
+                        f"layers names {name!r}, a depthwise conv; pass include_depthwise=True"
+                    )
+                chosen.append(name)
+        else:
+            raise TypeError(
+                f"layers must be None, a callable or a list of module names, "
+                f"got {type(layers).__name__}"
+            )
+        if not chosen:
+            raise ValueError("no conv or linear layer of the model was chosen")
+        return chosen
+
+    def weights(self) -> list[torch.Tensor]:
+        """The chosen layers' current weight parameters, in ``layer_names`` order."""
+        return [self.model.get_submodule(name).weight for name in self.layer_names]
+
+    def snapshot(self) -> None:
+        """Store the current weights as ``W_prev`` (call right after a growth)."""
+        self._refs = [w.detach().clone() for w in self.weights()]
+
+    def _checked_refs(self, weights) -> list[torch.Tensor]:
+        for name, w, ref in zip(self.layer_names, weights, self._refs, strict=True):
+            if ref.shape != w.shape:
+                raise ValueError(
+                    f"layer {name!r} has shape {tuple(w.shape)} but its snapshot has "
+                    f"{tuple(ref.shape)}: call snapshot() after growing the model"
+                )
+        return self._refs
+
+    def __call__(self) -> torch.Tensor:
+        weights = self.weights()
+        refs = self._checked_refs(weights) if self.lam != 0.0 else None
+        value = growth_objective(
+            weights, refs, lam=self.lam, form=self.form, statistic=self.statistic,
+            block_size=self.block_size, zero_tol=self.zero_tol,
+        )
+        if self.anchor == "previous":
+            self._refs = [w.detach().clone() for w in weights]
+        return value * self.strength if self.strength != 1.0 else value
+
+    @torch.no_grad()
+    def decorrelate(self, steps: int, lr: float) -> None:
+        """The weight-only reading: ``steps`` gradient steps on ``strength * Eq. 5``, in place.
+
+        Uses :func:`simcore.decorrelate` (the core's gradient) on the chosen
+        weights with the stored snapshot as ``W_prev`` and this penalty's
+        ``anchor``; the parameters keep their identity (optimizers still hold
+        them) and only their values change.
+        """
+        try:
+            steps = operator.index(steps)
+        except TypeError:
+            raise TypeError(f"steps must be an int, got {type(steps).__name__}") from None
+        if steps < 0:
+            raise ValueError(f"steps must be >= 0, got {steps}")
+        weights = self.weights()
+        refs = self._checked_refs(weights)
+        if steps == 0 or self.strength == 0.0:
+            return
+        new = _eager(simcore.decorrelate)(
+            [w.detach() for w in weights], refs, steps=steps, lr=float(lr) * self.strength,
+            lam=self.lam, anchor=self.anchor, form=self.form, statistic=self.statistic,
+            block_size=self.block_size, zero_tol=self.zero_tol,
+        )
+        for w, value in zip(weights, new, strict=True):
+            w.copy_(value)
+        if self.anchor == "previous":
+            self._refs = [w.detach().clone() for w in weights]
