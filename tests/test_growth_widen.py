@@ -1,0 +1,411 @@
+"""Widening operators: function preservation on small networks, agreement with the loop oracle.
+
+Every operator runs on every backend (``backend`` fixture, ``jax_jit`` included) on every growable
+producer of tests/growth_nets.py; logits before and after growth are compared in float64 on the
+fixed batch, in eval mode.
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+import growth_nets  # noqa: E402
+
+from simcore.growth import (  # noqa: E402
+    BatchNorm,
+    ChannelFlow,
+    ChannelMap,
+    Consumer,
+    add_neurons,
+    replicate_neurons,
+    split_neurons,
+)
+from simcore.reference import growth as ref  # noqa: E402
+from simcore.testing import assert_close  # noqa: E402
+
+CASES = growth_nets.cases()
+CASE_IDS = [f"{name}-{i}" for name, i in CASES]
+
+
+# Wrappers returning only the params dict, so that jax_jit can compile them (keywords are static).
+def _add(params, *, flow, count, **kwargs):
+    return add_neurons(params, flow, count, **kwargs)[0]
+
+
+def _replicate(params, *, flow, parents):
+    return replicate_neurons(params, flow, parents)[0]
+
+
+def _split(params, directions, *, flow, parents, eps):
+    return split_neurons(params, flow, parents, directions, eps=eps)[0]
+
+
+def _setup(backend, name, index):
+    net = growth_nets.build(name)
+    flow = net.flows[index]
+    params = growth_nets.on_backend(backend, net.params)
+    n = flow.channels(net.params)
+    return net, flow, params, n
+
+
+def _logits(backend, net, params):
+    x = backend.asarray(net.inputs, "float64")
+    return np.asarray(backend.to_numpy(net.forward(backend.xp, params, x)), dtype=np.float64)
+
+
+def _row_width(net, flow):
+    w = net.params[flow.producer]
+    return w.size // w.shape[flow.out_axis]
+
+
+def _directions(net, flow, count, seed=1):
+    return np.random.default_rng(seed).normal(size=(count, _row_width(net, flow)))
+
+
+# --- function preservation ---------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(("name", "index"), CASES, ids=CASE_IDS)
+def test_add_with_zero_outgoing_keeps_the_function_exactly(backend, name, index):
+    net, flow, params, n = _setup(backend, name, index)
+    before = _logits(backend, net, params)
+    grown = backend.run(_add, params, flow=flow, count=3, rng=7)
+    assert flow.channels(grown) == n + 3
+    after = _logits(backend, net, grown)
+    np.testing.assert_allclose(after, before, rtol=0, atol=1e-12)
+
+
+@pytest.mark.parametrize(("name", "index"), CASES, ids=CASE_IDS)
+def test_add_with_small_outgoing_changes_the_function_by_order_scale(backend, name, index):
+    net, flow, params, n = _setup(backend, name, index)
+    before = _logits(backend, net, params)
+    changes = []
+    for scale in (1e-2, 5e-3):
+        grown = backend.run(_add, params, flow=flow, count=3, rng=7, outgoing="small", outgoing_scale=scale)
+        changes.append(np.max(np.abs(_logits(backend, net, grown) - before)))
+    assert 0 < changes[0] < 10 * 1e-2
+    # same seed, columns proportional to the scale: the change is linear in it to first order
+    assert 1.8 < changes[0] / changes[1] < 2.2
+
+
+@pytest.mark.parametrize(("name", "index"), CASES, ids=CASE_IDS)
+def test_replicate_keeps_the_function_exactly_with_repeated_parents(backend, name, index):
+    net, flow, params, n = _setup(backend, name, index)
+    before = _logits(backend, net, params)
+    parents = (0, n - 1, 0, 0)  # channel 0 ends up carried by four channels
+    grown = backend.run(_replicate, params, flow=flow, parents=parents)
+    assert flow.channels(grown) == n + 4
+    np.testing.assert_allclose(_logits(backend, net, grown), before, rtol=0, atol=1e-12)
+
+
+@pytest.mark.parametrize(("name", "index"), CASES, ids=CASE_IDS)
+def test_split_keeps_the_function_to_second_order_in_eps(backend, name, index):
+    net, flow, params, n = _setup(backend, name, index)
+    before = _logits(backend, net, params)
+    directions = backend.asarray(_directions(net, flow, 2), "float64")
+    parents = (n - 1, 0)
+    errors = []
+    for eps in (1e-2, 5e-3):
+        grown = backend.run(_split, params, directions, flow=flow, parents=parents, eps=eps)
+        errors.append(np.max(np.abs(_logits(backend, net, grown) - before)))
+    assert errors[0] > 1e-9  # the split really moved the neurons
+    assert 3.5 < errors[0] / errors[1] < 4.5  # halving eps divides the error by ~4: O(eps^2)
+    exact = backend.run(_split, params, directions, flow=flow, parents=parents, eps=0.0)
+    np.testing.assert_allclose(_logits(backend, net, exact), before, rtol=0, atol=1e-12)
+
+
+# --- agreement with the loop oracle ------------------------------------------------------------
+
+
+def _assert_params_match(backend, grown, expected, dtype="float64"):
+    assert set(grown) == set(expected)
+    for key, value in expected.items():
+        assert_close(grown[key], value, backend=backend, dtype=dtype, err_msg=key)
+
+
+@pytest.mark.parametrize(("name", "index"), CASES, ids=CASE_IDS)
+def test_replicate_matches_reference(backend, name, index):
+    net, flow, params, n = _setup(backend, name, index)
+    parents = (1, 1, 0, n - 1)
+    grown = backend.run(_replicate, params, flow=flow, parents=parents)
+    _assert_params_match(backend, grown, ref.replicate_neurons(net.params, flow, list(parents)))
+
+
+@pytest.mark.parametrize(("name", "index"), CASES, ids=CASE_IDS)
+def test_split_matches_reference(backend, name, index):
+    net, flow, params, n = _setup(backend, name, index)
+    directions = _directions(net, flow, 2, seed=3)
+    parents = (n - 1, 1)
+    grown = backend.run(
+        _split, params, backend.asarray(directions, "float64"), flow=flow, parents=parents, eps=0.05
+    )
+    expected = ref.split_neurons(net.params, flow, list(parents), directions, 0.05)
+    _assert_params_match(backend, grown, expected)
+
+
+@pytest.mark.parametrize(("name", "index"), CASES, ids=CASE_IDS)
+@pytest.mark.parametrize("outgoing", ["zero", "small"])
+def test_add_matches_reference_given_the_fresh_blocks(backend, name, index, outgoing):
+    net, flow, params, n = _setup(backend, name, index)
+    k = 3
+    grown = growth_nets.to_host(
+        backend, backend.run(_add, params, flow=flow, count=k, rng=11, outgoing=outgoing)
+    )
+    # Take the random blocks (producer rows, depthwise filters, consumer columns) from the core's
+    # result with the oracle's own indexing; the oracle rebuilds everything else.
+    fresh = {}
+    for entry_name, role, axis, spatial, last in ref.flow_entries(flow):
+        if role in ("producer", "depthwise", "consumer"):
+            fresh[entry_name] = [
+                ref.channel_block(grown[entry_name], axis, c, spatial, last) for c in range(n, n + k)
+            ]
+    expected = ref.add_neurons(net.params, flow, fresh)
+    for key, value in expected.items():
+        np.testing.assert_allclose(grown[key], value, rtol=1e-12, atol=1e-12, err_msg=key)
+    for entry_name, role, *_ in ref.flow_entries(flow):
+        blocks = fresh.get(entry_name, [])
+        if role in ("producer", "depthwise"):
+            assert all(np.linalg.norm(b) > 0 for b in blocks), f"{entry_name}: a fresh block is zero"
+        if role == "consumer":
+            norms = [np.max(np.abs(b)) for b in blocks]
+            if outgoing == "zero":
+                assert max(norms) == 0.0
+            else:
+                assert 0 < max(norms) <= 0.01
+
+
+def test_depthwise_filters_and_their_norm_are_duplicated_not_halved():
+    net = growth_nets.build("mobile_block")
+    flow = net.flows[0]
+    grown, cmap = replicate_neurons(net.params, flow, [2])
+    assert cmap.sources == (0, 1, 2, 3, 4, 5, 2)
+    for key in ("dw.weight", "dw.bias", "bn_dw.weight", "bn_dw.bias", "bn_dw.mean", "bn_dw.var"):
+        np.testing.assert_array_equal(grown[key][6], net.params[key][2])
+        np.testing.assert_array_equal(grown[key][:6], net.params[key])
+    # halving happens in the consumer only
+    np.testing.assert_allclose(grown["pw2.weight"][:, 6], net.params["pw2.weight"][:, 2] / 2)
+    np.testing.assert_allclose(grown["pw2.weight"][:, 2], net.params["pw2.weight"][:, 2] / 2)
+    assert grown["dw.weight"].shape == (7, 1, 3, 3)  # groups = 7 channels for the adapter
+
+
+def test_flatten_consumer_moves_all_spatial_columns_of_a_channel():
+    net = growth_nets.build("flatten_head")
+    flow = net.flows[0]
+    grown, _ = replicate_neurons(net.params, flow, [1])
+    fc, old = grown["fc1.weight"], net.params["fc1.weight"]
+    assert fc.shape == (6, 20)
+    np.testing.assert_allclose(fc[:, 16:20], old[:, 4:8] / 2)  # channel 1 owns columns 4..7
+    np.testing.assert_allclose(fc[:, 4:8], old[:, 4:8] / 2)
+    np.testing.assert_array_equal(fc[:, 8:16], old[:, 8:16])
+
+
+# --- initialisation of fresh neurons -----------------------------------------------------------
+
+
+def test_he_rows_have_the_kaiming_standard_deviation():
+    params = {"w": np.ones((2, 50)), "v": np.ones((3, 2))}
+    flow = ChannelFlow("w", consumers=(Consumer("v"),))
+    grown, _ = add_neurons(params, flow, 4000, rng=0)
+    fresh = grown["w"][2:]
+    assert abs(fresh.std() / np.sqrt(2 / 50) - 1) < 0.02
+    assert abs(fresh.mean()) < 0.01
+
+
+def test_match_norm_rows_have_the_mean_norm_of_existing_rows(backend):
+    rng = np.random.default_rng(0)
+    w = rng.normal(size=(5, 4, 3, 3)) * np.arange(1, 6)[:, None, None, None]
+    params = growth_nets.on_backend(backend, {"w": w, "v": rng.normal(size=(2, 5, 1, 1))})
+    flow = ChannelFlow("w", consumers=(Consumer("v"),))
+    grown = growth_nets.to_host(backend, backend.run(_add, params, flow=flow, count=6, rng=1, incoming="match_norm"))
+    norms = np.linalg.norm(grown["w"][5:].reshape(6, -1), axis=1)
+    np.testing.assert_allclose(norms, np.linalg.norm(w.reshape(5, -1), axis=1).mean(), rtol=1e-12)
+
+
+def test_fresh_batchnorm_and_bias_values():
+    net = growth_nets.build("conv_bn")
+    grown, cmap = add_neurons(net.params, net.flows[1], 2, rng=3)
+    assert cmap.fresh == (5, 6)
+    np.testing.assert_array_equal(grown["conv2.bias"][5:], 0.0)
+    np.testing.assert_array_equal(grown["bn2.weight"][5:], 1.0)
+    np.testing.assert_array_equal(grown["bn2.bias"][5:], 0.0)
+    np.testing.assert_array_equal(grown["bn2.mean"][5:], 0.0)
+    np.testing.assert_array_equal(grown["bn2.var"][5:], 1.0)
+
+
+def test_seeded_draws_are_reproducible_and_backend_independent(backend):
+    net = growth_nets.build("mobile_block")
+    flow = net.flows[0]
+    first, _ = add_neurons(net.params, flow, 3, rng=5, outgoing="small")
+    again, _ = add_neurons(net.params, flow, 3, rng=np.random.default_rng(5), outgoing="small")
+    for key in first:
+        np.testing.assert_array_equal(first[key], again[key])
+    other, _ = add_neurons(net.params, flow, 3, rng=6, outgoing="small")
+    assert not np.array_equal(first["pw1.weight"], other["pw1.weight"])
+    on_backend = backend.run(_add, growth_nets.on_backend(backend, net.params), flow=flow, count=3, rng=5,
+                             outgoing="small")
+    _assert_params_match(backend, on_backend, first)
+
+
+def test_given_incoming_and_outgoing_blocks_are_placed_exactly(backend):
+    net = growth_nets.build("flatten_head")
+    flow = net.flows[0]  # conv (4, 3, 3, 3) -> fc1 (6, 16), spatial 4
+    rng = np.random.default_rng(2)
+    incoming = rng.normal(size=(2, 3, 3, 3))
+    outgoing = rng.normal(size=(2, 4 * 6))  # per channel: (spatial, out) flattened
+    params = growth_nets.on_backend(backend, net.params)
+    grown, _ = add_neurons(
+        params, flow, 2, rng=0, incoming=backend.asarray(incoming), outgoing=[backend.asarray(outgoing)]
+    )
+    host = growth_nets.to_host(backend, grown)
+    np.testing.assert_array_equal(host["conv.weight"][4:], incoming)
+    expected = outgoing.reshape(2, 4, 6)
+    for c in range(2):
+        np.testing.assert_array_equal(ref.channel_block(host["fc1.weight"], 1, 4 + c, 4), expected[c])
+
+
+def test_split_accepts_directions_in_the_per_neuron_shape():
+    net = growth_nets.build("conv_flax_nhwc")
+    flow = net.flows[0]  # HWIO producer (3, 3, 3, 4): per-neuron shape (3, 3, 3)
+    directions = np.random.default_rng(4).normal(size=(2, 3, 3, 3))
+    grown, _ = split_neurons(net.params, flow, [0, 3], directions, eps=0.1)
+    flat, _ = split_neurons(net.params, flow, [0, 3], directions.reshape(2, -1), eps=0.1)
+    np.testing.assert_array_equal(grown["Conv_0/kernel"], flat["Conv_0/kernel"])
+    np.testing.assert_allclose(grown["Conv_0/kernel"][..., 4], net.params["Conv_0/kernel"][..., 0] - 0.1 * directions[0])
+
+
+# --- purity, dtypes ---------------------------------------------------------------------------
+
+
+def test_inputs_are_not_mutated_and_untouched_entries_pass_through():
+    net = growth_nets.build("conv_bn")
+    snapshot = {k: v.copy() for k, v in net.params.items()}
+    flow = net.flows[0]
+    for grown in (
+        add_neurons(net.params, flow, 2, rng=0)[0],
+        replicate_neurons(net.params, flow, [0])[0],
+        split_neurons(net.params, flow, [0], np.ones((1, 27)), eps=0.1)[0],
+    ):
+        for key in net.params:
+            np.testing.assert_array_equal(net.params[key], snapshot[key])
+            if key not in flow.names():
+                assert grown[key] is net.params[key]
+            else:
+                assert grown[key] is not net.params[key]
+        assert grown is not net.params
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16", "float16"])
+def test_dtype_is_kept(backend, dtype):
+    if dtype not in backend.dtypes:
+        pytest.skip(f"{backend.name} is not tested in {dtype}")
+    net = growth_nets.build("mlp")
+    flow = net.flows[0]
+    params = growth_nets.on_backend(backend, net.params, dtype)
+    for grown in (
+        backend.run(_add, params, flow=flow, count=2, rng=0, incoming="match_norm", outgoing="small"),
+        backend.run(_replicate, params, flow=flow, parents=(0, 0)),
+        backend.run(_split, params, backend.asarray(np.ones((1, 5)), dtype), flow=flow, parents=(1,), eps=0.1),
+    ):
+        for key in flow.names():
+            assert backend.dtype_name(grown[key].dtype) == dtype, key
+    expected = ref.replicate_neurons(net.params, flow, [0, 0])
+    grown = backend.run(_replicate, params, flow=flow, parents=(0, 0))
+    for key in flow.names():
+        assert_close(grown[key], expected[key], backend=backend, dtype=dtype, rtol=2e-2, atol=2e-2)
+
+
+def test_empty_growth_returns_the_same_arrays():
+    net = growth_nets.build("mlp")
+    flow = net.flows[0]
+    grown, cmap = add_neurons(net.params, flow, 0)
+    assert cmap.sources == tuple(range(8)) and all(grown[k] is net.params[k] for k in net.params)
+    grown, cmap = replicate_neurons(net.params, flow, [])
+    assert cmap.new_channels == 8
+
+
+# --- ChannelMap and bad inputs ---------------------------------------------------------------
+
+
+def test_channel_map_properties_and_validation():
+    cmap = ChannelMap((0, 1, 2, 0, 0), "replicate")
+    assert cmap.old_channels == 3 and cmap.new_channels == 5
+    assert cmap.copies == ((3, 0), (4, 0)) and cmap.fresh == ()
+    assert cmap.multiplicity().tolist() == [3, 1, 1]
+    with pytest.raises(ValueError, match="kind"):
+        ChannelMap((0, 1), "grow")
+    with pytest.raises(ValueError, match="fresh"):
+        ChannelMap((0, 1, 0), "add")
+    with pytest.raises(ValueError, match="copies"):
+        ChannelMap((0, 1, -1), "split")
+    with pytest.raises(ValueError, match="at most once"):
+        ChannelMap((0, 1, 0, 0), "split")
+    with pytest.raises(ValueError, match="old channel"):
+        ChannelMap((0, 1, 5), "replicate")
+
+
+def _mlp_flow():
+    net = growth_nets.build("mlp")
+    return net.params, net.flows[0]
+
+
+@pytest.mark.parametrize(
+    ("call", "error", "match"),
+    [
+        (lambda p, f: add_neurons(p, f, -1, rng=0), ValueError, "count must be >= 0"),
+        (lambda p, f: add_neurons(p, f, True, rng=0), TypeError, "count"),
+        (lambda p, f: add_neurons(p, f, 2.0, rng=0), TypeError, "count"),
+        (lambda p, f: add_neurons(p, f, 2), ValueError, "rng"),
+        (lambda p, f: add_neurons(p, f, 2, rng="seed"), TypeError, "rng"),
+        (lambda p, f: add_neurons(p, f, 2, rng=-3), ValueError, "seed"),
+        (lambda p, f: add_neurons(p, f, 2, rng=0, incoming="xavier"), ValueError, "incoming"),
+        (lambda p, f: add_neurons(p, f, 2, rng=0, outgoing="big"), ValueError, "outgoing"),
+        (lambda p, f: add_neurons(p, f, 2, rng=0, outgoing=[]), ValueError, "one array per consumer"),
+        (lambda p, f: add_neurons(p, f, 2, rng=0, outgoing_scale=-1.0), ValueError, "outgoing_scale"),
+        (lambda p, f: add_neurons(p, f, 2, incoming=np.ones((3, 5))), ValueError, "incoming must have 2 rows"),
+        (lambda p, f: replicate_neurons(p, f, [8]), ValueError, r"parents\[0\]=8 is out of range"),
+        (lambda p, f: replicate_neurons(p, f, [0, -1]), ValueError, r"parents\[1\]=-1"),
+        (lambda p, f: replicate_neurons(p, f, [0.5]), TypeError, "parents"),
+        (lambda p, f: replicate_neurons(p, f, np.array([[0]])), ValueError, "one-dimensional"),
+        (lambda p, f: split_neurons(p, f, [1, 1], np.ones((2, 5))), ValueError, "distinct"),
+        (lambda p, f: split_neurons(p, f, [1], np.ones((1, 4))), ValueError, "directions"),
+        (lambda p, f: split_neurons(p, f, [1], np.ones((2, 5))), ValueError, "directions"),
+        (lambda p, f: split_neurons(p, f, [1], np.ones((1, 5)), eps=-0.1), ValueError, "eps"),
+        (lambda p, f: split_neurons(p, f, [1], np.ones((1, 5)), eps=float("nan")), ValueError, "eps"),
+        (lambda p, f: split_neurons(p, f, [1], [[1.0] * 5]), TypeError, "directions"),
+        (lambda p, f: replicate_neurons(list(p.items()), f, [0]), TypeError, "params must be a Mapping"),
+        (lambda p, f: replicate_neurons(p, "fc1.weight", [0]), TypeError, "flow must be a ChannelFlow"),
+    ],
+)
+def test_bad_inputs_raise_clear_errors(call, error, match):
+    params, flow = _mlp_flow()
+    with pytest.raises(error, match=match):
+        call(params, flow)
+
+
+def test_mismatched_producer_and_consumer_is_an_error_for_every_operator():
+    params = {"w1": np.ones((4, 3)), "w2": np.ones((2, 5)), "g": np.ones(4)}
+    flow = ChannelFlow("w1", consumers=(Consumer("w2"),))
+    for call in (
+        lambda: add_neurons(params, flow, 1, rng=0),
+        lambda: replicate_neurons(params, flow, [0]),
+        lambda: split_neurons(params, flow, [0], np.ones((1, 3))),
+    ):
+        with pytest.raises(ValueError, match="'w2'"):
+            call()
+    bn_flow = ChannelFlow("w1", norm=BatchNorm(scale="g", shift="missing"))
+    with pytest.raises(ValueError, match="'missing'"):
+        replicate_neurons(params, bn_flow, [0])
+
+
+def test_directions_from_another_library_are_rejected(backend):
+    if backend.name == "numpy":
+        pytest.skip("needs a second library")
+    params, flow = _mlp_flow()
+    with pytest.raises(TypeError, match="directions"):
+        split_neurons(growth_nets.on_backend(backend, params), flow, [0], np.ones((1, 5)))
