@@ -3,12 +3,10 @@
 Importing this package imports torch. The maths lives in the core (``simcore``);
 these modules wrap it into PyTorch's autograd, modules, optimizers and files.
 """
+# A plain list of re-exports, one module per line; append new ones at the end.
+# ruff: noqa: F401, I001
 
-from .models import VGG16, MobileNetV1, architecture, build, mobilenet_v1, vgg16, widths  # noqa: F401
-from .penalty import (  # noqa: F401  # noqa: F401
-    GrowthObjectiveFunction,
-    SimilarityLossFunction,
-    SimilarityPenalty,
-    growth_objective,
-    similarity_loss,
-)
+from .models import VGG16, MobileNetV1, architecture, build, mobilenet_v1, vgg16, widths
+from .penalty import GrowthObjectiveFunction, SimilarityLossFunction, SimilarityPenalty
+from .penalty import growth_objective, similarity_loss
+from .optim import OptimizerGrowth, grow_optimizer, plan_optimizer_growth
