@@ -33,3 +33,54 @@ __all__ = [
 ]
 
 # SSD / Firefly / activations (owned by the SSD-Firefly engineer) are imported below.
+from .activations import (  # noqa: E402
+    RELU_SURROGATE_BETA,
+    activation_names,
+    first_derivative,
+    register_activation,
+    second_derivative,
+)
+from .firefly import (  # noqa: E402
+    FireflyCandidates,
+    FireflySelection,
+    candidate_weights,
+    firefly_apply,
+    firefly_candidates,
+    firefly_select,
+    new_neuron_gate_scores,
+    split_gate_scores,
+)
+from .ssd import (  # noqa: E402
+    SplittingHVP,
+    bn_coefficient,
+    hvp_from_statistics,
+    min_eigenpairs,
+    rayleigh_min_direction,
+    select_splits,
+    splitting_matrices,
+    ssd_split,
+)
+
+__all__ += [
+    "RELU_SURROGATE_BETA",
+    "FireflyCandidates",
+    "FireflySelection",
+    "SplittingHVP",
+    "activation_names",
+    "bn_coefficient",
+    "candidate_weights",
+    "firefly_apply",
+    "firefly_candidates",
+    "firefly_select",
+    "first_derivative",
+    "hvp_from_statistics",
+    "min_eigenpairs",
+    "new_neuron_gate_scores",
+    "rayleigh_min_direction",
+    "register_activation",
+    "second_derivative",
+    "select_splits",
+    "split_gate_scores",
+    "splitting_matrices",
+    "ssd_split",
+]
