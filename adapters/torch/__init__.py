@@ -10,3 +10,4 @@ from .models import VGG16, MobileNetV1, architecture, build, mobilenet_v1, vgg16
 from .penalty import GrowthObjectiveFunction, SimilarityLossFunction, SimilarityPenalty
 from .penalty import growth_objective, similarity_loss
 from .optim import OptimizerGrowth, grow_optimizer, plan_optimizer_growth
+from .checkpoint import Checkpoint, load_checkpoint, save_checkpoint

@@ -1,0 +1,160 @@
+"""Checkpoints of grown models: round trip, exact resume, weights_only, errors."""
+
+import random
+
+import numpy as np
+import pytest
+
+torch = pytest.importorskip("torch")
+
+from simcore.adapters.torch import (  # noqa: E402
+    load_checkpoint,
+    mobilenet_v1,
+    save_checkpoint,
+    vgg16,
+    widths,
+)
+from torch import nn  # noqa: E402
+
+# Non-uniform widths, as after two growths of the width-4 seed.
+GROWN = [4, 6, 5, 4, 7, 4, 4, 5, 4, 6, 4, 4, 5]
+
+
+def _sgd(params):
+    return torch.optim.SGD(params, lr=0.05, momentum=0.9, weight_decay=5e-4)
+
+
+def _cosine(optimizer):
+    return torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=7)
+
+
+def _step(model, optimizer, scheduler):
+    """One training step whose data draws on all three global RNGs (what a resume restores)."""
+    x = torch.randn(2, 3, 32, 32)
+    if random.random() < 0.5:
+        x = x.flip(-1)
+    noise = np.random.normal(0.0, 0.1, size=x.shape)  # noqa: NPY002 - the global stream
+    x = x + torch.from_numpy(noise.astype(np.float32))
+    y = torch.randint(0, 10, (2,))
+    optimizer.zero_grad()
+    loss = nn.functional.cross_entropy(model(x), y)
+    loss.backward()
+    optimizer.step()
+    scheduler.step()
+    return loss.item()
+
+
+def _seed(seed):
+    torch.manual_seed(seed)
+    random.seed(seed)
+    np.random.seed(seed)  # noqa: NPY002 - the legacy global generator is what is restored
+
+
+def test_round_trip_of_a_grown_model(tmp_path):
+    _seed(0)
+    model = vgg16(width=GROWN)
+    optimizer, extra = _sgd(model.parameters()), {"epoch": 100, "growths": [50, 100]}
+    scheduler = _cosine(optimizer)
+    model.train()
+    _step(model, optimizer, scheduler)
+    path = tmp_path / "grown.pt"
+    save_checkpoint(path, model, optimizer, scheduler, extra=extra)
+    assert not (tmp_path / "grown.pt.tmp").exists()
+
+    restored = load_checkpoint(path, optimizer=_sgd, scheduler=_cosine)
+    assert widths(restored.model) == GROWN
+    assert restored.extra == extra
+    assert restored.architecture["builder"] == "vgg16"
+    saved, loaded = model.state_dict(), restored.model.state_dict()
+    assert saved.keys() == loaded.keys()
+    assert all(torch.equal(saved[k], loaded[k]) for k in saved)  # BN running stats included
+    assert restored.scheduler.last_epoch == scheduler.last_epoch == 1
+    assert restored.optimizer.param_groups[0]["lr"] == optimizer.param_groups[0]["lr"]
+    for p, q in zip(model.parameters(), restored.model.parameters(), strict=True):
+        assert torch.equal(optimizer.state[p]["momentum_buffer"],
+                           restored.optimizer.state[q]["momentum_buffer"])
+    # Everything in the file loads under weights_only=True (no pickled code).
+    payload = torch.load(path, weights_only=True)
+    assert payload["architecture"]["kwargs"]["width"] == GROWN
+
+
+def test_resume_continues_bitwise(tmp_path):
+    k, m = 2, 2
+    _seed(1)
+    model = vgg16(width=GROWN)
+    optimizer = _sgd(model.parameters())
+    scheduler = _cosine(optimizer)
+    for _ in range(k):
+        _step(model, optimizer, scheduler)
+    save_checkpoint(tmp_path / "k.pt", model, optimizer, scheduler)
+    straight = [_step(model, optimizer, scheduler) for _ in range(m)]
+
+    _seed(99)  # whatever happened since, the checkpoint restores the RNG streams
+    resumed = load_checkpoint(tmp_path / "k.pt", optimizer=_sgd, scheduler=_cosine)
+    again = [_step(resumed.model, resumed.optimizer, resumed.scheduler) for _ in range(m)]
+    assert again == straight
+    for p, q in zip(model.parameters(), resumed.model.parameters(), strict=True):
+        assert torch.equal(p, q)
+    for a, b in zip(model.buffers(), resumed.model.buffers(), strict=True):
+        assert torch.equal(a, b)
+    assert resumed.optimizer.param_groups[0]["lr"] == optimizer.param_groups[0]["lr"]
+
+    _seed(99)  # without the RNG restore the data differ, so the test above can fail
+    other = load_checkpoint(tmp_path / "k.pt", optimizer=_sgd, scheduler=_cosine,
+                            restore_rng=False)
+    assert _step(other.model, other.optimizer, other.scheduler) != straight[0]
+
+
+def test_mobilenet_and_adam_round_trip(tmp_path):
+    _seed(2)
+    ws = [8, 9, 8, 10, 8, 8, 11, 8, 8, 8, 12, 8, 8, 13]
+    model = mobilenet_v1(width=ws, activation="relu", num_classes=5)
+    optimizer = torch.optim.Adam(model.parameters(), lr=1e-3)
+    model(torch.randn(2, 3, 32, 32)).sum().backward()
+    optimizer.step()
+    save_checkpoint(tmp_path / "m.pt", model, optimizer)
+    restored = load_checkpoint(tmp_path / "m.pt",
+                               optimizer=lambda ps: torch.optim.Adam(ps, lr=1e-3))
+    assert widths(restored.model) == ws and restored.model.activation == "relu"
+    assert restored.model.num_classes == 5
+    q = next(restored.model.parameters())
+    assert restored.optimizer.state[q]["step"].item() == 1
+
+
+def test_custom_model_needs_a_description_and_a_builder(tmp_path):
+    model = nn.Sequential(nn.Linear(3, 7), nn.ReLU(), nn.Linear(7, 2))
+    with pytest.raises(TypeError, match="VGG16 or MobileNetV1"):
+        save_checkpoint(tmp_path / "c.pt", model)
+    description = {"builder": "mlp", "kwargs": {"hidden": 7}}
+    save_checkpoint(tmp_path / "c.pt", model, architecture=description)
+
+    def mlp(hidden):
+        return nn.Sequential(nn.Linear(3, hidden), nn.ReLU(), nn.Linear(hidden, 2))
+
+    restored = load_checkpoint(tmp_path / "c.pt", builders={"mlp": mlp})
+    assert torch.equal(restored.model[0].weight, model[0].weight)
+    with pytest.raises(ValueError, match="builder"):
+        load_checkpoint(tmp_path / "c.pt")
+
+
+def test_errors(tmp_path):
+    model = vgg16(width=4)
+    with pytest.raises(TypeError, match=r"extra\['when'\]"):
+        save_checkpoint(tmp_path / "e.pt", model, extra={"when": object()})
+    with pytest.raises(TypeError, match="optimizer"):
+        save_checkpoint(tmp_path / "e.pt", model, optimizer="sgd")
+    save_checkpoint(tmp_path / "e.pt", model)
+    with pytest.raises(ValueError, match="no optimizer state"):
+        load_checkpoint(tmp_path / "e.pt", optimizer=_sgd)
+    with pytest.raises(ValueError, match="needs an optimizer"):
+        load_checkpoint(tmp_path / "e.pt", scheduler=_cosine)
+    torch.save({"weights": torch.zeros(2)}, tmp_path / "other.pt")
+    with pytest.raises(ValueError, match="not a simcore"):
+        load_checkpoint(tmp_path / "other.pt")
+    # An optimizer built over the parameters in another order is caught, not silently mixed.
+    optimizer = _sgd(model.parameters())
+    model(torch.randn(2, 3, 32, 32)).sum().backward()
+    optimizer.step()
+    save_checkpoint(tmp_path / "o.pt", model, optimizer)
+    with pytest.raises(ValueError, match="order"):
+        load_checkpoint(tmp_path / "o.pt", optimizer=lambda ps: _sgd(list(ps)[::-1]))
