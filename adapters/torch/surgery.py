@@ -40,6 +40,8 @@ from torch import nn
 from torch.fx.passes.shape_prop import ShapeProp
 
 from simcore.growth.flow import BatchNorm, ChannelFlow, Consumer, Depthwise
+from simcore.growth.optim_state import map_optimizer_state
+from simcore.growth.widen import ChannelMap
 
 __all__ = [
     "GrowthError",
@@ -645,15 +647,20 @@ class _Removal(_Swap):
 
 
 def _commit(swaps):
+    """Apply ``swaps`` in order; if one raises, undo the applied ones in reverse and re-raise."""
     done = []
     try:
         for swap in swaps:
             swap.apply()
             done.append(swap)
     except BaseException:
-        for swap in reversed(done):
-            swap.undo()
+        _undo(done)
         raise
+
+
+def _undo(swaps):
+    for swap in reversed(swaps):
+        swap.undo()
 
 
 _SIZE_ATTRS = {
@@ -705,7 +712,11 @@ def apply_growth(
         )
     if optimizer_mode not in ("carry", "reset"):
         raise ValueError(f"optimizer_mode must be 'carry' or 'reset', got {optimizer_mode!r}")
+    _commit(_growth_swaps(model, flow, new_params, channel_map, optimizer, optimizer_mode))
 
+
+def _growth_swaps(model, flow, new_params, channel_map, optimizer, optimizer_mode):
+    """Every change a growth makes, computed up front as reversible swaps (nothing applied)."""
     core_flow = flow.channel_flow(model)
     modules = dict(model.named_modules())
     named = core_flow.names()
@@ -716,9 +727,10 @@ def apply_growth(
             )
     # Validates every grown entry's size along its channel axis against the others.
     new_channels = core_flow.channels({name: new_params[name] for name in named})
-    if channel_map is not None and len(channel_map.sources) != new_channels:
+    maps = _maps(channel_map)
+    if maps and len(maps[-1].sources) != new_channels:
         raise ValueError(
-            f"channel_map has {len(channel_map.sources)} channels but new_params has {new_channels}"
+            f"channel_map has {len(maps[-1].sources)} channels but new_params has {new_channels}"
         )
 
     # ---- compute phase: build every new object; nothing in the model changes here.
@@ -739,8 +751,7 @@ def apply_growth(
     swaps.extend(_size_swaps(flow, modules, new_channels))
     if optimizer is not None:
         swaps.extend(_optimizer_swaps(optimizer, replaced, core_flow, channel_map, optimizer_mode))
-    # ---- swap phase: all-or-nothing.
-    _commit(swaps)
+    return swaps
 
 
 def _check_rank(name, old, value):
@@ -778,10 +789,41 @@ def _size_swaps(flow, modules, channels):
     return swaps
 
 
+def _maps(channel_map):
+    """``channel_map`` as a tuple of ChannelMaps applied in order (Firefly: split, then add)."""
+    if channel_map is None:
+        return ()
+    if isinstance(channel_map, ChannelMap):
+        return (channel_map,)
+    maps = tuple(channel_map)
+    for m in maps:
+        if not isinstance(m, ChannelMap):
+            raise TypeError(
+                f"channel_map must be a ChannelMap or a sequence of them, got {type(m).__name__}"
+            )
+    return maps
+
+
+def _map_torch_state(old_state, core_flow, maps, mode):
+    """The core's map_optimizer_state over torch per-parameter state, keeping tensor scalars."""
+    new_state = dict(old_state)
+    for channel_map in maps:
+        new_state = map_optimizer_state(new_state, core_flow, channel_map, mode=mode)
+    for name, per_param in new_state.items():
+        before = old_state[name]
+        fixed = {}
+        for key, value in per_param.items():
+            prior = before.get(key)
+            if isinstance(prior, torch.Tensor) and not isinstance(value, torch.Tensor):
+                # reset turns a 0-d step into a Python 0; torch optimizers want a tensor back.
+                value = torch.full_like(prior, value)
+            fixed[key] = value
+        new_state[name] = fixed
+    return new_state
+
+
 def _optimizer_swaps(optimizer, replaced, core_flow, channel_map, mode):
     """Re-point the optimizer at the new parameters and map their state (carry or reset)."""
-    from .optim import map_state  # part of this adapter; imported late to keep surgery light
-
     swaps = []
     for group in optimizer.param_groups:
         params = group["params"]
@@ -789,12 +831,17 @@ def _optimizer_swaps(optimizer, replaced, core_flow, channel_map, mode):
             if p in replaced:
                 swaps.append(_Swap(params, i, replaced[p][1]))
     old_state = {
-        name: optimizer.state[p] for p, (name, _) in replaced.items() if p in optimizer.state
+        name: dict(optimizer.state[p])
+        for p, (name, _) in replaced.items()
+        if p in optimizer.state and optimizer.state[p]
     }
-    new_state = map_state(old_state, core_flow, channel_map, mode=mode) if old_state else {}
+    maps = _maps(channel_map)
+    if old_state and not maps:
+        raise ValueError("channel_map is required to map the optimizer state of grown parameters")
+    new_state = _map_torch_state(old_state, core_flow, maps, mode) if old_state else {}
     for p, (name, new) in replaced.items():
         if p in optimizer.state:
             swaps.append(_Removal(optimizer.state, p))
-        if name in new_state and new_state[name]:
+        if name in new_state:
             swaps.append(_Swap(optimizer.state, new, new_state[name]))
     return swaps
