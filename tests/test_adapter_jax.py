@@ -17,10 +17,10 @@ jnp = pytest.importorskip("jax.numpy")
 optax = pytest.importorskip("optax")
 from hypothesis import given, settings  # noqa: E402
 from hypothesis import strategies as st  # noqa: E402
+from simcore.adapters import jax as sj  # noqa: E402
 
 import simcore  # noqa: E402
 from simcore import reference  # noqa: E402
-from simcore.adapters import jax as sj  # noqa: E402
 from simcore.testing import assert_close, get_backend, strategies  # noqa: E402
 
 JAX = get_backend("jax")
@@ -45,9 +45,9 @@ def _grad_atol(w, neuron_axis):
 @given(strategies.weights(layouts=("dense", "dense_io", "hwio", "oihw"), zero_rows=True))
 def test_value_and_grad_match_reference(draw):
     w = _f32(draw.w)
-    value, grad = jax.value_and_grad(
-        lambda x: sj.similarity_loss(x, neuron_axis=draw.neuron_axis)
-    )(w)
+    value, grad = jax.value_and_grad(lambda x: sj.similarity_loss(x, neuron_axis=draw.neuron_axis))(
+        w
+    )
     want_value, want_grad = reference.similarity_loss_and_grad(
         np.asarray(w, np.float64), neuron_axis=draw.neuron_axis
     )
@@ -115,7 +115,9 @@ def test_vmap_over_a_stack_of_layers_matches_a_python_loop():
         value, grad = jax.value_and_grad(one)(stack[i])
         np.testing.assert_allclose(float(values[i]), float(value), rtol=1e-6)
         np.testing.assert_allclose(np.asarray(grads[i]), np.asarray(grad), rtol=1e-5, atol=1e-7)
-        np.testing.assert_allclose(np.asarray(total_grad[i]), np.asarray(grad), rtol=1e-5, atol=1e-7)
+        np.testing.assert_allclose(
+            np.asarray(total_grad[i]), np.asarray(grad), rtol=1e-5, atol=1e-7
+        )
 
 
 def test_similarity_loss_rejects_non_jax_input():
@@ -155,7 +157,9 @@ def test_growth_objective_without_refs_is_the_sum_of_similarity_losses():
     np.testing.assert_allclose(
         float(value), float(sj.similarity_loss(ws[0]) + sj.similarity_loss(ws[1])), rtol=1e-6
     )
-    np.testing.assert_allclose(np.asarray(grads[0]), np.asarray(jax.grad(sj.similarity_loss)(ws[0])))
+    np.testing.assert_allclose(
+        np.asarray(grads[0]), np.asarray(jax.grad(sj.similarity_loss)(ws[0]))
+    )
 
 
 def test_growth_objective_argument_errors():
@@ -184,11 +188,20 @@ def test_find_kernels_in_linen_params():
 
     variables = Net().init(jax.random.key(0), jnp.zeros((1, 4, 4, 2)))
     params = variables["params"]
-    assert sj.find_kernels(params) == {"Conv_0/kernel": -1, "Conv_1/kernel": -1, "Dense_0/kernel": -1}
-    assert sj.find_kernels(params, depthwise="exclude") == {"Conv_0/kernel": -1, "Dense_0/kernel": -1}
+    assert sj.find_kernels(params) == {
+        "Conv_0/kernel": -1,
+        "Conv_1/kernel": -1,
+        "Dense_0/kernel": -1,
+    }
+    assert sj.find_kernels(params, depthwise="exclude") == {
+        "Conv_0/kernel": -1,
+        "Dense_0/kernel": -1,
+    }
     assert sj.find_kernels(params, depthwise="only") == {"Conv_1/kernel": -1}
     assert list(sj.find_kernels(variables)) == [
-        "params/Conv_0/kernel", "params/Conv_1/kernel", "params/Dense_0/kernel"
+        "params/Conv_0/kernel",
+        "params/Conv_1/kernel",
+        "params/Dense_0/kernel",
     ]
 
 
@@ -226,7 +239,10 @@ def test_find_kernels_in_equinox_modules():
     model = eqx.nn.Sequential(model)
     kernels = sj.find_kernels(model)
     assert kernels == {"layers/0/weight": 0, "layers/1/weight": 0, "layers/3/weight": 0}
-    assert sj.find_kernels(model, depthwise="exclude") == {"layers/0/weight": 0, "layers/3/weight": 0}
+    assert sj.find_kernels(model, depthwise="exclude") == {
+        "layers/0/weight": 0,
+        "layers/3/weight": 0,
+    }
     names = sj.named_leaves(eqx.filter(model, eqx.is_array))
     assert names["layers/0/weight"].shape == (6, 3, 3, 3)  # OIHW: neurons on axis 0
 
@@ -246,8 +262,14 @@ def test_find_kernels_argument_errors():
 def _params(seed=0):
     rng = np.random.default_rng(seed)
     return {
-        "conv": {"kernel": _f32(rng.standard_normal((3, 3, 2, 5))), "bias": _f32(rng.standard_normal(5))},
-        "dense": {"kernel": _f32(rng.standard_normal((5, 4))), "bias": _f32(rng.standard_normal(4))},
+        "conv": {
+            "kernel": _f32(rng.standard_normal((3, 3, 2, 5))),
+            "bias": _f32(rng.standard_normal(5)),
+        },
+        "dense": {
+            "kernel": _f32(rng.standard_normal((5, 4))),
+            "bias": _f32(rng.standard_normal(4)),
+        },
         "norm": {"scale": jnp.ones(5)},
     }
 
@@ -263,11 +285,15 @@ def test_penalty_over_a_pytree_equals_the_objective_of_its_kernels():
     )(params)
     np.testing.assert_allclose(float(got), float(want), rtol=1e-6)
     _, want_grads = simcore.growth_objective_and_grad(kernels, ref_kernels, lam=0.5, neuron_axis=-1)
-    np.testing.assert_allclose(np.asarray(grads["dense"]["kernel"]), np.asarray(want_grads[1]), rtol=1e-5)
+    np.testing.assert_allclose(
+        np.asarray(grads["dense"]["kernel"]), np.asarray(want_grads[1]), rtol=1e-5
+    )
     assert np.all(np.asarray(grads["conv"]["bias"]) == 0.0)
     assert np.all(np.asarray(grads["norm"]["scale"]) == 0.0)
     # An int axis selects every leaf with >= 2 dims (the two kernels here).
-    np.testing.assert_allclose(float(sj.penalty(params, refs=refs, lam=0.5)), float(want), rtol=1e-6)
+    np.testing.assert_allclose(
+        float(sj.penalty(params, refs=refs, lam=0.5)), float(want), rtol=1e-6
+    )
 
 
 def test_penalty_mask_as_tree_and_callable():
@@ -302,8 +328,12 @@ def test_add_similarity_gradient_adds_strength_times_the_core_gradient():
     _, core = simcore.growth_objective_and_grad(
         [params["conv"]["kernel"], params["dense"]["kernel"]], None, lam=0.0, neuron_axis=-1
     )
-    np.testing.assert_allclose(np.asarray(updates["conv"]["kernel"]), 1.0 + 0.25 * np.asarray(core[0]), rtol=1e-6)
-    np.testing.assert_allclose(np.asarray(updates["dense"]["kernel"]), 1.0 + 0.25 * np.asarray(core[1]), rtol=1e-6)
+    np.testing.assert_allclose(
+        np.asarray(updates["conv"]["kernel"]), 1.0 + 0.25 * np.asarray(core[0]), rtol=1e-6
+    )
+    np.testing.assert_allclose(
+        np.asarray(updates["dense"]["kernel"]), 1.0 + 0.25 * np.asarray(core[1]), rtol=1e-6
+    )
     assert np.all(np.asarray(updates["conv"]["bias"]) == 1.0)
     assert int(state.count) == 1 and state.refs == {}
 
@@ -322,7 +352,9 @@ def test_add_similarity_gradient_in_a_chain_equals_sgd_on_task_plus_penalty():
     stepped = optax.apply_updates(params, updates)
     full = jax.grad(lambda p: task(p) + strength * sj.penalty(p, neuron_axis=kernels))(params)
     want = jax.tree_util.tree_map(lambda p, g: p - lr * g, params, full)
-    for got, exp in zip(jax.tree_util.tree_leaves(stepped), jax.tree_util.tree_leaves(want), strict=True):
+    for got, exp in zip(
+        jax.tree_util.tree_leaves(stepped), jax.tree_util.tree_leaves(want), strict=True
+    ):
         np.testing.assert_allclose(np.asarray(got), np.asarray(exp), rtol=1e-5, atol=1e-6)
 
 
@@ -379,3 +411,153 @@ def test_examples_train_and_lower_the_penalty(name):
     assert len(history) == 12
     assert history[-1]["penalty"] < history[0]["penalty"]
     assert all(np.isfinite(h["loss"]) for h in history)
+
+
+# -- growth of a linen CNN with BatchNorm ----------------------------------------------------
+
+
+def _cnn(widths):
+    nn = pytest.importorskip("flax.linen")
+
+    class CNN(nn.Module):
+        widths: tuple
+
+        @nn.compact
+        def __call__(self, x):
+            for width in self.widths:
+                x = nn.Conv(width, (3, 3))(x)
+                x = nn.BatchNorm(use_running_average=True)(x)
+                x = nn.swish(x)  # smooth (MobileNet's): a split moves logits by O(eps^2)
+            return nn.Dense(3)(x.reshape((x.shape[0], -1)))
+
+    return CNN(tuple(widths))
+
+
+def _cnn_setup(widths=(4, 5)):
+    model = _cnn(widths)
+    images = jax.random.normal(jax.random.key(1), (6, 5, 5, 2))
+    variables = model.init(jax.random.key(0), images)
+    rng = np.random.default_rng(7)
+    # Non-trivial BatchNorm state, so copying it wrongly would show in the logits.
+    variables = jax.tree_util.tree_map_with_path(
+        lambda path, x: (
+            _f32(rng.uniform(0.5, 2.0, x.shape))
+            if sj.leaf_name(path).endswith(("var", "scale"))
+            else _f32(rng.normal(0.0, 0.3, x.shape)) + x
+        ),
+        variables,
+    )
+    return model, variables, images
+
+
+def test_add_neurons_with_zero_outgoing_keeps_the_cnn_function_exactly():
+    model, variables, images = _cnn_setup()
+    flow = sj.linen_flow(variables, "Conv_0", norm="BatchNorm_0", consumers=["Conv_1"])
+    grown, cmap = sj.add_neurons(variables, flow, 3, rng=0)
+    assert cmap.sources == (0, 1, 2, 3, -1, -1, -1)
+    assert grown["params"]["Conv_0"]["kernel"].shape == (3, 3, 2, 7)
+    assert grown["params"]["Conv_1"]["kernel"].shape == (3, 3, 7, 5)
+    assert grown["batch_stats"]["BatchNorm_0"]["var"].shape == (7,)
+    np.testing.assert_array_equal(np.asarray(grown["batch_stats"]["BatchNorm_0"]["var"][4:]), 1.0)
+    assert grown["params"]["Dense_0"]["kernel"] is variables["params"]["Dense_0"]["kernel"]
+    before = model.apply(variables, images)
+    after = _cnn((7, 5)).apply(grown, images)
+    np.testing.assert_allclose(np.asarray(after), np.asarray(before), rtol=1e-5, atol=1e-5)
+
+
+def test_split_and_replicate_keep_the_cnn_function():
+    model, variables, images = _cnn_setup()
+    before = np.asarray(model.apply(variables, images))
+    # Split the second conv, read by the Dense head after a channels-last flatten.
+    flow = sj.linen_flow(variables, "Conv_1", norm="BatchNorm_1", consumers=["Dense_0"])
+    assert flow.consumers[0].spatial == 25 and flow.consumers[0].channels_last
+    directions = jax.random.normal(jax.random.key(2), (2, 3, 3, 4))
+    changes = []
+    for eps in (0.0, 0.04, 0.02):
+        grown, cmap = sj.split_neurons(variables, flow, [1, 3], directions, eps=eps)
+        assert cmap.kind == "split" and cmap.new_channels == 7
+        after = np.asarray(_cnn((4, 7)).apply(grown, images))
+        changes.append(np.abs(after - before).max())
+    assert changes[0] < 1e-5  # exact at eps = 0
+    # Second order: halving eps quarters the change (and the split is no no-op).
+    assert changes[2] > 1e-5 and 3.0 < changes[1] / changes[2] < 5.0
+
+    flow0 = sj.linen_flow(variables, "Conv_0", norm="BatchNorm_0", consumers=["Conv_1"])
+    grown, cmap = sj.replicate_neurons(variables, flow0, [2, 2, 0])
+    after = np.asarray(_cnn((7, 5)).apply(grown, images))
+    np.testing.assert_allclose(after, before, rtol=1e-5, atol=1e-5)
+
+
+def test_linen_flow_errors_name_the_problem():
+    _, variables, _ = _cnn_setup()
+    with pytest.raises(ValueError, match="params/Conv_9/kernel"):
+        sj.linen_flow(variables, "Conv_9")
+    with pytest.raises(ValueError, match="not a multiple"):
+        sj.linen_flow(variables, "Conv_0", consumers=["Dense_0"])
+    with pytest.raises(ValueError, match="no BatchNorm entries"):
+        sj.linen_flow(variables, "Conv_0", norm="Dense_0")
+
+
+def test_training_step_after_growth_with_the_padded_optax_state():
+    model, variables, images = _cnn_setup()
+    labels = jnp.arange(images.shape[0]) % 3
+    kernels = sj.find_kernels(variables["params"])
+
+    def make_tx():
+        return optax.chain(
+            sj.add_similarity_gradient(0.1, neuron_axis=kernels, lam=0.1),
+            optax.sgd(0.05, momentum=0.9),
+        )
+
+    def train_step(module, tx, variables, opt_state):
+        def loss_fn(params):
+            logits = module.apply({**variables, "params": params}, images)
+            return optax.softmax_cross_entropy_with_integer_labels(logits, labels).mean()
+
+        loss, grads = jax.value_and_grad(loss_fn)(variables["params"])
+        updates, opt_state = tx.update(grads, opt_state, variables["params"])
+        params = optax.apply_updates(variables["params"], updates)
+        return loss, {**variables, "params": params}, opt_state
+
+    tx = make_tx()
+    opt_state = tx.init(variables["params"])
+    narrow_step = jax.jit(lambda v, s: train_step(model, tx, v, s))
+    for _ in range(2):
+        _, variables, opt_state = narrow_step(variables, opt_state)
+    old_trace = opt_state[1][0].trace["Conv_0"]["kernel"]
+    assert float(jnp.abs(old_trace).max()) > 0
+
+    flow = sj.linen_flow(variables, "Conv_0", norm="BatchNorm_0", consumers=["Conv_1"])
+    grown, cmap = sj.add_neurons(variables, flow, 2, rng=0)
+    with pytest.raises(ValueError, match="pass new_params"):
+        sj.grow_optax_state(opt_state, flow, cmap, params=variables["params"])
+    new_state = sj.grow_optax_state(
+        opt_state, flow, cmap, params=variables["params"], new_params=grown["params"]
+    )
+    trace = new_state[1][0].trace
+    assert trace["Conv_0"]["kernel"].shape == (3, 3, 2, 6)
+    np.testing.assert_array_equal(
+        np.asarray(trace["Conv_0"]["kernel"][..., :4]), np.asarray(old_trace)
+    )
+    np.testing.assert_array_equal(np.asarray(trace["Conv_0"]["kernel"][..., 4:]), 0.0)
+    assert trace["Conv_1"]["kernel"].shape == (3, 3, 6, 5)
+    assert trace["Dense_0"]["kernel"] is opt_state[1][0].trace["Dense_0"]["kernel"]
+    assert new_state[0].refs["Conv_0/kernel"] is grown["params"]["Conv_0"]["kernel"]
+    assert int(new_state[0].count) == 2
+
+    # The wider model trains on from the padded state (jit included).
+    wide = _cnn((6, 5))
+    step = jax.jit(lambda v, s: train_step(wide, tx, v, s))
+    loss_before, stepped, _ = step(grown, new_state)
+    loss_after, _, _ = step(stepped, new_state)
+    assert np.isfinite(float(loss_before)) and float(loss_after) < float(loss_before)
+
+    adam = optax.adam(1e-3)
+    adam_state = adam.init(variables["params"])
+    _, _, adam_state = jax.jit(lambda v, s: train_step(model, adam, v, s))(variables, adam_state)
+    grown_adam = sj.grow_optax_state(adam_state, flow, cmap, params=variables["params"])
+    assert grown_adam[0].mu["Conv_0"]["kernel"].shape == (3, 3, 2, 6)
+    assert grown_adam[0].nu["BatchNorm_0"]["scale"].shape == (6,)
+    assert int(grown_adam[0].count) == 1
+    reset = sj.grow_optax_state(adam_state, flow, cmap, params=variables["params"], mode="reset")
+    np.testing.assert_array_equal(np.asarray(reset[0].mu["Conv_0"]["kernel"]), 0.0)
