@@ -19,3 +19,17 @@ from .data import (
     load_digits_dataset,
 )
 from .gradcam import grad_cam
+from .runner import Hooks, RunInterrupted, load_model, run_one
+
+__all__ = [
+    "METHODS", "MODELS", "PRESETS", "TERMS", "Hooks", "ImageDataset", "RestrictedUnpickler",
+    "RunConfig", "RunInterrupted", "UnsafePickleError", "grad_cam", "load_cifar", "load_dataset",
+    "load_digits_dataset", "load_model", "preset", "run_experiment", "run_one",
+]
+
+
+def run_experiment(*args, **kwargs):
+    """See :func:`simcore.adapters.torch.experiment.compare.run_experiment`."""
+    from .compare import run_experiment as run  # matplotlib is imported only when needed
+
+    return run(*args, **kwargs)

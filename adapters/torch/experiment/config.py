@@ -75,10 +75,10 @@ class RunConfig:
     model: str = "vgg16"
     width: int | None = None          # seed width; None: the paper's (VGG16 16, MobileNetV1 32)
     method: str = "firefly"
-    ssd_mode: str = "exact"           # SSD's splitting matrices formed ("exact") or Rayleigh ("fast")
+    ssd_mode: str = "exact"           # SSD: splitting matrices formed ("exact") or HVPs ("fast")
     ratio: float = 0.35
     unit: str = "neurons"
-    grow_every: int = 50
+    grow_every: int = 50              # grow after every ``grow_every`` epochs of training
     max_growths: int = 4
     growth_batches: int = 4           # batches SSD/Firefly use to score candidates
     # similarity phase

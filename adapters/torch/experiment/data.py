@@ -58,7 +58,7 @@ _CIFAR_PIXELS = 3 * IMAGE_SIZE * IMAGE_SIZE
 
 @dataclass(frozen=True)
 class ImageDataset:
-    """Train and test images (``uint8``, ``(N, 3, 32, 32)``), labels (``int64``) and normalisation."""
+    """Train/test images (``uint8``, ``(N, 3, 32, 32)``), labels (``int64``), normalisation."""
 
     name: str
     train_images: torch.Tensor
@@ -86,7 +86,8 @@ def _check_limit(value: Any, name: str) -> int | None:
     try:
         value = operator.index(value)
     except TypeError:
-        raise TypeError(f"{name} must be a positive int or None, got {type(value).__name__}") from None
+        kind = type(value).__name__
+        raise TypeError(f"{name} must be a positive int or None, got {kind}") from None
     if value < 1:
         raise ValueError(f"{name} must be a positive int or None, got {value}")
     return value
@@ -138,7 +139,8 @@ def load_digits_dataset(seed: int = 0, *, test_fraction: float = 0.25,
     mean, std = _channel_stats(train_images)
     return ImageDataset(
         name="digits", train_images=train_images, train_labels=targets[torch.as_tensor(train_idx)],
-        test_images=images[torch.as_tensor(test_idx)], test_labels=targets[torch.as_tensor(test_idx)],
+        test_images=images[torch.as_tensor(test_idx)],
+        test_labels=targets[torch.as_tensor(test_idx)],
         num_classes=10, mean=mean, std=std, augment=False,
     )
 
@@ -206,7 +208,7 @@ class RestrictedUnpickler(pickle.Unpickler):
 
 
 def restricted_load(path: str | Path) -> Any:
-    """Unpickle ``path`` with :class:`RestrictedUnpickler` (``encoding="bytes"``, as CIFAR needs)."""
+    """Unpickle ``path`` with :class:`RestrictedUnpickler` (``encoding="bytes"``, as in CIFAR)."""
     path = Path(path)
     data = path.read_bytes()
     try:

@@ -99,7 +99,7 @@ class WeightSumPenalty:
     def __call__(self) -> torch.Tensor:
         weights = self.weights()
         terms = [_WeightSumFunction.apply(w, ref, self.form, self.statistic)
-                 for w, ref in zip(weights, self._refs)]
+                 for w, ref in zip(weights, self._refs, strict=True)]
         if self.anchor == "previous":
             self.snapshot()
         return torch.stack(terms).sum() * (self.lam * self.strength)
@@ -114,7 +114,7 @@ class WeightSumPenalty:
         scale = float(lr) * self.lam * self.strength
         for _ in range(steps):
             weights = self.weights()
-            for w, ref in zip(weights, self._refs):
+            for w, ref in zip(weights, self._refs, strict=True):
                 _, grad = simcore.weight_sum_penalty_and_grad(
                     w.detach(), ref, form=self.form, statistic=self.statistic)
                 w.sub_(scale * grad)

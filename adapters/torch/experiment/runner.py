@@ -1,0 +1,438 @@
+"""One ``simcore grow`` run: train, grow on schedule, run the similarity phase, checkpoint, report.
+
+:func:`run_one` trains the paper's growth seed (VGG16 or MobileNetV1) on a
+dataset, grows it with Random, SSD or Firefly after the epochs the
+:class:`~simcore.adapters.torch.schedule.GrowthSchedule` names, runs the
+post-growth phase chosen by ``terms`` and returns a JSON-ready result:
+accuracy per epoch, parameters per epoch, every growth, training time, and the
+Fig. 6 similarity statistics of layer 2 (at the seed, after each growth, after
+each phase and at the end).
+
+Determinism and resumption: every random choice is drawn from a generator
+seeded by (seed, what, epoch): the data order and augmentation of each epoch,
+the growth of each growth epoch, the initial weights. So a run is reproducible
+on CPU, and a run resumed from a checkpoint replays exactly what an
+uninterrupted one does. A checkpoint (part 1's :func:`save_checkpoint`) is
+written at the end of every epoch; Ctrl-C (SIGINT) is deferred to the end of
+the current batch, where the state is consistent, a mid-epoch checkpoint is
+written and ``KeyboardInterrupt`` is raised; calling :func:`run_one` again
+with the same settings and folder resumes from it. A crash leaves the last
+end-of-epoch checkpoint.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import signal
+import sys
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+import simcore
+
+from .. import growers
+from ..checkpoint import load_checkpoint, save_checkpoint
+from ..models import mobilenet_v1, vgg16, widths
+from ..schedule import GrowthSchedule
+from .config import RunConfig
+from .data import ImageDataset, iter_batches, load_dataset
+from .terms import make_phase
+
+__all__ = ["Hooks", "RunInterrupted", "layer_name", "resolve_device", "run_one"]
+
+CHECKPOINT = "checkpoint.pt"
+RESULT = "result.json"
+_STREAMS = {"init": 1, "epoch": 2, "growth": 3, "growth_data": 4}
+
+
+class RunInterrupted(KeyboardInterrupt):
+    """Raised after a checkpoint was written on Ctrl-C; re-run the same command to resume."""
+
+
+@dataclass
+class Hooks:
+    """Callbacks: ``on_batch_end(epoch, batch)`` and ``on_epoch_end(epoch, record)``.
+
+    Both run at consistent points: raising ``KeyboardInterrupt`` from one
+    writes a checkpoint of that point and stops the run, as Ctrl-C does.
+    """
+
+    on_batch_end: Callable[[int, int], None] | None = None
+    on_epoch_end: Callable[[int, dict], None] | None = None
+
+
+def derive_seed(seed: int, stream: str, index: int = 0) -> int:
+    """An independent 63-bit seed for ``stream`` (e.g. "epoch") number ``index`` of run ``seed``."""
+    state = np.random.SeedSequence([int(seed), _STREAMS[stream], int(index)]).generate_state(2)
+    return int((int(state[0]) << 31) ^ int(state[1])) & (2**63 - 1)
+
+
+def resolve_device(name: str) -> torch.device:
+    """``"auto"``: CUDA when available, else CPU; otherwise ``torch.device(name)`` (checked)."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(name)
+    except RuntimeError as err:
+        raise ValueError(f"device {name!r} is not a torch device: {err}") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"device {name!r} asked for, but torch sees no CUDA GPU "
+                         f"(use --device cpu)")
+    return device
+
+
+def layer_name(model: nn.Module, layer: int) -> str:
+    """The module name of conv/linear layer ``layer`` (1-based, depthwise convs not counted).
+
+    The paper's Fig. 6 looks at layer 2: VGG16's second conv, MobileNetV1's
+    first pointwise conv.
+    """
+    names = [n for n, m in model.named_modules()
+             if isinstance(m, (nn.Conv2d, nn.Linear))
+             and not (isinstance(m, nn.Conv2d) and m.groups > 1)]
+    if not 1 <= layer <= len(names):
+        raise ValueError(f"layer must lie in [1, {len(names)}], got {layer}")
+    return names[layer - 1]
+
+
+def _stats(model: nn.Module, name: str) -> dict[str, Any]:
+    w = model.get_submodule(name).weight.detach().to("cpu", torch.float64)
+    s = simcore.similarity_stats(w)
+    return {"layer": name, "neurons": int(w.shape[0]),
+            "counts": [int(c) for c in s.counts], "edges": [float(e) for e in s.edges],
+            "share_within_half": float(s.share_within_half), "mean_abs": float(s.mean_abs),
+            "max_abs": float(s.max_abs), "pairs": int(s.pairs)}
+
+
+def _param_count(model: nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters())
+
+
+def _build_model(config: RunConfig, num_classes: int, width=None) -> nn.Module:
+    width = config.seed_width if width is None else width
+    if config.model == "vgg16":
+        return vgg16(num_classes=num_classes, width=width)
+    return mobilenet_v1(num_classes=num_classes, width=width, activation="swish")
+
+
+def _make_grower(config: RunConfig, epoch: int):
+    seed = derive_seed(config.seed, "growth", epoch)
+    if config.method == "random":
+        return growers.RandomGrower(seed=seed)
+    if config.method == "ssd":
+        return growers.SSDGrower(mode=config.ssd_mode, seed=seed)
+    return growers.FireflyGrower(seed=seed)
+
+
+def _make_scheduler(config: RunConfig, optimizer: torch.optim.Optimizer):
+    if config.lr_schedule == "cosine":
+        return torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=config.epochs)
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda _epoch: 1.0)
+
+
+@torch.no_grad()
+def evaluate(model: nn.Module, dataset: ImageDataset, batch_size: int = 500) -> float:
+    """Test accuracy in percent (eval mode; the model's mode restored)."""
+    was_training = model.training
+    model.eval()
+    correct = 0
+    try:
+        for x, y in iter_batches(dataset, "test", batch_size):
+            correct += int((model(x).argmax(dim=1) == y).sum())
+    finally:
+        model.train(was_training)
+    return 100.0 * correct / dataset.test_labels.shape[0]
+
+
+@dataclass
+class _State:
+    """Everything that, with the model/optimizer/scheduler, fixes where a run stands."""
+
+    epoch: int = 0                # the epoch being trained (or next to train)
+    batch: int = 0                # batches of ``epoch`` already trained
+    loss_sum: float = 0.0
+    correct: int = 0
+    seen: int = 0
+    train_seconds: float = 0.0    # training + growth + phase wall time, over all sessions
+    history: list = field(default_factory=list)
+    growths: list = field(default_factory=list)
+    similarity: dict = field(default_factory=dict)
+    phase_layers: list = field(default_factory=list)   # joint phase in progress
+    phase_remaining: int = 0
+
+    def to_extra(self) -> dict[str, Any]:
+        return {k: getattr(self, k) for k in self.__dataclass_fields__}
+
+
+class _DeferredSigint:
+    """Turn Ctrl-C into a flag read at the next consistent point (main thread only)."""
+
+    def __init__(self):
+        self.requested = False
+        self._previous = None
+
+    def __enter__(self):
+        if threading.current_thread() is threading.main_thread():
+            def handler(signum, frame):
+                if self.requested:  # a second Ctrl-C: stop at once (last checkpoint kept)
+                    raise KeyboardInterrupt
+                self.requested = True
+                print("\nCtrl-C: stopping after this batch and writing a checkpoint "
+                      "(press again to stop at once)", file=sys.stderr)
+            self._previous = signal.signal(signal.SIGINT, handler)
+        return self
+
+    def __exit__(self, *exc):
+        if self._previous is not None:
+            signal.signal(signal.SIGINT, self._previous)
+        return False
+
+
+def _progress(total: int, initial: int, desc: str, enabled: bool, leave: bool = True):
+    from tqdm.auto import tqdm
+
+    return tqdm(total=total, initial=initial, desc=desc, disable=not enabled, leave=leave,
+                dynamic_ncols=True)
+
+
+def _read_json(path: Path) -> Any:
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError) as err:
+        raise ValueError(f"cannot read {path}: {err}") from None
+
+
+def run_one(config: RunConfig, out_dir: str | Path, *, dataset: ImageDataset | None = None,
+            progress: bool = False, hooks: Hooks | None = None,
+            resume: bool = True) -> dict[str, Any]:
+    """Run (or resume, or reuse the finished result of) one configuration in ``out_dir``.
+
+    ``out_dir`` receives ``checkpoint.pt`` (kept at the end: the grown model,
+    used for Grad-CAM) and ``result.json``. With ``resume=False`` any previous
+    state in ``out_dir`` is ignored and overwritten. ``dataset`` skips loading
+    (compare mode shares one). Returns the result dictionary.
+    """
+    if not isinstance(config, RunConfig):
+        raise TypeError(f"config must be a RunConfig, got {type(config).__name__}")
+    hooks = hooks or Hooks()
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    result_path, ckpt_path = out / RESULT, out / CHECKPOINT
+    key = config.training_key()
+    if resume and result_path.exists():
+        previous = _read_json(result_path)
+        if previous.get("key") == key:
+            return previous
+        _mismatch(out, previous.get("key", {}), key)
+
+    device = resolve_device(config.device)
+    if dataset is None:
+        dataset = load_dataset(config.dataset, root=config.data_root, seed=config.data_seed,
+                               train_limit=config.train_limit, test_limit=config.test_limit)
+    dataset = dataset.to(device)
+    schedule = GrowthSchedule(every=config.grow_every, ratio=config.ratio, unit=config.unit,
+                              max_growths=config.max_growths, start=config.grow_every - 1)
+    torch.manual_seed(derive_seed(config.seed, "init"))
+    model = _build_model(config, dataset.num_classes).to(device)
+    state, extra = _State(), {}
+    stats_layer = layer_name(model, 2)
+    if resume and ckpt_path.exists():
+        model, optimizer, scheduler, state, extra = _restore(ckpt_path, config, key, device)
+    else:
+        optimizer = torch.optim.SGD(model.parameters(), lr=config.lr, momentum=config.momentum,
+                                    weight_decay=config.weight_decay)
+        scheduler = _make_scheduler(config, optimizer)
+        state.similarity = {"layer": stats_layer, "seed": _stats(model, stats_layer),
+                            "after_growth": [], "after_phase": []}
+        state.history.append({"epoch": 0, "test_accuracy": evaluate(model, dataset),
+                              "parameters": _param_count(model), "train_loss": None,
+                              "train_accuracy": None, "lr": config.lr})
+    phase = _phase(config)
+    if phase is not None and state.phase_remaining:
+        _resume_joint_phase(phase, model, state, extra.get("phase_refs"))
+
+    loss_fn = nn.CrossEntropyLoss()
+    batches_per_epoch = math.ceil(dataset.train_labels.shape[0] / config.batch_size)
+    bar = _progress(config.epochs, state.epoch, config.label, progress)
+    consistent = True
+
+    def save() -> None:
+        extra = {"key": key, "state": state.to_extra()}
+        if phase is not None and phase.active:
+            extra["phase_refs"] = [r.detach().cpu() for r in phase.penalty._refs]
+        # written to a temporary name and renamed: an interrupted save keeps the last one
+        save_checkpoint(ckpt_path, model, optimizer, scheduler, extra=extra)
+
+    try:
+        with _DeferredSigint() as sigint:
+            while state.epoch < config.epochs:
+                epoch = state.epoch
+                generator = torch.Generator().manual_seed(derive_seed(config.seed, "epoch", epoch))
+                model.train()
+                started = time.perf_counter()
+                inner = _progress(batches_per_epoch, state.batch, f"epoch {epoch + 1}",
+                                  progress and batches_per_epoch > 50, leave=False)
+                for x, y in iter_batches(dataset, "train", config.batch_size,
+                                         generator=generator, skip=state.batch):
+                    consistent = False
+                    logits = model(x)
+                    loss = loss_fn(logits, y)
+                    total = loss + phase.term() if phase is not None and phase.active else loss
+                    optimizer.zero_grad(set_to_none=True)
+                    total.backward()
+                    optimizer.step()
+                    state.loss_sum += float(loss.detach()) * y.shape[0]
+                    state.correct += int((logits.argmax(dim=1) == y).sum())
+                    state.seen += int(y.shape[0])
+                    state.batch += 1
+                    state.phase_remaining = phase.remaining if phase is not None else 0
+                    state.train_seconds += time.perf_counter() - started
+                    started = time.perf_counter()
+                    consistent = True
+                    inner.update(1)
+                    if hooks.on_batch_end is not None:
+                        hooks.on_batch_end(epoch, state.batch)
+                    if sigint.requested:
+                        raise RunInterrupted(f"interrupted in epoch {epoch + 1}")
+                inner.close()
+
+                consistent = False  # the end-of-epoch block changes several things together
+                scheduler.step()
+                record = {"epoch": epoch + 1, "train_loss": state.loss_sum / max(state.seen, 1),
+                          "train_accuracy": 100.0 * state.correct / max(state.seen, 1),
+                          "lr": optimizer.param_groups[0]["lr"]}
+                if schedule.should_grow(epoch):
+                    started = time.perf_counter()
+                    state.growths.append(
+                        _grow(config, epoch, model, optimizer, dataset, loss_fn, phase, state,
+                              stats_layer))
+                    state.train_seconds += time.perf_counter() - started
+                record["test_accuracy"] = evaluate(model, dataset)
+                record["parameters"] = _param_count(model)
+                record["widths"] = widths(model)
+                state.history.append(record)
+                state.epoch, state.batch = epoch + 1, 0
+                state.loss_sum, state.correct, state.seen = 0.0, 0, 0
+                if state.epoch == config.epochs:
+                    state.similarity["final"] = _stats(model, stats_layer)
+                save()
+                consistent = True
+                bar.update(1)
+                bar.set_postfix(acc=f"{record['test_accuracy']:.1f}",
+                                params=record["parameters"])
+                if hooks.on_epoch_end is not None:
+                    hooks.on_epoch_end(epoch, record)
+                if sigint.requested:
+                    raise RunInterrupted(f"interrupted after epoch {epoch + 1}")
+    except KeyboardInterrupt:
+        if consistent:
+            save()
+        bar.close()
+        raise
+    bar.close()
+    result = _result(config, key, state, model, device)
+    result_path.write_text(json.dumps(result, indent=1))
+    return result
+
+
+def _phase(config: RunConfig):
+    return make_phase(config.terms, method=config.method, phase=config.phase,
+                      steps=config.phase_steps_or_default, lam=config.lam, lr=config.phase_lr,
+                      form=config.form, anchor=config.anchor)
+
+
+def _grow(config, epoch, model, optimizer, dataset, loss_fn, phase, state, stats_layer):
+    """One growth after ``epoch`` and its similarity phase; returns the growth's record."""
+    data_gen = torch.Generator().manual_seed(derive_seed(config.seed, "growth_data", epoch))
+    batches = []
+    for batch in iter_batches(dataset, "train", config.batch_size, generator=data_gen,
+                              augment=False):
+        batches.append(batch)
+        if len(batches) == config.growth_batches:
+            break
+    torch.manual_seed(derive_seed(config.seed, "growth", epoch))  # any use of the global RNG
+    started = time.perf_counter()
+    report = _make_grower(config, epoch).grow(model, batches, loss_fn, optimizer,
+                                              ratio=config.ratio, unit=config.unit)
+    grow_seconds = time.perf_counter() - started
+    state.similarity["after_growth"].append(_stats(model, stats_layer))
+    started = time.perf_counter()
+    if phase is not None:
+        phase.start(model, report.grown_layers)
+        state.phase_layers = list(report.grown_layers)
+        state.phase_remaining = phase.remaining
+        state.similarity["after_phase"].append(_stats(model, stats_layer))
+    return {"epoch": epoch + 1, "budget": report.budget, "added": report.added,
+            "params_before": report.params_before, "params_after": report.params_after,
+            "grown_layers": report.grown_layers, "growth_seconds": grow_seconds,
+            "phase_seconds": time.perf_counter() - started}
+
+
+def _resume_joint_phase(phase, model, state, refs):
+    """Rebuild a joint phase that was running when the checkpoint was written."""
+    joint = phase.phase
+    phase.phase = "joint"  # start() must not run the weights-only steps again
+    phase.start(model, state.phase_layers)
+    phase.phase = joint
+    phase.remaining = state.phase_remaining
+    if refs is not None:
+        device = next(model.parameters()).device
+        phase.penalty._refs = [r.to(device) for r in refs]
+
+
+def _load(path: Path, **kwargs):
+    try:
+        return load_checkpoint(path, **kwargs)
+    except (OSError, RuntimeError, ValueError, KeyError, EOFError) as err:
+        # a truncated or foreign file: say which, and how to recover
+        raise ValueError(f"cannot read checkpoint {path} ({err}); delete it or pass --fresh "
+                         f"to start over") from None
+
+
+def load_model(path: str | Path, device: str | torch.device = "cpu") -> nn.Module:
+    """The model stored in a run's checkpoint (e.g. the final grown model), in eval mode."""
+    return _load(Path(path), device=device, restore_rng=False).model.eval()
+
+
+def _restore(path, config, key, device):
+    def optimizer_factory(params):
+        return torch.optim.SGD(params, lr=config.lr, momentum=config.momentum,
+                               weight_decay=config.weight_decay)
+
+    saved = _load(path, optimizer=optimizer_factory,
+                  scheduler=lambda opt: _make_scheduler(config, opt), device=device)
+    extra = saved.extra
+    if not isinstance(extra, dict) or extra.get("key") != key:
+        _mismatch(path.parent, extra.get("key", {}) if isinstance(extra, dict) else {}, key)
+    return saved.model, saved.optimizer, saved.scheduler, _State(**extra["state"]), extra
+
+
+def _mismatch(out: Path, old: dict, new: dict) -> None:
+    diff = {k: (old.get(k), new.get(k)) for k in set(old) | set(new) if old.get(k) != new.get(k)}
+    changes = ", ".join(f"{k}: {a!r} -> {b!r}" for k, (a, b) in sorted(diff.items()))
+    raise ValueError(f"{out} holds a run with other settings ({changes}); choose another "
+                     f"output folder or pass --fresh to start over")
+
+
+def _result(config, key, state, model, device) -> dict[str, Any]:
+    final = state.history[-1]
+    accuracies = [h["test_accuracy"] for h in state.history[1:]]
+    return {
+        "label": config.label, "key": key, "config": config.to_dict(),
+        "device": str(device),
+        "final_accuracy": final["test_accuracy"], "best_accuracy": max(accuracies),
+        "training_seconds": state.train_seconds,
+        "parameters_seed": state.history[0]["parameters"],
+        "parameters_final": _param_count(model), "widths_final": widths(model),
+        "phase_steps": config.phase_steps_or_default if config.terms != "none" else None,
+        "history": state.history, "growths": state.growths, "similarity": state.similarity,
+    }
