@@ -40,7 +40,6 @@ from torch import nn
 from torch.fx.passes.shape_prop import ShapeProp
 
 from simcore.growth.flow import BatchNorm, ChannelFlow, Consumer, Depthwise
-from simcore.growth.optim_state import map_optimizer_state
 from simcore.growth.widen import ChannelMap
 
 __all__ = [
@@ -726,7 +725,9 @@ def _growth_swaps(model, flow, new_params, channel_map, optimizer, optimizer_mod
                 f"new_params has no entry {name!r} named by the flow of {flow.producer!r}"
             )
     # Validates every grown entry's size along its channel axis against the others.
-    new_channels = core_flow.channels({name: new_params[name] for name in named})
+    subset = {name: torch.as_tensor(new_params[name]).detach() for name in named}
+    new_channels = core_flow.channels(subset)
+    grown_axis = {e.name: e.axis for e in core_flow.entries(subset)}
     maps = _maps(channel_map)
     if maps and len(maps[-1].sources) != new_channels:
         raise ValueError(
@@ -739,8 +740,9 @@ def _growth_swaps(model, flow, new_params, channel_map, optimizer, optimizer_mod
         module_name, _, attr = name.rpartition(".")
         module = modules[module_name]
         old = getattr(module, attr)
-        value = torch.as_tensor(new_params[name]).detach()
+        value = subset[name]
         _check_rank(name, old, value)
+        value = _leading_part(name, value, old, grown_axis[name])
         value = value.to(device=old.device, dtype=old.dtype).clone()
         if attr in module._parameters:
             new = nn.Parameter(value, requires_grad=old.requires_grad)
@@ -752,6 +754,26 @@ def _growth_swaps(model, flow, new_params, channel_map, optimizer, optimizer_mod
     if optimizer is not None:
         swaps.extend(_optimizer_swaps(optimizer, replaced, core_flow, channel_map, optimizer_mode))
     return swaps
+
+
+def _leading_part(name, value, old, axis):
+    """``value`` cut to ``old``'s size on every axis but the flow's own ``axis``.
+
+    A growth of several layers passes one dict holding every layer's final arrays; a consumer
+    that is also the producer of another flow is then wider on the other flow's axis than the
+    model yet is. Channel maps keep old channels first, so the leading part is what the model
+    has now; that other flow's own application writes the full array.
+    """
+    for dim in range(value.ndim):
+        if dim == axis or value.shape[dim] == old.shape[dim]:
+            continue
+        if value.shape[dim] < old.shape[dim]:
+            raise ValueError(
+                f"new_params[{name!r}] has shape {tuple(value.shape)}; the model's is "
+                f"{tuple(old.shape)}: only axis {axis} may change for this flow"
+            )
+        value = value.narrow(dim, 0, old.shape[dim])
+    return value
 
 
 def _check_rank(name, old, value):
@@ -804,44 +826,13 @@ def _maps(channel_map):
     return maps
 
 
-def _map_torch_state(old_state, core_flow, maps, mode):
-    """The core's map_optimizer_state over torch per-parameter state, keeping tensor scalars."""
-    new_state = dict(old_state)
-    for channel_map in maps:
-        new_state = map_optimizer_state(new_state, core_flow, channel_map, mode=mode)
-    for name, per_param in new_state.items():
-        before = old_state[name]
-        fixed = {}
-        for key, value in per_param.items():
-            prior = before.get(key)
-            if isinstance(prior, torch.Tensor) and not isinstance(value, torch.Tensor):
-                # reset turns a 0-d step into a Python 0; torch optimizers want a tensor back.
-                value = torch.full_like(prior, value)
-            fixed[key] = value
-        new_state[name] = fixed
-    return new_state
-
-
 def _optimizer_swaps(optimizer, replaced, core_flow, channel_map, mode):
-    """Re-point the optimizer at the new parameters and map their state (carry or reset)."""
-    swaps = []
-    for group in optimizer.param_groups:
-        params = group["params"]
-        for i, p in enumerate(params):
-            if p in replaced:
-                swaps.append(_Swap(params, i, replaced[p][1]))
-    old_state = {
-        name: dict(optimizer.state[p])
-        for p, (name, _) in replaced.items()
-        if p in optimizer.state and optimizer.state[p]
-    }
-    maps = _maps(channel_map)
-    if old_state and not maps:
-        raise ValueError("channel_map is required to map the optimizer state of grown parameters")
-    new_state = _map_torch_state(old_state, core_flow, maps, mode) if old_state else {}
-    for p, (name, new) in replaced.items():
-        if p in optimizer.state:
-            swaps.append(_Removal(optimizer.state, p))
-        if name in new_state:
-            swaps.append(_Swap(optimizer.state, new, new_state[name]))
-    return swaps
+    """The optimizer's part of a growth, planned by optim.py (applied and undone as a swap)."""
+    from .optim import plan_optimizer_growth  # same package; late to keep import order simple
+
+    pairs = {name: (old, new) for old, (name, new) in replaced.items()}
+    if not pairs:
+        return []
+    if not _maps(channel_map):
+        raise ValueError("channel_map is required to carry the optimizer state of grown parameters")
+    return [plan_optimizer_growth(optimizer, pairs, core_flow, channel_map, mode=mode)]
