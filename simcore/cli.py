@@ -6,6 +6,8 @@ Subcommands:
   :func:`simcore.testing.check_backend` on every installed backend (or those
   named) and print one table row per backend, function and dtype; exit status
   1 when any check fails or a named backend is unusable.
+* ``simcore grow [options]``: the paper's experiment (needs torch), implemented in
+  :mod:`simcore.adapters.torch.experiment.cli`; imported only when invoked.
 
 Each subcommand is a ``_register_*`` function that adds its parser and sets
 ``handler`` (called with the parsed arguments, returning the exit status); a new
@@ -105,8 +107,28 @@ def _register_check(subparsers) -> None:
     parser.set_defaults(handler=_run_check)
 
 
+def _run_grow(args: argparse.Namespace) -> int:
+    # Imported here: the experiment needs torch, and `import simcore` must not import it.
+    from simcore.adapters.torch.experiment.cli import main as grow_main
+
+    return grow_main(args.grow_args)
+
+
+def _register_grow(subparsers) -> None:
+    # The experiment module owns the options (`simcore grow --help` lists them); "+" as the
+    # only prefix makes this parser pass every "-x"/"--x" through to it untouched.
+    parser = subparsers.add_parser(
+        "grow", add_help=False, prefix_chars="+",
+        help="grow a network while training, with and without the similarity phase, and "
+        "print the paper-shaped table (needs torch; see 'simcore grow --help')",
+    )
+    parser.add_argument("grow_args", nargs=argparse.REMAINDER)
+    parser.set_defaults(handler=_run_grow)
+
+
 #: Functions that each add one subcommand to the ``simcore`` parser.
-SUBCOMMANDS: list[Callable[[argparse._SubParsersAction], None]] = [_register_check]
+SUBCOMMANDS: list[Callable[[argparse._SubParsersAction], None]] = [_register_check,
+                                                                   _register_grow]
 
 
 def build_parser() -> argparse.ArgumentParser:
