@@ -1,0 +1,132 @@
+"""Growth under DistributedDataParallel: 2 CPU processes (gloo), the same decision on each rank.
+
+Each rank sees different data, so un-reduced scores would differ; after a growth every rank
+must hold identical widths and parameters, and training must go on in the re-wrapped DDP.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+
+import pytest
+
+torch = pytest.importorskip("torch")
+import torch.distributed as dist  # noqa: E402
+import torch.multiprocessing as mp  # noqa: E402
+from simcore.adapters.torch.distributed import regrow_ddp  # noqa: E402
+from simcore.adapters.torch.growers import FireflyGrower, RandomGrower, SSDGrower  # noqa: E402
+from torch import nn  # noqa: E402
+
+WORLD = 2
+
+
+def _net():
+    torch.manual_seed(0)  # identical initial weights on every rank
+    return nn.Sequential(
+        nn.Conv2d(3, 4, 3, padding=1, bias=False), nn.BatchNorm2d(4), nn.SiLU(),
+        nn.Conv2d(4, 6, 3, padding=1), nn.SiLU(), nn.MaxPool2d(2),
+        nn.Flatten(), nn.Linear(6 * 4 * 4, 5),
+    )
+
+
+def _grower(name):
+    if name == "random":
+        return RandomGrower(seed=rank_seed())
+    if name == "ssd":
+        return SSDGrower("exact", seed=rank_seed())
+    return FireflyGrower(new_per_layer=4, seed=rank_seed())
+
+
+def rank_seed():
+    # A different grower seed on each rank: only the broadcast from rank 0 makes them agree.
+    return 100 + dist.get_rank()
+
+
+METHODS = ("random", "ssd", "firefly")
+
+
+def _worker(rank, init_file, out_dir):
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank,
+                            world_size=WORLD)
+    try:
+        results = {method: _grow_and_train(rank, method) for method in METHODS}
+        with open(os.path.join(out_dir, f"rank{rank}.json"), "w") as f:
+            json.dump(results, f)
+    finally:
+        dist.destroy_process_group()
+
+
+def _grow_and_train(rank, method):
+    model = nn.parallel.DistributedDataParallel(_net())
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
+    data = torch.Generator().manual_seed(1000 + rank)  # different data on each rank
+    batches = [
+        (torch.randn(4, 3, 8, 8, generator=data), torch.randint(0, 5, (4,), generator=data))
+        for _ in range(2)
+    ]
+    loss_fn = nn.functional.cross_entropy
+    for x, y in batches:  # a little training first: momentum to carry
+        optimizer.zero_grad()
+        loss_fn(model(x), y).backward()
+        optimizer.step()
+    report = _grower(method).grow(model, batches, loss_fn, optimizer, ratio=0.5)
+    widths = [report.widths_after[k] for k in sorted(report.widths_after)]
+    # Before re-wrapping (which broadcasts rank 0's values): each rank's own growth result.
+    grown = [p.detach().clone() for p in model.module.parameters()]
+    everyone = [None] * WORLD
+    dist.all_gather_object(everyone, grown)
+    grown_gap = max(
+        float((a - b).abs().max()) if a.shape == b.shape else float("inf")
+        for a, b in zip(everyone[0], everyone[1], strict=True)
+    )
+    model = regrow_ddp(model)
+    losses = []
+    for x, y in batches:  # training goes on in the new wrapper
+        optimizer.zero_grad()
+        loss = loss_fn(model(x), y)
+        loss.backward()
+        optimizer.step()
+        losses.append(float(loss))
+    final = torch.cat([p.detach().flatten() for p in model.parameters()])
+    gathered = [torch.zeros_like(final) for _ in range(WORLD)]
+    dist.all_gather(gathered, final)
+    return {
+        "widths": widths,
+        "added": report.total_added,
+        "budget": report.budget,
+        "grown_gap": grown_gap,
+        "losses": losses,
+        "max_param_gap": float((gathered[0] - gathered[1]).abs().max()),
+        "module_widths": [m.out_channels if isinstance(m, nn.Conv2d) else m.out_features
+                          for m in model.module if isinstance(m, (nn.Conv2d, nn.Linear))],
+    }
+
+
+@pytest.fixture(scope="module")
+def ddp_results():
+    """One spawn of 2 gloo ranks growing with every method (process start-up dominates)."""
+    with tempfile.TemporaryDirectory() as tmp:
+        init_file = os.path.join(tmp, "init")
+        mp.spawn(_worker, args=(init_file, tmp), nprocs=WORLD, join=True)
+        results = []
+        for rank in range(WORLD):
+            with open(os.path.join(tmp, f"rank{rank}.json")) as f:
+                results.append(json.load(f))
+    return results
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_ddp_growth_is_identical_across_ranks_and_training_continues(ddp_results, method):
+    r0, r1 = (r[method] for r in ddp_results)
+    results = (r0, r1)
+    assert r0["widths"] == r1["widths"]
+    assert r0["module_widths"] == r1["module_widths"]
+    assert r0["added"] == r1["added"] == r0["budget"] > 0
+    assert r0["widths"] != [4, 6]  # it did grow
+    assert r0["grown_gap"] <= 1e-6  # the same growth decision and values on both ranks
+    assert r0["max_param_gap"] <= 1e-6  # DDP kept the ranks in step after re-wrapping
+    for r in results:
+        assert all(map(lambda v: v == v and abs(v) < 1e3, r["losses"]))
