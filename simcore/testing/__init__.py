@@ -56,7 +56,7 @@ __all__ = [
 def __getattr__(name: str) -> Any:
     # Hypothesis is a test dependency: load the strategies module only when asked for.
     if name == "strategies":
-        module = importlib.import_module("._strategies", __name__)
+        module = importlib.import_module(".strategies", __name__)
         globals()["strategies"] = module
         return module
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

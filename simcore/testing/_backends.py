@@ -106,6 +106,13 @@ class Backend:
         target = None if dtype is None else self.dtype(dtype)
         return self._asarray(array, target)
 
+    def rounded(self, array: Any, dtype: str) -> np.ndarray:
+        """``array`` rounded to ``dtype`` on this backend, read back as NumPy float64.
+
+        The input a reference should see when the backend computes in ``dtype``.
+        """
+        return self.to_numpy(self.asarray(array, dtype)).astype(np.float64)
+
     def to_numpy(self, x: Any) -> np.ndarray:
         """A NumPy copy of ``x`` (detached, on the host); bfloat16 comes back as float32."""
         return self._to_numpy(x)

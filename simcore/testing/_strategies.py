@@ -29,6 +29,7 @@ import math
 from typing import NamedTuple
 
 import numpy as np
+from hypothesis import given, settings
 from hypothesis import strategies as st
 
 __all__ = [
@@ -38,9 +39,56 @@ __all__ = [
     "orthogonal_rows",
     "parallel_rows",
     "random_orthogonal",
+    "given_for",
+    "is_compiling",
     "rows_at_angle",
+    "size_limits",
     "weights",
 ]
+
+#: Backends that compile for every new input shape (JAX traces per shape):
+#: :func:`size_limits` pins their shapes so a Hypothesis run compiles once per layout.
+_COMPILING_BACKENDS = ("jax", "jax_jit")
+
+
+def size_limits(backend) -> dict[str, int]:
+    """Keyword arguments for :func:`weights` that keep a test fast on ``backend``.
+
+    Empty for eager backends; for JAX (which compiles per shape, ~0.5 s each) one
+    shape per layout, so the values vary across examples but the shapes do not.
+    """
+    if getattr(backend, "name", backend) in _COMPILING_BACKENDS:
+        return {"min_neurons": 6, "max_neurons": 6, "min_fan_in": 4, "max_fan_in": 4,
+                "min_kernel": 2, "max_kernel": 2}
+    return {}
+
+
+def is_compiling(backend) -> bool:
+    """Whether ``backend`` compiles per input shape and keyword set (JAX)."""
+    return getattr(backend, "name", backend) in _COMPILING_BACKENDS
+
+
+def given_for(backend, *given_args, **given_kwargs):
+    """``hypothesis.given`` with an example budget that suits ``backend``.
+
+    Eager backends get the active profile's ``max_examples``; JAX backends,
+    where every new shape costs a compilation, a sixth of it (at least 2).
+    Use it on a function nested in a test that receives the backend::
+
+        def test_loss_is_bounded(backend):
+            @given_for(backend, strategies.weights())
+            def check(draw):
+                ...
+            check()
+    """
+    budget = settings.default.max_examples
+    if is_compiling(backend):
+        budget = max(2, budget // 6)
+
+    def decorate(fn):
+        return settings(max_examples=budget)(given(*given_args, **given_kwargs)(fn))
+
+    return decorate
 
 #: Weight layouts and the neuron axis each uses: ``dense`` is PyTorch's
 #: ``(out, in)``, ``dense_io`` Flax/Keras ``(in, out)``, ``oihw`` a PyTorch conv
@@ -75,6 +123,7 @@ def weights(
     max_neurons: int = 12,
     min_fan_in: int = 1,
     max_fan_in: int = 16,
+    min_kernel: int = 1,
     max_kernel: int = 3,
     max_norm_ratio: float = 1e3,
     zero_rows: bool = False,
@@ -82,7 +131,7 @@ def weights(
     """A :class:`WeightDraw` ``(w, neuron_axis)`` with ``w`` float64 in one of ``layouts``.
 
     ``min_fan_in``/``max_fan_in`` bound the input channels (for conv layouts the
-    fan-in is that times ``kh * kw``, each in ``1..max_kernel``). Row norms lie
+    fan-in is that times ``kh * kw``, each in ``min_kernel..max_kernel``). Row norms lie
     in ``[1/sqrt(max_norm_ratio), sqrt(max_norm_ratio)]``. With
     ``zero_rows=True`` some rows (possibly none, possibly all but one, possibly
     all) are set exactly to zero.
@@ -95,7 +144,10 @@ def weights(
     fan_in = draw(st.integers(min_fan_in, max_fan_in))
     kernel = (1, 1)
     if layout in ("oihw", "hwio"):
-        kernel = (draw(st.integers(1, max_kernel)), draw(st.integers(1, max_kernel)))
+        kernel = (
+            draw(st.integers(min_kernel, max_kernel)),
+            draw(st.integers(min_kernel, max_kernel)),
+        )
     seed = draw(st.integers(0, 2**32 - 1))
     half_decades = math.log10(max_norm_ratio) / 2
     log_norms = draw(
