@@ -532,9 +532,11 @@ def _visit(node, user, walk, modules, calls, segment, ndim, spatial, pooled):
         if target in ("view", "reshape") or target is torch.reshape:
             before, after = _shape(node), _shape(user)
             if before is None or after is None:
-                return _block(
-                    walk, user, f"{target} whose shapes are unknown: pass example_input to check it"
+                walk.needs_input = (
+                    f"example_input is needed: {user.name!r} ({target}) may flatten channels; "
+                    "pass an input batch, e.g. torch.zeros(1, 3, 32, 32), to check it"
                 )
+                return _block(walk, user, f"{target} whose shapes are unknown")
             if len(after) == 2 and after[0] == before[0] and after[1] == math.prod(before[1:]):
                 return _flatten(node, user, walk, modules, calls, go)
             return _block(walk, user, f"{target} to {after}, not a flatten from dim 1")
@@ -633,16 +635,6 @@ class _Swap:
             self.container[self.key] = self.old
         else:
             del self.container[self.key]
-
-
-class _Removal(_Swap):
-    """A reversible ``del container[key]`` (re-keying optimizer state to a new parameter)."""
-
-    def __init__(self, container, key):
-        super().__init__(container, key, None)
-
-    def apply(self):
-        del self.container[self.key]
 
 
 def _commit(swaps):
