@@ -82,6 +82,13 @@ def test_orthonormal_rows_get_an_exactly_zero_gradient_unlike_jnp_abs_autodiff()
     assert np.all(np.asarray(jax.grad(simcore.similarity_loss)(w)) == 0.0)
 
 
+@settings(max_examples=5)
+@given(strategies.orthogonal_rows())
+def test_exactly_orthogonal_rows_get_an_exactly_zero_gradient(w):
+    value, grad = jax.value_and_grad(sj.similarity_loss)(_f32(w))
+    assert float(value) == 0.0 and not np.any(np.asarray(grad))
+
+
 def test_zero_rows_get_zero_gradient_where_plain_autodiff_gives_nan():
     w = _f32([[1.0, 2.0, 0.0], [0.0, 0.0, 0.0], [2.0, -0.5, 1.0]])
     ours = np.asarray(jax.grad(sj.similarity_loss)(w))

@@ -1,4 +1,22 @@
-"""JAX glue for simcore."""
+"""JAX glue for simcore: autodiff wrappers, an optax transform, pytree helpers, growth.
+
+* :func:`similarity_loss`, :func:`growth_objective`: Eq. 2 and Eq. 5 with the
+  core's analytic gradient as a ``jax.custom_vjp`` (``sign(0) = 0``, zero rows
+  get 0); they trace under ``jit`` and batch under ``vmap``.
+* :func:`penalty` (a loss term over a parameter pytree) and
+  :func:`add_similarity_gradient` (an optax ``GradientTransformation``).
+* :func:`find_kernels`: ``{leaf name: neuron_axis}`` for the dense/conv kernels
+  of Flax linen/nnx and Equinox trees (Flax: neurons last; Equinox: first).
+* :func:`linen_flow`, :func:`add_neurons`, :func:`replicate_neurons`,
+  :func:`split_neurons`, :func:`grow_optax_state`: out-of-place widening of a
+  linen model's variables, and its optax state, through :mod:`simcore.growth`.
+
+>>> import jax, jax.numpy as jnp
+>>> from simcore.adapters.jax import similarity_loss
+>>> w = jnp.array([[1.0, 0.0], [1.0, 1.0]])
+>>> round(float(similarity_loss(w)), 4)
+0.7071
+"""
 
 from ._growth import (
     add_neurons,
