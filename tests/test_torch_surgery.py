@@ -160,9 +160,10 @@ def test_flatten_without_example_input_is_a_clear_error():
 def test_discovery_restores_mode_and_leaves_running_stats():
     model = vgg16()
     model.train()
+    model.features[2].eval()
     before = model.features[1].running_mean.clone()
     discover_flows(model, _x((2, 3, 32, 32)))
-    assert model.training and model.features[1].training
+    assert model.training and model.features[1].training and not model.features[2].training
     assert torch.equal(model.features[1].running_mean, before)
 
 

@@ -337,13 +337,14 @@ def _trace(model, example_input):
         ) from exc
     if example_input is not None:
         inputs = example_input if isinstance(example_input, tuple) else (example_input,)
-        was_training = model.training
+        modes = [(m, m.training) for m in model.modules()]
         model.eval()  # shape propagation must not touch BatchNorm running stats
         try:
             with torch.no_grad():
                 ShapeProp(graph_module).propagate(*inputs)
         finally:
-            model.train(was_training)
+            for m, mode in modes:  # each module's own mode, not model.train(...) for all
+                m.training = mode
     return graph_module
 
 

@@ -1,0 +1,411 @@
+"""Random / SSD / Firefly growers on PyTorch models, the growth schedule and the similarity phase.
+
+Function preservation is checked on logits before/after a growth in eval mode:
+Random with zero outgoing weights is exact (float rounding only); SSD splits move the function
+by O(eps^2) (checked by the ratio when eps doubles); Firefly by O(outgoing scale + split
+scale^2). SSD's whole pipeline (hooks, patches, BN coefficient, eigenvectors) is checked against
+the loss change a split really causes: eps^2 / 2 * lambda_min.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+
+import numpy as np
+import pytest
+
+torch = pytest.importorskip("torch")
+import torch.nn.functional as F  # noqa: E402
+from simcore.adapters.torch import growers  # noqa: E402
+from simcore.adapters.torch.growers import (  # noqa: E402
+    FireflyGrower,
+    GrowthReport,
+    RandomGrower,
+    SSDGrower,
+)
+from simcore.adapters.torch.models import mobilenet_v1, vgg16  # noqa: E402
+from simcore.adapters.torch.schedule import (  # noqa: E402
+    DEFAULT_PHASE_STEPS,
+    GrowthSchedule,
+    SimilarityPhase,
+)
+from simcore.adapters.torch.surgery import GrowthError, apply_growth, discover_flows  # noqa: E402
+from torch import nn  # noqa: E402
+
+from simcore.growth import growth_budget  # noqa: E402
+from simcore.growth.firefly import FireflySelection, firefly_apply  # noqa: E402
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    # Shared 2-core CI machine: multi-threaded LAPACK eigh is pathologically slow under load.
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+class SmallNet(nn.Module):
+    """Written here: conv+BN+SiLU, conv+SiLU, max-pool, flatten -> Linear+tanh -> Linear."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv1 = nn.Conv2d(3, 6, 3, padding=1, bias=False)
+        self.bn1 = nn.BatchNorm2d(6)
+        self.act1 = nn.SiLU()
+        self.conv2 = nn.Conv2d(6, 5, 3, padding=1)
+        self.act2 = nn.SiLU()
+        self.pool = nn.MaxPool2d(2)
+        self.flatten = nn.Flatten()
+        self.fc1 = nn.Linear(5 * 4 * 4, 8)
+        self.act3 = nn.Tanh()
+        self.fc2 = nn.Linear(8, 4)
+
+    def forward(self, x):
+        x = self.act1(self.bn1(self.conv1(x)))
+        x = self.pool(self.act2(self.conv2(x)))
+        return self.fc2(self.act3(self.fc1(self.flatten(x))))
+
+
+def _small(dtype=torch.float32):
+    torch.manual_seed(0)
+    model = SmallNet().to(dtype)
+    with torch.no_grad():  # non-trivial BN statistics, so the BN coefficient matters
+        model.bn1.running_var.uniform_(0.5, 2.0)
+        model.bn1.running_mean.uniform_(-0.2, 0.2)
+        model.bn1.weight.uniform_(0.5, 1.5)
+    return model
+
+
+def _data(shape, classes, seed=0, dtype=torch.float32, batches=1):
+    gen = torch.Generator().manual_seed(seed)
+    return [(torch.randn(*shape, generator=gen, dtype=dtype),
+             torch.randint(0, classes, (shape[0],), generator=gen)) for _ in range(batches)]
+
+
+def _logits(model, x):
+    mode = model.training
+    model.eval()
+    with torch.no_grad():
+        out = model(x)
+    model.train(mode)
+    return out
+
+
+def _gap(model, x, before):
+    return float((_logits(model, x) - before).abs().max())
+
+
+GROWERS = {
+    "random": lambda: RandomGrower(seed=1),
+    "ssd_exact": lambda: SSDGrower("exact", seed=1),
+    "ssd_fast": lambda: SSDGrower("fast", seed=1, rayleigh_steps=40),
+    "firefly": lambda: FireflyGrower(new_per_layer=16, split_scale=1e-3, outgoing_scale=1e-4,
+                                     train_candidates=False, seed=1),
+}
+# Largest |logit change| / max|logit| allowed per grower (eps = 0.01 for SSD).
+TOLERANCE = {"random": 1e-5, "ssd_exact": 5e-3, "ssd_fast": 5e-3, "firefly": 5e-3}
+MODELS = {
+    "vgg16": (vgg16, (4, 3, 32, 32), 10),
+    "mobilenet_v1": (mobilenet_v1, (4, 3, 32, 32), 10),
+    "small": (_small, (4, 3, 8, 8), 4),
+}
+
+
+@pytest.mark.parametrize("model_name", list(MODELS))
+@pytest.mark.parametrize("grower_name", list(GROWERS))
+def test_growth_preserves_the_function(model_name, grower_name):
+    make, shape, classes = MODELS[model_name]
+    model = make()
+    batches = _data(shape, classes)
+    x = batches[0][0]
+    before = _logits(model, x)
+    neurons = sum(f.channels(model) for f in discover_flows(model, x[:1]))
+    report = GROWERS[grower_name]().grow(model, batches, F.cross_entropy, ratio=0.35)
+    assert report.budget == growth_budget(neurons, 0.35)
+    assert report.total_added == report.budget > 0
+    assert report.params_after == sum(p.numel() for p in model.parameters())
+    assert report.params_after > report.params_before
+    assert _gap(model, x, before) <= TOLERANCE[grower_name] * float(before.abs().max())
+    # The grown model trains: one SGD step works and changes the new neurons' layers.
+    loss = F.cross_entropy(model(x), batches[0][1])
+    loss.backward()
+    assert all(p.grad is not None and torch.isfinite(p.grad).all() for p in model.parameters())
+
+
+def test_ssd_split_is_second_order_in_eps():
+    gaps = []
+    for eps in (0.02, 0.04):
+        model = _small(torch.float64)
+        batches = _data((4, 3, 8, 8), 4, dtype=torch.float64)
+        x = batches[0][0]
+        before = _logits(model, x)
+        SSDGrower("exact", eps=eps).grow(model, batches, F.cross_entropy, ratio=0.5)
+        gaps.append(_gap(model, x, before))
+    assert gaps[0] > 0
+    assert 3.0 < gaps[1] / gaps[0] < 5.0  # O(eps^2): doubling eps quadruples the change
+
+
+def test_firefly_change_shrinks_with_the_candidate_scales():
+    gaps = []
+    for scale in (1e-2, 5e-3):
+        model = _small(torch.float64)
+        batches = _data((4, 3, 8, 8), 4, dtype=torch.float64)
+        x = batches[0][0]
+        before = _logits(model, x)
+        FireflyGrower(new_per_layer=8, split_scale=scale, outgoing_scale=scale,
+                      train_candidates=False).grow(model, batches, F.cross_entropy, ratio=0.5)
+        gaps.append(_gap(model, x, before))
+    assert 0 < gaps[1] < 0.75 * gaps[0]  # O(outgoing scale): halves with the scale
+
+
+def _loss(model, batches):
+    model.eval()
+    with torch.no_grad():
+        return sum(float(F.cross_entropy(model(x), y)) for x, y in batches) / len(batches)
+
+
+def test_ssd_lambda_min_predicts_the_loss_change_of_a_split():
+    # Splitting neuron i along v by eps changes the loss by eps^2 / 2 * v^T S_i v (+ O(eps^3)).
+    # conv2 is left out: the max-pool after it lets each copy pick its own argmax, which
+    # near-ties within O(eps) flip, so its loss is not smooth in eps at this scale.
+    eps = 0.02
+    for layer, width in (("conv1", 6), ("fc1", 8)):
+        model = _small(torch.float64)
+        batches = _data((8, 3, 8, 8), 4, seed=3, dtype=torch.float64, batches=2)
+        before = _loss(model, batches)
+        report = SSDGrower("exact", eps=eps).grow(model, batches, F.cross_entropy,
+                                                  ratio=1.0 / width, layers=[layer])
+        assert report.added == {layer: 1}
+        lam = float(report.scores[layer].min())
+        change = _loss(model, batches) - before
+        predicted = eps**2 / 2 * lam
+        assert abs(change - predicted) <= 0.02 * abs(predicted), (layer, change, predicted)
+
+
+def test_ssd_fast_agrees_with_exact():
+    scores = {}
+    for mode in ("exact", "fast"):
+        model = _small(torch.float64)
+        report = SSDGrower(mode, rayleigh_steps=400).grow(
+            model, _data((4, 3, 8, 8), 4, dtype=torch.float64), F.cross_entropy)
+        scores[mode] = report.scores
+    for layer in scores["exact"]:
+        exact, fast = scores["exact"][layer], scores["fast"][layer]
+        scale = np.abs(exact).max()
+        np.testing.assert_allclose(fast, exact, rtol=0, atol=1e-3 * scale)
+
+
+class _Keep(FireflyGrower):
+    """Keeps the scored candidates (state) for the finite-difference check."""
+
+    def plan(self, params, core_flows, picks, state, rng):
+        self.kept = (params, core_flows, state)
+        return super().plan(params, core_flows, picks, state, rng)
+
+
+def test_firefly_scores_are_gate_gradients():
+    model = _small(torch.float64)
+    flows = discover_flows(model, torch.zeros(1, 3, 8, 8, dtype=torch.float64))
+    batches = _data((4, 3, 8, 8), 4, dtype=torch.float64)
+    grower = _Keep(new_per_layer=3, split_scale=0.05, outgoing_scale=0.05,
+                   train_candidates=False)
+    probe = copy.deepcopy(model)
+    report = grower.grow(model, batches, F.cross_entropy, ratio=0.3)
+    params, core_flows, (candidates, filter_seed) = grower.kept
+    everything = [FireflySelection(np.arange(c.split_directions.shape[0]), np.arange(c.new_count))
+                  for c in candidates]
+
+    def loss_with(layer, kind, index, gate):
+        cands = list(candidates)
+        c = cands[layer]
+        if kind == "split":
+            d = c.split_directions.clone()
+            d[index] *= gate
+            cands[layer] = dataclasses.replace(c, split_directions=d)
+        else:
+            out = tuple(a.clone() for a in c.new_outgoing)
+            for a in out:
+                a[index] *= gate
+            cands[layer] = dataclasses.replace(c, new_outgoing=out)
+        grown, maps = firefly_apply(params, core_flows, cands, everything,
+                                    rng=np.random.default_rng(filter_seed))
+        net = copy.deepcopy(probe)
+        for i in reversed(range(len(flows))):
+            apply_growth(net, flows[i], grown, maps[i])
+        return _loss(net, batches)
+
+    h = 1e-4
+    for layer, flow in enumerate(flows):
+        n = candidates[layer].split_directions.shape[0]
+        scores = report.scores[flow.producer]
+        for kind, index, position in (("split", 1, 1), ("new", 2, n + 2)):
+            numeric = (loss_with(layer, kind, index, 1 + h)
+                       - loss_with(layer, kind, index, 1 - h)) / (2 * h)
+            assert scores[position] == pytest.approx(numeric, rel=1e-4, abs=1e-9), (
+                flow.producer, kind)
+
+
+def test_firefly_training_moves_candidates_and_keeps_a_valid_model():
+    model = _small()
+    batches = _data((4, 3, 8, 8), 4, batches=2)
+    optimizer = torch.optim.Adam(model.parameters(), lr=1e-3)
+    report = FireflyGrower(new_per_layer=8).grow(model, batches, F.cross_entropy, optimizer)
+    assert report.total_added == report.budget
+    x, y = batches[0]
+    optimizer.zero_grad()
+    F.cross_entropy(model(x), y).backward()
+    optimizer.step()
+    assert all(torch.isfinite(p).all() for p in model.parameters())
+
+
+# --------------------------------------------------------------------------- hygiene
+
+
+@pytest.mark.parametrize("grower_name", ["ssd_exact", "firefly"])
+def test_scoring_restores_modes_and_leaves_no_grads_hooks_or_stats(grower_name):
+    model = _small()
+    model.train()
+    model.act2.eval()  # a module in its own mode must keep it
+    batches = _data((4, 3, 8, 8), 4)
+    mean = model.bn1.running_mean.clone()
+    tracked = model.bn1.num_batches_tracked.clone()
+    GROWERS[grower_name]().grow(model, batches, F.cross_entropy)
+    assert model.training and model.bn1.training and not model.act2.training
+    assert all(p.grad is None for p in model.parameters())
+    assert all(not m._forward_hooks and not m._forward_pre_hooks for m in model.modules())
+    assert torch.equal(model.bn1.running_mean[:6], mean)  # BN was in eval mode while scoring
+    assert torch.equal(model.bn1.num_batches_tracked, tracked)
+
+
+def test_ratio_in_parameters_and_layer_restriction():
+    model = _small()
+    batches = _data((4, 3, 8, 8), 4)
+    report = RandomGrower().grow(model, batches, F.cross_entropy, ratio=0.35, unit="parameters")
+    growth = report.params_after - report.params_before
+    assert 0.5 * 0.35 * report.params_before < growth < 1.5 * 0.35 * report.params_before
+    report = RandomGrower().grow(model, batches, F.cross_entropy, layers=["conv2"], ratio=0.4)
+    assert set(report.added) == {"conv2"} and report.added["conv2"] == report.budget
+    with pytest.raises(GrowthError, match="output layer"):
+        RandomGrower().grow(model, batches, F.cross_entropy, layers=["fc2"])
+    with pytest.raises(ValueError, match="unit"):
+        RandomGrower().grow(model, batches, F.cross_entropy, unit="bytes")
+    with pytest.raises(ValueError, match="ratio"):
+        RandomGrower().grow(model, batches, F.cross_entropy, ratio=-1.0)
+    with pytest.raises(TypeError, match="loss_fn"):
+        SSDGrower().grow(model, batches, None)
+    with pytest.raises(ValueError, match="data_batches"):
+        SSDGrower().grow(model, [], F.cross_entropy)
+
+
+def test_ssd_needs_activation_modules():
+    class Functional(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.fc1, self.fc2 = nn.Linear(3, 4), nn.Linear(4, 2)
+
+        def forward(self, x):
+            return self.fc2(F.relu(self.fc1(x)))
+
+    with pytest.raises(GrowthError, match="function call"):
+        SSDGrower().grow(Functional(), _data((4, 3), 2), F.cross_entropy)
+    # Random growth does not need statistics.
+    report = RandomGrower().grow(Functional(), None, None, ratio=0.5)
+    assert report.added == {"fc1": 2}
+
+
+def test_random_growth_is_seeded():
+    results = []
+    for seed in (3, 3, 4):
+        model = _small()
+        RandomGrower(seed=seed).grow(model, None, None, example_input=torch.zeros(1, 3, 8, 8),
+                                     ratio=0.5)
+        results.append(torch.cat([p.detach().flatten() for p in model.parameters()]))
+    assert torch.equal(results[0], results[1])
+    assert results[0].shape != results[2].shape or not torch.equal(results[0], results[2])
+
+
+def test_a_failing_layer_rolls_back_the_whole_growth(monkeypatch):
+    model = _small()
+    batches = _data((4, 3, 8, 8), 4)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+    x, y = batches[0]
+    F.cross_entropy(model(x), y).backward()
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    params = {n: p for n, p in model.named_parameters()}
+    values = {k: v.clone() for k, v in model.state_dict().items()}
+    momentum = {p: s["momentum_buffer"].clone() for p, s in optimizer.state.items()}
+    real = growers._growth_swaps
+    calls = {"n": 0}
+
+    def third_fails(*args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] == 3:
+            raise RuntimeError("injected")
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(growers, "_growth_swaps", third_fails)
+    with pytest.raises(RuntimeError, match="injected"):
+        RandomGrower().grow(model, batches, F.cross_entropy, optimizer, ratio=0.9)
+    assert calls["n"] == 3
+    assert {n: p for n, p in model.named_parameters()} == params
+    assert all(torch.equal(model.state_dict()[k], v) for k, v in values.items())
+    assert (model.conv1.out_channels, model.conv2.in_channels, model.fc1.in_features) == (6, 6, 80)
+    assert set(optimizer.state) == set(momentum)
+    assert all(torch.equal(optimizer.state[p]["momentum_buffer"], m) for p, m in momentum.items())
+    assert optimizer.param_groups[0]["params"] == list(model.parameters())
+
+
+def test_report_fields():
+    report = GrowthReport("random", 3, {"a": 2, "b": 4}, {"a": 5, "b": 4}, 10, 20)
+    assert report.added == {"a": 3, "b": 0}
+    assert report.grown_layers == ["a"] and report.total_added == 3
+
+
+# --------------------------------------------------------------------------- schedule
+
+
+def test_schedule_of_the_paper():
+    schedule = GrowthSchedule(every=50, ratio=0.35, max_growths=4)
+    assert [e for e in range(250) if schedule.should_grow(e)] == [50, 100, 150, 200]
+    assert schedule.growth_epochs == (50, 100, 150, 200)
+    assert schedule.growths_before(0) == 0 and schedule.growths_before(201) == 4
+    early = GrowthSchedule(every=3, start=0, max_growths=2)
+    assert [e for e in range(10) if early.should_grow(e)] == [0, 3]
+    with pytest.raises(ValueError, match="every"):
+        GrowthSchedule(every=0)
+    with pytest.raises(ValueError, match="unit"):
+        GrowthSchedule(unit="bytes")
+    with pytest.raises(TypeError, match="epoch"):
+        schedule.should_grow(1.5)
+
+
+def test_similarity_phase_weights_only_decorrelates_the_grown_layers():
+    from simcore.adapters.torch.penalty import similarity_loss
+
+    model = _small()
+    RandomGrower().grow(model, None, None, example_input=torch.zeros(1, 3, 8, 8), ratio=0.5)
+    untouched = model.fc2.weight.detach().clone()
+    before = float(similarity_loss(model.conv2.weight.detach()))
+    phase = SimilarityPhase(method="random", phase="weights_only", lr=0.5, lam=0.0)
+    assert phase.steps == DEFAULT_PHASE_STEPS["random"] == 20
+    phase.start(model, ["conv2", "fc1"])
+    assert float(similarity_loss(model.conv2.weight.detach())) < before
+    assert torch.equal(model.fc2.weight, untouched)
+    assert not phase.active and float(phase.term()) == 0.0
+
+
+def test_similarity_phase_joint_adds_the_term_for_n_steps():
+    model = _small()
+    phase = SimilarityPhase(method="ssd", phase="joint")
+    assert phase.steps == 10
+    phase.start(model, ["conv1"])
+    terms = [float(phase.term().detach()) for _ in range(12)]
+    assert all(t > 0 for t in terms[:10]) and terms[10:] == [0.0, 0.0]
+    assert SimilarityPhase(method="firefly").steps == 15
+    with pytest.raises(ValueError, match="phase"):
+        SimilarityPhase(phase="both")
+    with pytest.raises(ValueError, match="method"):
+        SimilarityPhase(method="nash")
