@@ -8,6 +8,7 @@ import pytest
 torch = pytest.importorskip("torch")
 
 from simcore.adapters.torch import (  # noqa: E402
+    grow_optimizer,
     load_checkpoint,
     mobilenet_v1,
     save_checkpoint,
@@ -15,6 +16,8 @@ from simcore.adapters.torch import (  # noqa: E402
     widths,
 )
 from torch import nn  # noqa: E402
+
+from simcore.growth import BatchNorm, ChannelFlow, Consumer, add_neurons  # noqa: E402
 
 # Non-uniform widths, as after two growths of the width-4 seed.
 GROWN = [4, 6, 5, 4, 7, 4, 4, 5, 4, 6, 4, 4, 5]
@@ -103,6 +106,58 @@ def test_resume_continues_bitwise(tmp_path):
     other = load_checkpoint(tmp_path / "k.pt", optimizer=_sgd, scheduler=_cosine,
                             restore_rng=False)
     assert _step(other.model, other.optimizer, other.scheduler) != straight[0]
+
+
+VGG_CONVS = [0, 3, 7, 10, 14, 17, 20, 24, 27, 30, 34, 37, 40]
+
+
+def _grow_vgg_layer(model, optimizer, k, count, seed):
+    """Add ``count`` neurons to conv ``k`` of a VGG16 with the core's operator, write them into
+    the model by hand (flows follow the documented naming) and carry the optimizer state."""
+    i = VGG_CONVS[k]
+    consumer = f"features.{VGG_CONVS[k + 1]}" if k + 1 < len(VGG_CONVS) else "classifier"
+    bn = f"features.{i + 1}"
+    flow = ChannelFlow(
+        f"features.{i}.weight",
+        norm=BatchNorm(f"{bn}.weight", f"{bn}.bias", f"{bn}.running_mean", f"{bn}.running_var"),
+        consumers=(Consumer(f"{consumer}.weight"),),
+    )
+    grown, cmap = add_neurons(dict(model.state_dict()), flow, count,
+                              rng=np.random.default_rng(seed))
+    replaced = {}
+    for name in flow.names():
+        module_name, _, attr = name.rpartition(".")
+        module = model.get_submodule(module_name)
+        if attr in module._parameters:
+            replaced[name] = (module._parameters[attr], nn.Parameter(grown[name].clone()))
+            module._parameters[attr] = replaced[name][1]
+        else:
+            module._buffers[attr] = grown[name].clone()
+    channels = cmap.new_channels
+    model.features[i].out_channels = model.get_submodule(bn).num_features = channels
+    model.get_submodule(consumer).in_channels = channels
+    grow_optimizer(optimizer, replaced, flow, cmap)
+
+
+def test_twice_grown_model_with_carried_state_resumes_exactly(tmp_path):
+    _seed(3)
+    model = vgg16(width=4)
+    optimizer = _sgd(model.parameters())
+    scheduler = _cosine(optimizer)
+    _step(model, optimizer, scheduler)
+    _grow_vgg_layer(model, optimizer, 2, 3, seed=0)
+    _step(model, optimizer, scheduler)
+    _grow_vgg_layer(model, optimizer, 12, 2, seed=1)
+    _step(model, optimizer, scheduler)
+    assert widths(model) == [4, 4, 7] + [4] * 9 + [6]
+    save_checkpoint(tmp_path / "g.pt", model, optimizer, scheduler, extra={"growths": 2})
+    straight = [_step(model, optimizer, scheduler) for _ in range(2)]
+    resumed = load_checkpoint(tmp_path / "g.pt", optimizer=_sgd, scheduler=_cosine)
+    assert widths(resumed.model) == [4, 4, 7] + [4] * 9 + [6]
+    again = [_step(resumed.model, resumed.optimizer, resumed.scheduler) for _ in range(2)]
+    assert again == straight
+    for p, q in zip(model.parameters(), resumed.model.parameters(), strict=True):
+        assert torch.equal(p, q)
 
 
 def test_mobilenet_and_adam_round_trip(tmp_path):
