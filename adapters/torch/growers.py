@@ -14,7 +14,8 @@ whole: if any layer fails, every layer grown before it is restored.
 Under ``torch.distributed`` (e.g. DistributedDataParallel), each growth draws
 its random seed on rank 0 and broadcasts it, and scores (SSD: the splitting
 statistics) are averaged over ranks before selection, so every rank makes the
-same decision; wrap the grown module again with
+same decision (every rank must pass the same number of batches: the averages are
+collectives); wrap the grown module again with
 :func:`~simcore.adapters.torch.distributed.regrow_ddp`.
 
 >>> import torch
@@ -103,13 +104,24 @@ def _distributed() -> bool:
     return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
 
 
+def _collective_device(t: torch.Tensor) -> torch.device:
+    """Where a collective on ``t`` must run: NCCL only takes CUDA tensors, gloo takes CPU ones."""
+    if torch.distributed.get_backend() == "nccl":
+        return t.device if t.is_cuda else torch.device("cuda", torch.cuda.current_device())
+    return t.device
+
+
 def _average_across_ranks(t: torch.Tensor) -> torch.Tensor:
-    """Mean of ``t`` over all ranks (a no-op without an initialised process group)."""
+    """Mean of ``t`` over all ranks (a no-op without an initialised process group).
+
+    Every rank must call it the same number of times in the same order (same flows, same
+    number of batches), as with any collective.
+    """
     if not _distributed():
         return t
-    t = t.detach().clone()
-    torch.distributed.all_reduce(t)
-    return t / torch.distributed.get_world_size()
+    out = t.detach().to(_collective_device(t), copy=True)
+    torch.distributed.all_reduce(out)
+    return (out / torch.distributed.get_world_size()).to(t.device)
 
 
 def _shared_seed(rng: np.random.Generator) -> int:
@@ -117,6 +129,7 @@ def _shared_seed(rng: np.random.Generator) -> int:
     seed = int(rng.integers(0, 2**62))
     if _distributed():
         box = torch.tensor([seed], dtype=torch.int64)
+        box = box.to(_collective_device(box))
         torch.distributed.broadcast(box, src=0)
         seed = int(box.item())
     return seed
