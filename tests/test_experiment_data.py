@@ -8,7 +8,6 @@ import pickle
 import numpy as np
 import pytest
 import torch
-
 from simcore.adapters.torch.experiment.data import (
     UnsafePickleError,
     augment_batch,
