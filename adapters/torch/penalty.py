@@ -68,7 +68,7 @@ def _eager(fn: Callable) -> Callable:
                 stack.enter_context(torch.autocast(device_type, enabled=False))
             return fn(*args, **kwargs)
 
-    return torch._dynamo.disable(run)
+    return torch.compiler.disable(run)
 
 
 _AUTOCAST_DEVICES = ("cpu", "cuda") if torch.cuda.is_available() else ("cpu",)
