@@ -297,6 +297,8 @@ def test_ratio_in_parameters_and_layer_restriction():
         SSDGrower().grow(model, batches, None)
     with pytest.raises(ValueError, match="data_batches"):
         SSDGrower().grow(model, [], F.cross_entropy)
+    with pytest.raises(ValueError, match="Firefly candidates"):
+        FireflyGrower(new_per_layer=1, split=False).grow(model, batches, F.cross_entropy)
 
 
 def test_ssd_needs_activation_modules():

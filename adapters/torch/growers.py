@@ -55,7 +55,15 @@ from simcore.growth.ssd import (
     splitting_matrices,
 )
 
-from .surgery import GrowthError, TorchFlow, _commit, _growth_swaps, _undo, discover_flows
+from .surgery import (
+    GrowthError,
+    TorchFlow,
+    _commit,
+    _growth_swaps,
+    _undo,
+    discover_flows,
+    unwrap,
+)
 
 __all__ = ["FireflyGrower", "Grower", "GrowthReport", "RandomGrower", "SSDGrower"]
 
@@ -90,13 +98,6 @@ class GrowthReport:
 
 
 # --------------------------------------------------------------------------- helpers
-
-
-def unwrap(model: nn.Module) -> nn.Module:
-    """The module inside DistributedDataParallel / DataParallel wrappers."""
-    while isinstance(model, (nn.parallel.DistributedDataParallel, nn.DataParallel)):
-        model = model.module
-    return model
 
 
 def _distributed() -> bool:
@@ -562,6 +563,15 @@ class FireflyGrower(Grower):
         self.train_candidates = bool(train_candidates)
         self.lr, self.momentum, self.alpha = float(lr), float(momentum), float(alpha)
         self.l2_split, self.l2_incoming = float(l2_split), float(l2_incoming)
+
+    def select(self, scores, budget, caps):
+        available = sum(int(s.numel()) for s in scores)
+        if caps is None and budget > available:
+            raise ValueError(
+                f"the budget of {budget} neurons exceeds the {available} Firefly candidates; "
+                "raise new_per_layer or lower ratio"
+            )
+        return super().select(scores, budget, caps)
 
     def _selection_all(self, candidates):
         return [

@@ -50,6 +50,7 @@ __all__ = [
     "apply_growth",
     "discover_flows",
     "find_flow",
+    "unwrap",
 ]
 
 
@@ -325,6 +326,13 @@ class _Walk:
     needs_input: str | None = None
 
 
+def unwrap(model: nn.Module) -> nn.Module:
+    """The module inside DistributedDataParallel / DataParallel wrappers (names stay unprefixed)."""
+    while isinstance(model, (nn.parallel.DistributedDataParallel, nn.DataParallel)):
+        model = model.module
+    return model
+
+
 def _trace(model, example_input):
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
@@ -586,6 +594,7 @@ def discover_flows(
     >>> [(f.producer, f.norm, f.consumers) for f in discover_flows(net, torch.zeros(1, 3, 8, 8))]
     [('0', '1', (TorchConsumer(module='4', spatial=64),))]
     """
+    model = unwrap(model) if isinstance(model, nn.Module) else model
     flows, blocked = _analyse(model, example_input)
     if layers is None:
         return flows
@@ -694,6 +703,7 @@ def apply_growth(
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
+    model = unwrap(model)
     if not isinstance(flow, TorchFlow):
         raise TypeError(f"flow must be a TorchFlow, got {type(flow).__name__}")
     if not isinstance(new_params, Mapping):
