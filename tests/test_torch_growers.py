@@ -411,3 +411,18 @@ def test_similarity_phase_joint_adds_the_term_for_n_steps():
         SimilarityPhase(phase="both")
     with pytest.raises(ValueError, match="method"):
         SimilarityPhase(method="nash")
+
+
+def test_four_growths_of_the_vgg16_seed_reach_the_papers_size():
+    # DESIGN.md section 2: 35% of the neuron count per growth takes the 0.0287M seed to about
+    # 0.052M, 0.094M, 0.171M and 0.31M (the paper: "0.0288M -> 0.325M").
+    model = vgg16()
+    grower = RandomGrower(seed=0)
+    sizes = []
+    for _ in range(4):
+        report = grower.grow(model, None, None, example_input=torch.zeros(1, 3, 32, 32))
+        sizes.append(report.params_after)
+    np.testing.assert_allclose(sizes, [52_000, 94_000, 171_000, 310_000], rtol=0.05)
+    from simcore.adapters.torch.models import widths
+
+    assert widths(model) == list(report.widths_after.values())
