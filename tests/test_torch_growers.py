@@ -426,3 +426,33 @@ def test_four_growths_of_the_vgg16_seed_reach_the_papers_size():
     from simcore.adapters.torch.models import widths
 
     assert widths(model) == list(report.widths_after.values())
+
+
+class _SharedActivation(nn.Module):
+    """One SiLU module used after every layer (a common pattern), or one per layer."""
+
+    def __init__(self, shared):
+        super().__init__()
+        torch.manual_seed(0)
+        self.conv1 = nn.Conv2d(3, 4, 3, padding=1)
+        self.conv2 = nn.Conv2d(4, 5, 3, padding=1)
+        self.fc = nn.Linear(5, 3)
+        self.act = nn.SiLU()
+        self.act2 = self.act if shared else nn.SiLU()
+
+    def forward(self, x):
+        x = self.act2(self.conv2(self.act(self.conv1(x))))
+        return self.fc(x.mean((2, 3)))
+
+
+def test_a_shared_activation_module_gives_the_same_ssd_scores():
+    batches = _data((4, 3, 6, 6), 3)
+    reports = []
+    for shared in (True, False):
+        model = _SharedActivation(shared)
+        flows = discover_flows(model)
+        assert [f.producer for f in flows] == ["conv1", "conv2"]
+        reports.append(SSDGrower().grow(model, batches, F.cross_entropy, ratio=0.5))
+    for layer in ("conv1", "conv2"):
+        np.testing.assert_allclose(reports[0].scores[layer], reports[1].scores[layer], rtol=1e-6)
+    assert reports[0].added == reports[1].added

@@ -407,15 +407,21 @@ class _Capture:
             producer = modules[flow.producer]
             pre = modules[flow.norm] if flow.norm is not None else producer
             self._hook(producer, record, "input", lambda m, i, o: i[0].detach())
+            # A copy: an in-place activation overwrites the pre-activation tensor itself.
             self._hook(pre, record, "z", lambda m, i, o: o.detach().clone())
+            self._hook(pre, record, "z_tensor", lambda m, i, o: o)
             if flow.activation is not None:
-                self._hook(modules[flow.activation], record, "h", lambda m, i, o: o)
+                # An activation module may be shared by several layers: keep only the call
+                # that reads this flow's pre-activation.
+                self._hook(modules[flow.activation], record, "h", lambda m, i, o: o,
+                           when=lambda i, record=record: i[0] is record.get("z_tensor"))
             else:
                 self._hook(pre, record, "h", lambda m, i, o: o)
 
-    def _hook(self, module, record, key, get):
+    def _hook(self, module, record, key, get, when=None):
         def hook(m, inputs, output):
-            record[key] = get(m, inputs, output)
+            if when is None or when(inputs):
+                record[key] = get(m, inputs, output)
 
         self.handles.append(module.register_forward_hook(hook))
 
@@ -472,6 +478,13 @@ class SSDGrower(Grower):
                     loss = _check_loss(loss_fn(model(inputs), targets))
                 finally:
                     capture.remove()
+                missing = [f.producer for f, r in zip(flows, capture.records, strict=True)
+                           if "h" not in r]
+                if missing:
+                    raise GrowthError(
+                        f"SSD saw no activation output for {missing[0]!r}: its activation "
+                        "module did not read its pre-activation (give the flow by hand)"
+                    )
                 hs = [r["h"] for r in capture.records]
                 grads = torch.autograd.grad(loss, hs, allow_unused=True)
                 for i, (f, record, g) in enumerate(zip(flows, capture.records, grads, strict=True)):

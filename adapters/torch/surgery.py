@@ -456,7 +456,10 @@ def _visit(node, user, walk, modules, calls, segment, ndim, spatial, pooled):
         return
     if user.op == "call_module":
         module = modules[user.target]
-        if calls[user.target] > 1:
+        stateful = any(True for _ in module.parameters()) or any(True for _ in module.buffers())
+        if calls[user.target] > 1 and stateful:
+            # A parameter-free module (one ReLU used everywhere) may be shared; a stateful one
+            # would be grown twice.
             return _block(walk, user, f"module {user.target!r} is called more than once")
         if isinstance(module, _BN):
             if flat:
