@@ -13,7 +13,8 @@ machine are noise. The paper reports 1-3% more training time with its method.
    gradient) against plain autograd through the same formula (the core's
    ``similarity_loss`` traced by torch), for a few layer sizes.
 
-Run: ``python benchmarks/bench_torch_step.py [--reps 15] [--batch 128] [--threads N]``.
+Run: ``python benchmarks/bench_torch_step.py [--reps 15] [--batch 128] [--threads N]
+[--clock wall|cpu]`` (on a shared machine: ``--threads 1 --clock cpu``).
 """
 
 from __future__ import annotations
@@ -42,13 +43,13 @@ def _step(model, optimizer, x, y, penalty):
     optimizer.step()
 
 
-def _timed(fn):
-    start = time.perf_counter()
+def _timed(fn, clock=time.perf_counter):
+    start = clock()
     fn()
-    return time.perf_counter() - start
+    return clock() - start
 
 
-def step_overhead(reps: int, batch: int) -> None:
+def step_overhead(reps: int, batch: int, clock) -> None:
     torch.manual_seed(0)
     model = vgg16(width=GROWN_WIDTHS)
     params = sum(p.numel() for p in model.parameters())
@@ -62,15 +63,16 @@ def step_overhead(reps: int, batch: int) -> None:
     for rep in range(reps):
         order = (None, penalty) if rep % 2 == 0 else (penalty, None)
         for p in order:
-            t = _timed(lambda p=p: _step(model, optimizer, x, y, p))
+            t = _timed(lambda p=p: _step(model, optimizer, x, y, p), clock)
             (plain if p is None else with_penalty).append(t)
-        alone.append(_timed(lambda: penalty().backward()))
+        alone.append(_timed(lambda: penalty().backward(), clock))
     base, ours = statistics.median(plain), statistics.median(with_penalty)
     # Each rep times the two steps back to back: the median of the per-rep ratios is
     # robust to load that drifts between reps on a shared machine.
     paired = statistics.median(b / a for a, b in zip(plain, with_penalty, strict=True))
     print(f"VGG16 widths {GROWN_WIDTHS}: {params:,} parameters, batch {batch}, "
-          f"{torch.get_num_threads()} threads, {reps} interleaved reps, medians")
+          f"{torch.get_num_threads()} threads, {reps} interleaved reps, medians of "
+          f"{clock.__name__}")
     print(f"  step without penalty: {base * 1e3:8.1f} ms")
     print(f"  step with penalty:    {ours * 1e3:8.1f} ms")
     print(f"  penalty alone (value + backward over {len(penalty.layer_names)} layers): "
@@ -118,10 +120,16 @@ def main() -> None:
     parser.add_argument("--reps", type=int, default=15)
     parser.add_argument("--batch", type=int, default=128)
     parser.add_argument("--threads", type=int, default=None)
+    parser.add_argument(
+        "--clock", choices=("wall", "cpu"), default="wall",
+        help="cpu: this process's CPU time (time.process_time), which other processes on a "
+             "shared machine barely disturb; meaningful with --threads 1",
+    )
     args = parser.parse_args()
     if args.threads is not None:
         torch.set_num_threads(args.threads)
-    step_overhead(args.reps, args.batch)
+    clock = time.process_time if args.clock == "cpu" else time.perf_counter
+    step_overhead(args.reps, args.batch, clock)
     function_vs_autograd(args.reps * 2)
 
 
