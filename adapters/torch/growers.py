@@ -72,7 +72,13 @@ UNITS = ("neurons", "parameters")
 
 @dataclass(frozen=True)
 class GrowthReport:
-    """What one growth did: per-layer widths and additions, the budget and parameter counts."""
+    """What one growth did: per-layer widths and additions, the budget and parameter counts.
+
+    ``scores`` holds, per producer, the float64 scores the selection saw (lowest wins; averaged
+    over ranks): Random uniform draws, SSD ``lambda_min`` per neuron, Firefly gate gradients of
+    the split candidates (one per neuron) followed by those of the new-neuron candidates.
+    ``params_before``/``params_after`` count every parameter of the model.
+    """
 
     method: str
     budget: int
