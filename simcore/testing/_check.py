@@ -264,6 +264,7 @@ def _run_case(backend: Backend, case: _Case, dtype: str) -> CheckResult:
         if len(actual) != len(expected):
             raise AssertionError(f"got {len(actual)} outputs, the reference has {len(expected)}")
         worst = (-1.0, 0.0, 0.0)  # (error / tolerance, error, tolerance)
+        failures = []
         integer_dtype = _integer_dtype_name(backend)
         for got, want in zip(actual, expected, strict=True):
             want = np.asarray(want)
@@ -272,14 +273,21 @@ def _run_case(backend: Backend, case: _Case, dtype: str) -> CheckResult:
             # inputs is only as accurate as the float16 cosines it is built from.
             tol_dtype = out_dtype if out_dtype == integer_dtype else dtype
             rtol, atol = tolerance_for(want, tol_dtype)
-            assert_close(got, want, backend=backend, dtype=out_dtype, rtol=rtol, atol=atol)
-            error = max_error(backend.to_numpy(got), want)
+            try:
+                assert_close(got, want, backend=backend, dtype=out_dtype, rtol=rtol, atol=atol)
+            except AssertionError as err:
+                failures.append(str(err))
+            try:
+                error = max_error(backend.to_numpy(got), want)
+            except Exception:  # noqa: BLE001 - unreadable or misshapen output: already failed
+                error = float("nan")
             finite = np.abs(want[np.isfinite(want)])
             tol = atol + rtol * (float(finite.max()) if finite.size else 0.0)
             ratio = error / tol if tol > 0 else (0.0 if error == 0 else np.inf)
-            if ratio > worst[0]:
+            if not ratio <= worst[0]:  # NaN ratios count as worst
                 worst = (ratio, error, tol)
-        return CheckResult(backend.name, device, case.function, dtype, worst[1], worst[2], True)
+        return CheckResult(backend.name, device, case.function, dtype, worst[1], worst[2],
+                           not failures, "; ".join(failures))
     except Exception as err:  # noqa: BLE001 - a conformance report records every failure
         return CheckResult(backend.name, device, case.function, dtype, float("nan"), float("nan"),
                            False, f"{type(err).__name__}: {err}")
