@@ -148,7 +148,7 @@ def _cases() -> list[_Case]:
         _Case("similarity_loss_and_grad[block_size=5]", ("dense",),
               lambda run, w: run(simcore.similarity_loss_and_grad, w, block_size=5),
               lambda w: ref.similarity_loss_and_grad(w)),
-        _Case("similarity_loss_and_grad[zero rows]", ("zero_rows",),
+        _Case("similarity_loss_and_grad[zero_rows]", ("zero_rows",),
               lambda run, w: run(simcore.similarity_loss_and_grad, w),
               lambda w: ref.similarity_loss_and_grad(w)),
     ]
@@ -156,7 +156,7 @@ def _cases() -> list[_Case]:
         names = ("positive", "positive_ref") if form == "literal" else ("moved", "dense")
         for statistic in simcore.STATISTICS:
             options = {"form": form, "statistic": statistic}
-            label = f"[{form}, {statistic}]"
+            label = f"[{form},{statistic}]"
             cases.append(_Case(
                 "weight_sum_penalty" + label, names,
                 functools.partial(_call, simcore.weight_sum_penalty, options),
