@@ -286,3 +286,9 @@ def test_selection_matches_a_brute_force_ranking(layers, data):
         )
         if unpicked and chosen:
             assert min(unpicked) >= max(chosen)
+
+
+def test_scores_that_require_grad_are_accepted():
+    torch = pytest.importorskip("torch")
+    scores = torch.tensor([0.5, -1.0, 0.25], dtype=torch.float64, requires_grad=True) * 2
+    assert _picks(select_lowest([scores], 2)) == [[1, 2]]

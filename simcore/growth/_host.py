@@ -22,8 +22,11 @@ def to_numpy(x: Any, name: str) -> np.ndarray:
         return np.asarray(x)
     if not array_api_compat.is_array_api_obj(x):
         raise TypeError(f"{name} must be an array or a sequence, got {type(x).__name__}")
-    if hasattr(x, "get") and type(x).__module__.startswith("cupy"):
+    module = type(x).__module__
+    if hasattr(x, "get") and module.startswith("cupy"):
         return np.asarray(x.get())  # CuPy refuses implicit host copies
+    if module.startswith("torch"):
+        x = x.detach().cpu()  # DLPack refuses tensors that require grad or live on a GPU
     try:
         return np.from_dlpack(x)
     except Exception:  # noqa: BLE001 - libraries without a CPU DLPack export

@@ -10,6 +10,12 @@ Sakai & Hotta grow CIFAR networks from narrow seeds (DESIGN.md section 3):
   conv, swish, stride 2 in blocks 2, 4, 6 and 12, global average pool, 1x1 classifier with bias;
   all 14 widths 32 in the seed: 19,978 parameters.
 
+Four growths of 35% in the proportional model (every width times 1.35, rounded half up:
+16 -> 22 -> 30 -> 41 -> 55) take VGG16 through 28,666 -> 53,668 -> 99,100 -> 184,141 -> 330,175
+parameters (0.33M; the paper reports 0.325M; unrounded widths 16 * 1.35**4 = 53.1 give ~0.308M)
+and MobileNetV1 through 19,978 -> 32,991 -> 55,806 -> 95,326 -> 165,175. A global budget of 35%
+of the VGG seed's 208 neurons adds 73, 98, 133 and 179 neurons (691 in the end, ~53 a layer).
+
 The functions return lists of dicts (see :func:`simcore.growth.budget.count_parameters` for the
 keys); growable layers carry ``"width_index"``, the position of their width in ``widths``.
 Building modules from them is the adapters' job: the core never builds models.
