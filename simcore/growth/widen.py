@@ -59,7 +59,14 @@ from .._arrays import check_choice, compute_dtype, device_of, from_rows, namespa
 from ._host import as_generator, as_index, as_indices
 from .flow import ChannelFlow, FlowEntry
 
-__all__ = ["ChannelMap", "add_neurons", "replicate_neurons", "split_neurons"]
+__all__ = [
+    "ChannelMap",
+    "add_neurons",
+    "channel_rows",
+    "from_channel_rows",
+    "replicate_neurons",
+    "split_neurons",
+]
 
 KINDS = ("add", "replicate", "split")
 INCOMING = ("he", "match_norm")
