@@ -41,7 +41,7 @@ def _grad_atol(w, neuron_axis):
     return 1e-5 / max(min(norms[norms > 0], default=1.0), 1e-3)
 
 
-@settings(max_examples=10)
+@settings(max_examples=6)
 @given(strategies.weights(layouts=("dense", "dense_io", "hwio", "oihw"), zero_rows=True))
 def test_value_and_grad_match_reference(draw):
     w = _f32(draw.w)
@@ -135,7 +135,7 @@ def test_similarity_loss_rejects_non_jax_input():
 # -- Eq. 5 over layers ---------------------------------------------------------------------
 
 
-@settings(max_examples=5)
+@settings(max_examples=3)
 @given(st.sampled_from(["squared_log", "abs_log", "literal"]), st.integers(0, 2**31 - 1))
 def test_growth_objective_matches_reference_and_refs_get_no_gradient(form, seed):
     rng = np.random.default_rng(seed)
@@ -232,6 +232,11 @@ def test_find_kernels_in_nnx_modules_and_states():
     assert set(kernels) <= set(names)
     assert names["head/kernel"].shape == (8, 4)
     assert sj.find_kernels(state, layout="nnx") == kernels
+    # ... and the penalty runs on the state (jax.grad gives a State of the same shape).
+    value, grads = jax.value_and_grad(lambda s: sj.penalty(s, neuron_axis=kernels))(state)
+    want = sum(float(sj.similarity_loss(names[k], neuron_axis=-1)) for k in kernels)
+    assert float(value) == pytest.approx(want, rel=1e-6)
+    assert sj.named_leaves(grads)["head/kernel"].shape == (8, 4)
 
 
 def test_find_kernels_in_equinox_modules():
@@ -414,8 +419,8 @@ def test_add_similarity_gradient_errors():
 @pytest.mark.parametrize("name", ["flax_penalty.py", "equinox_penalty.py"])
 def test_examples_train_and_lower_the_penalty(name):
     module = runpy.run_path(str(EXAMPLES / name), run_name="example")
-    history = module["main"](steps=12)
-    assert len(history) == 12
+    history = module["main"](steps=6)
+    assert len(history) == 6
     assert history[-1]["penalty"] < history[0]["penalty"]
     assert all(np.isfinite(h["loss"]) for h in history)
 
@@ -502,7 +507,7 @@ def test_linen_flow_errors_name_the_problem():
     with pytest.raises(ValueError, match="not a multiple"):
         sj.linen_flow(variables, "Conv_0", consumers=["Dense_0"])
     with pytest.raises(ValueError, match="no BatchNorm entries"):
-        sj.linen_flow(variables, "Conv_0", norm="Dense_0")
+        sj.linen_flow(variables, "Conv_0", norm="BatchNorm_7")
 
 
 def test_training_step_after_growth_with_the_padded_optax_state():

@@ -201,11 +201,12 @@ def grow_optax_state(
     ``variables["params"]``: SGD's momentum ``trace``, Adam's ``mu`` and ``nu``,
     ...) goes through :func:`simcore.growth.map_optimizer_state` (``"carry"``:
     old channels keep their state, copies take their parent's, fresh channels
-    zeros; ``"reset"``: zeros). Counters are kept (reset to 0 by ``"reset"``
-    only inside the grown entries' state, as the core does; optax's own step
-    counts are scalars outside them and stay). The Eq. 4 snapshot of
+    zeros; ``"reset"``: zeros for the grown entries). Everything else, optax's
+    step counts included, passes through unchanged. The Eq. 4 snapshot of
     :func:`add_similarity_gradient` is re-taken from ``new_params`` for the
     grown kernels: after a growth the paper's reference is the grown layer.
+    Parts of the state that do not mirror ``params`` (e.g. ``optax.masked``
+    states) are not recognised and are left as they are.
     """
     treedef = jax.tree_util.tree_structure(params)
     shapes = [tuple(x.shape) for x in jax.tree_util.tree_leaves(params)]

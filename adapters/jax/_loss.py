@@ -136,8 +136,7 @@ def growth_objective(
     """
     if isinstance(weights, jax.Array) or not isinstance(weights, Sequence):
         raise TypeError(
-            "weights must be a sequence of jax.Array (one per layer), "
-            f"got {type(weights).__name__}"
+            f"weights must be a sequence of jax.Array (one per layer), got {type(weights).__name__}"
         )
     weights = list(weights)
     for i, w in enumerate(weights):
