@@ -86,7 +86,7 @@ def growth_objective(
 
     >>> import numpy as np, simcore
     >>> layers = [np.eye(3), np.ones((2, 2))]
-    >>> float(simcore.growth_objective(layers, layers, lam=0.5))
+    >>> round(float(simcore.growth_objective(layers, layers, lam=0.5)), 12)
     1.0
     """
     weights, refs, axes = _layers(weights, refs, neuron_axis)

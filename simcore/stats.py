@@ -41,8 +41,8 @@ def similarity_stats(
 
     >>> import numpy as np, simcore
     >>> stats = simcore.similarity_stats(np.eye(4), bins=4)
-    >>> stats.counts.tolist(), float(stats.share_within_half)
-    ([0, 6, 0, 0], 1.0)
+    >>> stats.counts.tolist(), float(stats.share_within_half)  # all six cosines are 0
+    ([0, 0, 6, 0], 1.0)
     """
     try:
         bins = operator.index(bins)
