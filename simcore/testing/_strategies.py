@@ -43,6 +43,7 @@ __all__ = [
     "is_compiling",
     "rows_at_angle",
     "size_limits",
+    "structured_shape",
     "weights",
 ]
 
@@ -177,7 +178,9 @@ def _hadamard(m: int) -> np.ndarray:
 
 
 @st.composite
-def orthogonal_rows(draw, *, max_neurons: int = 16, max_fan_in: int = 24) -> np.ndarray:
+def orthogonal_rows(
+    draw, *, max_neurons: int = 16, max_fan_in: int = 24, shape: tuple[int, int] | None = None
+) -> np.ndarray:
     """An ``(n, d)`` float64 array whose rows are *exactly* orthogonal in floating point.
 
     Either a signed, scaled partial permutation (each row one non-zero entry in
@@ -186,42 +189,66 @@ def orthogonal_rows(draw, *, max_neurons: int = 16, max_fan_in: int = 24) -> np.
     power-of-two scales, padded with zero columns (entries ``+-2^k``: after
     normalisation every product is an exact power of two, so the sums are
     exact). The cosines, hence the loss and its gradient, are exactly 0 on every
-    backend and in every floating dtype.
+    backend and in every floating dtype. ``shape=(n, d)`` (``2 <= n <= d``)
+    fixes the shape (see :func:`structured_shape`).
     """
-    kind = draw(st.sampled_from(("permutation", "hadamard")))
+    if shape is not None:
+        n, d = shape
+        if not 2 <= n <= d:
+            raise ValueError(f"orthogonal rows need 2 <= n <= d, got shape {shape}")
+    hadamard_sizes = [m for m in (4, 16) if m <= (max_fan_in if shape is None else d)
+                      and (shape is None or n <= m)]
+    kinds = ("permutation", "hadamard") if hadamard_sizes else ("permutation",)
+    kind = draw(st.sampled_from(kinds))
     if kind == "permutation":
-        d = draw(st.integers(2, max_fan_in))
-        n = draw(st.integers(2, min(max_neurons, d)))
+        if shape is None:
+            d = draw(st.integers(2, max_fan_in))
+            n = draw(st.integers(2, min(max_neurons, d)))
         columns = draw(st.permutations(range(d)))[:n]
         signs = draw(st.lists(st.sampled_from((-1.0, 1.0)), min_size=n, max_size=n))
         scales = draw(st.lists(st.floats(0.05, 20.0), min_size=n, max_size=n))
         w = np.zeros((n, d))
         w[np.arange(n), columns] = np.asarray(signs) * np.asarray(scales)
         return w
-    m = draw(st.sampled_from([size for size in (4, 16) if size <= max_fan_in]))
-    n = draw(st.integers(2, min(m, max_neurons)))
-    pad = draw(st.integers(0, max(0, max_fan_in - m)))
+    m = draw(st.sampled_from(hadamard_sizes))
+    if shape is None:
+        n = draw(st.integers(2, min(m, max_neurons)))
+        d = m + draw(st.integers(0, max(0, max_fan_in - m)))
     chosen = draw(st.permutations(range(m)))[:n]
     powers = draw(st.lists(st.integers(-4, 4), min_size=n, max_size=n))
     rows = _hadamard(m)[list(chosen)] * (2.0 ** np.asarray(powers, dtype=float))[:, None]
-    return np.concatenate([rows, np.zeros((n, pad))], axis=1)
+    return np.concatenate([rows, np.zeros((n, d - m))], axis=1)
 
 
 @st.composite
-def parallel_rows(draw, *, max_neurons: int = 10, max_fan_in: int = 16) -> np.ndarray:
+def parallel_rows(
+    draw, *, max_neurons: int = 10, max_fan_in: int = 16, shape: tuple[int, int] | None = None
+) -> np.ndarray:
     """An ``(n, d)`` array of copies of one row, each scaled by ``+-2^k``.
 
     Every pair is parallel or antiparallel, so ``|C_ij| = 1`` and the loss is 1
     up to rounding (power-of-two scales make every unit row bit-identical up to
-    sign).
+    sign). ``shape=(n, d)`` fixes the shape.
     """
-    n = draw(st.integers(2, max_neurons))
-    d = draw(st.integers(1, max_fan_in))
+    if shape is None:
+        n = draw(st.integers(2, max_neurons))
+        d = draw(st.integers(1, max_fan_in))
+    else:
+        n, d = shape
     seed = draw(st.integers(0, 2**32 - 1))
     base = np.random.default_rng(seed).standard_normal(d)
     signs = draw(st.lists(st.sampled_from((-1.0, 1.0)), min_size=n, max_size=n))
     powers = draw(st.lists(st.integers(-3, 3), min_size=n, max_size=n))
     return np.asarray(signs)[:, None] * (2.0 ** np.asarray(powers, dtype=float))[:, None] * base
+
+
+def structured_shape(backend) -> tuple[int, int] | None:
+    """``shape=`` for :func:`orthogonal_rows`/:func:`parallel_rows` on ``backend``.
+
+    ``None`` (any shape) on eager backends; one fixed shape on JAX backends, so
+    each dtype compiles once.
+    """
+    return (4, 16) if is_compiling(backend) else None
 
 
 @st.composite
