@@ -42,7 +42,8 @@ _SIMILARITY = {"on": ["both"], "off": ["none"], "both": ["none", "both"]}
 _OVERRIDES = {
     "model": "model", "width": "width", "ratio": "ratio", "unit": "unit",
     "grow_every": "grow_every", "max_growths": "max_growths",
-    "growth_batches": "growth_batches", "ssd_mode": "ssd_mode", "phase": "phase",
+    "growth_batches": "growth_batches", "ssd_mode": "ssd_mode",
+    "firefly_candidates": "firefly_candidates", "phase": "phase",
     "N": "phase_steps", "phase_lr": "phase_lr", "lam": "lam", "form": "form",
     "anchor": "anchor", "epochs": "epochs", "batch_size": "batch_size", "lr": "lr",
     "lr_schedule": "lr_schedule", "momentum": "momentum", "weight_decay": "weight_decay",
@@ -63,7 +64,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     what = parser.add_argument_group("what to run")
     what.add_argument("--preset", choices=tuple(PRESETS), default="quick",
-                      help="quick: bundled digits, 6 epochs, 2 growths (default); paper: "
+                      help="quick: bundled digits, 5 epochs, 2 growths (default); paper: "
                       "CIFAR-10, 250 epochs, a growth every 50, SGD 0.9, cosine lr, batch 128")
     what.add_argument("--method", nargs="+", choices=METHODS, default=None,
                       help="growth method(s) (default: firefly; all three with --compare)")
@@ -88,6 +89,8 @@ def build_parser() -> argparse.ArgumentParser:
     model.add_argument("--growth-batches", type=int,
                        help="training batches SSD/Firefly use to score candidates")
     model.add_argument("--ssd-mode", choices=("exact", "fast"), help="SSD variant")
+    model.add_argument("--firefly-candidates", type=int,
+                       help="Firefly's new-neuron candidates per layer (reference: 70)")
     phase = parser.add_argument_group("similarity phase (Eq. 5 after each growth)")
     phase.add_argument("--N", type=int, help="iterations after each growth (default: the "
                        "paper's best, Random 20, SSD 10, Firefly 15)")
@@ -120,6 +123,11 @@ def build_parser() -> argparse.ArgumentParser:
                      help="output folder (default: simcore-grow/<preset>)")
     run.add_argument("--fresh", action="store_true",
                      help="discard earlier runs in the output folder instead of resuming")
+    run.add_argument("--threads", type=int, default=None,
+                     help="CPU threads for torch (default: 1 on a CPU device, where the small "
+                     "growth seeds gain little from threads and, on a machine busy with other "
+                     "work, threads waiting for each other made a run 4-16x slower; "
+                     "torch's own choice on a GPU)")
     run.add_argument("--no-figures", action="store_true", help="skip the PNG figures")
     run.add_argument("--quiet", action="store_true", help="no progress bars or run lines")
     return parser
@@ -145,10 +153,25 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         chosen = plan(args)
+        if args.threads is not None and args.threads < 1:
+            raise ValueError(f"--threads must be >= 1, got {args.threads}")
     except (TypeError, ValueError) as err:
         print(f"simcore grow: error: {err}", file=sys.stderr)
         return 2
+    import torch
+
     from .compare import run_experiment  # imports torch; keep --help fast
+    from .runner import resolve_device
+
+    threads = args.threads
+    try:
+        if threads is None and resolve_device(chosen["base"].device).type == "cpu":
+            threads = 1
+    except ValueError as err:
+        print(f"simcore grow: error: {err}", file=sys.stderr)
+        return 2
+    if threads is not None:
+        torch.set_num_threads(threads)
 
     progress = not args.quiet and sys.stderr.isatty()
     started = time.perf_counter()

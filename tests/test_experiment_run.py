@@ -1,0 +1,177 @@
+"""`simcore grow` end to end on tiny settings: every method with and without the similarity
+phase, outputs and figures, exact resumption after an interruption, and the console command."""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+import signal
+import subprocess
+import sys
+
+import pytest
+import torch
+from simcore.adapters.torch.experiment import (
+    Hooks,
+    RunInterrupted,
+    preset,
+    run_experiment,
+    run_one,
+)
+from simcore.adapters.torch.experiment.data import load_digits_dataset
+
+PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+SEED_PARAMETERS = 1990  # vgg16(width=4) at 10 classes
+
+# Seed width 4 and 64 images: every method, 2 epochs, one growth after epoch 1.
+TINY = preset("quick").replace(
+    width=4, epochs=2, grow_every=1, max_growths=1, batch_size=32, growth_batches=1,
+    firefly_candidates=4, train_limit=64, test_limit=32, phase_steps=5, phase_lr=0.05)
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    # Tiny convolutions gain nothing from threads, and on a busy CI machine two torch threads
+    # waiting for each other make these runs many times slower.
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def test_seed_size():
+    from simcore.adapters.torch import vgg16
+
+    assert sum(p.numel() for p in vgg16(width=4).parameters()) == SEED_PARAMETERS
+
+
+@pytest.fixture(scope="module")
+def experiment(tmp_path_factory, one_thread):
+    out = tmp_path_factory.mktemp("grow")
+    outcome = run_experiment(TINY, methods=["random", "ssd", "firefly"], terms=["none", "both"],
+                             seeds=[0], out_dir=out, echo=None)
+    return out, outcome
+
+
+def test_every_method_grows_with_and_without_the_phase(experiment):
+    _, outcome = experiment
+    results = outcome["results"]
+    assert [(r["config"]["method"], r["config"]["terms"]) for r in results] == [
+        (m, t) for m in ("random", "ssd", "firefly") for t in ("none", "both")]
+    for r in results:
+        assert len(r["history"]) == TINY.epochs + 1
+        (growth,) = r["growths"]
+        assert growth["epoch"] == 1 and growth["grown_layers"]
+        assert r["parameters_seed"] == SEED_PARAMETERS
+        assert r["parameters_final"] == growth["params_after"] > SEED_PARAMETERS
+        assert r["history"][-1]["parameters"] == r["parameters_final"]
+        assert 0.0 <= r["final_accuracy"] <= 100.0
+        assert r["phase_steps"] == (None if r["config"]["terms"] == "none" else 5)
+        assert len(r["similarity"]["after_phase"]) == (r["config"]["terms"] != "none")
+    for method in ("random", "ssd", "firefly"):
+        without, with_phase = [r for r in results if r["config"]["method"] == method]
+        # same seed: identical until the growth, so the phase is the only difference
+        assert without["history"][1] == with_phase["history"][1]
+        assert without["growths"][0]["added"] == with_phase["growths"][0]["added"]
+        before = with_phase["similarity"]["after_growth"][0]
+        after = with_phase["similarity"]["after_phase"][0]
+        if before["layer"] in with_phase["growths"][0]["grown_layers"]:
+            # the phase minimises Eq. 5 on the grown layers: layer 2's neurons move apart
+            assert after["mean_abs"] < before["mean_abs"]
+        else:
+            assert after == before
+
+
+def test_results_tables_and_figures_are_written(experiment):
+    out, outcome = experiment
+    saved = json.loads((out / "results.json").read_text())
+    assert [r["label"] for r in saved] == [r["label"] for r in outcome["results"]]
+    with (out / "results.csv").open() as handle:
+        rows = list(csv.DictReader(handle))
+    assert len(rows) == 6 and {row["terms"] for row in rows} == {"none", "both"}
+    assert float(rows[0]["final_accuracy"]) == outcome["results"][0]["final_accuracy"]
+    lines = outcome["table"].splitlines()
+    assert lines[0].split()[:3] == ["Method", "Architecture", "Accuracy"]
+    assert [line.split()[0] for line in lines[1:]] == [
+        "Random", "Random+ours", "SSD", "SSD+ours", "Firefly", "Firefly+ours"]
+    assert (out / "table.txt").read_text().strip() == outcome["table"]
+    figures = ["similarity_layer2.png", "curves.png", "gradcam_random.png", "gradcam_ssd.png",
+               "gradcam_firefly.png"]
+    for name in figures:
+        data = (out / name).read_bytes()
+        assert data[:8] == PNG_MAGIC and len(data) > 2000, name
+
+
+def test_rerunning_reuses_finished_runs_and_refuses_changed_settings(experiment):
+    out, outcome = experiment
+    config = TINY.replace(method="random", terms="both")
+    again = run_one(config, out / "runs" / config.label)
+    assert again == outcome["results"][1]
+    with pytest.raises(ValueError, match=r"other settings \(lr: 0.05 -> 0.1\).*--fresh"):
+        run_one(config.replace(lr=0.1), out / "runs" / config.label)
+
+
+def _without_timings(result):
+    timings = ("training_seconds", "growth_seconds", "phase_seconds")
+    result = {k: v for k, v in result.items() if k not in timings}
+    result["growths"] = [{k: v for k, v in g.items() if k not in timings}
+                         for g in result["growths"]]
+    return result
+
+
+def _final_weights(run_dir):
+    return torch.load(run_dir / "checkpoint.pt", weights_only=True)["model"]
+
+
+def test_resume_after_interruptions_gives_the_uninterrupted_result(tmp_path):
+    data = load_digits_dataset(0, train_limit=64, test_limit=32)
+    # joint reading: the phase runs inside the training steps after the growth, so an
+    # interruption inside it must also restore its W_prev snapshot and its step count
+    config = TINY.replace(method="random", terms="both", phase="joint", phase_steps=3, epochs=3,
+                          batch_size=16)
+    reference = run_one(config, tmp_path / "straight", dataset=data)
+
+    def stop_in_phase(epoch, batch):  # epoch 1, batch 2: two of the three phase steps done
+        if (epoch, batch) == (1, 2):
+            raise KeyboardInterrupt
+
+    def ctrl_c_in_epoch_2(epoch, batch):  # a real SIGINT: deferred to the end of this batch
+        if (epoch, batch) == (2, 1):
+            os.kill(os.getpid(), signal.SIGINT)
+
+    def stop_after_epoch_0(epoch, record):
+        if epoch == 0:
+            raise KeyboardInterrupt
+
+    run_dir = tmp_path / "interrupted"
+    for hooks in (Hooks(on_epoch_end=stop_after_epoch_0), Hooks(on_batch_end=stop_in_phase),
+                  Hooks(on_batch_end=ctrl_c_in_epoch_2)):
+        with pytest.raises(KeyboardInterrupt) as info:
+            run_one(config, run_dir, dataset=data, hooks=hooks)
+        assert (run_dir / "checkpoint.pt").exists() and not (run_dir / "result.json").exists()
+    assert isinstance(info.value, RunInterrupted)  # the SIGINT path stopped cleanly
+    resumed = run_one(config, run_dir, dataset=data)
+    assert _without_timings(resumed) == _without_timings(reference)
+    straight, again = _final_weights(tmp_path / "straight"), _final_weights(run_dir)
+    assert straight.keys() == again.keys()
+    for key in straight:
+        assert torch.equal(straight[key], again[key]), key
+
+
+def test_the_console_command_runs_and_prints_the_table(tmp_path):
+    command = [sys.executable, "-m", "simcore", "grow", "--method", "random", "--similarity",
+               "on", "--width", "4", "--epochs", "2", "--grow-every", "1", "--max-growths", "1",
+               "--train-limit", "32", "--test-limit", "16", "--batch-size", "16", "--N", "3",
+               "--no-figures", "--quiet", "--threads", "1", "--out", str(tmp_path / "out")]
+    done = subprocess.run(command, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    lines = done.stdout.splitlines()
+    header = next(i for i, line in enumerate(lines) if line.startswith("Method"))
+    row = lines[header + 1].split()
+    assert row[:2] == ["Random+ours", "VGG16"] and row[6] == "3"  # "±" is a cell too
+    assert (tmp_path / "out" / "results.csv").exists()
+    bad = subprocess.run(command[:4] + ["--dataset", "cifar10", "--data-root", str(tmp_path),
+                                        "--quiet", "--out", str(tmp_path / "x")],
+                         capture_output=True, text=True, timeout=300)
+    assert bad.returncode == 2 and "cifar-10-batches-py" in bad.stderr
