@@ -4,11 +4,15 @@ Importing it imports no framework (torch, JAX and CuPy are detected when a
 backend is first asked for). What it offers:
 
 * a backend registry: :func:`available_backends` (honours the environment
-  variable ``SIMCORE_TEST_BACKENDS``), :func:`get_backend`, :class:`Backend`;
+  variable ``SIMCORE_TEST_BACKENDS``), :func:`get_backend`, :class:`Backend`,
+  :func:`backend_for_namespace` (wraps any Array-API namespace). Setting up
+  the JAX backends turns on ``jax_enable_x64`` process-wide (float64 tests);
 * :func:`assert_close`, which checks namespace, dtype, shape and device before
   values, with per-dtype :data:`TOLERANCES`;
-* :mod:`simcore.testing.strategies`: Hypothesis strategies drawing NumPy inputs
-  (imported lazily: Hypothesis is only needed by those who use them);
+* :mod:`simcore.testing.strategies`: Hypothesis strategies drawing NumPy inputs,
+  plus :func:`~simcore.testing.strategies.given_for` (per-backend example
+  budgets) and size helpers that keep JAX from recompiling (imported lazily:
+  Hypothesis is only needed by those who use them);
 * :func:`check_backend`, which runs every public core function on fixed inputs
   against :mod:`simcore.reference` (the ``simcore check`` command prints it).
 
