@@ -12,12 +12,15 @@ from collections.abc import Sequence
 from typing import Any
 
 import array_api_compat
+import numpy as np
 
 
 def namespace_of(x: Any, name: str) -> Any:
     """Return the array-API namespace of ``x``, or raise ``TypeError`` naming ``name``."""
     if not array_api_compat.is_array_api_obj(x) or isinstance(x, (bool, int, float, complex)):
-        raise TypeError(f"{name} must be an array (NumPy, PyTorch, JAX, CuPy, ...), got {type(x).__name__}")
+        raise TypeError(
+            f"{name} must be an array (NumPy, PyTorch, JAX, CuPy, ...), got {type(x).__name__}"
+        )
     return array_api_compat.array_namespace(x)
 
 
@@ -50,12 +53,7 @@ def check_weight(x: Any, name: str = "w") -> Any:
 
 def normalize_axis(axis: Any, ndim: int, name: str = "neuron_axis") -> int:
     """Return ``axis`` as a non-negative int, or raise naming ``name``."""
-    if isinstance(axis, bool):
-        raise TypeError(f"{name} must be an int, got bool")
-    try:
-        axis = operator.index(axis)
-    except TypeError:
-        raise TypeError(f"{name} must be an int, got {type(axis).__name__}") from None
+    axis = check_int(axis, name)
     if not -ndim <= axis < ndim:
         raise ValueError(f"{name}={axis} is out of range for an array with {ndim} dimensions")
     return axis % ndim
@@ -111,23 +109,33 @@ def from_rows(xp: Any, rows: Any, shape: Sequence[int], axis: int) -> Any:
     return out
 
 
+def check_int(value: Any, name: str, *, minimum: int | None = None) -> int:
+    """``value`` as a Python int (bools and floats refused), at least ``minimum``."""
+    if isinstance(value, (bool, np.bool_)):
+        raise TypeError(f"{name} must be an int, got bool")
+    try:
+        value = operator.index(value)
+    except TypeError:
+        raise TypeError(f"{name} must be an int, got {type(value).__name__}") from None
+    if minimum is not None and value < minimum:
+        raise ValueError(f"{name} must be >= {minimum}, got {value}")
+    return value
+
+
 def check_block_size(block_size: Any) -> int | None:
     if block_size is None:
         return None
-    if isinstance(block_size, bool):
-        raise TypeError("block_size must be a positive int or None, got bool")
     try:
-        block_size = operator.index(block_size)
-    except TypeError:
-        raise TypeError(f"block_size must be a positive int or None, got {type(block_size).__name__}") from None
-    if block_size < 1:
-        raise ValueError(f"block_size must be a positive int or None, got {block_size}")
-    return block_size
+        return check_int(block_size, "block_size", minimum=1)
+    except (TypeError, ValueError) as error:
+        message = f"block_size must be a positive int or None, got {block_size!r}"
+        raise type(error)(message) from None
 
 
 def check_choice(value: Any, allowed: Sequence[str], name: str) -> str:
     if value not in allowed:
-        raise ValueError(f"unknown {name} {value!r}; expected one of {', '.join(map(repr, allowed))}")
+        expected = ", ".join(map(repr, allowed))
+        raise ValueError(f"unknown {name} {value!r}; expected one of {expected}")
     return value
 
 

@@ -13,11 +13,10 @@ readings are supported: :func:`decorrelate` performs the weight-only steps
 
 from __future__ import annotations
 
-import operator
 from collections.abc import Sequence
 from typing import Any
 
-from ._arrays import check_choice, namespace_of
+from ._arrays import check_choice, check_int, namespace_of
 from .similarity import similarity_loss, similarity_loss_and_grad
 from .weight_sum import weight_sum_penalty, weight_sum_penalty_and_grad
 
@@ -92,7 +91,7 @@ def growth_objective(
     weights, refs, axes = _layers(weights, refs, neuron_axis)
     lam = _check_lam(lam, refs)
     total = None
-    for i, (w, axis) in enumerate(zip(weights, axes)):
+    for i, (w, axis) in enumerate(zip(weights, axes, strict=True)):
         term = similarity_loss(w, neuron_axis=axis, block_size=block_size, zero_tol=zero_tol)
         if refs is not None:
             term = term + lam * weight_sum_penalty(w, refs[i], form=form, statistic=statistic)
@@ -115,7 +114,7 @@ def growth_objective_and_grad(
     weights, refs, axes = _layers(weights, refs, neuron_axis)
     lam = _check_lam(lam, refs)
     total, grads = None, []
-    for i, (w, axis) in enumerate(zip(weights, axes)):
+    for i, (w, axis) in enumerate(zip(weights, axes, strict=True)):
         value, grad = similarity_loss_and_grad(
             w, neuron_axis=axis, block_size=block_size, zero_tol=zero_tol
         )
@@ -157,12 +156,7 @@ def decorrelate(
     >>> float(simcore.similarity_loss(new)) < float(simcore.similarity_loss(w))
     True
     """
-    try:
-        steps = operator.index(steps)
-    except TypeError:
-        raise TypeError(f"steps must be an int, got {type(steps).__name__}") from None
-    if steps < 0:
-        raise ValueError(f"steps must be >= 0, got {steps}")
+    steps = check_int(steps, "steps", minimum=0)
     lr = float(lr)
     if not lr > 0.0:
         raise ValueError(f"lr must be > 0, got {lr}")
@@ -183,5 +177,5 @@ def decorrelate(
         )
         if anchor == "previous":
             anchors = current
-        current = [w - lr * g for w, g in zip(current, grads)]
+        current = [w - lr * g for w, g in zip(current, grads, strict=True)]
     return current

@@ -2,13 +2,12 @@
 
 from __future__ import annotations
 
-import operator
 from dataclasses import dataclass
 from typing import Any
 
 import array_api_compat
 
-from ._arrays import compute_dtype, device_of
+from ._arrays import check_int, compute_dtype, device_of
 from .similarity import similarity_map
 
 __all__ = ["SimilarityStats", "similarity_stats"]
@@ -44,12 +43,7 @@ def similarity_stats(
     >>> stats.counts.tolist(), float(stats.share_within_half)  # all six cosines are 0
     ([0, 0, 6, 0], 1.0)
     """
-    try:
-        bins = operator.index(bins)
-    except TypeError:
-        raise TypeError(f"bins must be an int, got {type(bins).__name__}") from None
-    if bins < 1:
-        raise ValueError(f"bins must be >= 1, got {bins}")
+    bins = check_int(bins, "bins", minimum=1)
     cosines = similarity_map(w, neuron_axis=neuron_axis, zero_tol=zero_tol)
     xp = array_api_compat.array_namespace(cosines)
     device = device_of(cosines)

@@ -12,9 +12,9 @@ import importlib
 import pkgutil
 
 import pytest
+import simcore.reference
 
 import simcore
-import simcore.reference
 
 # Framework glue is documented by its own tests; __main__ would run the CLI on import.
 SKIPPED = ("simcore.adapters", "simcore.__main__")

@@ -29,7 +29,10 @@ def test_ci_runs_the_readme_test_command():
     assert 'eval "$test_command"' in script
 
 
-@pytest.mark.parametrize("block", PYTHON_BLOCKS, ids=[f"block{i}" for i in range(len(PYTHON_BLOCKS))])
+BLOCK_IDS = [f"block{i}" for i in range(len(PYTHON_BLOCKS))]
+
+
+@pytest.mark.parametrize("block", PYTHON_BLOCKS, ids=BLOCK_IDS)
 def test_readme_python_example_runs(block, tmp_path):
     for module in re.findall(r"^import (\w+)", block, flags=re.MULTILINE):
         pytest.importorskip(module)

@@ -38,12 +38,13 @@ torch.Size([2, 10])
 
 from __future__ import annotations
 
-import operator
 from collections.abc import Mapping, Sequence
 from typing import Any
 
 import torch
 from torch import nn
+
+from simcore._arrays import check_int
 
 __all__ = [
     "MOBILENET_V1_STRIDES",
@@ -73,15 +74,7 @@ _ACTIVATIONS = {"swish": nn.SiLU, "relu": nn.ReLU}
 
 
 def _positive_int(value: Any, name: str) -> int:
-    if isinstance(value, bool):
-        raise TypeError(f"{name} must be a positive int, got bool")
-    try:
-        value = operator.index(value)
-    except TypeError:
-        raise TypeError(f"{name} must be a positive int, got {type(value).__name__}") from None
-    if value < 1:
-        raise ValueError(f"{name} must be a positive int, got {value}")
-    return value
+    return check_int(value, name, minimum=1)
 
 
 def _layer_widths(width: Any, count: int) -> list[int]:

@@ -30,7 +30,6 @@ torch.Size([2, 2])
 from __future__ import annotations
 
 import contextlib
-import operator
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -38,6 +37,7 @@ import torch
 from torch import nn
 
 import simcore
+from simcore._arrays import check_int
 
 __all__ = [
     "GrowthObjectiveFunction",
@@ -355,12 +355,7 @@ class SimilarityPenalty:
         ``anchor``; the parameters keep their identity (optimizers still hold
         them) and only their values change.
         """
-        try:
-            steps = operator.index(steps)
-        except TypeError:
-            raise TypeError(f"steps must be an int, got {type(steps).__name__}") from None
-        if steps < 0:
-            raise ValueError(f"steps must be >= 0, got {steps}")
+        steps = check_int(steps, "steps", minimum=0)
         weights = self.weights()
         refs = self._checked_refs(weights)
         if steps == 0 or self.strength == 0.0:

@@ -19,12 +19,13 @@ default ``lam=0.1`` is ours.
 
 from __future__ import annotations
 
-import operator
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 import torch
 from torch import nn
+
+from simcore._arrays import check_int
 
 from .penalty import SimilarityPenalty
 
@@ -38,15 +39,7 @@ UNITS = ("neurons", "parameters")
 
 
 def _index(value, name, minimum):
-    if isinstance(value, bool):
-        raise TypeError(f"{name} must be an int, got bool")
-    try:
-        value = operator.index(value)
-    except TypeError:
-        raise TypeError(f"{name} must be an int, got {type(value).__name__}") from None
-    if value < minimum:
-        raise ValueError(f"{name} must be >= {minimum}, got {value}")
-    return value
+    return check_int(value, name, minimum=minimum)
 
 
 @dataclass(frozen=True)

@@ -9,11 +9,12 @@ are moved to the target library and device afterwards.
 from __future__ import annotations
 
 import numbers
-import operator
 from typing import Any
 
 import array_api_compat
 import numpy as np
+
+from .._arrays import check_int
 
 
 def to_numpy(x: Any, name: str) -> np.ndarray:
@@ -35,12 +36,7 @@ def to_numpy(x: Any, name: str) -> np.ndarray:
 
 def as_index(value: Any, name: str) -> int:
     """A Python int from an int-like value (not bool, not float)."""
-    if isinstance(value, (bool, np.bool_)):
-        raise TypeError(f"{name} must be an int, got bool")
-    try:
-        return operator.index(value)
-    except TypeError:
-        raise TypeError(f"{name} must be an int, got {type(value).__name__}") from None
+    return check_int(value, name)
 
 
 def as_indices(values: Any, upper: int, name: str) -> tuple[int, ...]:

@@ -39,12 +39,11 @@ Example:
 
 from __future__ import annotations
 
-import operator
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from .._arrays import namespace_of, normalize_axis
+from .._arrays import check_int, namespace_of, normalize_axis
 
 __all__ = ["BatchNorm", "ChannelFlow", "Consumer", "Depthwise", "FlowEntry", "ROLES"]
 
@@ -64,12 +63,7 @@ def _check_name(value: Any, field: str, optional: bool) -> None:
 
 
 def _check_int(value: Any, field: str) -> int:
-    if isinstance(value, bool):
-        raise TypeError(f"{field} must be an int, got bool")
-    try:
-        return operator.index(value)
-    except TypeError:
-        raise TypeError(f"{field} must be an int, got {type(value).__name__}") from None
+    return check_int(value, field)
 
 
 @dataclass(frozen=True)

@@ -42,13 +42,19 @@ neurons at once from any such product.
 
 from __future__ import annotations
 
-import operator
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import numpy as np
 
-from .._arrays import check_choice, check_floating, compute_dtype, device_of, namespace_of
+from .._arrays import (
+    check_choice,
+    check_floating,
+    check_int,
+    compute_dtype,
+    device_of,
+    namespace_of,
+)
 from ._host import as_generator
 from .activations import resolve_second_derivative
 
@@ -276,15 +282,7 @@ def hvp_from_statistics(
 
 
 def _check_count(value: Any, name: str, minimum: int) -> int:
-    if isinstance(value, bool):
-        raise TypeError(f"{name} must be an int, got bool")
-    try:
-        value = operator.index(value)
-    except TypeError:
-        raise TypeError(f"{name} must be an int, got {type(value).__name__}") from None
-    if value < minimum:
-        raise ValueError(f"{name} must be >= {minimum}, got {value}")
-    return value
+    return check_int(value, name, minimum=minimum)
 
 
 def _unit_rows(xp: Any, v: Any) -> Any:
