@@ -175,3 +175,21 @@ def test_the_console_command_runs_and_prints_the_table(tmp_path):
                                         "--quiet", "--out", str(tmp_path / "x")],
                          capture_output=True, text=True, timeout=300)
     assert bad.returncode == 2 and "cifar-10-batches-py" in bad.stderr
+
+
+def test_ablation_of_the_two_terms(tmp_path):
+    outcome = run_experiment(TINY, methods=["random"], terms=["none", "eq2", "eq4", "both"],
+                             seeds=[0], out_dir=tmp_path, figures=False, echo=None)
+    none, eq2, eq4, both = outcome["results"]
+    header, *rows = outcome["table"].splitlines()
+    assert header.split()[2:4] == ["Eq.2", "Eq.4"]
+    assert [row.split()[2:4] for row in rows] == [["x", "x"], ["o", "x"], ["x", "o"], ["o", "o"]]
+    # Eq. 4 alone, weights-only right after the snapshot, is exactly 0 with zero gradient:
+    # that run is the baseline, bit for bit (the paper's Table 3 shows the same accuracy too)
+    assert eq4["history"] == none["history"]
+    eq4_weights = _final_weights(tmp_path / "runs" / eq4["label"])
+    none_weights = _final_weights(tmp_path / "runs" / none["label"])
+    assert all(torch.equal(eq4_weights[k], none_weights[k]) for k in none_weights)
+    # the terms with Eq. 2 change the grown layers
+    assert eq2["similarity"]["after_phase"] != eq2["similarity"]["after_growth"]
+    assert both["similarity"]["after_phase"] != both["similarity"]["after_growth"]
