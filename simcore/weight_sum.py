@@ -63,18 +63,21 @@ def _value_and_grad(w, w_ref, form, statistic, with_grad):
     q_ref, _ = _statistic(xp, ref, statistic, tiny)
     log_ratio = xp.log(q) - xp.log(q_ref)
     if form == "squared_log":
-        value, dvalue_dq = log_ratio * log_ratio, 2.0 * log_ratio / q
+        value, dvalue_dlogq = log_ratio * log_ratio, 2.0 * log_ratio
     else:
-        value, dvalue_dq = xp.abs(log_ratio), xp.sign(log_ratio) / q
+        value, dvalue_dlogq = xp.abs(log_ratio), xp.sign(log_ratio)
     if not with_grad:
         return out(value), None
+    # A statistic at its floor (an all-zero layer) has no gradient; dividing by the
+    # floor itself would overflow to inf and turn 0 * inf into NaN.
+    q_safe = xp.where(q_live, q, xp.ones_like(q))
+    dvalue_dq = xp.where(q_live, dvalue_dlogq / q_safe, xp.zeros_like(q))
     size = float(math.prod(cur.shape))
     if statistic == "rms":
-        dq_dw = cur / (size * q)
+        dq_dw = cur / (size * q_safe)
     else:
         dq_dw = xp.sign(cur) / size
-    grad = dq_dw * (dvalue_dq * xp.astype(q_live, work))
-    return out(value), out(grad)
+    return out(value), out(dq_dw * dvalue_dq)
 
 
 def weight_sum_penalty(

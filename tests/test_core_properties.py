@@ -361,32 +361,21 @@ def test_well_posed_weight_sum_forms(backend, form, statistic):
     check()
 
 
-ALL_ZERO_BUG = pytest.mark.xfail(
-    strict=True,
-    reason="core bug: weight_sum_penalty_and_grad(zeros, w_ref, form='squared_log') "
-    "computes dvalue_dq = 2 log(q/q_ref) / q with q floored at the smallest normal number: "
-    "it overflows to -inf (RuntimeWarning) and -inf * q_live (= 0) makes the gradient NaN; "
-    "the reference gives 0 (simcore/weight_sum.py, _value_and_grad); XLA's fused kernel "
-    "under jax.jit happens to give 0",
-)
-
-
 @pytest.mark.parametrize("form", ["squared_log", "abs_log"])
 @pytest.mark.parametrize("statistic", simcore.STATISTICS)
-def test_well_posed_weight_sum_forms_are_finite_for_all_zero_arrays(
-    backend, form, statistic, request
-):
-    """An all-zero layer (or reference) gives a finite value >= 0 and a finite gradient."""
-    if form == "squared_log" and backend.name != "jax_jit":
-        request.applymarker(ALL_ZERO_BUG)
+def test_well_posed_weight_sum_forms_are_finite_for_all_zero_arrays(backend, form, statistic):
+    """An all-zero layer (or reference) gives a finite value >= 0 and a finite gradient,
+    and an all-zero layer, whose statistic sits at its floor, gets no gradient at all."""
     w = np.random.default_rng(2).standard_normal((4, 3))
     zeros = np.zeros_like(w)
     for a, b in ((zeros, w), (w, zeros), (zeros, zeros)):
         value, grad = backend.run(simcore.weight_sum_penalty_and_grad, backend.asarray(a),
                                   backend.asarray(b), form=form, statistic=statistic)
-        value = float(backend.to_numpy(value))
+        value, grad = float(backend.to_numpy(value)), backend.to_numpy(grad)
         assert math.isfinite(value) and value >= 0.0
-        assert np.all(np.isfinite(backend.to_numpy(grad)))
+        assert np.all(np.isfinite(grad))
+        if a is zeros:
+            assert np.all(grad == 0.0)
 
 
 # ----------------------------------------------------------------------------- Eq. 5, decorrelate
