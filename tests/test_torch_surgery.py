@@ -476,3 +476,23 @@ def test_grown_model_can_be_deep_copied_and_traced_again():
     clone = copy.deepcopy(model)
     flows = discover_flows(clone, x)
     assert [f.channels(clone) for f in flows] == [17] * 13
+
+
+def test_grown_parameters_are_contiguous_like_a_freshly_built_layer():
+    """A checkpoint-rebuilt model has contiguous weights; a grown one must match it,
+    or the two run different kernels and a resumed run drifts in the last bits."""
+    from simcore.adapters.torch import RandomGrower, vgg16
+
+    torch.manual_seed(0)
+    model = vgg16(num_classes=10, width=8)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+    batches = [(torch.randn(2, 3, 32, 32), torch.randint(0, 10, (2,)))]
+    loss_fn = torch.nn.functional.cross_entropy
+    loss_fn(model(batches[0][0]), batches[0][1]).backward()
+    optimizer.step()
+    RandomGrower(seed=0).grow(model, batches, loss_fn, optimizer, ratio=0.5)
+    for name, p in model.named_parameters():
+        assert p.is_contiguous(), name
+        for key, value in optimizer.state[p].items():
+            if isinstance(value, torch.Tensor) and value.ndim:
+                assert value.is_contiguous(), (name, key)

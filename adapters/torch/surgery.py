@@ -749,7 +749,11 @@ def _growth_swaps(model, flow, new_params, channel_map, optimizer, optimizer_mod
         value = subset[name]
         _check_rank(name, old, value)
         value = _leading_part(name, value, old, grown_axis[name])
-        value = value.to(device=old.device, dtype=old.dtype).clone()
+        # Contiguous like a freshly built layer: the core's arrays may carry permuted
+        # strides, and a checkpoint-rebuilt model must run the very same kernels.
+        value = value.to(device=old.device, dtype=old.dtype).clone(
+            memory_format=torch.contiguous_format
+        )
         if attr in module._parameters:
             new = nn.Parameter(value, requires_grad=old.requires_grad)
             swaps.append(_Swap(module._parameters, attr, new))

@@ -363,7 +363,6 @@ def _grow(config, epoch, model, optimizer, dataset, loss_fn, phase, state, stats
     started = time.perf_counter()
     report = _make_grower(config, epoch).grow(model, batches, loss_fn, optimizer,
                                               ratio=config.ratio, unit=config.unit)
-    _make_contiguous(model, optimizer)
     grow_seconds = time.perf_counter() - started
     state.similarity["after_growth"].append(_stats(model, stats_layer))
     started = time.perf_counter()
@@ -376,28 +375,6 @@ def _grow(config, epoch, model, optimizer, dataset, loss_fn, phase, state, stats
             "params_before": report.params_before, "params_after": report.params_after,
             "grown_layers": report.grown_layers, "growth_seconds": grow_seconds,
             "phase_seconds": time.perf_counter() - started}
-
-
-@torch.no_grad()
-def _make_contiguous(model: nn.Module, optimizer: torch.optim.Optimizer) -> None:
-    """Give grown parameters (and their optimizer state) the standard contiguous layout.
-
-    The growers return some grown weights with permuted strides; a model rebuilt
-    from a checkpoint has contiguous ones, and convolutions may round differently
-    on the two layouts, so an interrupted-and-resumed run would drift from an
-    uninterrupted one in the last bits. Same values, same Parameter objects.
-    """
-    for p in model.parameters():
-        if not p.is_contiguous():
-            p.data = p.data.contiguous()
-        state = optimizer.state.get(p, {})
-        for name, value in state.items():
-            if isinstance(value, torch.Tensor) and not value.is_contiguous():
-                state[name] = value.contiguous()
-    for module in model.modules():
-        for name, buffer in module.named_buffers(recurse=False):
-            if buffer is not None and not buffer.is_contiguous():
-                setattr(module, name, buffer.contiguous())
 
 
 def _resume_joint_phase(phase, model, state, refs):
