@@ -371,8 +371,9 @@ def test_report_fields():
 
 def test_schedule_of_the_paper():
     schedule = GrowthSchedule(every=50, ratio=0.35, max_growths=4)
-    assert [e for e in range(250) if schedule.should_grow(e)] == [50, 100, 150, 200]
-    assert schedule.growth_epochs == (50, 100, 150, 200)
+    # after 50, 100, 150 and 200 completed epochs (0-based epochs 49, 99, ...)
+    assert [e for e in range(250) if schedule.should_grow(e)] == [49, 99, 149, 199]
+    assert schedule.growth_epochs == (49, 99, 149, 199)
     assert schedule.growths_before(0) == 0 and schedule.growths_before(201) == 4
     early = GrowthSchedule(every=3, start=0, max_growths=2)
     assert [e for e in range(10) if early.should_grow(e)] == [0, 3]

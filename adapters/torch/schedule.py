@@ -47,13 +47,15 @@ class GrowthSchedule:
     """Grow every ``every`` epochs from epoch ``start`` on, at most ``max_growths`` times.
 
     Epochs count from 0 and a growth happens *after* training epoch ``e`` when
-    ``should_grow(e)``; ``start`` defaults to ``every`` (the paper: after epochs
-    50, 100, 150 and 200 of 250). ``ratio`` and ``unit`` are what each growth
-    adds (35% of the neuron count by default, DESIGN.md section 2). The object
-    holds no state, so resuming from a checkpoint needs only the epoch.
+    ``should_grow(e)``; ``start`` defaults to ``every - 1``, so the first growth
+    comes once ``every`` epochs are done (the paper: after 50, 100, 150 and 200
+    of 250 epochs, i.e. after epochs 49, 99, 149 and 199 counted from 0).
+    ``ratio`` and ``unit`` are what each growth adds (35% of the neuron count by
+    default, DESIGN.md section 2). The object holds no state, so resuming from a
+    checkpoint needs only the epoch.
 
     >>> schedule = GrowthSchedule(every=50, max_growths=4)
-    >>> [e for e in range(250) if schedule.should_grow(e)]
+    >>> [e + 1 for e in range(250) if schedule.should_grow(e)]  # epochs completed
     [50, 100, 150, 200]
     >>> schedule.growths_before(120)
     2
@@ -68,7 +70,7 @@ class GrowthSchedule:
     def __post_init__(self):
         object.__setattr__(self, "every", _index(self.every, "every", 1))
         object.__setattr__(self, "max_growths", _index(self.max_growths, "max_growths", 0))
-        start = self.every if self.start is None else _index(self.start, "start", 0)
+        start = self.every - 1 if self.start is None else _index(self.start, "start", 0)
         object.__setattr__(self, "start", start)
         if isinstance(self.ratio, bool) or not isinstance(self.ratio, (int, float)):
             raise TypeError(f"ratio must be a float, got {type(self.ratio).__name__}")

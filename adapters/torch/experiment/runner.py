@@ -240,7 +240,7 @@ def run_one(config: RunConfig, out_dir: str | Path, *, dataset: ImageDataset | N
                                train_limit=config.train_limit, test_limit=config.test_limit)
     dataset = dataset.to(device)
     schedule = GrowthSchedule(every=config.grow_every, ratio=config.ratio, unit=config.unit,
-                              max_growths=config.max_growths, start=config.grow_every - 1)
+                              max_growths=config.max_growths)
     torch.manual_seed(derive_seed(config.seed, "init"))
     model = _build_model(config, dataset.num_classes).to(device)
     state, extra = _State(), {}
