@@ -61,10 +61,12 @@ def _is_single_array(x):
     return True
 
 
-def _check_lam(lam, refs):
+def _check_lam(lam, refs, similarity):
     lam = float(lam)
     if lam != 0.0 and refs is None:
         raise ValueError("lam is non-zero but refs is None: pass the reference weights for Eq. 4")
+    if not similarity and refs is None:
+        raise ValueError("similarity=False leaves only Eq. 4, which needs refs")
     return lam
 
 
@@ -78,10 +80,13 @@ def growth_objective(
     neuron_axis: int | Sequence[int] = 0,
     block_size: int | None = None,
     zero_tol: float | None = None,
+    similarity: bool = True,
 ) -> Any:
     """Eq. 5 summed over layers; ``refs=None`` (with ``lam=0``) keeps only the Eq. 2 term.
 
     ``neuron_axis`` is one int for every layer or one per layer.
+    ``similarity=False`` leaves the Eq. 2 term out (``lam`` times Eq. 4 alone: the
+    paper's Table 3 ablation); it needs ``refs``.
 
     >>> import numpy as np, simcore
     >>> layers = [np.eye(3), np.ones((2, 2))]
@@ -89,12 +94,15 @@ def growth_objective(
     1.0
     """
     weights, refs, axes = _layers(weights, refs, neuron_axis)
-    lam = _check_lam(lam, refs)
+    lam = _check_lam(lam, refs, similarity)
     total = None
     for i, (w, axis) in enumerate(zip(weights, axes, strict=True)):
-        term = similarity_loss(w, neuron_axis=axis, block_size=block_size, zero_tol=zero_tol)
+        term = None
+        if similarity:
+            term = similarity_loss(w, neuron_axis=axis, block_size=block_size, zero_tol=zero_tol)
         if refs is not None:
-            term = term + lam * weight_sum_penalty(w, refs[i], form=form, statistic=statistic)
+            penalty = lam * weight_sum_penalty(w, refs[i], form=form, statistic=statistic)
+            term = penalty if term is None else term + penalty
         total = term if total is None else total + term
     return total
 
@@ -109,20 +117,25 @@ def growth_objective_and_grad(
     neuron_axis: int | Sequence[int] = 0,
     block_size: int | None = None,
     zero_tol: float | None = None,
+    similarity: bool = True,
 ) -> tuple[Any, list[Any]]:
     """Eq. 5 and its gradient: ``(value, [d value / d W_l for each layer])``."""
     weights, refs, axes = _layers(weights, refs, neuron_axis)
-    lam = _check_lam(lam, refs)
+    lam = _check_lam(lam, refs, similarity)
     total, grads = None, []
     for i, (w, axis) in enumerate(zip(weights, axes, strict=True)):
-        value, grad = similarity_loss_and_grad(
-            w, neuron_axis=axis, block_size=block_size, zero_tol=zero_tol
-        )
+        value = grad = None
+        if similarity:
+            value, grad = similarity_loss_and_grad(
+                w, neuron_axis=axis, block_size=block_size, zero_tol=zero_tol
+            )
         if refs is not None:
             p_value, p_grad = weight_sum_penalty_and_grad(
                 w, refs[i], form=form, statistic=statistic
             )
-            value, grad = value + lam * p_value, grad + lam * p_grad
+            p_value, p_grad = lam * p_value, lam * p_grad
+            value = p_value if value is None else value + p_value
+            grad = p_grad if grad is None else grad + p_grad
         total = value if total is None else total + value
         grads.append(grad)
     return total, grads
@@ -141,6 +154,7 @@ def decorrelate(
     neuron_axis: int | Sequence[int] = 0,
     block_size: int | None = None,
     zero_tol: float | None = None,
+    similarity: bool = True,
 ) -> list[Any]:
     """The post-growth phase as weight-only gradient descent on Eq. 5; returns new arrays.
 
@@ -148,7 +162,8 @@ def decorrelate(
     of the paper is wanted. ``refs`` defaults to ``weights`` themselves (the
     post-growth snapshot). ``anchor="snapshot"`` measures Eq. 4 against ``refs``
     at every step; ``anchor="previous"`` against the previous step's weights
-    (``refs`` then only seeds the first step). Nothing is mutated.
+    (``refs`` then only seeds the first step). ``similarity=False`` descends on
+    Eq. 4 alone (the ablation). Nothing is mutated.
 
     >>> import numpy as np, simcore
     >>> w = np.array([[1.0, 0.1], [1.0, -0.1], [0.2, 1.0]])
@@ -174,6 +189,7 @@ def decorrelate(
             neuron_axis=axes,
             block_size=block_size,
             zero_tol=zero_tol,
+            similarity=similarity,
         )
         if anchor == "previous":
             anchors = current

@@ -13,6 +13,7 @@ from hypothesis import assume
 from hypothesis import strategies as st
 
 import simcore
+import simcore.reference as ref
 from simcore.testing import assert_close, strategies
 from simcore.testing.strategies import given_for, size_limits, structured_shape
 
@@ -446,3 +447,25 @@ def test_no_function_mutates_its_inputs(backend):
         backend.run(fn, *args, **kwargs)
         np.testing.assert_array_equal(backend.to_numpy(x), w, err_msg=fn.__name__)
         np.testing.assert_array_equal(backend.to_numpy(x_ref), w_ref, err_msg=fn.__name__)
+
+
+def test_objective_without_the_similarity_term_is_lam_times_eq4(backend):
+    """similarity=False (the Table 3 ablation) is exactly lam * sum of Eq. 4 over layers, and
+    descending on it leaves every cosine alone (the RMS form only rescales rows)."""
+    rng = np.random.default_rng(7)
+    ws = [rng.standard_normal((5, 4)), rng.standard_normal((3, 2, 2, 2))]
+    refs = [1.5 * w + 0.1 for w in ws]
+    xs, x_refs = [backend.asarray(w) for w in ws], [backend.asarray(r) for r in refs]
+    expected = [ref.weight_sum_penalty_and_grad(w, r) for w, r in zip(ws, refs, strict=True)]
+    value, grads = backend.run(simcore.growth_objective_and_grad, xs, x_refs, lam=0.3,
+                               similarity=False)
+    assert_close(value, 0.3 * sum(v for v, _ in expected), backend=backend)
+    for grad, (_, expected_grad) in zip(grads, expected, strict=True):
+        assert_close(grad, 0.3 * expected_grad, backend=backend)
+    [moved] = backend.run(simcore.decorrelate, xs[:1], x_refs[:1], steps=5, lr=0.5, lam=1.0,
+                          similarity=False)
+    assert not np.allclose(backend.to_numpy(moved), ws[0])
+    assert_close(simcore.similarity_map(moved), ref.similarity_map(ws[0]), backend=backend,
+                 rtol=1e-6)
+    with pytest.raises(ValueError, match="needs refs"):
+        simcore.growth_objective(xs, None, lam=0.0, similarity=False)

@@ -13,10 +13,11 @@ import sys
 import pytest
 import torch
 import torch.nn.functional as F
+from simcore.adapters.torch import SimilarityPenalty
 from simcore.adapters.torch.experiment import RunConfig, grad_cam, preset
 from simcore.adapters.torch.experiment.cli import build_parser, plan
 from simcore.adapters.torch.experiment.report import format_table, summarize
-from simcore.adapters.torch.experiment.terms import WeightSumPenalty, make_phase
+from simcore.adapters.torch.experiment.terms import make_phase
 from torch import nn
 
 MODULES = ["config", "data", "terms", "gradcam", "report", "cli", "runner", "compare",
@@ -76,7 +77,7 @@ def test_grad_cam_defaults_to_the_predicted_class_and_the_last_conv():
 def test_weight_sum_penalty_has_the_formula_s_gradient():
     torch.manual_seed(2)
     net = nn.Sequential(nn.Linear(6, 5), nn.ReLU(), nn.Linear(5, 3))
-    penalty = WeightSumPenalty(net, layers=["0", "2"], lam=0.3)
+    penalty = SimilarityPenalty(net, layers=["0", "2"], lam=0.3, similarity=False)
     refs = [net[0].weight.detach().clone(), net[2].weight.detach().clone()]
     with torch.no_grad():
         net[0].weight.mul_(1.5).add_(0.1)

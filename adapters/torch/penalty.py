@@ -167,6 +167,7 @@ def growth_objective(
     neuron_axis: int | Sequence[int] = 0,
     block_size: int | None = None,
     zero_tol: float | None = None,
+    similarity: bool = True,
 ) -> torch.Tensor:
     """Eq. 5 summed over layers, differentiable in ``weights`` (``refs`` get no gradient).
 
@@ -196,7 +197,8 @@ def growth_objective(
     if isinstance(neuron_axis, Sequence):
         neuron_axis = tuple(neuron_axis)
     options = {"lam": float(lam), "form": form, "statistic": statistic,
-               "neuron_axis": neuron_axis, "block_size": block_size, "zero_tol": zero_tol}
+               "neuron_axis": neuron_axis, "block_size": block_size, "zero_tol": zero_tol,
+               "similarity": bool(similarity)}
     return GrowthObjectiveFunction.apply(options, len(weights), *weights, *refs)
 
 
@@ -235,7 +237,9 @@ class SimilarityPenalty:
       stored copy is replaced by the weights that call saw, so the next call,
       one optimizer step later, measures against the previous step's weights.
 
-    A call returns ``strength * Eq. 5`` as a 0-d tensor with the core's gradient.
+    A call returns ``strength * Eq. 5`` as a 0-d tensor with the core's gradient;
+    ``similarity=False`` leaves Eq. 2 out (``lam`` times Eq. 4 alone, the paper's
+    Table 3 ablation).
 
     >>> import torch
     >>> from simcore.adapters.torch import SimilarityPenalty, vgg16
@@ -262,6 +266,7 @@ class SimilarityPenalty:
         strength: float = 1.0,
         block_size: int | None = None,
         zero_tol: float | None = None,
+        similarity: bool = True,
     ):
         if not isinstance(model, nn.Module):
             raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
@@ -280,6 +285,7 @@ class SimilarityPenalty:
             raise ValueError(f"strength must be >= 0, got {strength}")
         self.form, self.statistic, self.anchor = form, statistic, anchor
         self.block_size, self.zero_tol = block_size, zero_tol
+        self.similarity = bool(similarity)
         self.layer_names = self._choose(layers, bool(include_depthwise))
         self._refs: list[torch.Tensor] = []
         self.snapshot()
@@ -326,6 +332,21 @@ class SimilarityPenalty:
         """Store the current weights as ``W_prev`` (call right after a growth)."""
         self._refs = [w.detach().clone() for w in self.weights()]
 
+    @property
+    def refs(self) -> list[torch.Tensor]:
+        """The stored ``W_prev``, one tensor per layer (e.g. to checkpoint a phase)."""
+        return list(self._refs)
+
+    @refs.setter
+    def refs(self, tensors: Sequence[torch.Tensor]) -> None:
+        tensors = [_check_tensor(t, f"refs[{i}]").detach() for i, t in enumerate(tensors)]
+        if len(tensors) != len(self.layer_names):
+            raise ValueError(f"refs has {len(tensors)} tensors for {len(self.layer_names)} layers")
+        weights = self.weights()
+        self._refs = [t.to(device=w.device, dtype=w.dtype) for t, w in zip(tensors, weights,
+                                                                           strict=True)]
+        self._checked_refs(weights)
+
     def _checked_refs(self, weights) -> list[torch.Tensor]:
         for name, w, ref in zip(self.layer_names, weights, self._refs, strict=True):
             if ref.shape != w.shape:
@@ -337,10 +358,11 @@ class SimilarityPenalty:
 
     def __call__(self) -> torch.Tensor:
         weights = self.weights()
-        refs = self._checked_refs(weights) if self.lam != 0.0 else None
+        needs_refs = self.lam != 0.0 or not self.similarity
+        refs = self._checked_refs(weights) if needs_refs else None
         value = growth_objective(
             weights, refs, lam=self.lam, form=self.form, statistic=self.statistic,
-            block_size=self.block_size, zero_tol=self.zero_tol,
+            block_size=self.block_size, zero_tol=self.zero_tol, similarity=self.similarity,
         )
         if self.anchor == "previous":
             self._refs = [w.detach().clone() for w in weights]
@@ -363,7 +385,7 @@ class SimilarityPenalty:
         new = _eager(simcore.decorrelate)(
             [w.detach() for w in weights], refs, steps=steps, lr=float(lr) * self.strength,
             lam=self.lam, anchor=self.anchor, form=self.form, statistic=self.statistic,
-            block_size=self.block_size, zero_tol=self.zero_tol,
+            block_size=self.block_size, zero_tol=self.zero_tol, similarity=self.similarity,
         )
         for w, value in zip(weights, new, strict=True):
             w.copy_(value)

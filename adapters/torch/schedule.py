@@ -26,6 +26,7 @@ import torch
 from torch import nn
 
 from simcore._arrays import check_int
+from simcore.growth import UNITS
 
 from .penalty import SimilarityPenalty
 
@@ -35,7 +36,6 @@ __all__ = ["DEFAULT_PHASE_STEPS", "PHASES", "GrowthSchedule", "SimilarityPhase"]
 DEFAULT_PHASE_STEPS = {"random": 20, "ssd": 10, "firefly": 15}
 #: The two readings of "N iterations of Eq. 5" (see the module docstring).
 PHASES = ("weights_only", "joint")
-UNITS = ("neurons", "parameters")
 
 
 def _index(value, name, minimum):
@@ -108,7 +108,8 @@ class SimilarityPhase:
     grown layers' names (a :class:`GrowthReport`'s ``grown_layers``): with
     ``phase="weights_only"`` it runs the steps at once (``lr`` is their step
     size); with ``phase="joint"`` add :meth:`term` to the task loss in each of
-    the next ``steps`` training steps.
+    the next ``steps`` training steps. ``similarity=False`` keeps only the Eq. 4
+    term (with ``lam``), ``lam=0`` only Eq. 2: the paper's Table 3 ablation.
 
     >>> import torch
     >>> from torch import nn
@@ -132,6 +133,7 @@ class SimilarityPhase:
     statistic: str = "rms"
     anchor: str = "snapshot"
     include_depthwise: bool = False
+    similarity: bool = True
     remaining: int = field(default=0, init=False)
     penalty: SimilarityPenalty | None = field(default=None, init=False, repr=False)
 
@@ -162,7 +164,7 @@ class SimilarityPhase:
         self.penalty = SimilarityPenalty(
             model, layers=layers, lam=self.lam, form=self.form, statistic=self.statistic,
             anchor=self.anchor, include_depthwise=self.include_depthwise,
-            strength=self.strength,
+            strength=self.strength, similarity=self.similarity,
         )  # its construction snapshots the grown weights: W_prev of Eq. 4
         if self.phase == "weights_only":
             self.penalty.decorrelate(self.steps, self.lr)

@@ -19,9 +19,14 @@ from __future__ import annotations
 
 import dataclasses
 import math
-import operator
 from dataclasses import dataclass
 from typing import Any
+
+from simcore import ANCHORS, FORMS
+from simcore._arrays import check_int
+from simcore.growth import UNITS
+
+from ..schedule import DEFAULT_PHASE_STEPS, PHASES
 
 __all__ = ["METHODS", "MODELS", "PRESETS", "TERMS", "RunConfig", "preset"]
 
@@ -31,24 +36,12 @@ METHODS = ("random", "ssd", "firefly")
 TERMS = ("none", "eq2", "eq4", "both")
 TERM_LABELS = {"none": "baseline", "eq2": "Eq. 2 only", "eq4": "Eq. 4 only", "both": "+ours"}
 #: The paper's best N per method (its Tables 1-3, N_best).
-PAPER_PHASE_STEPS = {"random": 20, "ssd": 10, "firefly": 15}
+PAPER_PHASE_STEPS = DEFAULT_PHASE_STEPS
 LR_SCHEDULES = ("cosine", "constant")
-PHASES = ("weights_only", "joint")
-UNITS = ("neurons", "parameters")
-FORMS = ("squared_log", "abs_log", "literal")
-ANCHORS = ("snapshot", "previous")
 
 
 def _int(value: Any, name: str, minimum: int) -> int:
-    if isinstance(value, bool):
-        raise TypeError(f"{name} must be an int, got bool")
-    try:
-        value = operator.index(value)
-    except TypeError:
-        raise TypeError(f"{name} must be an int, got {type(value).__name__}") from None
-    if value < minimum:
-        raise ValueError(f"{name} must be >= {minimum}, got {value}")
-    return value
+    return check_int(value, name, minimum=minimum)
 
 
 def _float(value: Any, name: str, *, positive: bool = False) -> float:

@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import codecs
 import io
-import operator
 import pickle
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -35,6 +34,8 @@ from typing import Any
 import numpy as np
 import torch
 import torch.nn.functional as F
+
+from simcore._arrays import check_int
 
 __all__ = [
     "CIFAR_URL",
@@ -81,16 +82,7 @@ class ImageDataset:
 def _check_limit(value: Any, name: str) -> int | None:
     if value is None:
         return None
-    if isinstance(value, bool):
-        raise TypeError(f"{name} must be a positive int or None, got bool")
-    try:
-        value = operator.index(value)
-    except TypeError:
-        kind = type(value).__name__
-        raise TypeError(f"{name} must be a positive int or None, got {kind}") from None
-    if value < 1:
-        raise ValueError(f"{name} must be a positive int or None, got {value}")
-    return value
+    return check_int(value, name, minimum=1)
 
 
 def _channel_stats(images: torch.Tensor) -> tuple[tuple[float, ...], tuple[float, ...]]:

@@ -268,7 +268,7 @@ def run_one(config: RunConfig, out_dir: str | Path, *, dataset: ImageDataset | N
     def save() -> None:
         extra = {"key": key, "state": state.to_extra()}
         if phase is not None and phase.active:
-            extra["phase_refs"] = [r.detach().cpu() for r in phase.penalty._refs]
+            extra["phase_refs"] = [r.detach().cpu() for r in phase.penalty.refs]
         # written to a temporary name and renamed: an interrupted save keeps the last one
         save_checkpoint(ckpt_path, model, optimizer, scheduler, extra=extra)
 
@@ -385,8 +385,7 @@ def _resume_joint_phase(phase, model, state, refs):
     phase.phase = joint
     phase.remaining = state.phase_remaining
     if refs is not None:
-        device = next(model.parameters()).device
-        phase.penalty._refs = [r.to(device) for r in refs]
+        phase.penalty.refs = refs
 
 
 def _load(path: Path, **kwargs):
