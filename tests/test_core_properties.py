@@ -9,11 +9,11 @@ import math
 
 import numpy as np
 import pytest
+import simcore.reference as ref
 from hypothesis import assume
 from hypothesis import strategies as st
 
 import simcore
-import simcore.reference as ref
 from simcore.testing import assert_close, strategies
 from simcore.testing.strategies import given_for, size_limits, structured_shape
 
