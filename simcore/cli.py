@@ -21,6 +21,7 @@ subcommand adds one such function to :data:`SUBCOMMANDS`.
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import math
 import sys
 from collections.abc import Callable, Sequence
@@ -107,7 +108,18 @@ def _register_check(subparsers) -> None:
     parser.set_defaults(handler=_run_check)
 
 
+#: What `simcore grow` imports beyond the core: the `experiment` extra.
+GROW_REQUIREMENTS = {"torch": "torch", "sklearn": "scikit-learn", "matplotlib": "matplotlib",
+                     "tqdm": "tqdm"}
+
+
 def _run_grow(args: argparse.Namespace) -> int:
+    missing = [name for module, name in GROW_REQUIREMENTS.items()
+               if importlib.util.find_spec(module) is None]
+    if missing:
+        print(f"simcore grow needs {', '.join(missing)}: pip install 'simcore[experiment]'",
+              file=sys.stderr)
+        return 2
     # Imported here: the experiment needs torch, and `import simcore` must not import it.
     from simcore.adapters.torch.experiment.cli import main as grow_main
 

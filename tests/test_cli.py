@@ -67,3 +67,19 @@ def test_a_failing_check_exits_1(monkeypatch, capsys):
     assert status == 1
     assert "FAIL" in out and "RuntimeError: boom" in out
     assert out.splitlines()[-1] == "1 failed of 24 checks on numpy (float64)"
+
+
+def test_grow_names_the_missing_extra_instead_of_a_traceback(tmp_path):
+    """Without the experiment extra, `simcore grow` says what to install."""
+    blocker = tmp_path / "sitecustomize.py"  # makes scikit-learn look uninstalled
+    blocker.write_text(
+        "import importlib.util, sys\n"
+        "_find = importlib.util.find_spec\n"
+        "importlib.util.find_spec = lambda name, *a: None if name == 'sklearn' else _find(name, *a)\n"
+    )
+    env = {**os.environ, "PYTHONPATH": f"{tmp_path}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"}
+    result = subprocess.run([sys.executable, "-m", "simcore", "grow"], capture_output=True,
+                            text=True, env=env, timeout=120)
+    assert result.returncode == 2
+    assert "scikit-learn" in result.stderr and "simcore[experiment]" in result.stderr
+    assert "Traceback" not in result.stderr
