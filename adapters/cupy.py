@@ -36,7 +36,7 @@ except ImportError as error:  # pragma: no cover - depends on the environment
 
 import simcore
 from simcore._arrays import check_block_size, check_choice
-from simcore.similarity import _Rows
+from simcore.similarity import _value_and_grad
 
 __all__ = ["METHODS", "similarity_loss", "similarity_loss_and_grad", "syrk_gram"]
 
@@ -67,19 +67,6 @@ def syrk_gram(u: Any) -> Any:
         return cupy.ascontiguousarray(full)
 
 
-def _syrk_value_and_grad(w, neuron_axis, zero_tol):
-    # The core's row handling (norms, zero rows, half precision, layout) with the one
-    # Gram product replaced by SYRK; the formulas are those of simcore.similarity.
-    rows = _Rows(w, neuron_axis, zero_tol)
-    u = rows.unit
-    cosines = syrk_gram(u)
-    off_diagonal = 1.0 - cupy.eye(rows.n, dtype=u.dtype)
-    signs = cupy.sign(cosines) * off_diagonal
-    scale = 1.0 / cupy.maximum(rows.pair_count, 1.0)
-    loss = rows.out(cupy.sum(signs * cosines) * scale)
-    return loss, rows.grad_from((signs @ u) * (2.0 * scale))
-
-
 def similarity_loss_and_grad(
     w: Any,
     *,
@@ -100,11 +87,9 @@ def similarity_loss_and_grad(
     if method == "syrk" and block_size is not None:
         raise ValueError("method='syrk' forms the whole n x n map: it takes no block_size")
     with w.device:
-        if method == "syrk":
-            return _syrk_value_and_grad(w, neuron_axis, zero_tol)
-        return simcore.similarity_loss_and_grad(
-            w, neuron_axis=neuron_axis, block_size=block_size, zero_tol=zero_tol
-        )
+        # The core's maths with only the Gram product swapped for SYRK.
+        gram = syrk_gram if method == "syrk" else None
+        return _value_and_grad(w, neuron_axis, block_size, zero_tol, with_grad=True, gram=gram)
 
 
 def similarity_loss(

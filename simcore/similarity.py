@@ -71,7 +71,7 @@ class _Rows:
         work = compute_dtype(xp, w.dtype)
         if work != w.dtype:
             rows = xp.astype(rows, work)
-        norms = xp.sqrt(xp.sum(rows * rows, axis=1))
+        norms = xp.sqrt(xp.vecdot(rows, rows))
         active = norms > tol * xp.max(norms)
         self.active = xp.astype(active, work)
         self.safe_norms = xp.where(active, norms, xp.ones_like(norms))
@@ -84,11 +84,12 @@ class _Rows:
         """Cast a result back to the caller's dtype."""
         return x if x.dtype == self.dtype else self.xp.astype(x, self.dtype)
 
-    def grad_from(self, g: Any) -> Any:
-        """Project ``g = dmu/du`` onto each row's tangent space and scale by ``1/r``."""
+    def grad_from(self, g: Any, scale: Any) -> Any:
+        """``scale * g`` (``g = dmu/du`` up to ``scale``) projected onto each row's
+        tangent space and divided by the row's norm: ``(g - (g . u) u) * scale / r``."""
         xp, u = self.xp, self.unit
-        radial = xp.sum(g * u, axis=1)
-        grad_rows = (g - radial[:, None] * u) / self.safe_norms[:, None]
+        per_row = scale / self.safe_norms
+        grad_rows = g * per_row[:, None] - u * (xp.vecdot(g, u) * per_row)[:, None]
         return self.out(from_rows(xp, grad_rows, self.shape, self.axis))
 
     def blocks(self, block_size: int | None):
@@ -107,7 +108,9 @@ class _Rows:
             yield start, stop, rows[:, None] != columns[None, :]
 
 
-def _value_and_grad(w, neuron_axis, block_size, zero_tol, with_grad):
+def _value_and_grad(w, neuron_axis, block_size, zero_tol, with_grad, gram=None):
+    """The loss (and gradient); ``gram(u) -> u @ u.T`` lets an adapter supply its own
+    kernel for the whole Gram matrix (CuPy's SYRK), used when there are no blocks."""
     block_size = check_block_size(block_size)
     rows = _Rows(w, neuron_axis, zero_tol)
     xp, u = rows.xp, rows.unit
@@ -115,7 +118,8 @@ def _value_and_grad(w, neuron_axis, block_size, zero_tol, with_grad):
     total = zero
     grad_blocks = []
     for start, stop, off_diagonal in rows.blocks(block_size):
-        cosines = u[start:stop, :] @ u.T
+        whole = start == 0 and stop == rows.n
+        cosines = gram(u) if gram is not None and whole else u[start:stop, :] @ u.T
         signs = xp.where(off_diagonal, xp.sign(cosines), zero)
         total = total + xp.sum(xp.vecdot(signs, cosines))
         if with_grad:
@@ -125,7 +129,7 @@ def _value_and_grad(w, neuron_axis, block_size, zero_tol, with_grad):
     if not with_grad:
         return loss, None
     g = grad_blocks[0] if len(grad_blocks) == 1 else xp.concat(grad_blocks, axis=0)
-    return loss, rows.grad_from(g * (2.0 * scale))
+    return loss, rows.grad_from(g, 2.0 * scale)
 
 
 def similarity_map(w: Any, *, neuron_axis: int = 0, zero_tol: float | None = None) -> Any:
