@@ -17,8 +17,8 @@ from collections.abc import Sequence
 from typing import Any
 
 from ._arrays import check_choice, check_int, namespace_of
-from .similarity import similarity_loss, similarity_loss_and_grad
-from .weight_sum import weight_sum_penalty, weight_sum_penalty_and_grad
+from .similarity import _value_and_grad as _similarity
+from .weight_sum import _value_and_grad as _weight_sum
 
 __all__ = ["ANCHORS", "decorrelate", "growth_objective", "growth_objective_and_grad"]
 
@@ -93,18 +93,8 @@ def growth_objective(
     >>> round(float(simcore.growth_objective(layers, layers, lam=0.5)), 12)
     1.0
     """
-    weights, refs, axes = _layers(weights, refs, neuron_axis)
-    lam = _check_lam(lam, refs, similarity)
-    total = None
-    for i, (w, axis) in enumerate(zip(weights, axes, strict=True)):
-        term = None
-        if similarity:
-            term = similarity_loss(w, neuron_axis=axis, block_size=block_size, zero_tol=zero_tol)
-        if refs is not None:
-            penalty = lam * weight_sum_penalty(w, refs[i], form=form, statistic=statistic)
-            term = penalty if term is None else term + penalty
-        total = term if total is None else total + term
-    return total
+    return _objective(weights, refs, lam, form, statistic, neuron_axis, block_size, zero_tol,
+                      similarity, with_grad=False)[0]
 
 
 def growth_objective_and_grad(
@@ -120,25 +110,30 @@ def growth_objective_and_grad(
     similarity: bool = True,
 ) -> tuple[Any, list[Any]]:
     """Eq. 5 and its gradient: ``(value, [d value / d W_l for each layer])``."""
+    return _objective(weights, refs, lam, form, statistic, neuron_axis, block_size, zero_tol,
+                      similarity, with_grad=True)
+
+
+def _objective(weights, refs, lam, form, statistic, neuron_axis, block_size, zero_tol,
+               similarity, with_grad):
     weights, refs, axes = _layers(weights, refs, neuron_axis)
     lam = _check_lam(lam, refs, similarity)
     total, grads = None, []
     for i, (w, axis) in enumerate(zip(weights, axes, strict=True)):
         value = grad = None
         if similarity:
-            value, grad = similarity_loss_and_grad(
-                w, neuron_axis=axis, block_size=block_size, zero_tol=zero_tol
-            )
+            value, grad = _similarity(w, axis, block_size, zero_tol, with_grad)
         if refs is not None:
-            p_value, p_grad = weight_sum_penalty_and_grad(
-                w, refs[i], form=form, statistic=statistic
-            )
-            p_value, p_grad = lam * p_value, lam * p_grad
-            value = p_value if value is None else value + p_value
-            grad = p_grad if grad is None else grad + p_grad
-        total = value if total is None else total + value
+            p_value, p_grad = _weight_sum(w, refs[i], form, statistic, with_grad)
+            value = _plus(value, lam * p_value)
+            grad = _plus(grad, lam * p_grad) if with_grad else None
+        total = _plus(total, value)
         grads.append(grad)
     return total, grads
+
+
+def _plus(a, b):
+    return b if a is None else a + b
 
 
 def decorrelate(
