@@ -77,17 +77,16 @@ def similarity_loss_and_grad(
 ) -> tuple[Any, Any]:
     """:func:`simcore.similarity_loss_and_grad` for a CuPy array, on ``w``'s own device.
 
-    ``method="syrk"`` builds the Gram matrix with cuBLAS SYRK (no ``block_size``:
-    it forms the whole ``n x n`` map); ``"gemm"`` and ``"auto"`` run the core
-    as it is. Results are 0-d / ``w``-shaped CuPy arrays on ``w.device``.
+    ``method="syrk"`` builds the symmetric diagonal tiles of the Gram matrix
+    (all of it when ``n`` fits one tile) with cuBLAS SYRK; ``"gemm"`` and
+    ``"auto"`` run the core as it is. Results are 0-d / ``w``-shaped CuPy
+    arrays on ``w.device``.
     """
     _check_cupy(w)
     check_choice(method, METHODS, "method")
     block_size = check_block_size(block_size)
-    if method == "syrk" and block_size is not None:
-        raise ValueError("method='syrk' forms the whole n x n map: it takes no block_size")
     with w.device:
-        # The core's maths with only the Gram product swapped for SYRK.
+        # The core's maths with only the diagonal tiles' Gram product swapped for SYRK.
         gram = syrk_gram if method == "syrk" else None
         return _value_and_grad(w, neuron_axis, block_size, zero_tol, with_grad=True, gram=gram)
 

@@ -75,9 +75,11 @@ def test_grow_names_the_missing_extra_instead_of_a_traceback(tmp_path):
     blocker.write_text(
         "import importlib.util, sys\n"
         "_find = importlib.util.find_spec\n"
-        "importlib.util.find_spec = lambda name, *a: None if name == 'sklearn' else _find(name, *a)\n"
+        "importlib.util.find_spec = (\n"
+        "    lambda name, *a: None if name == 'sklearn' else _find(name, *a))\n"
     )
-    env = {**os.environ, "PYTHONPATH": f"{tmp_path}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"}
+    path = f"{tmp_path}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"
+    env = {**os.environ, "PYTHONPATH": path}
     result = subprocess.run([sys.executable, "-m", "simcore", "grow"], capture_output=True,
                             text=True, env=env, timeout=120)
     assert result.returncode == 2
