@@ -57,3 +57,15 @@ def backend_dtype(request):
 def backend_half(request):
     """``(backend, dtype name)`` for every backend's float16/bfloat16 (looser tolerances)."""
     return request.param
+
+
+@pytest.fixture
+def torch_one_thread():
+    """Run a test with one torch thread: on a loaded 2-core machine multi-threaded LAPACK
+    (SSD's eigh) and small convolutions slow down many times over."""
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

@@ -36,14 +36,7 @@ from torch import nn  # noqa: E402
 from simcore.growth import growth_budget  # noqa: E402
 from simcore.growth.firefly import FireflySelection, firefly_apply  # noqa: E402
 
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    # Shared 2-core CI machine: multi-threaded LAPACK eigh is pathologically slow under load.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("torch_one_thread")
 
 
 class SmallNet(nn.Module):

@@ -25,14 +25,7 @@ from torch import nn  # noqa: E402
 
 from simcore.growth import add_neurons, replicate_neurons, split_neurons  # noqa: E402
 
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    # The CI machine is shared by several jobs: one thread keeps LAPACK/conv timings sane.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("torch_one_thread")
 
 
 class FlattenHead(nn.Module):
