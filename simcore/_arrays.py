@@ -7,6 +7,7 @@ under ``jax.jit``. Errors name the offending argument.
 
 from __future__ import annotations
 
+import numbers
 import operator
 from collections.abc import Sequence
 from typing import Any
@@ -142,6 +143,8 @@ def check_choice(value: Any, allowed: Sequence[str], name: str) -> str:
 def check_zero_tol(zero_tol: Any) -> float | None:
     if zero_tol is None:
         return None
+    if isinstance(zero_tol, bool) or not isinstance(zero_tol, numbers.Real):
+        raise TypeError(f"zero_tol must be a float or None, got {type(zero_tol).__name__}")
     zero_tol = float(zero_tol)
     if not 0.0 <= zero_tol < 1.0:
         raise ValueError(f"zero_tol must lie in [0, 1), got {zero_tol}")

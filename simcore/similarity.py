@@ -47,6 +47,7 @@ from ._arrays import (
 )
 
 __all__ = [
+    "DEFAULT_TILE",
     "DEFAULT_ZERO_TOL",
     "similarity_loss",
     "similarity_loss_and_grad",
@@ -163,11 +164,17 @@ def similarity_map(w: Any, *, neuron_axis: int = 0, zero_tol: float | None = Non
     array([[1.    , 0.7071],
            [0.7071, 1.    ]])
     """
+    rows, cosines = _cosines(w, neuron_axis, zero_tol)
+    return rows.out(cosines)
+
+
+def _cosines(w, neuron_axis, zero_tol):
+    """``(rows, C)`` with ``C`` in the compute dtype (float32 for half inputs): exactly
+    1 on the diagonal of non-zero rows, 0 in every row and column of a zero row."""
     rows = _Rows(w, neuron_axis, zero_tol)
     xp, u = rows.xp, rows.unit
-    cosines = u @ u.T
     eye = xp.eye(rows.n, dtype=u.dtype, device=device_of(u))
-    return rows.out(cosines * (1.0 - eye) + eye * rows.active[None, :])
+    return rows, (u @ u.T) * (1.0 - eye) + eye * rows.active[None, :]
 
 
 def similarity_loss(

@@ -5,10 +5,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-import array_api_compat
-
-from ._arrays import check_int, compute_dtype, device_of
-from .similarity import similarity_map
+from ._arrays import check_int, device_of
+from .similarity import _cosines
 
 __all__ = ["SimilarityStats", "similarity_stats"]
 
@@ -17,7 +15,8 @@ __all__ = ["SimilarityStats", "similarity_stats"]
 class SimilarityStats:
     """Distribution of the cosines ``C_ij``, ``i < j``, between a layer's non-zero neurons.
 
-    Every field is an array of the input's namespace and device.
+    Every field is an array of the input's namespace and device; for float16 and
+    bfloat16 inputs the float fields are float32, computed from float32 cosines.
     ``counts[k]`` counts cosines in ``[edges[k], edges[k+1])`` (the last bin is
     closed at 1); ``share_within_half`` is the share of pairs with
     ``|C_ij| <= 0.5``, the paper's reading of Fig. 6; ``mean_abs`` equals
@@ -44,15 +43,13 @@ def similarity_stats(
     ([0, 0, 6, 0], 1.0)
     """
     bins = check_int(bins, "bins", minimum=1)
-    cosines = similarity_map(w, neuron_axis=neuron_axis, zero_tol=zero_tol)
-    xp = array_api_compat.array_namespace(cosines)
+    # The cosines in the compute dtype: half inputs are binned from float32 values.
+    rows, cosines = _cosines(w, neuron_axis, zero_tol)
+    xp, active, work = rows.xp, rows.active, cosines.dtype
     device = device_of(cosines)
-    work = compute_dtype(xp, cosines.dtype)
     integers = xp.__array_namespace_info__().default_dtypes(device=device)["integral"]
-    cosines = xp.clip(xp.astype(cosines, work), -1.0, 1.0)
-    n = cosines.shape[0]
-    # similarity_map puts 1 on the diagonal of non-zero rows and 0 on that of zero rows.
-    active = xp.sum(cosines * xp.eye(n, dtype=work, device=device), axis=1)
+    cosines = xp.clip(cosines, -1.0, 1.0)
+    n = rows.n
     index = xp.arange(n, device=device)
     upper = xp.astype(index[:, None] < index[None, :], work)
     pair_mask = upper * active[:, None] * active[None, :]

@@ -469,3 +469,15 @@ def test_objective_without_the_similarity_term_is_lam_times_eq4(backend):
                  rtol=1e-6)
     with pytest.raises(ValueError, match="needs refs"):
         simcore.growth_objective(xs, None, lam=0.0, similarity=False)
+
+
+def test_half_precision_stats_are_computed_from_float32_cosines(backend_half):
+    """float16/bfloat16 input: the statistics come from float32 cosines of the (rounded)
+    input, so they match the reference to float32 accuracy, not half-precision accuracy."""
+    backend, dtype = backend_half
+    w = np.random.default_rng(3).standard_normal((24, 40))
+    stats = backend.run(simcore.similarity_stats, backend.asarray(w, dtype))
+    expected = ref.similarity_stats(backend.rounded(w, dtype))
+    for key in ("mean_abs", "share_within_half", "max_abs"):
+        assert_close(getattr(stats, key), expected[key], backend=backend, dtype="float32",
+                     rtol=1e-5, err_msg=key)
