@@ -45,7 +45,7 @@ from typing import Any
 
 from .._arrays import check_int, namespace_of, normalize_axis
 
-__all__ = ["BatchNorm", "ChannelFlow", "Consumer", "Depthwise", "FlowEntry", "ROLES"]
+__all__ = ["BatchNorm", "ChannelFlow", "Consumer", "Depthwise", "FlowEntry", "ROLES", "is_depthwise"]
 
 #: Roles of the entries of a flow. ``producer`` rows are the neurons' incoming weights;
 #: ``consumer`` columns are their outgoing weights; every other role is a per-channel entry that
@@ -64,6 +64,21 @@ def _check_name(value: Any, field: str, optional: bool) -> None:
 
 def _check_int(value: Any, field: str) -> int:
     return check_int(value, field)
+
+
+def is_depthwise(in_channels: int, groups: int) -> bool:
+    """Whether a grouped conv is depthwise: every group reads exactly one input channel.
+
+    One definition for every adapter: such a layer's neurons have ``d = kh*kw`` incoming
+    weights (Eq. 2 can barely separate them), and growing the layer before it duplicates
+    its filters instead of halving them. ``out_channels`` may be any multiple of
+    ``in_channels`` (a depth multiplier).
+
+    >>> is_depthwise(32, 32), is_depthwise(32, 1), is_depthwise(32, 8), is_depthwise(1, 1)
+    (True, False, False, False)
+    """
+    in_channels, groups = check_int(in_channels, "in_channels"), check_int(groups, "groups")
+    return groups > 1 and in_channels == groups
 
 
 @dataclass(frozen=True)
