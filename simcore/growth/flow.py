@@ -45,7 +45,9 @@ from typing import Any
 
 from .._arrays import check_int, namespace_of, normalize_axis
 
-__all__ = ["BatchNorm", "ChannelFlow", "Consumer", "Depthwise", "FlowEntry", "ROLES", "is_depthwise"]
+__all__ = [
+    "BatchNorm", "ChannelFlow", "Consumer", "Depthwise", "FlowEntry", "ROLES", "is_depthwise",
+]
 
 #: Roles of the entries of a flow. ``producer`` rows are the neurons' incoming weights;
 #: ``consumer`` columns are their outgoing weights; every other role is a per-channel entry that
