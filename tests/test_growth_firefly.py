@@ -133,7 +133,7 @@ def test_select_groups_and_caps():
 
 def _change(net, cands, selection, params=None):
     params = net.params if params is None else params
-    grown, maps = firefly_apply(params, net.flows, cands, selection, rng=0)
+    grown, maps = firefly_apply(params, net.flows, cands, selection)
     before = net.forward(np, params, net.inputs)
     return np.abs(net.forward(np, grown, net.inputs) - before).max(), grown, maps
 
@@ -194,7 +194,7 @@ def test_apply_new_depthwise_channels_are_not_silent():
     cands = firefly_candidates(net.params, net.flows, rng=0, new_per_layer=3)
     sel = [FireflySelection(np.asarray([], dtype=np.int64), np.asarray([0, 1, 2])),
            FireflySelection(np.asarray([], dtype=np.int64), np.asarray([], dtype=np.int64))]
-    grown, _ = firefly_apply(net.params, net.flows, cands, sel, rng=0)
+    grown, _ = firefly_apply(net.params, net.flows, cands, sel)
     fresh = grown["dw.weight"][6:]
     assert fresh.shape == (3, 1, 3, 3) and (np.abs(fresh).reshape(3, -1).sum(axis=1) > 0).all()
 
@@ -204,10 +204,10 @@ def test_apply_on_every_backend_matches_numpy(backend):
     sel = [FireflySelection(np.asarray([0]), np.asarray([1])),
            FireflySelection(np.asarray([3]), np.asarray([0, 2]))]
     cands = firefly_candidates(net.params, net.flows, rng=4, new_per_layer=3)
-    want, _ = firefly_apply(net.params, net.flows, cands, sel, rng=0)
+    want, _ = firefly_apply(net.params, net.flows, cands, sel)
     params = {k: backend.asarray(v) for k, v in net.params.items()}
     cands_b = firefly_candidates(params, net.flows, rng=4, new_per_layer=3)
-    got, _ = firefly_apply(params, net.flows, cands_b, sel, rng=0)
+    got, _ = firefly_apply(params, net.flows, cands_b, sel)
     for name in want:
         assert_close(got[name], want[name], backend=backend, rtol=1e-12, err_msg=name)
 
@@ -297,16 +297,16 @@ def test_bad_inputs_raise_clear_errors():
         firefly_select([np.asarray([np.nan])], [np.zeros(1)], 1)
     with pytest.raises(ValueError, match=r"new must lie in \[0, 2\)"):
         firefly_apply(net.params, net.flows, cands,
-                      [FireflySelection(empty, np.asarray([2])), sel[1]], rng=0)
+                      [FireflySelection(empty, np.asarray([2])), sel[1]])
     with pytest.raises(ValueError, match="one FireflySelection per flow"):
-        firefly_apply(net.params, net.flows, cands, sel[:1], rng=0)
+        firefly_apply(net.params, net.flows, cands, sel[:1])
     with pytest.raises(ValueError, match="forward order"):
         firefly_apply(net.params, net.flows[::-1], cands[::-1],
-                      [FireflySelection(np.asarray([0]), empty)] * 2, rng=0)
+                      [FireflySelection(np.asarray([0]), empty)] * 2)
     no_split = dataclasses.replace(cands[0], split_directions=None)
     with pytest.raises(ValueError, match="picks splits"):
         firefly_apply(net.params, net.flows, [no_split, cands[1]],
-                      [FireflySelection(np.asarray([0]), empty), sel[1]], rng=0)
+                      [FireflySelection(np.asarray([0]), empty), sel[1]])
     with pytest.raises(ValueError, match="new_per_layer"):
         firefly_candidates(net.params, net.flows, rng=0, new_per_layer=-1)
     with pytest.raises(TypeError, match="flows must be a sequence"):
@@ -316,3 +316,20 @@ def test_bad_inputs_raise_clear_errors():
                                np.ones((4, 3)))
     with pytest.raises(ValueError, match=r"directions must have shape \(3, 4\)"):
         split_gate_scores(np.ones((2, 4)), np.ones((2, 3)), np.ones((2, 3)), np.ones((3, 5)))
+
+
+def test_a_new_neuron_gets_the_depthwise_filter_it_was_scored_with():
+    """Picking only candidate 2 installs candidate 2's own depthwise filter (the one a
+    gated forward pass scored), not whichever filter a fresh draw happens to give."""
+    net = growth_nets.build("mobile_block")
+    [flow] = [f for f in net.flows if f.depthwise]
+    [cands] = firefly_candidates(net.params, [flow], rng=0, new_per_layer=3)
+    [filters] = cands.new_depthwise
+    assert filters.shape[0] == 3 and np.all(np.any(filters != 0, axis=1))  # never silent
+    empty = np.zeros(0, dtype=np.int64)
+    grown, [(_, add_map)] = firefly_apply(net.params, [flow], [cands],
+                                          [FireflySelection(empty, np.asarray([2]))])
+    dw = flow.depthwise[0]
+    new_channel = add_map.sources.index(-1)
+    installed = np.take(grown[dw.weight], new_channel, axis=dw.channel_axis).reshape(-1)
+    np.testing.assert_array_equal(installed, filters[2])

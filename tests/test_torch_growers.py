@@ -206,7 +206,7 @@ def test_firefly_scores_are_gate_gradients():
                    train_candidates=False)
     probe = copy.deepcopy(model)
     report = grower.grow(model, batches, F.cross_entropy, ratio=0.3)
-    params, core_flows, (candidates, filter_seed) = grower.kept
+    params, core_flows, candidates = grower.kept
     everything = [FireflySelection(np.arange(c.split_directions.shape[0]), np.arange(c.new_count))
                   for c in candidates]
 
@@ -222,8 +222,7 @@ def test_firefly_scores_are_gate_gradients():
             for a in out:
                 a[index] *= gate
             cands[layer] = dataclasses.replace(c, new_outgoing=out)
-        grown, maps = firefly_apply(params, core_flows, cands, everything,
-                                    rng=np.random.default_rng(filter_seed))
+        grown, maps = firefly_apply(params, core_flows, cands, everything)
         net = copy.deepcopy(probe)
         for i in reversed(range(len(flows))):
             apply_growth(net, flows[i], grown, maps[i])

@@ -610,12 +610,9 @@ class FireflyGrower(Grower):
             outgoing_scale=self.outgoing_scale,
         )
         select_all = self._selection_all(candidates)
-        filter_seed = int(rng.integers(0, 2**62))  # fresh depthwise filters: same in every pass
-
         # A widened copy of the model with room for every candidate: only its structure is used.
         shadow = copy.deepcopy(model)
-        widened, maps = firefly_apply(params, core_flows, candidates, select_all,
-                                      rng=np.random.default_rng(filter_seed))
+        widened, maps = firefly_apply(params, core_flows, candidates, select_all)
         for index in reversed(range(len(flows))):
             _commit(_growth_swaps(shadow, flows[index], widened, maps[index], None, "carry"))
         shadow.eval()
@@ -623,8 +620,7 @@ class FireflyGrower(Grower):
             p.requires_grad_(False)
 
         def run(live, inputs):
-            grown, _ = firefly_apply(params, core_flows, live, select_all,
-                                     rng=np.random.default_rng(filter_seed))
+            grown, _ = firefly_apply(params, core_flows, live, select_all)
             return torch.func.functional_call(shadow, grown, (inputs,))
 
         with scoring_mode(model):
@@ -660,7 +656,7 @@ class FireflyGrower(Grower):
         for index in range(len(candidates)):
             parts = [] if split_sums[index] is None else [split_sums[index]]
             scores.append(torch.cat([*parts, new_sums[index]]) / len(batches))
-        return scores, (candidates, filter_seed)
+        return scores, candidates
 
     def _train(self, candidates, run, batches, loss_fn):
         """One pass of RMSprop over the candidate variables, everything else frozen."""
@@ -693,14 +689,13 @@ class FireflyGrower(Grower):
                 for c, (d, u, a) in zip(candidates, leaves, strict=True)]
 
     def plan(self, params, core_flows, picks, state, rng):
-        candidates, filter_seed = state
+        candidates = state
         selection = []
         for c, chosen in zip(candidates, picks, strict=True):
             chosen = np.sort(np.asarray(chosen, dtype=np.int64))
             n_split = c.split_directions.shape[0] if c.split_directions is not None else 0
             selection.append(FireflySelection(chosen[chosen < n_split],
                                               chosen[chosen >= n_split] - n_split))
-        new_params, pairs = firefly_apply(params, core_flows, candidates, selection,
-                                          rng=np.random.default_rng(filter_seed))
+        new_params, pairs = firefly_apply(params, core_flows, candidates, selection)
         maps = [pair if sel.count else None for pair, sel in zip(pairs, selection, strict=True)]
         return new_params, maps

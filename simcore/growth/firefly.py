@@ -89,12 +89,15 @@ class FireflyCandidates:
     ``split_directions``: ``(n, fan_in)``, ``delta_i`` for each existing neuron, or None
     (no split candidates). ``new_incoming``: ``(K, fan_in)``. ``new_outgoing``: one
     ``(K, columns per channel)`` array per consumer of the flow, in flow order.
+    ``new_depthwise``: one ``(K, kh*kw)`` array of non-zero filters per depthwise conv of
+    the flow, so a new neuron is scored and applied with the very same filter.
     Replace trained values with ``dataclasses.replace``.
     """
 
     split_directions: Any
     new_incoming: Any
     new_outgoing: tuple[Any, ...]
+    new_depthwise: tuple[Any, ...] = ()
 
     @property
     def new_count(self) -> int:
@@ -152,10 +155,12 @@ def firefly_candidates(
     """Draw the reference candidates for every flow (one :class:`FireflyCandidates` each).
 
     ``delta ~ U(-split_scale, split_scale)``, new incoming ``~ N(0, incoming_std^2)``,
-    new outgoing ``~ U(-outgoing_scale, outgoing_scale)``; ``split=False`` leaves out
-    the split directions. ``rng``: a ``numpy.random.Generator`` or an int seed; values
-    are drawn in float64 in the order flows, then split / incoming / outgoing per
-    consumer, and converted to each weight's dtype and device, so a seed gives the same
+    new outgoing ``~ U(-outgoing_scale, outgoing_scale)``, new depthwise filters
+    ``~ N(0, 2/(kh*kw))`` (the reference leaves them zero: silent neurons);
+    ``split=False`` leaves out the split directions. ``rng``: a
+    ``numpy.random.Generator`` or an int seed; values are drawn in float64 in the
+    order flows, then split / incoming / outgoing per consumer / depthwise filters,
+    and converted to each weight's dtype and device, so a seed gives the same
     candidates on every backend.
 
     >>> import numpy as np
@@ -190,13 +195,19 @@ def firefly_candidates(
         if split:
             directions = place(gen.uniform(-split_scale, split_scale, (n, fan_in)), w)
         incoming = place(gen.normal(0.0, incoming_std, (k, fan_in)), w)
-        outgoing = []
+        outgoing, depthwise = [], []
         for entry in entries:
             if entry.role == "consumer":
                 a = params[entry.name]
                 width = int(channel_rows(xp, a, entry).shape[1])
                 outgoing.append(place(gen.uniform(-outgoing_scale, outgoing_scale, (k, width)), a))
-        out.append(FireflyCandidates(directions, incoming, tuple(outgoing)))
+        for entry in entries:
+            if entry.role == "depthwise":
+                a = params[entry.name]
+                width = int(channel_rows(xp, a, entry).shape[1])
+                depthwise.append(place(gen.standard_normal((k, width)) * math.sqrt(2.0 / width),
+                                       a))
+        out.append(FireflyCandidates(directions, incoming, tuple(outgoing), tuple(depthwise)))
     return out
 
 
@@ -310,8 +321,6 @@ def firefly_apply(
     flows: Sequence[ChannelFlow],
     candidates: Sequence[FireflyCandidates],
     selection: Sequence[FireflySelection],
-    *,
-    rng: Any,
 ) -> tuple[dict[str, Any], list[tuple[ChannelMap, ChannelMap]]]:
     """Grow every flow by its selected candidates; returns ``(new params, maps)``.
 
@@ -319,15 +328,14 @@ def firefly_apply(
     first, like the reference, so a layer's new rows are grown before the earlier
     layer adds its columns to them. Per flow: splits (``theta +/- delta`` with the
     candidate's trained ``delta``, outgoing halved, ``eps = 1``) then new neurons
-    (candidate incoming rows and outgoing columns; bias 0, BatchNorm 1/0/0/1, random
-    non-zero depthwise filters drawn from ``rng``). ``maps[l]`` is the pair
+    (the candidates' incoming rows, outgoing columns and depthwise filters; bias 0,
+    BatchNorm 1/0/0/1). ``maps[l]`` is the pair
     ``(split map, add map)`` to apply in that order (e.g. with
     ``map_optimizer_state``). Splits change the function by ``O(|delta|^2)``, new
     neurons by ``O(outgoing scale)``.
     """
     _check_params(params)
     flows = _check_flows(flows)
-    gen = as_generator(rng)
     for label, seq, kind in (("candidates", candidates, FireflyCandidates),
                              ("selection", selection, FireflySelection)):
         if not isinstance(seq, Sequence) or len(seq) != len(flows):
@@ -387,8 +395,14 @@ def firefly_apply(
                 cols = _regrow_rows(xp, cols, entry, original_shapes[entry.name], row_axis,
                                     sources)
             outgoing.append(cols)
-        out, add_map = add_neurons(out, flow, int(new_index.size), rng=gen, incoming=incoming,
-                                   outgoing=outgoing)
+        if len(cand.new_depthwise) != len(flow.depthwise):
+            raise ValueError(
+                f"candidates[{index}] has {len(cand.new_depthwise)} depthwise blocks but flow "
+                f"{flow.producer!r} has {len(flow.depthwise)} depthwise convs"
+            )
+        depthwise = [xp.take(filters, picked, axis=0) for filters in cand.new_depthwise]
+        out, add_map = add_neurons(out, flow, int(new_index.size), incoming=incoming,
+                                   outgoing=outgoing, depthwise=depthwise)
         maps[index] = (split_map, add_map)
         grown_rows[flow.producer] = (producer.axis, _compose(split_map, add_map))
     return out, maps

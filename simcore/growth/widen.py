@@ -255,6 +255,7 @@ def add_neurons(
     incoming: Any = "he",
     outgoing: Any = "zero",
     outgoing_scale: float = 0.01,
+    depthwise: Any = "he",
 ) -> tuple[dict[str, Any], ChannelMap]:
     """Append ``count`` fresh neurons to the flow's producer.
 
@@ -266,8 +267,9 @@ def add_neurons(
     ``"small"`` draws ``U(-outgoing_scale, outgoing_scale)`` (Firefly-style, the function moves
     by O(scale)); a sequence with one array per consumer, each ``(count, columns per channel)``,
     gives the columns. ``rng`` (a ``numpy.random.Generator`` or an int seed) is required whenever
-    something is drawn. Fresh channels get producer bias 0, BatchNorm 1/0/0/1 and random
-    non-zero depthwise filters.
+    something is drawn. Fresh channels get producer bias 0, BatchNorm 1/0/0/1 and non-zero
+    depthwise filters: ``depthwise="he"`` draws them like ``incoming="he"``; a sequence with one
+    ``(count, kh*kw)`` array per :class:`Depthwise` of the flow gives them (Firefly's candidates).
 
     >>> import numpy as np
     >>> from simcore.growth.flow import ChannelFlow, Consumer
@@ -300,8 +302,20 @@ def add_neurons(
             )
     else:
         check_choice(outgoing, OUTGOING, "outgoing")
+    depthwise_given = not isinstance(depthwise, str)
+    if depthwise_given:
+        if isinstance(depthwise, Mapping) or not isinstance(depthwise, Sequence):
+            raise TypeError("depthwise must be 'he' or a sequence of one array per Depthwise")
+        if len(depthwise) != len(flow.depthwise):
+            raise ValueError(
+                f"depthwise must hold one array per Depthwise of the flow ({len(flow.depthwise)}),"
+                f" got {len(depthwise)}"
+            )
+    else:
+        check_choice(depthwise, ("he",), "depthwise")
     scale = _check_scalar(outgoing_scale, "outgoing_scale")
-    needs_rng = (not incoming_given) or bool(flow.depthwise) or outgoing == "small"
+    needs_rng = ((not incoming_given) or (bool(flow.depthwise) and not depthwise_given)
+                 or outgoing == "small")
     if needs_rng and count > 0:
         if rng is None:
             raise ValueError(
@@ -317,7 +331,7 @@ def add_neurons(
         return out, cmap
 
     xp = namespace_of(params[flow.producer], f"params[{flow.producer!r}]")
-    consumer_index = 0
+    consumer_index = depthwise_index = 0
     for entry in entries:
         a = params[entry.name]
         rows = channel_rows(xp, a, entry)
@@ -336,7 +350,14 @@ def add_neurons(
                 mean_norm = xp.mean(xp.sqrt(xp.sum(work * work, axis=1)))
                 extra = xp.astype(_host_array(xp, direction, work) * mean_norm, a.dtype)
         elif entry.role == "depthwise":
-            extra = _host_array(xp, gen.standard_normal((count, width)) * math.sqrt(2.0 / width), a)
+            if depthwise_given:
+                extra = _rows_argument(depthwise[depthwise_index], count, width,
+                                       f"depthwise[{depthwise_index}]", a)
+            else:
+                extra = _host_array(
+                    xp, gen.standard_normal((count, width)) * math.sqrt(2.0 / width), a
+                )
+            depthwise_index += 1
         elif entry.role == "consumer":
             if outgoing_given:
                 extra = _rows_argument(
