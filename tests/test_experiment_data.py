@@ -4,11 +4,15 @@ from __future__ import annotations
 
 import os
 import pickle
+import struct
+import subprocess
+import sys
 
 import numpy as np
 import pytest
 import torch
 from simcore.adapters.torch.experiment.data import (
+    RestrictedUnpickler,
     UnsafePickleError,
     augment_batch,
     iter_batches,
@@ -135,7 +139,6 @@ def test_missing_files_say_where_to_put_them(tmp_path):
 
 
 @pytest.mark.parametrize("change, match", [
-    ({b"data": np.zeros((2, 3072), dtype=np.float32)}, "uint8"),
     ({b"data": np.zeros((2, 100), dtype=np.uint8)}, "shape"),
     ({b"labels": [0, 1, 2]}, "3 labels for 2 images"),
     ({b"labels": [0, 10]}, r"labels must lie in \[0, 10\)"),
@@ -171,3 +174,141 @@ def test_skipped_batches_resume_the_same_epoch_exactly():
     assert len(full) == 5 and len(tail) == 3
     for (x, y), (x2, y2) in zip(full[2:], tail, strict=True):
         assert torch.equal(x, x2) and torch.equal(y, y2)
+
+
+# ---------------------------------------------------------------- forged NumPy state
+
+def _text(value):
+    data = value.encode("latin1")
+    return b"X" + struct.pack("<I", len(data)) + data
+
+
+def _raw(data):  # BINBYTES (Python 3) or BINSTRING (a Python 2 str, bytes under encoding="bytes")
+    return b"B" + struct.pack("<I", len(data)) + data
+
+
+def _py2_str(data):
+    return b"T" + struct.pack("<I", len(data)) + data
+
+
+def _int(value):
+    return b"J" + struct.pack("<i", value)
+
+
+def _array_opcodes(dtype_args, dtype_state, shape, raw, *, string=_text, module="numpy._core"):
+    """Opcodes that leave ``_reconstruct(ndarray, (0,), 'b')`` with the given state on the stack.
+
+    This is NumPy's own layout for an array at protocol 2, with every field chosen by hand,
+    the way an attacker would write it.
+    """
+    name, align, copy = dtype_args
+    dtype = (b"cnumpy\ndtype\n" + string(name) + (b"\x88" if align else b"\x89")
+             + (b"\x88" if copy else b"\x89") + b"\x87R")
+    version, endian, *nones, elsize, alignment, flags = dtype_state
+    dtype += (b"(" + _int(version) + string(endian) + b"N" * len(nones) + _int(elsize)
+              + _int(alignment) + _int(flags) + b"tb")
+    dims = b"(" + b"".join(_int(n) for n in shape) + b"t"
+    return (b"c" + module.encode() + b".multiarray\n_reconstruct\ncnumpy\nndarray\n"
+            + _int(0) + b"\x85" + string("b") + b"\x87R"
+            + b"(" + _int(1) + dims + dtype + b"\x89" + raw + b"tb")
+
+
+def _batch_pickle(labels_opcodes, data_opcodes):
+    return (b"\x80\x02}(" + _raw(b"data") + data_opcodes
+            + _raw(b"labels") + labels_opcodes + b"u.")
+
+
+_PLAIN_UINT8 = (3, "|", None, None, None, -1, -1, 0)
+
+
+def _uint8_opcodes(values, **kwargs):
+    values = np.asarray(values, dtype=np.uint8)
+    return _array_opcodes(("u1", False, True), _PLAIN_UINT8, values.shape, _raw(values.tobytes()),
+                          **kwargs)
+
+
+def _load(blob):
+    import io
+    return RestrictedUnpickler(io.BytesIO(blob), encoding="bytes").load()
+
+
+def test_hand_written_uint8_layouts_load_including_python2_strings():
+    pixels = np.arange(2 * 3072, dtype=np.int64).reshape(2, 3072) % 256
+    py3 = _load(b"\x80\x02" + _uint8_opcodes(pixels) + b".")
+    assert py3.dtype == np.uint8 and np.array_equal(py3, pixels)
+    # the original CIFAR files: Python 2 str fields (bytes here) and numpy.core
+    py2 = _load(b"\x80\x02" + _array_opcodes(("u1", False, True), _PLAIN_UINT8, (2, 3072),
+                                               _py2_str(pixels.astype(np.uint8).tobytes()),
+                                               string=lambda t: _py2_str(t.encode()),
+                                               module="numpy.core") + b".")
+    assert type(py2) is np.ndarray and np.array_equal(py2, pixels) and py2.flags.writeable
+
+
+_FORGED_OBJECT_ARRAY = _array_opcodes(("O8", False, True), (3, "|", None, None, None, -1, -1, 0),
+                                      (2,), _raw(b"\x41" * 16))
+
+_LOAD_IN_CHILD = """
+import sys
+from simcore.adapters.torch.experiment.data import UnsafePickleError, load_cifar
+try:
+    load_cifar(sys.argv[1], "cifar10")
+except UnsafePickleError as err:
+    print("REFUSED", err)
+"""
+
+
+@pytest.mark.parametrize("where", ["labels", "data"])
+def test_a_forged_object_dtype_array_is_refused_without_crashing(tmp_path, where):
+    # an object dtype whose state clears its object flags, then an array of it whose raw
+    # bytes would be read as object pointers: with the real NumPy callables this crashes
+    rng = np.random.default_rng(5)
+    _cifar10(tmp_path, rng)
+    good_data = _uint8_opcodes(np.zeros((2, 3072)))
+    good_labels = b"](" + _int(0) + _int(1) + b"e"
+    blob = (_batch_pickle(_FORGED_OBJECT_ARRAY, good_data) if where == "labels"
+            else _batch_pickle(good_labels, _FORGED_OBJECT_ARRAY))
+    (tmp_path / "cifar-10-batches-py" / "data_batch_1").write_bytes(blob)
+    child = subprocess.run([sys.executable, "-c", _LOAD_IN_CHILD, str(tmp_path)],
+                           capture_output=True, text=True, timeout=120)
+    assert child.returncode == 0, child.stderr[-2000:]
+    assert "REFUSED" in child.stdout and "data_batch_1" in child.stdout
+    assert "refused dtype('O8', False, True)" in child.stdout
+
+
+@pytest.mark.parametrize("dtype_args, state, shape, raw, match", [
+    (("f8", False, True), (3, "<", None, None, None, -1, -1, 0), (2,), b"\0" * 16,
+     r"refused dtype\('f8'"),
+    (("u1", False, True), (3, "|", None, None, None, -1, -1, 63), (2,), b"\0" * 2,
+     "refused dtype state"),
+    (("u1", False, True), (3, "<", None, None, None, 8, 8, 0), (2,), b"\0" * 2,
+     "refused dtype state"),
+    (("u1", False, True), _PLAIN_UINT8, (4,), b"\0" * 2, "expected 4 raw bytes"),
+    (("u1", False, True), _PLAIN_UINT8, (2, 3), b"\0" * 7, "expected 6 raw bytes"),
+])
+def test_non_uint8_or_inconsistent_arrays_are_refused(dtype_args, state, shape, raw, match):
+    blob = b"\x80\x02" + _array_opcodes(dtype_args, state, shape, _raw(raw)) + b"."
+    with pytest.raises(UnsafePickleError, match=match):
+        _load(blob)
+
+
+@pytest.mark.parametrize("array", [np.zeros((2, 3072)), np.array([None, 1], dtype=object),
+                                   np.zeros((2, 3072), dtype=np.float32)])
+def test_real_non_uint8_arrays_in_a_batch_are_refused(tmp_path, array):
+    rng = np.random.default_rng(6)
+    _cifar10(tmp_path, rng)
+    _write(tmp_path / "cifar-10-batches-py" / "test_batch",
+           _cifar_batch(rng, 2, b"labels", 10, {b"data": array}))
+    with pytest.raises(UnsafePickleError, match=r"test_batch.*refused"):
+        load_cifar(tmp_path, "cifar10")
+
+
+def test_stand_ins_never_leak_out_of_a_load():
+    bare_dtype = b"\x80\x02cnumpy\ndtype\n" + _text("u1") + b"\x89\x88\x87R."
+    with pytest.raises(UnsafePickleError, match="bare dtype"):
+        _load(bare_dtype)
+    no_state = b"\x80\x02cnumpy._core.multiarray\n_reconstruct\ncnumpy\nndarray\n" + \
+        _int(0) + b"\x85" + _text("b") + b"\x87R."
+    with pytest.raises(UnsafePickleError, match="never given its data"):
+        _load(no_state)
+    with pytest.raises(UnsafePickleError, match="ndarray"):
+        _load(b"\x80\x02cnumpy\nndarray\n)\x81.")  # NEWOBJ of the marker
