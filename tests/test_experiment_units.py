@@ -1,10 +1,9 @@
 """Pieces of `simcore grow` against independent oracles: Grad-CAM, the Eq. 4-only penalty,
-the summary table, the run configuration, the command line, and the modules' examples."""
+the summary table, the run configuration and the command line (the modules' examples run in
+tests/test_doctests.py)."""
 
 from __future__ import annotations
 
-import doctest
-import importlib
 import math
 import statistics
 import subprocess
@@ -19,16 +18,6 @@ from simcore.adapters.torch.experiment.cli import build_parser, plan
 from simcore.adapters.torch.experiment.report import format_table, summarize
 from simcore.adapters.torch.experiment.terms import make_phase
 from torch import nn
-
-MODULES = ["config", "data", "terms", "gradcam", "report", "cli", "runner", "compare",
-           "figures"]
-
-
-@pytest.mark.parametrize("name", MODULES)
-def test_docstring_examples(name):
-    module = importlib.import_module(f"simcore.adapters.torch.experiment.{name}")
-    result = doctest.testmod(module, optionflags=doctest.ELLIPSIS)
-    assert result.failed == 0
 
 
 class _TinyCam(nn.Module):
@@ -154,12 +143,27 @@ def test_run_config_validates_every_choice_by_name():
         RunConfig(lr=math.inf)
     with pytest.raises(TypeError, match="unknown RunConfig field"):
         RunConfig().replace(nope=1)
+    with pytest.raises(ValueError, match="unknown model 'resnet'; expected one of"):
+        RunConfig(model="resnet")
     paper = preset("paper")
     assert (paper.dataset, paper.epochs, paper.grow_every, paper.max_growths, paper.batch_size,
             paper.momentum, paper.lr_schedule) == ("cifar10", 250, 50, 4, 128, 0.9, "cosine")
     assert [paper.replace(method=m).phase_steps_or_default
             for m in ("random", "ssd", "firefly")] == [20, 10, 15]
     assert preset("quick").training_key() == preset("quick").replace(device="cuda").training_key()
+
+
+@pytest.mark.parametrize("field, value, match", [
+    ("phase_lr", 0.0, "phase_lr must be a finite positive"),
+    ("phase_lr", -0.01, "phase_lr must be a finite positive"),
+    ("momentum", 1.0, r"momentum must lie in \[0, 1\)"),
+    ("momentum", 1.5, r"momentum must lie in \[0, 1\)"),
+    ("momentum", -0.1, "momentum must be a finite non-negative"),
+])
+def test_run_config_refuses_a_dead_phase_or_a_divergent_momentum(field, value, match):
+    with pytest.raises(ValueError, match=match):
+        RunConfig(**{field: value})
+    assert getattr(RunConfig(**{field: 0.5}), field) == 0.5
 
 
 def test_command_line_plans():

@@ -23,20 +23,19 @@ from dataclasses import dataclass
 from typing import Any
 
 from simcore import ANCHORS, FORMS
-from simcore._arrays import check_int
+from simcore._arrays import check_choice, check_int
 from simcore.growth import UNITS
 
 from ..schedule import DEFAULT_PHASE_STEPS, PHASES
 
-__all__ = ["METHODS", "MODELS", "PRESETS", "TERMS", "RunConfig", "preset"]
+__all__ = ["METHODS", "MODELS", "PRESETS", "TERMS", "TERM_LABELS", "RunConfig", "preset"]
 
 MODELS = ("vgg16", "mobilenet_v1")
 METHODS = ("random", "ssd", "firefly")
 #: The ablation of the two terms of Eq. 5 (the paper's Table 3), "none" being the baseline.
 TERMS = ("none", "eq2", "eq4", "both")
+#: How figures and reports name each choice of ``terms``.
 TERM_LABELS = {"none": "baseline", "eq2": "Eq. 2 only", "eq4": "Eq. 4 only", "both": "+ours"}
-#: The paper's best N per method (its Tables 1-3, N_best).
-PAPER_PHASE_STEPS = DEFAULT_PHASE_STEPS
 LR_SCHEDULES = ("cosine", "constant")
 
 
@@ -51,12 +50,6 @@ def _float(value: Any, name: str, *, positive: bool = False) -> float:
     if not math.isfinite(value) or value < 0 or (positive and value == 0):
         kind = "positive" if positive else "non-negative"
         raise ValueError(f"{name} must be a finite {kind} number, got {value}")
-    return value
-
-
-def _choice(value: Any, allowed: tuple[str, ...], name: str) -> str:
-    if value not in allowed:
-        raise ValueError(f"{name} must be one of {allowed}, got {value!r}")
     return value
 
 
@@ -101,32 +94,33 @@ class RunConfig:
     device: str = "cpu"
 
     def __post_init__(self):
-        _choice(self.model, MODELS, "model")
+        check_choice(self.model, MODELS, "model")
         if self.width is not None:
             _int(self.width, "width", 1)
-        _choice(self.method, METHODS, "method")
-        _choice(self.ssd_mode, ("exact", "fast"), "ssd_mode")
+        check_choice(self.method, METHODS, "method")
+        check_choice(self.ssd_mode, ("exact", "fast"), "ssd_mode")
         _float(self.ratio, "ratio", positive=True)
-        _choice(self.unit, UNITS, "unit")
+        check_choice(self.unit, UNITS, "unit")
         _int(self.grow_every, "grow_every", 1)
         _int(self.max_growths, "max_growths", 0)
         _int(self.growth_batches, "growth_batches", 1)
         _int(self.firefly_candidates, "firefly_candidates", 0)
-        _choice(self.terms, TERMS, "terms")
-        _choice(self.phase, PHASES, "phase")
+        check_choice(self.terms, TERMS, "terms")
+        check_choice(self.phase, PHASES, "phase")
         if self.phase_steps is not None:
             _int(self.phase_steps, "phase_steps", 0)
-        _float(self.phase_lr, "phase_lr")
+        _float(self.phase_lr, "phase_lr", positive=True)
         _float(self.lam, "lam")
-        _choice(self.form, FORMS, "form")
-        _choice(self.anchor, ANCHORS, "anchor")
+        check_choice(self.form, FORMS, "form")
+        check_choice(self.anchor, ANCHORS, "anchor")
         _int(self.epochs, "epochs", 1)
         _int(self.batch_size, "batch_size", 1)
         _float(self.lr, "lr", positive=True)
-        _choice(self.lr_schedule, LR_SCHEDULES, "lr_schedule")
-        _float(self.momentum, "momentum")
+        check_choice(self.lr_schedule, LR_SCHEDULES, "lr_schedule")
+        if _float(self.momentum, "momentum") >= 1.0:
+            raise ValueError(f"momentum must lie in [0, 1), got {self.momentum}")
         _float(self.weight_decay, "weight_decay")
-        _choice(self.dataset, ("digits", "cifar10", "cifar100"), "dataset")
+        check_choice(self.dataset, ("digits", "cifar10", "cifar100"), "dataset")
         if self.data_root is not None and not isinstance(self.data_root, str):
             raise TypeError(f"data_root must be a str or None, got {type(self.data_root).__name__}")
         for name in ("train_limit", "test_limit"):
@@ -140,8 +134,8 @@ class RunConfig:
 
     @property
     def phase_steps_or_default(self) -> int:
-        """N: ``phase_steps`` or the paper's best N for the method."""
-        return PAPER_PHASE_STEPS[self.method] if self.phase_steps is None else self.phase_steps
+        """N: ``phase_steps`` or the paper's best N for the method (its Tables 1-3, N_best)."""
+        return DEFAULT_PHASE_STEPS[self.method] if self.phase_steps is None else self.phase_steps
 
     @property
     def seed_width(self) -> int:

@@ -23,7 +23,7 @@ import numpy as np  # noqa: E402
 
 __all__ = ["plot_curves", "plot_gradcam", "plot_similarity"]
 
-_TERM_NAMES = {"none": "baseline", "eq2": "Eq. 2 only", "eq4": "Eq. 4 only", "both": "+ours"}
+from .config import TERM_LABELS  # noqa: E402
 
 
 def _save(fig, path: str | Path) -> Path:
@@ -62,10 +62,10 @@ def plot_similarity(results: Sequence[dict[str, Any]], path: str | Path) -> Path
         if len(runs) == 1:
             (terms, run), = runs.items()
             _hist(ax, run["similarity"]["seed"], "seed", "tab:gray")
-            _hist(ax, run["similarity"]["final"], f"end ({_TERM_NAMES[terms]})", colors[terms])
+            _hist(ax, run["similarity"]["final"], f"end ({TERM_LABELS[terms]})", colors[terms])
         else:
             for terms, run in runs.items():
-                _hist(ax, run["similarity"]["final"], _TERM_NAMES[terms], colors[terms])
+                _hist(ax, run["similarity"]["final"], TERM_LABELS[terms], colors[terms])
         layer = next(iter(runs.values()))["similarity"]["layer"]
         ax.set_title(f"{model} {method}: layer 2 ({layer})", fontsize=9)
         ax.set_xlabel("cosine similarity between neurons")
