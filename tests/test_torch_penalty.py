@@ -301,3 +301,100 @@ def test_bf16_parameters_get_bf16_gradients_close_to_fp32():
     value, grad = simcore.similarity_loss_and_grad(w16.detach().float())
     torch.testing.assert_close(loss.float(), value, rtol=1e-2, atol=0)
     torch.testing.assert_close(w16.grad.float(), grad, rtol=2e-2, atol=1e-3)
+
+
+def _second_order(f, w):
+    """Differentiate ``f(w) + sum(w**2)`` twice; the quadratic keeps the first gradient
+    attached to the graph, so without a guard the penalty's Hessian would silently be 0."""
+    w = w.clone().requires_grad_(True)
+    (grad,) = torch.autograd.grad(f(w) + (w**2).sum(), w, create_graph=True)
+    return torch.autograd.grad(grad.sum(), w)
+
+
+def test_second_order_gradients_raise_instead_of_a_silent_zero_hessian():
+    w = _weights_away_from_zero_cosines((4, 3), seed=7)
+    with pytest.raises(RuntimeError, match="first-order only"):
+        _second_order(similarity_loss, w)
+    with pytest.raises(RuntimeError, match="first-order only"):
+        _second_order(lambda x: growth_objective([x], [2.0 * w], lam=0.5), w)
+    with pytest.raises(RuntimeError, match="first-order only"):
+        torch.autograd.functional.hessian(similarity_loss, w)
+
+
+def test_growth_objective_when_only_refs_require_grad():
+    w = _weights_away_from_zero_cosines((4, 3), seed=8)
+    ref = (2.0 * w).requires_grad_(True)
+    value = growth_objective([w], [ref], lam=1.0)
+    value.backward()
+    assert ref.grad is None and w.grad is None  # refs get no gradient, w wanted none
+    assert value.item() == simcore.growth_objective([w], [2.0 * w], lam=1.0).item()
+
+
+def test_without_grad_only_the_cores_value_path_runs(monkeypatch):
+    w = _weights_away_from_zero_cosines((5, 4), seed=9).requires_grad_(True)
+    ref = 1.5 * w.detach()
+    expected_loss = simcore.similarity_loss(w.detach()).item()
+    expected_objective = simcore.growth_objective([w.detach()], [ref], lam=0.3).item()
+
+    def no_gradient_wanted(*args, **kwargs):
+        raise AssertionError("the gradient was computed although none was needed")
+
+    monkeypatch.setattr(simcore, "similarity_loss_and_grad", no_gradient_wanted)
+    monkeypatch.setattr(simcore, "growth_objective_and_grad", no_gradient_wanted)
+    for context in (torch.no_grad, torch.inference_mode):
+        with context():
+            loss = similarity_loss(w)
+            objective = growth_objective([w], [ref], lam=0.3)
+        assert loss.item() == expected_loss and loss.grad_fn is None
+        assert objective.item() == expected_objective and objective.grad_fn is None
+    plain = w.detach()
+    assert similarity_loss(plain).item() == expected_loss
+    assert growth_objective([plain], [ref], lam=0.3).item() == expected_objective
+
+
+def test_failed_refs_assignment_leaves_refs_unchanged():
+    model = nn.Sequential(nn.Linear(6, 5), nn.Linear(5, 4))
+    penalty = SimilarityPenalty(model, lam=1.0)
+    before = penalty.refs
+    with pytest.raises(ValueError, match="'1'.*snapshot"):
+        penalty.refs = [torch.ones(5, 6), torch.ones(3, 3)]  # the second has the wrong shape
+    with pytest.raises(ValueError, match="refs has 1"):
+        penalty.refs = [torch.ones(5, 6)]
+    with pytest.raises(TypeError, match=r"refs\[1\]"):
+        penalty.refs = [torch.ones(5, 6), np.ones((4, 5))]
+    assert all(a is b for a, b in zip(penalty.refs, before, strict=True))
+    penalty.refs = [torch.ones(5, 6, dtype=torch.float64), torch.ones(4, 5)]
+    assert penalty.refs[0].dtype == torch.float32 and torch.equal(penalty.refs[1],
+                                                                  torch.ones(4, 5))
+
+
+def test_previous_anchor_copies_nothing_when_eq4_is_left_out():
+    torch.manual_seed(10)
+    model = nn.Sequential(nn.Linear(6, 5))
+    penalty = SimilarityPenalty(model, lam=0.0, anchor="previous")
+    before = penalty.refs
+    with torch.no_grad():
+        model[0].weight.mul_(3.0)
+    penalty()
+    penalty.decorrelate(steps=1, lr=0.1)
+    assert all(a is b for a, b in zip(penalty.refs, before, strict=True))
+    # With Eq. 4 in the value (similarity=False reads W_prev even at lam = 0) it refreshes.
+    ablation = SimilarityPenalty(model, lam=0.0, anchor="previous", similarity=False)
+    with torch.no_grad():
+        model[0].weight.mul_(2.0)
+    ablation()
+    assert torch.equal(ablation.refs[0], model[0].weight.detach())
+
+
+def test_penalty_rejects_unknown_choices_by_name():
+    model = nn.Sequential(nn.Linear(3, 2))
+    for argument in ("anchor", "form", "statistic"):
+        with pytest.raises(ValueError, match=f"unknown {argument} 'nope'"):
+            SimilarityPenalty(model, lam=0.0, **{argument: "nope"})
+
+
+def test_depthwise_is_the_projects_predicate_with_a_depth_multiplier():
+    # groups == in_channels > 1 is depthwise whatever out_channels is; one input channel is not.
+    model = nn.Sequential(nn.Conv2d(4, 8, 3, groups=4), nn.Conv2d(8, 8, 1),
+                          nn.Conv2d(1, 1, 3), nn.Conv2d(8, 8, 3, groups=2))
+    assert SimilarityPenalty(model, lam=0.0).layer_names == ["1", "2", "3"]

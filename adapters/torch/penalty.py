@@ -16,6 +16,14 @@ and its loss and gradient are returned in the parameter's dtype.
 behind a graph break, inside the compiled step); values and gradients agree
 with eager execution (tested).
 
+First order only: the saved gradient carries no autograd history, so the
+backward passes are first-order only (a stricter ``once_differentiable``) and
+a second-order use (``create_graph=True`` then another backward, Hessian-vector products,
+``torch.autograd.functional.hessian``) raises instead of silently treating the
+penalty's Hessian as zero. Without a gradient to compute (under
+``torch.no_grad``/``torch.inference_mode``, or no input requiring one) only the
+core's value path runs and a plain tensor comes back.
+
 >>> import torch
 >>> from simcore.adapters.torch import similarity_loss
 >>> w = torch.tensor([[1.0, 0.0], [1.0, 1.0]], requires_grad=True)
@@ -37,7 +45,8 @@ import torch
 from torch import nn
 
 import simcore
-from simcore._arrays import check_int
+from simcore._arrays import check_choice, check_int
+from simcore.growth import is_depthwise
 
 __all__ = [
     "GrowthObjectiveFunction",
@@ -73,6 +82,42 @@ def _eager(fn: Callable) -> Callable:
 
 _AUTOCAST_DEVICES = ("cpu", "cuda") if torch.cuda.is_available() else ("cpu",)
 
+_SECOND_ORDER_MESSAGE = (
+    "the similarity penalty is first-order only: its gradient is the core's analytic one, "
+    "saved without autograd history, so it cannot be differentiated again "
+    "(create_graph=True followed by another backward, Hessian-vector products, hessian())"
+)
+
+
+class _SecondOrderError(torch.autograd.Function):
+    """``apply(grad, w)`` is ``grad`` with a graph edge to ``w`` whose backward raises."""
+
+    @staticmethod
+    def forward(ctx, grad, w):
+        return grad.clone()
+
+    @staticmethod
+    def backward(ctx, grad_output):
+        raise RuntimeError(_SECOND_ORDER_MESSAGE)
+
+
+def _first_order_only(grads: Sequence[Any], inputs: Sequence[Any]) -> tuple:
+    """``grads`` for a backward pass, made to raise if they are ever differentiated.
+
+    ``torch.autograd.function.once_differentiable`` is not enough: it guards only
+    when a ``grad_output`` requires grad, and its error node hangs off a fresh
+    leaf, so ``autograd.grad(first_grad, w)`` never reaches it and the saved
+    gradient (which has no history) silently gives the penalty a zero Hessian.
+    Under ``create_graph=True`` (grad mode on inside backward) each gradient
+    here instead gets an edge to its own input ``w`` through a node that raises.
+    """
+    if not torch.is_grad_enabled():
+        return tuple(grads)
+    return tuple(
+        g if g is None else _SecondOrderError.apply(g, w) for g, w in zip(grads, inputs,
+                                                                          strict=True)
+    )
+
 
 @_eager
 def _core_similarity(w, neuron_axis, block_size, zero_tol, with_grad):
@@ -98,7 +143,9 @@ class SimilarityLossFunction(torch.autograd.Function):
 
     ``forward`` computes the value and ``dmu/dw`` once (the gradient only when
     ``w`` needs one) and saves the gradient; ``backward`` returns
-    ``grad_output * dmu/dw`` in ``w``'s dtype. Prefer :func:`similarity_loss`.
+    ``grad_output * dmu/dw`` in ``w``'s dtype. First order only:
+    differentiating that gradient again raises.
+    Prefer :func:`similarity_loss`.
     """
 
     @staticmethod
@@ -109,12 +156,16 @@ class SimilarityLossFunction(torch.autograd.Function):
         )
         if grad is not None:
             ctx.save_for_backward(grad)
+            # Only for the edge that makes a second-order use raise (no copy, no version check).
+            ctx.inputs = (w,)
         return value
 
     @staticmethod
     def backward(ctx, grad_output):
         (grad,) = ctx.saved_tensors
-        return (grad_output * grad).to(grad.dtype), None, None, None
+        with torch.no_grad():
+            scaled = (grad_output * grad).to(grad.dtype)
+        return (*_first_order_only([scaled], ctx.inputs), None, None, None)
 
 
 def similarity_loss(
@@ -127,9 +178,14 @@ def similarity_loss(
     """Eq. 2, the mean |cosine| between the neurons of ``w``, with the core's gradient.
 
     Same arguments as :func:`simcore.similarity_loss`; returns a 0-d tensor of
-    ``w``'s dtype and device.
+    ``w``'s dtype and device. Differentiable once (a second-order gradient
+    raises); with no gradient to compute (``torch.no_grad``, or ``w`` not
+    requiring one) only the core's value path runs.
     """
     _check_tensor(w, "w")
+    if not (torch.is_grad_enabled() and w.requires_grad):
+        value, _ = _core_similarity(w.detach(), neuron_axis, block_size, zero_tol, False)
+        return value
     return SimilarityLossFunction.apply(w, neuron_axis, block_size, zero_tol)
 
 
@@ -137,7 +193,9 @@ class GrowthObjectiveFunction(torch.autograd.Function):
     """Eq. 5 over layers with the core's gradient: ``apply(options, count, *weights, *refs)``.
 
     ``options`` is the keyword dictionary of :func:`simcore.growth_objective`;
-    refs get no gradient. Prefer :func:`growth_objective`.
+    refs get no gradient. First order only: differentiating the gradients
+    again raises.
+    Prefer :func:`growth_objective`.
     """
 
     @staticmethod
@@ -149,11 +207,16 @@ class GrowthObjectiveFunction(torch.autograd.Function):
         ctx.count, ctx.ref_count = count, len(tensors) - count
         if grads is not None:
             ctx.save_for_backward(*grads)
+        # Only for the edges that make a second-order use raise (no copy, no version check).
+        ctx.inputs = tensors[:count]
         return value
 
     @staticmethod
     def backward(ctx, grad_output):
-        grads = [(grad_output * g).to(g.dtype) for g in ctx.saved_tensors]
+        with torch.no_grad():
+            grads = [(grad_output * g).to(g.dtype) for g in ctx.saved_tensors]
+        # Nothing was saved when only refs required a gradient: every input gets None.
+        grads = _first_order_only(grads, ctx.inputs) if grads else [None] * ctx.count
         return (None, None, *grads, *([None] * ctx.ref_count))
 
 
@@ -171,7 +234,11 @@ def growth_objective(
 ) -> torch.Tensor:
     """Eq. 5 summed over layers, differentiable in ``weights`` (``refs`` get no gradient).
 
-    Same arguments as :func:`simcore.growth_objective`.
+    Same arguments as :func:`simcore.growth_objective`; ``similarity=False``
+    leaves Eq. 2 out (``lam`` times Eq. 4 alone, the paper's Table 3 ablation).
+    Differentiable once (a second-order gradient raises); with no gradient to
+    compute (``torch.no_grad``, or no tensor requiring one) only the core's
+    value path runs.
 
     >>> import torch
     >>> from simcore.adapters.torch import growth_objective
@@ -199,6 +266,10 @@ def growth_objective(
     options = {"lam": float(lam), "form": form, "statistic": statistic,
                "neuron_axis": neuron_axis, "block_size": block_size, "zero_tol": zero_tol,
                "similarity": bool(similarity)}
+    if not (torch.is_grad_enabled() and any(t.requires_grad for t in (*weights, *refs))):
+        value, _ = _core_objective([w.detach() for w in weights],
+                                   [r.detach() for r in refs] or None, options, False)
+        return value
     return GrowthObjectiveFunction.apply(options, len(weights), *weights, *refs)
 
 
@@ -207,7 +278,7 @@ _LAYER_TYPES = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear)
 
 def _is_depthwise(module: nn.Module) -> bool:
     return (isinstance(module, (nn.Conv1d, nn.Conv2d, nn.Conv3d))
-            and module.groups > 1 and module.groups == module.in_channels)
+            and is_depthwise(module.in_channels, module.groups))
 
 
 class SimilarityPenalty:
@@ -236,6 +307,10 @@ class SimilarityPenalty:
     * ``"previous"``: after every call (and after :meth:`decorrelate`) the
       stored copy is replaced by the weights that call saw, so the next call,
       one optimizer step later, measures against the previous step's weights.
+
+    The stored copy is read (and, with ``"previous"``, refreshed) only while
+    Eq. 4 is part of the value, i.e. ``lam != 0`` or ``similarity=False``; with
+    ``lam == 0`` the weights are not copied at every call.
 
     A call returns ``strength * Eq. 5`` as a 0-d tensor with the core's gradient;
     ``similarity=False`` leaves Eq. 2 out (``lam`` times Eq. 4 alone, the paper's
@@ -270,14 +345,9 @@ class SimilarityPenalty:
     ):
         if not isinstance(model, nn.Module):
             raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
-        if anchor not in simcore.ANCHORS:
-            raise ValueError(f"unknown anchor {anchor!r}; expected one of {simcore.ANCHORS}")
-        if form not in simcore.FORMS:
-            raise ValueError(f"unknown form {form!r}; expected one of {simcore.FORMS}")
-        if statistic not in simcore.STATISTICS:
-            raise ValueError(
-                f"unknown statistic {statistic!r}; expected one of {simcore.STATISTICS}"
-            )
+        check_choice(anchor, simcore.ANCHORS, "anchor")
+        check_choice(form, simcore.FORMS, "form")
+        check_choice(statistic, simcore.STATISTICS, "statistic")
         self.model = model
         self.lam = float(lam)
         self.strength = float(strength)
@@ -339,32 +409,28 @@ class SimilarityPenalty:
 
     @refs.setter
     def refs(self, tensors: Sequence[torch.Tensor]) -> None:
+        # Validated in full before anything is stored: a failed assignment changes nothing.
         tensors = [_check_tensor(t, f"refs[{i}]").detach() for i, t in enumerate(tensors)]
         if len(tensors) != len(self.layer_names):
             raise ValueError(f"refs has {len(tensors)} tensors for {len(self.layer_names)} layers")
         weights = self.weights()
-        self._refs = [t.to(device=w.device, dtype=w.dtype) for t, w in zip(tensors, weights,
-                                                                           strict=True)]
-        self._checked_refs(weights)
+        refs = [t.to(device=w.device, dtype=w.dtype) for t, w in zip(tensors, weights,
+                                                                      strict=True)]
+        self._refs = _checked_refs(self.layer_names, weights, refs)
 
-    def _checked_refs(self, weights) -> list[torch.Tensor]:
-        for name, w, ref in zip(self.layer_names, weights, self._refs, strict=True):
-            if ref.shape != w.shape:
-                raise ValueError(
-                    f"layer {name!r} has shape {tuple(w.shape)} but its snapshot has "
-                    f"{tuple(ref.shape)}: call snapshot() after growing the model"
-                )
-        return self._refs
+    def _needs_refs(self) -> bool:
+        """Whether Eq. 4 is part of the value: only then is ``W_prev`` read (or refreshed)."""
+        return self.lam != 0.0 or not self.similarity
 
     def __call__(self) -> torch.Tensor:
         weights = self.weights()
-        needs_refs = self.lam != 0.0 or not self.similarity
-        refs = self._checked_refs(weights) if needs_refs else None
+        needs_refs = self._needs_refs()
+        refs = _checked_refs(self.layer_names, weights, self._refs) if needs_refs else None
         value = growth_objective(
             weights, refs, lam=self.lam, form=self.form, statistic=self.statistic,
             block_size=self.block_size, zero_tol=self.zero_tol, similarity=self.similarity,
         )
-        if self.anchor == "previous":
+        if self.anchor == "previous" and needs_refs:
             self._refs = [w.detach().clone() for w in weights]
         return value * self.strength if self.strength != 1.0 else value
 
@@ -379,7 +445,8 @@ class SimilarityPenalty:
         """
         steps = check_int(steps, "steps", minimum=0)
         weights = self.weights()
-        refs = self._checked_refs(weights)
+        needs_refs = self._needs_refs()
+        refs = _checked_refs(self.layer_names, weights, self._refs) if needs_refs else None
         if steps == 0 or self.strength == 0.0:
             return
         new = _eager(simcore.decorrelate)(
@@ -389,5 +456,16 @@ class SimilarityPenalty:
         )
         for w, value in zip(weights, new, strict=True):
             w.copy_(value)
-        if self.anchor == "previous":
+        if self.anchor == "previous" and needs_refs:
             self._refs = [w.detach().clone() for w in weights]
+
+
+def _checked_refs(names, weights, refs) -> list[torch.Tensor]:
+    """``refs`` after checking each has its layer's current shape (growth needs a snapshot)."""
+    for name, w, ref in zip(names, weights, refs, strict=True):
+        if ref.shape != w.shape:
+            raise ValueError(
+                f"layer {name!r} has shape {tuple(w.shape)} but its snapshot has "
+                f"{tuple(ref.shape)}: call snapshot() after growing the model"
+            )
+    return refs
