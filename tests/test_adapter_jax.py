@@ -169,6 +169,30 @@ def test_growth_objective_without_refs_is_the_sum_of_similarity_losses():
     )
 
 
+def test_growth_objective_without_similarity_is_lam_times_the_reference_weight_sum_penalty():
+    # The paper's Table 3 ablation: Eq. 5 with the Eq. 2 term left out.
+    rng = np.random.default_rng(11)
+    weights = [rng.standard_normal((4, 6)) + 0.3, rng.standard_normal((3, 3, 2, 5)) + 0.3]
+    refs = [w * rng.uniform(0.6, 1.4) for w in weights]
+    axes, lam = [0, -1], 0.7
+    ws, rs = [_f32(w) for w in weights], [_f32(r) for r in refs]
+
+    def objective(ws):
+        return sj.growth_objective(ws, rs, lam=lam, neuron_axis=axes, similarity=False)
+
+    value, grads = jax.jit(jax.value_and_grad(objective))(ws)
+    want_value = 0.0
+    for w, r, grad in zip(ws, rs, grads, strict=True):
+        v, g = reference.weight_sum_penalty_and_grad(
+            np.asarray(w, np.float64), np.asarray(r, np.float64)
+        )
+        want_value += lam * v
+        assert_close(grad, lam * g, backend=JAX, dtype="float32")
+    assert_close(value, np.asarray(want_value), backend=JAX, dtype="float32")
+    with pytest.raises(ValueError, match="needs refs"):
+        sj.growth_objective(ws, similarity=False)
+
+
 def test_growth_objective_argument_errors():
     with pytest.raises(TypeError, match="weights must be a sequence"):
         sj.growth_objective(jnp.eye(3))
@@ -257,6 +281,40 @@ def test_find_kernels_in_equinox_modules():
     }
     names = sj.named_leaves(eqx.filter(model, eqx.is_array))
     assert names["layers/0/weight"].shape == (6, 3, 3, 3)  # OIHW: neurons on axis 0
+
+
+def test_grouped_but_not_depthwise_convs_are_not_depthwise():
+    # ResNeXt-style: groups=2 over 4 input channels reads 2 channels per group,
+    # so simcore.growth.is_depthwise(4, 2) is False in every layout.
+    assert not simcore.growth.is_depthwise(4, 2)
+    nnx = pytest.importorskip("flax.nnx")
+    eqx = pytest.importorskip("equinox")
+    nn = pytest.importorskip("flax.linen")
+
+    class NnxNet(nnx.Module):
+        def __init__(self, rngs):
+            self.grouped = nnx.Conv(4, 4, (3, 3), feature_group_count=2, rngs=rngs)
+            self.depthwise = nnx.Conv(4, 4, (3, 3), feature_group_count=4, rngs=rngs)
+
+    nnx_model = NnxNet(nnx.Rngs(0))
+    assert sj.find_kernels(nnx_model, depthwise="only") == {"depthwise/kernel": -1}
+    assert sj.find_kernels(nnx_model, depthwise="exclude") == {"grouped/kernel": -1}
+
+    keys = jax.random.split(jax.random.key(1), 2)
+    eqx_model = eqx.nn.Sequential(
+        [
+            eqx.nn.Conv2d(4, 4, 3, groups=2, key=keys[0]),
+            eqx.nn.Conv2d(4, 4, 3, groups=4, key=keys[1]),
+        ]
+    )
+    assert sj.find_kernels(eqx_model, depthwise="only") == {"layers/1/weight": 0}
+    assert sj.find_kernels(eqx_model, depthwise="exclude") == {"layers/0/weight": 0}
+
+    linen_model = nn.Sequential(
+        [nn.Conv(4, (3, 3), feature_group_count=2), nn.Conv(4, (3, 3), feature_group_count=4)]
+    )
+    params = linen_model.init(jax.random.key(2), jnp.zeros((1, 5, 5, 4)))["params"]
+    assert sj.find_kernels(params, depthwise="only") == {"layers_1/kernel": -1}
 
 
 def test_find_kernels_argument_errors():
@@ -402,6 +460,31 @@ def test_refs_snapshot_and_previous():
     state = prev.init(params)
     _, state = prev.update(zeros, state, moved)
     assert state.refs["kernel"] is moved["kernel"]  # the next step compares with this one
+
+
+def test_penalty_and_optax_transform_without_similarity_use_only_lam_times_eq4():
+    params = _params(7)
+    kernels = sj.find_kernels(params)
+    moved = jax.tree_util.tree_map(lambda x: 1.3 * x, params)
+    names = sorted(kernels)
+    old = [sj.named_leaves(params)[n] for n in names]
+    new = [sj.named_leaves(moved)[n] for n in names]
+    lam = 0.4
+    want = [
+        reference.weight_sum_penalty_and_grad(np.asarray(w, np.float64), np.asarray(r, np.float64))
+        for w, r in zip(new, old, strict=True)
+    ]
+
+    value = sj.penalty(moved, neuron_axis=kernels, refs=params, lam=lam, similarity=False)
+    assert_close(value, np.asarray(lam * sum(v for v, _ in want)), backend=JAX, dtype="float32")
+
+    tx = sj.add_similarity_gradient(2.0, neuron_axis=kernels, lam=lam, similarity=False)
+    zeros = jax.tree_util.tree_map(jnp.zeros_like, params)
+    updates, _ = tx.update(zeros, tx.init(params), moved)
+    got = sj.named_leaves(updates)
+    for name, (_, grad) in zip(names, want, strict=True):
+        assert_close(got[name], 2.0 * lam * grad, backend=JAX, dtype="float32")
+    assert np.all(np.asarray(updates["dense"]["bias"]) == 0.0)
 
 
 def test_add_similarity_gradient_errors():

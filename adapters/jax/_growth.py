@@ -24,7 +24,7 @@ import jax
 from simcore import growth
 
 from ._optax import SimilarityGradientState
-from ._trees import leaf_name
+from ._trees import leaf_name, named_leaves
 
 __all__ = [
     "add_neurons",
@@ -41,10 +41,7 @@ def flatten_variables(variables: Any) -> dict[str, Any]:
     """``{"collection/module/.../leaf": array}`` for a linen ``variables`` dict."""
     if not isinstance(variables, Mapping):
         raise TypeError(f"variables must be a dict of collections, got {type(variables).__name__}")
-    flat = {}
-    for path, leaf in jax.tree_util.tree_flatten_with_path(variables)[0]:
-        flat[leaf_name(path)] = leaf
-    return flat
+    return named_leaves(variables)
 
 
 def unflatten_variables(variables: Any, flat: Mapping[str, Any]) -> Any:

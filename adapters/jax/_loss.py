@@ -87,6 +87,8 @@ def similarity_loss(
 # -- Eq. 5 over several layers --------------------------------------------------------------
 
 
+# ``options`` (the keyword arguments, ``similarity`` included, as a hashable
+# tuple) is static: it selects the function, it is not differentiated.
 @functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
 def _objective(weights, refs, options):
     return simcore.growth_objective(weights, refs, **dict(options))
@@ -119,10 +121,13 @@ def growth_objective(
     neuron_axis: int | Sequence[int] = 0,
     block_size: int | None = None,
     zero_tol: float | None = None,
+    similarity: bool = True,
 ) -> jax.Array:
     """Eq. 5 summed over layers, differentiable in ``weights`` with the core's gradient.
 
-    Same arguments and value as :func:`simcore.growth_objective`. The gradient
+    Same arguments and value as :func:`simcore.growth_objective`;
+    ``similarity=False`` leaves the Eq. 2 term out (``lam`` times Eq. 4 alone,
+    the paper's Table 3 ablation) and needs ``refs``. The gradient
     with respect to ``refs`` is defined to be zero: the references are
     snapshots taken after growth (or at the previous step), held fixed while
     Eq. 5 is minimised, exactly as :func:`simcore.growth_objective_and_grad`
@@ -158,5 +163,6 @@ def growth_objective(
         ("neuron_axis", neuron_axis),
         ("block_size", block_size),
         ("zero_tol", zero_tol),
+        ("similarity", bool(similarity)),
     )
     return _objective(weights, refs, options)

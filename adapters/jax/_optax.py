@@ -96,11 +96,14 @@ def penalty(
     statistic: str = "rms",
     block_size: int | None = None,
     zero_tol: float | None = None,
+    similarity: bool = True,
 ) -> jax.Array:
     """Eq. 5 over the selected kernels of ``params``, with the core's gradient under ``jax.grad``.
 
     ``refs`` is a pytree like ``params`` (only its selected leaves are read)
-    holding the snapshot Eq. 4 compares with; it gets no gradient. The default
+    holding the snapshot Eq. 4 compares with; it gets no gradient.
+    ``similarity=False`` leaves Eq. 2 out (``lam`` times Eq. 4 alone, the
+    paper's Table 3 ablation); it needs ``refs``. The default
     ``neuron_axis=-1`` suits Flax; Equinox needs 0 (or ``find_kernels(model)``).
 
     >>> import jax, jax.numpy as jnp
@@ -125,6 +128,7 @@ def penalty(
         neuron_axis=[axis for _, _, axis in chosen],
         block_size=block_size,
         zero_tol=zero_tol,
+        similarity=similarity,
     )
 
 
@@ -133,7 +137,7 @@ class SimilarityGradientState(NamedTuple):
 
     ``count``: steps taken (the schedule's argument). ``refs``: the Eq. 4
     reference of every selected kernel, ``{leaf name: array}`` (empty when
-    ``lam == 0``).
+    ``lam == 0`` and the similarity term is on).
     """
 
     count: jax.Array
@@ -151,6 +155,7 @@ def add_similarity_gradient(
     statistic: str = "rms",
     block_size: int | None = None,
     zero_tol: float | None = None,
+    similarity: bool = True,
 ) -> optax.GradientTransformation:
     """Add ``strength * dEq5/dW`` to the updates of the selected kernels.
 
@@ -158,7 +163,8 @@ def add_similarity_gradient(
     weighs Eq. 4 against the reference weights: ``refs="snapshot"`` keeps the
     params given to ``init`` (call ``init`` right after growth: the paper's
     post-growth snapshot), ``refs="previous"`` compares with the previous
-    step's params. Place it before the learning rate, as with weight decay::
+    step's params. ``similarity=False`` adds only ``strength * lam * dEq4/dW``
+    (the paper's Table 3 ablation). Place it before the learning rate, as with weight decay::
 
         optax.chain(add_similarity_gradient(0.1, neuron_axis=find_kernels(params)),
                     optax.sgd(0.1, momentum=0.9))
@@ -177,10 +183,20 @@ def add_similarity_gradient(
     if not callable(strength):
         strength = float(strength)
     lam = float(lam)
-    options = dict(form=form, statistic=statistic, block_size=block_size, zero_tol=zero_tol)
+    similarity = bool(similarity)
+    options = dict(
+        form=form,
+        statistic=statistic,
+        block_size=block_size,
+        zero_tol=zero_tol,
+        similarity=similarity,
+    )
+    # Eq. 4 needs its reference weights when it is weighed in, and always
+    # without Eq. 2 (the core then rejects refs=None).
+    keeps_refs = lam != 0.0 or not similarity
 
     def snapshot(params):
-        if lam == 0.0:
+        if not keeps_refs:
             return {}
         leaves = jax.tree_util.tree_leaves(params)
         return {name: leaves[i] for i, name, _ in _selected(params, mask, neuron_axis)}
@@ -196,7 +212,7 @@ def add_similarity_gradient(
         chosen = _selected(params, mask, neuron_axis)
         leaves = jax.tree_util.tree_leaves(params)
         weights = [leaves[i] for i, _, _ in chosen]
-        ref_list = [state.refs[name] for _, name, _ in chosen] if lam != 0.0 else None
+        ref_list = [state.refs[name] for _, name, _ in chosen] if keeps_refs else None
         _, grads = simcore.growth_objective_and_grad(
             weights, ref_list, lam=lam, neuron_axis=[a for _, _, a in chosen], **options
         )

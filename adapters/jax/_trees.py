@@ -22,6 +22,7 @@ from typing import Any
 import jax
 
 from simcore._arrays import check_choice
+from simcore.growth import is_depthwise
 
 __all__ = ["DEPTHWISE", "LAYOUTS", "find_kernels", "leaf_name", "named_leaves"]
 
@@ -50,8 +51,14 @@ def named_leaves(tree: Any) -> dict[str, Any]:
     return {leaf_name(path): leaf for path, leaf in flat}
 
 
-def _is_depthwise_shape(kernel: Any) -> bool:
-    # A grouped conv with one input channel per group: (kh, kw, 1, C) in HWIO.
+def _is_depthwise_kernel(kernel: Any) -> bool:
+    # A linen params dict records no group count, only the HWIO kernel
+    # (kh, kw, in_channels / groups, out_channels). is_depthwise's
+    # ``in_channels == groups`` is that third axis being 1; its ``groups > 1`` is
+    # not recorded, and is taken to hold when there is more than one output
+    # channel (a depthwise conv has out = multiplier * groups >= 2). The one
+    # kernel this misjudges is a plain conv reading a single-channel image
+    # (in_channels == groups == 1), counted as depthwise.
     return kernel.ndim >= 3 and int(kernel.shape[-2]) == 1 and int(kernel.shape[-1]) > 1
 
 
@@ -62,15 +69,14 @@ def _keep(depthwise_layer: bool, depthwise: str) -> bool:
 
 
 def _linen_kernels(tree: Any, depthwise: str) -> dict[str, int]:
-    # linen params hold no group count: a kernel with one input channel per
-    # group counts as depthwise (so does a conv on a single-channel image; pass
-    # depthwise="include", the default, when that matters).
+    # No group count here: see _is_depthwise_kernel for the shape rule (pass
+    # depthwise="include", the default, when a one-channel input conv matters).
     found = {}
     for path, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]:
         name = leaf_name(path)
         if name.rsplit("/", 1)[-1] != "kernel" or getattr(leaf, "ndim", 0) < 2:
             continue
-        if _keep(_is_depthwise_shape(leaf), depthwise):
+        if _keep(_is_depthwise_kernel(leaf), depthwise):
             found[name] = -1
     return found
 
@@ -81,8 +87,8 @@ def _nnx_kernels(model: Any, depthwise: str) -> dict[str, int]:
     kernel_paths = {}
     for path, node in nnx.iter_graph(model):
         if isinstance(node, nnx.Conv):
-            grouped = int(getattr(node, "feature_group_count", 1)) > 1
-            if _keep(grouped, depthwise):
+            layer_is_depthwise = is_depthwise(int(node.in_features), int(node.feature_group_count))
+            if _keep(layer_is_depthwise, depthwise):
                 kernel_paths[tuple(map(str, path)) + ("kernel",)] = -1
         elif isinstance(node, (nnx.Linear, nnx.LinearGeneral)):
             if _keep(False, depthwise):
@@ -106,8 +112,10 @@ def _equinox_kernels(model: Any, depthwise: str) -> dict[str, int]:
     for path, node in flat:
         if not is_layer(node):
             continue
-        grouped = isinstance(node, eqx.nn.Conv) and int(node.groups) > 1
-        if _keep(grouped, depthwise):
+        layer_is_depthwise = isinstance(node, eqx.nn.Conv) and is_depthwise(
+            int(node.in_channels), int(node.groups)
+        )
+        if _keep(layer_is_depthwise, depthwise):
             found[leaf_name((*path, jax.tree_util.GetAttrKey("weight")))] = 0
     return found
 
@@ -141,10 +149,14 @@ def find_kernels(tree: Any, *, layout: str = "auto", depthwise: str = "include")
     ``tree`` is a linen ``params`` dict (or the whole ``variables`` dict, or an
     nnx ``State``: any mapping whose kernels are leaves named ``kernel``), an
     ``nnx.Module`` or an ``eqx.Module``; ``layout="auto"`` tells them apart.
-    ``depthwise`` keeps grouped convs (``"include"``), drops them
-    (``"exclude"``) or keeps only them (``"only"``). nnx and Equinox modules
-    report their group count; a linen dict does not, so there a kernel with one
-    input channel per group, ``(kh, kw, 1, C)``, counts as depthwise.
+    ``depthwise`` keeps depthwise convs (``"include"``), drops them
+    (``"exclude"``) or keeps only them (``"only"``); depthwise means
+    :func:`simcore.growth.is_depthwise` (every group reads one input channel,
+    so a ResNeXt-style grouped conv is not depthwise). nnx and Equinox modules
+    report their input channels and group count; a linen dict does not, so
+    there a kernel with one input channel per group and several outputs,
+    ``(kh, kw, 1, C > 1)``, counts as depthwise (a plain conv on a
+    one-channel image is the one kernel that rule misjudges).
 
     >>> import jax, jax.numpy as jnp, flax.linen as nn
     >>> from simcore.adapters.jax import find_kernels
