@@ -132,3 +132,19 @@ def test_bad_arguments_name_themselves():
         widths(nn.Linear(2, 2))
     with pytest.raises(ValueError, match="builder"):
         build({"builder": "resnet18", "kwargs": {}})
+
+
+def test_width_one_layers_round_trip():
+    # A width-1 layer's depthwise conv has groups == 1 like a pointwise one; widths() must
+    # still report exactly the stem and the 13 pointwise widths.
+    mws = [1] + [4] * 13
+    net = mobilenet_v1(width=mws)
+    assert widths(net) == mws
+    again = build(architecture(net))
+    assert widths(again) == mws
+    assert {k: v.shape for k, v in again.state_dict().items()} == {
+        k: v.shape for k, v in net.state_dict().items()
+    }
+    ones = [3, 1, 5, 1] + [2] * 9 + [1]
+    assert widths(build(architecture(mobilenet_v1(width=ones)))) == ones
+    assert widths(vgg16(width=[1] * 13)) == [1] * 13

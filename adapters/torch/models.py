@@ -183,12 +183,16 @@ def widths(model: VGG16 | MobileNetV1) -> list[int]:
     """The current per-layer widths, in the order the builders take them.
 
     Read from the modules themselves, so a model grown in place reports its new
-    widths (13 for VGG16; stem + 13 pointwise for MobileNetV1).
+    widths (13 for VGG16; stem + 13 pointwise for MobileNetV1). MobileNetV1's
+    are picked by position (``features.0`` and ``features.{6+6b}``), not by
+    ``groups``: a width-1 layer's depthwise conv has ``groups == 1`` too.
     """
     _check_model(model)
-    convs = [m for m in model.features if isinstance(m, nn.Conv2d)]
     if isinstance(model, MobileNetV1):
-        convs = [m for m in convs if m.groups == 1]
+        convs = [model.features[0]] + [model.features[6 + 6 * b]
+                                       for b in range(len(MOBILENET_V1_STRIDES))]
+    else:
+        convs = [m for m in model.features if isinstance(m, nn.Conv2d)]
     return [int(m.out_channels) for m in convs]
 
 
