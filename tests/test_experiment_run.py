@@ -193,3 +193,57 @@ def test_ablation_of_the_two_terms(tmp_path):
     # the terms with Eq. 2 change the grown layers
     assert eq2["similarity"]["after_phase"] != eq2["similarity"]["after_growth"]
     assert both["similarity"]["after_phase"] != both["similarity"]["after_growth"]
+
+
+def test_layer_name_skips_depthwise_convs_only():
+    from simcore.adapters.torch.experiment.runner import layer_name
+
+    model = torch.nn.Sequential(
+        torch.nn.Conv2d(3, 8, 3), torch.nn.Conv2d(8, 8, 3, groups=8),  # depthwise: skipped
+        torch.nn.Conv2d(8, 8, 1, groups=2), torch.nn.Linear(8, 2))     # grouped: a layer
+    assert [layer_name(model, k) for k in (1, 2, 3)] == ["0", "2", "3"]
+    with pytest.raises(ValueError, match=r"layer must lie in \[1, 3\]"):
+        layer_name(model, 4)
+
+
+def test_fresh_runs_interrupts_and_result_files_leave_nothing_stale(tmp_path, monkeypatch):
+    from pathlib import Path
+
+    from simcore.adapters.torch.experiment import runner
+
+    data = load_digits_dataset(0, train_limit=32, test_limit=16)
+    config = TINY.replace(method="random", terms="none", max_growths=0)
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    (run_dir / "result.json").write_text('{"key": {"model": ')  # truncated by a crash
+    with pytest.raises(ValueError, match=r"result.json.*--fresh"):
+        run_one(config, run_dir, dataset=data)
+
+    saves = []
+    real_save = runner.save_checkpoint
+    monkeypatch.setattr(runner, "save_checkpoint",
+                        lambda *a, **k: (saves.append(a[0]), real_save(*a, **k)))
+
+    def ctrl_c_at_epoch_end(epoch, record):  # deferred: the run stops after this epoch's save
+        os.kill(os.getpid(), signal.SIGINT)
+
+    with pytest.raises(RunInterrupted, match="after epoch 1"):
+        run_one(config, run_dir, dataset=data, resume=False,
+                hooks=Hooks(on_epoch_end=ctrl_c_at_epoch_end))
+    assert len(saves) == 1  # the end-of-epoch checkpoint, not written a second time
+    assert not (run_dir / "result.json").exists()  # the stale result went with --fresh
+
+    real_write = Path.write_text
+
+    def crash_mid_write(self, text, *args, **kwargs):
+        real_write(self, text[:10], *args, **kwargs)
+        raise OSError("disk full")
+
+    monkeypatch.setattr(Path, "write_text", crash_mid_write)
+    with pytest.raises(OSError, match="disk full"):
+        run_one(config, run_dir, dataset=data)  # resumes epoch 2, then fails to write
+    assert not (run_dir / "result.json").exists()  # no truncated result.json left behind
+    monkeypatch.setattr(Path, "write_text", real_write)
+    result = run_one(config, run_dir, dataset=data)
+    assert json.loads((run_dir / "result.json").read_text()) == result
+    assert len(result["history"]) == config.epochs + 1

@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import signal
 import sys
 import threading
@@ -38,9 +39,11 @@ import torch
 from torch import nn
 
 import simcore
+from simcore.growth import is_depthwise
 
 from .. import growers
 from ..checkpoint import load_checkpoint, save_checkpoint
+from ..growers import _param_count
 from ..models import mobilenet_v1, vgg16, widths
 from ..schedule import GrowthSchedule
 from .config import RunConfig
@@ -98,7 +101,7 @@ def layer_name(model: nn.Module, layer: int) -> str:
     """
     names = [n for n, m in model.named_modules()
              if isinstance(m, (nn.Conv2d, nn.Linear))
-             and not (isinstance(m, nn.Conv2d) and m.groups > 1)]
+             and not (isinstance(m, nn.Conv2d) and is_depthwise(m.in_channels, m.groups))]
     if not 1 <= layer <= len(names):
         raise ValueError(f"layer must lie in [1, {len(names)}], got {layer}")
     return names[layer - 1]
@@ -111,10 +114,6 @@ def _stats(model: nn.Module, name: str) -> dict[str, Any]:
             "counts": [int(c) for c in s.counts], "edges": [float(e) for e in s.edges],
             "share_within_half": float(s.share_within_half), "mean_abs": float(s.mean_abs),
             "max_abs": float(s.max_abs), "pairs": int(s.pairs)}
-
-
-def _param_count(model: nn.Module) -> int:
-    return sum(p.numel() for p in model.parameters())
 
 
 def _build_model(config: RunConfig, num_classes: int, width=None) -> nn.Module:
@@ -208,7 +207,16 @@ def _read_json(path: Path) -> Any:
     try:
         return json.loads(path.read_text())
     except (OSError, ValueError) as err:
-        raise ValueError(f"cannot read {path}: {err}") from None
+        # a truncated or foreign file: say which, and how to recover
+        raise ValueError(f"cannot read {path} ({err}); delete it or pass --fresh to start "
+                         f"over") from None
+
+
+def _write_json(path: Path, value: Any) -> None:
+    """Write to a temporary name, then rename: a crash never leaves a truncated ``path``."""
+    temporary = path.with_name(f".{path.name}.tmp")
+    temporary.write_text(json.dumps(value, indent=1))
+    os.replace(temporary, path)
 
 
 def run_one(config: RunConfig, out_dir: str | Path, *, dataset: ImageDataset | None = None,
@@ -218,8 +226,10 @@ def run_one(config: RunConfig, out_dir: str | Path, *, dataset: ImageDataset | N
 
     ``out_dir`` receives ``checkpoint.pt`` (kept at the end: the grown model,
     used for Grad-CAM) and ``result.json``. With ``resume=False`` any previous
-    state in ``out_dir`` is ignored and overwritten. ``dataset`` skips loading
-    (compare mode shares one). Returns the result dictionary.
+    state in ``out_dir`` is ignored and overwritten (a finished ``result.json``
+    is removed at once, so an interrupted fresh run leaves no stale result).
+    ``dataset`` skips loading (compare mode shares one). Returns the result
+    dictionary, also written to ``result.json`` atomically.
     """
     if not isinstance(config, RunConfig):
         raise TypeError(f"config must be a RunConfig, got {type(config).__name__}")
@@ -228,8 +238,13 @@ def run_one(config: RunConfig, out_dir: str | Path, *, dataset: ImageDataset | N
     out.mkdir(parents=True, exist_ok=True)
     result_path, ckpt_path = out / RESULT, out / CHECKPOINT
     key = config.training_key()
+    if not resume:
+        result_path.unlink(missing_ok=True)
     if resume and result_path.exists():
         previous = _read_json(result_path)
+        if not isinstance(previous, dict):
+            raise ValueError(f"{result_path} is not a run result; delete it or pass --fresh "
+                             f"to start over")
         if previous.get("key") == key:
             return previous
         _mismatch(out, previous.get("key", {}), key)
@@ -263,14 +278,17 @@ def run_one(config: RunConfig, out_dir: str | Path, *, dataset: ImageDataset | N
     loss_fn = nn.CrossEntropyLoss()
     batches_per_epoch = math.ceil(dataset.train_labels.shape[0] / config.batch_size)
     bar = _progress(config.epochs, state.epoch, config.label, progress)
-    consistent = True
+    consistent = True   # the run's state can be checkpointed as it stands
+    unsaved = False     # it changed since the last checkpoint
 
     def save() -> None:
+        nonlocal unsaved
         extra = {"key": key, "state": state.to_extra()}
         if phase is not None and phase.active:
             extra["phase_refs"] = [r.detach().cpu() for r in phase.penalty.refs]
         # written to a temporary name and renamed: an interrupted save keeps the last one
         save_checkpoint(ckpt_path, model, optimizer, scheduler, extra=extra)
+        unsaved = False
 
     try:
         with _DeferredSigint() as sigint:
@@ -283,7 +301,7 @@ def run_one(config: RunConfig, out_dir: str | Path, *, dataset: ImageDataset | N
                                   progress and batches_per_epoch > 50, leave=False)
                 for x, y in iter_batches(dataset, "train", config.batch_size,
                                          generator=generator, skip=state.batch):
-                    consistent = False
+                    consistent, unsaved = False, True
                     logits = model(x)
                     loss = loss_fn(logits, y)
                     total = loss + phase.term() if phase is not None and phase.active else loss
@@ -305,7 +323,8 @@ def run_one(config: RunConfig, out_dir: str | Path, *, dataset: ImageDataset | N
                         raise RunInterrupted(f"interrupted in epoch {epoch + 1}")
                 inner.close()
 
-                consistent = False  # the end-of-epoch block changes several things together
+                # the end-of-epoch block changes several things together
+                consistent, unsaved = False, True
                 scheduler.step()
                 record = {"epoch": epoch + 1, "train_loss": state.loss_sum / max(state.seen, 1),
                           "train_accuracy": 100.0 * state.correct / max(state.seen, 1),
@@ -334,13 +353,13 @@ def run_one(config: RunConfig, out_dir: str | Path, *, dataset: ImageDataset | N
                 if sigint.requested:
                     raise RunInterrupted(f"interrupted after epoch {epoch + 1}")
     except KeyboardInterrupt:
-        if consistent:
+        if consistent and unsaved:  # an interrupt right after the epoch's save: nothing new
             save()
         bar.close()
         raise
     bar.close()
     result = _result(config, key, state, model, device)
-    result_path.write_text(json.dumps(result, indent=1))
+    _write_json(result_path, result)
     return result
 
 
