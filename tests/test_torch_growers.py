@@ -71,6 +71,34 @@ def _small(dtype=torch.float32):
     return model
 
 
+def _seeded(make):
+    torch.manual_seed(0)
+    return make()
+
+
+def _calibrated(model, seed=0, shape=(16, 3, 32, 32)):
+    """Random BN affine and running statistics measured on random inputs (momentum=None).
+
+    A freshly built model in eval mode has running mean 0 / var 1: activations die across
+    layers and the logits are about the classifier bias, the same for every input, so a
+    growth that breaks the function would go unnoticed.
+    """
+    gen = torch.Generator().manual_seed(seed)
+    norms = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+    momenta = [bn.momentum for bn in norms]
+    with torch.no_grad():
+        for bn in norms:
+            bn.weight.copy_(0.5 + torch.rand(bn.num_features, generator=gen))
+            bn.bias.copy_(0.4 * torch.rand(bn.num_features, generator=gen) - 0.2)
+            bn.reset_running_stats()
+            bn.momentum = None  # cumulative average: the statistics of exactly this batch
+        model.train()
+        model(torch.randn(*shape, generator=gen))
+    for bn, momentum in zip(norms, momenta, strict=True):
+        bn.momentum = momentum
+    return model.eval()
+
+
 def _data(shape, classes, seed=0, dtype=torch.float32, batches=1):
     gen = torch.Generator().manual_seed(seed)
     return [(torch.randn(*shape, generator=gen, dtype=dtype),
@@ -90,18 +118,25 @@ def _gap(model, x, before):
     return float((_logits(model, x) - before).abs().max())
 
 
+def _spread(logits):
+    """How much the logits vary across the batch (what a function change is measured against)."""
+    return float((logits - logits.mean(0)).abs().max())
+
+
 GROWERS = {
     "random": lambda: RandomGrower(seed=1),
-    "ssd_exact": lambda: SSDGrower("exact", seed=1),
-    "ssd_fast": lambda: SSDGrower("fast", seed=1, rayleigh_steps=40),
-    "firefly": lambda: FireflyGrower(new_per_layer=16, split_scale=1e-3, outgoing_scale=1e-4,
+    "ssd_exact": lambda: SSDGrower("exact", eps=1e-3, seed=1),
+    "ssd_fast": lambda: SSDGrower("fast", eps=1e-3, seed=1, rayleigh_steps=40),
+    "firefly": lambda: FireflyGrower(new_per_layer=16, split_scale=2e-4, outgoing_scale=1e-5,
                                      train_candidates=False, seed=1),
 }
-# Largest |logit change| / max|logit| allowed per grower (eps = 0.01 for SSD).
-TOLERANCE = {"random": 1e-5, "ssd_exact": 5e-3, "ssd_fast": 5e-3, "firefly": 5e-3}
+# Largest |logit change| / spread of the logits over the batch per grower. SSD splits with
+# eps = 1e-3: the change is O(eps^2) per layer, but VGG's max-pools let a copy's argmax flip,
+# which is first order in eps, and 13 layers compound it (eps = 1e-2 moves VGG's logits by O(1)).
+TOLERANCE = {"random": 1e-5, "ssd_exact": 5e-2, "ssd_fast": 5e-2, "firefly": 5e-2}
 MODELS = {
-    "vgg16": (vgg16, (4, 3, 32, 32), 10),
-    "mobilenet_v1": (mobilenet_v1, (4, 3, 32, 32), 10),
+    "vgg16": (lambda: _calibrated(_seeded(vgg16)), (4, 3, 32, 32), 10),
+    "mobilenet_v1": (lambda: _calibrated(_seeded(mobilenet_v1)), (4, 3, 32, 32), 10),
     "small": (_small, (4, 3, 8, 8), 4),
 }
 
@@ -114,13 +149,16 @@ def test_growth_preserves_the_function(model_name, grower_name):
     batches = _data(shape, classes)
     x = batches[0][0]
     before = _logits(model, x)
+    spread = _spread(before)
+    assert spread > 0.05  # the logits depend on the input: a broken growth shows
     neurons = sum(f.channels(model) for f in discover_flows(model, x[:1]))
     report = GROWERS[grower_name]().grow(model, batches, F.cross_entropy, ratio=0.35)
     assert report.budget == growth_budget(neurons, 0.35)
     assert report.total_added == report.budget > 0
     assert report.params_after == sum(p.numel() for p in model.parameters())
     assert report.params_after > report.params_before
-    assert _gap(model, x, before) <= TOLERANCE[grower_name] * float(before.abs().max())
+    gap = _gap(model, x, before)
+    assert gap <= TOLERANCE[grower_name] * spread
     # The grown model trains: one SGD step works and changes the new neurons' layers.
     loss = F.cross_entropy(model(x), batches[0][1])
     loss.backward()

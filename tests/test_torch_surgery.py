@@ -88,6 +88,29 @@ def _x(shape=(4, 3, 32, 32), seed=0):
     return torch.randn(*shape, generator=torch.Generator().manual_seed(seed))
 
 
+def _calibrated(model, x, seed=0):
+    """Random BN affine and running statistics of ``x`` (momentum=None), then eval mode.
+
+    A freshly built model in eval mode has running mean 0 / var 1: activations die across
+    layers and the logits are about the classifier bias whatever the input, so a growth that
+    breaks the function would go unnoticed (and every running_var equals every other).
+    """
+    torch.manual_seed(seed)
+    norms = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+    momenta = [bn.momentum for bn in norms]
+    with torch.no_grad():
+        for bn in norms:
+            bn.weight.uniform_(0.5, 1.5)
+            bn.bias.uniform_(-0.2, 0.2)
+            bn.reset_running_stats()
+            bn.momentum = None  # cumulative average: exactly the statistics of x
+        model.train()
+        model(x)
+    for bn, momentum in zip(norms, momenta, strict=True):
+        bn.momentum = momentum
+    return model.eval()
+
+
 # --------------------------------------------------------------------------- discovery
 
 
@@ -225,17 +248,20 @@ def _grow_every_flow(model, x, operator):
 @pytest.mark.parametrize("make", [vgg16, mobilenet_v1, FlattenHead])
 def test_add_and_replicate_keep_the_function(make):
     x = _x((2, 3, 32, 32)) if make is not FlattenHead else _x((2, 3, 8, 8))
-    model = make().eval()
+    torch.manual_seed(0)
+    model = _calibrated(make(), _x((16,) + x.shape[1:], seed=1))
     before = model(x).detach()
+    spread = float((before - before.mean(0)).abs().max())
+    assert spread > 0.01  # the logits depend on the input: a broken growth shows
     _grow_every_flow(model, x, lambda p, f: add_neurons(p, f, 3, rng=1))
-    torch.testing.assert_close(model(x), before, rtol=0, atol=1e-5)
+    torch.testing.assert_close(model(x), before, rtol=0, atol=1e-4 * spread)
     _grow_every_flow(model, x, lambda p, f: replicate_neurons(p, f, [0, 0, 1]))
     torch.testing.assert_close(model(x), before, rtol=0, atol=1e-5)
     assert model(x).shape == before.shape
 
 
 def test_apply_updates_sizes_groups_and_buffers():
-    model = mobilenet_v1()
+    model = _calibrated(mobilenet_v1(), _x((8, 3, 32, 32)))
     flow = find_flow(model, "features.6")
     params = dict(model.state_dict())
     grown, cmap = split_neurons(params, flow.channel_flow(model), [0, 5],
@@ -249,7 +275,10 @@ def test_apply_updates_sizes_groups_and_buffers():
     assert nxt.in_channels == 34 and nxt.weight.shape[1] == 34
     # Copies duplicate the depthwise filter and BN statistics of their parent.
     torch.testing.assert_close(dw.weight[32], dw.weight[0])
+    assert not torch.equal(dwbn.running_var[5], dwbn.running_var[0])  # calibrated: distinct
     torch.testing.assert_close(dwbn.running_var[33], dwbn.running_var[5])
+    torch.testing.assert_close(dwbn.running_mean[33], dwbn.running_mean[5])
+    torch.testing.assert_close(bn.running_var[33], bn.running_var[5])
 
 
 def test_apply_keeps_dtype_device_requires_grad_and_registers_new_parameters():
