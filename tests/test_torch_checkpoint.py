@@ -213,3 +213,58 @@ def test_errors(tmp_path):
     save_checkpoint(tmp_path / "o.pt", model, optimizer)
     with pytest.raises(ValueError, match="order"):
         load_checkpoint(tmp_path / "o.pt", optimizer=lambda ps: _sgd(list(ps)[::-1]))
+
+
+def test_adafactor_with_factored_state_round_trips(tmp_path):
+    # Adafactor keeps row/column variances whose shapes differ from their parameter's.
+    _seed(4)
+    model = vgg16(width=4)
+    optimizer = torch.optim.Adafactor(model.parameters(), lr=1e-2)
+    model(torch.randn(2, 3, 32, 32)).sum().backward()
+    optimizer.step()
+    conv = model.features[0].weight
+    assert optimizer.state[conv]["row_var"].shape != conv.shape
+    save_checkpoint(tmp_path / "a.pt", model, optimizer)
+    restored = load_checkpoint(tmp_path / "a.pt",
+                               optimizer=lambda ps: torch.optim.Adafactor(ps, lr=1e-2))
+    for p, q in zip(model.parameters(), restored.model.parameters(), strict=True):
+        saved, loaded = optimizer.state[p], restored.optimizer.state[q]
+        assert saved.keys() == loaded.keys()
+        assert all(torch.equal(saved[k], loaded[k]) for k in saved)
+
+
+def _swap_bn_weight_and_bias(params):
+    params = list(params)  # features.0.weight, features.1.weight, features.1.bias, ...
+    params[1], params[2] = params[2], params[1]
+    return _sgd(params)
+
+
+def test_optimizer_over_swapped_same_shaped_parameters_is_refused(tmp_path):
+    model = vgg16(width=4)
+    optimizer = _sgd(model.parameters())
+    model(torch.randn(2, 3, 32, 32)).sum().backward()
+    optimizer.step()
+    save_checkpoint(tmp_path / "s.pt", model, optimizer)
+    with pytest.raises(ValueError, match=r"'features.1.bias' at position 1 .*'features.1.weight'"
+                                         r".*order"):
+        load_checkpoint(tmp_path / "s.pt", optimizer=_swap_bn_weight_and_bias)
+    with pytest.raises(ValueError, match="param groups of sizes"):
+        load_checkpoint(tmp_path / "s.pt", optimizer=lambda ps: _sgd(list(ps)[:-1]))
+    # The saved order, whatever it was, is the one a resume needs.
+    swapped = _swap_bn_weight_and_bias(model.parameters())
+    save_checkpoint(tmp_path / "w.pt", model, swapped)
+    assert load_checkpoint(tmp_path / "w.pt", optimizer=_swap_bn_weight_and_bias).optimizer
+    with pytest.raises(ValueError, match="order"):
+        load_checkpoint(tmp_path / "w.pt", optimizer=_sgd)
+
+
+def test_optimizer_that_cannot_be_stored_fails_at_save_time(tmp_path):
+    model = vgg16(width=4)
+    optimizer = _sgd(model.parameters())
+    optimizer.param_groups[0]["note"] = object()  # would not load under weights_only=True
+    with pytest.raises(TypeError, match=r"optimizer.state_dict\(\).*note"):
+        save_checkpoint(tmp_path / "n.pt", model, optimizer)
+    assert not (tmp_path / "n.pt").exists()
+    stranger = _sgd([*model.parameters(), nn.Parameter(torch.zeros(3))])
+    with pytest.raises(ValueError, match="not a parameter of the model"):
+        save_checkpoint(tmp_path / "n.pt", model, stranger)

@@ -8,7 +8,9 @@ containers, so :func:`load_checkpoint` reads it with
 ``torch.load(..., weights_only=True)`` (no pickled code runs on load).
 
 What is stored: the architecture, the model's ``state_dict`` (BatchNorm
-running statistics included), the optimizer's and scheduler's ``state_dict``,
+running statistics included), the optimizer's and scheduler's ``state_dict``
+(with the names of the optimizer's parameters in its order, which is how a
+resume checks it rebuilt the optimizer over the same parameters),
 the Python, NumPy (legacy global generator) and torch RNG states (CUDA too
 where CUDA is initialised), and ``extra`` (e.g. the epoch, the growth schedule's
 position). Restoring all of it makes a resumed run continue bitwise-identically
@@ -43,7 +45,7 @@ __all__ = ["FORMAT", "Checkpoint", "load_checkpoint", "rng_state", "save_checkpo
            "set_rng_state"]
 
 #: Stored under "format"; bumped if the layout changes.
-FORMAT = "simcore.torch.checkpoint/1"
+FORMAT = "simcore.torch.checkpoint/2"
 
 _PRIMITIVES = (bool, int, float, str, type(None))
 
@@ -108,6 +110,26 @@ def set_rng_state(state: Mapping[str, Any]) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
+def _optimizer_param_names(model: nn.Module, optimizer: torch.optim.Optimizer) -> list[list[str]]:
+    """The model's name of each optimizer parameter, per param group, in the optimizer's order.
+
+    ``Optimizer.load_state_dict`` matches parameters by position only, so these
+    names are what tells a resumed optimizer built in another order (even one
+    that swaps two same-shaped parameters) from the saved one.
+    """
+    names = {id(p): name for name, p in model.named_parameters()}
+    groups = []
+    for g, group in enumerate(optimizer.param_groups):
+        unknown = [i for i, p in enumerate(group["params"]) if id(p) not in names]
+        if unknown:
+            raise ValueError(
+                f"optimizer parameter {unknown[0]} of param group {g} is not a parameter of "
+                f"the model; a checkpoint's optimizer must hold only the model's parameters"
+            )
+        groups.append([names[id(p)] for p in group["params"]])
+    return groups
+
+
 def save_checkpoint(
     path: str | os.PathLike,
     model: nn.Module,
@@ -151,10 +173,14 @@ def save_checkpoint(
         "architecture": architecture,
         "model": model.state_dict(),
         "optimizer": None if optimizer is None else optimizer.state_dict(),
+        "optimizer_params": (None if optimizer is None
+                             else _optimizer_param_names(model, optimizer)),
         "scheduler": None if scheduler is None else scheduler.state_dict(),
         "rng": rng_state(),
         "extra": extra,
     }
+    # Checked here so that a checkpoint never saves fine and then fails under weights_only.
+    _check_storable(payload["optimizer"], "optimizer.state_dict()")
     _check_storable(payload["scheduler"], "scheduler.state_dict()")
     path = Path(path)
     tmp = path.with_name(path.name + ".tmp")
@@ -162,17 +188,27 @@ def save_checkpoint(
     os.replace(tmp, path)
 
 
-def _check_optimizer_shapes(optimizer: torch.optim.Optimizer) -> None:
-    """``Optimizer.load_state_dict`` matches parameters by position only: catch an order mix-up."""
-    for group in optimizer.param_groups:
-        for i, p in enumerate(group["params"]):
-            for key, value in optimizer.state.get(p, {}).items():
-                if isinstance(value, torch.Tensor) and value.ndim >= 1 and value.shape != p.shape:
-                    raise ValueError(
-                        f"optimizer state {key!r} of parameter {i} has shape {tuple(value.shape)} "
-                        f"but the parameter has {tuple(p.shape)}: build the optimizer over the "
-                        f"parameters in the order the saved one had (e.g. model.parameters())"
-                    )
+def _check_optimizer_order(saved: list[list[str]], rebuilt: list[list[str]]) -> None:
+    """Refuse an optimizer whose parameters are not the saved one's, group by group, in order.
+
+    Same names mean same shapes too: the model was just loaded from the saved
+    ``state_dict``. Optimizer state shapes are not compared (Adafactor's
+    factored ``row_var``/``col_var`` legitimately differ from the parameter's).
+    """
+    advice = ("build the optimizer over the parameters in the order the saved one had "
+              "(e.g. model.parameters())")
+    if [len(g) for g in saved] != [len(g) for g in rebuilt]:
+        raise ValueError(
+            f"the optimizer has param groups of sizes {[len(g) for g in rebuilt]} but the saved "
+            f"one had {[len(g) for g in saved]}: {advice}"
+        )
+    for g, (old, new) in enumerate(zip(saved, rebuilt, strict=True)):
+        for i, (a, b) in enumerate(zip(old, new, strict=True)):
+            if a != b:
+                raise ValueError(
+                    f"optimizer param group {g} holds {b!r} at position {i} where the saved "
+                    f"optimizer had {a!r}: {advice}"
+                )
 
 
 def load_checkpoint(
@@ -189,7 +225,8 @@ def load_checkpoint(
     ``optimizer`` and ``scheduler`` are factories, because a grown model's
     parameters only exist after the rebuild: ``optimizer(model.parameters())``
     must build the same kind of optimizer over the parameters in the saved
-    order, ``scheduler(optimizer)`` the same kind of scheduler; their states are
+    order (checked by name: another order raises ``ValueError``),
+    ``scheduler(optimizer)`` the same kind of scheduler; their states are
     then loaded (optimizer first, so the learning rates come back too). The
     model is moved to ``device`` before the optimizer is built. With
     ``restore_rng`` (default) the RNG states are restored last, so the next
@@ -219,13 +256,13 @@ def load_checkpoint(
         if payload["optimizer"] is None:
             raise ValueError(f"{path} holds no optimizer state")
         opt = optimizer(model.parameters())
+        _check_optimizer_order(payload["optimizer_params"], _optimizer_param_names(model, opt))
         if scheduler is not None:
             if payload["scheduler"] is None:
                 raise ValueError(f"{path} holds no scheduler state")
             # Built before the states are loaded: a scheduler's constructor resets the lr.
             sched = scheduler(opt)
         opt.load_state_dict(payload["optimizer"])
-        _check_optimizer_shapes(opt)
         if sched is not None:
             sched.load_state_dict(payload["scheduler"])
     if restore_rng:
