@@ -63,6 +63,46 @@ def test_grad_cam_defaults_to_the_predicted_class_and_the_last_conv():
         grad_cam(model, torch.randn(3, 3, 8, 8), torch.tensor([0, 1]))
 
 
+class _TinyBnCam(nn.Module):
+    """conv -> BatchNorm -> ReLU module -> global average pool -> linear, as the paper's blocks."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(3, 5, 3, padding=1)
+        self.bn = nn.BatchNorm2d(5)
+        self.act = nn.ReLU()
+        self.head = nn.Linear(5, 4)
+
+    def forward(self, x):
+        return self.head(self.act(self.bn(self.conv(x))).mean(dim=(2, 3)))
+
+
+def test_grad_cam_explains_the_rectified_output_after_batchnorm_by_default():
+    from simcore.adapters.torch.experiment.gradcam import default_cam_layer
+
+    torch.manual_seed(2)
+    model = _TinyBnCam()
+    with torch.no_grad():  # non-trivial running statistics and affine parameters
+        model.bn.running_mean.normal_()
+        model.bn.running_var.uniform_(0.5, 2.0)
+        model.bn.weight.normal_()
+        model.bn.bias.normal_()
+    model.eval()
+    images = torch.randn(3, 3, 8, 8)
+    targets = torch.tensor([1, 0, 3])
+    assert default_cam_layer(model) == "act"
+    maps = grad_cam(model, images, targets)
+    # A = ReLU(BN(conv(x))) feeds a mean pool and a linear head: dy_c/dA_k = W_ck / (H W), so
+    # the map is ReLU(sum_k W_ck A_k) up to the positive factor removed by the scaling
+    with torch.no_grad():
+        activation = model.act(model.bn(model.conv(images)))
+        cam = F.relu(torch.einsum("bk,bkhw->bhw", model.head.weight[targets], activation))
+        expected = cam / cam.amax(dim=(1, 2), keepdim=True)
+    torch.testing.assert_close(maps, expected)
+    # the layer can still be chosen: the conv's raw output gives another map
+    assert not torch.allclose(grad_cam(model, images, targets, layer="conv"), maps)
+
+
 def test_weight_sum_penalty_has_the_formula_s_gradient():
     torch.manual_seed(2)
     net = nn.Sequential(nn.Linear(6, 5), nn.ReLU(), nn.Linear(5, 3))

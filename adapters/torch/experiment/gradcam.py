@@ -6,8 +6,12 @@ For a conv layer with activations ``A`` (``K`` maps of ``H x W``) and the score
 [0, 1] per image (an all-zero map stays 0). The paper's Fig. 4 compares these
 maps of a Firefly-grown VGG16 with and without the similarity phase.
 
-The layer defaults to the model's last ``Conv2d`` that is not its classifier
-(a 1x1 conv producing the logits) — for the paper's VGG16 the last 3x3 conv.
+The layer defaults to the output of the model's last conv block: its last
+``Conv2d`` that is not the classifier (a 1x1 conv producing the logits), or,
+when a ``BatchNorm`` and/or an activation module follow that conv, the last of
+them. The paper's models put BatchNorm and an activation after every conv, so
+for them the maps explain the rectified features the rest of the network
+reads, not the conv's raw, un-normalised output.
 
 >>> import torch
 >>> from simcore.adapters.torch import vgg16
@@ -25,14 +29,37 @@ from torch import nn
 __all__ = ["default_cam_layer", "grad_cam"]
 
 
+def _is_activation(module: nn.Module) -> bool:
+    # every elementwise nonlinearity torch ships (ReLU, SiLU, Hardswish, GELU, ...) lives there
+    return type(module).__module__ == nn.ReLU.__module__
+
+
 def default_cam_layer(model: nn.Module) -> str:
-    """The name of the last ``Conv2d`` of ``model`` that does not output the logits."""
-    convs = [name for name, m in model.named_modules() if isinstance(m, nn.Conv2d)]
+    """The output of ``model``'s last conv block: its last ``Conv2d`` that does not output
+    the logits, or the ``BatchNorm`` / activation module registered right after it.
+
+    Modules are taken in registration order, which is the order of a ``Sequential`` block.
+
+    >>> from simcore.adapters.torch import vgg16
+    >>> model = vgg16(width=4)
+    >>> name = default_cam_layer(model)
+    >>> name, type(model.get_submodule(name)).__name__
+    ('features.42', 'ReLU')
+    """
     classifier = getattr(model, "classifier", None)
-    convs = [name for name in convs if model.get_submodule(name) is not classifier]
+    leaves = [(name, m) for name, m in model.named_modules()
+              if not any(True for _ in m.children()) and m is not classifier]
+    convs = [i for i, (_, m) in enumerate(leaves) if isinstance(m, nn.Conv2d)]
     if not convs:
         raise ValueError("model has no Conv2d layer (other than its classifier) for Grad-CAM")
-    return convs[-1]
+    chosen = convs[-1]
+    following = leaves[chosen + 1:]
+    if following and isinstance(following[0][1], nn.modules.batchnorm._BatchNorm):
+        chosen += 1
+        following = following[1:]
+    if following and _is_activation(following[0][1]):
+        chosen += 1
+    return leaves[chosen][0]
 
 
 def grad_cam(model: nn.Module, images: torch.Tensor, targets: torch.Tensor | None = None, *,
@@ -40,10 +67,11 @@ def grad_cam(model: nn.Module, images: torch.Tensor, targets: torch.Tensor | Non
     """Grad-CAM maps ``(B, H, W)`` in [0, 1] for ``images`` ``(B, C, H, W)``.
 
     ``targets`` are the classes to explain (default: the predicted ones);
-    ``layer`` names the conv module whose output is explained (default:
-    :func:`default_cam_layer`). The model is used as given (call ``.eval()``
-    first for BatchNorm's running statistics); its parameters' ``.grad`` are
-    left untouched.
+    ``layer`` names the module whose output is explained (default:
+    :func:`default_cam_layer`: after the last conv's BatchNorm and
+    activation). The model is used as given (call ``.eval()`` first for
+    BatchNorm's running statistics); its parameters' ``.grad`` are left
+    untouched.
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
