@@ -256,7 +256,7 @@ def test_add_and_replicate_keep_the_function(make):
     _grow_every_flow(model, x, lambda p, f: add_neurons(p, f, 3, rng=1))
     torch.testing.assert_close(model(x), before, rtol=0, atol=1e-4 * spread)
     _grow_every_flow(model, x, lambda p, f: replicate_neurons(p, f, [0, 0, 1]))
-    torch.testing.assert_close(model(x), before, rtol=0, atol=1e-5)
+    torch.testing.assert_close(model(x), before, rtol=0, atol=1e-4 * spread)
     assert model(x).shape == before.shape
 
 

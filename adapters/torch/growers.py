@@ -41,19 +41,25 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from simcore.growth import add_neurons, split_neurons
+from simcore._arrays import check_choice, check_int
+from simcore.growth import UNITS, add_neurons
+from simcore.growth.budget import growth_budget, select_lowest
 from simcore.growth.firefly import (
     FireflySelection,
     firefly_apply,
     firefly_candidates,
+    firefly_select,
 )
+from simcore.growth.optim_state import MODES
 from simcore.growth.ssd import (
     bn_coefficient,
     hvp_from_statistics,
     min_eigenpairs,
     rayleigh_min_direction,
     splitting_matrices,
+    ssd_split,
 )
+from simcore.growth.widen import INCOMING, OUTGOING
 
 from .surgery import (
     GrowthError,
@@ -67,7 +73,20 @@ from .surgery import (
 
 __all__ = ["FireflyGrower", "Grower", "GrowthReport", "RandomGrower", "SSDGrower"]
 
-UNITS = ("neurons", "parameters")
+
+def _real(value, name, *, low=None, high=None, low_open=False):
+    """``value`` as a finite float in ``[low, high)`` (``(low, high)`` with ``low_open``)."""
+    if isinstance(value, (bool, np.bool_)) or not isinstance(value, (int, float, np.floating,
+                                                                     np.integer)):
+        raise TypeError(f"{name} must be a real number, got {type(value).__name__}")
+    value = float(value)
+    too_low = low is not None and (value <= low if low_open else value < low)
+    too_high = high is not None and value >= high
+    if not np.isfinite(value) or too_low or too_high:
+        bounds = ("(" if low_open else "[") + f"{low if low is not None else '-inf'}, " + (
+            f"{high})" if high is not None else "inf)")
+        raise ValueError(f"{name} must be finite and in {bounds}, got {value}")
+    return value
 
 
 @dataclass(frozen=True)
@@ -182,8 +201,6 @@ def _batches(data_batches, required):
 
 def _budget(widths, params, ratio, unit, neuron_params):
     """Neurons to add this growth: ``ratio`` of the neuron count, or of the parameter count."""
-    from simcore.growth.budget import growth_budget
-
     if unit == "neurons":
         return growth_budget(sum(widths), ratio, unit="neurons")
     # "parameters": at the width-weighted mean cost of one more neuron over the growable layers.
@@ -229,6 +246,8 @@ class Grower:
 
     def __init__(self, *, seed: int | None = 0, only_negative: bool = False):
         self.rng = np.random.default_rng(seed)
+        if not isinstance(only_negative, (bool, np.bool_)):
+            raise TypeError(f"only_negative must be a bool, got {type(only_negative).__name__}")
         self.only_negative = bool(only_negative)
 
     # subclass API ----------------------------------------------------------
@@ -237,6 +256,8 @@ class Grower:
 
     def plan(self, params, core_flows, picks, state, rng) -> tuple[dict, list]:
         """The grown params of every flow (one dict) and a channel map per flow (None: no growth).
+
+        ``picks`` is what :meth:`select` returned.
 
         Default: :meth:`widen` on each flow with picks, last flow first, chained on one dict.
         """
@@ -251,10 +272,8 @@ class Grower:
     def widen(self, params, core_flow, index, picks, state, rng):
         raise NotImplementedError
 
-    def select(self, scores, budget, caps):
+    def select(self, scores, budget, caps, state):
         """Global lowest-``budget`` picks per layer (indices into each layer's scores)."""
-        from simcore.growth.budget import select_lowest
-
         return select_lowest([s.numpy() for s in scores], budget, caps=caps,
                              only_negative=self.only_negative)
 
@@ -272,6 +291,7 @@ class Grower:
         flows: Sequence[TorchFlow] | None = None,
         example_input: Any = None,
         optimizer_mode: str = "carry",
+        lr: float | None = None,
         caps: Sequence[int] | None = None,
     ) -> GrowthReport:
         """Grow ``model`` once; returns a :class:`GrowthReport`.
@@ -279,12 +299,22 @@ class Grower:
         ``data_batches``: an iterable of ``(inputs, targets)``; ``loss_fn(outputs,
         targets)`` a batch-mean loss. ``layers`` restricts growth to those
         producers (a layer that cannot grow raises ``GrowthError``); ``flows``
-        gives hand-written flows instead of tracing. ``example_input`` is needed
-        only without data when a flatten feeds a Linear. ``optimizer`` follows
-        the grown parameters (``optimizer_mode`` "carry" or "reset").
+        gives hand-written flows instead of tracing (not both). ``example_input``
+        is needed only without data when a flatten feeds a Linear. ``optimizer``
+        follows the grown parameters: ``optimizer_mode="carry"`` keeps every
+        state and gives new channels zero state, ``"reset"`` drops the state of
+        every parameter of the optimizer (see
+        :mod:`simcore.adapters.torch.optim`); ``lr`` (optional) then sets every
+        param group's learning rate, as the reference does after a growth.
         """
-        if unit not in UNITS:
-            raise ValueError(f"unit must be one of {UNITS}, got {unit!r}")
+        check_choice(unit, UNITS, "unit")
+        check_choice(optimizer_mode, MODES, "optimizer_mode")
+        if lr is not None:
+            lr = _real(lr, "lr", low=0.0, low_open=True)
+            if optimizer is None:
+                raise ValueError("lr is given but there is no optimizer to set it on")
+        if layers is not None and flows is not None:
+            raise ValueError("give layers= or flows=, not both (flows already name the layers)")
         if isinstance(ratio, bool) or not isinstance(ratio, (int, float)):
             raise TypeError(f"ratio must be a float, got {type(ratio).__name__}")
         if not 0.0 < ratio < float("inf"):
@@ -316,7 +346,7 @@ class Grower:
 
         scores, state = self.score(net, flows, batches, loss_fn, rng)
         scores = [_average_across_ranks(s.detach().to(torch.float64).cpu()) for s in scores]
-        picks = self.select(scores, budget, caps)
+        picks = self.select(scores, budget, caps, state)
         params = {k: v.detach() for k, v in net.state_dict().items()}
         core_flows = [f.channel_flow(net) for f in flows]
         # Downstream layers grow first (plan and application): a layer's incoming rows, and any
@@ -328,7 +358,7 @@ class Grower:
                 if maps[index] is None:
                     continue
                 swaps = _growth_swaps(net, flows[index], new_params, maps[index], optimizer,
-                                      optimizer_mode)
+                                      optimizer_mode, lr)
                 _commit(swaps)
                 applied.append(swaps)
         except BaseException:
@@ -364,7 +394,9 @@ class RandomGrower(Grower):
 
     def __init__(self, *, seed=0, incoming="he", outgoing="zero", outgoing_scale=0.01):
         super().__init__(seed=seed)
-        self.incoming, self.outgoing, self.outgoing_scale = incoming, outgoing, outgoing_scale
+        self.incoming = check_choice(incoming, INCOMING, "incoming")
+        self.outgoing = check_choice(outgoing, OUTGOING, "outgoing")
+        self.outgoing_scale = _real(outgoing_scale, "outgoing_scale", low=0.0)
 
     def score(self, model, flows, batches, loss_fn, rng):
         return [torch.from_numpy(rng.random(f.channels(model))) for f in flows], None
@@ -455,9 +487,9 @@ class SSDGrower(Grower):
     def __init__(self, mode="exact", *, eps=0.01, seed=0, only_negative=False,
                  rayleigh_steps=200):
         super().__init__(seed=seed, only_negative=only_negative)
-        if mode not in ("exact", "fast"):
-            raise ValueError(f"mode must be 'exact' or 'fast', got {mode!r}")
-        self.mode, self.eps, self.rayleigh_steps = mode, float(eps), int(rayleigh_steps)
+        self.mode = check_choice(mode, ("exact", "fast"), "mode")
+        self.eps = _real(eps, "eps", low=0.0, low_open=True)
+        self.rayleigh_steps = check_int(rayleigh_steps, "rayleigh_steps", minimum=1)
 
     def score(self, model, flows, batches, loss_fn, rng):
         modules = dict(model.named_modules())
@@ -515,6 +547,12 @@ class SSDGrower(Grower):
         if flow.norm is None:
             return None
         bn = modules[flow.norm]
+        if bn.running_var is None:
+            raise GrowthError(
+                f"SSD cannot score {flow.producer!r}: its norm {flow.norm!r} keeps no running "
+                "statistics (track_running_stats=False), so the BN coefficient "
+                "weight / sqrt(running_var + eps) is undefined"
+            )
         var = bn.running_var.detach()
         scale = bn.weight.detach() if bn.weight is not None else torch.ones_like(var)
         return bn_coefficient(scale, var, eps=bn.eps)
@@ -540,11 +578,9 @@ class SSDGrower(Grower):
                                       steps=self.rayleigh_steps)
 
     def widen(self, params, core_flow, index, picks, state, rng):
-        v = state[index]
-        rows = v[torch.as_tensor(picks, dtype=torch.int64, device=v.device)]
         producer = params[core_flow.producer]
-        return split_neurons(params, core_flow, picks.tolist(),
-                             rows.to(dtype=producer.dtype, device=producer.device), eps=self.eps)
+        v_min = state[index].to(dtype=producer.dtype, device=producer.device)
+        return ssd_split(params, core_flow, picks, v_min, eps=self.eps)
 
 
 # --------------------------------------------------------------------------- Firefly
@@ -575,22 +611,37 @@ class FireflyGrower(Grower):
                  outgoing_scale=0.01, train_candidates=True, lr=1e-3, momentum=0.1,
                  alpha=0.9, l2_split=1e-2, l2_incoming=1e-4, seed=0, only_negative=False):
         super().__init__(seed=seed, only_negative=only_negative)
-        self.new_per_layer = int(new_per_layer)
+        self.new_per_layer = check_int(new_per_layer, "new_per_layer", minimum=0)
         self.split = bool(split)
-        self.split_scale, self.incoming_std = float(split_scale), float(incoming_std)
-        self.outgoing_scale = float(outgoing_scale)
+        self.split_scale = _real(split_scale, "split_scale", low=0.0, low_open=True)
+        self.incoming_std = _real(incoming_std, "incoming_std", low=0.0, low_open=True)
+        self.outgoing_scale = _real(outgoing_scale, "outgoing_scale", low=0.0, low_open=True)
         self.train_candidates = bool(train_candidates)
-        self.lr, self.momentum, self.alpha = float(lr), float(momentum), float(alpha)
-        self.l2_split, self.l2_incoming = float(l2_split), float(l2_incoming)
+        self.lr = _real(lr, "lr", low=0.0, low_open=True)
+        self.momentum = _real(momentum, "momentum", low=0.0, high=1.0)
+        self.alpha = _real(alpha, "alpha", low=0.0, high=1.0)
+        self.l2_split = _real(l2_split, "l2_split", low=0.0)
+        self.l2_incoming = _real(l2_incoming, "l2_incoming", low=0.0)
 
-    def select(self, scores, budget, caps):
-        available = sum(int(s.numel()) for s in scores)
-        if caps is None and budget > available:
-            raise ValueError(
-                f"the budget of {budget} neurons exceeds the {available} Firefly candidates; "
-                "raise new_per_layer or lower ratio"
-            )
-        return super().select(scores, budget, caps)
+    def select(self, scores, budget, caps, state):
+        """:func:`simcore.growth.firefly_select` over each layer's split and new candidates.
+
+        ``scores[l]`` is the split candidates' scores followed by the new ones' (the report's
+        layout); the candidates in ``state`` say where the split part ends.
+        """
+        split_scores, new_scores = [], []
+        for s, c in zip(scores, state, strict=True):
+            n_split = c.split_directions.shape[0] if c.split_directions is not None else 0
+            split_scores.append(s[:n_split].numpy())
+            new_scores.append(s[n_split:].numpy())
+        try:
+            return firefly_select(split_scores, new_scores, budget, caps=caps,
+                                  only_negative=self.only_negative)
+        except ValueError as error:
+            if "exceeds" not in str(error):
+                raise
+            raise ValueError(f"Firefly candidates too few: {error}; raise new_per_layer or "
+                             "lower ratio") from error
 
     def _selection_all(self, candidates):
         return [
@@ -689,13 +740,7 @@ class FireflyGrower(Grower):
                 for c, (d, u, a) in zip(candidates, leaves, strict=True)]
 
     def plan(self, params, core_flows, picks, state, rng):
-        candidates = state
-        selection = []
-        for c, chosen in zip(candidates, picks, strict=True):
-            chosen = np.sort(np.asarray(chosen, dtype=np.int64))
-            n_split = c.split_directions.shape[0] if c.split_directions is not None else 0
-            selection.append(FireflySelection(chosen[chosen < n_split],
-                                              chosen[chosen >= n_split] - n_split))
-        new_params, pairs = firefly_apply(params, core_flows, candidates, selection)
-        maps = [pair if sel.count else None for pair, sel in zip(pairs, selection, strict=True)]
+        """``picks``: one :class:`~simcore.growth.FireflySelection` per layer (from select)."""
+        new_params, pairs = firefly_apply(params, core_flows, state, picks)
+        maps = [pair if sel.count else None for pair, sel in zip(pairs, picks, strict=True)]
         return new_params, maps

@@ -16,9 +16,13 @@ the optimizer, never the parameters) keep going with their ``last_epoch``:
   positions in ``param_groups``.
 * ``mode="reset"``: the optimizer is rebuilt as Firefly, SSD and GroMo do after
   each growth: the parameters are replaced the same way and ALL state is
-  dropped (every parameter starts afresh, exactly like a new optimizer);
-  ``lr=`` (either mode) sets every group's learning rate, e.g. ``lr=0.1`` as
-  those implementations do.
+  dropped -- every parameter's, grown or not (every parameter starts afresh,
+  exactly like a new optimizer). This is the one meaning of "reset" in the
+  torch adapter (``apply_growth``, ``Grower.grow``); it is NOT the core's
+  ``map_optimizer_state(mode="reset")``, which only zeros the state of the
+  flow's own entries and keeps everything else.
+* ``lr=`` (either mode) sets every group's learning rate, e.g. ``lr=0.1`` as
+  those implementations do after a growth.
 
 Atomic: :func:`plan_optimizer_growth` computes everything (the core's maths,
 shape checks) without touching the optimizer and returns an
@@ -51,11 +55,11 @@ from typing import Any
 
 import torch
 
+from simcore._arrays import check_choice
 from simcore.growth import ChannelFlow, ChannelMap, map_optimizer_state
+from simcore.growth.optim_state import MODES
 
 __all__ = ["MODES", "OptimizerGrowth", "grow_optimizer", "plan_optimizer_growth"]
-
-MODES = ("carry", "reset")
 
 
 @dataclass
@@ -180,8 +184,7 @@ def plan_optimizer_growth(
         raise TypeError(
             f"optimizer must be a torch.optim.Optimizer, got {type(optimizer).__name__}"
         )
-    if mode not in MODES:
-        raise ValueError(f"unknown mode {mode!r}; expected one of {MODES}")
+    check_choice(mode, MODES, "mode")
     if not isinstance(flow, ChannelFlow):
         raise TypeError(f"flow must be a simcore.growth.ChannelFlow, got {type(flow).__name__}")
     maps = _maps(channel_map)

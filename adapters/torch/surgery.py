@@ -39,8 +39,11 @@ import torch.fx
 from torch import nn
 from torch.fx.passes.shape_prop import ShapeProp
 
+from simcore._arrays import check_choice
 from simcore.growth.flow import BatchNorm, ChannelFlow, Consumer, Depthwise
-from simcore.growth.widen import ChannelMap
+from simcore.growth.optim_state import MODES
+
+from .optim import _maps, plan_optimizer_growth
 
 __all__ = [
     "GrowthError",
@@ -636,8 +639,7 @@ class _Swap:
 
     def __init__(self, container, key, new):
         self.container, self.key, self.new = container, key, new
-        # A list (an optimizer's params) is indexed by position: the slot always exists.
-        self.had_key = isinstance(container, list) or key in container
+        self.had_key = key in container
         self.old = container[key] if self.had_key else None
 
     def apply(self):
@@ -680,6 +682,7 @@ def apply_growth(
     channel_map: Any,
     optimizer: torch.optim.Optimizer | None = None,
     optimizer_mode: str = "carry",
+    lr: float | None = None,
 ) -> None:
     """Write a grown flow into ``model`` (and ``optimizer``) in place, atomically.
 
@@ -687,9 +690,16 @@ def apply_growth(
     the core operators (``simcore.growth.add_neurons`` and friends, called on
     ``dict(model.state_dict())`` and ``flow.channel_flow(model)``); entries the
     flow does not name are ignored. ``channel_map`` is the operator's
-    :class:`~simcore.growth.widen.ChannelMap`, used to carry (or, with
-    ``optimizer_mode="reset"``, drop) the optimizer state of grown parameters.
-    Parameters stay on their device and dtype and keep ``requires_grad``.
+    :class:`~simcore.growth.widen.ChannelMap` (or a sequence of them applied in
+    order). The optimizer is pointed at the new parameters
+    (:mod:`simcore.adapters.torch.optim`): ``optimizer_mode="carry"`` grows the
+    grown parameters' state with the channel map (new channels start at zero);
+    ``optimizer_mode="reset"`` drops ALL of the optimizer's state, every
+    parameter's, as a rebuilt optimizer would (the reference implementations'
+    behaviour; unlike the core's ``map_optimizer_state(mode="reset")``, which
+    zeros only the flow's entries). ``lr``, if given, sets every param group's
+    learning rate (the reference resets it after a growth). Parameters stay on
+    their device and dtype and keep ``requires_grad``.
 
     >>> import numpy as np, torch
     >>> from torch import nn
@@ -715,12 +725,13 @@ def apply_growth(
         raise TypeError(
             f"optimizer must be a torch.optim.Optimizer, got {type(optimizer).__name__}"
         )
-    if optimizer_mode not in ("carry", "reset"):
-        raise ValueError(f"optimizer_mode must be 'carry' or 'reset', got {optimizer_mode!r}")
-    _commit(_growth_swaps(model, flow, new_params, channel_map, optimizer, optimizer_mode))
+    check_choice(optimizer_mode, MODES, "optimizer_mode")
+    if lr is not None and optimizer is None:
+        raise ValueError("lr is given but there is no optimizer to set it on")
+    _commit(_growth_swaps(model, flow, new_params, channel_map, optimizer, optimizer_mode, lr))
 
 
-def _growth_swaps(model, flow, new_params, channel_map, optimizer, optimizer_mode):
+def _growth_swaps(model, flow, new_params, channel_map, optimizer, optimizer_mode, lr=None):
     """Every change a growth makes, computed up front as reversible swaps (nothing applied)."""
     core_flow = flow.channel_flow(model)
     modules = dict(model.named_modules())
@@ -734,14 +745,14 @@ def _growth_swaps(model, flow, new_params, channel_map, optimizer, optimizer_mod
     subset = {name: torch.as_tensor(new_params[name]).detach() for name in named}
     new_channels = core_flow.channels(subset)
     grown_axis = {e.name: e.axis for e in core_flow.entries(subset)}
-    maps = _maps(channel_map)
+    maps = () if channel_map is None else _maps(channel_map)
     if maps and len(maps[-1].sources) != new_channels:
         raise ValueError(
             f"channel_map has {len(maps[-1].sources)} channels but new_params has {new_channels}"
         )
 
     # ---- compute phase: build every new object; nothing in the model changes here.
-    swaps, replaced = [], {}
+    swaps, replaced = [], {}  # replaced: state_dict name -> (old parameter, new parameter)
     for name in named:
         module_name, _, attr = name.rpartition(".")
         module = modules[module_name]
@@ -757,12 +768,12 @@ def _growth_swaps(model, flow, new_params, channel_map, optimizer, optimizer_mod
         if attr in module._parameters:
             new = nn.Parameter(value, requires_grad=old.requires_grad)
             swaps.append(_Swap(module._parameters, attr, new))
-            replaced[old] = (name, new)
+            replaced[name] = (old, new)
         else:
             swaps.append(_Swap(module._buffers, attr, value))
     swaps.extend(_size_swaps(flow, modules, new_channels))
     if optimizer is not None:
-        swaps.extend(_optimizer_swaps(optimizer, replaced, core_flow, channel_map, optimizer_mode))
+        swaps.extend(_optimizer_swaps(optimizer, replaced, core_flow, maps, optimizer_mode, lr))
     return swaps
 
 
@@ -821,28 +832,10 @@ def _size_swaps(flow, modules, channels):
     return swaps
 
 
-def _maps(channel_map):
-    """``channel_map`` as a tuple of ChannelMaps applied in order (Firefly: split, then add)."""
-    if channel_map is None:
-        return ()
-    if isinstance(channel_map, ChannelMap):
-        return (channel_map,)
-    maps = tuple(channel_map)
-    for m in maps:
-        if not isinstance(m, ChannelMap):
-            raise TypeError(
-                f"channel_map must be a ChannelMap or a sequence of them, got {type(m).__name__}"
-            )
-    return maps
-
-
-def _optimizer_swaps(optimizer, replaced, core_flow, channel_map, mode):
+def _optimizer_swaps(optimizer, replaced, core_flow, maps, mode, lr):
     """The optimizer's part of a growth, planned by optim.py (applied and undone as a swap)."""
-    from .optim import plan_optimizer_growth  # same package; late to keep import order simple
-
-    pairs = {name: (old, new) for old, (name, new) in replaced.items()}
-    if not pairs:
+    if not replaced:
         return []
-    if not _maps(channel_map):
+    if not maps:
         raise ValueError("channel_map is required to carry the optimizer state of grown parameters")
-    return [plan_optimizer_growth(optimizer, pairs, core_flow, channel_map, mode=mode)]
+    return [plan_optimizer_growth(optimizer, replaced, core_flow, maps, mode=mode, lr=lr)]
