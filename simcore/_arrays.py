@@ -7,6 +7,7 @@ under ``jax.jit``. Errors name the offending argument.
 
 from __future__ import annotations
 
+import math
 import numbers
 import operator
 from collections.abc import Sequence
@@ -120,6 +121,16 @@ def check_int(value: Any, name: str, *, minimum: int | None = None) -> int:
         raise TypeError(f"{name} must be an int, got {type(value).__name__}") from None
     if minimum is not None and value < minimum:
         raise ValueError(f"{name} must be >= {minimum}, got {value}")
+    return value
+
+
+def check_real(value: Any, name: str, *, minimum: float = 0.0) -> float:
+    """``value`` as a finite Python float, at least ``minimum`` (bools refused)."""
+    if isinstance(value, (bool, np.bool_)) or not isinstance(value, numbers.Real):
+        raise TypeError(f"{name} must be a real number, got {type(value).__name__}")
+    value = float(value)
+    if not math.isfinite(value) or value < minimum:
+        raise ValueError(f"{name} must be finite and >= {minimum:g}, got {value}")
     return value
 
 

@@ -50,9 +50,17 @@ def _print_table(rows: list[list[str]], out) -> None:
 
 
 def _run_check(args: argparse.Namespace) -> int:
-    from simcore.testing import BackendUnavailableError, available_backends, check_backend
+    from simcore.testing import (
+        TOLERANCES,
+        BackendUnavailableError,
+        available_backends,
+        check_backend,
+    )
 
     try:
+        unknown = [d for d in args.dtypes or () if d not in TOLERANCES]
+        if unknown:
+            raise ValueError(f"unknown dtypes {unknown}; expected names from {sorted(TOLERANCES)}")
         backends = available_backends(args.backends)
     except (BackendUnavailableError, ValueError) as err:
         print(f"simcore check: {err}", file=sys.stderr)

@@ -85,3 +85,11 @@ def test_grow_names_the_missing_extra_instead_of_a_traceback(tmp_path):
     assert result.returncode == 2
     assert "scikit-learn" in result.stderr and "simcore[experiment]" in result.stderr
     assert "Traceback" not in result.stderr
+
+
+def test_check_refuses_a_misspelt_dtype():
+    result = subprocess.run([sys.executable, "-m", "simcore", "check", "--backends", "numpy",
+                             "--dtypes", "float64,flaot64"], capture_output=True, text=True,
+                            timeout=120)
+    assert result.returncode == 1
+    assert "unknown dtypes ['flaot64']" in result.stderr and "Traceback" not in result.stderr

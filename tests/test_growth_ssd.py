@@ -402,7 +402,23 @@ def test_bad_inputs_raise_clear_errors():
         hvp(np.ones((3, 5)))
     net = growth_nets.build("mlp")
     v = np.ones((8, 5))
-    with pytest.raises(ValueError, match=r"parents must lie in \[0, 8\)"):
+    with pytest.raises(ValueError, match=r"parents\[0\]=8 is out of range for 8 channels"):
         ssd_split(net.params, net.flows[0], [8], v)
     with pytest.raises(ValueError, match=r"v_min must have shape \(8, d\)"):
         ssd_split(net.params, net.flows[0], [0], v[:3])
+
+
+def test_splitting_matrices_are_accumulated_in_bounded_chunks(monkeypatch):
+    """A conv batch has B*H*W rows: S is summed over row chunks, with the same result."""
+    import simcore.growth.ssd as ssd_module
+
+    rng = np.random.default_rng(5)
+    for n, d in ((3, 5), (6, 2)):  # both branches: n <= d and n > d
+        x, g, z = (rng.standard_normal((4, 7, k)) for k in (d, n, n))
+        whole = ssd_module.splitting_matrices(x, g, z, activation="swish")
+        monkeypatch.setattr(ssd_module, "_MAX_TEMPORARY", n * d + d * d)  # a few rows a chunk
+        chunked = ssd_module.splitting_matrices(x, g, z, activation="swish")
+        monkeypatch.undo()
+        np.testing.assert_allclose(chunked, whole, rtol=1e-12, atol=1e-14)
+        expected = ref.splitting_matrices(x, g, z, activation="swish")
+        np.testing.assert_allclose(chunked, expected, rtol=1e-10, atol=1e-12)

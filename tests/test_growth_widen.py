@@ -338,9 +338,12 @@ def test_dtype_is_kept(backend, dtype):
         for key in flow.names():
             assert backend.dtype_name(grown[key].dtype) == dtype, key
     expected = ref.replicate_neurons(net.params, flow, [0, 0])
+    # The reference is float64 on the exact input; the check is against the rounding of
+    # the input and of the halved columns in this dtype, so bf16 needs a looser bound.
+    loose = {"float32": 1e-6, "bfloat16": 2e-2}[dtype]
     for key in flow.names():
         assert_close(
-            replicated[key], expected[key], backend=backend, dtype=dtype, rtol=2e-2, atol=2e-2
+            replicated[key], expected[key], backend=backend, dtype=dtype, rtol=loose, atol=loose
         )
 
 
@@ -402,7 +405,12 @@ def _mlp_flow():
         (
             lambda p, f: add_neurons(p, f, 2, incoming=np.ones((3, 5))),
             ValueError,
-            "incoming must have 2 rows",
+            r"incoming must have shape \(2, 5\)",
+        ),
+        (  # right size, wrong layout: an OIHW-ordered block for another per-channel shape
+            lambda p, f: add_neurons(p, f, 2, incoming=np.ones((2, 1, 5))),
+            ValueError,
+            r"incoming must have shape \(2, 5\)",
         ),
         (lambda p, f: replicate_neurons(p, f, [8]), ValueError, r"parents\[0\]=8 is out of range"),
         (lambda p, f: replicate_neurons(p, f, [0, -1]), ValueError, r"parents\[1\]=-1"),

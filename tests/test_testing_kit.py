@@ -237,3 +237,13 @@ def test_check_backend_argument_errors():
         kit.check_backend("nope")
     with pytest.raises(TypeError, match="sequence of dtype names"):
         kit.check_backend("numpy", dtypes="float32")
+
+
+def test_check_backend_refuses_unknown_dtype_names():
+    """A typo must not shrink the check silently to the dtypes that were spelled right."""
+    with pytest.raises(ValueError, match="unknown dtypes"):
+        simcore.testing.check_backend("numpy", dtypes=["float64", "flaot64"])
+    # A real dtype the backend lacks is skipped, not an error.
+    results = simcore.testing.check_backend("numpy", dtypes=["float64", "bfloat16"])
+    assert results and {r.dtype for r in results} == {"float64"}
+    assert all(r.passed and r.max_error <= r.tolerance for r in results)

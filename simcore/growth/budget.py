@@ -28,7 +28,7 @@ from typing import Any
 
 import numpy as np
 
-from .._arrays import check_choice
+from .._arrays import check_choice, check_int, check_real
 from ._host import as_index, to_numpy
 
 __all__ = [
@@ -55,20 +55,8 @@ def round_half_up(x: float) -> int:
     return int(math.floor(float(x) + 0.5))
 
 
-def _real(value: Any, name: str) -> float:
-    if isinstance(value, (bool, np.bool_)) or not isinstance(value, numbers.Real):
-        raise TypeError(f"{name} must be a real number, got {type(value).__name__}")
-    value = float(value)
-    if not math.isfinite(value) or value < 0:
-        raise ValueError(f"{name} must be finite and >= 0, got {value}")
-    return value
-
-
-def _count(value: Any, name: str) -> int:
-    value = as_index(value, name)
-    if value < 0:
-        raise ValueError(f"{name} must be >= 0, got {value}")
-    return value
+def _nonnegative_int(value: Any, name: str) -> int:
+    return check_int(value, name, minimum=0)
 
 
 def growth_budget(
@@ -94,17 +82,17 @@ def growth_budget(
     >>> growth_budget(208, 0.35, unit="parameters", params_per_neuron=300.0, total_params=28666)
     33
     """
-    neurons = _count(neurons, "neurons")
-    ratio = _real(ratio, "ratio")
+    neurons = _nonnegative_int(neurons, "neurons")
+    ratio = check_real(ratio, "ratio")
     check_choice(unit, UNITS, "unit")
     if unit == "neurons":
         return round_half_up(ratio * neurons)
     if params_per_neuron is None or total_params is None:
         raise ValueError('unit="parameters" needs params_per_neuron and total_params')
-    per_neuron = _real(params_per_neuron, "params_per_neuron")
+    per_neuron = check_real(params_per_neuron, "params_per_neuron")
     if per_neuron == 0:
         raise ValueError("params_per_neuron must be > 0")
-    total = _count(total_params, "total_params")
+    total = _nonnegative_int(total_params, "total_params")
     return round_half_up(ratio * total / per_neuron)
 
 
@@ -138,7 +126,7 @@ def _caps(caps: Any, layers: int) -> list[int | None]:
         )
     if len(caps) != layers:
         raise ValueError(f"caps must have one entry per layer ({layers}), got {len(caps)}")
-    return [None if c is None else _count(c, f"caps[{i}]") for i, c in enumerate(caps)]
+    return [None if c is None else _nonnegative_int(c, f"caps[{i}]") for i, c in enumerate(caps)]
 
 
 def _groups(groups: Any, layers: int) -> list[list[int]]:
@@ -229,9 +217,9 @@ def select_lowest(
             raise TypeError("k must be an int or a sequence with one int per group")
         if len(k) != len(group_list):
             raise ValueError(f"k must have one budget per group ({len(group_list)}), got {len(k)}")
-        budgets = [_count(b, f"k[{g}]") for g, b in enumerate(k)]
+        budgets = [_nonnegative_int(b, f"k[{g}]") for g, b in enumerate(k)]
     else:
-        budgets = [_count(k, "k")] * len(group_list)
+        budgets = [_nonnegative_int(k, "k")] * len(group_list)
 
     picks: list[list[int]] = [[] for _ in range(layers)]
     for g, (members, budget) in enumerate(zip(group_list, budgets, strict=True)):
@@ -316,7 +304,7 @@ def count_parameters(layers: Sequence[Mapping[str, Any]]) -> int:
                 raise ValueError(f"layers[{i}] ({kind}) is missing {key!r}")
 
         def get(key: str, i: int = i, layer: Mapping[str, Any] = layer) -> int:
-            value = _count(layer[key], f"layers[{i}][{key!r}]")
+            value = _nonnegative_int(layer[key], f"layers[{i}][{key!r}]")
             if value == 0:
                 raise ValueError(f"layers[{i}][{key!r}] must be > 0")
             return value
@@ -324,9 +312,10 @@ def count_parameters(layers: Sequence[Mapping[str, Any]]) -> int:
         if kind == "conv":
             cin, cout = get("in_channels"), get("out_channels")
             ks = layer["kernel_size"]
-            kh, kw = (ks, ks) if isinstance(ks, numbers.Integral) else tuple(ks)
-            kh = _count(kh, f"layers[{i}]['kernel_size']")
-            kw = _count(kw, f"layers[{i}]['kernel_size']")
+            sizes = (ks, ks) if isinstance(ks, numbers.Integral) else tuple(ks)
+            if len(sizes) != 2:
+                raise ValueError(f"layers[{i}]['kernel_size'] must be an int or a pair, got {ks!r}")
+            kh, kw = (check_int(s, f"layers[{i}]['kernel_size']", minimum=1) for s in sizes)
             groups = get("groups") if "groups" in layer else 1
             if cin % groups or cout % groups:
                 raise ValueError(

@@ -56,6 +56,7 @@ import numpy as np
 from .._arrays import (
     check_choice,
     check_floating,
+    check_real,
     compute_dtype,
     device_of,
     from_rows,
@@ -63,9 +64,18 @@ from .._arrays import (
 )
 from ._host import as_generator, as_index, to_numpy
 from .activations import resolve_first_derivative
+from .budget import select_lowest
 from .flow import ChannelFlow
 from .ssd import REDUCTIONS, _as_bpd, hvp_from_statistics
-from .widen import ChannelMap, add_neurons, channel_rows, from_channel_rows, split_neurons
+from .widen import (
+    ChannelMap,
+    _check_params,
+    _host_array,
+    add_neurons,
+    channel_rows,
+    from_channel_rows,
+    split_neurons,
+)
 
 __all__ = [
     "FireflyCandidates",
@@ -127,20 +137,6 @@ def _check_flows(flows: Any) -> tuple[ChannelFlow, ...]:
     return tuple(flows)
 
 
-def _check_params(params: Any) -> None:
-    if not isinstance(params, Mapping):
-        raise TypeError(f"params must be a Mapping of name -> array, got {type(params).__name__}")
-
-
-def _positive_scale(value: Any, name: str) -> float:
-    if isinstance(value, bool) or not isinstance(value, (int, float, np.integer, np.floating)):
-        raise TypeError(f"{name} must be a real number, got {type(value).__name__}")
-    value = float(value)
-    if not (math.isfinite(value) and value >= 0.0):
-        raise ValueError(f"{name} must be finite and >= 0, got {value}")
-    return value
-
-
 def firefly_candidates(
     params: Mapping[str, Any],
     flows: Sequence[ChannelFlow],
@@ -177,9 +173,9 @@ def firefly_candidates(
     k = as_index(new_per_layer, "new_per_layer")
     if k < 0:
         raise ValueError(f"new_per_layer must be >= 0, got {k}")
-    split_scale = _positive_scale(split_scale, "split_scale")
-    incoming_std = _positive_scale(incoming_std, "incoming_std")
-    outgoing_scale = _positive_scale(outgoing_scale, "outgoing_scale")
+    split_scale = check_real(split_scale, "split_scale")
+    incoming_std = check_real(incoming_std, "incoming_std")
+    outgoing_scale = check_real(outgoing_scale, "outgoing_scale")
     out = []
     for flow in flows:
         entries = flow.entries(params)
@@ -188,25 +184,24 @@ def firefly_candidates(
         rows = channel_rows(xp, w, entries[0])
         n, fan_in = (int(s) for s in rows.shape)
 
-        def place(values: np.ndarray, like: Any, xp: Any = xp) -> Any:
-            return xp.asarray(values, dtype=like.dtype, device=device_of(like))
-
         directions = None
         if split:
-            directions = place(gen.uniform(-split_scale, split_scale, (n, fan_in)), w)
-        incoming = place(gen.normal(0.0, incoming_std, (k, fan_in)), w)
+            deltas = gen.uniform(-split_scale, split_scale, (n, fan_in))
+            directions = _host_array(xp, deltas, w)
+        incoming = _host_array(xp, gen.normal(0.0, incoming_std, (k, fan_in)), w)
         outgoing, depthwise = [], []
         for entry in entries:
             if entry.role == "consumer":
                 a = params[entry.name]
                 width = int(channel_rows(xp, a, entry).shape[1])
-                outgoing.append(place(gen.uniform(-outgoing_scale, outgoing_scale, (k, width)), a))
+                cols = gen.uniform(-outgoing_scale, outgoing_scale, (k, width))
+                outgoing.append(_host_array(xp, cols, a))
         for entry in entries:
             if entry.role == "depthwise":
                 a = params[entry.name]
                 width = int(channel_rows(xp, a, entry).shape[1])
-                depthwise.append(place(gen.standard_normal((k, width)) * math.sqrt(2.0 / width),
-                                       a))
+                filters = gen.standard_normal((k, width)) * math.sqrt(2.0 / width)
+                depthwise.append(_host_array(xp, filters, a))
         out.append(FireflyCandidates(directions, incoming, tuple(outgoing), tuple(depthwise)))
     return out
 
@@ -255,7 +250,8 @@ def firefly_select(
     ``new_scores[l]`` is ``(K_l,)``. Per layer the two are ranked together, so
     ``caps``/``groups``/``clamp`` (as in :func:`simcore.growth.select_lowest`) count
     both kinds.
-    Exactly ``k`` picks (fewer only when ``only_negative`` or caps leave fewer), ties
+    Exactly ``k`` picks (fewer only when ``only_negative`` leaves fewer, or caps do with
+    ``clamp=True``; otherwise a budget the caps cannot hold is a ``ValueError``), ties
     broken deterministically by :func:`~simcore.growth.select_lowest`.
 
     >>> import numpy as np
@@ -263,8 +259,6 @@ def firefly_select(
     >>> sel[0].split.tolist(), sel[0].new.tolist()
     ([0], [0])
     """
-    from .budget import select_lowest
-
     if isinstance(split_scores, (str, bytes)) or not isinstance(split_scores, Sequence):
         raise TypeError("split_scores must be a sequence with one score array per layer")
     if isinstance(new_scores, (str, bytes)) or not isinstance(new_scores, Sequence):
@@ -369,6 +363,8 @@ def firefly_apply(
         if new_index.size and (new_index.min() < 0 or new_index.max() >= cand.new_count):
             raise ValueError(f"selection[{index}].new must lie in [0, {cand.new_count}), "
                              f"got {new_index.tolist()}")
+        if np.unique(new_index).size != new_index.size:
+            raise ValueError(f"selection[{index}].new repeats a candidate: {new_index.tolist()}")
 
         directions = None
         if split_parents.size:

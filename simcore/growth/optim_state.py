@@ -59,7 +59,7 @@ from typing import Any
 import array_api_compat
 import numpy as np
 
-from .._arrays import check_choice, normalize_axis
+from .._arrays import check_choice, device_of, normalize_axis
 from .flow import ChannelFlow, FlowEntry
 from .widen import ChannelMap, channel_rows, from_channel_rows
 
@@ -81,23 +81,16 @@ def _grow_state(value: Any, entry: FlowEntry, cmap: ChannelMap, mode: str, label
     rows = channel_rows(xp, value, entry)
     if mode == "reset":
         grown = xp.zeros(
-            (cmap.new_channels, int(rows.shape[1])), dtype=value.dtype, device=_device(value)
+            (cmap.new_channels, int(rows.shape[1])), dtype=value.dtype, device=device_of(value)
         )
     else:
         sources = np.asarray(cmap.sources, dtype=np.int64)
-        index = xp.asarray(np.maximum(sources, 0), device=_device(value))
+        index = xp.asarray(np.maximum(sources, 0), device=device_of(value))
         grown = xp.take(rows, index, axis=0)
         if cmap.fresh:
-            keep = xp.asarray((sources >= 0)[:, None], device=_device(value))
+            keep = xp.asarray((sources >= 0)[:, None], device=device_of(value))
             grown = xp.where(keep, grown, xp.zeros_like(grown))
     return from_channel_rows(xp, grown, tuple(value.shape), entry)
-
-
-def _device(x: Any) -> Any:
-    try:
-        return array_api_compat.device(x)
-    except Exception:  # noqa: BLE001 - tracers under jax.jit have no readable device
-        return None
 
 
 def _scalar(value: Any, mode: str, label: str) -> Any:

@@ -30,6 +30,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any
 
+from .._arrays import check_real
 from ._host import as_index
 from .budget import round_half_up
 
@@ -174,4 +175,5 @@ def scale_widths(widths: Sequence[int], factor: float) -> tuple[int, ...]:
     >>> scale_widths((16, 30), 1.35)
     (22, 41)
     """
-    return tuple(round_half_up(as_index(w, "widths entry") * float(factor)) for w in widths)
+    factor = check_real(factor, "factor")
+    return tuple(round_half_up(as_index(w, "widths entry") * factor) for w in widths)

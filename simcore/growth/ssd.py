@@ -55,8 +55,11 @@ from .._arrays import (
     device_of,
     namespace_of,
 )
-from ._host import as_generator
+from ._host import as_generator, as_indices
 from .activations import resolve_second_derivative
+from .budget import select_lowest
+from .flow import ChannelFlow
+from .widen import split_neurons
 
 __all__ = [
     "SplittingHVP",
@@ -158,6 +161,10 @@ class _Statistics:
         self.w = xp.reshape(weights, (batch * positions, n))
 
 
+#: Largest temporary (in elements) that :func:`splitting_matrices` builds at once.
+_MAX_TEMPORARY = 2**25
+
+
 def splitting_matrices(
     patches: Any,
     backprop: Any,
@@ -188,14 +195,23 @@ def splitting_matrices(
     """
     st = _Statistics(patches, backprop, preactivations, activation, bn_scale, reduction)
     xp, x, w, n, d = st.xp, st.x, st.w, st.n, st.d
-    if n <= d:
-        # (n, M, d) weighted copies of X, then one batched GEMM: memory O(n M d).
-        weighted = xp.permute_dims(w, (1, 0))[:, :, None] * x[None, :, :]
-        s = xp.matmul(xp.permute_dims(x, (1, 0))[None, :, :], weighted)
-    else:
-        # (M, d*d) outer products against (M, n) weights: memory O(M d^2).
-        outer = xp.reshape(x[:, :, None] * x[:, None, :], (x.shape[0], d * d))
-        s = xp.reshape(xp.matmul(xp.permute_dims(w, (1, 0)), outer), (n, d, d))
+    rows = int(x.shape[0])
+    # Rows (samples x positions) are taken in chunks so that the temporary stays below
+    # _MAX_TEMPORARY elements: a conv batch has M = B*H*W rows (131072 at 128 x 32 x 32).
+    chunk = max(1, _MAX_TEMPORARY // (n * d if n <= d else d * d))
+    s = None
+    for start in range(0, rows, chunk):
+        stop = min(start + chunk, rows)  # the standard allows no slice past the end
+        xc, wc = x[start:stop, :], w[start:stop, :]
+        if n <= d:
+            # (n, m, d) weighted copies of the chunk, then one batched GEMM.
+            weighted = xp.permute_dims(wc, (1, 0))[:, :, None] * xc[None, :, :]
+            part = xp.matmul(xp.permute_dims(xc, (1, 0))[None, :, :], weighted)
+        else:
+            # (m, d*d) outer products against (m, n) weights.
+            outer = xp.reshape(xc[:, :, None] * xc[:, None, :], (xc.shape[0], d * d))
+            part = xp.reshape(xp.matmul(xp.permute_dims(wc, (1, 0)), outer), (n, d, d))
+        s = part if s is None else s + part
     # Exactly symmetric whatever the GEMM's rounding.
     return 0.5 * (s + xp.permute_dims(s, (0, 2, 1)))
 
@@ -394,7 +410,8 @@ def select_splits(
 
     ``lambda_min`` holds one ``(n_l,)`` array per layer; returns one sorted NumPy int
     array of parent indices per layer, ``k`` picks in all (fewer when
-    ``only_negative`` or ``caps`` leave fewer). ``only_negative=True`` keeps SSD's
+    ``only_negative`` leaves fewer, or caps do with ``clamp=True``; without it, a
+    budget the caps cannot hold is a ``ValueError``). ``only_negative=True`` keeps SSD's
     theory (a split lowers the loss only where ``lambda_min < 0``); the reference
     code never checks it, hence the default. Exactly ``k`` picks with deterministic
     ties (the reference's ``lambda <= sorted[k]`` picks ``k + 1`` or more).
@@ -404,8 +421,6 @@ def select_splits(
     >>> [p.tolist() for p in select_splits([np.asarray([0.5, -2.0]), np.asarray([-1.0])], 2)]
     [[1], [0]]
     """
-    from .budget import select_lowest
-
     return select_lowest(lambda_min, k, caps=caps, groups=groups, only_negative=only_negative,
                          clamp=clamp)
 
@@ -427,22 +442,18 @@ def ssd_split(
     (:func:`simcore.growth.split_neurons`): the function is preserved to
     ``O(eps^2)``. Returns ``(new params, ChannelMap)``.
     """
-    from .widen import split_neurons
-
     return split_neurons(params, flow, parents, _parent_rows(v_min, parents, flow, params),
                          eps=eps)
 
 
 def _parent_rows(v_min: Any, parents: Any, flow: Any, params: Mapping[str, Any]) -> Any:
+    if not isinstance(flow, ChannelFlow):
+        raise TypeError(f"flow must be a ChannelFlow, got {type(flow).__name__}")
     xp = namespace_of(v_min, "v_min")
     check_floating(xp, v_min, "v_min")
     n = flow.channels(params)
     if v_min.ndim != 2 or int(v_min.shape[0]) != n:
         raise ValueError(f"v_min must have shape ({n}, d) (one row per neuron of "
                          f"{flow.producer!r}), got {tuple(v_min.shape)}")
-    index = np.asarray(parents)
-    if index.ndim != 1 or not (index.size == 0 or np.issubdtype(index.dtype, np.integer)):
-        raise TypeError(f"parents must be a 1-D sequence of ints, got {parents!r}")
-    if index.size and (index.min() < 0 or index.max() >= n):
-        raise ValueError(f"parents must lie in [0, {n}), got {index.tolist()}")
-    return xp.take(v_min, xp.asarray(index.astype(np.int64), device=device_of(v_min)), axis=0)
+    index = np.asarray(as_indices(parents, n, "parents"), dtype=np.int64)
+    return xp.take(v_min, xp.asarray(index, device=device_of(v_min)), axis=0)

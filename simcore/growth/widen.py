@@ -55,7 +55,15 @@ from typing import Any
 
 import numpy as np
 
-from .._arrays import check_choice, compute_dtype, device_of, from_rows, namespace_of, to_rows
+from .._arrays import (
+    check_choice,
+    check_real,
+    compute_dtype,
+    device_of,
+    from_rows,
+    namespace_of,
+    to_rows,
+)
 from ._host import as_generator, as_index, as_indices
 from .flow import ChannelFlow, FlowEntry
 
@@ -215,27 +223,28 @@ def _check_flow(flow: Any) -> None:
         raise TypeError(f"flow must be a ChannelFlow, got {type(flow).__name__}")
 
 
-def _check_scalar(value: Any, name: str) -> float:
-    if isinstance(value, bool) or not isinstance(value, (int, float, np.integer, np.floating)):
-        raise TypeError(f"{name} must be a real number, got {type(value).__name__}")
-    value = float(value)
-    if not math.isfinite(value) or value < 0:
-        raise ValueError(f"{name} must be finite and >= 0, got {value}")
-    return value
+def _rows_argument(value: Any, count: int, width: int, name: str, like: Any,
+                   entry: FlowEntry | None = None) -> Any:
+    """A user-given block of ``count`` rows, as ``(count, width)``.
 
-
-def _rows_argument(value: Any, count: int, width: int, name: str, like: Any) -> Any:
-    """A user-given block of ``count`` rows of ``width`` values, reshaped to ``(count, width)``."""
+    Accepted shapes: ``(count, width)``, or, for a producer or depthwise ``entry``,
+    ``(count, *per-channel shape)`` with the per-channel shape of ``like`` (its shape
+    without the channel axis). Any other shape of the right size would be reshaped in
+    the wrong order (an OIHW block for an HWIO kernel), so it is refused.
+    """
     xp = namespace_of(value, name)
     if xp is not namespace_of(like, "params"):
         raise TypeError(f"{name} comes from a different array library than params")
     if not xp.isdtype(value.dtype, "real floating"):
         raise TypeError(f"{name} must have a real floating dtype, got {value.dtype}")
-    size = math.prod(int(s) for s in value.shape)
-    if value.ndim < 1 or int(value.shape[0]) != count or size != count * width:
+    shape = tuple(int(s) for s in value.shape)
+    accepted = [(count, width)]
+    if entry is not None and entry.role in ("producer", "depthwise"):
+        per_channel = tuple(int(s) for i, s in enumerate(like.shape) if i != entry.axis)
+        accepted.append((count, *per_channel))
+    if shape not in accepted:
         raise ValueError(
-            f"{name} must have {count} rows of {width} values (shape ({count}, {width}) or "
-            f"({count}, *per-channel shape)), got shape {tuple(value.shape)}"
+            f"{name} must have shape {' or '.join(map(str, accepted))}, got {shape}"
         )
     value = xp.reshape(value, (count, width))
     if value.dtype != like.dtype:
@@ -261,9 +270,9 @@ def add_neurons(
 
     ``incoming``: ``"he"`` draws rows from ``N(0, 2/fan_in)`` (Kaiming normal, ``fan_in`` the
     row length, e.g. ``C_in*kh*kw``); ``"match_norm"`` draws random directions scaled to the mean
-    norm of the existing rows; an array of shape ``(count, fan_in)`` or ``(count, *per-neuron
-    shape)`` (the producer's shape without ``out_axis``) gives the rows (Firefly's trained
-    candidates). ``outgoing``: ``"zero"`` keeps the function exactly (Dota 2 surgery);
+    norm of the existing rows (zero rows if every existing row is zero: use ``"he"`` there);
+    an array of shape ``(count, fan_in)`` or ``(count, *per-neuron shape)`` (the producer's
+    shape without ``out_axis``) gives the rows (Firefly's trained candidates). ``outgoing``: ``"zero"`` keeps the function exactly (Dota 2 surgery);
     ``"small"`` draws ``U(-outgoing_scale, outgoing_scale)`` (Firefly-style, the function moves
     by O(scale)); a sequence with one array per consumer, each ``(count, columns per channel)``,
     gives the columns. ``rng`` (a ``numpy.random.Generator`` or an int seed) is required whenever
@@ -313,7 +322,7 @@ def add_neurons(
             )
     else:
         check_choice(depthwise, ("he",), "depthwise")
-    scale = _check_scalar(outgoing_scale, "outgoing_scale")
+    scale = check_real(outgoing_scale, "outgoing_scale")
     needs_rng = ((not incoming_given) or (bool(flow.depthwise) and not depthwise_given)
                  or outgoing == "small")
     if needs_rng and count > 0:
@@ -338,7 +347,7 @@ def add_neurons(
         width = int(rows.shape[1])
         if entry.role == "producer":
             if incoming_given:
-                extra = _rows_argument(incoming, count, width, "incoming", a)
+                extra = _rows_argument(incoming, count, width, "incoming", a, entry)
             elif incoming == "he":
                 extra = _host_array(
                     xp, gen.standard_normal((count, width)) * math.sqrt(2.0 / width), a
@@ -352,7 +361,7 @@ def add_neurons(
         elif entry.role == "depthwise":
             if depthwise_given:
                 extra = _rows_argument(depthwise[depthwise_index], count, width,
-                                       f"depthwise[{depthwise_index}]", a)
+                                       f"depthwise[{depthwise_index}]", a, entry)
             else:
                 extra = _host_array(
                     xp, gen.standard_normal((count, width)) * math.sqrt(2.0 / width), a
@@ -426,7 +435,9 @@ def split_neurons(
     eigenvector of the smallest eigenvalue of the splitting matrix; Firefly: the trained
     ``delta``). The consumer columns of a parent are halved and the copy gets the other half;
     bias, BatchNorm and depthwise entries are duplicated. The function is kept to O(eps^2)
-    (exactly at ``eps=0``), since ``(f(h + e) + f(h - e)) / 2 = f(h) + O(e^2)``.
+    (exactly at ``eps=0``), since ``(f(h + e) + f(h - e)) / 2 = f(h) + O(e^2)``. Like the
+    loss, the operators never inspect values (they trace under ``jax.jit``): NaN or Inf in
+    ``directions`` makes the split rows NaN or Inf.
 
     >>> import numpy as np
     >>> from simcore.growth.flow import ChannelFlow, Consumer
@@ -449,10 +460,11 @@ def split_neurons(
                 f"parents must be distinct for split_neurons; parents[{i}]={p} repeats"
             )
         seen.add(p)
-    eps = _check_scalar(eps, "eps")
+    eps = check_real(eps, "eps")
     xp = namespace_of(producer, f"params[{flow.producer!r}]")
     width = int(channel_rows(xp, producer, entries[0]).shape[1])
-    directions = _rows_argument(directions, len(parents), width, "directions", producer)
+    directions = _rows_argument(directions, len(parents), width, "directions", producer,
+                                entries[0])
     cmap = ChannelMap(tuple(range(n)) + parents, "split")
     out = dict(params)
     if not parents:

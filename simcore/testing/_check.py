@@ -21,7 +21,7 @@ from typing import Any
 
 import numpy as np
 
-from ._assertions import assert_close, max_error, tolerance_for
+from ._assertions import TOLERANCES, assert_close, max_error, tolerance_for
 from ._backends import Backend, backend_for_namespace, get_backend
 
 __all__ = ["CheckResult", "check_backend"]
@@ -278,11 +278,9 @@ def _run_case(backend: Backend, case: _Case, dtype: str) -> CheckResult:
             except AssertionError as err:
                 failures.append(str(err))
             try:
-                error = max_error(backend.to_numpy(got), want)
+                error, tol = _worst_element(backend.to_numpy(got), want, rtol, atol)
             except Exception:  # noqa: BLE001 - unreadable or misshapen output: already failed
-                error = float("nan")
-            finite = np.abs(want[np.isfinite(want)])
-            tol = atol + rtol * (float(finite.max()) if finite.size else 0.0)
+                error, tol = float("nan"), float("nan")
             ratio = error / tol if tol > 0 else (0.0 if error == 0 else np.inf)
             if not ratio <= worst[0]:  # NaN ratios count as worst
                 worst = (ratio, error, tol)
@@ -291,6 +289,19 @@ def _run_case(backend: Backend, case: _Case, dtype: str) -> CheckResult:
     except Exception as err:  # noqa: BLE001 - a conformance report records every failure
         return CheckResult(backend.name, device, case.function, dtype, float("nan"), float("nan"),
                            False, f"{type(err).__name__}: {err}")
+
+
+def _worst_element(got: np.ndarray, want: np.ndarray, rtol: float, atol: float):
+    """``(error, bound)`` at the element closest to failing ``|got - want| <= atol +
+    rtol |want|``, the test :func:`assert_close` applies to every element."""
+    got, want = np.broadcast_arrays(np.asarray(got, np.float64), np.asarray(want, np.float64))
+    both = np.isfinite(got) & np.isfinite(want)
+    if not both.any():
+        return max_error(got, want), atol
+    error = np.abs(got - want)[both]
+    bound = atol + rtol * np.abs(want)[both]
+    worst = int(np.argmax(error / bound)) if np.all(bound > 0) else int(np.argmax(error))
+    return float(error[worst]), float(bound[worst])
 
 
 def check_backend(
@@ -316,5 +327,9 @@ def check_backend(
     else:
         if isinstance(dtypes, str):
             raise TypeError("dtypes must be a sequence of dtype names, not a single str")
+        unknown = [d for d in dtypes if d not in TOLERANCES]
+        if unknown:
+            raise ValueError(f"unknown dtypes {unknown}; expected names from {sorted(TOLERANCES)}")
+        # A known dtype that this backend lacks (bfloat16 on NumPy) is skipped.
         chosen = [d for d in dtypes if d in backend.dtypes]
     return [_run_case(backend, case, dtype) for dtype in chosen for case in _cases()]
