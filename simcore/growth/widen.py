@@ -272,8 +272,8 @@ def add_neurons(
     row length, e.g. ``C_in*kh*kw``); ``"match_norm"`` draws random directions scaled to the mean
     norm of the existing rows (zero rows if every existing row is zero: use ``"he"`` there);
     an array of shape ``(count, fan_in)`` or ``(count, *per-neuron shape)`` (the producer's
-    shape without ``out_axis``) gives the rows (Firefly's trained candidates). ``outgoing``: ``"zero"`` keeps the function exactly (Dota 2 surgery);
-    ``"small"`` draws ``U(-outgoing_scale, outgoing_scale)`` (Firefly-style, the function moves
+    shape without ``out_axis``) gives the rows (Firefly's trained candidates).
+    ``outgoing``: ``"zero"`` keeps the function exactly (Dota 2 surgery); ``"small"`` draws ``U(-outgoing_scale, outgoing_scale)`` (Firefly-style, the function moves
     by O(scale)); a sequence with one array per consumer, each ``(count, columns per channel)``,
     gives the columns. ``rng`` (a ``numpy.random.Generator`` or an int seed) is required whenever
     something is drawn. Fresh channels get producer bias 0, BatchNorm 1/0/0/1 and non-zero
