@@ -273,9 +273,10 @@ def add_neurons(
     norm of the existing rows (zero rows if every existing row is zero: use ``"he"`` there);
     an array of shape ``(count, fan_in)`` or ``(count, *per-neuron shape)`` (the producer's
     shape without ``out_axis``) gives the rows (Firefly's trained candidates).
-    ``outgoing``: ``"zero"`` keeps the function exactly (Dota 2 surgery); ``"small"`` draws ``U(-outgoing_scale, outgoing_scale)`` (Firefly-style, the function moves
-    by O(scale)); a sequence with one array per consumer, each ``(count, columns per channel)``,
-    gives the columns. ``rng`` (a ``numpy.random.Generator`` or an int seed) is required whenever
+    ``outgoing``: ``"zero"`` keeps the function exactly (Dota 2 surgery); ``"small"`` draws
+    ``U(-outgoing_scale, outgoing_scale)`` (Firefly-style, the function moves by O(scale)); a
+    sequence with one array per consumer, each ``(count, columns per channel)``, gives the
+    columns. ``rng`` (a ``numpy.random.Generator`` or an int seed) is required whenever
     something is drawn. Fresh channels get producer bias 0, BatchNorm 1/0/0/1 and non-zero
     depthwise filters: ``depthwise="he"`` draws them like ``incoming="he"``; a sequence with one
     ``(count, kh*kw)`` array per :class:`Depthwise` of the flow gives them (Firefly's candidates).
