@@ -130,3 +130,59 @@ def test_ddp_growth_is_identical_across_ranks_and_training_continues(ddp_results
     assert r0["max_param_gap"] <= 1e-6  # DDP kept the ranks in step after re-wrapping
     for r in results:
         assert all(map(lambda v: v == v and abs(v) < 1e3, r["losses"]))
+
+
+# --------------------------------------------------------------------------- regrow_ddp settings
+
+
+@pytest.fixture
+def one_rank():
+    """A one-process gloo group in this process (settings only; no other rank needed)."""
+    dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
+    try:
+        yield
+    finally:
+        dist.destroy_process_group()
+
+
+def _allreduce_hook(state, bucket):
+    return dist.all_reduce(bucket.buffer(), async_op=True).get_future().then(
+        lambda fut: fut.value()[0])
+
+
+def test_regrow_ddp_carries_the_wrappers_settings_and_comm_hooks(one_rank):
+    from torch.nn.parallel import DistributedDataParallel as DDP
+
+    model = DDP(_net(), bucket_cap_mb=3, gradient_as_bucket_view=True, static_graph=True,
+                skip_all_reduce_unused_params=True, dim=0)
+    state = object()
+    model.register_comm_hook(state, _allreduce_hook)
+    RandomGrower().grow(model, None, None, example_input=torch.zeros(1, 3, 8, 8), ratio=0.5)
+    again = regrow_ddp(model)
+    assert again.module is model.module and again is not model
+    assert again.bucket_bytes_cap == model.bucket_bytes_cap == 3 * 1024 * 1024
+    assert again.gradient_as_bucket_view and again.static_graph
+    assert again.skip_all_reduce_unused_params and not again.find_unused_parameters
+    assert again.forward_sync_buffers == model.forward_sync_buffers
+    assert [(h, s) for h, s in again._comm_hooks] == [(_allreduce_hook, state)]
+    out = again(torch.randn(2, 3, 8, 8)).sum()
+    out.backward()  # the grown parameters get gradients through the re-registered hook
+    assert all(p.grad is not None for p in again.parameters())
+    assert regrow_ddp(model, comm_hooks=[])._comm_hooks == []
+    assert regrow_ddp(model, bucket_cap_mb=1).bucket_bytes_cap == 1024 * 1024
+
+
+def test_regrow_ddp_refuses_what_it_cannot_carry(one_rank):
+    from torch.nn.parallel import DistributedDataParallel as DDP
+
+    with pytest.raises(TypeError, match="DistributedDataParallel"):
+        regrow_ddp(_net())
+    net = _net()
+    delayed = DDP(net, delay_all_reduce_named_params=list(net.named_parameters())[:1],
+                  param_to_hook_all_reduce=net[-1].weight)
+    with pytest.raises(ValueError, match="delay_all_reduce_named_params"):
+        regrow_ddp(delayed)
+    model = DDP(_net())
+    model.mixed_precision = object()  # what DDP(mixed_precision=...) stores
+    with pytest.raises(ValueError, match="mixed_precision"):
+        regrow_ddp(model)

@@ -35,34 +35,98 @@ _CARRIED = (
     "device_ids",
     "output_device",
     "dim",
-    "broadcast_buffers",
     "process_group",
+    "device_mesh",
     "find_unused_parameters",
     "gradient_as_bucket_view",
     "static_graph",
+    "skip_all_reduce_unused_params",
+    "batched_grad_copy",
+    "forward_sync_buffers",
 )
 
 
+def _carried_settings(ddp_model: DistributedDataParallel) -> dict[str, Any]:
+    kwargs = {name: getattr(ddp_model, name) for name in _CARRIED if hasattr(ddp_model, name)}
+    if kwargs.get("device_mesh") is not None:
+        kwargs.pop("process_group", None)  # derived from the mesh; DDP refuses both
+    else:
+        kwargs.pop("device_mesh", None)
+        if kwargs.get("process_group") is None:
+            kwargs.pop("process_group", None)
+    if "forward_sync_buffers" not in kwargs and hasattr(ddp_model, "broadcast_buffers"):
+        kwargs["broadcast_buffers"] = ddp_model.broadcast_buffers  # older torch
+    # Stored in bytes; the constructor takes MiB.
+    if getattr(ddp_model, "bucket_bytes_cap", None) is not None:
+        kwargs["bucket_cap_mb"] = ddp_model.bucket_bytes_cap / (1024 * 1024)
+    return kwargs
+
+
 def regrow_ddp(ddp_model: DistributedDataParallel, **overrides: Any) -> DistributedDataParallel:
-    """Wrap ``ddp_model.module`` (just grown) in a new DDP with the same settings.
+    """Wrap ``ddp_model.module`` (just grown) in a new DDP, carrying the old wrapper's settings.
+
+    Carried from the old wrapper (what it stores): ``device_ids``, ``output_device``,
+    ``dim``, ``process_group`` or ``device_mesh``, ``find_unused_parameters``,
+    ``gradient_as_bucket_view``, ``static_graph``, ``skip_all_reduce_unused_params``,
+    ``batched_grad_copy``, ``forward_sync_buffers`` (``broadcast_buffers`` on torch
+    versions that store it), ``bucket_cap_mb`` (from ``bucket_bytes_cap``), and every
+    communication hook registered with ``register_comm_hook``, re-registered with the
+    same ``state`` object (a stateful hook whose state depends on bucket shapes,
+    e.g. PowerSGD's error buffers, should be registered afresh by the caller instead:
+    pass ``comm_hooks=[(hook, state), ...]``; ``comm_hooks=[]`` registers none).
+
+    Not carried: ``init_sync`` is not stored by DDP, so the new wrapper uses the
+    constructor default (``True``: shapes verified across ranks and rank 0's values
+    broadcast, which growth relies on); ``bucket_cap_mb_list`` and ``check_reduction``
+    (deprecated) are not stored either. These can be given in ``overrides``.
+
+    Refused (``ValueError``) unless overridden: ``mixed_precision`` (DDP installed
+    its forward hooks and low-precision copies on the module itself; a second wrapper
+    would stack a second set) and ``delay_all_reduce_named_params`` (the old wrapper
+    holds the pre-growth parameter objects). Pass ``mixed_precision=None`` or fresh
+    ``delay_all_reduce_named_params=...``/``param_to_hook_all_reduce=...`` in
+    ``overrides`` to decide explicitly.
 
     ``overrides`` are passed to :class:`~torch.nn.parallel.DistributedDataParallel`
-    instead of the carried values (``device_ids``, ``output_device``, ``dim``,
-    ``broadcast_buffers``, ``process_group``, ``find_unused_parameters``,
-    ``gradient_as_bucket_view``, ``static_graph``). Raises ``TypeError`` for a
-    model that is not a DDP wrapper. Optimizers need no change: growth already
-    pointed them at the new parameters, which the new wrapper shares.
+    instead of the carried values. Raises ``TypeError`` for a model that is not a
+    DDP wrapper. Optimizers need no change: growth already pointed them at the new
+    parameters, which the new wrapper shares.
     """
     if not isinstance(ddp_model, DistributedDataParallel):
         raise TypeError(
             f"ddp_model must be a DistributedDataParallel wrapper, got {type(ddp_model).__name__}"
         )
     module: nn.Module = ddp_model.module
-    kwargs = {}
-    for name in _CARRIED:
-        if hasattr(ddp_model, name):
-            kwargs[name] = getattr(ddp_model, name)
-    if kwargs.get("process_group") is None:
-        kwargs.pop("process_group", None)
+    if getattr(ddp_model, "mixed_precision", None) is not None and (
+        "mixed_precision" not in overrides
+    ):
+        raise ValueError(
+            "regrow_ddp cannot carry mixed_precision: DDP set up its low-precision copies and "
+            "forward hooks on the module itself; pass mixed_precision=None (or a config) "
+            "explicitly after removing them"
+        )
+    if getattr(ddp_model, "_delay_all_reduce_params", None) and (
+        "delay_all_reduce_named_params" not in overrides
+    ):
+        raise ValueError(
+            "regrow_ddp cannot carry delay_all_reduce_named_params: the old wrapper holds the "
+            "parameters from before the growth; pass delay_all_reduce_named_params= and "
+            "param_to_hook_all_reduce= with the grown module's parameters"
+        )
+    comm_hooks = overrides.pop("comm_hooks", None)
+    if comm_hooks is None:
+        comm_hooks = [(hook, state) for hook, state in getattr(ddp_model, "_comm_hooks", [])]
+    kwargs = _carried_settings(ddp_model)
     kwargs.update(overrides)
-    return DistributedDataParallel(module, **kwargs)
+    if "forward_sync_buffers" in overrides or "broadcast_buffers" in overrides:
+        # The caller chose one of the two buffer switches: do not add the carried other one.
+        kwargs.pop("broadcast_buffers" if "forward_sync_buffers" in overrides
+                   else "forward_sync_buffers", None)
+    if "device_mesh" in overrides and overrides["device_mesh"] is not None:
+        kwargs.pop("process_group", None)
+    if "process_group" in overrides and overrides["process_group"] is not None:
+        kwargs.pop("device_mesh", None)
+    wrapped = DistributedDataParallel(module, **kwargs)
+    for hook, state in comm_hooks:
+        wrapped.register_comm_hook(state, hook)
+    return wrapped
