@@ -487,3 +487,80 @@ def test_a_shared_activation_module_gives_the_same_ssd_scores():
     for layer in ("conv1", "conv2"):
         np.testing.assert_allclose(reports[0].scores[layer], reports[1].scores[layer], rtol=1e-6)
     assert reports[0].added == reports[1].added
+
+
+# --------------------------------------------------------------------------- bad input
+
+
+@pytest.mark.parametrize("make, error, match", [
+    (lambda: SSDGrower(eps=0.0), ValueError, "eps"),
+    (lambda: SSDGrower(eps=float("nan")), ValueError, "eps"),
+    (lambda: SSDGrower(eps="0.1"), TypeError, "eps"),
+    (lambda: SSDGrower(rayleigh_steps=0), ValueError, "rayleigh_steps"),
+    (lambda: SSDGrower(rayleigh_steps=2.5), TypeError, "rayleigh_steps"),
+    (lambda: SSDGrower("slow"), ValueError, "mode"),
+    (lambda: SSDGrower(only_negative="yes"), TypeError, "only_negative"),
+    (lambda: FireflyGrower(new_per_layer=-1), ValueError, "new_per_layer"),
+    (lambda: FireflyGrower(lr=0.0), ValueError, "lr"),
+    (lambda: FireflyGrower(momentum=1.0), ValueError, "momentum"),
+    (lambda: FireflyGrower(momentum=-0.1), ValueError, "momentum"),
+    (lambda: FireflyGrower(split_scale=-1e-3), ValueError, "split_scale"),
+    (lambda: RandomGrower(incoming="xavier"), ValueError, "incoming"),
+    (lambda: RandomGrower(outgoing="big"), ValueError, "outgoing"),
+    (lambda: RandomGrower(outgoing_scale=-1.0), ValueError, "outgoing_scale"),
+])
+def test_constructors_refuse_bad_arguments(make, error, match):
+    with pytest.raises(error, match=match):
+        make()
+
+
+class _NoScoring(SSDGrower):
+    """Fails the test if scoring starts: bad arguments must be refused before it."""
+
+    def score(self, *args, **kwargs):
+        raise AssertionError("scored before the arguments were checked")
+
+
+def test_grow_checks_its_arguments_before_scoring():
+    model = _small()
+    batches = _data((4, 3, 8, 8), 4)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    grow = _NoScoring().grow
+    with pytest.raises(ValueError, match="optimizer_mode"):
+        grow(model, batches, F.cross_entropy, optimizer, optimizer_mode="keep")
+    flows = discover_flows(model, batches[0][0][:1])
+    with pytest.raises(ValueError, match="not both"):
+        grow(model, batches, F.cross_entropy, layers=["conv1"], flows=flows)
+    with pytest.raises(ValueError, match="lr"):
+        grow(model, batches, F.cross_entropy, lr=0.1)  # no optimizer to set it on
+    with pytest.raises(ValueError, match="lr"):
+        grow(model, batches, F.cross_entropy, optimizer, lr=-1.0)
+    with pytest.raises(ValueError, match="unit"):
+        grow(model, batches, F.cross_entropy, unit="bytes")
+
+
+def test_ssd_refuses_a_norm_without_running_statistics():
+    model = _small()
+    model.bn1 = nn.BatchNorm2d(6, track_running_stats=False)
+    with pytest.raises(GrowthError, match="bn1.*track_running_stats"):
+        SSDGrower().grow(model, _data((4, 3, 8, 8), 4), F.cross_entropy)
+
+
+def test_optimizer_reset_drops_all_state_and_lr_is_set():
+    batches = _data((4, 3, 8, 8), 4)
+    x, y = batches[0]
+    for mode in ("carry", "reset"):
+        model = _small()
+        optimizer = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+        F.cross_entropy(model(x), y).backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        RandomGrower().grow(model, batches, F.cross_entropy, optimizer, optimizer_mode=mode,
+                            lr=0.02, layers=["conv2"], ratio=0.4)
+        assert [g["lr"] for g in optimizer.param_groups] == [0.02]
+        assert optimizer.param_groups[0]["params"] == list(model.parameters())
+        if mode == "reset":  # every parameter's state, grown or not (fc2 did not grow)
+            assert len(optimizer.state) == 0
+        else:
+            assert set(optimizer.state) == set(model.parameters())
+            assert optimizer.state[model.conv2.weight]["momentum_buffer"].shape == (7, 6, 3, 3)
