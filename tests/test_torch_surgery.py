@@ -518,3 +518,17 @@ def test_grown_parameters_are_contiguous_like_a_freshly_built_layer():
         for key, value in optimizer.state[p].items():
             if isinstance(value, torch.Tensor) and value.ndim:
                 assert value.is_contiguous(), (name, key)
+
+
+def test_apply_growth_checks_the_optimizer_mode_and_lr():
+    model = FlattenHead()
+    flow = find_flow(model, "conv2", _x((1, 3, 8, 8)))
+    grown, cmap = add_neurons(dict(model.state_dict()), flow.channel_flow(model), 2, rng=0)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+    with pytest.raises(ValueError, match="optimizer_mode"):
+        apply_growth(model, flow, grown, cmap, optimizer, optimizer_mode="keep")
+    with pytest.raises(ValueError, match="lr"):
+        apply_growth(model, flow, grown, cmap, lr=0.1)
+    assert model.conv2.out_channels == 6  # nothing applied
+    apply_growth(model, flow, grown, cmap, optimizer, optimizer_mode="reset", lr=0.02)
+    assert model.conv2.out_channels == 8 and optimizer.param_groups[0]["lr"] == 0.02
