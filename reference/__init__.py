@@ -21,7 +21,7 @@ rows are left out of every pair and the pair count, and get exactly zero gradien
 ``sign(0) = 0`` throughout.
 """
 
-from .objective import growth_objective, growth_objective_and_grad
+from .objective import growth_objective, growth_objective_and_grad, relative_update
 from .similarity import similarity_loss, similarity_loss_and_grad, similarity_map
 from .stats import similarity_stats
 from .weight_sum import weight_sum_penalty, weight_sum_penalty_and_grad
@@ -34,5 +34,6 @@ __all__ = [
     "weight_sum_penalty_and_grad",
     "growth_objective",
     "growth_objective_and_grad",
+    "relative_update",
     "similarity_stats",
 ]

@@ -73,3 +73,24 @@ def growth_objective_and_grad(weights, refs, *, lam, form="squared_log", statist
                               neuron_axis=0, zero_tol=None):
     """(Eq. 5 summed over layers, [d/dW_l for each layer]), each gradient in W_l's shape."""
     return _objective(weights, refs, lam, form, statistic, neuron_axis, zero_tol)
+
+
+def relative_update(weights, grads, *, lr, neuron_axis=0):
+    """One relative (scale-free) phase step, neuron by neuron, in float64.
+
+    Neuron ``i`` of a layer with ``n`` neurons moves by
+    ``-lr * (n / 2) * ||w_i||^2 * g_i``: its squared norm times its own gradient.
+    """
+    weights = [np.asarray(w, dtype=np.float64) for w in weights]
+    axes = _per_layer_axes(neuron_axis, len(weights))
+    updated = []
+    for w, g, axis in zip(weights, grads, axes, strict=True):
+        w_moved = np.moveaxis(w, axis, 0)
+        g_moved = np.moveaxis(np.asarray(g, dtype=np.float64), axis, 0)
+        n = w_moved.shape[0]
+        new = np.empty_like(w_moved)
+        for i in range(n):
+            squared_norm = math.fsum(float(v) ** 2 for v in w_moved[i].ravel())
+            new[i] = w_moved[i] - lr * (n / 2.0) * squared_norm * g_moved[i]
+        updated.append(np.moveaxis(new, 0, axis))
+    return updated

@@ -9,7 +9,14 @@ and returns arrays of the same library, dtype and device. Importing simcore
 imports no deep-learning framework; ``simcore.adapters`` holds the glue.
 """
 
-from .objective import ANCHORS, decorrelate, growth_objective, growth_objective_and_grad
+from .objective import (
+    ANCHORS,
+    STEPS,
+    decorrelate,
+    growth_objective,
+    growth_objective_and_grad,
+    relative_update,
+)
 from .similarity import (
     DEFAULT_ZERO_TOL,
     similarity_loss,
@@ -26,10 +33,12 @@ __all__ = [
     "DEFAULT_ZERO_TOL",
     "FORMS",
     "STATISTICS",
+    "STEPS",
     "SimilarityStats",
     "decorrelate",
     "growth_objective",
     "growth_objective_and_grad",
+    "relative_update",
     "similarity_loss",
     "similarity_loss_and_grad",
     "similarity_map",

@@ -8,7 +8,26 @@ weight-only steps on Eq. 5 or training steps with Eq. 5 added to the task loss,
 nor whether ``W_prev`` is the previous step or the post-growth snapshot. Both
 readings are supported: :func:`decorrelate` performs the weight-only steps
 (``anchor="snapshot"`` or ``"previous"``), and the adapters add
-:func:`growth_objective` to a task loss.
+:func:`growth_objective` to a task loss or interleave :func:`decorrelate` steps
+with training steps.
+
+The phase's step (``step=``, one of :data:`STEPS`):
+
+* ``"relative"`` (the default): ``W_l <- W_l - lr * (n_l / 2) * r_i^2 * dEq5/dw_i``
+  row by row, with ``r_i`` the norm of row ``i`` and ``n_l`` the layer's neuron
+  count. Eq. 2 is invariant to each row's scale, so its plain gradient shrinks
+  as ``1/r_i``: a fixed ``lr`` moves small-norm layers a lot and large-norm
+  layers not at all. Multiplying row ``i``'s gradient by ``r_i^2`` makes the
+  step equivariant to the weights' scale (``W -> cW`` and ``W_ref -> cW_ref``
+  give a step ``c`` times as large: the same *relative* change), and the factor
+  ``n_l / 2`` turns the gradient of a mean over ``n_l (n_l - 1)`` pairs into the
+  gradient of each row's own mean ``|cos|`` to the others. So one step turns a
+  row by at most ``lr`` radians' worth (``lr`` times its norm), less as the row
+  decorrelates, and the squared-log Eq. 4 term removes a fraction of about
+  ``lr * lam`` of the layer's scale drift per step (keep ``lr * lam < 1``).
+* ``"absolute"``: plain gradient descent, ``W_l <- W_l - lr * dEq5/dW_l``, whose
+  effect depends on the layers' weight scale and width (kept for comparison
+  and reproduction).
 """
 
 from __future__ import annotations
@@ -16,13 +35,30 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any
 
-from ._arrays import check_choice, check_int, namespace_of
+from ._arrays import (
+    check_choice,
+    check_int,
+    compute_dtype,
+    from_rows,
+    namespace_of,
+    normalize_axis,
+    to_rows,
+)
 from .similarity import _value_and_grad as _similarity
 from .weight_sum import _value_and_grad as _weight_sum
 
-__all__ = ["ANCHORS", "decorrelate", "growth_objective", "growth_objective_and_grad"]
+__all__ = [
+    "ANCHORS",
+    "STEPS",
+    "decorrelate",
+    "growth_objective",
+    "growth_objective_and_grad",
+    "relative_update",
+]
 
 ANCHORS = ("snapshot", "previous")
+#: How a step of the post-growth phase is sized (see the module docstring).
+STEPS = ("relative", "absolute")
 
 
 def _layers(weights, refs, neuron_axis):
@@ -150,6 +186,7 @@ def decorrelate(
     block_size: int | None = None,
     zero_tol: float | None = None,
     similarity: bool = True,
+    step: str = "relative",
 ) -> list[Any]:
     """The post-growth phase as weight-only gradient descent on Eq. 5; returns new arrays.
 
@@ -158,12 +195,18 @@ def decorrelate(
     post-growth snapshot). ``anchor="snapshot"`` measures Eq. 4 against ``refs``
     at every step; ``anchor="previous"`` against the previous step's weights
     (``refs`` then only seeds the first step). ``similarity=False`` descends on
-    Eq. 4 alone (the ablation). Nothing is mutated.
+    Eq. 4 alone (the ablation). ``step="relative"`` (default) sizes each step
+    relative to the rows' norms, so its effect does not depend on the weights'
+    scale (:func:`relative_update`); ``step="absolute"`` is plain gradient
+    descent with step ``lr``. Nothing is mutated.
 
     >>> import numpy as np, simcore
     >>> w = np.array([[1.0, 0.1], [1.0, -0.1], [0.2, 1.0]])
     >>> [new] = simcore.decorrelate([w], steps=20, lr=0.2, lam=0.1)
     >>> float(simcore.similarity_loss(new)) < float(simcore.similarity_loss(w))
+    True
+    >>> [big] = simcore.decorrelate([1000 * w], steps=20, lr=0.2, lam=0.1)
+    >>> bool(np.allclose(big, 1000 * new))  # the same relative change at any scale
     True
     """
     steps = check_int(steps, "steps", minimum=0)
@@ -171,6 +214,7 @@ def decorrelate(
     if not lr > 0.0:
         raise ValueError(f"lr must be > 0, got {lr}")
     check_choice(anchor, ANCHORS, "anchor")
+    check_choice(step, STEPS, "step")
     weights, refs, axes = _layers(weights, refs, neuron_axis)
     current = weights
     anchors = list(weights) if refs is None else refs
@@ -188,5 +232,56 @@ def decorrelate(
         )
         if anchor == "previous":
             anchors = current
-        current = [w - lr * g for w, g in zip(current, grads, strict=True)]
+        if step == "relative":
+            current = relative_update(current, grads, lr=lr, neuron_axis=axes)
+        else:
+            current = [w - lr * g for w, g in zip(current, grads, strict=True)]
     return current
+
+
+def relative_update(
+    weights: Sequence[Any],
+    grads: Sequence[Any],
+    *,
+    lr: float,
+    neuron_axis: int | Sequence[int] = 0,
+) -> list[Any]:
+    """One scale-free step: ``w_i - lr * (n / 2) * ||w_i||^2 * g_i`` for every row ``i``.
+
+    ``grads`` are the Eq. 5 gradients of ``weights`` (e.g. from
+    :func:`growth_objective_and_grad`), ``n`` is each layer's neuron count. The
+    step is ``c`` times as large for weights ``c`` times as large (the relative
+    change does not depend on the scale); see the module docstring. Returns new
+    arrays in the weights' dtypes.
+
+    >>> import numpy as np, simcore
+    >>> w = np.array([[3.0, 0.0], [0.0, 1.0]])
+    >>> g = np.array([[0.0, 1.0], [1.0, 0.0]])
+    >>> simcore.relative_update([w], [g], lr=0.1)[0]  # rows move by 0.1 * ||w_i||^2
+    array([[ 3. , -0.9],
+           [-0.1,  1. ]])
+    """
+    lr = float(lr)
+    if not lr > 0.0:
+        raise ValueError(f"lr must be > 0, got {lr}")
+    weights, _, axes = _layers(weights, None, neuron_axis)
+    if _is_single_array(grads):
+        raise TypeError("grads must be a sequence of arrays, one per layer")
+    grads = list(grads)
+    if len(grads) != len(weights):
+        raise ValueError(f"grads has {len(grads)} layers but weights has {len(weights)}")
+    updated = []
+    for i, (w, g, axis) in enumerate(zip(weights, grads, axes, strict=True)):
+        xp = namespace_of(w, f"weights[{i}]")
+        if tuple(g.shape) != tuple(w.shape):
+            raise ValueError(f"grads[{i}] has shape {tuple(g.shape)}, weights[{i}] "
+                             f"{tuple(w.shape)}")
+        axis = normalize_axis(axis, w.ndim)
+        work = compute_dtype(xp, w.dtype)  # half precision would overflow the squared norms
+        rows = xp.astype(to_rows(xp, w, axis), work)
+        grad_rows = xp.astype(to_rows(xp, g, axis), work)
+        squared_norms = xp.sum(rows * rows, axis=1, keepdims=True)
+        scale = lr * rows.shape[0] / 2.0
+        moved = rows - (scale * squared_norms) * grad_rows
+        updated.append(xp.astype(from_rows(xp, moved, w.shape, axis), w.dtype))
+    return updated

@@ -41,7 +41,7 @@ def test_check_dtype_filter_and_usage_errors(tmp_path):
     done = _simcore("check", "--backends", "numpy", "--dtypes", "float64", "--failures-only",
                     cwd=tmp_path)
     assert done.returncode == 0
-    assert done.stdout.strip() == "0 failed of 24 checks on numpy (float64)"
+    assert done.stdout.strip() == "0 failed of 26 checks on numpy (float64)"
     assert _simcore(cwd=tmp_path).returncode == 2  # argparse: a subcommand is required
     assert _simcore("frobnicate", cwd=tmp_path).returncode == 2
 
@@ -66,7 +66,7 @@ def test_a_failing_check_exits_1(monkeypatch, capsys):
     out = capsys.readouterr().out
     assert status == 1
     assert "FAIL" in out and "RuntimeError: boom" in out
-    assert out.splitlines()[-1] == "1 failed of 24 checks on numpy (float64)"
+    assert out.splitlines()[-1] == "1 failed of 26 checks on numpy (float64)"
 
 
 def test_grow_names_the_missing_extra_instead_of_a_traceback(tmp_path):

@@ -210,8 +210,9 @@ def test_growth_objective_matches_reference(backend_dtype):
     check()
 
 
+@pytest.mark.parametrize("step", simcore.STEPS)
 @pytest.mark.parametrize("anchor", simcore.ANCHORS)
-def test_decorrelate_matches_a_reference_gradient_descent_loop(backend_dtype, anchor):
+def test_decorrelate_matches_a_reference_gradient_descent_loop(backend_dtype, anchor, step):
     backend, dtype = backend_dtype
 
     @given_for(backend, data=st.data())
@@ -219,14 +220,17 @@ def test_decorrelate_matches_a_reference_gradient_descent_loop(backend_dtype, an
         xs, x_refs, ws, w_refs, axes = _layers(data, backend, dtype, 2)
         steps, lr, lam = 3, 0.05, 0.5
         new = backend.run(simcore.decorrelate, xs, x_refs, steps=steps, lr=lr, lam=lam,
-                          anchor=anchor, neuron_axis=axes)
+                          anchor=anchor, neuron_axis=axes, step=step)
         current, anchors = ws, w_refs
         for _ in range(steps):
             _, grads = ref.growth_objective_and_grad(current, anchors, lam=lam, neuron_axis=axes)
             if anchor == "previous":
                 anchors = current
-            current = [backend.rounded(w - lr * g, dtype)
-                       for w, g in zip(current, grads, strict=True)]
+            if step == "relative":
+                moved = ref.relative_update(current, grads, lr=lr, neuron_axis=axes)
+            else:
+                moved = [w - lr * g for w, g in zip(current, grads, strict=True)]
+            current = [backend.rounded(w, dtype) for w in moved]
         assert len(new) == 2
         for got, expected in zip(new, current, strict=True):
             assert_close(got, expected, backend=backend, dtype=dtype)

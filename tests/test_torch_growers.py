@@ -430,13 +430,34 @@ def test_similarity_phase_weights_only_decorrelates_the_grown_layers():
     assert not phase.active and float(phase.term()) == 0.0
 
 
-def test_similarity_phase_joint_adds_the_term_for_n_steps():
+def test_similarity_phase_joint_absolute_adds_the_term_for_n_steps():
     model = _small()
-    phase = SimilarityPhase(method="ssd", phase="joint")
-    assert phase.steps == 10
+    phase = SimilarityPhase(method="ssd", phase="joint", step="absolute")
+    assert phase.steps == 10 and phase.coupled
     phase.start(model, ["conv1"])
+    with pytest.raises(RuntimeError, match="term"):
+        phase.after_optimizer_step()
     terms = [float(phase.term().detach()) for _ in range(12)]
     assert all(t > 0 for t in terms[:10]) and terms[10:] == [0.0, 0.0]
+
+
+def test_similarity_phase_joint_relative_takes_n_decoupled_steps():
+    from simcore.adapters.torch.penalty import similarity_loss
+
+    model = _small()
+    phase = SimilarityPhase(method="ssd", phase="joint", lam=0.0)
+    assert not phase.coupled
+    phase.start(model, ["conv1"])
+    with pytest.raises(RuntimeError, match="after_optimizer_step"):
+        phase.term()
+    losses = []
+    for _ in range(12):
+        before = model.conv1.weight.detach().clone()
+        phase.after_optimizer_step()
+        losses.append(float(similarity_loss(model.conv1.weight.detach())))
+        moved = not torch.equal(before, model.conv1.weight)
+        assert moved == (len(losses) <= 10)
+    assert losses[9] < losses[0] and phase.remaining == 0
     assert SimilarityPhase(method="firefly").steps == 15
     with pytest.raises(ValueError, match="phase"):
         SimilarityPhase(phase="both")

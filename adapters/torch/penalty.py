@@ -435,15 +435,19 @@ class SimilarityPenalty:
         return value * self.strength if self.strength != 1.0 else value
 
     @torch.no_grad()
-    def decorrelate(self, steps: int, lr: float) -> None:
+    def decorrelate(self, steps: int, lr: float, *, step: str = "relative") -> None:
         """The weight-only reading: ``steps`` gradient steps on ``strength * Eq. 5``, in place.
 
         Uses :func:`simcore.decorrelate` (the core's gradient) on the chosen
         weights with the stored snapshot as ``W_prev`` and this penalty's
         ``anchor``; the parameters keep their identity (optimizers still hold
-        them) and only their values change.
+        them) and only their values change. ``step="relative"`` (default) sizes
+        each step relative to the rows' norms, so ``lr`` has the same effect at
+        any weight scale; ``step="absolute"`` is plain gradient descent
+        (:data:`simcore.STEPS`).
         """
         steps = check_int(steps, "steps", minimum=0)
+        check_choice(step, simcore.STEPS, "step")
         weights = self.weights()
         needs_refs = self._needs_refs()
         refs = _checked_refs(self.layer_names, weights, self._refs) if needs_refs else None
@@ -453,6 +457,7 @@ class SimilarityPenalty:
             [w.detach() for w in weights], refs, steps=steps, lr=float(lr) * self.strength,
             lam=self.lam, anchor=self.anchor, form=self.form, statistic=self.statistic,
             block_size=self.block_size, zero_tol=self.zero_tol, similarity=self.similarity,
+            step=step,
         )
         for w, value in zip(weights, new, strict=True):
             w.copy_(value)

@@ -6,15 +6,26 @@ setting (250 epochs, a growth every 50 epochs, four growths of 35% each).
 :class:`SimilarityPhase` runs the paper's post-growth step: Eq. 5 minimised for
 ``N`` iterations over the grown layers (its best ``N``: Random 20, SSD 10,
 Firefly 15). The paper does not say what an iteration is, so both readings are
-named (DESIGN.md section 1):
+named:
 
-* ``phase="weights_only"``: ``N`` gradient steps on Eq. 5 alone, on the weights
-  only, right after the growth (:meth:`SimilarityPenalty.decorrelate`);
-* ``phase="joint"``: the next ``N`` training steps add Eq. 5 to the task loss
-  (call :meth:`SimilarityPhase.term` in each step; it returns 0 afterwards).
+* ``phase="weights_only"``: ``N`` steps on Eq. 5 alone, on the weights only,
+  right after the growth (:meth:`SimilarityPenalty.decorrelate`);
+* ``phase="joint"``: the next ``N`` training steps also minimise Eq. 5.
+
+``step`` sizes the phase's steps (:data:`simcore.STEPS`). With ``"relative"``
+(the default) each step moves every grown row by at most ``lr`` times its norm,
+whatever the layer's weight scale (:func:`simcore.relative_update`); in the
+joint reading that step is *decoupled* from the optimizer, like AdamW's weight
+decay: call :meth:`SimilarityPhase.after_optimizer_step` after each
+``optimizer.step()``, so the phase's strength does not depend on the
+optimizer's learning rate or momentum. ``"absolute"`` is the earlier plain
+gradient step: weights-only steps of size ``lr``, or, in the joint reading,
+Eq. 5 added to the task loss (:meth:`SimilarityPhase.term`), coupled to the
+optimizer.
 
 The paper calls ``lambda`` "an arbitrary constant" and gives no value; the
-default ``lam=0.1`` is ours.
+defaults (:data:`DEFAULT_PHASE_LR`, ``lam``) are ours, chosen by the measured
+sweep in the README.
 """
 
 from __future__ import annotations
@@ -25,17 +36,30 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from simcore._arrays import check_int
+import simcore
+from simcore._arrays import check_int, check_real
 from simcore.growth import UNITS
 
 from .penalty import SimilarityPenalty
 
-__all__ = ["DEFAULT_PHASE_STEPS", "PHASES", "GrowthSchedule", "SimilarityPhase"]
+__all__ = [
+    "DEFAULT_PHASE_LAM",
+    "DEFAULT_PHASE_LR",
+    "DEFAULT_PHASE_STEPS",
+    "PHASES",
+    "GrowthSchedule",
+    "SimilarityPhase",
+]
 
 #: The paper's best number of post-growth iterations per growth method (its Tables, N_best).
 DEFAULT_PHASE_STEPS = {"random": 20, "ssd": 10, "firefly": 15}
 #: The two readings of "N iterations of Eq. 5" (see the module docstring).
 PHASES = ("weights_only", "joint")
+#: The phase's step size for each kind of step (``simcore.STEPS``): a relative step of
+#: 0.5 turns a row by at most half its norm per step; 0.01 is the earlier absolute default.
+DEFAULT_PHASE_LR = {"relative": 0.5, "absolute": 0.01}
+#: lambda of Eq. 4 in the phase.
+DEFAULT_PHASE_LAM = 0.1
 
 
 def _index(value, name, minimum):
@@ -104,21 +128,30 @@ class SimilarityPhase:
     """The post-growth similarity phase (Eq. 5 for ``steps`` iterations on the grown layers).
 
     ``steps`` defaults to the paper's best ``N`` for ``method`` (Random 20, SSD 10,
-    Firefly 15). After each growth call :meth:`start` with the model and the
-    grown layers' names (a :class:`GrowthReport`'s ``grown_layers``): with
-    ``phase="weights_only"`` it runs the steps at once (``lr`` is their step
-    size); with ``phase="joint"`` add :meth:`term` to the task loss in each of
-    the next ``steps`` training steps. ``similarity=False`` keeps only the Eq. 4
-    term (with ``lam``), ``lam=0`` only Eq. 2: the paper's Table 3 ablation.
+    Firefly 15), ``lr`` to :data:`DEFAULT_PHASE_LR` for ``step``. After each
+    growth call :meth:`start` with the model and the grown layers' names (a
+    :class:`GrowthReport`'s ``grown_layers``):
+
+    * ``phase="weights_only"``: the steps run at once;
+    * ``phase="joint"`` with ``step="relative"``: call
+      :meth:`after_optimizer_step` after each of the next ``steps`` optimizer
+      steps (one decoupled relative step each);
+    * ``phase="joint"`` with ``step="absolute"``: add :meth:`term` to the task
+      loss in each of the next ``steps`` training steps.
+
+    ``similarity=False`` keeps only the Eq. 4 term (with ``lam``), ``lam=0`` only
+    Eq. 2: the paper's Table 3 ablation.
 
     >>> import torch
     >>> from torch import nn
     >>> net = nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 2))
     >>> phase = SimilarityPhase(method="ssd", phase="joint")
-    >>> phase.steps
-    10
+    >>> phase.steps, phase.lr
+    (10, 0.5)
     >>> phase.start(net, ["0"])
-    >>> loss = net(torch.randn(3, 4)).square().mean() + phase.term()
+    >>> optimizer = torch.optim.SGD(net.parameters(), lr=0.1)
+    >>> net(torch.randn(3, 4)).square().mean().backward(); optimizer.step()
+    >>> phase.after_optimizer_step()
     >>> phase.remaining
     9
     """
@@ -126,14 +159,15 @@ class SimilarityPhase:
     method: str = "firefly"
     phase: str = "weights_only"
     steps: int | None = None
-    lam: float = 0.1
-    lr: float = 0.01
+    lam: float = DEFAULT_PHASE_LAM
+    lr: float | None = None
     strength: float = 1.0
     form: str = "squared_log"
     statistic: str = "rms"
     anchor: str = "snapshot"
     include_depthwise: bool = False
     similarity: bool = True
+    step: str = "relative"
     remaining: int = field(default=0, init=False)
     penalty: SimilarityPenalty | None = field(default=None, init=False, repr=False)
 
@@ -144,13 +178,25 @@ class SimilarityPhase:
             )
         if self.phase not in PHASES:
             raise ValueError(f"phase must be one of {PHASES}, got {self.phase!r}")
+        if self.step not in simcore.STEPS:
+            raise ValueError(f"step must be one of {simcore.STEPS}, got {self.step!r}")
         if self.steps is None:
             self.steps = DEFAULT_PHASE_STEPS[self.method]
         self.steps = _index(self.steps, "steps", 0)
+        if self.lr is None:
+            self.lr = DEFAULT_PHASE_LR[self.step]
+        self.lr = check_real(self.lr, "lr")
+        if not self.lr > 0.0:
+            raise ValueError(f"lr must be > 0, got {self.lr}")
+
+    @property
+    def coupled(self) -> bool:
+        """Whether the joint reading adds Eq. 5 to the task loss (:meth:`term`)."""
+        return self.step == "absolute"
 
     @property
     def active(self) -> bool:
-        """Whether :meth:`term` still adds Eq. 5 (joint reading, steps left)."""
+        """Whether joint steps are still due (:meth:`term` or :meth:`after_optimizer_step`)."""
         return self.penalty is not None and self.remaining > 0
 
     def start(self, model: nn.Module, layers: Sequence[str]) -> None:
@@ -167,14 +213,32 @@ class SimilarityPhase:
             strength=self.strength, similarity=self.similarity,
         )  # its construction snapshots the grown weights: W_prev of Eq. 4
         if self.phase == "weights_only":
-            self.penalty.decorrelate(self.steps, self.lr)
+            self.penalty.decorrelate(self.steps, self.lr, step=self.step)
             self.remaining = 0
         else:
             self.remaining = self.steps
 
     def term(self) -> torch.Tensor:
-        """Eq. 5 to add to this training step's loss (joint reading), else a zero tensor."""
+        """Eq. 5 to add to this training step's loss (joint, absolute step), else a zero tensor."""
+        if not self.coupled and self.active:
+            raise RuntimeError(
+                "a relative-step joint phase is decoupled from the task loss: call "
+                "after_optimizer_step() after each optimizer.step() (or use step='absolute' "
+                "to add Eq. 5 to the loss)"
+            )
         if not self.active:
             return torch.zeros(())
         self.remaining -= 1
         return self.penalty()
+
+    def after_optimizer_step(self) -> None:
+        """One decoupled relative Eq. 5 step on the grown layers (joint, relative step)."""
+        if self.coupled and self.active:
+            raise RuntimeError(
+                "an absolute-step joint phase is coupled to the task loss: add term() to the "
+                "loss instead (or use step='relative')"
+            )
+        if not self.active:
+            return
+        self.remaining -= 1
+        self.penalty.decorrelate(1, self.lr, step=self.step)

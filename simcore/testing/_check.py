@@ -178,10 +178,11 @@ def _cases() -> list[_Case]:
               lambda a, b, ra, rb: ref.growth_objective_and_grad([a, b], [ra, rb], **objective)),
     ]
     for anchor in simcore.ANCHORS:
-        cases.append(_Case(
-            f"decorrelate[{anchor}]", layers,
-            functools.partial(_decorrelate_core, anchor),
-            functools.partial(_decorrelate_reference, anchor)))
+        for step in simcore.STEPS:
+            cases.append(_Case(
+                f"decorrelate[{anchor},{step}]", layers,
+                functools.partial(_decorrelate_core, anchor, step),
+                functools.partial(_decorrelate_reference, anchor, step)))
     cases.append(_Case("similarity_stats", ("stats",),
                        lambda run, w: _stats_tuple(run(simcore.similarity_stats, w, bins=4)),
                        lambda w: _stats_tuple_ref(ref.similarity_stats(w, bins=4)),
@@ -200,13 +201,13 @@ def _call_ref(fn, options, *arrays):
 _DECORRELATE = {"steps": 3, "lr": 0.1, "lam": 0.3, "neuron_axis": [0, -1]}
 
 
-def _decorrelate_core(anchor, run, a, b, ra, rb):
+def _decorrelate_core(anchor, step, run, a, b, ra, rb):
     import simcore
 
-    return run(simcore.decorrelate, [a, b], [ra, rb], anchor=anchor, **_DECORRELATE)
+    return run(simcore.decorrelate, [a, b], [ra, rb], anchor=anchor, step=step, **_DECORRELATE)
 
 
-def _decorrelate_reference(anchor, a, b, ra, rb, *, rounder):
+def _decorrelate_reference(anchor, step, a, b, ra, rb, *, rounder):
     """The weight-only descent of ``decorrelate``, written as a loop over the reference."""
     import simcore.reference as ref
 
@@ -216,8 +217,13 @@ def _decorrelate_reference(anchor, a, b, ra, rb, *, rounder):
         _, grads = ref.growth_objective_and_grad(current, anchors, **options)
         if anchor == "previous":
             anchors = current
+        if step == "relative":
+            moved = ref.relative_update(current, grads, lr=_DECORRELATE["lr"],
+                                        neuron_axis=options["neuron_axis"])
+        else:
+            moved = [w - _DECORRELATE["lr"] * g for w, g in zip(current, grads, strict=True)]
         # The core stores each step in the input dtype: round the same way.
-        current = [rounder(w - _DECORRELATE["lr"] * g) for w, g in zip(current, grads, strict=True)]
+        current = [rounder(w) for w in moved]
     return current
 
 
