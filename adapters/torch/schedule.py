@@ -56,8 +56,8 @@ DEFAULT_PHASE_STEPS = {"random": 20, "ssd": 10, "firefly": 15}
 #: The two readings of "N iterations of Eq. 5" (see the module docstring).
 PHASES = ("weights_only", "joint")
 #: The phase's step size for each kind of step (``simcore.STEPS``): a relative step of
-#: 0.5 turns a row by at most half its norm per step; 0.01 is the earlier absolute default.
-DEFAULT_PHASE_LR = {"relative": 0.5, "absolute": 0.01}
+#: 0.1 turns a row by at most a tenth of its norm per step; 0.01 is the earlier absolute default.
+DEFAULT_PHASE_LR = {"relative": 0.1, "absolute": 0.01}
 #: lambda of Eq. 4 in the phase.
 DEFAULT_PHASE_LAM = 0.1
 
@@ -147,7 +147,7 @@ class SimilarityPhase:
     >>> net = nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 2))
     >>> phase = SimilarityPhase(method="ssd", phase="joint")
     >>> phase.steps, phase.lr
-    (10, 0.5)
+    (10, 0.1)
     >>> phase.start(net, ["0"])
     >>> optimizer = torch.optim.SGD(net.parameters(), lr=0.1)
     >>> net(torch.randn(3, 4)).square().mean().backward(); optimizer.step()
