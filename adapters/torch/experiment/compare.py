@@ -8,7 +8,11 @@ combined results, the paper-shaped table and the figures go to ``<out>/``.
 
 from __future__ import annotations
 
+import concurrent.futures
+import functools
+import multiprocessing
 import shutil
+import threading
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
@@ -20,7 +24,7 @@ from .config import METHODS, TERMS, RunConfig
 from .data import ImageDataset, load_dataset, normalize
 from .gradcam import grad_cam
 from .report import format_table, summarize, write_results
-from .runner import CHECKPOINT, Hooks, load_model, resolve_device, run_one
+from .runner import CHECKPOINT, Hooks, growth_line, load_model, resolve_device, run_one
 
 __all__ = ["gradcam_figure", "run_experiment"]
 
@@ -75,51 +79,132 @@ def run_experiment(
     terms: Sequence[str],
     seeds: Sequence[int],
     out_dir: str | Path,
+    phase_steps: Sequence[int | None] = (None,),
     fresh: bool = False,
     figures: bool = True,
     progress: bool = False,
     hooks: Hooks | None = None,
     echo: Callable[[str], None] | None = print,
+    jobs: int = 1,
+    threads: int = 1,
 ) -> dict[str, Any]:
-    """Run every (method, terms, seed) on ``base``, then write results, table and figures.
+    """Run every (method, terms, N, seed) on ``base``, then write results, table and figures.
 
-    Returns ``{"results": [...], "summary": [...], "table": str, "files": {kind: path}}``.
-    ``fresh`` discards earlier runs in ``out_dir`` (otherwise finished runs are
-    reused and an interrupted one resumes).
+    ``phase_steps`` lists the N of the runs with a phase (``None``: the
+    preset's); several values make an N sweep. ``jobs > 1`` runs that many
+    runs at once in worker processes of ``threads`` torch threads each (then
+    ``hooks`` cannot be used). Returns ``{"results": [...], "summary": [...],
+    "table": str, "files": {kind: path}}``. ``fresh`` discards earlier runs in
+    ``out_dir`` (otherwise finished runs are reused and an interrupted one
+    resumes).
     """
     if not isinstance(base, RunConfig):
         raise TypeError(f"base must be a RunConfig, got {type(base).__name__}")
     methods = _check_list(methods, METHODS, "methods")
     terms = _check_list(terms, TERMS, "terms")
     seeds = _check_list(seeds, None, "seeds")
-    configs = [base.replace(method=m, terms=t, seed=s)
-               for m in methods for t in terms for s in seeds]  # validates every seed
+    phase_steps = _check_list(phase_steps, None, "phase_steps")
+    if jobs < 1:
+        raise ValueError(f"jobs must be >= 1, got {jobs}")
+    if jobs > 1 and hooks is not None:
+        raise ValueError("hooks run in this process: use jobs=1 with hooks")
+    configs = [base.replace(method=m, terms=t, seed=s, phase_steps=n)
+               for m in methods for t in terms for n in (phase_steps if t != "none" else [None])
+               for s in seeds]  # validates every seed and N
     out = Path(out_dir)
-    dataset = load_dataset(base.dataset, root=base.data_root, seed=base.data_seed,
-                           train_limit=base.train_limit, test_limit=base.test_limit)
+    dataset = _load(base)
     device = resolve_device(base.device)
     dataset = dataset.to(device)
     say = echo or (lambda _text: None)
+    validation = (f" / {dataset.val_labels.shape[0]} validation"
+                  if dataset.has_validation else "")
     say(f"simcore grow: {len(configs)} run(s) on {dataset.name} "
-        f"({dataset.train_labels.shape[0]} train / {dataset.test_labels.shape[0]} test images), "
-        f"{base.model}, {base.epochs} epochs, device {device}; output in {out}")
-    results = []
-    for number, config in enumerate(configs, start=1):
+        f"({dataset.train_labels.shape[0]} train{validation} / {dataset.test_labels.shape[0]} "
+        f"test images), {base.model}, {base.epochs} epochs, device {device}"
+        + (f", {jobs} runs at a time" if jobs > 1 else "") + f"; output in {out}")
+    for config in configs:
         run_dir = out / "runs" / config.label
         if fresh and run_dir.exists():
             shutil.rmtree(run_dir)
-        result = run_one(config, run_dir, dataset=dataset, progress=progress, hooks=hooks,
-                         resume=not fresh)
-        say(f"[{number}/{len(configs)}] {config.label}: accuracy {result['final_accuracy']:.2f}%, "
-            f"{result['parameters_seed']} -> {result['parameters_final']} parameters, "
-            f"{result['training_seconds']:.1f} s")
-        results.append(result)
+    done = 0
+
+    def report(config: RunConfig, result: dict[str, Any]) -> None:
+        nonlocal done
+        done += 1
+        say(f"[{done}/{len(configs)}] {config.label}: accuracy "
+            f"{result['final_accuracy']:.2f}%, {result['parameters_seed']} -> "
+            f"{result['parameters_final']} parameters, {result['training_seconds']:.1f} s")
+        for record in result["growths"]:
+            say("    " + growth_line(record))
+
+    if jobs == 1:
+        results = []
+        for config in configs:
+            result = run_one(config, out / "runs" / config.label, dataset=dataset,
+                             progress=progress, hooks=hooks, resume=not fresh)
+            report(config, result)
+            results.append(result)
+    else:
+        results = _run_parallel(configs, out, jobs, threads, progress, report)
     files = write_results(results, out)
     summary = summarize(results)
     table = format_table(summary)
     if figures:
         files.update(_figures(results, configs, out, dataset, device))
     return {"results": results, "summary": summary, "table": table, "files": files}
+
+
+def _load(config: RunConfig) -> ImageDataset:
+    return load_dataset(config.dataset, root=config.data_root, seed=config.data_seed,
+                        train_limit=config.train_limit, test_limit=config.test_limit,
+                        val_fraction=config.val_fraction)
+
+
+@functools.lru_cache(maxsize=4)
+def _worker_dataset(config: RunConfig) -> ImageDataset:
+    return _load(config).to(resolve_device(config.device))
+
+
+def _worker_run(config: RunConfig, run_dir: Path, threads: int, events: Any) -> dict[str, Any]:
+    """One run in a worker process; each finished epoch is reported on ``events``."""
+    torch.set_num_threads(threads)
+    data_config = config.replace(method="random", terms="none", seed=0, phase_steps=None)
+    hooks = Hooks(on_epoch_end=lambda _epoch, _record: events.put(1))
+    # resume: the parent already removed the folders of a fresh start
+    return run_one(config, run_dir, dataset=_worker_dataset(data_config), hooks=hooks)
+
+
+def _run_parallel(configs, out, jobs, threads, progress, report) -> list[dict[str, Any]]:
+    from tqdm.auto import tqdm
+
+    context = multiprocessing.get_context("spawn")  # fork after torch's thread pools can hang
+    with context.Manager() as manager:
+        events = manager.Queue()
+        bar = tqdm(total=sum(c.epochs for c in configs), desc="epochs (all runs)",
+                   disable=not progress, dynamic_ncols=True)
+
+        def follow():
+            while events.get() is not None:
+                bar.update(1)
+
+        follower = threading.Thread(target=follow, daemon=True)
+        follower.start()
+        results: list[dict[str, Any] | None] = [None] * len(configs)
+        try:
+            with concurrent.futures.ProcessPoolExecutor(jobs, mp_context=context) as pool:
+                futures = {pool.submit(_worker_run, config, out / "runs" / config.label,
+                                       threads, events): index
+                           for index, config in enumerate(configs)}
+                for future in concurrent.futures.as_completed(futures):
+                    index = futures[future]
+                    results[index] = future.result()
+                    with tqdm.external_write_mode():  # lines above the bar, not through it
+                        report(configs[index], results[index])
+        finally:
+            events.put(None)
+            follower.join(timeout=5)
+            bar.close()
+    return results
 
 
 def _figures(results, configs, out, dataset, device) -> dict[str, Path]:

@@ -3,8 +3,10 @@
 A run is one model grown by one method with one choice of similarity terms
 and one seed. ``terms`` names the post-growth objective (the paper's Table 3
 ablation): ``"none"`` (the baseline: no similarity phase), ``"eq2"`` (the
-similarity loss alone, ``lam = 0``), ``"eq4"`` (the weight-sum term alone) and
-``"both"`` (Eq. 5, the paper's method, "+ours").
+similarity loss alone, ``lam = 0``), ``"eq4"`` (the weight-sum term alone),
+``"both"`` (Eq. 5, the paper's method, "+ours") and ``"control"`` (a random
+perturbation of the grown layers as large as the phase's change: it separates
+decorrelation from perturbation noise).
 
 >>> config = preset("quick").replace(method="ssd", seed=3)
 >>> config.method, config.seed, config.dataset
@@ -22,20 +24,21 @@ import math
 from dataclasses import dataclass
 from typing import Any
 
-from simcore import ANCHORS, FORMS
+from simcore import ANCHORS, FORMS, STEPS
 from simcore._arrays import check_choice, check_int
 from simcore.growth import UNITS
 
-from ..schedule import DEFAULT_PHASE_STEPS, PHASES
+from ..schedule import DEFAULT_PHASE_LAM, DEFAULT_PHASE_LR, DEFAULT_PHASE_STEPS, PHASES
 
 __all__ = ["METHODS", "MODELS", "PRESETS", "TERMS", "TERM_LABELS", "RunConfig", "preset"]
 
 MODELS = ("vgg16", "mobilenet_v1")
 METHODS = ("random", "ssd", "firefly")
 #: The ablation of the two terms of Eq. 5 (the paper's Table 3), "none" being the baseline.
-TERMS = ("none", "eq2", "eq4", "both")
+TERMS = ("none", "eq2", "eq4", "both", "control")
 #: How figures and reports name each choice of ``terms``.
-TERM_LABELS = {"none": "baseline", "eq2": "Eq. 2 only", "eq4": "Eq. 4 only", "both": "+ours"}
+TERM_LABELS = {"none": "baseline", "eq2": "Eq. 2 only", "eq4": "Eq. 4 only", "both": "+ours",
+               "control": "+control"}
 LR_SCHEDULES = ("cosine", "constant")
 
 
@@ -72,8 +75,9 @@ class RunConfig:
     terms: str = "both"
     phase: str = "weights_only"
     phase_steps: int | None = None    # N; None: the paper's best N for the method
-    phase_lr: float = 0.01
-    lam: float = 0.1
+    phase_step: str = "relative"      # how a phase step is sized (simcore.STEPS)
+    phase_lr: float | None = None     # None: DEFAULT_PHASE_LR[phase_step]
+    lam: float = DEFAULT_PHASE_LAM
     form: str = "squared_log"
     anchor: str = "snapshot"
     # training
@@ -88,6 +92,7 @@ class RunConfig:
     data_root: str | None = None
     train_limit: int | None = None
     test_limit: int | None = None
+    val_fraction: float = 0.0         # share of the training images held out for validation
     data_seed: int = 0
     # run
     seed: int = 0
@@ -109,7 +114,12 @@ class RunConfig:
         check_choice(self.phase, PHASES, "phase")
         if self.phase_steps is not None:
             _int(self.phase_steps, "phase_steps", 0)
-        _float(self.phase_lr, "phase_lr", positive=True)
+        check_choice(self.phase_step, STEPS, "phase_step")
+        if self.phase_lr is not None:
+            _float(self.phase_lr, "phase_lr", positive=True)
+        if self.terms == "control" and self.phase != "weights_only":
+            raise ValueError("terms 'control' (a random perturbation as large as the phase's "
+                             "change) needs phase 'weights_only'")
         _float(self.lam, "lam")
         check_choice(self.form, FORMS, "form")
         check_choice(self.anchor, ANCHORS, "anchor")
@@ -126,6 +136,8 @@ class RunConfig:
         for name in ("train_limit", "test_limit"):
             if getattr(self, name) is not None:
                 _int(getattr(self, name), name, 1)
+        if _float(self.val_fraction, "val_fraction") >= 1.0:
+            raise ValueError(f"val_fraction must lie in [0, 1), got {self.val_fraction}")
         _int(self.data_seed, "data_seed", 0)
         _int(self.seed, "seed", 0)
         if not isinstance(self.device, str) or not self.device:
@@ -138,13 +150,24 @@ class RunConfig:
         return DEFAULT_PHASE_STEPS[self.method] if self.phase_steps is None else self.phase_steps
 
     @property
+    def phase_lr_or_default(self) -> float:
+        """The phase's step size: ``phase_lr`` or the default for ``phase_step``."""
+        return DEFAULT_PHASE_LR[self.phase_step] if self.phase_lr is None else self.phase_lr
+
+    @property
     def seed_width(self) -> int:
         return self.width if self.width is not None else (16 if self.model == "vgg16" else 32)
 
     @property
     def label(self) -> str:
-        """A short unique name of the run, used for its folder: ``vgg16-firefly-both-seed0``."""
-        return f"{self.model}-{self.method}-{self.terms}-seed{self.seed}"
+        """A short unique name of the run, used for its folder: ``vgg16-firefly-both-seed0``.
+
+        An explicit ``phase_steps`` (an N sweep) adds ``-N<steps>``.
+        """
+        label = f"{self.model}-{self.method}-{self.terms}-seed{self.seed}"
+        if self.phase_steps is not None and self.terms != "none":
+            label += f"-N{self.phase_steps}"
+        return label
 
     def replace(self, **changes: Any) -> RunConfig:
         """A copy with ``changes`` (validated)."""

@@ -26,6 +26,7 @@ crafted file raises :class:`UnsafePickleError` and runs nothing.
 from __future__ import annotations
 
 import codecs
+import dataclasses
 import io
 import pickle
 from collections.abc import Iterator
@@ -46,6 +47,7 @@ __all__ = [
     "RestrictedUnpickler",
     "UnsafePickleError",
     "augment_batch",
+    "hold_out_validation",
     "iter_batches",
     "load_cifar",
     "load_dataset",
@@ -59,9 +61,21 @@ IMAGE_SIZE = 32
 _CIFAR_PIXELS = 3 * IMAGE_SIZE * IMAGE_SIZE
 
 
+_SPLITS = ("train", "val", "test")
+
+
+def _no_images() -> torch.Tensor:
+    return torch.zeros((0, 3, IMAGE_SIZE, IMAGE_SIZE), dtype=torch.uint8)
+
+
 @dataclass(frozen=True)
 class ImageDataset:
-    """Train/test images (``uint8``, ``(N, 3, 32, 32)``), labels (``int64``), normalisation."""
+    """Train/validation/test images (``uint8``, ``(N, 3, 32, 32)``), labels (``int64``).
+
+    The validation split is held out of the training data
+    (:func:`hold_out_validation`); it is empty unless one was asked for. Model
+    choices (the N sweep) read it, never the test split.
+    """
 
     name: str
     train_images: torch.Tensor
@@ -72,13 +86,59 @@ class ImageDataset:
     mean: tuple[float, float, float]
     std: tuple[float, float, float]
     augment: bool
+    val_images: torch.Tensor = dataclasses.field(default_factory=_no_images)
+    val_labels: torch.Tensor = dataclasses.field(
+        default_factory=lambda: torch.zeros(0, dtype=torch.int64))
+
+    @property
+    def has_validation(self) -> bool:
+        return self.val_labels.shape[0] > 0
 
     def to(self, device: torch.device | str) -> ImageDataset:
         """The same dataset with its tensors on ``device`` (a copy only if the device differs)."""
-        move = {k: getattr(self, k).to(device) for k in
-                ("train_images", "train_labels", "test_images", "test_labels")}
-        return ImageDataset(name=self.name, num_classes=self.num_classes, mean=self.mean,
-                            std=self.std, augment=self.augment, **move)
+        move = {f"{split}_{kind}": getattr(self, f"{split}_{kind}").to(device)
+                for split in _SPLITS for kind in ("images", "labels")}
+        return dataclasses.replace(self, **move)
+
+
+def hold_out_validation(dataset: ImageDataset, fraction: float, seed: int) -> ImageDataset:
+    """``dataset`` with a stratified ``fraction`` of its training images moved to validation.
+
+    Every class gives the same share (rounded), drawn with ``seed``; the
+    normalisation statistics are recomputed on what is left for training. The
+    test split is untouched. ``fraction=0`` returns ``dataset`` unchanged.
+
+    >>> data = hold_out_validation(load_digits_dataset(0), 0.1, seed=0)
+    >>> data.train_labels.shape[0], data.val_labels.shape[0], data.test_labels.shape[0]
+    (1211, 136, 450)
+    """
+    if isinstance(fraction, bool) or not isinstance(fraction, (int, float)):
+        raise TypeError(f"fraction must be a float, got {type(fraction).__name__}")
+    if not 0.0 <= fraction < 1.0:
+        raise ValueError(f"the validation fraction must lie in [0, 1), got {fraction}")
+    if fraction == 0.0:
+        return dataset
+    if dataset.has_validation:
+        raise ValueError("the dataset already has a validation split")
+    labels = dataset.train_labels.cpu().numpy()
+    rng = np.random.default_rng([int(seed), 5])
+    val_idx = []
+    for cls in np.unique(labels):
+        members = rng.permutation(np.flatnonzero(labels == cls))
+        val_idx.append(members[:int(round(len(members) * fraction))])
+    val_idx = np.sort(np.concatenate(val_idx))
+    keep = np.setdiff1d(np.arange(labels.shape[0]), val_idx)
+    if keep.size == 0 or val_idx.size == 0:
+        raise ValueError(f"a validation fraction of {fraction} leaves an empty split "
+                         f"({labels.shape[0]} training images)")
+    keep_t, val_t = torch.as_tensor(keep), torch.as_tensor(val_idx)
+    device = dataset.train_images.device
+    train_images = dataset.train_images[keep_t.to(device)]
+    mean, std = _channel_stats(train_images.cpu())
+    return dataclasses.replace(
+        dataset, train_images=train_images, train_labels=dataset.train_labels[keep_t.to(device)],
+        val_images=dataset.train_images[val_t.to(device)],
+        val_labels=dataset.train_labels[val_t.to(device)], mean=mean, std=std)
 
 
 def _check_limit(value: Any, name: str) -> int | None:
@@ -418,16 +478,23 @@ def load_cifar(root: str | Path, variant: str = "cifar10", *,
 
 
 def load_dataset(name: str, *, root: str | Path | None = None, seed: int = 0,
-                 train_limit: int | None = None, test_limit: int | None = None) -> ImageDataset:
-    """``"digits"`` (bundled) or ``"cifar10"``/``"cifar100"`` read from ``root``."""
+                 train_limit: int | None = None, test_limit: int | None = None,
+                 val_fraction: float = 0.0) -> ImageDataset:
+    """``"digits"`` (bundled) or ``"cifar10"``/``"cifar100"`` read from ``root``.
+
+    ``val_fraction`` of the training images (after ``train_limit``) is held out
+    as the validation split, drawn with ``seed`` (:func:`hold_out_validation`).
+    """
     if name == "digits":
-        return load_digits_dataset(seed, train_limit=train_limit, test_limit=test_limit)
-    if name in ("cifar10", "cifar100"):
+        dataset = load_digits_dataset(seed, train_limit=train_limit, test_limit=test_limit)
+    elif name in ("cifar10", "cifar100"):
         if root is None:
             raise ValueError(f"dataset {name!r} needs a data root (--data-root): the folder "
                              f"where the CIFAR archive from {CIFAR_URL} was extracted")
-        return load_cifar(root, name, train_limit=train_limit, test_limit=test_limit)
-    raise ValueError(f"unknown dataset {name!r}; expected one of {DATASETS}")
+        dataset = load_cifar(root, name, train_limit=train_limit, test_limit=test_limit)
+    else:
+        raise ValueError(f"unknown dataset {name!r}; expected one of {DATASETS}")
+    return hold_out_validation(dataset, val_fraction, seed)
 
 
 # ---------------------------------------------------------------- batches
@@ -475,8 +542,8 @@ def iter_batches(dataset: ImageDataset, split: str, batch_size: int, *,
     leaves out the first batches (after drawing their random numbers), which is
     how a run resumes in the middle of an epoch.
     """
-    if split not in ("train", "test"):
-        raise ValueError(f"split must be 'train' or 'test', got {split!r}")
+    if split not in _SPLITS:
+        raise ValueError(f"split must be one of {_SPLITS}, got {split!r}")
     batch_size = _check_limit(batch_size, "batch_size")
     images = getattr(dataset, f"{split}_images")
     labels = getattr(dataset, f"{split}_labels")

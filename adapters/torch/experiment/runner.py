@@ -4,9 +4,12 @@
 dataset, grows it with Random, SSD or Firefly after the epochs the
 :class:`~simcore.adapters.torch.schedule.GrowthSchedule` names, runs the
 post-growth phase chosen by ``terms`` and returns a JSON-ready result:
-accuracy per epoch, parameters per epoch, every growth, training time, and the
-Fig. 6 similarity statistics of layer 2 (at the seed, after each growth, after
-each phase and at the end).
+accuracy per epoch (test and, when the dataset holds one, validation),
+parameters per epoch, training time, and for every growth the accuracy just
+before it, just after it and just after its phase, and, for every grown layer,
+the Fig. 6 similarity statistics before and after the phase, the phase's
+relative weight change and the drift of the layer's weight scale; at the end,
+the similarity of every conv/linear layer.
 
 Determinism and resumption: every random choice is drawn from a generator
 seeded by (seed, what, epoch): the data order and augmentation of each epoch,
@@ -50,11 +53,12 @@ from .config import RunConfig
 from .data import ImageDataset, iter_batches, load_dataset
 from .terms import make_phase
 
-__all__ = ["Hooks", "RunInterrupted", "layer_name", "resolve_device", "run_one"]
+__all__ = ["Hooks", "RunInterrupted", "growth_line", "layer_name", "resolve_device", "run_one",
+           "similarity_layers"]
 
 CHECKPOINT = "checkpoint.pt"
 RESULT = "result.json"
-_STREAMS = {"init": 1, "epoch": 2, "growth": 3, "growth_data": 4}
+_STREAMS = {"init": 1, "epoch": 2, "growth": 3, "growth_data": 4, "control": 5}
 
 
 class RunInterrupted(KeyboardInterrupt):
@@ -93,22 +97,31 @@ def resolve_device(name: str) -> torch.device:
     return device
 
 
+def similarity_layers(model: nn.Module) -> list[str]:
+    """The module names of the conv/linear layers the similarity statistics cover (no depthwise)."""
+    return [n for n, m in model.named_modules()
+            if isinstance(m, (nn.Conv2d, nn.Linear))
+            and not (isinstance(m, nn.Conv2d) and is_depthwise(m.in_channels, m.groups))]
+
+
 def layer_name(model: nn.Module, layer: int) -> str:
     """The module name of conv/linear layer ``layer`` (1-based, depthwise convs not counted).
 
     The paper's Fig. 6 looks at layer 2: VGG16's second conv, MobileNetV1's
     first pointwise conv.
     """
-    names = [n for n, m in model.named_modules()
-             if isinstance(m, (nn.Conv2d, nn.Linear))
-             and not (isinstance(m, nn.Conv2d) and is_depthwise(m.in_channels, m.groups))]
+    names = similarity_layers(model)
     if not 1 <= layer <= len(names):
         raise ValueError(f"layer must lie in [1, {len(names)}], got {layer}")
     return names[layer - 1]
 
 
 def _stats(model: nn.Module, name: str) -> dict[str, Any]:
-    w = model.get_submodule(name).weight.detach().to("cpu", torch.float64)
+    return _weight_stats(model.get_submodule(name).weight, name)
+
+
+def _weight_stats(weight: torch.Tensor, name: str) -> dict[str, Any]:
+    w = weight.detach().to("cpu", torch.float64)
     s = simcore.similarity_stats(w)
     return {"layer": name, "neurons": int(w.shape[0]),
             "counts": [int(c) for c in s.counts], "edges": [float(e) for e in s.edges],
@@ -138,18 +151,42 @@ def _make_scheduler(config: RunConfig, optimizer: torch.optim.Optimizer):
     return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda _epoch: 1.0)
 
 
+def _final_similarity(model: nn.Module) -> dict[str, Any]:
+    """Mean |cos| and share in [-0.5, 0.5] of every conv/linear layer, and their means."""
+    layers = {}
+    for name in similarity_layers(model):
+        stats = _stats(model, name)
+        layers[name] = {"mean_abs": stats["mean_abs"],
+                        "share_within_half": stats["share_within_half"]}
+    return {"layers": layers,
+            "mean_abs": float(np.mean([v["mean_abs"] for v in layers.values()])),
+            "share_within_half": float(np.mean([v["share_within_half"]
+                                                for v in layers.values()]))}
+
+
 @torch.no_grad()
-def evaluate(model: nn.Module, dataset: ImageDataset, batch_size: int = 500) -> float:
-    """Test accuracy in percent (eval mode; the model's mode restored)."""
+def evaluate(model: nn.Module, dataset: ImageDataset, batch_size: int = 500,
+             split: str = "test") -> float | None:
+    """Accuracy in percent on ``split`` (eval mode; the model's mode restored).
+
+    ``None`` for an empty split (a dataset without validation images).
+    """
+    count = getattr(dataset, f"{split}_labels").shape[0]
+    if count == 0:
+        return None
     was_training = model.training
     model.eval()
     correct = 0
     try:
-        for x, y in iter_batches(dataset, "test", batch_size):
+        for x, y in iter_batches(dataset, split, batch_size):
             correct += int((model(x).argmax(dim=1) == y).sum())
     finally:
         model.train(was_training)
-    return 100.0 * correct / dataset.test_labels.shape[0]
+    return 100.0 * correct / count
+
+
+def _accuracies(model: nn.Module, dataset: ImageDataset) -> dict[str, float | None]:
+    return {"test": evaluate(model, dataset), "val": evaluate(model, dataset, split="val")}
 
 
 @dataclass
@@ -167,6 +204,8 @@ class _State:
     similarity: dict = field(default_factory=dict)
     phase_layers: list = field(default_factory=list)   # joint phase in progress
     phase_remaining: int = 0
+    phase_seconds: float = 0.0    # wall time of the similarity phases (part of train_seconds)
+    growth_seconds: float = 0.0   # wall time of the growths themselves (part of train_seconds)
 
     def to_extra(self) -> dict[str, Any]:
         return {k: getattr(self, k) for k in self.__dataclass_fields__}
@@ -252,7 +291,8 @@ def run_one(config: RunConfig, out_dir: str | Path, *, dataset: ImageDataset | N
     device = resolve_device(config.device)
     if dataset is None:
         dataset = load_dataset(config.dataset, root=config.data_root, seed=config.data_seed,
-                               train_limit=config.train_limit, test_limit=config.test_limit)
+                               train_limit=config.train_limit, test_limit=config.test_limit,
+                               val_fraction=config.val_fraction)
     dataset = dataset.to(device)
     schedule = GrowthSchedule(every=config.grow_every, ratio=config.ratio, unit=config.unit,
                               max_growths=config.max_growths)
@@ -269,11 +309,14 @@ def run_one(config: RunConfig, out_dir: str | Path, *, dataset: ImageDataset | N
         state.similarity = {"layer": stats_layer, "seed": _stats(model, stats_layer),
                             "after_growth": [], "after_phase": []}
         state.history.append({"epoch": 0, "test_accuracy": evaluate(model, dataset),
+                              "val_accuracy": evaluate(model, dataset, split="val"),
                               "parameters": _param_count(model), "train_loss": None,
                               "train_accuracy": None, "lr": config.lr})
     phase = _phase(config)
+    phase_before: list[torch.Tensor] = []   # grown weights when a joint phase began
     if phase is not None and state.phase_remaining:
         _resume_joint_phase(phase, model, state, extra.get("phase_refs"))
+        phase_before = [t.to(device) for t in extra["phase_before"]]
 
     loss_fn = nn.CrossEntropyLoss()
     batches_per_epoch = math.ceil(dataset.train_labels.shape[0] / config.batch_size)
@@ -286,6 +329,7 @@ def run_one(config: RunConfig, out_dir: str | Path, *, dataset: ImageDataset | N
         extra = {"key": key, "state": state.to_extra()}
         if phase is not None and phase.active:
             extra["phase_refs"] = [r.detach().cpu() for r in phase.penalty.refs]
+            extra["phase_before"] = [w.detach().cpu() for w in phase_before]
         # written to a temporary name and renamed: an interrupted save keeps the last one
         save_checkpoint(ckpt_path, model, optimizer, scheduler, extra=extra)
         unsaved = False
@@ -304,10 +348,20 @@ def run_one(config: RunConfig, out_dir: str | Path, *, dataset: ImageDataset | N
                     consistent, unsaved = False, True
                     logits = model(x)
                     loss = loss_fn(logits, y)
-                    total = loss + phase.term() if phase is not None and phase.active else loss
+                    joint = phase is not None and phase.active
+                    total = loss + phase.term() if joint and phase.coupled else loss
                     optimizer.zero_grad(set_to_none=True)
                     total.backward()
                     optimizer.step()
+                    if joint:
+                        phase_started = time.perf_counter()
+                        if not phase.coupled:
+                            phase.after_optimizer_step()
+                        if not phase.active:  # the joint phase's last step: measure it
+                            _measure_phase(state.growths[-1], model, dataset, phase_before,
+                                           state.phase_layers)
+                            phase_before = []
+                        state.phase_seconds += time.perf_counter() - phase_started
                     state.loss_sum += float(loss.detach()) * y.shape[0]
                     state.correct += int((logits.argmax(dim=1) == y).sum())
                     state.seen += int(y.shape[0])
@@ -331,11 +385,12 @@ def run_one(config: RunConfig, out_dir: str | Path, *, dataset: ImageDataset | N
                           "lr": optimizer.param_groups[0]["lr"]}
                 if schedule.should_grow(epoch):
                     started = time.perf_counter()
-                    state.growths.append(
-                        _grow(config, epoch, model, optimizer, dataset, loss_fn, phase, state,
-                              stats_layer))
+                    record_, phase_before = _grow(config, epoch, model, optimizer, dataset,
+                                                  loss_fn, phase, state, stats_layer)
+                    state.growths.append(record_)
                     state.train_seconds += time.perf_counter() - started
                 record["test_accuracy"] = evaluate(model, dataset)
+                record["val_accuracy"] = evaluate(model, dataset, split="val")
                 record["parameters"] = _param_count(model)
                 record["widths"] = widths(model)
                 state.history.append(record)
@@ -343,6 +398,7 @@ def run_one(config: RunConfig, out_dir: str | Path, *, dataset: ImageDataset | N
                 state.loss_sum, state.correct, state.seen = 0.0, 0, 0
                 if state.epoch == config.epochs:
                     state.similarity["final"] = _stats(model, stats_layer)
+                    state.similarity["final_all"] = _final_similarity(model)
                 save()
                 consistent = True
                 bar.update(1)
@@ -364,13 +420,21 @@ def run_one(config: RunConfig, out_dir: str | Path, *, dataset: ImageDataset | N
 
 
 def _phase(config: RunConfig):
+    generator = None
+    if config.terms == "control":
+        generator = torch.Generator().manual_seed(derive_seed(config.seed, "control"))
     return make_phase(config.terms, method=config.method, phase=config.phase,
-                      steps=config.phase_steps_or_default, lam=config.lam, lr=config.phase_lr,
-                      form=config.form, anchor=config.anchor)
+                      steps=config.phase_steps_or_default, lam=config.lam,
+                      lr=config.phase_lr_or_default, form=config.form, anchor=config.anchor,
+                      step=config.phase_step, generator=generator)
 
 
 def _grow(config, epoch, model, optimizer, dataset, loss_fn, phase, state, stats_layer):
-    """One growth after ``epoch`` and its similarity phase; returns the growth's record."""
+    """One growth after ``epoch`` and its similarity phase.
+
+    Returns the growth's record and, when a joint phase begins, the grown
+    weights as it found them (its effect is measured when it ends).
+    """
     data_gen = torch.Generator().manual_seed(derive_seed(config.seed, "growth_data", epoch))
     batches = []
     for batch in iter_batches(dataset, "train", config.batch_size, generator=data_gen,
@@ -378,22 +442,82 @@ def _grow(config, epoch, model, optimizer, dataset, loss_fn, phase, state, stats
         batches.append(batch)
         if len(batches) == config.growth_batches:
             break
+    accuracy = {"before_growth": _accuracies(model, dataset)}
     torch.manual_seed(derive_seed(config.seed, "growth", epoch))  # any use of the global RNG
     started = time.perf_counter()
     report = _make_grower(config, epoch).grow(model, batches, loss_fn, optimizer,
                                               ratio=config.ratio, unit=config.unit)
     grow_seconds = time.perf_counter() - started
+    state.growth_seconds += grow_seconds
+    accuracy["after_growth"] = _accuracies(model, dataset)
+    accuracy["after_phase"] = None
     state.similarity["after_growth"].append(_stats(model, stats_layer))
+    record = {"epoch": epoch + 1, "budget": report.budget, "added": report.added,
+              "params_before": report.params_before, "params_after": report.params_after,
+              "grown_layers": report.grown_layers, "growth_seconds": grow_seconds,
+              "phase_seconds": 0.0, "accuracy": accuracy, "phase": None}
+    if phase is None:
+        return record, []
     started = time.perf_counter()
-    if phase is not None:
-        phase.start(model, report.grown_layers)
-        state.phase_layers = list(report.grown_layers)
-        state.phase_remaining = phase.remaining
-        state.similarity["after_phase"].append(_stats(model, stats_layer))
-    return {"epoch": epoch + 1, "budget": report.budget, "added": report.added,
-            "params_before": report.params_before, "params_after": report.params_after,
-            "grown_layers": report.grown_layers, "growth_seconds": grow_seconds,
-            "phase_seconds": time.perf_counter() - started}
+    layers = [name for name in report.grown_layers if name in similarity_layers(model)]
+    before = [model.get_submodule(name).weight.detach().clone() for name in layers]
+    record["phase"] = {"steps": config.phase_steps_or_default, "layers": {}}
+    phase.start(model, report.grown_layers)
+    state.phase_layers = list(report.grown_layers)
+    state.phase_remaining = phase.remaining
+    seconds = time.perf_counter() - started
+    record["phase_seconds"] = seconds
+    state.phase_seconds += seconds
+    if phase.active:  # joint: the phase runs during the next training steps
+        return record, before
+    _measure_phase(record, model, dataset, before, layers)
+    state.similarity["after_phase"].append(_stats(model, stats_layer))
+    return record, []
+
+
+def _measure_phase(record, model, dataset, before, layers) -> None:
+    """Fill ``record`` (a growth's) with what its phase did to each grown layer, and accuracy."""
+    layers = [name for name in layers if name in similarity_layers(model)]
+    for name, old in zip(layers, before, strict=True):
+        new = model.get_submodule(name).weight.detach()
+        old64, new64 = old.to(torch.float64), new.to(torch.float64)
+        record["phase"]["layers"][name] = {
+            "before": _weight_stats(old, name), "after": _weight_stats(new, name),
+            "relative_change": float((new64 - old64).norm() / old64.norm().clamp_min(1e-300)),
+            "scale_drift": float(new64.square().mean().sqrt()
+                                 / old64.square().mean().sqrt().clamp_min(1e-300) - 1.0),
+        }
+    record["accuracy"]["after_phase"] = _accuracies(model, dataset)
+
+
+def growth_line(record: dict[str, Any]) -> str:
+    """One compact line for a growth record: size, phase effect (grown layers' means), accuracy."""
+    acc = record["accuracy"]
+
+    def pair(key):
+        values = acc.get(key)
+        if values is None:
+            return "-"
+        test = f"{values['test']:.1f}"
+        return test if values.get("val") is None else f"{test}/{values['val']:.1f}"
+
+    text = (f"growth at epoch {record['epoch']}: {record['params_before']} -> "
+            f"{record['params_after']} parameters")
+    layers = (record.get("phase") or {}).get("layers") or {}
+    if layers:
+        values = list(layers.values())
+        before = np.mean([v["before"]["mean_abs"] for v in values])
+        after = np.mean([v["after"]["mean_abs"] for v in values])
+        share0 = 100 * np.mean([v["before"]["share_within_half"] for v in values])
+        share1 = 100 * np.mean([v["after"]["share_within_half"] for v in values])
+        change = 100 * np.mean([v["relative_change"] for v in values])
+        drift = 100 * np.mean([v["scale_drift"] for v in values])
+        text += (f"; phase on {len(values)} layers: mean |cos| {before:.3f} -> {after:.3f}, "
+                 f"in [-0.5, 0.5] {share0:.0f}% -> {share1:.0f}%, weights moved {change:.1f}%, "
+                 f"scale {drift:+.2f}%")
+    text += (f"; accuracy test/val before {pair('before_growth')}, after growth "
+             f"{pair('after_growth')}, after phase {pair('after_phase')}")
+    return text
 
 
 def _resume_joint_phase(phase, model, state, refs):
@@ -448,7 +572,10 @@ def _result(config, key, state, model, device) -> dict[str, Any]:
         "label": config.label, "key": key, "config": config.to_dict(),
         "device": str(device),
         "final_accuracy": final["test_accuracy"], "best_accuracy": max(accuracies),
-        "training_seconds": state.train_seconds,
+        "final_val_accuracy": final.get("val_accuracy"),
+        "training_seconds": state.train_seconds, "phase_seconds": state.phase_seconds,
+        "growth_seconds": state.growth_seconds,
+        "final_similarity": state.similarity.get("final_all"),
         "parameters_seed": state.history[0]["parameters"],
         "parameters_final": _param_count(model), "widths_final": widths(model),
         "phase_steps": config.phase_steps_or_default if config.terms != "none" else None,
