@@ -4,6 +4,9 @@
   similarities between the neurons of layer 2 at the end of training, without
   and with the similarity phase, per method (and, for a run alone, at the seed
   vs at the end), with the share of pairs inside [-0.5, 0.5];
+* :func:`plot_phase_similarity` — Fig. 6 for every phase: per run with phases (first seed
+  of each method and terms), one small panel per (growth, grown layer) with the cosine
+  histogram just before and just after the similarity phase;
 * :func:`plot_curves` — test accuracy and parameter count over epochs;
 * :func:`plot_gradcam` — the paper's Fig. 4: inputs, then the Grad-CAM maps of
   the baseline and of the model grown with the similarity phase.
@@ -11,6 +14,7 @@
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -21,9 +25,11 @@ matplotlib.use("Agg")  # files only; set before pyplot is imported
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
-__all__ = ["plot_curves", "plot_gradcam", "plot_similarity"]
+__all__ = ["plot_curves", "plot_gradcam", "plot_phase_similarity", "plot_similarity"]
 
 from .config import TERM_LABELS  # noqa: E402
+from .statistics import MODEL_NAMES as _MODEL_NAMES  # noqa: E402
+from .statistics import run_order, terms_label  # noqa: E402
 
 
 def _save(fig, path: str | Path) -> Path:
@@ -57,21 +63,112 @@ def plot_similarity(results: Sequence[dict[str, Any]], path: str | Path) -> Path
         by_method.setdefault((c["model"], c["method"]), {}).setdefault(c["terms"], r)
     fig, axes = plt.subplots(1, len(by_method), figsize=(5.2 * len(by_method), 3.6),
                              squeeze=False)
-    colors = {"none": "tab:gray", "eq2": "tab:orange", "eq4": "tab:green", "both": "tab:blue"}
+    colors = {"none": "tab:gray", "eq2": "tab:orange", "eq4": "tab:green", "both": "tab:blue",
+              "control": "tab:red"}
     for ax, ((model, method), runs) in zip(axes[0], sorted(by_method.items()), strict=True):
         if len(runs) == 1:
             (terms, run), = runs.items()
             _hist(ax, run["similarity"]["seed"], "seed", "tab:gray")
-            _hist(ax, run["similarity"]["final"], f"end ({TERM_LABELS[terms]})", colors[terms])
+            _hist(ax, run["similarity"]["final"], f"end ({TERM_LABELS.get(terms, terms)})",
+                  colors.get(terms, "tab:purple"))
         else:
             for terms, run in runs.items():
-                _hist(ax, run["similarity"]["final"], TERM_LABELS[terms], colors[terms])
+                _hist(ax, run["similarity"]["final"], TERM_LABELS.get(terms, terms),
+                      colors.get(terms, "tab:purple"))
         layer = next(iter(runs.values()))["similarity"]["layer"]
         ax.set_title(f"{model} {method}: layer 2 ({layer})", fontsize=9)
         ax.set_xlabel("cosine similarity between neurons")
         ax.set_ylabel("share of pairs")
         ax.set_xlim(-1, 1)
         ax.legend(fontsize=6.5, loc="upper left")
+    return _save(fig, path)
+
+
+def _phase_runs(results: Sequence[dict[str, Any]], steps: int | None) -> list[dict[str, Any]]:
+    """The first seed of each (model, method, terms != none, N) whose growths recorded a
+    phase; only N = ``steps`` unless ``steps`` is None."""
+    chosen: dict[tuple[str, str, str, Any], dict[str, Any]] = {}
+    for r in sorted(results, key=lambda r: (r["config"]["seed"],
+                                            r["config"].get("data_seed") or 0)):
+        c = r["config"]
+        has_phase = any(g.get("phase") for g in r.get("growths", []))
+        if c["terms"] != "none" and has_phase and steps in (None, r.get("phase_steps")):
+            chosen.setdefault((c["model"], c["method"], c["terms"], r.get("phase_steps")), r)
+    return [chosen[key] for key in sorted(chosen, key=lambda k: run_order(*k))]
+
+
+def _share(stats: dict[str, Any]) -> np.ndarray:
+    counts = np.asarray(stats["counts"], dtype=float)
+    return counts / max(counts.sum(), 1.0)
+
+
+def _side_label(side: str, stats: dict[str, Any]) -> str:
+    return (f"{side}: {100 * stats['share_within_half']:.0f}% in [-0.5, 0.5], "
+            f"mean |cos| {stats['mean_abs']:.3f}")
+
+
+def plot_phase_similarity(results: Sequence[dict[str, Any]], path: str | Path, *,
+                          columns: int = 6, phase_steps: int | None = None) -> Path:
+    """Fig. 6 for every phase: cosine histograms just before and just after each phase.
+
+    For the first seed of each (model, method, terms != none, N) run whose growths
+    recorded a phase, one block of panels, one panel per (growth, grown layer), wrapped at
+    ``columns``; every panel shares the figure's y scale and gives, for before and after,
+    the share of pairs in [-0.5, 0.5] and the mean |cos|. An N sweep gives a block per N;
+    ``phase_steps`` keeps the runs of that N only (e.g. N_best). Raises ``ValueError`` when
+    no run (of that N) has a phase.
+    """
+    runs = _phase_runs(results, phase_steps)
+    if not runs:
+        raise ValueError("no run recorded a similarity phase: nothing to plot")
+    blocks = []
+    for r in runs:
+        panels = [(number, g, name, layer)
+                  for number, g in enumerate(r["growths"], start=1) if g.get("phase")
+                  for name, layer in g["phase"]["layers"].items()]
+        blocks.append((r, panels))
+    top = max(float(_share(layer[side]).max()) for _r, panels in blocks
+              for *_ignored, layer in panels for side in ("before", "after"))
+    width = min(columns, max(len(panels) for _r, panels in blocks))
+    heights = [math.ceil(len(panels) / width) for _r, panels in blocks]
+    fig = plt.figure(figsize=(2.7 * width, 2.35 * sum(heights) + 0.45 * len(blocks)),
+                     layout="constrained")
+    subfigures = fig.subfigures(len(blocks), 1, height_ratios=heights, squeeze=False)[:, 0]
+    for subfigure, (r, panels), rows in zip(subfigures, blocks, heights, strict=True):
+        c = r["config"]
+        steps = r.get("phase_steps")
+        model = _MODEL_NAMES.get(c["model"], c["model"])
+        subfigure.suptitle(f"{model} {terms_label(c['method'], c['terms'])}"
+                           + ("" if steps is None else f", N = {steps}")
+                           + f" (seed {c['seed']}): cosine similarity between the neurons of "
+                           "each grown layer, before (grey) and after (blue) the phase; "
+                           "shaded: [-0.5, 0.5]",
+                           fontsize=9, x=0.01, ha="left", fontweight="bold")
+        axes = subfigure.subplots(rows, width, squeeze=False)
+        for ax in axes.ravel()[len(panels):]:
+            ax.set_visible(False)
+        for ax, (number, growth, name, layer) in zip(axes.ravel(), panels, strict=False):
+            ax.axvspan(-0.5, 0.5, color="0.93", zorder=0)  # the band the shares count
+            before, after = layer["before"], layer["after"]
+            ax.stairs(_share(before), np.asarray(before["edges"]), fill=True, color="0.6",
+                      alpha=0.7, label=_side_label("before", before))
+            ax.stairs(_share(after), np.asarray(after["edges"]), color="tab:blue",
+                      linewidth=1.4, label=_side_label("after", after))
+            change = layer.get("relative_change")
+            ax.set_title(f"growth {number} (epoch {growth.get('epoch', '?')}): {name}"
+                         + ("" if change is None else f"\nweights moved {100 * change:.1f}%"),
+                         fontsize=7.5)
+            ax.set_xlim(-1, 1)
+            ax.set_xticks([-1, -0.5, 0, 0.5, 1])
+            ax.set_ylim(0, 1.45 * top)  # one scale for the figure; headroom for the legend
+            ax.tick_params(labelsize=6.5)
+            ax.legend(fontsize=6, loc="upper left", frameon=False, handlelength=1.2,
+                      borderaxespad=0.2)
+        for index, ax in enumerate(axes.ravel()[:len(panels)]):
+            if index + width >= len(panels):  # nothing drawn below this panel
+                ax.set_xlabel("cosine", fontsize=7)
+        for ax in axes[:, 0]:
+            ax.set_ylabel("share of pairs", fontsize=7)
     return _save(fig, path)
 
 
