@@ -91,7 +91,7 @@ def _phase_runs(results: Sequence[dict[str, Any]], steps: int | None) -> list[di
     for r in sorted(results, key=lambda r: (r["config"]["seed"],
                                             r["config"].get("data_seed") or 0)):
         c = r["config"]
-        has_phase = any(g.get("phase") for g in r.get("growths", []))
+        has_phase = any((g.get("phase") or {}).get("layers") for g in r.get("growths", []))
         if c["terms"] != "none" and has_phase and steps in (None, r.get("phase_steps")):
             chosen.setdefault((c["model"], c["method"], c["terms"], r.get("phase_steps")), r)
     return [chosen[key] for key in sorted(chosen, key=lambda k: run_order(*k))]
