@@ -81,6 +81,19 @@ def test_every_method_grows_with_and_without_the_phase(experiment):
             assert after["mean_abs"] < before["mean_abs"]
         else:
             assert after == before
+        # every grown layer's phase is measured, with the accuracy around it
+        growth = with_phase["growths"][0]
+        assert set(growth["phase"]["layers"]) <= set(growth["grown_layers"])
+        for layer in growth["phase"]["layers"].values():
+            assert layer["after"]["mean_abs"] < layer["before"]["mean_abs"]
+            assert layer["relative_change"] > 0 and abs(layer["scale_drift"]) < 0.05
+        for moment in ("before_growth", "after_growth", "after_phase"):
+            assert set(growth["accuracy"][moment]) == {"test", "val"}
+        assert without["growths"][0]["phase"] is None
+        assert without["growths"][0]["accuracy"]["after_phase"] is None
+        assert 0 < with_phase["phase_seconds"] < with_phase["training_seconds"]
+        layers = with_phase["final_similarity"]["layers"]
+        assert len(layers) == 14 and with_phase["final_similarity"]["mean_abs"] > 0
 
 
 def test_results_tables_and_figures_are_written(experiment):
@@ -91,13 +104,13 @@ def test_results_tables_and_figures_are_written(experiment):
         rows = list(csv.DictReader(handle))
     assert len(rows) == 6 and {row["terms"] for row in rows} == {"none", "both"}
     assert float(rows[0]["final_accuracy"]) == outcome["results"][0]["final_accuracy"]
-    lines = outcome["table"].splitlines()
+    lines = outcome["table"].split("\n\n")[0].splitlines()
     assert lines[0].split()[:3] == ["Method", "Architecture", "Accuracy"]
     assert [line.split()[0] for line in lines[1:]] == [
         "Random", "Random+ours", "SSD", "SSD+ours", "Firefly", "Firefly+ours"]
-    assert (out / "table.txt").read_text().strip() == outcome["table"]
-    figures = ["similarity_layer2.png", "curves.png", "gradcam_random.png", "gradcam_ssd.png",
-               "gradcam_firefly.png"]
+    assert (out / "table.txt").read_text().startswith(outcome["table"])
+    figures = ["similarity_layer2.png", "similarity_phases.png", "curves.png",
+               "gradcam_random.png", "gradcam_ssd.png", "gradcam_firefly.png"]
     for name in figures:
         data = (out / name).read_bytes()
         assert data[:8] == PNG_MAGIC and len(data) > 2000, name
@@ -168,8 +181,9 @@ def test_the_console_command_runs_and_prints_the_table(tmp_path):
     assert done.returncode == 0, done.stderr
     lines = done.stdout.splitlines()
     header = next(i for i, line in enumerate(lines) if line.startswith("Method"))
-    row = lines[header + 1].split()
-    assert row[:2] == ["Random+ours", "VGG16"] and row[6] == "3"  # "±" is a cell too
+    n_column = lines[header].index("  N  ") + 2
+    row = lines[header + 1]
+    assert row.split()[:2] == ["Random+ours", "VGG16"] and row[n_column] == "3"
     assert (tmp_path / "out" / "results.csv").exists()
     bad = subprocess.run(command[:4] + ["--dataset", "cifar10", "--data-root", str(tmp_path),
                                         "--quiet", "--out", str(tmp_path / "x")],
@@ -181,7 +195,7 @@ def test_ablation_of_the_two_terms(tmp_path):
     outcome = run_experiment(TINY, methods=["random"], terms=["none", "eq2", "eq4", "both"],
                              seeds=[0], out_dir=tmp_path, figures=False, echo=None)
     none, eq2, eq4, both = outcome["results"]
-    header, *rows = outcome["table"].splitlines()
+    header, *rows = outcome["table"].split("\n\n")[0].splitlines()
     assert header.split()[2:4] == ["Eq.2", "Eq.4"]
     assert [row.split()[2:4] for row in rows] == [["x", "x"], ["o", "x"], ["x", "o"], ["o", "o"]]
     # Eq. 4 alone, weights-only right after the snapshot, is exactly 0 with zero gradient:

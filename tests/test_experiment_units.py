@@ -165,7 +165,7 @@ def test_summary_is_mean_and_sample_std_over_seeds_in_the_paper_s_order():
     assert ssd["accuracy_mean"] == pytest.approx(92.0)
     assert ssd["accuracy_std"] == pytest.approx(statistics.stdev([90.0, 91.0, 95.0]))
     assert ssd["time_mean"] == pytest.approx(11.0) and ssd["seeds"] == [0, 1, 2]
-    table = format_table(rows).splitlines()
+    table = format_table(rows, legend=False).splitlines()
     assert table[0].split()[:4] == ["Method", "Architecture", "Eq.2", "Eq.4"]
     marks = [line.split()[2:4] for line in table[1:]]
     assert marks == [["x", "x"], ["o", "x"], ["x", "o"], ["o", "o"], ["o", "o"]]
@@ -209,12 +209,21 @@ def test_run_config_refuses_a_dead_phase_or_a_divergent_momentum(field, value, m
 def test_command_line_plans():
     parse = build_parser().parse_args
     quick = plan(parse([]))
-    assert quick["methods"] == ["firefly"] and quick["terms"] == ["none", "both"]
-    assert quick["seeds"] == [0] and quick["base"] == preset("quick")
+    assert quick["methods"] == ["firefly"] and quick["terms"] == ["none", "both", "control"]
+    assert quick["seeds"] == [0, 1, 2, 3, 4] and quick["base"] == preset("quick")
+    assert quick["phase_steps"] == [None]
     compare = plan(parse(["--compare", "--ablation", "--model", "mobilenet_v1", "--N", "7"]))
     assert compare["methods"] == ["random", "ssd", "firefly"]
-    assert compare["terms"] == ["none", "eq2", "eq4", "both"] and compare["seeds"] == [0, 1, 2]
-    assert compare["base"].model == "mobilenet_v1" and compare["base"].phase_steps == 7
+    assert compare["terms"] == ["none", "eq2", "eq4", "both"]
+    assert compare["seeds"] == [0, 1, 2, 3, 4]
+    assert compare["base"].model == "mobilenet_v1" and compare["phase_steps"] == [7]
+    sweep = plan(parse(["--N", "1", "5", "10", "--similarity", "both", "--control"]))
+    assert sweep["phase_steps"] == [1, 5, 10]
+    assert sweep["terms"] == ["none", "both", "control"]
+    with pytest.raises(ValueError, match="validation"):
+        plan(parse(["--N", "1", "5", "--val-fraction", "0"]))
+    with pytest.raises(ValueError, match="ablation"):
+        plan(parse(["--ablation", "--similarity", "on"]))
     paper = plan(parse(["--preset", "paper", "--similarity", "on", "--data-root", "/d"]))
     assert paper["terms"] == ["both"] and paper["base"].data_root == "/d"
     assert str(paper["out"]).endswith("paper")

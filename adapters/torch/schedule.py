@@ -55,11 +55,15 @@ __all__ = [
 DEFAULT_PHASE_STEPS = {"random": 20, "ssd": 10, "firefly": 15}
 #: The two readings of "N iterations of Eq. 5" (see the module docstring).
 PHASES = ("weights_only", "joint")
-#: The phase's step size for each kind of step (``simcore.STEPS``): a relative step of
-#: 0.1 turns a row by at most a tenth of its norm per step; 0.01 is the earlier absolute default.
-DEFAULT_PHASE_LR = {"relative": 0.1, "absolute": 0.01}
-#: lambda of Eq. 4 in the phase.
-DEFAULT_PHASE_LAM = 0.1
+#: The phase's step size for each kind of step (``simcore.STEPS``). A relative step of 0.01
+#: moves a row by at most 1% of its norm per step: the largest step of the README's sweep
+#: whose phase cost the test accuracy less than one point right after it; 0.01 is also the
+#: earlier absolute default.
+DEFAULT_PHASE_LR = {"relative": 0.01, "absolute": 0.01}
+#: lambda of Eq. 4 for each kind of step. With relative steps each step removes about
+#: ``lr * lam`` of the layer's scale drift from the post-growth snapshot (keep it below 1);
+#: 0.1 is the earlier absolute default.
+DEFAULT_PHASE_LAM = {"relative": 10.0, "absolute": 0.1}
 
 
 def _index(value, name, minimum):
@@ -128,7 +132,8 @@ class SimilarityPhase:
     """The post-growth similarity phase (Eq. 5 for ``steps`` iterations on the grown layers).
 
     ``steps`` defaults to the paper's best ``N`` for ``method`` (Random 20, SSD 10,
-    Firefly 15), ``lr`` to :data:`DEFAULT_PHASE_LR` for ``step``. After each
+    Firefly 15), ``lr`` and ``lam`` to :data:`DEFAULT_PHASE_LR` and
+    :data:`DEFAULT_PHASE_LAM` for ``step``. After each
     growth call :meth:`start` with the model and the grown layers' names (a
     :class:`GrowthReport`'s ``grown_layers``):
 
@@ -147,7 +152,7 @@ class SimilarityPhase:
     >>> net = nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 2))
     >>> phase = SimilarityPhase(method="ssd", phase="joint")
     >>> phase.steps, phase.lr
-    (10, 0.1)
+    (10, 0.01)
     >>> phase.start(net, ["0"])
     >>> optimizer = torch.optim.SGD(net.parameters(), lr=0.1)
     >>> net(torch.randn(3, 4)).square().mean().backward(); optimizer.step()
@@ -159,7 +164,7 @@ class SimilarityPhase:
     method: str = "firefly"
     phase: str = "weights_only"
     steps: int | None = None
-    lam: float = DEFAULT_PHASE_LAM
+    lam: float | None = None
     lr: float | None = None
     strength: float = 1.0
     form: str = "squared_log"
@@ -185,6 +190,9 @@ class SimilarityPhase:
         self.steps = _index(self.steps, "steps", 0)
         if self.lr is None:
             self.lr = DEFAULT_PHASE_LR[self.step]
+        if self.lam is None:
+            self.lam = DEFAULT_PHASE_LAM[self.step]
+        self.lam = check_real(self.lam, "lam")
         self.lr = check_real(self.lr, "lr")
         if not self.lr > 0.0:
             raise ValueError(f"lr must be > 0, got {self.lr}")

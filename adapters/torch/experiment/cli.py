@@ -1,22 +1,25 @@
 """``simcore grow``: the paper's experiment as a command (arguments and entry point).
 
 ``simcore grow`` alone runs the ``quick`` preset — VGG16 grown by Firefly on
-scikit-learn's bundled digits, without and with the similarity phase — and
-prints a table shaped like the paper's Table 1. ``--preset paper`` is the
-paper's CIFAR-10 setting (needs the CIFAR files and, in practice, a GPU);
-``--compare`` runs all three methods with and without the phase over three
-seeds; ``--ablation`` adds the two single-term variants (the paper's Table 3).
+scikit-learn's bundled digits over five seeds, without the similarity phase,
+with it, and with a random perturbation of the same size (the control) — and
+prints a table shaped like the paper's Table 1 with paired differences and
+their confidence intervals. ``--preset paper`` is the paper's CIFAR-10 setting
+(needs the CIFAR files and, in practice, a GPU); ``--compare`` runs all three
+methods; ``--ablation`` adds the two single-term variants (the paper's Table 3);
+several ``--N`` sweep N and choose N_best on the validation split.
 Every option overrides the preset. Re-running the same command reuses finished
 runs and resumes an interrupted one from its checkpoint; ``--fresh`` starts over.
 
 >>> args = build_parser().parse_args(["--method", "ssd", "--epochs", "3", "--seeds", "0", "1"])
 >>> plan(args)["methods"], plan(args)["terms"], plan(args)["seeds"], plan(args)["base"].epochs
-(['ssd'], ['none', 'both'], [0, 1], 3)
+(['ssd'], ['none', 'both', 'control'], [0, 1], 3)
 """
 
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 import time
 from collections.abc import Sequence
@@ -25,12 +28,17 @@ from typing import Any
 
 from .config import (
     ANCHORS,
+    DEFAULT_PHASE_LAM,
+    DEFAULT_PHASE_LR,
     FORMS,
     LR_SCHEDULES,
     METHODS,
     MODELS,
     PHASES,
+    PRESET_SEEDS,
+    PRESET_TERMS,
     PRESETS,
+    STEPS,
     UNITS,
     preset,
 )
@@ -44,11 +52,12 @@ _OVERRIDES = {
     "grow_every": "grow_every", "max_growths": "max_growths",
     "growth_batches": "growth_batches", "ssd_mode": "ssd_mode",
     "firefly_candidates": "firefly_candidates", "phase": "phase",
-    "N": "phase_steps", "phase_lr": "phase_lr", "lam": "lam", "form": "form",
+    "phase_lr": "phase_lr", "phase_step": "phase_step", "lam": "lam", "form": "form",
     "anchor": "anchor", "epochs": "epochs", "batch_size": "batch_size", "lr": "lr",
     "lr_schedule": "lr_schedule", "momentum": "momentum", "weight_decay": "weight_decay",
     "dataset": "dataset", "data_root": "data_root", "train_limit": "train_limit",
-    "test_limit": "test_limit", "data_seed": "data_seed", "device": "device",
+    "test_limit": "test_limit", "val_fraction": "val_fraction", "data_seed": "data_seed",
+    "device": "device",
 }
 
 
@@ -59,24 +68,29 @@ def build_parser() -> argparse.ArgumentParser:
         "the post-growth similarity phase of Sakai & Hotta, and report accuracy, training "
         "time, N and parameters like the paper's Tables 1-3, with figures (Fig. 4 Grad-CAM, "
         "Fig. 6 similarity histogram, accuracy/parameters over epochs).",
-        epilog="Examples: 'simcore grow' (quick, a few minutes on a CPU); 'simcore grow "
-        "--compare'; 'simcore grow --preset paper --data-root ~/data --device cuda'.",
+        epilog="Examples: 'simcore grow' (quick, about 2 minutes on 2 CPU cores); 'simcore grow "
+        "--compare'; 'simcore grow --N 1 5 10 15 20 30' (an N sweep, N_best on the "
+        "validation split); 'simcore grow --preset paper --data-root ~/data --device cuda'.",
     )
     what = parser.add_argument_group("what to run")
     what.add_argument("--preset", choices=tuple(PRESETS), default="quick",
-                      help="quick: bundled digits, 5 epochs, 2 growths (default); paper: "
+                      help="quick: bundled digits, 8 epochs, 3 growths, 5 seeds (default); paper: "
                       "CIFAR-10, 250 epochs, a growth every 50, SGD 0.9, cosine lr, batch 128")
     what.add_argument("--method", nargs="+", choices=METHODS, default=None,
                       help="growth method(s) (default: firefly; all three with --compare)")
     what.add_argument("--similarity", choices=tuple(_SIMILARITY), default=None,
-                      help="run without (off), with (on) or both (default) ways")
+                      help="run without (off), with (on) or both ways (default: the preset's "
+                      "terms; quick also runs the perturbation control)")
     what.add_argument("--compare", action="store_true",
-                      help="every method with and without the similarity phase, 3 seeds "
-                      "unless --seeds is given")
+                      help="every method with and without the similarity phase, over the "
+                      "preset's seeds unless --seeds is given")
     what.add_argument("--ablation", action="store_true",
                       help="also run Eq. 2 alone and Eq. 4 alone (the paper's Table 3)")
+    what.add_argument("--control", action="store_true",
+                      help="also run a control: the grown layers moved at random by as much as "
+                      "the phase moves them (separates decorrelation from perturbation)")
     what.add_argument("--seeds", nargs="+", type=int, default=None,
-                      help="run seeds (default: 0; 0 1 2 with --compare)")
+                      help="run seeds (default: the preset's)")
     model = parser.add_argument_group("model and growth")
     model.add_argument("--model", choices=MODELS, help="growth seed (default vgg16)")
     model.add_argument("--width", type=int, help="seed width of every layer (default: the "
@@ -92,12 +106,19 @@ def build_parser() -> argparse.ArgumentParser:
     model.add_argument("--firefly-candidates", type=int,
                        help="Firefly's new-neuron candidates per layer (reference: 70)")
     phase = parser.add_argument_group("similarity phase (Eq. 5 after each growth)")
-    phase.add_argument("--N", type=int, help="iterations after each growth (default: the "
-                       "paper's best, Random 20, SSD 10, Firefly 15)")
+    phase.add_argument("--N", type=int, nargs="+", help="iterations after each growth "
+                       "(default: the paper's best, Random 20, SSD 10, Firefly 15); several "
+                       "values sweep N and pick N_best on the validation split, e.g. "
+                       "--N 1 5 10 15 20 30")
     phase.add_argument("--phase", choices=PHASES, help="weights_only: N steps on Eq. 5 alone "
                        "(default); joint: Eq. 5 added to the next N training steps")
-    phase.add_argument("--phase-lr", type=float, help="step size of the weights-only steps")
-    phase.add_argument("--lam", type=float, help="lambda of the weight-sum term (default 0.1)")
+    phase.add_argument("--phase-step", choices=STEPS, help="relative (default): each step "
+                       "moves a neuron by at most phase-lr times its norm, at any weight "
+                       "scale; absolute: plain gradient steps of size phase-lr")
+    phase.add_argument("--phase-lr", type=float, help="step size of the phase (default: "
+                       + ", ".join(f"{k} {v}" for k, v in DEFAULT_PHASE_LR.items()) + ")")
+    phase.add_argument("--lam", type=float, help="lambda of the weight-sum term (default: "
+                       + ", ".join(f"{k} {v}" for k, v in DEFAULT_PHASE_LAM.items()) + ")")
     phase.add_argument("--form", choices=FORMS, help="Eq. 4 form (default squared_log; "
                        "literal is the paper's formula as printed)")
     phase.add_argument("--anchor", choices=ANCHORS, help="W_prev of Eq. 4: the post-growth "
@@ -116,7 +137,9 @@ def build_parser() -> argparse.ArgumentParser:
                       "https://www.cs.toronto.edu/~kriz/cifar.html)")
     data.add_argument("--train-limit", type=int, help="use only this many training images")
     data.add_argument("--test-limit", type=int, help="use only this many test images")
-    data.add_argument("--data-seed", type=int, help="seed of the digits train/test split")
+    data.add_argument("--val-fraction", type=float, help="share of the training images held "
+                      "out for validation (N sweeps choose on it, never on the test split)")
+    data.add_argument("--data-seed", type=int, help="seed of the train/validation/test split")
     run = parser.add_argument_group("running")
     run.add_argument("--device", help="cpu, cuda, cuda:1, ... or auto (default: the preset's)")
     run.add_argument("--out", type=Path, default=None,
@@ -128,6 +151,9 @@ def build_parser() -> argparse.ArgumentParser:
                      "growth seeds gain little from threads and, on a machine busy with other "
                      "work, threads waiting for each other made a run 4-16x slower; "
                      "torch's own choice on a GPU)")
+    run.add_argument("--jobs", type=int, default=None,
+                     help="runs at a time, each in its own process (default: the CPU count on a "
+                     "CPU device, 1 on a GPU)")
     run.add_argument("--no-figures", action="store_true", help="skip the PNG figures")
     run.add_argument("--quiet", action="store_true", help="no progress bars or run lines")
     return parser
@@ -139,13 +165,28 @@ def plan(args: argparse.Namespace) -> dict[str, Any]:
                  if getattr(args, option) is not None}
     base = preset(args.preset).replace(**overrides)
     methods = args.method or (list(METHODS) if args.compare else [base.method])
-    terms = list(_SIMILARITY[args.similarity or "both"])
+    if args.similarity is None and not args.ablation and not args.control:
+        terms = list(PRESET_TERMS[args.preset])
+    else:
+        terms = list(_SIMILARITY[args.similarity or "both"])
     if args.ablation:
-        terms = ["none", "eq2", "eq4", "both"] if args.similarity != "off" else ["none"]
-    seeds = args.seeds if args.seeds is not None else ([0, 1, 2] if args.compare else [0])
+        if args.similarity in ("on", "off"):
+            raise ValueError("--ablation runs the baseline and every term: leave out "
+                             "--similarity")
+        terms = ["none", "eq2", "eq4", "both"]
+    if args.control:
+        if terms == ["none"]:
+            raise ValueError("--control is measured against the phase: leave out "
+                             "--similarity off")
+        terms.append("control")
+    seeds = args.seeds if args.seeds is not None else list(PRESET_SEEDS[args.preset])
+    phase_steps = [base.phase_steps] if not args.N else list(args.N)
+    if len(phase_steps) > 1 and not base.val_fraction:
+        raise ValueError("an N sweep (several --N) chooses N on a validation split: give "
+                         "--val-fraction > 0")
     out = args.out if args.out is not None else Path("simcore-grow") / args.preset
     return {"base": base, "methods": list(methods), "terms": terms, "seeds": list(seeds),
-            "out": out}
+            "phase_steps": phase_steps, "out": out}
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -163,13 +204,20 @@ def main(argv: Sequence[str] | None = None) -> int:
     from .compare import run_experiment  # imports torch; keep --help fast
     from .runner import resolve_device
 
-    threads = args.threads
+    threads, jobs = args.threads, args.jobs
     try:
-        if threads is None and resolve_device(chosen["base"].device).type == "cpu":
-            threads = 1
+        on_cpu = resolve_device(chosen["base"].device).type == "cpu"
+        if jobs is not None and jobs < 1:
+            raise ValueError(f"--jobs must be >= 1, got {jobs}")
     except ValueError as err:
         print(f"simcore grow: error: {err}", file=sys.stderr)
         return 2
+    runs = len(chosen["methods"]) * len(chosen["seeds"]) * sum(
+        1 if t == "none" else len(chosen["phase_steps"]) for t in chosen["terms"])
+    if jobs is None:
+        jobs = min(os.cpu_count() or 1, runs) if on_cpu else 1
+    if threads is None and on_cpu:
+        threads = 1
     if threads is not None:
         torch.set_num_threads(threads)
 
@@ -178,9 +226,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         outcome = run_experiment(
             chosen["base"], methods=chosen["methods"], terms=chosen["terms"],
-            seeds=chosen["seeds"], out_dir=chosen["out"], fresh=args.fresh,
-            figures=not args.no_figures, progress=progress,
-            echo=None if args.quiet else print)
+            seeds=chosen["seeds"], phase_steps=chosen["phase_steps"], out_dir=chosen["out"],
+            fresh=args.fresh, figures=not args.no_figures, progress=progress,
+            echo=None if args.quiet else print, jobs=jobs, threads=threads or 1)
     except KeyboardInterrupt:
         print(f"\nsimcore grow: interrupted; the checkpoint is in {chosen['out']}/runs/. "
               f"Run the same command again to resume.", file=sys.stderr)
@@ -190,6 +238,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
     print()
     print(outcome["table"])
+    print()
+    print(outcome["conclusion"])
     print()
     for kind, path in outcome["files"].items():
         print(f"{kind}: {path}")

@@ -23,8 +23,9 @@ import torch
 from .config import METHODS, TERMS, RunConfig
 from .data import ImageDataset, load_dataset, normalize
 from .gradcam import grad_cam
-from .report import format_table, summarize, write_results
+from .report import format_n_sweep, format_table, summarize, write_results
 from .runner import CHECKPOINT, Hooks, growth_line, load_model, resolve_device, run_one
+from .statistics import conclusion, paired_differences, select_n_best
 
 __all__ = ["gradcam_figure", "run_experiment"]
 
@@ -79,7 +80,7 @@ def run_experiment(
     terms: Sequence[str],
     seeds: Sequence[int],
     out_dir: str | Path,
-    phase_steps: Sequence[int | None] = (None,),
+    phase_steps: Sequence[int | None] | None = None,
     fresh: bool = False,
     figures: bool = True,
     progress: bool = False,
@@ -90,8 +91,9 @@ def run_experiment(
 ) -> dict[str, Any]:
     """Run every (method, terms, N, seed) on ``base``, then write results, table and figures.
 
-    ``phase_steps`` lists the N of the runs with a phase (``None``: the
-    preset's); several values make an N sweep. ``jobs > 1`` runs that many
+    ``phase_steps`` lists the N of the runs with a phase (default: ``base``'s
+    own); several values make an N sweep, whose N_best is chosen on the
+    validation split. ``jobs > 1`` runs that many
     runs at once in worker processes of ``threads`` torch threads each (then
     ``hooks`` cannot be used). Returns ``{"results": [...], "summary": [...],
     "table": str, "files": {kind: path}}``. ``fresh`` discards earlier runs in
@@ -103,7 +105,8 @@ def run_experiment(
     methods = _check_list(methods, METHODS, "methods")
     terms = _check_list(terms, TERMS, "terms")
     seeds = _check_list(seeds, None, "seeds")
-    phase_steps = _check_list(phase_steps, None, "phase_steps")
+    phase_steps = _check_list([base.phase_steps] if phase_steps is None else phase_steps, None,
+                              "phase_steps")
     if jobs < 1:
         raise ValueError(f"jobs must be >= 1, got {jobs}")
     if jobs > 1 and hooks is not None:
@@ -149,9 +152,16 @@ def run_experiment(
     files = write_results(results, out)
     summary = summarize(results)
     table = format_table(summary)
+    sweeps = {}
+    if len(phase_steps) > 1:  # N_best from the validation split, never the test split
+        sweeps = {m: select_n_best(results, method=m, model=base.model) for m in methods
+                  if "both" in terms}
+        table += "\n\n" + "\n".join(format_n_sweep(s) for s in sweeps.values())
     if figures:
-        files.update(_figures(results, configs, out, dataset, device))
-    return {"results": results, "summary": summary, "table": table, "files": files}
+        n_best = {m: s["n_best"] for m, s in sweeps.items()}
+        files.update(_figures(results, configs, out, dataset, device, n_best))
+    return {"results": results, "summary": summary, "table": table, "files": files,
+            "conclusion": conclusion(paired_differences(results)), "n_sweeps": sweeps}
 
 
 def _load(config: RunConfig) -> ImageDataset:
@@ -207,11 +217,20 @@ def _run_parallel(configs, out, jobs, threads, progress, report) -> list[dict[st
     return results
 
 
-def _figures(results, configs, out, dataset, device) -> dict[str, Path]:
-    from .figures import plot_curves, plot_similarity
+def _figures(results, configs, out, dataset, device, n_best) -> dict[str, Path]:
+    from .figures import plot_curves, plot_phase_similarity, plot_similarity
 
     files = {"similarity_figure": plot_similarity(results, out / "similarity_layer2.png"),
              "curves_figure": plot_curves(results, out / "curves.png")}
+
+    def shown(result):  # an N sweep shows its N_best only
+        method = result["config"]["method"]
+        return method not in n_best or result["config"]["phase_steps"] == n_best[method]
+
+    phased = [r for r in results if any(g["phase"] for g in r["growths"]) and shown(r)]
+    if phased:
+        files["phase_similarity_figure"] = plot_phase_similarity(
+            phased, out / "similarity_phases.png")
     first_seed = configs[0].seed
     by_key = {(c.method, c.terms, c.seed): c for c in configs}
     for method in dict.fromkeys(c.method for c in configs):

@@ -125,7 +125,9 @@ def hold_out_validation(dataset: ImageDataset, fraction: float, seed: int) -> Im
     val_idx = []
     for cls in np.unique(labels):
         members = rng.permutation(np.flatnonzero(labels == cls))
-        val_idx.append(members[:int(round(len(members) * fraction))])
+        # at least one image of every class that has two (tiny subsets still validate)
+        count = int(round(len(members) * fraction))
+        val_idx.append(members[:max(count, 1) if len(members) > 1 else count])
     val_idx = np.sort(np.concatenate(val_idx))
     keep = np.setdiff1d(np.arange(labels.shape[0]), val_idx)
     if keep.size == 0 or val_idx.size == 0:

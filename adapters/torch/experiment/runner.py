@@ -424,7 +424,7 @@ def _phase(config: RunConfig):
     if config.terms == "control":
         generator = torch.Generator().manual_seed(derive_seed(config.seed, "control"))
     return make_phase(config.terms, method=config.method, phase=config.phase,
-                      steps=config.phase_steps_or_default, lam=config.lam,
+                      steps=config.phase_steps_or_default, lam=config.lam_or_default,
                       lr=config.phase_lr_or_default, form=config.form, anchor=config.anchor,
                       step=config.phase_step, generator=generator)
 
