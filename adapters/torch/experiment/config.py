@@ -30,8 +30,8 @@ from simcore.growth import UNITS
 
 from ..schedule import DEFAULT_PHASE_LAM, DEFAULT_PHASE_LR, DEFAULT_PHASE_STEPS, PHASES
 
-__all__ = ["METHODS", "MODELS", "PRESETS", "PRESET_SEEDS", "PRESET_TERMS", "TERMS", "TERM_LABELS", "RunConfig",
-           "preset"]
+__all__ = ["METHODS", "MODELS", "PRESETS", "PRESET_SEEDS", "PRESET_TERMS", "TERMS", "TERM_LABELS",
+           "RunConfig", "preset"]
 
 MODELS = ("vgg16", "mobilenet_v1")
 METHODS = ("random", "ssd", "firefly")
