@@ -261,3 +261,17 @@ def test_fresh_runs_interrupts_and_result_files_leave_nothing_stale(tmp_path, mo
     result = run_one(config, run_dir, dataset=data)
     assert json.loads((run_dir / "result.json").read_text()) == result
     assert len(result["history"]) == config.epochs + 1
+
+
+def test_an_n_sweep_picks_n_best_on_the_validation_split(tmp_path):
+    outcome = run_experiment(TINY, methods=["random"], terms=["none", "both"], seeds=[0, 1],
+                             phase_steps=[1, 3], out_dir=tmp_path, figures=False, echo=None)
+    labels = [r["label"] for r in outcome["results"]]
+    assert labels == ["vgg16-random-none-seed0", "vgg16-random-none-seed1",
+                      "vgg16-random-both-seed0-N1", "vgg16-random-both-seed1-N1",
+                      "vgg16-random-both-seed0-N3", "vgg16-random-both-seed1-N3"]
+    validation = {n: sum(r["final_val_accuracy"] for r in outcome["results"]
+                         if r["config"]["phase_steps"] == n) / 2 for n in (1, 3)}
+    expected = 1 if validation[1] >= validation[3] else 3
+    assert outcome["n_sweeps"]["random"]["n_best"] == expected
+    assert "N_best" in outcome["table"]

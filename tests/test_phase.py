@@ -117,3 +117,31 @@ def test_torch_phase_moves_a_scaled_layer_by_the_same_relative_amount(phase_kind
     assert loss_after < 0.9 * loss_before and change > 0.01
     assert change_scaled == pytest.approx(change, rel=1e-4)
     assert loss_after_scaled == pytest.approx(loss_after, rel=1e-4)
+
+
+def test_torch_joint_phase_with_eq4_restrains_the_drift_training_causes():
+    # In the joint reading the training steps change the grown layer's scale; each decoupled
+    # relative step of Eq. 5 pulls it back towards the post-growth snapshot.
+    torch = pytest.importorskip("torch")
+    from simcore.adapters.torch import SimilarityPhase
+
+    def drift(lam):
+        torch.manual_seed(0)
+        net = torch.nn.Sequential(torch.nn.Linear(16, 32), torch.nn.ReLU(),
+                                  torch.nn.Linear(32, 4))
+        optimizer = torch.optim.SGD(net.parameters(), lr=0.5)
+        x, y = torch.randn(64, 16), torch.randint(0, 4, (64,))
+        before = net[0].weight.detach().clone()
+        phase = SimilarityPhase(method="firefly", phase="joint", lam=lam, lr=0.02)
+        phase.start(net, ["0"])
+        while phase.active:
+            optimizer.zero_grad()
+            torch.nn.functional.cross_entropy(net(x), y).backward()
+            optimizer.step()
+            phase.after_optimizer_step()
+        rms = net[0].weight.detach().square().mean().sqrt() / before.square().mean().sqrt()
+        return abs(float(rms) - 1.0)
+
+    without, with_eq4 = drift(0.0), drift(10.0)
+    assert without > 0.01
+    assert with_eq4 < 0.5 * without
