@@ -75,22 +75,31 @@ def growth_objective_and_grad(weights, refs, *, lam, form="squared_log", statist
     return _objective(weights, refs, lam, form, statistic, neuron_axis, zero_tol)
 
 
-def relative_update(weights, grads, *, lr, neuron_axis=0):
+def relative_update(weights, similarity_grads, weight_sum_grads=None, *, lr, neuron_axis=0):
     """One relative (scale-free) phase step, neuron by neuron, in float64.
 
     Neuron ``i`` of a layer with ``n`` neurons moves by
-    ``-lr * (n / 2) * ||w_i||^2 * g_i``: its squared norm times its own gradient.
+    ``-lr * (n / 2) * (||w_i||^2 * g_i + rho^2 * h_i)``, with ``g`` the similarity
+    gradient, ``h`` the (lambda-weighted) weight-sum gradient and ``rho^2`` the
+    mean of the layer's squared neuron norms.  ``None`` stands for a missing term.
     """
     weights = [np.asarray(w, dtype=np.float64) for w in weights]
     axes = _per_layer_axes(neuron_axis, len(weights))
+    if weight_sum_grads is None:
+        weight_sum_grads = [None] * len(weights)
     updated = []
-    for w, g, axis in zip(weights, grads, axes, strict=True):
+    for w, g, h, axis in zip(weights, similarity_grads, weight_sum_grads, axes, strict=True):
         w_moved = np.moveaxis(w, axis, 0)
-        g_moved = np.moveaxis(np.asarray(g, dtype=np.float64), axis, 0)
         n = w_moved.shape[0]
-        new = np.empty_like(w_moved)
+        squared = [math.fsum(float(v) ** 2 for v in w_moved[i].ravel()) for i in range(n)]
+        mean_squared = math.fsum(squared) / n
+        g_moved = None if g is None else np.moveaxis(np.asarray(g, dtype=np.float64), axis, 0)
+        h_moved = None if h is None else np.moveaxis(np.asarray(h, dtype=np.float64), axis, 0)
+        new = w_moved.copy()
         for i in range(n):
-            squared_norm = math.fsum(float(v) ** 2 for v in w_moved[i].ravel())
-            new[i] = w_moved[i] - lr * (n / 2.0) * squared_norm * g_moved[i]
+            if g_moved is not None:
+                new[i] -= lr * (n / 2.0) * squared[i] * g_moved[i]
+            if h_moved is not None:
+                new[i] -= lr * (n / 2.0) * mean_squared * h_moved[i]
         updated.append(np.moveaxis(new, 0, axis))
     return updated

@@ -13,18 +13,22 @@ with training steps.
 
 The phase's step (``step=``, one of :data:`STEPS`):
 
-* ``"relative"`` (the default): ``W_l <- W_l - lr * (n_l / 2) * r_i^2 * dEq5/dw_i``
-  row by row, with ``r_i`` the norm of row ``i`` and ``n_l`` the layer's neuron
-  count. Eq. 2 is invariant to each row's scale, so its plain gradient shrinks
-  as ``1/r_i``: a fixed ``lr`` moves small-norm layers a lot and large-norm
-  layers not at all. Multiplying row ``i``'s gradient by ``r_i^2`` makes the
-  step equivariant to the weights' scale (``W -> cW`` and ``W_ref -> cW_ref``
-  give a step ``c`` times as large: the same *relative* change), and the factor
-  ``n_l / 2`` turns the gradient of a mean over ``n_l (n_l - 1)`` pairs into the
-  gradient of each row's own mean ``|cos|`` to the others. So one step turns a
-  row by at most ``lr`` radians' worth (``lr`` times its norm), less as the row
-  decorrelates, and the squared-log Eq. 4 term removes a fraction of about
-  ``lr * lam`` of the layer's scale drift per step (keep ``lr * lam < 1``).
+* ``"relative"`` (the default): each term is scaled by the metric in which its
+  step does not depend on the weights' scale. Row ``i`` of a layer with ``n``
+  neurons and mean squared row norm ``rho^2`` moves by
+  ``-lr * (n / 2) * (r_i^2 * dEq2/dw_i + rho^2 * lam * dEq4/dw_i)``.
+  Eq. 2 is invariant to each row's scale, so its plain gradient shrinks as
+  ``1/r_i``: a fixed ``lr`` would move small-norm layers a lot and large-norm
+  layers not at all. Times ``r_i^2`` the step is equivariant to the scale
+  (``W -> cW`` and ``W_ref -> cW_ref`` give a step ``c`` times as large: the same
+  *relative* change), and ``n / 2`` turns the gradient of a mean over
+  ``n (n - 1)`` pairs into the gradient of each row's own mean ``|cos|`` to the
+  others: one step turns a row by at most ``lr`` times its norm, less as it
+  decorrelates. Eq. 4 depends on the layer's overall scale only, so its
+  gradient is scaled by the layer's ``rho^2``: with the default squared-log RMS
+  form each step then shrinks or grows every row by the same factor, removing a
+  fraction ``lr * lam`` of the log scale drift (it must be below 2, or the
+  steps overshoot and diverge; below 1 they never overshoot).
 * ``"absolute"``: plain gradient descent, ``W_l <- W_l - lr * dEq5/dW_l``, whose
   effect depends on the layers' weight scale and width (kept for comparison
   and reproduction).
@@ -152,20 +156,28 @@ def growth_objective_and_grad(
 
 def _objective(weights, refs, lam, form, statistic, neuron_axis, block_size, zero_tol,
                similarity, with_grad):
+    total, parts = _objective_parts(weights, refs, lam, form, statistic, neuron_axis,
+                                    block_size, zero_tol, similarity, with_grad)
+    return total, [_plus(sim, weight_sum) for sim, weight_sum in parts]
+
+
+def _objective_parts(weights, refs, lam, form, statistic, neuron_axis, block_size, zero_tol,
+                     similarity, with_grad):
+    """Eq. 5 and, per layer, ``(Eq. 2 gradient, lam * Eq. 4 gradient)`` (``None`` if absent)."""
     weights, refs, axes = _layers(weights, refs, neuron_axis)
     lam = _check_lam(lam, refs, similarity)
-    total, grads = None, []
+    total, parts = None, []
     for i, (w, axis) in enumerate(zip(weights, axes, strict=True)):
-        value = grad = None
+        value = sim_grad = weight_sum_grad = None
         if similarity:
-            value, grad = _similarity(w, axis, block_size, zero_tol, with_grad)
+            value, sim_grad = _similarity(w, axis, block_size, zero_tol, with_grad)
         if refs is not None:
             p_value, p_grad = _weight_sum(w, refs[i], form, statistic, with_grad)
             value = _plus(value, lam * p_value)
-            grad = _plus(grad, lam * p_grad) if with_grad else None
+            weight_sum_grad = lam * p_grad if with_grad else None
         total = _plus(total, value)
-        grads.append(grad)
-    return total, grads
+        parts.append((sim_grad, weight_sum_grad))
+    return total, parts
 
 
 def _plus(a, b):
@@ -215,73 +227,92 @@ def decorrelate(
         raise ValueError(f"lr must be > 0, got {lr}")
     check_choice(anchor, ANCHORS, "anchor")
     check_choice(step, STEPS, "step")
+    if step == "relative" and not lr * float(lam) < 2.0:
+        raise ValueError(
+            f"lr * lam = {lr * float(lam):g}: with relative steps each step removes a fraction "
+            f"lr * lam of the scale drift, so lr * lam >= 2 overshoots and diverges; lower lr "
+            f"or lam (below 1 never overshoots)"
+        )
     weights, refs, axes = _layers(weights, refs, neuron_axis)
     current = weights
     anchors = list(weights) if refs is None else refs
     for _ in range(steps):
-        _, grads = growth_objective_and_grad(
-            current,
-            anchors,
-            lam=lam,
-            form=form,
-            statistic=statistic,
-            neuron_axis=axes,
-            block_size=block_size,
-            zero_tol=zero_tol,
-            similarity=similarity,
-        )
+        _, parts = _objective_parts(current, anchors, lam, form, statistic, axes, block_size,
+                                    zero_tol, similarity, with_grad=True)
         if anchor == "previous":
             anchors = current
+        sim_grads, weight_sum_grads = zip(*parts, strict=True)
         if step == "relative":
-            current = relative_update(current, grads, lr=lr, neuron_axis=axes)
+            current = relative_update(current, sim_grads, weight_sum_grads, lr=lr,
+                                      neuron_axis=axes)
         else:
-            current = [w - lr * g for w, g in zip(current, grads, strict=True)]
+            current = [w - lr * _plus(g, h) for w, g, h in zip(current, sim_grads,
+                                                               weight_sum_grads, strict=True)]
     return current
 
 
 def relative_update(
     weights: Sequence[Any],
-    grads: Sequence[Any],
+    similarity_grads: Sequence[Any | None],
+    weight_sum_grads: Sequence[Any | None] | None = None,
     *,
     lr: float,
     neuron_axis: int | Sequence[int] = 0,
 ) -> list[Any]:
-    """One scale-free step: ``w_i - lr * (n / 2) * ||w_i||^2 * g_i`` for every row ``i``.
+    """One scale-free step of Eq. 5: row ``i`` moves by ``-lr (n/2) (r_i^2 g_i + rho^2 h_i)``.
 
-    ``grads`` are the Eq. 5 gradients of ``weights`` (e.g. from
-    :func:`growth_objective_and_grad`), ``n`` is each layer's neuron count. The
-    step is ``c`` times as large for weights ``c`` times as large (the relative
-    change does not depend on the scale); see the module docstring. Returns new
-    arrays in the weights' dtypes.
+    ``similarity_grads`` are the layers' Eq. 2 gradients ``g`` and
+    ``weight_sum_grads`` their ``lam``-weighted Eq. 4 gradients ``h`` (an entry
+    or the whole list may be ``None``: no such term); ``r_i`` is row ``i``'s
+    norm, ``rho^2`` the layer's mean squared row norm and ``n`` its neuron
+    count. The step is ``c`` times as large for weights ``c`` times as large;
+    see the module docstring. Returns new arrays in the weights' dtypes.
 
     >>> import numpy as np, simcore
     >>> w = np.array([[3.0, 0.0], [0.0, 1.0]])
     >>> g = np.array([[0.0, 1.0], [1.0, 0.0]])
-    >>> simcore.relative_update([w], [g], lr=0.1)[0]  # rows move by 0.1 * ||w_i||^2
+    >>> simcore.relative_update([w], [g], lr=0.1)[0]  # rows move by 0.1 * ||w_i||^2 * g_i
     array([[ 3. , -0.9],
            [-0.1,  1. ]])
+    >>> simcore.relative_update([w], [None], [w], lr=0.1)[0]  # rho^2 = 5: every row * 0.5
+    array([[1.5, 0. ],
+           [0. , 0.5]])
     """
     lr = float(lr)
     if not lr > 0.0:
         raise ValueError(f"lr must be > 0, got {lr}")
     weights, _, axes = _layers(weights, None, neuron_axis)
-    if _is_single_array(grads):
-        raise TypeError("grads must be a sequence of arrays, one per layer")
-    grads = list(grads)
-    if len(grads) != len(weights):
-        raise ValueError(f"grads has {len(grads)} layers but weights has {len(weights)}")
+    similarity_grads = _grad_list(similarity_grads, weights, "similarity_grads")
+    weight_sum_grads = _grad_list(weight_sum_grads, weights, "weight_sum_grads")
     updated = []
-    for i, (w, g, axis) in enumerate(zip(weights, grads, axes, strict=True)):
+    for i, (w, axis) in enumerate(zip(weights, axes, strict=True)):
         xp = namespace_of(w, f"weights[{i}]")
-        if tuple(g.shape) != tuple(w.shape):
-            raise ValueError(f"grads[{i}] has shape {tuple(g.shape)}, weights[{i}] "
-                             f"{tuple(w.shape)}")
         axis = normalize_axis(axis, w.ndim)
         work = compute_dtype(xp, w.dtype)  # half precision would overflow the squared norms
         rows = xp.astype(to_rows(xp, w, axis), work)
-        grad_rows = xp.astype(to_rows(xp, g, axis), work)
         squared_norms = xp.sum(rows * rows, axis=1, keepdims=True)
         scale = lr * rows.shape[0] / 2.0
-        moved = rows - (scale * squared_norms) * grad_rows
+        step = None
+        g, h = similarity_grads[i], weight_sum_grads[i]
+        if g is not None:
+            step = squared_norms * xp.astype(to_rows(xp, g, axis), work)
+        if h is not None:
+            step = _plus(step, xp.mean(squared_norms) * xp.astype(to_rows(xp, h, axis), work))
+        moved = rows if step is None else rows - scale * step
         updated.append(xp.astype(from_rows(xp, moved, w.shape, axis), w.dtype))
     return updated
+
+
+def _grad_list(grads, weights, name):
+    if grads is None:
+        return [None] * len(weights)
+    if _is_single_array(grads):
+        raise TypeError(f"{name} must be a sequence of arrays (or None), one per layer")
+    grads = list(grads)
+    if len(grads) != len(weights):
+        raise ValueError(f"{name} has {len(grads)} layers but weights has {len(weights)}")
+    for i, (g, w) in enumerate(zip(grads, weights, strict=True)):
+        if g is not None and tuple(g.shape) != tuple(w.shape):
+            raise ValueError(f"{name}[{i}] has shape {tuple(g.shape)}, weights[{i}] "
+                             f"{tuple(w.shape)}")
+    return grads

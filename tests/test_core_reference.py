@@ -223,13 +223,16 @@ def test_decorrelate_matches_a_reference_gradient_descent_loop(backend_dtype, an
                           anchor=anchor, neuron_axis=axes, step=step)
         current, anchors = ws, w_refs
         for _ in range(steps):
-            _, grads = ref.growth_objective_and_grad(current, anchors, lam=lam, neuron_axis=axes)
+            sims = [ref.similarity_loss_and_grad(w, neuron_axis=axis)[1]
+                    for w, axis in zip(current, axes, strict=True)]
+            sums = [lam * ref.weight_sum_penalty_and_grad(w, r)[1]
+                    for w, r in zip(current, anchors, strict=True)]
             if anchor == "previous":
                 anchors = current
             if step == "relative":
-                moved = ref.relative_update(current, grads, lr=lr, neuron_axis=axes)
+                moved = ref.relative_update(current, sims, sums, lr=lr, neuron_axis=axes)
             else:
-                moved = [w - lr * g for w, g in zip(current, grads, strict=True)]
+                moved = [w - lr * (g + h) for w, g, h in zip(current, sims, sums, strict=True)]
             current = [backend.rounded(w, dtype) for w in moved]
         assert len(new) == 2
         for got, expected in zip(new, current, strict=True):

@@ -74,19 +74,36 @@ def test_weight_sum_term_restrains_the_scale_drift_of_the_phase():
 def test_relative_update_matches_its_formula_and_refuses_bad_input():
     w = np.array([[3.0, 0.0, 0.0], [0.0, 1.0, 1.0]])
     g = np.array([[0.0, 1.0, 0.0], [1.0, 0.0, 0.0]])
-    [moved] = simcore.relative_update([w], [g], lr=0.1)
-    # row i moves by lr * (n / 2) * ||w_i||^2 * g_i with n = 2 neurons
-    np.testing.assert_allclose(moved, w - 0.1 * np.array([[9.0], [2.0]]) * g)
-    [hwio] = simcore.relative_update([w.T], [g.T], lr=0.1, neuron_axis=-1)
+    h = np.ones_like(w)
+    [moved] = simcore.relative_update([w], [g], [h], lr=0.1)
+    # with n = 2 neurons, row i moves by lr * (n / 2) * (||w_i||^2 g_i + rho^2 h_i),
+    # rho^2 = (9 + 2) / 2 the mean squared row norm
+    expected = w - 0.1 * (np.array([[9.0], [2.0]]) * g + 5.5 * h)
+    np.testing.assert_allclose(moved, expected)
+    [hwio] = simcore.relative_update([w.T], [g.T], [h.T], lr=0.1, neuron_axis=-1)
     np.testing.assert_allclose(hwio, moved.T)
+    [unchanged] = simcore.relative_update([w], [None], lr=0.1)
+    np.testing.assert_array_equal(unchanged, w)
     with pytest.raises(ValueError, match="lr"):
         simcore.relative_update([w], [g], lr=0.0)
     with pytest.raises(ValueError, match="shape"):
         simcore.relative_update([w], [g[:, :2]], lr=0.1)
-    with pytest.raises(ValueError, match="grads has 2"):
+    with pytest.raises(ValueError, match="similarity_grads has 2"):
         simcore.relative_update([w], [g, g], lr=0.1)
     with pytest.raises(ValueError, match="step"):
         simcore.decorrelate([w], steps=1, lr=0.1, lam=0.0, step="natural")
+    with pytest.raises(ValueError, match="lr \\* lam"):
+        simcore.decorrelate([w], steps=1, lr=0.1, lam=20.0)
+
+
+def test_weight_sum_step_removes_about_a_fraction_lr_lam_of_the_log_scale_drift():
+    w = _correlated_layer(5)
+    for lam in (10.0, 50.0):  # lr * lam = 0.1 and 0.5: a geometric decay, never an overshoot
+        [after] = simcore.decorrelate([1.2 * w], [w], steps=1, lr=0.01, lam=lam,
+                                      similarity=False)
+        drift, start = np.log(_rms(after) / _rms(w)), np.log(1.2)
+        # every row is scaled by 1 - lr * lam * drift: about a fraction lr * lam removed
+        np.testing.assert_allclose(drift, start + np.log(1 - 0.01 * lam * start), rtol=1e-9)
 
 
 @pytest.mark.parametrize("phase_kind", ["weights_only", "joint"])

@@ -193,6 +193,11 @@ class SimilarityPhase:
         if self.lam is None:
             self.lam = DEFAULT_PHASE_LAM[self.step]
         self.lam = check_real(self.lam, "lam")
+        if self.step == "relative" and not self.lr * self.lam < 2.0:
+            raise ValueError(
+                f"lr * lam = {self.lr * self.lam:g}: each relative step removes a fraction "
+                f"lr * lam of the scale drift, so it must be below 2 (below 1 never overshoots)"
+            )
         self.lr = check_real(self.lr, "lr")
         if not self.lr > 0.0:
             raise ValueError(f"lr must be > 0, got {self.lr}")

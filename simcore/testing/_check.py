@@ -212,16 +212,18 @@ def _decorrelate_reference(anchor, step, a, b, ra, rb, *, rounder):
     import simcore.reference as ref
 
     current, anchors = [a, b], [ra, rb]
-    options = {k: v for k, v in _DECORRELATE.items() if k not in ("steps", "lr")}
+    lr, lam, axes = _DECORRELATE["lr"], _DECORRELATE["lam"], _DECORRELATE["neuron_axis"]
     for _ in range(_DECORRELATE["steps"]):
-        _, grads = ref.growth_objective_and_grad(current, anchors, **options)
+        sims = [ref.similarity_loss_and_grad(w, neuron_axis=axis)[1]
+                for w, axis in zip(current, axes, strict=True)]
+        sums = [lam * ref.weight_sum_penalty_and_grad(w, r)[1]
+                for w, r in zip(current, anchors, strict=True)]
         if anchor == "previous":
             anchors = current
         if step == "relative":
-            moved = ref.relative_update(current, grads, lr=_DECORRELATE["lr"],
-                                        neuron_axis=options["neuron_axis"])
+            moved = ref.relative_update(current, sims, sums, lr=lr, neuron_axis=axes)
         else:
-            moved = [w - _DECORRELATE["lr"] * g for w, g in zip(current, grads, strict=True)]
+            moved = [w - lr * (g + h) for w, g, h in zip(current, sims, sums, strict=True)]
         # The core stores each step in the input dtype: round the same way.
         current = [rounder(w) for w in moved]
     return current

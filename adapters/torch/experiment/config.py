@@ -118,6 +118,12 @@ class RunConfig:
         check_choice(self.phase_step, STEPS, "phase_step")
         if self.phase_lr is not None:
             _float(self.phase_lr, "phase_lr", positive=True)
+        if self.phase_step == "relative" and not self.phase_lr_or_default * (
+                self.lam_or_default) < 2.0:
+            raise ValueError(
+                f"phase_lr * lam = {self.phase_lr_or_default * self.lam_or_default:g}: each "
+                f"relative phase step removes a fraction phase_lr * lam of the scale drift, so "
+                f"it must be below 2 (lower --phase-lr or --lam)")
         if self.terms == "control" and self.phase != "weights_only":
             raise ValueError("terms 'control' (a random perturbation as large as the phase's "
                              "change) needs phase 'weights_only'")
