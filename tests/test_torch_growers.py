@@ -564,3 +564,22 @@ def test_optimizer_reset_drops_all_state_and_lr_is_set():
         else:
             assert set(optimizer.state) == set(model.parameters())
             assert optimizer.state[model.conv2.weight]["momentum_buffer"].shape == (7, 6, 3, 3)
+
+
+# --------------------------------------------------------------------------- core
+
+
+def test_torch_growers_are_the_core_growers_over_a_torch_host():
+    from simcore.adapters.torch.host import TorchGrowthHost
+
+    from simcore import growth
+
+    for torch_grower, core_grower in ((RandomGrower, growth.RandomGrower),
+                                      (SSDGrower, growth.SSDGrower),
+                                      (FireflyGrower, growth.FireflyGrower)):
+        assert issubclass(torch_grower, core_grower)
+    assert GrowthReport is growth.GrowthReport and GrowthError is growth.GrowthError
+    model = _small()
+    host = TorchGrowthHost(model, discover_flows(model, torch.zeros(1, 3, 8, 8)))
+    assert isinstance(host, growth.GrowthHost)
+    assert [layer.name for layer in host.layers()] == ["conv1", "conv2", "fc1"]
