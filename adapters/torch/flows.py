@@ -141,16 +141,15 @@ class TorchFlow:
                 f"cannot grow {self.producer!r}: a producer must be nn.Linear or an nn.Conv2d "
                 f"with groups=1, got {describe_module(producer)}"
             )
-        if self.norm is not None and not isinstance(get(self.norm, "norm"), BATCH_NORM):
-            raise GrowthError(f"flow of {self.producer!r}: norm {self.norm!r} is not a BatchNorm")
+        for norm in (self.norm, *(d.norm for d in self.depthwise)):
+            if norm is not None and not isinstance(get(norm, "norm"), BATCH_NORM):
+                raise GrowthError(f"flow of {self.producer!r}: norm {norm!r} is not a BatchNorm")
         for d in self.depthwise:
             if not is_depthwise_conv(get(d.conv, "depthwise conv")):
                 raise GrowthError(
                     f"flow of {self.producer!r}: {d.conv!r} is not a depthwise Conv2d "
                     f"(groups == in_channels == out_channels)"
                 )
-            if d.norm is not None and not isinstance(get(d.norm, "norm"), BATCH_NORM):
-                raise GrowthError(f"flow of {self.producer!r}: norm {d.norm!r} is not a BatchNorm")
         for c in self.consumers:
             m = get(c.module, "consumer")
             if not (isinstance(m, nn.Linear) or (isinstance(m, nn.Conv2d) and m.groups == 1)):

@@ -90,7 +90,7 @@ __all__ += [
 
 # The growth algorithms, written once against the framework protocol (adapters implement it).
 from .firefly_grower import FireflyGrower, FireflyState  # noqa: E402
-from .growers import Grower, GrowthReport, RandomGrower, RandomState  # noqa: E402
+from .growers import Grower, GrowthReport, PerLayerState, RandomGrower, RandomState  # noqa: E402
 from .protocol import GrowableLayer, GrowthError, GrowthHost, SplittingStatistics  # noqa: E402
 from .ssd_grower import SSDGrower, SSDState  # noqa: E402
 
@@ -102,6 +102,7 @@ __all__ += [
     "GrowthHost",
     "GrowthReport",
     "Grower",
+    "PerLayerState",
     "RandomGrower",
     "RandomState",
     "SSDGrower",

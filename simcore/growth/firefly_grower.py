@@ -21,7 +21,7 @@ from .firefly import (
     firefly_candidates,
     firefly_select,
 )
-from .growers import Grower, check_loss, check_real_range
+from .growers import Grower, PerLayerState, check_loss, check_real_range
 from .protocol import Array, Batch, GrowthHost
 
 __all__ = ["FireflyGrower", "FireflyState"]
@@ -30,17 +30,9 @@ __all__ = ["FireflyGrower", "FireflyState"]
 _RMSPROP_EPS = 1e-8
 
 
-@dataclass(frozen=True, eq=False)  # arrays: compare by identity
-class FireflyState(Sequence[FireflyCandidates]):
+@dataclass(frozen=True, eq=False)
+class FireflyState(PerLayerState[FireflyCandidates]):
     """Per layer, the (trained) candidates that were scored."""
-
-    candidates: tuple[FireflyCandidates, ...]
-
-    def __getitem__(self, index):  # type: ignore[override]
-        return self.candidates[index]
-
-    def __len__(self) -> int:
-        return len(self.candidates)
 
 
 def _split_count(c: FireflyCandidates) -> int:

@@ -32,6 +32,7 @@ from .widen import INCOMING, OUTGOING, ChannelMap, add_neurons
 __all__ = [
     "Grower",
     "GrowthReport",
+    "PerLayerState",
     "RandomGrower",
     "RandomState",
     "as_batches",
@@ -41,6 +42,7 @@ __all__ = [
 ]
 
 StateT = TypeVar("StateT")
+LayerT = TypeVar("LayerT")
 
 
 def check_real_range(value: Any, name: str, *, low: float | None = None,
@@ -136,6 +138,19 @@ class GrowthReport:
     def grown_layers(self) -> list[str]:
         """Names of the producers that grew (what the similarity phase acts on)."""
         return [k for k, v in self.added.items() if v > 0]
+
+
+@dataclass(frozen=True, eq=False)  # arrays inside: compare by identity
+class PerLayerState(Sequence[LayerT]):
+    """A method's state made of one value per layer (``state[i]`` is layer ``i``'s)."""
+
+    layers: tuple[LayerT, ...]
+
+    def __getitem__(self, index):  # type: ignore[override]
+        return self.layers[index]
+
+    def __len__(self) -> int:
+        return len(self.layers)
 
 
 class Grower(Generic[StateT]):

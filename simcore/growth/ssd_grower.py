@@ -7,13 +7,12 @@ split itself are the core's :mod:`simcore.growth.ssd`.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
 from dataclasses import dataclass
 
 import array_api_compat
 
 from .._arrays import check_choice, check_int, device_of, namespace_of
-from .growers import Grower, check_real_range
+from .growers import Grower, PerLayerState, check_real_range
 from .protocol import Array, GrowthHost, SplittingStatistics
 from .ssd import (
     hvp_from_statistics,
@@ -26,17 +25,9 @@ from .ssd import (
 __all__ = ["SSDGrower", "SSDState"]
 
 
-@dataclass(frozen=True, eq=False)  # arrays: compare by identity
-class SSDState(Sequence[Array]):
+@dataclass(frozen=True, eq=False)
+class SSDState(PerLayerState[Array]):
     """Per layer, the ``(n, d)`` unit directions of every neuron's smallest eigenvalue."""
-
-    directions: tuple[Array, ...]
-
-    def __getitem__(self, index):  # type: ignore[override]
-        return self.directions[index]
-
-    def __len__(self) -> int:
-        return len(self.directions)
 
 
 class SSDGrower(Grower[SSDState]):
