@@ -17,7 +17,7 @@ import pytest
 
 torch = pytest.importorskip("torch")
 import torch.nn.functional as F  # noqa: E402
-from simcore.adapters.torch import growers  # noqa: E402
+from simcore.adapters.torch import surgery  # noqa: E402
 from simcore.adapters.torch.growers import (  # noqa: E402
     FireflyGrower,
     GrowthReport,
@@ -369,7 +369,7 @@ def test_a_failing_layer_rolls_back_the_whole_growth(monkeypatch):
     params = {n: p for n, p in model.named_parameters()}
     values = {k: v.clone() for k, v in model.state_dict().items()}
     momentum = {p: s["momentum_buffer"].clone() for p, s in optimizer.state.items()}
-    real = growers._growth_swaps
+    real = surgery._growth_swaps
     calls = {"n": 0}
 
     def third_fails(*args, **kwargs):
@@ -378,7 +378,7 @@ def test_a_failing_layer_rolls_back_the_whole_growth(monkeypatch):
             raise RuntimeError("injected")
         return real(*args, **kwargs)
 
-    monkeypatch.setattr(growers, "_growth_swaps", third_fails)
+    monkeypatch.setattr(surgery, "_growth_swaps", third_fails)
     with pytest.raises(RuntimeError, match="injected"):
         RandomGrower().grow(model, batches, F.cross_entropy, optimizer, ratio=0.9)
     assert calls["n"] == 3
@@ -585,3 +585,22 @@ def test_optimizer_reset_drops_all_state_and_lr_is_set():
         else:
             assert set(optimizer.state) == set(model.parameters())
             assert optimizer.state[model.conv2.weight]["momentum_buffer"].shape == (7, 6, 3, 3)
+
+
+# --------------------------------------------------------------------------- core
+
+
+def test_torch_growers_are_the_core_growers_over_a_torch_host():
+    from simcore.adapters.torch.host import TorchGrowthHost
+
+    from simcore import growth
+
+    for torch_grower, core_grower in ((RandomGrower, growth.RandomGrower),
+                                      (SSDGrower, growth.SSDGrower),
+                                      (FireflyGrower, growth.FireflyGrower)):
+        assert issubclass(torch_grower, core_grower)
+    assert GrowthReport is growth.GrowthReport and GrowthError is growth.GrowthError
+    model = _small()
+    host = TorchGrowthHost(model, discover_flows(model, torch.zeros(1, 3, 8, 8)))
+    assert isinstance(host, growth.GrowthHost)
+    assert [layer.name for layer in host.layers()] == ["conv1", "conv2", "fc1"]

@@ -532,3 +532,43 @@ def test_apply_growth_checks_the_optimizer_mode_and_lr():
     assert model.conv2.out_channels == 6  # nothing applied
     apply_growth(model, flow, grown, cmap, optimizer, optimizer_mode="reset", lr=0.02)
     assert model.conv2.out_channels == 8 and optimizer.param_groups[0]["lr"] == 0.02
+
+
+def test_apply_growths_is_one_transaction_over_several_flows(monkeypatch):
+    from simcore.adapters.torch.surgery import GrowthTransaction, apply_growths
+
+    model = FlattenHead()
+    x = _x((2, 3, 8, 8))
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+    _trained(model, x, optimizer)
+    flows = discover_flows(model, x)
+    params = dict(model.state_dict())
+    grown, maps = params, []
+    for flow in reversed(flows):  # downstream first, on one dict
+        grown, cmap = add_neurons(grown, flow.channel_flow(model), 2, rng=0)
+        maps.append(cmap)
+    growths = list(zip(reversed(flows), maps, strict=True))
+    widths = [f.channels(model) for f in flows]
+    snapshot = _snapshot(model, optimizer)
+    real = surgery._growth_swaps
+    calls = {"n": 0}
+
+    def last_fails(*args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] == len(growths):
+            raise RuntimeError("injected")
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(surgery, "_growth_swaps", last_fails)
+    with pytest.raises(RuntimeError, match="injected"):
+        apply_growths(model, growths, grown, optimizer)
+    _assert_same(model, optimizer, snapshot)
+    monkeypatch.undo()
+    first_flow, first_map = growths[0]
+    with GrowthTransaction(model, optimizer) as transaction:
+        transaction.apply(first_flow, grown, first_map)
+        transaction.rollback()
+    _assert_same(model, optimizer, snapshot)
+    apply_growths(model, growths, grown, optimizer)
+    assert [f.channels(model) for f in flows] == [w + 2 for w in widths]
+    assert all(t.shape == model.state_dict()[k].shape for k, t in grown.items())

@@ -11,8 +11,10 @@ from .penalty import GrowthObjectiveFunction, SimilarityLossFunction, Similarity
 from .penalty import growth_objective, similarity_loss
 from .optim import OptimizerGrowth, grow_optimizer, plan_optimizer_growth
 from .checkpoint import Checkpoint, load_checkpoint, save_checkpoint
-from .surgery import GrowthError, TorchConsumer, TorchDepthwise, TorchFlow
-from .surgery import apply_growth, discover_flows, find_flow
+from .flows import GrowthError, TorchConsumer, TorchDepthwise, TorchFlow
+from .discovery import discover_flows, find_flow
+from .surgery import GrowthTransaction, apply_growth, apply_growths
 from .growers import FireflyGrower, Grower, GrowthReport, RandomGrower, SSDGrower
 from .schedule import DEFAULT_PHASE_STEPS, PHASES, GrowthSchedule, SimilarityPhase
 from .distributed import regrow_ddp
+from .host import TorchGrowthHost

@@ -1,12 +1,16 @@
 """Growth under DistributedDataParallel: the same decision on every rank, then a fresh wrapper.
 
+The collectives a growth needs (:func:`mean_over_ranks`, :func:`shared_seed`) are no-ops
+without an initialised process group of more than one rank.
+
 DDP registers gradient hooks on the parameters it was built with and checks
 their shapes across ranks once, at construction. Growth replaces parameters by
 larger ones, so the old wrapper must be dropped and the grown module wrapped
 again. The growers (:mod:`.growers`) already make every rank take the same
-decision: each growth's random seed comes from rank 0, and scores (SSD: the
-splitting statistics; Firefly: gate gradients and candidate updates) are
-averaged over ranks before the global selection. :func:`regrow_ddp` then wraps
+decision: each growth's random seed comes from rank 0 (:func:`shared_seed`), and
+scores (SSD: the splitting statistics; Firefly: gate gradients and candidate
+updates) are averaged over ranks (:func:`mean_over_ranks`) before the global
+selection; every rank must pass the same number of batches. :func:`regrow_ddp` then wraps
 the grown module with the old wrapper's settings; DDP's construction checks
 that every rank holds the same shapes and broadcasts rank 0's values, so any
 floating-point drift between ranks is removed as well.
@@ -25,10 +29,50 @@ from __future__ import annotations
 
 from typing import Any
 
+import numpy as np
+import torch
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
-__all__ = ["regrow_ddp"]
+__all__ = ["is_distributed", "mean_over_ranks", "regrow_ddp", "shared_seed"]
+
+
+def is_distributed() -> bool:
+    """Whether a process group of more than one rank is initialised."""
+    dist = torch.distributed
+    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+
+
+def _collective_device(t: torch.Tensor) -> torch.device:
+    """Where a collective on ``t`` must run: NCCL only takes CUDA tensors, gloo takes CPU ones."""
+    if torch.distributed.get_backend() == "nccl":
+        return t.device if t.is_cuda else torch.device("cuda", torch.cuda.current_device())
+    return t.device
+
+
+def mean_over_ranks(x: torch.Tensor | np.ndarray) -> torch.Tensor | np.ndarray:
+    """Mean of ``x`` (a tensor, or a NumPy array) over all ranks; ``x`` without a process group.
+
+    Every rank must call it the same number of times in the same order (same flows, same
+    number of batches), as with any collective.
+    """
+    if not is_distributed():
+        return x
+    if isinstance(x, np.ndarray):
+        return mean_over_ranks(torch.tensor(x)).numpy()
+    out = x.detach().to(_collective_device(x), copy=True)
+    torch.distributed.all_reduce(out)
+    return (out / torch.distributed.get_world_size()).to(x.device)
+
+
+def shared_seed(seed: int) -> int:
+    """Rank 0's ``seed`` on every rank (``seed`` itself without a process group)."""
+    if not is_distributed():
+        return seed
+    box = torch.tensor([seed], dtype=torch.int64)
+    box = box.to(_collective_device(box))
+    torch.distributed.broadcast(box, src=0)
+    return int(box.item())
 
 # Settings a DDP wrapper stores under the same name as its constructor argument.
 _CARRIED = (

@@ -59,7 +59,13 @@ from simcore._arrays import check_choice
 from simcore.growth import ChannelFlow, ChannelMap, map_optimizer_state
 from simcore.growth.optim_state import MODES
 
-__all__ = ["MODES", "OptimizerGrowth", "grow_optimizer", "plan_optimizer_growth"]
+__all__ = [
+    "MODES",
+    "OptimizerGrowth",
+    "as_channel_maps",
+    "grow_optimizer",
+    "plan_optimizer_growth",
+]
 
 
 @dataclass
@@ -113,7 +119,7 @@ class OptimizerGrowth:
         self._saved = {}
 
 
-def _maps(channel_map: Any) -> tuple[ChannelMap, ...]:
+def as_channel_maps(channel_map: Any) -> tuple[ChannelMap, ...]:
     """One ChannelMap, or several applied in order (Firefly: split, then add)."""
     if isinstance(channel_map, ChannelMap):
         return (channel_map,)
@@ -187,7 +193,7 @@ def plan_optimizer_growth(
     check_choice(mode, MODES, "mode")
     if not isinstance(flow, ChannelFlow):
         raise TypeError(f"flow must be a simcore.growth.ChannelFlow, got {type(flow).__name__}")
-    maps = _maps(channel_map)
+    maps = as_channel_maps(channel_map)
     if lr is not None:
         lr = float(lr)
         if not lr > 0.0:

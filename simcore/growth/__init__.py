@@ -5,7 +5,9 @@ Everything works on a flat ``Mapping[str, array]`` of parameters and a
 operators return new dicts and never mutate. See :mod:`simcore.growth.flow` and
 :mod:`simcore.growth.widen`; budgets and selection in :mod:`simcore.growth.budget`,
 optimizer state in :mod:`simcore.growth.optim_state`, the paper's seeds as plain data in
-:mod:`simcore.growth.presets`.
+:mod:`simcore.growth.presets`. The growth algorithms (:class:`RandomGrower`, :class:`SSDGrower`,
+:class:`FireflyGrower`) drive a framework through the small protocol of
+:mod:`simcore.growth.protocol` (:class:`GrowthHost`), which each adapter implements.
 """
 
 from .budget import UNITS, count_parameters, growth_budget, round_half_up, select_lowest
@@ -84,4 +86,26 @@ __all__ += [
     "split_gate_scores",
     "splitting_matrices",
     "ssd_split",
+]
+
+# The growth algorithms, written once against the framework protocol (adapters implement it).
+from .firefly_grower import FireflyGrower, FireflyState  # noqa: E402
+from .growers import Grower, GrowthReport, PerLayerState, RandomGrower, RandomState  # noqa: E402
+from .protocol import GrowableLayer, GrowthError, GrowthHost, SplittingStatistics  # noqa: E402
+from .ssd_grower import SSDGrower, SSDState  # noqa: E402
+
+__all__ += [
+    "FireflyGrower",
+    "FireflyState",
+    "GrowableLayer",
+    "GrowthError",
+    "GrowthHost",
+    "GrowthReport",
+    "Grower",
+    "PerLayerState",
+    "RandomGrower",
+    "RandomState",
+    "SSDGrower",
+    "SSDState",
+    "SplittingStatistics",
 ]

@@ -1,0 +1,181 @@
+"""What SSD needs of a PyTorch model, captured with forward hooks while it scores a batch.
+
+For every flow: the producer's input unfolded into the rows its weight multiplies
+(``(B, P, d)``), the pre-activation after the producer and its BatchNorm (``(B, P, n)``), and
+the loss's gradient with respect to the activation's output (``(B, P, n)``), from
+``torch.autograd.grad``, so no ``.grad`` is left on the parameters. :func:`scoring_mode` puts
+BatchNorm on its running statistics while scoring and restores every module's own mode.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from simcore.growth import GrowthError, SplittingStatistics, bn_coefficient
+from simcore.growth.growers import check_loss
+
+from .flows import TorchFlow
+
+__all__ = ["scoring_mode", "splitting_statistics"]
+
+
+@contextmanager
+def scoring_mode(model: nn.Module) -> Iterator[None]:
+    """Eval mode for scoring (BatchNorm uses running stats); each module's mode restored after."""
+    modes = [(m, m.training) for m in model.modules()]
+    model.eval()
+    try:
+        yield
+    finally:
+        for m, mode in modes:
+            m.training = mode
+
+
+def _patches(module: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """The producer's input as ``(B, P, d)`` rows ordered like its weight rows."""
+    if isinstance(module, nn.Linear):
+        if x.ndim != 2:
+            raise GrowthError("SSD needs a Linear producer's input to be (batch, features)")
+        return x[:, None, :]
+    if module.padding_mode != "zeros" or isinstance(module.padding, str):
+        if isinstance(module.padding, str) and module.padding == "valid":
+            padding = 0
+        else:
+            raise GrowthError(
+                f"SSD unfolds patches with zero padding; {module} uses padding "
+                f"{module.padding!r} / padding_mode {module.padding_mode!r}"
+            )
+    else:
+        padding = module.padding
+    cols = F.unfold(x, module.kernel_size, dilation=module.dilation, padding=padding,
+                    stride=module.stride)
+    return cols.transpose(1, 2)
+
+
+def _positions(t: torch.Tensor) -> torch.Tensor:
+    """``(B, n, H, W)`` or ``(B, n)`` -> ``(B, P, n)``."""
+    return t.flatten(2).transpose(1, 2) if t.ndim > 2 else t[:, None, :]
+
+
+class _Capture:
+    """Forward hooks recording, per flow, the producer input, pre-activation and activation."""
+
+    def __init__(self, model: nn.Module, flows: Sequence[TorchFlow]):
+        modules = dict(model.named_modules())
+        self.handles: list[Any] = []
+        self.records: list[dict[str, torch.Tensor]] = [{} for _ in flows]
+        for record, flow in zip(self.records, flows, strict=True):
+            producer = modules[flow.producer]
+            pre = modules[flow.norm] if flow.norm is not None else producer
+            self._hook(producer, record, "input", lambda m, i, o: i[0].detach())
+            # A copy: an in-place activation overwrites the pre-activation tensor itself.
+            self._hook(pre, record, "z", lambda m, i, o: o.detach().clone())
+            self._hook(pre, record, "z_tensor", lambda m, i, o: o)
+            if flow.activation is not None:
+                # An activation module may be shared by several layers: keep only the call
+                # that reads this flow's pre-activation.
+                self._hook(modules[flow.activation], record, "h", lambda m, i, o: o,
+                           when=lambda i, record=record: i[0] is record.get("z_tensor"))
+            else:
+                self._hook(pre, record, "h", lambda m, i, o: o)
+
+    def _hook(self, module, record, key, get, when=None):
+        def hook(m, inputs, output):
+            if when is None or when(inputs):
+                record[key] = get(m, inputs, output)
+
+        self.handles.append(module.register_forward_hook(hook))
+
+    def remove(self) -> None:
+        for h in self.handles:
+            h.remove()
+
+
+def _activation_kinds(model: nn.Module, flows: Sequence[TorchFlow]) -> list[str]:
+    """Each flow's activation name for ``sigma''``, or GrowthError if SSD cannot know it."""
+    modules = dict(model.named_modules())
+    kinds = []
+    for f in flows:
+        kind = f.kind_of_activation(model)
+        if f.activation is None and kind is not None and kind != "identity":
+            raise GrowthError(
+                f"SSD cannot score {f.producer!r}: its activation ({kind}) is a function "
+                "call, not a module; use nn.ReLU()/nn.SiLU() modules or a hand-written flow"
+            )
+        if f.activation is not None and kind is None:
+            act = modules[f.activation]
+            raise GrowthError(
+                f"SSD cannot score {f.producer!r}: no second derivative is known for "
+                f"{type(act).__name__} (pass TorchFlow(activation_kind=...))"
+            )
+        kinds.append(kind or "identity")
+    return kinds
+
+
+def _bn_scale(flow: TorchFlow, modules: dict[str, nn.Module]) -> torch.Tensor | None:
+    if flow.norm is None:
+        return None
+    bn = modules[flow.norm]
+    if bn.running_var is None:
+        raise GrowthError(
+            f"SSD cannot score {flow.producer!r}: its norm {flow.norm!r} keeps no running "
+            "statistics (track_running_stats=False), so the BN coefficient "
+            "weight / sqrt(running_var + eps) is undefined"
+        )
+    var = bn.running_var.detach()
+    scale = bn.weight.detach() if bn.weight is not None else torch.ones_like(var)
+    return bn_coefficient(scale, var, eps=bn.eps)
+
+
+def splitting_statistics(
+    model: nn.Module,
+    flows: Sequence[TorchFlow],
+    batches: Sequence[tuple[Any, Any]],
+    loss_fn: Callable[[Any, Any], torch.Tensor],
+) -> list[SplittingStatistics]:
+    """Run ``model`` on every batch in :func:`scoring_mode` and capture SSD's inputs per flow.
+
+    A producer whose activation is a function call (``F.relu`` in ``forward``) or of a kind
+    without a known second derivative raises :class:`~simcore.growth.GrowthError` before any
+    batch runs.
+    """
+    modules = dict(model.named_modules())
+    kinds = _activation_kinds(model, flows)
+    captured: list[list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]] = [[] for _ in flows]
+    with scoring_mode(model):
+        for inputs, targets in batches:
+            capture = _Capture(model, flows)
+            try:
+                loss = check_loss(loss_fn(model(inputs), targets))
+            finally:
+                capture.remove()
+            missing = [f.producer for f, r in zip(flows, capture.records, strict=True)
+                       if "h" not in r]
+            if missing:
+                raise GrowthError(
+                    f"SSD saw no activation output for {missing[0]!r}: its activation "
+                    "module did not read its pre-activation (give the flow by hand)"
+                )
+            hs = [r["h"] for r in capture.records]
+            grads = torch.autograd.grad(loss, hs, allow_unused=True)
+            for i, (f, record, g) in enumerate(zip(flows, capture.records, grads, strict=True)):
+                if g is None:
+                    g = torch.zeros_like(record["h"])
+                if g.shape != record["z"].shape:
+                    raise GrowthError(
+                        f"SSD cannot score {f.producer!r}: the activation output "
+                        f"{tuple(g.shape)} and pre-activation {tuple(record['z'].shape)} "
+                        "differ in shape"
+                    )
+                x = _patches(modules[f.producer], record["input"])
+                captured[i].append((x, _positions(g.detach()), _positions(record["z"])))
+    return [
+        SplittingStatistics(activation=kind, bn_scale=_bn_scale(f, modules), batches=tuple(c))
+        for f, kind, c in zip(flows, kinds, captured, strict=True)
+    ]

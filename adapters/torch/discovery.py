@@ -1,0 +1,401 @@
+"""Find where each layer's channels flow by tracing a PyTorch model with ``torch.fx``.
+
+:func:`discover_flows` traces a model and, for every growable ``Conv2d``/``Linear``
+*producer*, follows its output channels through the channel-wise layers after it
+(BatchNorm, activations, pooling, dropout, a depthwise ``Conv2d`` with its BatchNorm,
+flatten) to every *consumer* that reads them (``Conv2d``, ``Linear``, flatten -> ``Linear``
+where a channel owns ``H*W`` consecutive columns); the result is one :class:`~.flows.TorchFlow`
+per producer.
+
+A producer whose channels reach a residual add, a concatenation, the network output or any
+operation this module does not understand is *not growable*: asking to grow it raises
+:class:`~simcore.growth.GrowthError` naming the layer and the node. Where tracing fails
+(data-dependent control flow), describe the flow by hand with :class:`~.flows.TorchFlow`.
+"""
+
+from __future__ import annotations
+
+import math
+import operator
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+import torch.fx
+from torch import nn
+from torch.fx.passes.shape_prop import ShapeProp
+
+from .flows import (
+    ACTIVATION_MODULES,
+    BATCH_NORM,
+    GrowthError,
+    TorchConsumer,
+    TorchDepthwise,
+    TorchFlow,
+    describe_module,
+    is_depthwise_conv,
+    is_producer,
+    unwrap,
+)
+
+__all__ = ["discover_flows", "find_flow"]
+
+_PASS_MODULES = (
+    nn.Dropout,
+    nn.Dropout1d,
+    nn.Dropout2d,
+    nn.AlphaDropout,
+    nn.MaxPool2d,
+    nn.AvgPool2d,
+    nn.AdaptiveAvgPool2d,
+    nn.AdaptiveMaxPool2d,
+    *ACTIVATION_MODULES,
+)
+_F = torch.nn.functional
+_ACTIVATION_FUNCTIONS = {
+    _F.relu: "relu",
+    torch.relu: "relu",
+    _F.relu6: "relu",
+    _F.silu: "swish",
+    _F.gelu: "gelu",
+    torch.tanh: "tanh",
+    _F.tanh: "tanh",
+    torch.sigmoid: "sigmoid",
+    _F.sigmoid: "sigmoid",
+    _F.leaky_relu: None,
+    _F.elu: None,
+    _F.hardswish: None,
+    _F.softplus: None,
+    _F.mish: None,
+}
+_ACTIVATION_METHODS = {"relu": "relu", "relu_": "relu", "tanh": "tanh", "sigmoid": "sigmoid"}
+_PASS_FUNCTIONS = {
+    _F.dropout,
+    _F.dropout2d,
+    _F.max_pool2d,
+    _F.avg_pool2d,
+    _F.adaptive_avg_pool2d,
+    _F.adaptive_max_pool2d,
+    torch.max_pool2d,
+}
+_MERGE_LABELS = {
+    operator.add: "residual add",
+    operator.iadd: "residual add",
+    torch.add: "residual add",
+    operator.sub: "subtraction",
+    torch.sub: "subtraction",
+    operator.mul: "multiplication",
+    torch.mul: "multiplication",
+    torch.cat: "concatenation",
+    torch.concat: "concatenation",
+    torch.stack: "stack",
+}
+_MERGE_METHODS = {"add": "residual add", "add_": "residual add", "mul": "multiplication"}
+
+
+@dataclass
+class _Walk:
+    """What one producer's channels reach, gathered while walking the graph."""
+
+    norms: dict = field(default_factory=dict)  # segment (-1 producer, k depthwise k) -> BN name
+    depthwise: list = field(default_factory=list)
+    consumers: dict = field(default_factory=dict)  # module name -> spatial
+    activation: str | None = None
+    activation_kind: str | None = None
+    activation_seen: bool = False
+    blocked: str | None = None
+    needs_input: str | None = None
+
+
+def _trace(model, example_input):
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
+    try:
+        graph_module = torch.fx.symbolic_trace(model)
+    except Exception as exc:  # fx raises many types; all mean "describe the flow by hand"
+        raise GrowthError(
+            f"torch.fx could not trace {type(model).__name__} ({type(exc).__name__}: {exc}); "
+            "describe its flows by hand with TorchFlow(producer, norm=..., consumers=...)"
+        ) from exc
+    if example_input is not None:
+        inputs = example_input if isinstance(example_input, tuple) else (example_input,)
+        modes = [(m, m.training) for m in model.modules()]
+        model.eval()  # shape propagation must not touch BatchNorm running stats
+        try:
+            with torch.no_grad():
+                ShapeProp(graph_module).propagate(*inputs)
+        finally:
+            for m, mode in modes:  # each module's own mode, not model.train(...) for all
+                m.training = mode
+    return graph_module
+
+
+def _shape(node):
+    meta = node.meta.get("tensor_meta")
+    return None if meta is None or not hasattr(meta, "shape") else tuple(meta.shape)
+
+
+def _analyse(model, example_input):
+    """Walk every producer's channels: returns (ordered flows, {blocked name: reason})."""
+    graph_module = _trace(model, example_input)
+    modules = dict(graph_module.named_modules())
+    calls = {}
+    for node in graph_module.graph.nodes:
+        if node.op == "call_module":
+            calls[node.target] = calls.get(node.target, 0) + 1
+    flows, blocked = [], {}
+    for node in graph_module.graph.nodes:
+        if node.op != "call_module":
+            continue
+        module = modules[node.target]
+        if isinstance(module, nn.Conv2d) and not is_producer(module):
+            if not is_depthwise_conv(module):
+                blocked[node.target] = f"it is a grouped convolution (groups={module.groups})"
+            else:
+                blocked[node.target] = "it is a depthwise convolution (it grows with its producer)"
+            continue
+        if not is_producer(module):
+            continue
+        if calls[node.target] > 1:
+            times = calls[node.target]
+            blocked[node.target] = f"the module is called {times} times (shared weights)"
+            continue
+        walk = _Walk()
+        ndim = 2 if isinstance(module, nn.Linear) else 4
+        _follow(node, walk, modules, calls, segment=-1, ndim=ndim, spatial=None, pooled=False)
+        if walk.blocked is None and not walk.consumers:
+            walk.blocked = "its output is not read by any layer"
+        if walk.blocked is not None:
+            if _reaches_output(node, modules):
+                walk.blocked = "it is the network's output layer (a classifier is a consumer only)"
+            elif walk.needs_input is not None:
+                raise ValueError(walk.needs_input)
+            blocked[node.target] = walk.blocked
+            continue
+        flows.append(
+            TorchFlow(
+                producer=node.target,
+                consumers=tuple(TorchConsumer(m, s) for m, s in walk.consumers.items()),
+                norm=walk.norms.get(-1),
+                depthwise=tuple(
+                    TorchDepthwise(conv, walk.norms.get(k)) for k, conv in enumerate(walk.depthwise)
+                ),
+                activation=walk.activation,
+                activation_kind=walk.activation_kind,
+            )
+        )
+    return flows, blocked
+
+
+def _reaches_output(node, modules):
+    """Whether the graph output depends on ``node`` through no other Conv2d/Linear."""
+    stack, seen = list(node.users), set()
+    while stack:
+        user = stack.pop()
+        if user in seen:
+            continue
+        seen.add(user)
+        if user.op == "output":
+            return True
+        if user.op == "call_module" and isinstance(modules[user.target], (nn.Conv2d, nn.Linear)):
+            continue
+        stack.extend(user.users)
+    return False
+
+
+def _block(walk, user, why):
+    if walk.blocked is None:
+        walk.blocked = f"its output feeds {user.name!r} ({why})"
+
+
+def _follow(node, walk, modules, calls, *, segment, ndim, spatial, pooled):
+    """Depth-first walk over the users of ``node`` while they are channel-wise."""
+    for user in list(node.users):
+        if walk.blocked is not None:
+            return
+        _visit(node, user, walk, modules, calls, segment, ndim, spatial, pooled)
+
+
+def _note_activation(walk, segment, name, kind):
+    if segment == -1 and not walk.activation_seen:
+        walk.activation_seen = True
+        walk.activation, walk.activation_kind = name, kind
+
+
+def _visit(node, user, walk, modules, calls, segment, ndim, spatial, pooled):
+    go = dict(segment=segment, ndim=ndim, spatial=spatial, pooled=pooled)
+    flat = spatial is not None
+    if user.op == "output":
+        walk.blocked = "it is the network's output layer (a classifier is a consumer only)"
+        return
+    if user.op == "call_module":
+        module = modules[user.target]
+        stateful = any(True for _ in module.parameters()) or any(True for _ in module.buffers())
+        if calls[user.target] > 1 and stateful:
+            # A parameter-free module (one ReLU used everywhere) may be shared; a stateful one
+            # would be grown twice.
+            return _block(walk, user, f"module {user.target!r} is called more than once")
+        if isinstance(module, BATCH_NORM):
+            if flat:
+                return _block(walk, user, "BatchNorm after a flatten")
+            if segment in walk.norms and walk.norms[segment] != user.target:
+                return _block(walk, user, "a second BatchNorm on the same channels")
+            walk.norms[segment] = user.target
+            return _follow(user, walk, modules, calls, **go)
+        if isinstance(module, tuple(ACTIVATION_MODULES)):
+            _note_activation(walk, segment, user.target, ACTIVATION_MODULES[type(module)])
+            return _follow(user, walk, modules, calls, **go)
+        if isinstance(module, _PASS_MODULES):
+            pool_one = isinstance(module, (nn.AdaptiveAvgPool2d, nn.AdaptiveMaxPool2d)) and (
+                module.output_size in (1, (1, 1))
+            )
+            return _follow(user, walk, modules, calls, **{**go, "pooled": pooled or pool_one})
+        if isinstance(module, nn.Flatten):
+            if module.start_dim != 1 or module.end_dim != -1:
+                return _block(walk, user, "a flatten that does not start at dim 1")
+            return _flatten(node, user, walk, modules, calls, go)
+        if is_depthwise_conv(module):
+            if flat or ndim != 4:
+                return _block(walk, user, "depthwise conv after a flatten")
+            walk.depthwise.append(user.target)
+            _note_activation(walk, segment, None, None)  # a later activation is not the producer's
+            new = len(walk.depthwise) - 1
+            return _follow(user, walk, modules, calls, **{**go, "segment": new})
+        if isinstance(module, nn.Conv2d) and module.groups == 1:
+            if flat or ndim != 4:
+                return _block(walk, user, "a conv reading flattened channels")
+            walk.consumers[user.target] = 1
+            return None
+        if isinstance(module, nn.Linear):
+            if ndim != 2 and not flat:
+                return _block(walk, user, "a Linear applied to a 4-d tensor reads W, not channels")
+            walk.consumers[user.target] = spatial or 1
+            return None
+        return _block(walk, user, f"unsupported module {describe_module(module)}")
+    if user.op in ("call_function", "call_method"):
+        target = user.target
+        if user.op == "call_function" and target in _MERGE_LABELS:
+            return _block(walk, user, _MERGE_LABELS[target])
+        if user.op == "call_method" and target in _MERGE_METHODS:
+            return _block(walk, user, _MERGE_METHODS[target])
+        if user.args and user.args[0] is not node:
+            return _block(walk, user, f"{_target_name(user)} reads it as a non-input argument")
+        if user.op == "call_function" and target in _ACTIVATION_FUNCTIONS:
+            _note_activation(walk, segment, None, _ACTIVATION_FUNCTIONS[target])
+            return _follow(user, walk, modules, calls, **go)
+        if user.op == "call_method" and target in _ACTIVATION_METHODS:
+            _note_activation(walk, segment, None, _ACTIVATION_METHODS[target])
+            return _follow(user, walk, modules, calls, **go)
+        if user.op == "call_function" and target in _PASS_FUNCTIONS:
+            size = user.args[1] if len(user.args) > 1 else user.kwargs.get("output_size")
+            pool_one = target in (_F.adaptive_avg_pool2d, _F.adaptive_max_pool2d) and size in (
+                1,
+                (1, 1),
+            )
+            return _follow(user, walk, modules, calls, **{**go, "pooled": pooled or pool_one})
+        if user.op == "call_method" and target in ("contiguous", "clone"):
+            return _follow(user, walk, modules, calls, **go)
+        if target == "size" and user.op == "call_method":
+            dims = user.args[1:] or tuple(user.kwargs.values())
+            if dims in ((0,),):
+                return None  # the batch size does not depend on the channel count
+            return _block(walk, user, "a size() query that reads the channel count")
+        if (user.op == "call_method" and target == "mean") or target is torch.mean:
+            dims = user.args[1] if len(user.args) > 1 else user.kwargs.get("dim")
+            dims = tuple(dims) if isinstance(dims, (tuple, list)) else (dims,)
+            if ndim == 4 and not flat and set(dims) in ({2, 3}, {-1, -2}):
+                keep = user.kwargs.get("keepdim", False) or (len(user.args) > 2 and user.args[2])
+                return _follow(
+                    user, walk, modules, calls, **{**go, "ndim": 4 if keep else 2, "pooled": True}
+                )
+            return _block(walk, user, "a mean over the channel axis")
+        if target in (torch.flatten, "flatten"):
+            start = user.args[1] if len(user.args) > 1 else user.kwargs.get("start_dim", 0)
+            end = user.args[2] if len(user.args) > 2 else user.kwargs.get("end_dim", -1)
+            if start != 1 or end != -1:
+                return _block(walk, user, "a flatten that does not start at dim 1")
+            return _flatten(node, user, walk, modules, calls, go)
+        if target in ("view", "reshape") or target is torch.reshape:
+            before, after = _shape(node), _shape(user)
+            if before is None or after is None:
+                walk.needs_input = (
+                    f"example_input is needed: {user.name!r} ({target}) may flatten channels; "
+                    "pass an input batch, e.g. torch.zeros(1, 3, 32, 32), to check it"
+                )
+                return _block(walk, user, f"{target} whose shapes are unknown")
+            if len(after) == 2 and after[0] == before[0] and after[1] == math.prod(before[1:]):
+                return _flatten(node, user, walk, modules, calls, go)
+            return _block(walk, user, f"{target} to {after}, not a flatten from dim 1")
+        return _block(walk, user, f"unsupported operation {_target_name(user)}")
+    return _block(walk, user, f"unsupported node kind {user.op}")
+
+
+def _flatten(node, user, walk, modules, calls, go):
+    if go["spatial"] is not None or go["ndim"] == 2:
+        return _follow(user, walk, modules, calls, **go)  # already flat: a no-op for channels
+    shape = _shape(node)
+    if shape is not None:
+        spatial = math.prod(shape[2:])
+    elif go["pooled"]:
+        spatial = 1
+    else:
+        walk.needs_input = (
+            f"example_input is needed: {user.name!r} flattens channels whose H*W is unknown "
+            "(pass an input batch, e.g. torch.zeros(1, 3, 32, 32))"
+        )
+        return _block(walk, user, "a flatten of unknown H*W")
+    return _follow(user, walk, modules, calls, **{**go, "spatial": spatial, "ndim": 2})
+
+
+def _target_name(node):
+    target = node.target
+    return repr(target if isinstance(target, str) else getattr(target, "__name__", str(target)))
+
+
+def discover_flows(
+    model: nn.Module, example_input: Any = None, *, layers: Iterable[str] | None = None
+) -> list[TorchFlow]:
+    """Find the channel flow of every growable producer of ``model`` with ``torch.fx``.
+
+    ``example_input`` (a tensor or a tuple of tensors) is needed when a flatten
+    feeds a Linear, to learn how many columns (``H*W``) each channel owns; shapes
+    are propagated with BatchNorm in eval mode and the model's mode restored.
+    With ``layers`` only those producers are returned, in that order, and a
+    layer that cannot be grown raises :class:`GrowthError` naming the reason.
+    The network's final classifier is a consumer only, never a producer.
+
+    >>> import torch
+    >>> from torch import nn
+    >>> net = nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), nn.BatchNorm2d(4), nn.ReLU(),
+    ...                     nn.Flatten(), nn.Linear(4 * 8 * 8, 10))
+    >>> [(f.producer, f.norm, f.consumers) for f in discover_flows(net, torch.zeros(1, 3, 8, 8))]
+    [('0', '1', (TorchConsumer(module='4', spatial=64),))]
+    """
+    model = unwrap(model) if isinstance(model, nn.Module) else model
+    flows, blocked = _analyse(model, example_input)
+    if layers is None:
+        return flows
+    if isinstance(layers, str):
+        layers = [layers]
+    by_name = {f.producer: f for f in flows}
+    known = dict(model.named_modules())
+    picked = []
+    for name in layers:
+        if name in by_name:
+            picked.append(by_name[name])
+        elif name in blocked:
+            raise GrowthError(f"cannot grow {name!r}: {blocked[name]}")
+        elif name in known:
+            raise GrowthError(
+                f"cannot grow {name!r}: it is a {describe_module(known[name])}, not a Conv2d or "
+                "Linear that the forward pass calls"
+            )
+        else:
+            raise GrowthError(f"cannot grow {name!r}: the model has no module of that name")
+    return picked
+
+
+def find_flow(model: nn.Module, layer: str, example_input: Any = None) -> TorchFlow:
+    """The flow of one producer, or :class:`GrowthError` saying why it cannot be grown."""
+    return discover_flows(model, example_input, layers=[layer])[0]

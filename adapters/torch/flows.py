@@ -1,0 +1,239 @@
+"""How a PyTorch layer's channels flow: the flow description and the module predicates.
+
+A :class:`TorchFlow` names, by module path, one growable *producer* (``nn.Linear`` or a plain
+``nn.Conv2d``) and every module its output channels pass through or reach: its BatchNorm,
+depthwise convs with their BatchNorms, and the *consumers* that read the channels (a Linear after
+a flatten reads ``spatial`` consecutive columns per channel). :meth:`TorchFlow.channel_flow`
+turns it into the core's :class:`simcore.growth.flow.ChannelFlow` over ``state_dict`` names,
+which is what the framework-neutral growth operators take. Flows are found by
+:mod:`.discovery` or written by hand::
+
+    TorchFlow("conv1", norm="bn1", consumers=("conv2",))
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from torch import nn
+
+from simcore.growth import GrowthError
+from simcore.growth.flow import BatchNorm, ChannelFlow, Consumer, Depthwise
+
+__all__ = [
+    "ACTIVATION_MODULES",
+    "BATCH_NORM",
+    "GrowthError",
+    "TorchConsumer",
+    "TorchDepthwise",
+    "TorchFlow",
+    "describe_module",
+    "is_depthwise_conv",
+    "is_producer",
+    "unwrap",
+]
+
+BATCH_NORM = nn.modules.batchnorm._BatchNorm
+
+
+@dataclass(frozen=True)
+class TorchDepthwise:
+    """A depthwise ``Conv2d`` (``groups == in == out``) the channels pass through, with its BN."""
+
+    conv: str
+    norm: str | None = None
+
+
+@dataclass(frozen=True)
+class TorchConsumer:
+    """A module reading the producer's channels; ``spatial`` columns per channel after a flatten."""
+
+    module: str
+    spatial: int = 1
+
+    def __post_init__(self):
+        if not isinstance(self.module, str):
+            raise TypeError(f"module must be a module name (str), got {type(self.module).__name__}")
+        if isinstance(self.spatial, bool) or not isinstance(self.spatial, int) or self.spatial < 1:
+            raise ValueError(f"spatial must be a positive int, got {self.spatial!r}")
+
+
+#: Activation modules channels pass through, with their kind for SSD (None: no known sigma'').
+ACTIVATION_MODULES = {
+    nn.ReLU: "relu",
+    nn.ReLU6: "relu",
+    nn.SiLU: "swish",
+    nn.GELU: "gelu",
+    nn.Tanh: "tanh",
+    nn.Sigmoid: "sigmoid",
+    nn.Identity: "identity",
+    nn.LeakyReLU: None,
+    nn.ELU: None,
+    nn.Softplus: None,
+    nn.Hardswish: None,
+    nn.Mish: None,
+}
+
+
+@dataclass(frozen=True)
+class TorchFlow:
+    """One growable producer module and every module its output channels flow through.
+
+    Names are module paths as in ``model.named_modules()``. ``activation`` is the
+    activation module right after the producer (and its ``norm``), used by SSD
+    to read pre-activations and backprop signals; ``activation_kind`` its kind
+    ("relu", "swish", "tanh", "sigmoid", "gelu", "identity") for the second
+    derivative, inferred from the module type when not given.
+
+    >>> from torch import nn
+    >>> net = nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4), nn.ReLU(), nn.Conv2d(4, 2, 1))
+    >>> flow = TorchFlow("0", norm="1", activation="2", consumers=("3",))
+    >>> flow.channel_flow(net).consumers[0].weight
+    '3.weight'
+    >>> flow.channels(net)
+    4
+    """
+
+    producer: str
+    consumers: tuple[TorchConsumer, ...] = ()
+    norm: str | None = None
+    depthwise: tuple[TorchDepthwise, ...] = ()
+    activation: str | None = None
+    activation_kind: str | None = None
+
+    def __post_init__(self):
+        if not isinstance(self.producer, str):
+            raise TypeError(f"producer must be a module name (str), got {type(self.producer)}")
+        consumers = tuple(
+            c if isinstance(c, TorchConsumer) else TorchConsumer(c) for c in self.consumers
+        )
+        depthwise = tuple(
+            d if isinstance(d, TorchDepthwise) else TorchDepthwise(d) for d in self.depthwise
+        )
+        object.__setattr__(self, "consumers", consumers)
+        object.__setattr__(self, "depthwise", depthwise)
+
+    @property
+    def module_names(self) -> tuple[str, ...]:
+        """Every module whose parameters, buffers or sizes a growth of this flow changes."""
+        names = [self.producer]
+        if self.norm is not None:
+            names.append(self.norm)
+        for d in self.depthwise:
+            names.append(d.conv)
+            if d.norm is not None:
+                names.append(d.norm)
+        names.extend(c.module for c in self.consumers)
+        return tuple(names)
+
+    def check(self, model: nn.Module) -> None:
+        """Raise GrowthError if a named module is missing or of a kind growth cannot change."""
+        modules = dict(model.named_modules())
+
+        def get(name, what):
+            if name not in modules:
+                raise GrowthError(f"flow of {self.producer!r}: {what} {name!r} is not a module")
+            return modules[name]
+
+        producer = get(self.producer, "producer")
+        if not is_producer(producer):
+            raise GrowthError(
+                f"cannot grow {self.producer!r}: a producer must be nn.Linear or an nn.Conv2d "
+                f"with groups=1, got {describe_module(producer)}"
+            )
+        for norm in (self.norm, *(d.norm for d in self.depthwise)):
+            if norm is not None and not isinstance(get(norm, "norm"), BATCH_NORM):
+                raise GrowthError(f"flow of {self.producer!r}: norm {norm!r} is not a BatchNorm")
+        for d in self.depthwise:
+            if not is_depthwise_conv(get(d.conv, "depthwise conv")):
+                raise GrowthError(
+                    f"flow of {self.producer!r}: {d.conv!r} is not a depthwise Conv2d "
+                    f"(groups == in_channels == out_channels)"
+                )
+        for c in self.consumers:
+            m = get(c.module, "consumer")
+            if not (isinstance(m, nn.Linear) or (isinstance(m, nn.Conv2d) and m.groups == 1)):
+                raise GrowthError(
+                    f"flow of {self.producer!r}: consumer {c.module!r} must be nn.Linear or an "
+                    f"nn.Conv2d with groups=1, got {describe_module(m)}"
+                )
+            if isinstance(m, nn.Conv2d) and c.spatial != 1:
+                raise GrowthError(
+                    f"flow of {self.producer!r}: conv consumer {c.module!r} has spatial != 1"
+                )
+
+    def channel_flow(self, model: nn.Module) -> ChannelFlow:
+        """The core's ChannelFlow over ``model.state_dict()`` names (checks the modules first)."""
+        self.check(model)
+        modules = dict(model.named_modules())
+        producer = modules[self.producer]
+        return ChannelFlow(
+            producer=f"{self.producer}.weight",
+            out_axis=0,
+            consumers=tuple(
+                Consumer(weight=f"{c.module}.weight", in_axis=1, spatial=c.spatial)
+                for c in self.consumers
+            ),
+            bias=f"{self.producer}.bias" if producer.bias is not None else None,
+            norm=_batch_norm(self.norm, modules),
+            depthwise=tuple(
+                Depthwise(
+                    weight=f"{d.conv}.weight",
+                    channel_axis=0,
+                    bias=f"{d.conv}.bias" if modules[d.conv].bias is not None else None,
+                    norm=_batch_norm(d.norm, modules),
+                )
+                for d in self.depthwise
+            ),
+        )
+
+    def channels(self, model: nn.Module) -> int:
+        """The producer's current output channel count (validated across the whole flow)."""
+        return self.channel_flow(model).channels(dict(model.state_dict()))
+
+    def kind_of_activation(self, model: nn.Module) -> str | None:
+        """``activation_kind`` if given, else inferred from the activation module's type."""
+        if self.activation_kind is not None:
+            return self.activation_kind
+        if self.activation is None:
+            return None
+        return ACTIVATION_MODULES.get(type(dict(model.named_modules())[self.activation]))
+
+
+def _batch_norm(name, modules):
+    if name is None:
+        return None
+    bn = modules[name]
+    return BatchNorm(
+        scale=f"{name}.weight" if bn.weight is not None else None,
+        shift=f"{name}.bias" if bn.bias is not None else None,
+        mean=f"{name}.running_mean" if bn.running_mean is not None else None,
+        var=f"{name}.running_var" if bn.running_var is not None else None,
+    )
+
+
+def describe_module(module):
+    if isinstance(module, nn.Conv2d):
+        return f"Conv2d(groups={module.groups})"
+    return type(module).__name__
+
+
+def is_depthwise_conv(module):
+    return (
+        isinstance(module, nn.Conv2d)
+        and module.groups > 1
+        and module.groups == module.in_channels == module.out_channels
+    )
+
+
+def is_producer(module):
+    return isinstance(module, nn.Linear) or (
+        isinstance(module, nn.Conv2d) and type(module) is nn.Conv2d and module.groups == 1
+    )
+
+
+def unwrap(model: nn.Module) -> nn.Module:
+    """The module inside DistributedDataParallel / DataParallel wrappers (names stay unprefixed)."""
+    while isinstance(model, (nn.parallel.DistributedDataParallel, nn.DataParallel)):
+        model = model.module
+    return model

@@ -1,0 +1,99 @@
+"""The PyTorch side of the core growers: a ``torch.nn.Module`` as a :class:`GrowthHost`.
+
+:class:`TorchGrowthHost` wraps one model, its flows and its optimizer for one growth. The core
+growers (:mod:`simcore.growth.growers`) call it to read the state, capture SSD's statistics
+(:mod:`.capture`), run a widened copy for Firefly (``torch.func.functional_call``), take
+gradients (``torch.autograd.grad``), average over DDP ranks (:mod:`.distributed`) and write the
+growth with the optimizer state in one transaction (:func:`.surgery.apply_growths`).
+"""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from simcore.growth import ChannelMap, GrowableLayer, SplittingStatistics
+
+from .capture import splitting_statistics
+from .distributed import mean_over_ranks
+from .distributed import shared_seed as _broadcast_seed
+from .flows import TorchFlow
+from .surgery import apply_growths
+
+__all__ = ["TorchGrowthHost", "parameter_count"]
+
+
+def parameter_count(model: nn.Module) -> int:
+    """The number of elements of every parameter of ``model``."""
+    return sum(p.numel() for p in model.parameters())
+
+
+class TorchGrowthHost:
+    """One PyTorch model (not a DDP wrapper: pass ``.module``) growing along ``flows``.
+
+    ``optimizer`` (optional) follows the grown parameters with ``optimizer_mode`` and ``lr``
+    as in :func:`~simcore.adapters.torch.surgery.apply_growth`.
+    """
+
+    def __init__(self, model: nn.Module, flows: Sequence[TorchFlow],
+                 optimizer: torch.optim.Optimizer | None = None, *,
+                 optimizer_mode: str = "carry", lr: float | None = None):
+        self.model = model
+        self.flows = list(flows)
+        self.optimizer, self.optimizer_mode, self.lr = optimizer, optimizer_mode, lr
+
+    def layers(self) -> list[GrowableLayer]:
+        return [GrowableLayer(f.producer, f.channel_flow(self.model)) for f in self.flows]
+
+    def read_state(self) -> dict[str, torch.Tensor]:
+        return {k: v.detach() for k, v in self.model.state_dict().items()}
+
+    def parameter_count(self) -> int:
+        return parameter_count(self.model)
+
+    def splitting_statistics(self, batches, loss_fn) -> list[SplittingStatistics]:
+        return splitting_statistics(self.model, self.flows, batches, loss_fn)
+
+    def forward_with(
+        self, widened_state: Mapping[str, torch.Tensor], channel_maps: Sequence[Any]
+    ) -> Callable[[Mapping[str, torch.Tensor], Any], Any]:
+        # A copy with the widened structure: only its modules' shapes are used, the arrays
+        # come from the caller at every call.
+        shadow = copy.deepcopy(self.model)
+        growths = [(flow, cmap) for flow, cmap in zip(self.flows, channel_maps, strict=True)
+                   if cmap is not None]
+        apply_growths(shadow, growths[::-1], widened_state)
+        shadow.eval()
+        for p in shadow.parameters():
+            p.requires_grad_(False)
+
+        def forward(state: Mapping[str, torch.Tensor], inputs: Any) -> Any:
+            return torch.func.functional_call(shadow, dict(state), (inputs,))
+
+        return forward
+
+    def value_and_grad(self, fn, variables):
+        leaves = [v.detach().requires_grad_(True) for v in variables]
+        value = fn(leaves)
+        grads = torch.autograd.grad(value, leaves, allow_unused=True)
+        return value.detach(), [torch.zeros_like(leaf) if g is None else g.detach()
+                                for leaf, g in zip(leaves, grads, strict=True)]
+
+    def mean_over_replicas(self, x: torch.Tensor | np.ndarray) -> torch.Tensor | np.ndarray:
+        return mean_over_ranks(x)
+
+    def shared_seed(self, seed: int) -> int:
+        return _broadcast_seed(seed)
+
+    def apply(self, new_state: Mapping[str, torch.Tensor],
+              channel_maps: Sequence[ChannelMap | Sequence[ChannelMap] | None]) -> None:
+        # Downstream flows first, as they were planned.
+        growths = [(flow, cmap) for flow, cmap in zip(self.flows, channel_maps, strict=True)
+                   if cmap is not None]
+        apply_growths(self.model, growths[::-1], new_state, self.optimizer,
+                      self.optimizer_mode, self.lr)
