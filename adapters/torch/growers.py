@@ -41,12 +41,9 @@ from simcore.growth.optim_state import MODES
 
 from .discovery import discover_flows
 from .flows import GrowthError, TorchFlow, unwrap
-from .host import TorchGrowthHost, parameter_count
+from .host import TorchGrowthHost
 
 __all__ = ["FireflyGrower", "Grower", "GrowthReport", "RandomGrower", "SSDGrower"]
-
-# The experiment runner counts parameters with this name.
-_param_count = parameter_count
 
 
 class Grower(core.Grower):

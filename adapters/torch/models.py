@@ -44,7 +44,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from simcore._arrays import check_int
+from simcore.extend import check_int
 
 __all__ = [
     "MOBILENET_V1_STRIDES",

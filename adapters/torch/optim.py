@@ -55,7 +55,7 @@ from typing import Any
 
 import torch
 
-from simcore._arrays import check_choice
+from simcore.extend import check_choice
 from simcore.growth import ChannelFlow, ChannelMap, map_optimizer_state
 from simcore.growth.optim_state import MODES
 

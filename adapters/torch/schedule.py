@@ -37,7 +37,7 @@ import torch
 from torch import nn
 
 import simcore
-from simcore._arrays import check_int, check_real
+from simcore.extend import check_int, check_real
 from simcore.growth import UNITS
 
 from .penalty import SimilarityPenalty

@@ -21,7 +21,7 @@ from typing import Any, TypeAlias
 import torch
 from torch import nn
 
-from simcore._arrays import check_choice
+from simcore.extend import check_choice
 from simcore.growth import ChannelMap
 from simcore.growth.optim_state import MODES
 
