@@ -62,6 +62,7 @@ from ._arrays import (
     from_rows,
     namespace_of,
     normalize_axis,
+    to_rows,
 )
 from ._deprecation import renamed_choice, warn_deprecated
 from ._types import Array, GramFunction, Namespace
@@ -90,5 +91,6 @@ __all__ = [
     "namespace_of",
     "normalize_axis",
     "renamed_choice",
+    "to_rows",
     "warn_deprecated",
 ]

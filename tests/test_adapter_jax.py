@@ -677,5 +677,5 @@ def test_training_step_after_growth_with_the_padded_optax_state():
     assert grown_adam[0].mu["Conv_0"]["kernel"].shape == (3, 3, 2, 6)
     assert grown_adam[0].nu["BatchNorm_0"]["scale"].shape == (6,)
     assert int(grown_adam[0].count) == 1
-    reset = sj.grow_optax_state(adam_state, flow, cmap, params=variables["params"], mode="reset")
+    reset = sj.grow_optax_state(adam_state, flow, cmap, params=variables["params"], mode="zero")
     np.testing.assert_array_equal(np.asarray(reset[0].mu["Conv_0"]["kernel"]), 0.0)

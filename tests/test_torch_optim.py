@@ -107,7 +107,7 @@ def test_reset_drops_state_and_differs_from_carry():
     grow_optimizer(carry_opt, _grow_model(carry_model, MLP_FLOW, grown), MLP_FLOW, cmap)
     replaced = _grow_model(model, MLP_FLOW, grown)
     _grow_model(fresh_model, MLP_FLOW, grown)
-    grow_optimizer(optimizer, replaced, MLP_FLOW, cmap, mode="reset", lr=0.05)
+    grow_optimizer(optimizer, replaced, MLP_FLOW, cmap, mode="fresh", lr=0.05)
     assert len(optimizer.state) == 0
     assert optimizer.param_groups[0]["lr"] == 0.05
     # Exactly a freshly built optimizer (Firefly/SSD rebuild SGD after growth).
@@ -230,7 +230,7 @@ def test_failure_leaves_the_optimizer_untouched_and_undo_restores():
     for p, s in state_before.items():
         assert all(optimizer.state[p][k] is v for k, v in s.items())
 
-    change = plan_optimizer_growth(optimizer, good, MLP_FLOW, cmap, mode="reset", lr=0.5)
+    change = plan_optimizer_growth(optimizer, good, MLP_FLOW, cmap, mode="fresh", lr=0.5)
     assert optimizer.param_groups[0]["params"][0] is groups_before[0][0]  # planning changes nothing
     change.apply()
     assert len(optimizer.state) == 0 and optimizer.param_groups[0]["lr"] == 0.5
@@ -265,3 +265,16 @@ def test_bad_arguments_name_themselves():
     with pytest.raises(ValueError, match="already in the optimizer"):
         grow_optimizer(optimizer, {"0.weight": (model[0].weight, model[2].weight)},
                        MLP_FLOW, cmap)
+
+
+
+def test_reset_is_the_deprecated_name_of_fresh():
+    model = _mlp()
+    optimizer = OPTIMIZERS["sgd"](model.parameters())
+    _train(model, optimizer, 2)
+    grown, cmap = add_neurons(dict(model.state_dict()), MLP_FLOW, 2,
+                              rng=np.random.default_rng(0))
+    replaced = _grow_model(model, MLP_FLOW, grown)
+    with pytest.warns(DeprecationWarning, match="'fresh'"):
+        grow_optimizer(optimizer, replaced, MLP_FLOW, cmap, mode="reset")
+    assert len(optimizer.state) == 0  # every parameter's state dropped, as with "fresh"

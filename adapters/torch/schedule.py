@@ -79,7 +79,7 @@ class GrowthSchedule:
     comes once ``every`` epochs are done (the paper: after 50, 100, 150 and 200
     of 250 epochs, i.e. after epochs 49, 99, 149 and 199 counted from 0).
     ``ratio`` and ``unit`` are what each growth adds (35% of the neuron count by
-    default, DESIGN.md section 2). The object holds no state, so resuming from a
+    default; see docs/design.md, 'Growth'). The object holds no state, so resuming from a
     checkpoint needs only the epoch.
 
     >>> schedule = GrowthSchedule(every=50, max_growths=4)
