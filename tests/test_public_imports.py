@@ -9,9 +9,13 @@ Nothing is imported: the check reads the syntax tree.
 from __future__ import annotations
 
 import ast
+import sys
 from pathlib import Path
 
 import pytest
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from source_imports import resolve  # noqa: E402
 
 REPO = Path(__file__).resolve().parent.parent
 #: Source folder -> the package name it installs as.
@@ -24,16 +28,6 @@ def _module_name(path: Path, root: Path, package: str) -> str:
     if parts[-1] == "__init__":
         parts = parts[:-1]
     return ".".join((package, *parts))
-
-
-def _resolve(module: str, is_package: bool, node: ast.ImportFrom) -> str:
-    if not node.level:
-        return node.module or ""
-    base = module.split(".")
-    if not is_package:
-        base = base[:-1]
-    base = base[: len(base) - (node.level - 1)]
-    return ".".join([*base, *([node.module] if node.module else [])])
 
 
 def _is_private(name: str) -> bool:
@@ -57,7 +51,7 @@ def private_imports(source: str, module: str, is_package: bool) -> list[str]:
 
     for node in ast.walk(tree):
         if isinstance(node, ast.ImportFrom):
-            source_module = _resolve(module, is_package, node)
+            source_module = resolve(module, is_package, node)
             if not outside(source_module):
                 continue
             if _private_path(source_module):

@@ -95,12 +95,18 @@ def test_carried_state_continues_the_old_channels_trajectory(kind):
     torch.testing.assert_close(model[2].bias, twin[2].bias, rtol=1e-6, atol=1e-7)
 
 
-def test_reset_drops_state_and_differs_from_carry():
+def _trained_and_grown(steps):
+    """An SGD-trained MLP, its optimizer, and its first layer grown by two fresh neurons."""
     model = _mlp()
     optimizer = OPTIMIZERS["sgd"](model.parameters())
-    _train(model, optimizer, 3)
+    _train(model, optimizer, steps)
     grown, cmap = add_neurons(dict(model.state_dict()), MLP_FLOW, 2,
                               rng=np.random.default_rng(0))
+    return model, optimizer, grown, cmap
+
+
+def test_reset_drops_state_and_differs_from_carry():
+    model, optimizer, grown, cmap = _trained_and_grown(3)
     fresh_model, carry_model = copy.deepcopy(model), copy.deepcopy(model)
     carry_opt = OPTIMIZERS["sgd"](carry_model.parameters())
     carry_opt.load_state_dict(copy.deepcopy(optimizer.state_dict()))
@@ -269,11 +275,7 @@ def test_bad_arguments_name_themselves():
 
 
 def test_reset_is_the_deprecated_name_of_fresh():
-    model = _mlp()
-    optimizer = OPTIMIZERS["sgd"](model.parameters())
-    _train(model, optimizer, 2)
-    grown, cmap = add_neurons(dict(model.state_dict()), MLP_FLOW, 2,
-                              rng=np.random.default_rng(0))
+    model, optimizer, grown, cmap = _trained_and_grown(2)
     replaced = _grow_model(model, MLP_FLOW, grown)
     with pytest.warns(DeprecationWarning, match="'fresh'"):
         grow_optimizer(optimizer, replaced, MLP_FLOW, cmap, mode="reset")
