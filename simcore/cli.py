@@ -14,7 +14,7 @@ Each subcommand is a ``_register_*`` function that adds its parser and sets
 subcommand adds one such function to :data:`SUBCOMMANDS`.
 
 >>> main(["check", "--backends", "numpy", "--dtypes", "float64", "--failures-only"])
-0 failed of 24 checks on numpy (float64)
+0 failed of 26 checks on numpy (float64)
 0
 """
 
