@@ -35,8 +35,7 @@ except ImportError as error:  # pragma: no cover - depends on the environment
     ) from error
 
 import simcore
-from simcore._arrays import check_block_size, check_choice
-from simcore.similarity import _value_and_grad
+from simcore.extend import check_block_size, check_choice
 
 __all__ = ["METHODS", "similarity_loss", "similarity_loss_and_grad", "syrk_gram"]
 
@@ -88,7 +87,8 @@ def similarity_loss_and_grad(
     with w.device:
         # The core's maths with only the diagonal tiles' Gram product swapped for SYRK.
         gram = syrk_gram if method == "syrk" else None
-        return _value_and_grad(w, neuron_axis, block_size, zero_tol, with_grad=True, gram=gram)
+        return simcore.similarity_loss_and_grad(w, neuron_axis=neuron_axis, block_size=block_size,
+                                                zero_tol=zero_tol, gram=gram)
 
 
 def similarity_loss(

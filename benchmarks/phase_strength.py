@@ -25,9 +25,10 @@ import time
 from pathlib import Path
 
 import numpy as np
-from simcore.adapters.torch.experiment import preset
-from simcore.adapters.torch.experiment.compare import run_experiment
-from simcore.adapters.torch.experiment.statistics import paired_differences
+
+from simcore.experiment import preset
+from simcore.experiment.compare import run_experiment
+from simcore.experiment.statistics import paired_differences
 
 
 def _phase_means(result):

@@ -14,7 +14,7 @@ filter or a per-channel vector, the slice at index ``c`` of the channel axis; fo
 with ``spatial`` columns per channel, the stack (``spatial`` first) of the slices at its columns
 ``c*spatial + s`` (NCHW flatten) or ``s*C + c`` (NHWC flatten, ``channels_last``).
 
-Rules (DESIGN.md section 2): copies duplicate every block except consumer blocks, which are
+Rules (see docs/design.md, 'Growth'): copies duplicate every block except consumer blocks, which are
 divided by the number of channels carrying the parent (replicate) or halved (split); a split
 parent's incoming block becomes ``theta + eps*delta`` and its copy's ``theta - eps*delta``;
 fresh channels get the given producer/depthwise/consumer blocks, bias 0 and BatchNorm

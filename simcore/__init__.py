@@ -9,9 +9,11 @@ and returns arrays of the same library, dtype and device. Importing simcore
 imports no deep-learning framework; ``simcore.adapters`` holds the glue.
 """
 
+from ._types import Array, Namespace
 from .objective import (
     ANCHORS,
     STEPS,
+    Objective,
     decorrelate,
     growth_objective,
     growth_objective_and_grad,
@@ -30,8 +32,11 @@ __version__ = "0.1.0"
 
 __all__ = [
     "ANCHORS",
+    "Array",
     "DEFAULT_ZERO_TOL",
     "FORMS",
+    "Namespace",
+    "Objective",
     "STATISTICS",
     "STEPS",
     "SimilarityStats",

@@ -16,8 +16,10 @@ from typing import Any
 import array_api_compat
 import numpy as np
 
+from ._types import Array, Namespace
 
-def namespace_of(x: Any, name: str) -> Any:
+
+def namespace_of(x: Array, name: str) -> Namespace:
     """Return the array-API namespace of ``x``, or raise ``TypeError`` naming ``name``."""
     if not array_api_compat.is_array_api_obj(x) or isinstance(x, (bool, int, float, complex)):
         raise TypeError(
@@ -26,21 +28,22 @@ def namespace_of(x: Any, name: str) -> Any:
     return array_api_compat.array_namespace(x)
 
 
-def is_half(xp: Any, dtype: Any) -> bool:
+def is_half(xp: Namespace, dtype: Any) -> bool:
     return xp.finfo(dtype).bits < 32
 
 
-def compute_dtype(xp: Any, dtype: Any) -> Any:
+def compute_dtype(xp: Namespace, dtype: Any) -> Any:
     """Dtype the maths runs in: float16/bfloat16 inputs are promoted to float32."""
     return xp.float32 if is_half(xp, dtype) else dtype
 
 
-def check_floating(xp: Any, x: Any, name: str) -> None:
+def check_floating(xp: Namespace, x: Array, name: str) -> None:
+    """``x`` must have a real floating dtype."""
     if not xp.isdtype(x.dtype, "real floating"):
         raise TypeError(f"{name} must have a real floating dtype, got {x.dtype}")
 
 
-def check_weight(x: Any, name: str = "w") -> Any:
+def check_weight(x: Array, name: str = "w") -> Namespace:
     """Validate one weight array (a layer's kernel) and return its namespace."""
     xp = namespace_of(x, name)
     check_floating(xp, x, name)
@@ -61,7 +64,7 @@ def normalize_axis(axis: Any, ndim: int, name: str = "neuron_axis") -> int:
     return axis % ndim
 
 
-def device_of(x: Any) -> Any:
+def device_of(x: Array) -> Any:
     """The device of ``x``; ``None`` where it cannot be read (a JAX tracer under jit)."""
     try:
         return array_api_compat.device(x)
@@ -69,7 +72,7 @@ def device_of(x: Any) -> Any:
         return None
 
 
-def check_partner(w: Any, other: Any, name: str, other_name: str) -> None:
+def check_partner(w: Array, other: Array, name: str, other_name: str) -> None:
     """``other`` must come from the same library, live on the same device, and match in shape."""
     xp = array_api_compat.array_namespace(w)
     xp_other = namespace_of(other, other_name)
@@ -89,7 +92,7 @@ def check_partner(w: Any, other: Any, name: str, other_name: str) -> None:
         raise ValueError(f"{other_name} is on {dev_other} but {name} is on {dev}")
 
 
-def to_rows(xp: Any, w: Any, axis: int) -> Any:
+def to_rows(xp: Namespace, w: Array, axis: int) -> Array:
     """View ``w`` as an ``(n, d)`` matrix with one row per neuron (neuron axis moved first)."""
     if axis != 0:
         order = (axis, *(i for i in range(w.ndim) if i != axis))
@@ -97,7 +100,7 @@ def to_rows(xp: Any, w: Any, axis: int) -> Any:
     return xp.reshape(w, (w.shape[0], -1))
 
 
-def from_rows(xp: Any, rows: Any, shape: Sequence[int], axis: int) -> Any:
+def from_rows(xp: Namespace, rows: Array, shape: Sequence[int], axis: int) -> Array:
     """Inverse of :func:`to_rows`: give ``rows`` the layout of an array of ``shape``."""
     shape = tuple(int(s) for s in shape)
     moved = (shape[axis], *(s for i, s in enumerate(shape) if i != axis))
@@ -135,6 +138,7 @@ def check_real(value: Any, name: str, *, minimum: float = 0.0) -> float:
 
 
 def check_block_size(block_size: Any) -> int | None:
+    """A positive int tile size, or ``None`` (the default tile)."""
     if block_size is None:
         return None
     try:
@@ -145,6 +149,7 @@ def check_block_size(block_size: Any) -> int | None:
 
 
 def check_choice(value: Any, allowed: Sequence[str], name: str) -> str:
+    """``value`` if it is one of ``allowed``, else a ``ValueError`` listing them."""
     if value not in allowed:
         expected = ", ".join(map(repr, allowed))
         raise ValueError(f"unknown {name} {value!r}; expected one of {expected}")
@@ -152,6 +157,7 @@ def check_choice(value: Any, allowed: Sequence[str], name: str) -> str:
 
 
 def check_zero_tol(zero_tol: Any) -> float | None:
+    """A relative zero-row tolerance in ``[0, 1)``, or ``None`` (the default)."""
     if zero_tol is None:
         return None
     if isinstance(zero_tol, bool) or not isinstance(zero_tol, numbers.Real):

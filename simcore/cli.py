@@ -7,14 +7,14 @@ Subcommands:
   named) and print one table row per backend, function and dtype; exit status
   1 when any check fails or a named backend is unusable.
 * ``simcore grow [options]``: the paper's experiment (needs torch), implemented in
-  :mod:`simcore.adapters.torch.experiment.cli`; imported only when invoked.
+  :mod:`simcore.experiment.cli`; imported only when invoked.
 
 Each subcommand is a ``_register_*`` function that adds its parser and sets
 ``handler`` (called with the parsed arguments, returning the exit status); a new
 subcommand adds one such function to :data:`SUBCOMMANDS`.
 
 >>> main(["check", "--backends", "numpy", "--dtypes", "float64", "--failures-only"])
-0 failed of 24 checks on numpy (float64)
+0 failed of 26 checks on numpy (float64)
 0
 """
 
@@ -129,7 +129,7 @@ def _run_grow(args: argparse.Namespace) -> int:
               file=sys.stderr)
         return 2
     # Imported here: the experiment needs torch, and `import simcore` must not import it.
-    from simcore.adapters.torch.experiment.cli import main as grow_main
+    from simcore.experiment.cli import main as grow_main
 
     return grow_main(args.grow_args)
 

@@ -36,33 +36,136 @@ The phase's step (``step=``, one of :data:`STEPS`):
 
 from __future__ import annotations
 
+import dataclasses
+import math
 from collections.abc import Sequence
 from typing import Any
 
 from ._arrays import (
+    check_block_size,
     check_choice,
     check_int,
+    check_zero_tol,
     compute_dtype,
     from_rows,
     namespace_of,
     normalize_axis,
     to_rows,
 )
+from ._types import Array
 from .similarity import _value_and_grad as _similarity
+from .weight_sum import FORMS, STATISTICS
 from .weight_sum import _value_and_grad as _weight_sum
 
 __all__ = [
     "ANCHORS",
     "STEPS",
+    "Objective",
     "decorrelate",
     "growth_objective",
     "growth_objective_and_grad",
     "relative_update",
 ]
 
+#: Which weights Eq. 4 measures against (the *anchor*): the post-growth ``"snapshot"`` or the
+#: ``"previous"`` step's weights. One name in the core and every adapter.
 ANCHORS = ("snapshot", "previous")
 #: How a step of the post-growth phase is sized (see the module docstring).
 STEPS = ("relative", "absolute")
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class Objective:
+    """The options of Eq. 5, validated once: ``sum_l [mu(W_l) + lam * Eq4(W_l, R_l)]``.
+
+    ``lam`` weighs Eq. 4 (finite, >= 0; 0 keeps Eq. 2 alone); ``form`` and ``statistic``
+    choose Eq. 4's reading (:data:`FORMS`, :data:`STATISTICS`); ``neuron_axis`` is one int
+    for every layer or a tuple with one per layer; ``block_size`` and ``zero_tol`` are
+    those of :func:`simcore.similarity_loss`; ``similarity=False`` leaves Eq. 2 out (the
+    paper's Table 3 ablation). Frozen and hashable, so it can be a ``jax.jit`` static
+    argument; :meth:`replace` returns a validated copy. Every function of the core and the
+    adapters that computes Eq. 5 takes it as ``objective=`` (see docs/design.md,
+    'The post-growth phase (Eq. 5)').
+
+    >>> import numpy as np, simcore
+    >>> objective = simcore.Objective(lam=0.5)
+    >>> layers = [np.eye(3), np.ones((2, 2))]
+    >>> round(float(simcore.growth_objective(layers, layers, objective=objective)), 12)
+    1.0
+    >>> objective.replace(form="literal") == simcore.Objective(lam=0.5, form="literal")
+    True
+    """
+
+    lam: float
+    form: str = "squared_log"
+    statistic: str = "rms"
+    neuron_axis: int | tuple[int, ...] = 0
+    block_size: int | None = None
+    zero_tol: float | None = None
+    similarity: bool = True
+
+    def __post_init__(self) -> None:
+        assign = object.__setattr__  # frozen: the validated values replace the given ones
+        assign(self, "lam", _check_lam_value(self.lam))
+        check_choice(self.form, FORMS, "form")
+        check_choice(self.statistic, STATISTICS, "statistic")
+        assign(self, "neuron_axis", _check_axes(self.neuron_axis))
+        assign(self, "block_size", check_block_size(self.block_size))
+        assign(self, "zero_tol", check_zero_tol(self.zero_tol))
+        assign(self, "similarity", bool(self.similarity))
+
+    @property
+    def needs_refs(self) -> bool:
+        """Whether Eq. 4 is part of the value, so that reference weights must be given."""
+        return self.lam != 0.0 or not self.similarity
+
+    def replace(self, **changes: Any) -> Objective:
+        """A copy with ``changes`` applied, validated like a new one."""
+        return dataclasses.replace(self, **changes)
+
+
+def _check_lam_value(lam: Any) -> float:
+    if isinstance(lam, bool):
+        raise TypeError("lam must be a real number, got bool")
+    try:
+        value = float(lam)
+    except (TypeError, ValueError):
+        raise TypeError(f"lam must be a real number, got {type(lam).__name__}") from None
+    if not (math.isfinite(value) and value >= 0.0):
+        raise ValueError(f"lam must be finite and >= 0, got {value}")
+    return value
+
+
+def _check_axes(neuron_axis: Any) -> int | tuple[int, ...]:
+    if isinstance(neuron_axis, Sequence) and not isinstance(neuron_axis, str):
+        return tuple(check_int(a, f"neuron_axis[{i}]") for i, a in enumerate(neuron_axis))
+    return check_int(neuron_axis, "neuron_axis")
+
+
+def as_objective(objective: Objective | None = None, **options: Any) -> Objective:
+    """``objective``, or an :class:`Objective` built from keyword ``options``; not both.
+
+    An option whose value is ``None`` counts as not given (every option's own default is
+    ``None`` or has a non-``None`` default in :class:`Objective`). For adapters that keep
+    the keyword arguments next to ``objective=``.
+
+    >>> from simcore.extend import Objective, as_objective
+    >>> as_objective(lam=0.1, form=None) == Objective(lam=0.1)
+    True
+    """
+    given = {name: value for name, value in options.items() if value is not None}
+    if objective is None:
+        if "lam" not in given:
+            raise TypeError("the Eq. 5 options need lam (or pass objective=Objective(lam=...))")
+        return Objective(**given)
+    if not isinstance(objective, Objective):
+        raise TypeError(f"objective must be a simcore.Objective, got {type(objective).__name__}")
+    if given:
+        raise TypeError(
+            f"pass the Eq. 5 options either as objective= or as keywords, not both "
+            f"(got objective and {', '.join(sorted(given))})"
+        )
+    return objective
 
 
 def _layers(weights, refs, neuron_axis):
@@ -101,29 +204,30 @@ def _is_single_array(x):
     return True
 
 
-def _check_lam(lam, refs, similarity):
-    lam = float(lam)
-    if lam != 0.0 and refs is None:
+def _check_refs_given(objective, refs):
+    if objective.lam != 0.0 and refs is None:
         raise ValueError("lam is non-zero but refs is None: pass the reference weights for Eq. 4")
-    if not similarity and refs is None:
+    if not objective.similarity and refs is None:
         raise ValueError("similarity=False leaves only Eq. 4, which needs refs")
-    return lam
 
 
 def growth_objective(
-    weights: Sequence[Any],
-    refs: Sequence[Any] | None,
+    weights: Sequence[Array],
+    refs: Sequence[Array] | None,
     *,
-    lam: float,
-    form: str = "squared_log",
-    statistic: str = "rms",
-    neuron_axis: int | Sequence[int] = 0,
+    objective: Objective | None = None,
+    lam: float | None = None,
+    form: str | None = None,
+    statistic: str | None = None,
+    neuron_axis: int | Sequence[int] | None = None,
     block_size: int | None = None,
     zero_tol: float | None = None,
-    similarity: bool = True,
-) -> Any:
+    similarity: bool | None = None,
+) -> Array:
     """Eq. 5 summed over layers; ``refs=None`` (with ``lam=0``) keeps only the Eq. 2 term.
 
+    The options come as one :class:`Objective` (``objective=``) or as its keywords
+    (``lam`` required; an omitted keyword takes :class:`Objective`'s default), not both.
     ``neuron_axis`` is one int for every layer or one per layer.
     ``similarity=False`` leaves the Eq. 2 term out (``lam`` times Eq. 4 alone: the
     paper's Table 3 ablation); it needs ``refs``.
@@ -133,46 +237,54 @@ def growth_objective(
     >>> round(float(simcore.growth_objective(layers, layers, lam=0.5)), 12)
     1.0
     """
-    return _objective(weights, refs, lam, form, statistic, neuron_axis, block_size, zero_tol,
-                      similarity, with_grad=False)[0]
+    objective = as_objective(objective, lam=lam, form=form, statistic=statistic,
+                             neuron_axis=neuron_axis, block_size=block_size,
+                             zero_tol=zero_tol, similarity=similarity)
+    return _objective(weights, refs, objective, with_grad=False)[0]
 
 
 def growth_objective_and_grad(
-    weights: Sequence[Any],
-    refs: Sequence[Any] | None,
+    weights: Sequence[Array],
+    refs: Sequence[Array] | None,
     *,
-    lam: float,
-    form: str = "squared_log",
-    statistic: str = "rms",
-    neuron_axis: int | Sequence[int] = 0,
+    objective: Objective | None = None,
+    lam: float | None = None,
+    form: str | None = None,
+    statistic: str | None = None,
+    neuron_axis: int | Sequence[int] | None = None,
     block_size: int | None = None,
     zero_tol: float | None = None,
-    similarity: bool = True,
-) -> tuple[Any, list[Any]]:
-    """Eq. 5 and its gradient: ``(value, [d value / d W_l for each layer])``."""
-    return _objective(weights, refs, lam, form, statistic, neuron_axis, block_size, zero_tol,
-                      similarity, with_grad=True)
+    similarity: bool | None = None,
+) -> tuple[Array, list[Array]]:
+    """Eq. 5 and its gradient: ``(value, [d value / d W_l for each layer])``.
+
+    Options as in :func:`growth_objective`.
+    """
+    objective = as_objective(objective, lam=lam, form=form, statistic=statistic,
+                             neuron_axis=neuron_axis, block_size=block_size,
+                             zero_tol=zero_tol, similarity=similarity)
+    return _objective(weights, refs, objective, with_grad=True)
 
 
-def _objective(weights, refs, lam, form, statistic, neuron_axis, block_size, zero_tol,
-               similarity, with_grad):
-    total, parts = _objective_parts(weights, refs, lam, form, statistic, neuron_axis,
-                                    block_size, zero_tol, similarity, with_grad)
+def _objective(weights, refs, objective, with_grad):
+    total, parts = _objective_parts(weights, refs, objective, with_grad)
     return total, [_plus(sim, weight_sum) for sim, weight_sum in parts]
 
 
-def _objective_parts(weights, refs, lam, form, statistic, neuron_axis, block_size, zero_tol,
-                     similarity, with_grad):
+def _objective_parts(weights, refs, objective, with_grad):
     """Eq. 5 and, per layer, ``(Eq. 2 gradient, lam * Eq. 4 gradient)`` (``None`` if absent)."""
-    weights, refs, axes = _layers(weights, refs, neuron_axis)
-    lam = _check_lam(lam, refs, similarity)
+    weights, refs, axes = _layers(weights, refs, objective.neuron_axis)
+    _check_refs_given(objective, refs)
+    lam = objective.lam
     total, parts = None, []
     for i, (w, axis) in enumerate(zip(weights, axes, strict=True)):
         value = sim_grad = weight_sum_grad = None
-        if similarity:
-            value, sim_grad = _similarity(w, axis, block_size, zero_tol, with_grad)
+        if objective.similarity:
+            value, sim_grad = _similarity(w, axis, objective.block_size, objective.zero_tol,
+                                          with_grad)
         if refs is not None:
-            p_value, p_grad = _weight_sum(w, refs[i], form, statistic, with_grad)
+            p_value, p_grad = _weight_sum(w, refs[i], objective.form, objective.statistic,
+                                          with_grad)
             value = _plus(value, lam * p_value)
             weight_sum_grad = lam * p_grad if with_grad else None
         total = _plus(total, value)
@@ -181,29 +293,34 @@ def _objective_parts(weights, refs, lam, form, statistic, neuron_axis, block_siz
 
 
 def _plus(a, b):
-    return b if a is None else a + b
+    """``a + b`` where ``None`` stands for an absent term."""
+    if a is None:
+        return b
+    return a if b is None else a + b
 
 
 def decorrelate(
-    weights: Sequence[Any],
-    refs: Sequence[Any] | None = None,
+    weights: Sequence[Array],
+    refs: Sequence[Array] | None = None,
     *,
     steps: int,
     lr: float,
-    lam: float,
+    objective: Objective | None = None,
+    lam: float | None = None,
     anchor: str = "snapshot",
-    form: str = "squared_log",
-    statistic: str = "rms",
-    neuron_axis: int | Sequence[int] = 0,
+    form: str | None = None,
+    statistic: str | None = None,
+    neuron_axis: int | Sequence[int] | None = None,
     block_size: int | None = None,
     zero_tol: float | None = None,
-    similarity: bool = True,
+    similarity: bool | None = None,
     step: str = "relative",
-) -> list[Any]:
+) -> list[Array]:
     """The post-growth phase as weight-only gradient descent on Eq. 5; returns new arrays.
 
     For backends without autodiff (NumPy, CuPy) or when the weight-only reading
-    of the paper is wanted. ``refs`` defaults to ``weights`` themselves (the
+    of the paper is wanted. The Eq. 5 options come as ``objective=`` or as keywords
+    (see :func:`growth_objective`). ``refs`` defaults to ``weights`` themselves (the
     post-growth snapshot). ``anchor="snapshot"`` measures Eq. 4 against ``refs``
     at every step; ``anchor="previous"`` against the previous step's weights
     (``refs`` then only seeds the first step). ``similarity=False`` descends on
@@ -221,24 +338,27 @@ def decorrelate(
     >>> bool(np.allclose(big, 1000 * new))  # the same relative change at any scale
     True
     """
+    objective = as_objective(objective, lam=lam, form=form, statistic=statistic,
+                             neuron_axis=neuron_axis, block_size=block_size,
+                             zero_tol=zero_tol, similarity=similarity)
     steps = check_int(steps, "steps", minimum=0)
     lr = float(lr)
     if not lr > 0.0:
         raise ValueError(f"lr must be > 0, got {lr}")
     check_choice(anchor, ANCHORS, "anchor")
     check_choice(step, STEPS, "step")
-    if step == "relative" and not lr * float(lam) < 2.0:
+    if step == "relative" and not lr * objective.lam < 2.0:
         raise ValueError(
-            f"lr * lam = {lr * float(lam):g}: with relative steps each step removes a fraction "
-            f"lr * lam of the scale drift, so lr * lam >= 2 overshoots and diverges; lower lr "
-            f"or lam (below 1 never overshoots)"
+            f"lr * lam = {lr * objective.lam:g}: with relative steps each step removes a "
+            f"fraction lr * lam of the scale drift, so lr * lam >= 2 overshoots and diverges; "
+            f"lower lr or lam (below 1 never overshoots)"
         )
-    weights, refs, axes = _layers(weights, refs, neuron_axis)
+    weights, refs, axes = _layers(weights, refs, objective.neuron_axis)
+    objective = objective.replace(neuron_axis=tuple(axes))
     current = weights
     anchors = list(weights) if refs is None else refs
     for _ in range(steps):
-        _, parts = _objective_parts(current, anchors, lam, form, statistic, axes, block_size,
-                                    zero_tol, similarity, with_grad=True)
+        _, parts = _objective_parts(current, anchors, objective, with_grad=True)
         if anchor == "previous":
             anchors = current
         sim_grads, weight_sum_grads = zip(*parts, strict=True)
@@ -252,13 +372,13 @@ def decorrelate(
 
 
 def relative_update(
-    weights: Sequence[Any],
-    similarity_grads: Sequence[Any | None],
-    weight_sum_grads: Sequence[Any | None] | None = None,
+    weights: Sequence[Array],
+    similarity_grads: Sequence[Array | None],
+    weight_sum_grads: Sequence[Array | None] | None = None,
     *,
     lr: float,
     neuron_axis: int | Sequence[int] = 0,
-) -> list[Any]:
+) -> list[Array]:
     """One scale-free step of Eq. 5: row ``i`` moves by ``-lr (n/2) (r_i^2 g_i + rho^2 h_i)``.
 
     ``similarity_grads`` are the layers' Eq. 2 gradients ``g`` and

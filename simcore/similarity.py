@@ -45,6 +45,7 @@ from ._arrays import (
     normalize_axis,
     to_rows,
 )
+from ._types import Array, GramFunction
 
 __all__ = [
     "DEFAULT_TILE",
@@ -153,7 +154,7 @@ def _plus(a, b):
     return b if a is None else a + b
 
 
-def similarity_map(w: Any, *, neuron_axis: int = 0, zero_tol: float | None = None) -> Any:
+def similarity_map(w: Array, *, neuron_axis: int = 0, zero_tol: float | None = None) -> Array:
     """Eq. 1: the ``n x n`` cosine-similarity map between the neurons of ``w``.
 
     Rows and columns of zero rows (see the module docstring) are 0, their
@@ -178,12 +179,12 @@ def _cosines(w, neuron_axis, zero_tol):
 
 
 def similarity_loss(
-    w: Any,
+    w: Array,
     *,
     neuron_axis: int = 0,
     block_size: int | None = None,
     zero_tol: float | None = None,
-) -> Any:
+) -> Array:
     """Eq. 2: the mean absolute cosine similarity between distinct neurons, in ``[0, 1]``.
 
     Returns a 0-d array of ``w``'s namespace, dtype and device. The value is
@@ -201,16 +202,30 @@ def similarity_loss(
 
 
 def similarity_loss_and_grad(
-    w: Any,
+    w: Array,
     *,
     neuron_axis: int = 0,
     block_size: int | None = None,
     zero_tol: float | None = None,
-) -> tuple[Any, Any]:
+    gram: GramFunction | None = None,
+) -> tuple[Array, Array]:
     """Eq. 2 and its analytic gradient ``(mu, dmu/dw)``, the gradient in ``w``'s layout.
 
     The Gram matrix is built in ``b x b`` tiles, ``b = block_size`` (default
     :data:`DEFAULT_TILE`): no ``n x n`` matrix beyond one tile, ``O(b^2)`` extra
     memory besides the gradient itself.
+
+    ``gram`` is the extension hook for a backend's own kernel: ``gram(u_a)`` must return
+    ``u_a @ u_a.T`` for a 2-D tile ``u_a`` of unit rows (in the compute dtype) and is used
+    for the symmetric diagonal tiles only (the whole matrix when ``n <= b``); ``None`` uses
+    ``u_a @ u_a.T``. The CuPy adapter passes cuBLAS SYRK here.
+
+    >>> import numpy as np, simcore
+    >>> w = np.array([[1.0, 0.0], [1.0, 1.0]])
+    >>> loss, _ = simcore.similarity_loss_and_grad(w, gram=lambda u: u @ u.T)
+    >>> round(float(loss), 4)
+    0.7071
     """
-    return _value_and_grad(w, neuron_axis, block_size, zero_tol, with_grad=True)
+    if gram is not None and not callable(gram):
+        raise TypeError(f"gram must be a callable u -> u @ u.T or None, got {type(gram).__name__}")
+    return _value_and_grad(w, neuron_axis, block_size, zero_tol, with_grad=True, gram=gram)

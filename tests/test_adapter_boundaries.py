@@ -7,9 +7,13 @@ host use ``apply_growths``/``GrowthTransaction``, never the swaps behind them.
 from __future__ import annotations
 
 import ast
+import sys
 from pathlib import Path
 
 import pytest
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from source_imports import resolve  # noqa: E402
 
 ADAPTERS = Path(__file__).resolve().parent.parent / "adapters"
 GUARDED = {"simcore.adapters.torch.surgery"}
@@ -22,16 +26,6 @@ def _module_name(path: Path) -> str:
     return ".".join(("simcore", "adapters", *parts))
 
 
-def _resolve(module: str, is_package: bool, node: ast.ImportFrom) -> str:
-    if not node.level:
-        return node.module or ""
-    base = module.split(".")
-    if not is_package:
-        base = base[:-1]
-    base = base[: len(base) - (node.level - 1)]
-    return ".".join([*base, *([node.module] if node.module else [])])
-
-
 def _private_uses(path: Path) -> list[str]:
     """Private names of a guarded module that ``path`` imports or reads as an attribute."""
     module = _module_name(path)
@@ -42,7 +36,7 @@ def _private_uses(path: Path) -> list[str]:
     found = []
     for node in ast.walk(tree):
         if isinstance(node, ast.ImportFrom):
-            source = _resolve(module, path.name == "__init__.py", node)
+            source = resolve(module, path.name == "__init__.py", node)
             for alias in node.names:
                 if source in GUARDED and alias.name.startswith("_"):
                     found.append(f"{source}.{alias.name}")

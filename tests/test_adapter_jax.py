@@ -219,17 +219,17 @@ def test_find_kernels_in_linen_params():
 
     variables = Net().init(jax.random.key(0), jnp.zeros((1, 4, 4, 2)))
     params = variables["params"]
-    assert sj.find_kernels(params) == {
+    assert sj.find_kernels(params, depthwise="include") == {
         "Conv_0/kernel": -1,
         "Conv_1/kernel": -1,
         "Dense_0/kernel": -1,
     }
-    assert sj.find_kernels(params, depthwise="exclude") == {
+    assert sj.find_kernels(params) == sj.find_kernels(params, depthwise="exclude") == {
         "Conv_0/kernel": -1,
         "Dense_0/kernel": -1,
     }
     assert sj.find_kernels(params, depthwise="only") == {"Conv_1/kernel": -1}
-    assert list(sj.find_kernels(variables)) == [
+    assert list(sj.find_kernels(variables, depthwise="include")) == [
         "params/Conv_0/kernel",
         "params/Conv_1/kernel",
         "params/Dense_0/kernel",
@@ -247,15 +247,16 @@ def test_find_kernels_in_nnx_modules_and_states():
             self.head = nnx.Linear(8, 4, rngs=rngs)
 
     model = Net(nnx.Rngs(0))
-    kernels = sj.find_kernels(model)
+    kernels = sj.find_kernels(model, depthwise="include")
     assert kernels == {"conv/kernel": -1, "depthwise/kernel": -1, "head/kernel": -1}
+    assert sj.find_kernels(model) == {"conv/kernel": -1, "head/kernel": -1}  # the default
     assert sj.find_kernels(model, depthwise="exclude") == {"conv/kernel": -1, "head/kernel": -1}
     _, state = nnx.split(model, nnx.Param, ...)[:2]
     # The names match those of the split state's leaves, so they select there.
     names = sj.named_leaves(state)
     assert set(kernels) <= set(names)
     assert names["head/kernel"].shape == (8, 4)
-    assert sj.find_kernels(state, layout="nnx") == kernels
+    assert sj.find_kernels(state, layout="nnx", depthwise="include") == kernels
     # ... and the penalty runs on the state (jax.grad gives a State of the same shape).
     value, grads = jax.value_and_grad(lambda s: sj.penalty(s, neuron_axis=kernels))(state)
     want = sum(float(sj.similarity_loss(names[k], neuron_axis=-1)) for k in kernels)
@@ -273,9 +274,9 @@ def test_find_kernels_in_equinox_modules():
         eqx.nn.Linear(6, 2, key=keys[2]),
     ]
     model = eqx.nn.Sequential(model)
-    kernels = sj.find_kernels(model)
+    kernels = sj.find_kernels(model, depthwise="include")
     assert kernels == {"layers/0/weight": 0, "layers/1/weight": 0, "layers/3/weight": 0}
-    assert sj.find_kernels(model, depthwise="exclude") == {
+    assert sj.find_kernels(model) == sj.find_kernels(model, depthwise="exclude") == {
         "layers/0/weight": 0,
         "layers/3/weight": 0,
     }
@@ -446,7 +447,7 @@ def test_refs_snapshot_and_previous():
     moved = {"kernel": 1.5 * params["kernel"]}
     zeros = {"kernel": jnp.zeros((4, 3))}
 
-    snap = sj.add_similarity_gradient(1.0, lam=2.0, refs="snapshot")
+    snap = sj.add_similarity_gradient(1.0, lam=2.0, anchor="snapshot")
     state = snap.init(params)
     assert state.refs["kernel"] is params["kernel"]
     updates, state = snap.update(zeros, state, moved)
@@ -456,10 +457,32 @@ def test_refs_snapshot_and_previous():
     np.testing.assert_allclose(np.asarray(updates["kernel"]), np.asarray(core[0]), rtol=1e-6)
     assert state.refs["kernel"] is params["kernel"]  # the snapshot stays
 
-    prev = sj.add_similarity_gradient(1.0, lam=2.0, refs="previous")
+    prev = sj.add_similarity_gradient(1.0, lam=2.0, anchor="previous")
     state = prev.init(params)
     _, state = prev.update(zeros, state, moved)
     assert state.refs["kernel"] is moved["kernel"]  # the next step compares with this one
+
+    with pytest.warns(DeprecationWarning, match="refs"):  # the old spelling, for one release
+        old = sj.add_similarity_gradient(1.0, lam=2.0, refs="previous")
+    _, state = old.update(zeros, old.init(params), moved)
+    assert state.refs["kernel"] is moved["kernel"]
+
+
+def test_an_objective_replaces_the_keywords():
+    params = {"kernel": _f32(np.random.default_rng(6).standard_normal((4, 3)))}
+    moved = {"kernel": 1.5 * params["kernel"]}
+    objective = simcore.Objective(lam=2.0, form="abs_log")
+    by_keywords = sj.penalty(moved, refs=params, lam=2.0, form="abs_log")
+    assert float(sj.penalty(moved, refs=params, objective=objective)) == float(by_keywords)
+    # A frozen, hashable objective is a static argument of jit.
+    jitted = jax.jit(lambda w, r, o: sj.growth_objective([w], [r], objective=o),
+                     static_argnums=2)
+    want = sj.growth_objective([moved["kernel"]], [params["kernel"]], lam=2.0, form="abs_log")
+    assert float(jitted(moved["kernel"], params["kernel"], objective)) == float(want)
+    with pytest.raises(TypeError, match="not both"):
+        sj.penalty(moved, refs=params, objective=objective, lam=1.0)
+    with pytest.raises(ValueError, match="neuron_axis"):
+        sj.penalty(moved, objective=objective.replace(neuron_axis=-1))
 
 
 def test_penalty_and_optax_transform_without_similarity_use_only_lam_times_eq4():
@@ -492,8 +515,8 @@ def test_add_similarity_gradient_errors():
     params = {"kernel": jnp.eye(2)}
     with pytest.raises(ValueError, match="needs params"):
         tx.update(params, tx.init(params))
-    with pytest.raises(ValueError, match="unknown refs"):
-        sj.add_similarity_gradient(1.0, refs="initial")
+    with pytest.raises(ValueError, match="unknown anchor"):
+        sj.add_similarity_gradient(1.0, anchor="initial")
 
 
 # -- examples ------------------------------------------------------------------------------
@@ -654,5 +677,5 @@ def test_training_step_after_growth_with_the_padded_optax_state():
     assert grown_adam[0].mu["Conv_0"]["kernel"].shape == (3, 3, 2, 6)
     assert grown_adam[0].nu["BatchNorm_0"]["scale"].shape == (6,)
     assert int(grown_adam[0].count) == 1
-    reset = sj.grow_optax_state(adam_state, flow, cmap, params=variables["params"], mode="reset")
+    reset = sj.grow_optax_state(adam_state, flow, cmap, params=variables["params"], mode="zero")
     np.testing.assert_array_equal(np.asarray(reset[0].mu["Conv_0"]["kernel"]), 0.0)

@@ -1,4 +1,4 @@
-"""Exact values, bounds and invariances of Eq. 1-5 (DESIGN.md section 1), on every backend.
+"""Exact values, bounds and invariances of Eq. 1-5, on every backend.
 
 These need no reference: each asserts a property the maths guarantees.
 """

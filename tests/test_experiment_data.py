@@ -11,7 +11,8 @@ import sys
 import numpy as np
 import pytest
 import torch
-from simcore.adapters.torch.experiment.data import (
+
+from simcore.experiment.data import (
     RestrictedUnpickler,
     UnsafePickleError,
     augment_batch,
@@ -249,7 +250,7 @@ _FORGED_OBJECT_ARRAY = _array_opcodes(("O8", False, True), (3, "|", None, None, 
 
 _LOAD_IN_CHILD = """
 import sys
-from simcore.adapters.torch.experiment.data import UnsafePickleError, load_cifar
+from simcore.experiment.data import UnsafePickleError, load_cifar
 try:
     load_cifar(sys.argv[1], "cifar10")
 except UnsafePickleError as err:

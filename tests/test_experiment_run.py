@@ -12,14 +12,15 @@ import sys
 
 import pytest
 import torch
-from simcore.adapters.torch.experiment import (
+
+from simcore.experiment import (
     Hooks,
     RunInterrupted,
     preset,
     run_experiment,
     run_one,
 )
-from simcore.adapters.torch.experiment.data import load_digits_dataset
+from simcore.experiment.data import load_digits_dataset
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 SEED_PARAMETERS = 1990  # vgg16(width=4) at 10 classes
@@ -210,7 +211,7 @@ def test_ablation_of_the_two_terms(tmp_path):
 
 
 def test_layer_name_skips_depthwise_convs_only():
-    from simcore.adapters.torch.experiment.runner import layer_name
+    from simcore.experiment.runner import layer_name
 
     model = torch.nn.Sequential(
         torch.nn.Conv2d(3, 8, 3), torch.nn.Conv2d(8, 8, 3, groups=8),  # depthwise: skipped
@@ -223,7 +224,7 @@ def test_layer_name_skips_depthwise_convs_only():
 def test_fresh_runs_interrupts_and_result_files_leave_nothing_stale(tmp_path, monkeypatch):
     from pathlib import Path
 
-    from simcore.adapters.torch.experiment import runner
+    from simcore.experiment import runner
 
     data = load_digits_dataset(0, train_limit=32, test_limit=16)
     config = TINY.replace(method="random", terms="none", max_growths=0)

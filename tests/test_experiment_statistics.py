@@ -10,15 +10,16 @@ import math
 
 import numpy as np
 import pytest
-from simcore.adapters.torch.experiment.figures import plot_phase_similarity
-from simcore.adapters.torch.experiment.report import (
+
+from simcore.experiment.figures import plot_phase_similarity
+from simcore.experiment.report import (
     LEGEND,
     format_n_sweep,
     format_table,
     summarize,
     write_results,
 )
-from simcore.adapters.torch.experiment.statistics import (
+from simcore.experiment.statistics import (
     conclusion,
     mean_ci,
     paired_differences,

@@ -13,11 +13,12 @@ import pytest
 import torch
 import torch.nn.functional as F
 from simcore.adapters.torch import SimilarityPenalty
-from simcore.adapters.torch.experiment import RunConfig, grad_cam, preset
-from simcore.adapters.torch.experiment.cli import build_parser, plan
-from simcore.adapters.torch.experiment.report import format_table, summarize
-from simcore.adapters.torch.experiment.terms import make_phase
 from torch import nn
+
+from simcore.experiment import RunConfig, grad_cam, preset
+from simcore.experiment.cli import build_parser, plan
+from simcore.experiment.report import format_table, summarize
+from simcore.experiment.terms import make_phase
 
 
 class _TinyCam(nn.Module):
@@ -78,7 +79,7 @@ class _TinyBnCam(nn.Module):
 
 
 def test_grad_cam_explains_the_rectified_output_after_batchnorm_by_default():
-    from simcore.adapters.torch.experiment.gradcam import default_cam_layer
+    from simcore.experiment.gradcam import default_cam_layer
 
     torch.manual_seed(2)
     model = _TinyBnCam()

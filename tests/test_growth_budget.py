@@ -51,7 +51,7 @@ def test_four_proportional_growths_of_35_percent():
     """Every width times 1.35, rounded half up, four times (16 -> 22 -> 30 -> 41 -> 55).
 
     VGG16: 28,666 -> 53,668 -> 99,100 -> 184,141 -> 330,175 (0.33M; the paper reports 0.325M;
-    without rounding, 16 * 1.35**4 = 53.1 channels give ~0.308M, DESIGN.md's ~0.31M).
+    without rounding, 16 * 1.35**4 = 53.1 channels give ~0.308M, docs/design.md's ~0.31M, 'Growth').
     MobileNetV1: 19,978 -> 32,991 -> 55,806 -> 95,326 -> 165,175.
     """
     vgg, mobile = [VGG16_SEED_WIDTHS], [MOBILENET_V1_SEED_WIDTHS]

@@ -69,7 +69,7 @@ def _expected(array, flow, name, sources, reset):
 @pytest.mark.parametrize("kind", ["add", "replicate", "split"])
 @pytest.mark.parametrize(("name", "index"), CASES, ids=[f"{n}-{i}" for n, i in CASES])
 def test_state_is_mapped_like_the_parameters(backend, name, index, kind):
-    for mode in ("carry", "reset"):
+    for mode in ("carry", "zero"):
         _check_state_mapping(backend, name, index, kind, mode)
 
 
@@ -85,10 +85,10 @@ def _check_state_mapping(backend, name, index, kind, mode):
     new = map_optimizer_state(on_backend, flow, cmap, mode=mode)
     assert new[untouched] is on_backend[untouched]
     for param in flow.names():
-        assert new[param]["step"] == (0 if mode == "reset" else 12)
+        assert new[param]["step"] == (0 if mode == "zero" else 12)
         for key in ("exp_avg", "exp_avg_sq"):
             assert tuple(new[param][key].shape) == grown[param].shape, (param, key)
-            expected = _expected(state[param][key], flow, param, cmap.sources, mode == "reset")
+            expected = _expected(state[param][key], flow, param, cmap.sources, mode == "zero")
             assert_close(new[param][key], expected, backend=backend, dtype="float64", err_msg=param)
 
 
@@ -119,9 +119,13 @@ def test_scalars_and_zero_d_arrays(backend):
     np.testing.assert_array_equal(
         backend.to_numpy(carried["w"]["m"]), [[1, 1, 1]] * 2 + [[0, 0, 0]]
     )
-    reset = map_optimizer_state(state, flow, cmap, mode="reset")
+    reset = map_optimizer_state(state, flow, cmap, mode="zero")
     assert float(backend.to_numpy(reset["w"]["step"])) == 0.0 and reset["w"]["lr"] == 0.0
     assert reset["w"]["tag"] is None
+    with pytest.warns(DeprecationWarning, match="'zero'"):  # the old name, for one release
+        old = map_optimizer_state(state, flow, cmap, mode="reset")
+    np.testing.assert_array_equal(backend.to_numpy(old["w"]["m"]),
+                                  backend.to_numpy(reset["w"]["m"]))
 
 
 def test_state_is_not_mutated():

@@ -66,6 +66,10 @@ def test_wheel_contains_every_module(wheel):
     assert not missing, f"modules missing from the wheel (add the package to pyproject): {missing}"
     assert not any(n.split("/")[0] in ("adapters", "reference", "tests", "benchmarks")
                    for n in names), "a top-level name other than simcore is shipped"
+    assert "simcore/py.typed" in names, "the PEP 561 marker is missing (package-data)"
+    # The application is its own package; the adapter keeps only a deprecated alias module.
+    assert "simcore/experiment/runner.py" in names
+    assert not any(n.startswith("simcore/adapters/torch/experiment/") for n in names)
     entry_points = next(n for n in names if n.endswith(".dist-info/entry_points.txt"))
     with zipfile.ZipFile(wheel) as archive:
         assert "simcore = simcore.cli:main" in archive.read(entry_points).decode()

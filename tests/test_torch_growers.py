@@ -466,8 +466,8 @@ def test_similarity_phase_joint_relative_takes_n_decoupled_steps():
 
 
 def test_four_growths_of_the_vgg16_seed_reach_the_papers_size():
-    # DESIGN.md section 2: 35% of the neuron count per growth takes the 0.0287M seed to about
-    # 0.052M, 0.094M, 0.171M and 0.31M (the paper: "0.0288M -> 0.325M").
+    # See docs/design.md, 'Growth': 35% of the neuron count per growth takes the 0.0287M seed
+    # to about 0.052M, 0.094M, 0.171M and 0.31M (the paper: "0.0288M -> 0.325M").
     model = vgg16()
     grower = RandomGrower(seed=0)
     sizes = []
@@ -570,7 +570,7 @@ def test_ssd_refuses_a_norm_without_running_statistics():
 def test_optimizer_reset_drops_all_state_and_lr_is_set():
     batches = _data((4, 3, 8, 8), 4)
     x, y = batches[0]
-    for mode in ("carry", "reset"):
+    for mode in ("carry", "fresh"):
         model = _small()
         optimizer = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
         F.cross_entropy(model(x), y).backward()
@@ -580,7 +580,7 @@ def test_optimizer_reset_drops_all_state_and_lr_is_set():
                             lr=0.02, layers=["conv2"], ratio=0.4)
         assert [g["lr"] for g in optimizer.param_groups] == [0.02]
         assert optimizer.param_groups[0]["params"] == list(model.parameters())
-        if mode == "reset":  # every parameter's state, grown or not (fc2 did not grow)
+        if mode == "fresh":  # every parameter's state, grown or not (fc2 did not grow)
             assert len(optimizer.state) == 0
         else:
             assert set(optimizer.state) == set(model.parameters())

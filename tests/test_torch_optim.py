@@ -95,19 +95,25 @@ def test_carried_state_continues_the_old_channels_trajectory(kind):
     torch.testing.assert_close(model[2].bias, twin[2].bias, rtol=1e-6, atol=1e-7)
 
 
-def test_reset_drops_state_and_differs_from_carry():
+def _trained_and_grown(steps):
+    """An SGD-trained MLP, its optimizer, and its first layer grown by two fresh neurons."""
     model = _mlp()
     optimizer = OPTIMIZERS["sgd"](model.parameters())
-    _train(model, optimizer, 3)
+    _train(model, optimizer, steps)
     grown, cmap = add_neurons(dict(model.state_dict()), MLP_FLOW, 2,
                               rng=np.random.default_rng(0))
+    return model, optimizer, grown, cmap
+
+
+def test_reset_drops_state_and_differs_from_carry():
+    model, optimizer, grown, cmap = _trained_and_grown(3)
     fresh_model, carry_model = copy.deepcopy(model), copy.deepcopy(model)
     carry_opt = OPTIMIZERS["sgd"](carry_model.parameters())
     carry_opt.load_state_dict(copy.deepcopy(optimizer.state_dict()))
     grow_optimizer(carry_opt, _grow_model(carry_model, MLP_FLOW, grown), MLP_FLOW, cmap)
     replaced = _grow_model(model, MLP_FLOW, grown)
     _grow_model(fresh_model, MLP_FLOW, grown)
-    grow_optimizer(optimizer, replaced, MLP_FLOW, cmap, mode="reset", lr=0.05)
+    grow_optimizer(optimizer, replaced, MLP_FLOW, cmap, mode="fresh", lr=0.05)
     assert len(optimizer.state) == 0
     assert optimizer.param_groups[0]["lr"] == 0.05
     # Exactly a freshly built optimizer (Firefly/SSD rebuild SGD after growth).
@@ -230,7 +236,7 @@ def test_failure_leaves_the_optimizer_untouched_and_undo_restores():
     for p, s in state_before.items():
         assert all(optimizer.state[p][k] is v for k, v in s.items())
 
-    change = plan_optimizer_growth(optimizer, good, MLP_FLOW, cmap, mode="reset", lr=0.5)
+    change = plan_optimizer_growth(optimizer, good, MLP_FLOW, cmap, mode="fresh", lr=0.5)
     assert optimizer.param_groups[0]["params"][0] is groups_before[0][0]  # planning changes nothing
     change.apply()
     assert len(optimizer.state) == 0 and optimizer.param_groups[0]["lr"] == 0.5
@@ -265,3 +271,12 @@ def test_bad_arguments_name_themselves():
     with pytest.raises(ValueError, match="already in the optimizer"):
         grow_optimizer(optimizer, {"0.weight": (model[0].weight, model[2].weight)},
                        MLP_FLOW, cmap)
+
+
+
+def test_reset_is_the_deprecated_name_of_fresh():
+    model, optimizer, grown, cmap = _trained_and_grown(2)
+    replaced = _grow_model(model, MLP_FLOW, grown)
+    with pytest.warns(DeprecationWarning, match="'fresh'"):
+        grow_optimizer(optimizer, replaced, MLP_FLOW, cmap, mode="reset")
+    assert len(optimizer.state) == 0  # every parameter's state dropped, as with "fresh"

@@ -484,7 +484,7 @@ def test_optimizer_reset_mode_drops_state():
     _trained(model, x, optimizer)
     flow = find_flow(model, "conv1", x)
     grown, cmap = add_neurons(dict(model.state_dict()), flow.channel_flow(model), 2, rng=0)
-    apply_growth(model, flow, grown, cmap, optimizer, optimizer_mode="reset")
+    apply_growth(model, flow, grown, cmap, optimizer, optimizer_mode="fresh")
     assert len(optimizer.state) == 0
     model(x).square().mean().backward()
     optimizer.step()
@@ -530,7 +530,7 @@ def test_apply_growth_checks_the_optimizer_mode_and_lr():
     with pytest.raises(ValueError, match="lr"):
         apply_growth(model, flow, grown, cmap, lr=0.1)
     assert model.conv2.out_channels == 6  # nothing applied
-    apply_growth(model, flow, grown, cmap, optimizer, optimizer_mode="reset", lr=0.02)
+    apply_growth(model, flow, grown, cmap, optimizer, optimizer_mode="fresh", lr=0.02)
     assert model.conv2.out_channels == 8 and optimizer.param_groups[0]["lr"] == 0.02
 
 

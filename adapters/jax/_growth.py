@@ -198,7 +198,7 @@ def grow_optax_state(
     ``variables["params"]``: SGD's momentum ``trace``, Adam's ``mu`` and ``nu``,
     ...) goes through :func:`simcore.growth.map_optimizer_state` (``"carry"``:
     old channels keep their state, copies take their parent's, fresh channels
-    zeros; ``"reset"``: zeros for the grown entries). Everything else, optax's
+    zeros; ``"zero"``, formerly ``"reset"``: zeros for the grown entries). Everything else, optax's
     step counts included, passes through unchanged. The Eq. 4 snapshot of
     :func:`add_similarity_gradient` is re-taken from ``new_params`` for the
     grown kernels: after a growth the paper's reference is the grown layer.

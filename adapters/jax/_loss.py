@@ -31,6 +31,7 @@ import jax
 import jax.numpy as jnp
 
 import simcore
+from simcore.extend import Objective, as_objective
 
 __all__ = ["growth_objective", "similarity_loss"]
 
@@ -87,19 +88,19 @@ def similarity_loss(
 # -- Eq. 5 over several layers --------------------------------------------------------------
 
 
-# ``options`` (the keyword arguments, ``similarity`` included, as a hashable
-# tuple) is static: it selects the function, it is not differentiated.
+# ``objective`` (a frozen, hashable simcore.Objective) is static: it selects the
+# function, it is not differentiated.
 @functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
-def _objective(weights, refs, options):
-    return simcore.growth_objective(weights, refs, **dict(options))
+def _objective(weights, refs, objective):
+    return simcore.growth_objective(weights, refs, objective=objective)
 
 
-def _objective_fwd(weights, refs, options):
-    value, grads = simcore.growth_objective_and_grad(weights, refs, **dict(options))
+def _objective_fwd(weights, refs, objective):
+    value, grads = simcore.growth_objective_and_grad(weights, refs, objective=objective)
     return value, (grads, refs)
 
 
-def _objective_bwd(options, residuals, cotangent):
+def _objective_bwd(objective, residuals, cotangent):
     grads, refs = residuals
     weight_cts = [cotangent.astype(g.dtype) * g for g in grads]
     # The references are snapshots (the weights right after growth, or of the
@@ -115,17 +116,20 @@ def growth_objective(
     weights: Sequence[jax.Array],
     refs: Sequence[jax.Array] | None = None,
     *,
-    lam: float = 0.0,
-    form: str = "squared_log",
-    statistic: str = "rms",
-    neuron_axis: int | Sequence[int] = 0,
+    objective: Objective | None = None,
+    lam: float | None = None,
+    form: str | None = None,
+    statistic: str | None = None,
+    neuron_axis: int | Sequence[int] | None = None,
     block_size: int | None = None,
     zero_tol: float | None = None,
-    similarity: bool = True,
+    similarity: bool | None = None,
 ) -> jax.Array:
     """Eq. 5 summed over layers, differentiable in ``weights`` with the core's gradient.
 
-    Same arguments and value as :func:`simcore.growth_objective`;
+    Same arguments and value as :func:`simcore.growth_objective` (one
+    :class:`simcore.Objective` as ``objective=``, or its keywords; ``lam`` defaults to 0
+    here); the objective is a static argument of the custom VJP;
     ``similarity=False`` leaves the Eq. 2 term out (``lam`` times Eq. 4 alone,
     the paper's Table 3 ablation) and needs ``refs``. The gradient
     with respect to ``refs`` is defined to be zero: the references are
@@ -154,15 +158,9 @@ def growth_objective(
         refs = list(refs)
         for i, r in enumerate(refs):
             _check_jax_array(r, f"refs[{i}]")
-    if isinstance(neuron_axis, Sequence) and not isinstance(neuron_axis, str):
-        neuron_axis = tuple(neuron_axis)
-    options = (
-        ("lam", float(lam)),
-        ("form", form),
-        ("statistic", statistic),
-        ("neuron_axis", neuron_axis),
-        ("block_size", block_size),
-        ("zero_tol", zero_tol),
-        ("similarity", bool(similarity)),
-    )
-    return _objective(weights, refs, options)
+    if objective is None and lam is None:
+        lam = 0.0
+    objective = as_objective(objective, lam=lam, form=form, statistic=statistic,
+                             neuron_axis=neuron_axis, block_size=block_size,
+                             zero_tol=zero_tol, similarity=similarity)
+    return _objective(weights, refs, objective)

@@ -26,15 +26,37 @@ import jax.numpy as jnp
 import optax
 
 import simcore
-from simcore._arrays import check_choice
+from simcore.extend import Objective, as_objective, check_choice, warn_deprecated
 
 from ._loss import growth_objective
 from ._trees import leaf_name
 
-__all__ = ["REFS", "SimilarityGradientState", "add_similarity_gradient", "penalty"]
+__all__ = ["SimilarityGradientState", "add_similarity_gradient", "penalty"]
 
-#: How :func:`add_similarity_gradient` gets the Eq. 4 reference weights.
-REFS = ("snapshot", "previous")
+
+def __getattr__(name: str) -> Any:
+    if name == "REFS":  # the reference choice is called anchor everywhere now
+        warn_deprecated("simcore.adapters.jax._optax.REFS", "simcore.ANCHORS")
+        return simcore.ANCHORS
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+def _pytree_objective(objective, neuron_axis_given, lam, **options) -> Objective:
+    """The :class:`simcore.Objective` of a pytree function (``lam`` defaults to 0 here).
+
+    The per-leaf axes come from the selection (``neuron_axis=`` of the pytree function),
+    so an ``objective`` must leave its own ``neuron_axis`` at 0.
+    """
+    if objective is None and lam is None:
+        lam = 0.0
+    objective = as_objective(objective, lam=lam, **options)
+    if objective.neuron_axis != 0:
+        raise ValueError(
+            f"the objective's neuron_axis is {objective.neuron_axis!r}, but a pytree function "
+            f"takes the axes from its own neuron_axis= (here {neuron_axis_given!r}); leave the "
+            f"objective's at 0"
+        )
+    return objective
 
 
 def _selected(params: Any, mask: Any, neuron_axis: Any) -> list[tuple[int, str, int]]:
@@ -91,17 +113,21 @@ def penalty(
     mask: Any = None,
     neuron_axis: Any = -1,
     refs: Any = None,
-    lam: float = 0.0,
-    form: str = "squared_log",
-    statistic: str = "rms",
+    objective: Objective | None = None,
+    lam: float | None = None,
+    form: str | None = None,
+    statistic: str | None = None,
     block_size: int | None = None,
     zero_tol: float | None = None,
-    similarity: bool = True,
+    similarity: bool | None = None,
 ) -> jax.Array:
     """Eq. 5 over the selected kernels of ``params``, with the core's gradient under ``jax.grad``.
 
     ``refs`` is a pytree like ``params`` (only its selected leaves are read)
-    holding the snapshot Eq. 4 compares with; it gets no gradient.
+    holding the snapshot Eq. 4 compares with; it gets no gradient. The Eq. 5 options
+    come as one :class:`simcore.Objective` (``objective=``, its ``neuron_axis`` left at
+    0: the axes come from ``neuron_axis=`` here) or as its keywords (``lam`` defaults
+    to 0).
     ``similarity=False`` leaves Eq. 2 out (``lam`` times Eq. 4 alone, the
     paper's Table 3 ablation); it needs ``refs``. The default
     ``neuron_axis=-1`` suits Flax; Equinox needs 0 (or ``find_kernels(model)``).
@@ -112,6 +138,9 @@ def penalty(
     >>> float(penalty(params))
     0.0
     """
+    objective = _pytree_objective(objective, neuron_axis, lam, form=form, statistic=statistic,
+                                  block_size=block_size, zero_tol=zero_tol,
+                                  similarity=similarity)
     chosen = _selected(params, mask, neuron_axis)
     leaves = jax.tree_util.tree_leaves(params)
     weights = [leaves[i] for i, _, _ in chosen]
@@ -119,17 +148,8 @@ def penalty(
     if refs is not None:
         all_refs = jax.tree_util.tree_structure(params).flatten_up_to(refs)
         ref_leaves = [all_refs[i] for i, _, _ in chosen]
-    return growth_objective(
-        weights,
-        ref_leaves,
-        lam=lam,
-        form=form,
-        statistic=statistic,
-        neuron_axis=[axis for _, _, axis in chosen],
-        block_size=block_size,
-        zero_tol=zero_tol,
-        similarity=similarity,
-    )
+    axes = tuple(axis for _, _, axis in chosen)
+    return growth_objective(weights, ref_leaves, objective=objective.replace(neuron_axis=axes))
 
 
 class SimilarityGradientState(NamedTuple):
@@ -149,21 +169,26 @@ def add_similarity_gradient(
     *,
     mask: Any = None,
     neuron_axis: Any = -1,
-    lam: float = 0.0,
-    refs: str = "snapshot",
-    form: str = "squared_log",
-    statistic: str = "rms",
+    objective: Objective | None = None,
+    lam: float | None = None,
+    anchor: str = "snapshot",
+    form: str | None = None,
+    statistic: str | None = None,
     block_size: int | None = None,
     zero_tol: float | None = None,
-    similarity: bool = True,
+    similarity: bool | None = None,
+    refs: str | None = None,
 ) -> optax.GradientTransformation:
     """Add ``strength * dEq5/dW`` to the updates of the selected kernels.
 
-    ``strength`` is a float or an optax schedule of the step count. ``lam``
-    weighs Eq. 4 against the reference weights: ``refs="snapshot"`` keeps the
-    params given to ``init`` (call ``init`` right after growth: the paper's
-    post-growth snapshot), ``refs="previous"`` compares with the previous
-    step's params. ``similarity=False`` adds only ``strength * lam * dEq4/dW``
+    ``strength`` is a float or an optax schedule of the step count. The Eq. 5 options
+    come as ``objective=`` or as keywords, as in :func:`penalty`. ``lam`` weighs Eq. 4
+    against the reference weights, chosen by ``anchor`` (one of
+    :data:`simcore.ANCHORS`, the same word as :func:`simcore.decorrelate` and the torch
+    adapter): ``"snapshot"`` keeps the params given to ``init`` (call ``init`` right after
+    growth: the paper's post-growth snapshot), ``"previous"`` compares with the previous
+    step's params. ``refs="snapshot"|"previous"`` is the deprecated spelling of ``anchor``.
+    ``similarity=False`` adds only ``strength * lam * dEq4/dW``
     (the paper's Table 3 ablation). Place it before the learning rate, as with weight decay::
 
         optax.chain(add_similarity_gradient(0.1, neuron_axis=find_kernels(params)),
@@ -179,21 +204,18 @@ def add_similarity_gradient(
     >>> bool(jnp.any(updates["kernel"] != 0))
     True
     """
-    check_choice(refs, REFS, "refs")
+    if refs is not None:
+        warn_deprecated("add_similarity_gradient(refs=...)", "anchor=")
+        anchor = refs
+    check_choice(anchor, simcore.ANCHORS, "anchor")
     if not callable(strength):
         strength = float(strength)
-    lam = float(lam)
-    similarity = bool(similarity)
-    options = dict(
-        form=form,
-        statistic=statistic,
-        block_size=block_size,
-        zero_tol=zero_tol,
-        similarity=similarity,
-    )
+    objective = _pytree_objective(objective, neuron_axis, lam, form=form, statistic=statistic,
+                                  block_size=block_size, zero_tol=zero_tol,
+                                  similarity=similarity)
     # Eq. 4 needs its reference weights when it is weighed in, and always
     # without Eq. 2 (the core then rejects refs=None).
-    keeps_refs = lam != 0.0 or not similarity
+    keeps_refs = objective.needs_refs
 
     def snapshot(params):
         if not keeps_refs:
@@ -213,8 +235,9 @@ def add_similarity_gradient(
         leaves = jax.tree_util.tree_leaves(params)
         weights = [leaves[i] for i, _, _ in chosen]
         ref_list = [state.refs[name] for _, name, _ in chosen] if keeps_refs else None
+        axes = tuple(a for _, _, a in chosen)
         _, grads = simcore.growth_objective_and_grad(
-            weights, ref_list, lam=lam, neuron_axis=[a for _, _, a in chosen], **options
+            weights, ref_list, objective=objective.replace(neuron_axis=axes)
         )
         scale = strength(state.count) if callable(strength) else strength
         update_leaves, treedef = jax.tree_util.tree_flatten(updates)
@@ -223,7 +246,7 @@ def add_similarity_gradient(
         update_leaves = list(update_leaves)
         for (i, _, _), grad in zip(chosen, grads, strict=True):
             update_leaves[i] = update_leaves[i] + (scale * grad).astype(update_leaves[i].dtype)
-        new_refs = snapshot(params) if refs == "previous" else state.refs
+        new_refs = snapshot(params) if anchor == "previous" else state.refs
         count = optax.safe_increment(state.count)
         return treedef.unflatten(update_leaves), SimilarityGradientState(count, new_refs)
 

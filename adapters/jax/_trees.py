@@ -21,7 +21,7 @@ from typing import Any
 
 import jax
 
-from simcore._arrays import check_choice
+from simcore.extend import check_choice
 from simcore.growth import is_depthwise
 
 __all__ = ["DEPTHWISE", "LAYOUTS", "find_kernels", "leaf_name", "named_leaves"]
@@ -143,14 +143,17 @@ def _detect_layout(tree: Any) -> str:
     )
 
 
-def find_kernels(tree: Any, *, layout: str = "auto", depthwise: str = "include") -> dict[str, int]:
+def find_kernels(tree: Any, *, layout: str = "auto", depthwise: str = "exclude") -> dict[str, int]:
     """``{name: neuron_axis}`` for every dense/conv kernel of a Flax or Equinox tree.
 
     ``tree`` is a linen ``params`` dict (or the whole ``variables`` dict, or an
     nnx ``State``: any mapping whose kernels are leaves named ``kernel``), an
     ``nnx.Module`` or an ``eqx.Module``; ``layout="auto"`` tells them apart.
-    ``depthwise`` keeps depthwise convs (``"include"``), drops them
-    (``"exclude"``) or keeps only them (``"only"``); depthwise means
+    ``depthwise`` drops depthwise convs (``"exclude"``, the default, as in the torch
+    adapter's ``SimilarityPenalty``: a depthwise neuron has only ``kh*kw`` weights, far
+    fewer than the layer has neurons, so Eq. 2 cannot decorrelate them and would pull
+    against a floor it cannot reach; see docs/design.md, 'The similarity loss (Eq. 1-2)'),
+    keeps them (``"include"``) or keeps only them (``"only"``); depthwise means
     :func:`simcore.growth.is_depthwise` (every group reads one input channel,
     so a ResNeXt-style grouped conv is not depthwise). nnx and Equinox modules
     report their input channels and group count; a linen dict does not, so

@@ -18,3 +18,5 @@ from .growers import FireflyGrower, Grower, GrowthReport, RandomGrower, SSDGrowe
 from .schedule import DEFAULT_PHASE_STEPS, PHASES, GrowthSchedule, SimilarityPhase
 from .distributed import regrow_ddp
 from .host import TorchGrowthHost
+from .penalty import is_depthwise_layer
+from .host import parameter_count

@@ -37,16 +37,13 @@ from torch import nn
 from simcore import growth as core
 from simcore.growth import GrowthReport
 from simcore.growth.growers import check_real_range
-from simcore.growth.optim_state import MODES
 
 from .discovery import discover_flows
 from .flows import GrowthError, TorchFlow, unwrap
-from .host import TorchGrowthHost, parameter_count
+from .host import TorchGrowthHost
+from .optim import check_optimizer_mode
 
 __all__ = ["FireflyGrower", "Grower", "GrowthReport", "RandomGrower", "SSDGrower"]
-
-# The experiment runner counts parameters with this name.
-_param_count = parameter_count
 
 
 class Grower(core.Grower):
@@ -80,15 +77,12 @@ class Grower(core.Grower):
         gives hand-written flows instead of tracing (not both). ``example_input``
         is needed only without data when a flatten feeds a Linear. ``optimizer``
         follows the grown parameters: ``optimizer_mode="carry"`` keeps every
-        state and gives new channels zero state, ``"reset"`` drops the state of
-        every parameter of the optimizer (see
+        state and gives new channels zero state, ``"fresh"`` (deprecated spelling
+        ``"reset"``) drops the state of every parameter of the optimizer (see
         :mod:`simcore.adapters.torch.optim`); ``lr`` (optional) then sets every
         param group's learning rate, as the reference does after a growth.
         """
-        if optimizer_mode not in MODES:
-            expected = ", ".join(map(repr, MODES))
-            raise ValueError(f"unknown optimizer_mode {optimizer_mode!r}; expected one of "
-                             f"{expected}")
+        optimizer_mode = check_optimizer_mode(optimizer_mode)
         if lr is not None:
             lr = check_real_range(lr, "lr", low=0.0, low_open=True)
             if optimizer is None:

@@ -15,7 +15,7 @@ data-dependent control flow. Module names are regular:
   activation); block ``b`` (0-based, 13 of them) occupies ``features.{3+6b}``
   to ``features.{8+6b}``: depthwise 3x3 conv (``groups`` = channels), BN,
   activation, pointwise 1x1 conv, BN, activation. Blocks 2, 4, 6 and 12
-  (1-based, DESIGN.md section 3) have stride 2 in their depthwise conv, so a
+  (1-based; see docs/design.md, 'Growth') have stride 2 in their depthwise conv, so a
   32x32 input ends as a 2x2 map that ``pool`` (adaptive average) reduces to 1x1.
 
 ``widths(model)`` reads the current per-layer widths (the 13 conv widths of
@@ -44,7 +44,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from simcore._arrays import check_int
+from simcore.extend import check_int
 
 __all__ = [
     "MOBILENET_V1_STRIDES",

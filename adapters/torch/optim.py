@@ -6,7 +6,7 @@ parameters in ``param_groups``, so both must follow. :func:`grow_optimizer`
 does that in place on the same optimizer object, so LR schedulers (which hold
 the optimizer, never the parameters) keep going with their ``last_epoch``:
 
-* ``mode="carry"`` (default, DESIGN.md section 2): every per-parameter state
+* ``mode="carry"`` (default; see docs/design.md, 'Growth'): every per-parameter state
   tensor (SGD ``momentum_buffer``; Adam/AdamW ``exp_avg``, ``exp_avg_sq`` and,
   with ``amsgrad``, ``max_exp_avg_sq``; any other state shaped like its
   parameter) is grown by :func:`simcore.growth.map_optimizer_state`, the core's
@@ -14,13 +14,13 @@ the optimizer, never the parameters) keep going with their ``last_epoch``:
   parent's, fresh channels get zeros. Scalars such as Adam's ``step`` are kept.
   The state is re-keyed to the new parameter objects, which take the old ones'
   positions in ``param_groups``.
-* ``mode="reset"``: the optimizer is rebuilt as Firefly, SSD and GroMo do after
+* ``mode="fresh"``: the optimizer is rebuilt as Firefly, SSD and GroMo do after
   each growth: the parameters are replaced the same way and ALL state is
   dropped -- every parameter's, grown or not (every parameter starts afresh,
-  exactly like a new optimizer). This is the one meaning of "reset" in the
-  torch adapter (``apply_growth``, ``Grower.grow``); it is NOT the core's
-  ``map_optimizer_state(mode="reset")``, which only zeros the state of the
-  flow's own entries and keeps everything else.
+  exactly like a new optimizer), in ``apply_growth`` and ``Grower.grow`` alike.
+  It is named apart from the core's ``map_optimizer_state(mode="zero")``, which
+  only zeros the state of the flow's own entries and keeps everything else.
+  ``"reset"`` is the deprecated spelling of ``"fresh"`` (one release).
 * ``lr=`` (either mode) sets every group's learning rate, e.g. ``lr=0.1`` as
   those implementations do after a growth.
 
@@ -55,9 +55,8 @@ from typing import Any
 
 import torch
 
-from simcore._arrays import check_choice
+from simcore.extend import check_choice, renamed_choice
 from simcore.growth import ChannelFlow, ChannelMap, map_optimizer_state
-from simcore.growth.optim_state import MODES
 
 __all__ = [
     "MODES",
@@ -66,6 +65,17 @@ __all__ = [
     "grow_optimizer",
     "plan_optimizer_growth",
 ]
+
+#: What happens to the optimizer's state in a growth: ``"carry"`` it into the grown
+#: parameters, or start ``"fresh"`` (all state dropped). See the module docstring.
+MODES = ("carry", "fresh")
+#: Deprecated spellings of :data:`MODES` (one release): ``"reset"`` is now ``"fresh"``.
+RENAMED_MODES = {"reset": "fresh"}
+
+
+def check_optimizer_mode(mode: str, name: str = "optimizer_mode") -> str:
+    """``mode`` as one of :data:`MODES` (a deprecated spelling warns and is renamed)."""
+    return check_choice(renamed_choice(mode, RENAMED_MODES, name, stacklevel=5), MODES, name)
 
 
 @dataclass
@@ -190,7 +200,7 @@ def plan_optimizer_growth(
         raise TypeError(
             f"optimizer must be a torch.optim.Optimizer, got {type(optimizer).__name__}"
         )
-    check_choice(mode, MODES, "mode")
+    mode = check_optimizer_mode(mode, "mode")
     if not isinstance(flow, ChannelFlow):
         raise TypeError(f"flow must be a simcore.growth.ChannelFlow, got {type(flow).__name__}")
     maps = as_channel_maps(channel_map)
@@ -233,7 +243,7 @@ def plan_optimizer_growth(
             grown = {k: _like_parameter(v, new, f"optimizer state {k!r} of {name!r}")
                      for k, v in arrays[name].items()}
             new_state[new] = {k: grown.get(k, v) for k, v in state.items()}
-    return OptimizerGrowth(optimizer, positions, old_state, new_state, mode == "reset", lr)
+    return OptimizerGrowth(optimizer, positions, old_state, new_state, mode == "fresh", lr)
 
 
 def grow_optimizer(

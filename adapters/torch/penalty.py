@@ -45,14 +45,14 @@ import torch
 from torch import nn
 
 import simcore
-from simcore._arrays import check_choice, check_int
-from simcore.growth import is_depthwise
+from simcore.extend import Objective, as_objective, check_choice, check_int, is_depthwise
 
 __all__ = [
     "GrowthObjectiveFunction",
     "SimilarityLossFunction",
     "SimilarityPenalty",
     "growth_objective",
+    "is_depthwise_layer",
     "similarity_loss",
 ]
 
@@ -132,10 +132,10 @@ def _core_similarity(w, neuron_axis, block_size, zero_tol, with_grad):
 
 
 @_eager
-def _core_objective(weights, refs, options, with_grad):
+def _core_objective(weights, refs, objective, with_grad):
     if with_grad:
-        return simcore.growth_objective_and_grad(weights, refs, **options)
-    return simcore.growth_objective(weights, refs, **options), None
+        return simcore.growth_objective_and_grad(weights, refs, objective=objective)
+    return simcore.growth_objective(weights, refs, objective=objective), None
 
 
 class SimilarityLossFunction(torch.autograd.Function):
@@ -190,20 +190,19 @@ def similarity_loss(
 
 
 class GrowthObjectiveFunction(torch.autograd.Function):
-    """Eq. 5 over layers with the core's gradient: ``apply(options, count, *weights, *refs)``.
+    """Eq. 5 over layers with the core's gradient: ``apply(objective, count, *weights, *refs)``.
 
-    ``options`` is the keyword dictionary of :func:`simcore.growth_objective`;
-    refs get no gradient. First order only: differentiating the gradients
-    again raises.
+    ``objective`` is a :class:`simcore.Objective`; refs get no gradient. First order
+    only: differentiating the gradients again raises.
     Prefer :func:`growth_objective`.
     """
 
     @staticmethod
-    def forward(ctx, options, count, *tensors):
+    def forward(ctx, objective, count, *tensors):
         weights = [t.detach() for t in tensors[:count]]
         refs = [t.detach() for t in tensors[count:]] or None
         with_grad = any(ctx.needs_input_grad[2 : 2 + count])
-        value, grads = _core_objective(weights, refs, options, with_grad)
+        value, grads = _core_objective(weights, refs, objective, with_grad)
         ctx.count, ctx.ref_count = count, len(tensors) - count
         if grads is not None:
             ctx.save_for_backward(*grads)
@@ -224,17 +223,19 @@ def growth_objective(
     weights: Sequence[torch.Tensor],
     refs: Sequence[torch.Tensor] | None,
     *,
-    lam: float,
-    form: str = "squared_log",
-    statistic: str = "rms",
-    neuron_axis: int | Sequence[int] = 0,
+    objective: Objective | None = None,
+    lam: float | None = None,
+    form: str | None = None,
+    statistic: str | None = None,
+    neuron_axis: int | Sequence[int] | None = None,
     block_size: int | None = None,
     zero_tol: float | None = None,
-    similarity: bool = True,
+    similarity: bool | None = None,
 ) -> torch.Tensor:
     """Eq. 5 summed over layers, differentiable in ``weights`` (``refs`` get no gradient).
 
-    Same arguments as :func:`simcore.growth_objective`; ``similarity=False``
+    Same arguments as :func:`simcore.growth_objective`: one :class:`simcore.Objective`
+    (``objective=``) or its keywords (``lam`` required); ``similarity=False``
     leaves Eq. 2 out (``lam`` times Eq. 4 alone, the paper's Table 3 ablation).
     Differentiable once (a second-order gradient raises); with no gradient to
     compute (``torch.no_grad``, or no tensor requiring one) only the core's
@@ -261,22 +262,25 @@ def growth_objective(
     refs = [_check_tensor(r, f"refs[{i}]") for i, r in enumerate(refs)]
     if refs and len(refs) != len(weights):
         raise ValueError(f"refs has {len(refs)} layers but weights has {len(weights)}")
-    if isinstance(neuron_axis, Sequence):
-        neuron_axis = tuple(neuron_axis)
-    options = {"lam": float(lam), "form": form, "statistic": statistic,
-               "neuron_axis": neuron_axis, "block_size": block_size, "zero_tol": zero_tol,
-               "similarity": bool(similarity)}
+    objective = as_objective(objective, lam=lam, form=form, statistic=statistic,
+                             neuron_axis=neuron_axis, block_size=block_size,
+                             zero_tol=zero_tol, similarity=similarity)
     if not (torch.is_grad_enabled() and any(t.requires_grad for t in (*weights, *refs))):
         value, _ = _core_objective([w.detach() for w in weights],
-                                   [r.detach() for r in refs] or None, options, False)
+                                   [r.detach() for r in refs] or None, objective, False)
         return value
-    return GrowthObjectiveFunction.apply(options, len(weights), *weights, *refs)
+    return GrowthObjectiveFunction.apply(objective, len(weights), *weights, *refs)
 
 
 _LAYER_TYPES = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear)
 
 
-def _is_depthwise(module: nn.Module) -> bool:
+def is_depthwise_layer(module: nn.Module) -> bool:
+    """Whether ``module`` is a depthwise conv by :func:`simcore.extend.is_depthwise`.
+
+    The one rule of the penalty and the similarity statistics (any depth multiplier);
+    growth's stricter rule is :func:`simcore.extend.is_growable_depthwise`.
+    """
     return (isinstance(module, (nn.Conv1d, nn.Conv2d, nn.Conv3d))
             and is_depthwise(module.in_channels, module.groups))
 
@@ -287,9 +291,11 @@ class SimilarityPenalty:
     Chooses the weights (never biases) of the model's ``Conv1d/2d/3d`` and
     ``Linear`` layers (neurons on axis 0, PyTorch's layout):
 
-    * ``layers=None``: all of them; depthwise convs (``groups == in_channels > 1``,
-      whose ``d = kh*kw`` rows cannot be decorrelated far, DESIGN.md section 1)
-      only with ``include_depthwise=True``;
+    * ``layers=None``: all of them; depthwise convs (:func:`is_depthwise_layer`)
+      only with ``include_depthwise=True`` -- left out by default in every adapter
+      because a depthwise neuron has only ``d = kh*kw`` weights (9 for 3x3): far more
+      neurons than dimensions cannot be decorrelated, so Eq. 2 would pull against a
+      floor it cannot reach (see docs/design.md, 'The similarity loss (Eq. 1-2)');
     * ``layers=callable``: those for which ``layers(name, module)`` is true
       (after the depthwise rule);
     * ``layers=[names]``: exactly the named modules (naming a depthwise conv
@@ -300,8 +306,9 @@ class SimilarityPenalty:
 
     ``W_prev`` of Eq. 4 (``lam * weight_sum_penalty``) is a stored copy of the
     weights: taken at construction and by :meth:`snapshot`, which a grower calls
-    right after each growth (the post-growth reading). ``anchor`` names the
-    reading of DESIGN.md section 1:
+    right after each growth (the post-growth reading). ``anchor`` (one of
+    :data:`simcore.ANCHORS`) names the reading (see docs/design.md,
+    'The weight-sum term (Eq. 4)'):
 
     * ``"snapshot"``: every call measures against the last :meth:`snapshot`;
     * ``"previous"``: after every call (and after :meth:`decorrelate`) the
@@ -312,6 +319,8 @@ class SimilarityPenalty:
     Eq. 4 is part of the value, i.e. ``lam != 0`` or ``similarity=False``; with
     ``lam == 0`` the weights are not copied at every call.
 
+    The Eq. 5 options come as one :class:`simcore.Objective` (``objective=``; its
+    ``neuron_axis`` must be 0, PyTorch's layout) or as its keywords (``lam`` required).
     A call returns ``strength * Eq. 5`` as a 0-d tensor with the core's gradient;
     ``similarity=False`` leaves Eq. 2 out (``lam`` times Eq. 4 alone, the paper's
     Table 3 ablation).
@@ -333,29 +342,31 @@ class SimilarityPenalty:
         model: nn.Module,
         *,
         layers: None | Callable[[str, nn.Module], bool] | Sequence[str] = None,
-        lam: float,
-        form: str = "squared_log",
-        statistic: str = "rms",
+        objective: Objective | None = None,
+        lam: float | None = None,
+        form: str | None = None,
+        statistic: str | None = None,
         anchor: str = "snapshot",
         include_depthwise: bool = False,
         strength: float = 1.0,
         block_size: int | None = None,
         zero_tol: float | None = None,
-        similarity: bool = True,
+        similarity: bool | None = None,
     ):
         if not isinstance(model, nn.Module):
             raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
         check_choice(anchor, simcore.ANCHORS, "anchor")
-        check_choice(form, simcore.FORMS, "form")
-        check_choice(statistic, simcore.STATISTICS, "statistic")
+        self.objective = as_objective(objective, lam=lam, form=form, statistic=statistic,
+                                      block_size=block_size, zero_tol=zero_tol,
+                                      similarity=similarity)
+        if self.objective.neuron_axis != 0:
+            raise ValueError("SimilarityPenalty reads neurons on axis 0 (PyTorch's layout); "
+                             "leave the objective's neuron_axis at 0")
         self.model = model
-        self.lam = float(lam)
         self.strength = float(strength)
         if not self.strength >= 0.0:
             raise ValueError(f"strength must be >= 0, got {strength}")
-        self.form, self.statistic, self.anchor = form, statistic, anchor
-        self.block_size, self.zero_tol = block_size, zero_tol
-        self.similarity = bool(similarity)
+        self.anchor = anchor
         self.layer_names = self._choose(layers, bool(include_depthwise))
         self._refs: list[torch.Tensor] = []
         self.snapshot()
@@ -366,7 +377,7 @@ class SimilarityPenalty:
             chosen = [
                 name for name, m in modules.items()
                 if isinstance(m, _LAYER_TYPES)
-                and (include_depthwise or not _is_depthwise(m))
+                and (include_depthwise or not is_depthwise_layer(m))
                 and (layers is None or layers(name, m))
             ]
         elif isinstance(layers, Sequence) and not isinstance(layers, str):
@@ -380,7 +391,7 @@ class SimilarityPenalty:
                         f"layers names {name!r}, a {type(module).__name__}; expected a conv or "
                         f"linear layer"
                     )
-                if _is_depthwise(module) and not include_depthwise:
+                if is_depthwise_layer(module) and not include_depthwise:
                     raise ValueError(
                         f"layers names {name!r}, a depthwise conv; pass include_depthwise=True"
                     )
@@ -418,18 +429,39 @@ class SimilarityPenalty:
                                                                       strict=True)]
         self._refs = _checked_refs(self.layer_names, weights, refs)
 
+    @property
+    def lam(self) -> float:
+        return self.objective.lam
+
+    @property
+    def form(self) -> str:
+        return self.objective.form
+
+    @property
+    def statistic(self) -> str:
+        return self.objective.statistic
+
+    @property
+    def block_size(self) -> int | None:
+        return self.objective.block_size
+
+    @property
+    def zero_tol(self) -> float | None:
+        return self.objective.zero_tol
+
+    @property
+    def similarity(self) -> bool:
+        return self.objective.similarity
+
     def _needs_refs(self) -> bool:
         """Whether Eq. 4 is part of the value: only then is ``W_prev`` read (or refreshed)."""
-        return self.lam != 0.0 or not self.similarity
+        return self.objective.needs_refs
 
     def __call__(self) -> torch.Tensor:
         weights = self.weights()
         needs_refs = self._needs_refs()
         refs = _checked_refs(self.layer_names, weights, self._refs) if needs_refs else None
-        value = growth_objective(
-            weights, refs, lam=self.lam, form=self.form, statistic=self.statistic,
-            block_size=self.block_size, zero_tol=self.zero_tol, similarity=self.similarity,
-        )
+        value = growth_objective(weights, refs, objective=self.objective)
         if self.anchor == "previous" and needs_refs:
             self._refs = [w.detach().clone() for w in weights]
         return value * self.strength if self.strength != 1.0 else value
@@ -455,9 +487,7 @@ class SimilarityPenalty:
             return
         new = _eager(simcore.decorrelate)(
             [w.detach() for w in weights], refs, steps=steps, lr=float(lr) * self.strength,
-            lam=self.lam, anchor=self.anchor, form=self.form, statistic=self.statistic,
-            block_size=self.block_size, zero_tol=self.zero_tol, similarity=self.similarity,
-            step=step,
+            objective=self.objective, anchor=self.anchor, step=step,
         )
         for w, value in zip(weights, new, strict=True):
             w.copy_(value)

@@ -37,7 +37,7 @@ import torch
 from torch import nn
 
 import simcore
-from simcore._arrays import check_int, check_real
+from simcore.extend import check_int, check_real
 from simcore.growth import UNITS
 
 from .penalty import SimilarityPenalty
@@ -79,7 +79,7 @@ class GrowthSchedule:
     comes once ``every`` epochs are done (the paper: after 50, 100, 150 and 200
     of 250 epochs, i.e. after epochs 49, 99, 149 and 199 counted from 0).
     ``ratio`` and ``unit`` are what each growth adds (35% of the neuron count by
-    default, DESIGN.md section 2). The object holds no state, so resuming from a
+    default; see docs/design.md, 'Growth'). The object holds no state, so resuming from a
     checkpoint needs only the epoch.
 
     >>> schedule = GrowthSchedule(every=50, max_growths=4)

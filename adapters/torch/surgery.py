@@ -21,13 +21,11 @@ from typing import Any, TypeAlias
 import torch
 from torch import nn
 
-from simcore._arrays import check_choice
 from simcore.growth import ChannelMap
-from simcore.growth.optim_state import MODES
 
 from .discovery import discover_flows, find_flow
 from .flows import GrowthError, TorchConsumer, TorchDepthwise, TorchFlow, unwrap
-from .optim import as_channel_maps, plan_optimizer_growth
+from .optim import as_channel_maps, check_optimizer_mode, plan_optimizer_growth
 
 __all__ = [
     "GrowthError",
@@ -102,10 +100,10 @@ def apply_growth(
     order). The optimizer is pointed at the new parameters
     (:mod:`simcore.adapters.torch.optim`): ``optimizer_mode="carry"`` grows the
     grown parameters' state with the channel map (new channels start at zero);
-    ``optimizer_mode="reset"`` drops ALL of the optimizer's state, every
-    parameter's, as a rebuilt optimizer would (the reference implementations'
-    behaviour; unlike the core's ``map_optimizer_state(mode="reset")``, which
-    zeros only the flow's entries). ``lr``, if given, sets every param group's
+    ``optimizer_mode="fresh"`` (deprecated spelling ``"reset"``) drops ALL of the
+    optimizer's state, every parameter's, as a rebuilt optimizer would (the reference
+    implementations' behaviour; unlike the core's ``map_optimizer_state(mode="zero")``,
+    which zeros only the flow's entries). ``lr``, if given, sets every param group's
     learning rate (the reference resets it after a growth). Parameters stay on
     their device and dtype and keep ``requires_grad``.
 
@@ -182,7 +180,7 @@ class GrowthTransaction:
             raise TypeError(
                 f"optimizer must be a torch.optim.Optimizer, got {type(optimizer).__name__}"
             )
-        check_choice(optimizer_mode, MODES, "optimizer_mode")
+        optimizer_mode = check_optimizer_mode(optimizer_mode)
         if lr is not None and optimizer is None:
             raise ValueError("lr is given but there is no optimizer to set it on")
         self.model = unwrap(model)

@@ -11,7 +11,16 @@ optimizer state in :mod:`simcore.growth.optim_state`, the paper's seeds as plain
 """
 
 from .budget import UNITS, count_parameters, growth_budget, round_half_up, select_lowest
-from .flow import ROLES, BatchNorm, ChannelFlow, Consumer, Depthwise, FlowEntry, is_depthwise
+from .flow import (
+    ROLES,
+    BatchNorm,
+    ChannelFlow,
+    Consumer,
+    Depthwise,
+    FlowEntry,
+    is_depthwise,
+    is_growable_depthwise,
+)
 from .optim_state import map_optimizer_state
 from .widen import ChannelMap, add_neurons, replicate_neurons, split_neurons
 
@@ -24,6 +33,7 @@ __all__ = [
     "Consumer",
     "Depthwise",
     "is_depthwise",
+    "is_growable_depthwise",
     "FlowEntry",
     "add_neurons",
     "count_parameters",

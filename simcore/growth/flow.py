@@ -47,6 +47,7 @@ from .._arrays import check_int, namespace_of, normalize_axis
 
 __all__ = [
     "BatchNorm", "ChannelFlow", "Consumer", "Depthwise", "FlowEntry", "ROLES", "is_depthwise",
+    "is_growable_depthwise",
 ]
 
 #: Roles of the entries of a flow. ``producer`` rows are the neurons' incoming weights;
@@ -81,6 +82,21 @@ def is_depthwise(in_channels: int, groups: int) -> bool:
     """
     in_channels, groups = check_int(in_channels, "in_channels"), check_int(groups, "groups")
     return groups > 1 and in_channels == groups
+
+
+def is_growable_depthwise(in_channels: int, out_channels: int, groups: int) -> bool:
+    """:func:`is_depthwise` with a depth multiplier of 1 (``out_channels == in_channels``).
+
+    The stricter rule of growth: a depthwise conv is widened with its producer (one filter
+    per channel, :class:`Depthwise` in a :class:`ChannelFlow`) only when each channel has
+    exactly one filter; a depth multiplier above 1 is not growable. For the penalty and the
+    statistics use :func:`is_depthwise`.
+
+    >>> is_growable_depthwise(32, 32, 32), is_growable_depthwise(32, 64, 32)
+    (True, False)
+    """
+    out_channels = check_int(out_channels, "out_channels")
+    return is_depthwise(in_channels, groups) and out_channels == in_channels
 
 
 @dataclass(frozen=True)

@@ -7,12 +7,12 @@ are rewritten; the rest pass through by identity, and nothing is mutated. Parame
 not change with growth (the params dict keeps its keys); adapters that key state by parameter
 object re-key it to the new object.
 
-``mode="carry"`` (the default, DESIGN.md section 2) maps every per-parameter array along the
-grown axis of its parameter -- the producer's ``out_axis``, each consumer's ``in_axis`` (all
-``spatial`` columns of a channel), bias, BatchNorm and depthwise vectors/filters -- exactly as
-:class:`~simcore.growth.widen.ChannelMap` says: old channels keep their state, a copy (replicate
-or split) takes its parent's state, a fresh channel gets zeros. Scalars (``step``) and 0-d
-arrays are kept.
+``mode="carry"`` (the default; see docs/design.md, 'Growth') maps every per-parameter array
+along the grown axis of its parameter -- the producer's ``out_axis``, each consumer's
+``in_axis`` (all ``spatial`` columns of a channel), bias, BatchNorm and depthwise
+vectors/filters -- exactly as :class:`~simcore.growth.widen.ChannelMap` says: old channels keep
+their state, a copy (replicate or split) takes its parent's state, a fresh channel gets zeros.
+Scalars (``step``) and 0-d arrays are kept.
 
 What a copy's state is, and why (replicate and split alike): every moment is COPIED, unscaled,
 from the parent -- also for consumer columns, whose *parameters* are divided among the copies.
@@ -27,10 +27,12 @@ the parent's moments there keeps the copies moving together like the parent did,
 steps after growth continue the parent's trajectory. Adam's update ``m / sqrt(v)`` is invariant
 to a common rescaling of the gradient, so it is unaffected by either choice.
 
-``mode="reset"`` returns the state of a freshly initialised optimizer for the flow's
-parameters: every per-parameter array becomes zeros of the grown shape, and numeric scalars and
-0-d arrays (``step``) become 0 (zero moments with step 0 is exactly a new Adam/SGD-momentum
-state; Firefly, SSD and GroMo rebuild the optimizer after each growth). Other values (``None``,
+``mode="zero"`` (formerly ``"reset"``) returns the state of a freshly initialised optimizer
+for the flow's parameters only: every per-parameter array becomes zeros of the grown shape,
+and numeric scalars and 0-d arrays (``step``) become 0 (zero moments with step 0 is exactly a
+new Adam/SGD-momentum state); every other parameter's state is kept. The torch adapter's
+``optimizer_mode="fresh"``, which drops the whole optimizer's state as Firefly, SSD and GroMo
+do after each growth, is the other behaviour, and has the other name. Other values (``None``,
 strings, bools) are kept.
 
 >>> import numpy as np
@@ -45,8 +47,8 @@ strings, bools) are kept.
 >>> fresh = map_optimizer_state(state, flow, ChannelMap((0, 1, -1), "add"))
 >>> fresh["w2"]["momentum"].tolist()
 [[5.0, 6.0, 0.0]]
->>> reset = map_optimizer_state(state, flow, ChannelMap((0, 1, -1), "add"), mode="reset")
->>> reset["w1"]["momentum"].ravel().tolist(), reset["w1"]["step"]
+>>> zeroed = map_optimizer_state(state, flow, ChannelMap((0, 1, -1), "add"), mode="zero")
+>>> zeroed["w1"]["momentum"].ravel().tolist(), zeroed["w1"]["step"]
 ([0.0, 0.0, 0.0], 0)
 """
 
@@ -60,12 +62,16 @@ import array_api_compat
 import numpy as np
 
 from .._arrays import check_choice, device_of, normalize_axis
+from .._deprecation import renamed_choice
 from .flow import ChannelFlow, FlowEntry
 from .widen import ChannelMap, channel_rows, from_channel_rows
 
 __all__ = ["MODES", "map_optimizer_state"]
 
-MODES = ("carry", "reset")
+#: ``"carry"`` the state along, or ``"zero"`` the flow's state (see the module docstring).
+MODES = ("carry", "zero")
+#: Deprecated spellings of :data:`MODES` (one release): ``"reset"`` is now ``"zero"``.
+RENAMED_MODES = {"reset": "zero"}
 
 
 def _grow_state(value: Any, entry: FlowEntry, cmap: ChannelMap, mode: str, label: str) -> Any:
@@ -79,7 +85,7 @@ def _grow_state(value: Any, entry: FlowEntry, cmap: ChannelMap, mode: str, label
         )
     entry = FlowEntry(entry.name, entry.role, axis, entry.spatial, entry.channels_last)
     rows = channel_rows(xp, value, entry)
-    if mode == "reset":
+    if mode == "zero":
         grown = xp.zeros(
             (cmap.new_channels, int(rows.shape[1])), dtype=value.dtype, device=device_of(value)
         )
@@ -99,10 +105,10 @@ def _scalar(value: Any, mode: str, label: str) -> Any:
     if array_api_compat.is_array_api_obj(value) and not isinstance(value, numbers.Number):
         # 0-d array (a step counter); non-scalars were handled by the caller
         return (
-            array_api_compat.array_namespace(value).zeros_like(value) if mode == "reset" else value
+            array_api_compat.array_namespace(value).zeros_like(value) if mode == "zero" else value
         )
     if isinstance(value, numbers.Number):
-        return type(value)(0) if mode == "reset" else value
+        return type(value)(0) if mode == "zero" else value
     raise TypeError(f"{label} must be an array, a number or None, got {type(value).__name__}")
 
 
@@ -115,7 +121,8 @@ def map_optimizer_state(
 ) -> dict[str, Any]:
     """Grow the optimizer state of the flow's parameters as ``channel_map`` grew the parameters.
 
-    See the module docstring for what ``"carry"`` and ``"reset"`` do. Raises ``ValueError``
+    See the module docstring for what ``"carry"`` and ``"zero"`` do (``"reset"`` is the
+    deprecated spelling of ``"zero"``). Raises ``ValueError``
     naming ``state[name][key]`` when an array does not have the old channel count along its
     parameter's grown axis.
     """
@@ -127,7 +134,7 @@ def map_optimizer_state(
         raise TypeError(f"flow must be a ChannelFlow, got {type(flow).__name__}")
     if not isinstance(channel_map, ChannelMap):
         raise TypeError(f"channel_map must be a ChannelMap, got {type(channel_map).__name__}")
-    check_choice(mode, MODES, "mode")
+    mode = check_choice(renamed_choice(mode, RENAMED_MODES, "mode"), MODES, "mode")
 
     out = dict(state)
     for name, role, axis, spatial, channels_last, _ in flow._named():

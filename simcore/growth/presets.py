@@ -1,6 +1,6 @@
 """The paper's growth seeds as plain data: layer lists that adapters build models from.
 
-Sakai & Hotta grow CIFAR networks from narrow seeds (DESIGN.md section 3):
+Sakai & Hotta grow CIFAR networks from narrow seeds (see docs/design.md, 'Growth'):
 
 * VGG16: the 13 convolutions of cfg ``[64, 64, M, 128, 128, M, 256 x3, M, 512 x3, M, 512 x3, M]``
   (the pattern :data:`VGG16_PATTERN` times 64), every width 16 in the seed; conv3x3 (padding 1,

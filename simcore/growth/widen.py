@@ -6,7 +6,7 @@ of the same library, dtype and device, grown along their channel axis, and every
 passed through by identity. Nothing is mutated. The old channels keep their indices; the new
 ones are appended, and :class:`ChannelMap` records where each came from.
 
-Function preservation (DESIGN.md section 2), with ``h`` the producer's output and ``a`` the
+Function preservation (see docs/design.md, 'Growth'), with ``h`` the producer's output and ``a`` the
 consumer's column block of a channel:
 
 =============================  ================  =======================  =================

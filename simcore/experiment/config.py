@@ -25,10 +25,14 @@ from dataclasses import dataclass
 from typing import Any
 
 from simcore import ANCHORS, FORMS, STEPS
-from simcore._arrays import check_choice, check_int
+from simcore.adapters.torch.schedule import (
+    DEFAULT_PHASE_LAM,
+    DEFAULT_PHASE_LR,
+    DEFAULT_PHASE_STEPS,
+    PHASES,
+)
+from simcore.extend import check_choice, check_int
 from simcore.growth import UNITS
-
-from ..schedule import DEFAULT_PHASE_LAM, DEFAULT_PHASE_LR, DEFAULT_PHASE_STEPS, PHASES
 
 __all__ = ["METHODS", "MODELS", "PRESETS", "PRESET_SEEDS", "PRESET_TERMS", "TERMS", "TERM_LABELS",
            "RunConfig", "preset"]

@@ -29,7 +29,8 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from ..schedule import SimilarityPhase
+from simcore.adapters.torch.schedule import SimilarityPhase
+
 from .config import TERMS
 
 __all__ = ["PerturbationControl", "make_phase"]

@@ -38,7 +38,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from simcore._arrays import check_int
+from simcore.extend import check_int
 
 __all__ = [
     "CIFAR_URL",
@@ -365,7 +365,7 @@ class RestrictedUnpickler(pickle.Unpickler):
     ... # doctest: +ELLIPSIS
     Traceback (most recent call last):
     ...
-    simcore.adapters.torch.experiment.data.UnsafePickleError: refused global '...system' ...
+    simcore.experiment.data.UnsafePickleError: refused global '...system' ...
     """
 
     _ALLOWED = None

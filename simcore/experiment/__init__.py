@@ -29,7 +29,7 @@ __all__ = [
 
 
 def run_experiment(*args, **kwargs):
-    """See :func:`simcore.adapters.torch.experiment.compare.run_experiment`."""
+    """See :func:`simcore.experiment.compare.run_experiment`."""
     from .compare import run_experiment as run  # matplotlib is imported only when needed
 
     return run(*args, **kwargs)

@@ -42,13 +42,20 @@ import torch
 from torch import nn
 
 import simcore
-from simcore.growth import is_depthwise
+from simcore.adapters.torch import (
+    FireflyGrower,
+    GrowthSchedule,
+    RandomGrower,
+    SSDGrower,
+    is_depthwise_layer,
+    load_checkpoint,
+    mobilenet_v1,
+    parameter_count,
+    save_checkpoint,
+    vgg16,
+    widths,
+)
 
-from .. import growers
-from ..checkpoint import load_checkpoint, save_checkpoint
-from ..growers import _param_count
-from ..models import mobilenet_v1, vgg16, widths
-from ..schedule import GrowthSchedule
 from .config import RunConfig
 from .data import ImageDataset, iter_batches, load_dataset
 from .terms import make_phase
@@ -100,8 +107,7 @@ def resolve_device(name: str) -> torch.device:
 def similarity_layers(model: nn.Module) -> list[str]:
     """The module names of the conv/linear layers the similarity statistics cover (no depthwise)."""
     return [n for n, m in model.named_modules()
-            if isinstance(m, (nn.Conv2d, nn.Linear))
-            and not (isinstance(m, nn.Conv2d) and is_depthwise(m.in_channels, m.groups))]
+            if isinstance(m, (nn.Conv2d, nn.Linear)) and not is_depthwise_layer(m)]
 
 
 def layer_name(model: nn.Module, layer: int) -> str:
@@ -139,10 +145,10 @@ def _build_model(config: RunConfig, num_classes: int, width=None) -> nn.Module:
 def _make_grower(config: RunConfig, epoch: int):
     seed = derive_seed(config.seed, "growth", epoch)
     if config.method == "random":
-        return growers.RandomGrower(seed=seed)
+        return RandomGrower(seed=seed)
     if config.method == "ssd":
-        return growers.SSDGrower(mode=config.ssd_mode, seed=seed)
-    return growers.FireflyGrower(seed=seed, new_per_layer=config.firefly_candidates)
+        return SSDGrower(mode=config.ssd_mode, seed=seed)
+    return FireflyGrower(seed=seed, new_per_layer=config.firefly_candidates)
 
 
 def _make_scheduler(config: RunConfig, optimizer: torch.optim.Optimizer):
@@ -310,7 +316,7 @@ def run_one(config: RunConfig, out_dir: str | Path, *, dataset: ImageDataset | N
                             "after_growth": [], "after_phase": []}
         state.history.append({"epoch": 0, "test_accuracy": evaluate(model, dataset),
                               "val_accuracy": evaluate(model, dataset, split="val"),
-                              "parameters": _param_count(model), "train_loss": None,
+                              "parameters": parameter_count(model), "train_loss": None,
                               "train_accuracy": None, "lr": config.lr})
     phase = _phase(config)
     phase_before: list[torch.Tensor] = []   # grown weights when a joint phase began
@@ -391,7 +397,7 @@ def run_one(config: RunConfig, out_dir: str | Path, *, dataset: ImageDataset | N
                     state.train_seconds += time.perf_counter() - started
                 record["test_accuracy"] = evaluate(model, dataset)
                 record["val_accuracy"] = evaluate(model, dataset, split="val")
-                record["parameters"] = _param_count(model)
+                record["parameters"] = parameter_count(model)
                 record["widths"] = widths(model)
                 state.history.append(record)
                 state.epoch, state.batch = epoch + 1, 0
@@ -577,7 +583,7 @@ def _result(config, key, state, model, device) -> dict[str, Any]:
         "growth_seconds": state.growth_seconds,
         "final_similarity": state.similarity.get("final_all"),
         "parameters_seed": state.history[0]["parameters"],
-        "parameters_final": _param_count(model), "widths_final": widths(model),
+        "parameters_final": parameter_count(model), "widths_final": widths(model),
         "phase_steps": config.phase_steps_or_default if config.terms != "none" else None,
         "history": state.history, "growths": state.growths, "similarity": state.similarity,
     }
