@@ -197,14 +197,15 @@ def test_run_config_validates_every_choice_by_name():
 @pytest.mark.parametrize("field, value, match", [
     ("phase_lr", 0.0, "phase_lr must be a finite positive"),
     ("phase_lr", -0.01, "phase_lr must be a finite positive"),
+    ("phase_lr", 0.2, r"phase_lr \* lam = 2"),   # with lam 10: the Eq. 4 steps would diverge
     ("momentum", 1.0, r"momentum must lie in \[0, 1\)"),
     ("momentum", 1.5, r"momentum must lie in \[0, 1\)"),
     ("momentum", -0.1, "momentum must be a finite non-negative"),
 ])
-def test_run_config_refuses_a_dead_phase_or_a_divergent_momentum(field, value, match):
+def test_run_config_refuses_a_dead_phase_or_a_divergent_one(field, value, match):
     with pytest.raises(ValueError, match=match):
         RunConfig(**{field: value})
-    assert getattr(RunConfig(**{field: 0.5}), field) == 0.5
+    assert getattr(RunConfig(**{field: 0.05}), field) == 0.05
 
 
 def test_command_line_plans():
@@ -225,6 +226,10 @@ def test_command_line_plans():
         plan(parse(["--N", "1", "5", "--val-fraction", "0"]))
     with pytest.raises(ValueError, match="ablation"):
         plan(parse(["--ablation", "--similarity", "on"]))
+    # the control mirrors a weights-only phase: a joint phase's default runs leave it out
+    assert plan(parse(["--phase", "joint"]))["terms"] == ["none", "both"]
+    with pytest.raises(ValueError, match="control"):
+        plan(parse(["--phase", "joint", "--control"]))
     paper = plan(parse(["--preset", "paper", "--similarity", "on", "--data-root", "/d"]))
     assert paper["terms"] == ["both"] and paper["base"].data_root == "/d"
     assert str(paper["out"]).endswith("paper")

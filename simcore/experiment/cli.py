@@ -167,6 +167,8 @@ def plan(args: argparse.Namespace) -> dict[str, Any]:
     methods = args.method or (list(METHODS) if args.compare else [base.method])
     if args.similarity is None and not args.ablation and not args.control:
         terms = list(PRESET_TERMS[args.preset])
+        if base.phase != "weights_only":  # the control mirrors a weights-only phase
+            terms = [t for t in terms if t != "control"]
     else:
         terms = list(_SIMILARITY[args.similarity or "both"])
     if args.ablation:
@@ -175,6 +177,9 @@ def plan(args: argparse.Namespace) -> dict[str, Any]:
                              "--similarity")
         terms = ["none", "eq2", "eq4", "both"]
     if args.control:
+        if base.phase != "weights_only":
+            raise ValueError("--control mirrors a weights-only phase: it cannot run with "
+                             "--phase joint")
         if terms == ["none"]:
             raise ValueError("--control is measured against the phase: leave out "
                              "--similarity off")
