@@ -99,7 +99,7 @@ def assemble_channels(
     out = np.zeros(shape, dtype=np.float64)
     for c, block in enumerate(blocks):
         for s in range(spatial):
-            index = [slice(None)] * len(shape)
+            index: list[slice | int] = [slice(None)] * len(shape)
             index[axis] = _column(c, s, channels, spatial, channels_last)
             out[tuple(index)] = block if spatial == 1 else block[s]
     return out

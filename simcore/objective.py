@@ -355,7 +355,7 @@ def decorrelate(
         )
     weights, refs, axes = _layers(weights, refs, objective.neuron_axis)
     objective = objective.replace(neuron_axis=tuple(axes))
-    current = weights
+    current = list(weights)
     anchors = list(weights) if refs is None else refs
     for _ in range(steps):
         _, parts = _objective_parts(current, anchors, objective, with_grad=True)

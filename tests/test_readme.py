@@ -29,6 +29,13 @@ def test_ci_runs_the_readme_test_command():
     assert 'eval "$test_command"' in script
 
 
+def test_ci_lints_and_type_checks_before_the_tests():
+    script = (ROOT / ".ci" / "run").read_text()
+    tests_at = script.index('eval "$test_command"')
+    lint_at = script.index("\nruff check simcore adapters reference tests benchmarks examples\n")
+    assert lint_at < tests_at and script.index("\nmypy\n") < tests_at
+
+
 BLOCK_IDS = [f"block{i}" for i in range(len(PYTHON_BLOCKS))]
 
 

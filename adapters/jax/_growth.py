@@ -47,7 +47,7 @@ def flatten_variables(variables: Any) -> dict[str, Any]:
 def unflatten_variables(variables: Any, flat: Mapping[str, Any]) -> Any:
     """A tree of ``variables``' structure whose leaves are ``flat[name]`` (shapes may differ)."""
     paths, treedef = jax.tree_util.tree_flatten_with_path(variables)
-    return treedef.unflatten([flat[leaf_name(path)] for path, _ in paths])
+    return jax.tree_util.tree_unflatten(treedef, [flat[leaf_name(path)] for path, _ in paths])
 
 
 def _module_entry(flat, collection, module, leaf, required):
@@ -219,7 +219,8 @@ def grow_optax_state(
         flat = jax.tree_util.tree_flatten_with_path(node)
         state = {prefix + leaf_name(p): {"slot": x} for p, x in flat[0]}
         grown = growth.map_optimizer_state(state, flow, channel_map, mode=mode)
-        return flat[1].unflatten([grown[prefix + leaf_name(p)]["slot"] for p, _ in flat[0]])
+        leaves = [grown[prefix + leaf_name(p)]["slot"] for p, _ in flat[0]]
+        return jax.tree_util.tree_unflatten(flat[1], leaves)
 
     def walk(node):
         if isinstance(node, SimilarityGradientState):
@@ -240,7 +241,8 @@ def grow_optax_state(
         if isinstance(node, (tuple, list)):
             return type(node)(walk(child) for child in node)
         if isinstance(node, Mapping):
-            return type(node)({key: walk(child) for key, child in node.items()})
+            # the concrete mappings of optimizer states (dict, FrozenDict) take a dict
+            return type(node)({key: walk(child) for key, child in node.items()})  # type: ignore[call-arg]
         return node
 
     return walk(opt_state)

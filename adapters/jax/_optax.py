@@ -68,7 +68,8 @@ def _selected(params: Any, mask: Any, neuron_axis: Any) -> list[tuple[int, str, 
         if callable(mask):
             mask = mask(params)
         try:
-            mask_leaves = treedef.flatten_up_to(mask)
+            # jaxlib's PyTreeDef has no stubs; flatten_up_to has no tree_util function
+            mask_leaves = treedef.flatten_up_to(mask)  # type: ignore[attr-defined]
         except (ValueError, TypeError) as error:
             raise ValueError(f"mask must have the structure of params: {error}") from None
     else:
@@ -146,7 +147,8 @@ def penalty(
     weights = [leaves[i] for i, _, _ in chosen]
     ref_leaves = None
     if refs is not None:
-        all_refs = jax.tree_util.tree_structure(params).flatten_up_to(refs)
+        structure = jax.tree_util.tree_structure(params)
+        all_refs = structure.flatten_up_to(refs)  # type: ignore[attr-defined]  # no PyTreeDef stubs
         ref_leaves = [all_refs[i] for i, _, _ in chosen]
     axes = tuple(axis for _, _, axis in chosen)
     return growth_objective(weights, ref_leaves, objective=objective.replace(neuron_axis=axes))
@@ -160,7 +162,8 @@ class SimilarityGradientState(NamedTuple):
     ``lam == 0`` and the similarity term is on).
     """
 
-    count: jax.Array
+    # shadows tuple.count, as optax's own states (ScaleByAdamState.count) do
+    count: jax.Array  # type: ignore[assignment]
     refs: dict[str, jax.Array]
 
 
@@ -248,6 +251,7 @@ def add_similarity_gradient(
             update_leaves[i] = update_leaves[i] + (scale * grad).astype(update_leaves[i].dtype)
         new_refs = snapshot(params) if anchor == "previous" else state.refs
         count = optax.safe_increment(state.count)
-        return treedef.unflatten(update_leaves), SimilarityGradientState(count, new_refs)
+        updates = jax.tree_util.tree_unflatten(treedef, update_leaves)
+        return updates, SimilarityGradientState(count, new_refs)
 
     return optax.GradientTransformation(init_fn, update_fn)

@@ -20,3 +20,4 @@ from .distributed import regrow_ddp
 from .host import TorchGrowthHost
 from .penalty import is_depthwise_layer
 from .host import parameter_count
+from .flows import layer_weight

@@ -20,7 +20,7 @@ from torch import nn
 from simcore.growth import GrowthError, SplittingStatistics, bn_coefficient
 from simcore.growth.growers import check_loss
 
-from .flows import TorchFlow
+from .flows import BATCH_NORM, TorchFlow
 
 __all__ = ["scoring_mode", "splitting_statistics"]
 
@@ -43,6 +43,9 @@ def _patches(module: nn.Module, x: torch.Tensor) -> torch.Tensor:
         if x.ndim != 2:
             raise GrowthError("SSD needs a Linear producer's input to be (batch, features)")
         return x[:, None, :]
+    if not isinstance(module, nn.Conv2d):
+        raise GrowthError(f"SSD captures Linear and Conv2d producers, got {type(module).__name__}")
+    padding: int | tuple[int, ...]
     if module.padding_mode != "zeros" or isinstance(module.padding, str):
         if isinstance(module.padding, str) and module.padding == "valid":
             padding = 0
@@ -122,6 +125,8 @@ def _bn_scale(flow: TorchFlow, modules: dict[str, nn.Module]) -> torch.Tensor | 
     if flow.norm is None:
         return None
     bn = modules[flow.norm]
+    if not isinstance(bn, BATCH_NORM):  # TorchFlow checked it; a model changed since would not be
+        raise GrowthError(f"norm {flow.norm!r} of {flow.producer!r} is not a BatchNorm")
     if bn.running_var is None:
         raise GrowthError(
             f"SSD cannot score {flow.producer!r}: its norm {flow.norm!r} keeps no running "

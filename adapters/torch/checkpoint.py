@@ -85,11 +85,11 @@ def rng_state() -> dict[str, Any]:
     """The Python, NumPy and torch RNG states as tensors and primitive lists."""
     version, words, gauss = random.getstate()
     # The legacy global generator on purpose: it is the one scripts seed with np.random.seed.
-    name, keys, pos, has_gauss, cached = np.random.get_state()  # noqa: NPY002
+    name, keys, pos, has_gauss, cached = np.random.get_state(legacy=True)  # noqa: NPY002
     state = {
         "python": {"version": version, "state": list(words), "gauss": gauss},
-        "numpy": {"name": name, "keys": torch.from_numpy(keys.astype(np.int64)), "pos": int(pos),
-                  "has_gauss": int(has_gauss), "cached_gaussian": float(cached)},
+        "numpy": {"name": name, "keys": torch.from_numpy(np.asarray(keys, dtype=np.int64)),
+                  "pos": int(pos), "has_gauss": int(has_gauss), "cached_gaussian": float(cached)},
         "torch": torch.get_rng_state(),
     }
     if torch.cuda.is_available() and torch.cuda.is_initialized():

@@ -140,7 +140,7 @@ def _analyse(model, example_input):
     """Walk every producer's channels: returns (ordered flows, {blocked name: reason})."""
     graph_module = _trace(model, example_input)
     modules = dict(graph_module.named_modules())
-    calls = {}
+    calls: dict[str, int] = {}
     for node in graph_module.graph.nodes:
         if node.op == "call_module":
             calls[node.target] = calls.get(node.target, 0) + 1

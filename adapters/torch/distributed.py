@@ -59,7 +59,11 @@ def mean_over_ranks(x: torch.Tensor | np.ndarray) -> torch.Tensor | np.ndarray:
     if not is_distributed():
         return x
     if isinstance(x, np.ndarray):
-        return mean_over_ranks(torch.tensor(x)).numpy()
+        return _tensor_mean_over_ranks(torch.tensor(x)).numpy()
+    return _tensor_mean_over_ranks(x)
+
+
+def _tensor_mean_over_ranks(x: torch.Tensor) -> torch.Tensor:
     out = x.detach().to(_collective_device(x), copy=True)
     torch.distributed.all_reduce(out)
     return (out / torch.distributed.get_world_size()).to(x.device)

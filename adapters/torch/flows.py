@@ -15,6 +15,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import torch
 from torch import nn
 
 from simcore.growth import GrowthError
@@ -30,10 +31,24 @@ __all__ = [
     "describe_module",
     "is_depthwise_conv",
     "is_producer",
+    "layer_weight",
+    "layer_weight",
     "unwrap",
 ]
 
 BATCH_NORM = nn.modules.batchnorm._BatchNorm
+
+
+def layer_weight(model: nn.Module, name: str) -> torch.Tensor:
+    """The ``weight`` tensor of ``model``'s submodule ``name`` (a conv or linear layer).
+
+    ``get_submodule(name).weight`` with the check that it is a tensor: a module attribute can
+    be anything, and a layer without a weight would fail later with a less clear message.
+    """
+    weight = getattr(model.get_submodule(name), "weight", None)
+    if not isinstance(weight, torch.Tensor):
+        raise TypeError(f"module {name!r} has no weight tensor, got {type(weight).__name__}")
+    return weight
 
 
 @dataclass(frozen=True)

@@ -38,7 +38,7 @@ torch.Size([2, 10])
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import torch
@@ -168,15 +168,17 @@ def mobilenet_v1(num_classes: int = 10, width: int | Sequence[int] = 32,
     return MobileNetV1(num_classes, width, in_channels, activation)
 
 
-_BUILDERS = {"vgg16": vgg16, "mobilenet_v1": mobilenet_v1}
+_BUILDERS: dict[str, Callable[..., VGG16 | MobileNetV1]] = {
+    "vgg16": vgg16, "mobilenet_v1": mobilenet_v1}
 
 
-def _check_model(model: Any) -> None:
+def _check_model(model: Any) -> VGG16 | MobileNetV1:
     if not isinstance(model, (VGG16, MobileNetV1)):
         raise TypeError(
             f"model must be a VGG16 or MobileNetV1 from simcore.adapters.torch.models, "
             f"got {type(model).__name__}"
         )
+    return model
 
 
 def widths(model: VGG16 | MobileNetV1) -> list[int]:
@@ -189,19 +191,20 @@ def widths(model: VGG16 | MobileNetV1) -> list[int]:
     """
     _check_model(model)
     if isinstance(model, MobileNetV1):
-        convs = [model.features[0]] + [model.features[6 + 6 * b]
-                                       for b in range(len(MOBILENET_V1_STRIDES))]
+        picked = [model.features[0]] + [model.features[6 + 6 * b]
+                                        for b in range(len(MOBILENET_V1_STRIDES))]
     else:
-        convs = [m for m in model.features if isinstance(m, nn.Conv2d)]
-    return [int(m.out_channels) for m in convs]
+        picked = list(model.features)
+    return [int(m.out_channels) for m in picked if isinstance(m, nn.Conv2d)]
 
 
-def architecture(model: VGG16 | MobileNetV1) -> dict[str, Any]:
+def architecture(model: nn.Module) -> dict[str, Any]:
     """A primitive description ``{"builder": name, "kwargs": {...}}`` of ``model`` as it is now.
 
-    ``build(architecture(model))`` makes a fresh model of the same shape.
+    ``build(architecture(model))`` makes a fresh model of the same shape; any other module is
+    a ``TypeError`` (no builder makes it).
     """
-    _check_model(model)
+    model = _check_model(model)
     kwargs: dict[str, Any] = {
         "num_classes": model.num_classes,
         "width": widths(model),

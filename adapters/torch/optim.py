@@ -49,6 +49,7 @@ torch.Size([4, 2])
 
 from __future__ import annotations
 
+from collections import defaultdict
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -102,8 +103,9 @@ class OptimizerGrowth:
         for g, i, _, new in self.positions:
             opt.param_groups[g]["params"][i] = new
         if self.reset:
-            # A rebuilt optimizer: every parameter starts without state.
-            opt.state = type(opt.state)(dict) if hasattr(opt.state, "default_factory") else {}
+            # A rebuilt optimizer: every parameter starts without state (a new object, in
+            # torch's own form: undo() puts the saved one back).
+            opt.state = defaultdict(dict)
         else:
             for old in self.old_state:
                 del opt.state[old]

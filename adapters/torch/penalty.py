@@ -47,6 +47,8 @@ from torch import nn
 import simcore
 from simcore.extend import Objective, as_objective, check_choice, check_int, is_depthwise
 
+from .flows import layer_weight
+
 __all__ = [
     "GrowthObjectiveFunction",
     "SimilarityLossFunction",
@@ -215,8 +217,8 @@ class GrowthObjectiveFunction(torch.autograd.Function):
         with torch.no_grad():
             grads = [(grad_output * g).to(g.dtype) for g in ctx.saved_tensors]
         # Nothing was saved when only refs required a gradient: every input gets None.
-        grads = _first_order_only(grads, ctx.inputs) if grads else [None] * ctx.count
-        return (None, None, *grads, *([None] * ctx.ref_count))
+        weight_grads = _first_order_only(grads, ctx.inputs) if grads else (None,) * ctx.count
+        return (None, None, *weight_grads, *([None] * ctx.ref_count))
 
 
 def growth_objective(
@@ -407,7 +409,7 @@ class SimilarityPenalty:
 
     def weights(self) -> list[torch.Tensor]:
         """The chosen layers' current weight parameters, in ``layer_names`` order."""
-        return [self.model.get_submodule(name).weight for name in self.layer_names]
+        return [layer_weight(self.model, name) for name in self.layer_names]
 
     def snapshot(self) -> None:
         """Store the current weights as ``W_prev`` (call right after a growth)."""

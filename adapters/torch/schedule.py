@@ -109,16 +109,23 @@ class GrowthSchedule:
             raise ValueError(f"unit must be one of {UNITS}, got {self.unit!r}")
 
     @property
+    def _first_growth(self) -> int:
+        """``start`` as __post_init__ resolved it: the first epoch after which it grows."""
+        if self.start is None:  # __post_init__ resolves it; only a bypassed init leaves None
+            raise RuntimeError("GrowthSchedule.start was not resolved")
+        return self.start
+
+    @property
     def growth_epochs(self) -> tuple[int, ...]:
         """Every epoch after which this schedule grows."""
-        return tuple(self.start + k * self.every for k in range(self.max_growths))
+        return tuple(self._first_growth + k * self.every for k in range(self.max_growths))
 
     def should_grow(self, epoch: int) -> bool:
         """Whether to grow after training epoch ``epoch`` (0-based)."""
         epoch = _index(epoch, "epoch", 0)
-        if epoch < self.start:
+        if epoch < self._first_growth:
             return False
-        k, rest = divmod(epoch - self.start, self.every)
+        k, rest = divmod(epoch - self._first_growth, self.every)
         return rest == 0 and k < self.max_growths
 
     def growths_before(self, epoch: int) -> int:
@@ -210,7 +217,17 @@ class SimilarityPhase:
     @property
     def active(self) -> bool:
         """Whether joint steps are still due (:meth:`term` or :meth:`after_optimizer_step`)."""
-        return self.penalty is not None and self.remaining > 0
+        return self._due_penalty() is not None
+
+    def _due_penalty(self) -> SimilarityPenalty | None:
+        """The penalty while joint steps are still due, else None."""
+        return self.penalty if self.remaining > 0 else None
+
+    def _schedule(self) -> tuple[int, float]:
+        """``(steps, lr)`` as __post_init__ resolved them from the method's defaults."""
+        if self.steps is None or self.lr is None:
+            raise RuntimeError("SimilarityPhase.steps/lr were not resolved")
+        return self.steps, self.lr
 
     def start(self, model: nn.Module, layers: Sequence[str]) -> None:
         """Begin the phase after a growth of ``layers`` (producer module names)."""
@@ -225,11 +242,12 @@ class SimilarityPhase:
             anchor=self.anchor, include_depthwise=self.include_depthwise,
             strength=self.strength, similarity=self.similarity,
         )  # its construction snapshots the grown weights: W_prev of Eq. 4
+        steps, lr = self._schedule()
         if self.phase == "weights_only":
-            self.penalty.decorrelate(self.steps, self.lr, step=self.step)
+            self.penalty.decorrelate(steps, lr, step=self.step)
             self.remaining = 0
         else:
-            self.remaining = self.steps
+            self.remaining = steps
 
     def term(self) -> torch.Tensor:
         """Eq. 5 to add to this training step's loss (joint, absolute step), else a zero tensor."""
@@ -239,10 +257,11 @@ class SimilarityPhase:
                 "after_optimizer_step() after each optimizer.step() (or use step='absolute' "
                 "to add Eq. 5 to the loss)"
             )
-        if not self.active:
+        penalty = self._due_penalty()
+        if penalty is None:
             return torch.zeros(())
         self.remaining -= 1
-        return self.penalty()
+        return penalty()
 
     def after_optimizer_step(self) -> None:
         """One decoupled relative Eq. 5 step on the grown layers (joint, relative step)."""
@@ -251,7 +270,8 @@ class SimilarityPhase:
                 "an absolute-step joint phase is coupled to the task loss: add term() to the "
                 "loss instead (or use step='relative')"
             )
-        if not self.active:
+        penalty = self._due_penalty()
+        if penalty is None:
             return
         self.remaining -= 1
-        self.penalty.decorrelate(1, self.lr, step=self.step)
+        penalty.decorrelate(1, self._schedule()[1], step=self.step)

@@ -16,7 +16,7 @@ their public names are importable from here too.
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
-from typing import Any, TypeAlias
+from typing import Any, Literal, TypeAlias
 
 import torch
 from torch import nn
@@ -204,7 +204,7 @@ class GrowthTransaction:
     def __enter__(self) -> GrowthTransaction:
         return self
 
-    def __exit__(self, exc_type, exc, traceback) -> bool:
+    def __exit__(self, exc_type, exc, traceback) -> Literal[False]:
         if exc_type is not None:
             self.rollback()
         return False

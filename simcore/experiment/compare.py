@@ -23,8 +23,9 @@ import torch
 from .config import METHODS, TERMS, RunConfig
 from .data import ImageDataset, load_dataset, normalize
 from .gradcam import grad_cam
+from .measure import growth_line
 from .report import format_n_sweep, format_table, summarize, write_results
-from .runner import CHECKPOINT, Hooks, growth_line, load_model, resolve_device, run_one
+from .runner import CHECKPOINT, Hooks, load_model, resolve_device, run_one
 from .statistics import conclusion, paired_differences, select_n_best
 
 __all__ = ["gradcam_figure", "run_experiment"]
@@ -199,7 +200,7 @@ def _run_parallel(configs, out, jobs, threads, progress, report) -> list[dict[st
 
         follower = threading.Thread(target=follow, daemon=True)
         follower.start()
-        results: list[dict[str, Any] | None] = [None] * len(configs)
+        results: dict[int, dict[str, Any]] = {}  # by config index, in completion order
         try:
             with concurrent.futures.ProcessPoolExecutor(jobs, mp_context=context) as pool:
                 futures = {pool.submit(_worker_run, config, out / "runs" / config.label,
@@ -214,7 +215,7 @@ def _run_parallel(configs, out, jobs, threads, progress, report) -> list[dict[st
             events.put(None)
             follower.join(timeout=5)
             bar.close()
-    return results
+    return [results[index] for index in range(len(configs))]
 
 
 def _figures(results, configs, out, dataset, device, n_best) -> dict[str, Path]:

@@ -7,12 +7,9 @@ and a horizontal flip) and normalised with torch ops on the training device;
 every random choice comes from an explicit ``torch.Generator`` so that a run
 can be replayed exactly (the runner seeds one per epoch).
 
-CIFAR files are Python pickles, and unpickling can run arbitrary code. They are
-read with :class:`RestrictedUnpickler`, which hands the pickle no real callable:
-the few globals the files name (NumPy's dtype/array reconstruction, latin-1
-``_codecs.encode``) resolve to checked stand-ins that accept only ``uint8``
-arrays, and every other global is refused before anything is called, so a
-crafted file raises :class:`UnsafePickleError` and runs nothing.
+CIFAR files are Python pickles, and unpickling can run arbitrary code; they are
+read with :func:`simcore.experiment.cifar.restricted_load`, which runs nothing
+(its names are re-exported here).
 
 >>> data = load_digits_dataset(seed=0, train_limit=100, test_limit=20)
 >>> data.train_images.shape, data.train_images.dtype, data.num_classes
@@ -25,10 +22,7 @@ crafted file raises :class:`UnsafePickleError` and runs nothing.
 
 from __future__ import annotations
 
-import codecs
 import dataclasses
-import io
-import pickle
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -39,6 +33,8 @@ import torch
 import torch.nn.functional as F
 
 from simcore.extend import check_int
+
+from .cifar import RestrictedUnpickler, UnsafePickleError, restricted_load
 
 __all__ = [
     "CIFAR_URL",
@@ -64,6 +60,10 @@ _CIFAR_PIXELS = 3 * IMAGE_SIZE * IMAGE_SIZE
 _SPLITS = ("train", "val", "test")
 
 
+#: One value per colour channel (the per-channel mean and std of a dataset).
+RGB = tuple[float, float, float]
+
+
 def _no_images() -> torch.Tensor:
     return torch.zeros((0, 3, IMAGE_SIZE, IMAGE_SIZE), dtype=torch.uint8)
 
@@ -83,8 +83,8 @@ class ImageDataset:
     test_images: torch.Tensor
     test_labels: torch.Tensor
     num_classes: int
-    mean: tuple[float, float, float]
-    std: tuple[float, float, float]
+    mean: RGB
+    std: RGB
     augment: bool
     val_images: torch.Tensor = dataclasses.field(default_factory=_no_images)
     val_labels: torch.Tensor = dataclasses.field(
@@ -122,13 +122,13 @@ def hold_out_validation(dataset: ImageDataset, fraction: float, seed: int) -> Im
         raise ValueError("the dataset already has a validation split")
     labels = dataset.train_labels.cpu().numpy()
     rng = np.random.default_rng([int(seed), 5])
-    val_idx = []
+    val_parts = []
     for cls in np.unique(labels):
         members = rng.permutation(np.flatnonzero(labels == cls))
         # at least one image of every class that has two (tiny subsets still validate)
         count = int(round(len(members) * fraction))
-        val_idx.append(members[:max(count, 1) if len(members) > 1 else count])
-    val_idx = np.sort(np.concatenate(val_idx))
+        val_parts.append(members[:max(count, 1) if len(members) > 1 else count])
+    val_idx = np.sort(np.concatenate(val_parts))
     keep = np.setdiff1d(np.arange(labels.shape[0]), val_idx)
     if keep.size == 0 or val_idx.size == 0:
         raise ValueError(f"a validation fraction of {fraction} leaves an empty split "
@@ -149,11 +149,16 @@ def _check_limit(value: Any, name: str) -> int | None:
     return check_int(value, name, minimum=1)
 
 
-def _channel_stats(images: torch.Tensor) -> tuple[tuple[float, ...], tuple[float, ...]]:
+def _channel_stats(images: torch.Tensor) -> tuple[RGB, RGB]:
     x = images.to(torch.float64) / 255.0
     mean = x.mean(dim=(0, 2, 3))
     std = x.std(dim=(0, 2, 3)).clamp_min(1e-3)
-    return tuple(float(v) for v in mean), tuple(float(v) for v in std)
+    return _rgb(mean), _rgb(std)
+
+
+def _rgb(values: torch.Tensor) -> RGB:
+    red, green, blue = (float(v) for v in values)  # the images are (N, 3, 32, 32)
+    return red, green, blue
 
 
 def load_digits_dataset(seed: int = 0, *, test_fraction: float = 0.25,
@@ -178,14 +183,14 @@ def load_digits_dataset(seed: int = 0, *, test_fraction: float = 0.25,
     bunch = load_digits()
     labels = np.asarray(bunch.target, dtype=np.int64)
     rng = np.random.default_rng(seed)
-    train_idx, test_idx = [], []
+    train_parts, test_parts = [], []
     for cls in range(10):  # stratified: every class split in the same proportion
         members = rng.permutation(np.flatnonzero(labels == cls))
         cut = int(round(len(members) * test_fraction))
-        test_idx.append(members[:cut])
-        train_idx.append(members[cut:])
-    train_idx = rng.permutation(np.concatenate(train_idx))[:train_limit]
-    test_idx = rng.permutation(np.concatenate(test_idx))[:test_limit]
+        test_parts.append(members[:cut])
+        train_parts.append(members[cut:])
+    train_idx = rng.permutation(np.concatenate(train_parts))[:train_limit]
+    test_idx = rng.permutation(np.concatenate(test_parts))[:test_limit]
     small = torch.as_tensor(bunch.images, dtype=torch.float32)[:, None] * (255.0 / 16.0)
     big = F.interpolate(small, size=(IMAGE_SIZE, IMAGE_SIZE), mode="bilinear",
                         align_corners=False)
@@ -201,202 +206,7 @@ def load_digits_dataset(seed: int = 0, *, test_fraction: float = 0.25,
     )
 
 
-# ---------------------------------------------------------------- CIFAR pickles
-
-
-class UnsafePickleError(pickle.UnpicklingError):
-    """A pickle asked for a global, dtype or array state that the restricted unpickler refuses."""
-
-
-def _latin1_encode(text: Any, encoding: Any = "utf-8", errors: Any = "strict") -> bytes:
-    """``_codecs.encode`` as Python 3 protocol-2 pickles use it for bytes: latin-1 only."""
-    if not isinstance(text, str) or encoding not in ("latin1", "latin-1") or errors != "strict":
-        raise UnsafePickleError(
-            f"refused _codecs.encode({type(text).__name__}, {encoding!r}): only latin-1 text "
-            f"(how Python 3 writes bytes into a protocol-2 pickle) is allowed"
-        )
-    return codecs.encode(text, "latin1")
-
-
-# The real ``np.dtype`` / ``_reconstruct`` must never reach a pickle: with them a
-# crafted file can build an object dtype stripped of its object flags and then an
-# array whose raw bytes are read as object pointers (a crash, and a known route to
-# code execution). The pickle only ever sees the inert stand-ins below; they
-# accept exactly what NumPy writes for a ``uint8`` array, and the loader turns
-# them into real arrays built from the raw bytes alone.
-
-_UINT8_DTYPE_STATE = np.dtype("u1").__reduce__()[2]  # (3, '|', None, None, None, -1, -1, 0)
-
-
-def _text(value: Any) -> Any:
-    """Python 2 ``str`` arrives as ``bytes`` under ``encoding="bytes"``: compare it as text."""
-    return value.decode("latin1") if isinstance(value, bytes) else value
-
-
-def _same(actual: Any, expected: Any) -> bool:
-    """Equal and of the same type (so ``3.0`` or ``True`` cannot stand in for ``3``)."""
-    actual = _text(actual)
-    return type(actual) is type(expected) and actual == expected
-
-
-class _UInt8Dtype:
-    """Stands in for ``np.dtype('u1', False, True)``; any other dtype is refused."""
-
-    __slots__ = ("state_checked",)
-
-    def __new__(cls, *args: Any) -> _UInt8Dtype:
-        # checked in __new__: the NEWOBJ opcode calls it without __init__
-        if not (len(args) == 3 and _same(args[0], "u1") and args[1] in (False, 0)
-                and type(args[1]) in (bool, int) and args[2] in (True, 1)
-                and type(args[2]) in (bool, int)):
-            raise UnsafePickleError(f"refused dtype{args!r}: only uint8 arrays are allowed")
-        self = super().__new__(cls)
-        self.state_checked = False
-        return self
-
-    def __setstate__(self, state: Any) -> None:
-        if (self.state_checked or not isinstance(state, tuple)
-                or len(state) != len(_UINT8_DTYPE_STATE)
-                or not all(_same(a, e) if e is not None else a is None
-                           for a, e in zip(state, _UINT8_DTYPE_STATE, strict=True))):
-            raise UnsafePickleError(f"refused dtype state {state!r}: only the plain uint8 "
-                                    f"state {_UINT8_DTYPE_STATE!r} is allowed")
-        self.state_checked = True
-
-
-class _NdarrayMarker:
-    """Stands in for ``np.ndarray``: only an argument of ``_reconstruct``, never built."""
-
-    def __new__(cls, *args: Any) -> None:
-        raise UnsafePickleError("refused a direct numpy.ndarray construction")
-
-
-class _UInt8Array:
-    """What ``_reconstruct(ndarray, (0,), b'b')`` returns; ``__setstate__`` makes the array."""
-
-    __slots__ = ("array",)
-
-    def __init__(self) -> None:
-        self.array: np.ndarray | None = None
-
-    def __setstate__(self, state: Any) -> None:
-        if self.array is not None:
-            raise UnsafePickleError("refused a second state for one array")
-        if not (isinstance(state, tuple) and len(state) == 5):
-            raise UnsafePickleError(f"refused array state of type {type(state).__name__}: "
-                                    f"expected (version, shape, dtype, fortran, raw bytes)")
-        version, shape, dtype, fortran, raw = state
-        if type(version) is not int:
-            raise UnsafePickleError(f"refused array state version {version!r}")
-        if not (isinstance(shape, tuple) and all(type(n) is int and n >= 0 for n in shape)):
-            raise UnsafePickleError(f"refused array shape {shape!r}")
-        if not (isinstance(dtype, _UInt8Dtype) and dtype.state_checked):
-            raise UnsafePickleError(f"refused array dtype {dtype!r}: only uint8 is allowed")
-        if type(fortran) is not bool:
-            raise UnsafePickleError(f"refused array order flag {fortran!r}")
-        if type(raw) is not bytes or len(raw) != int(np.prod(shape, dtype=np.int64)):
-            raise UnsafePickleError(
-                f"refused array data: expected {int(np.prod(shape, dtype=np.int64))} raw bytes "
-                f"for shape {shape}, got {type(raw).__name__}"
-                + (f" of length {len(raw)}" if isinstance(raw, bytes) else ""))
-        order = "F" if fortran else "C"
-        self.array = np.frombuffer(raw, np.uint8).reshape(shape, order=order).copy()
-
-
-def _reconstruct_uint8(cls: Any, shape: Any, typecode: Any) -> _UInt8Array:
-    """Stands in for ``numpy...multiarray._reconstruct`` with NumPy's fixed arguments."""
-    if not (cls is _NdarrayMarker and isinstance(shape, tuple) and len(shape) == 1
-            and _same(shape[0], 0) and _same(typecode, "b")):
-        raise UnsafePickleError(f"refused _reconstruct({cls!r}, {shape!r}, {typecode!r})")
-    return _UInt8Array()
-
-
-def _materialize(obj: Any, seen: dict[int, Any] | None = None) -> Any:
-    """``obj`` with every array stand-in replaced by its ``np.ndarray`` (dicts/lists/tuples)."""
-    seen = {} if seen is None else seen
-    if id(obj) in seen:
-        return seen[id(obj)]
-    if isinstance(obj, _UInt8Array):
-        if obj.array is None:
-            raise UnsafePickleError("refused an array that was never given its data")
-        return obj.array
-    if isinstance(obj, (_UInt8Dtype, _NdarrayMarker)) or obj is _NdarrayMarker:
-        raise UnsafePickleError("refused a bare dtype/ndarray object outside an array")
-    if isinstance(obj, dict):
-        out: dict[Any, Any] = {}
-        seen[id(obj)] = out
-        out.update({_materialize(k, seen): _materialize(v, seen) for k, v in obj.items()})
-        return out
-    if isinstance(obj, list):
-        items: list[Any] = []
-        seen[id(obj)] = items
-        items.extend(_materialize(v, seen) for v in obj)
-        return items
-    if isinstance(obj, tuple):
-        return tuple(_materialize(v, seen) for v in obj)
-    return obj
-
-
-def _allowed_globals() -> dict[tuple[str, str], Any]:
-    # the original files were written by Python 2 with NumPy 1.x; re-saved ones by NumPy 2
-    return {
-        ("numpy.core.multiarray", "_reconstruct"): _reconstruct_uint8,
-        ("numpy._core.multiarray", "_reconstruct"): _reconstruct_uint8,
-        ("numpy", "ndarray"): _NdarrayMarker,
-        ("numpy", "dtype"): _UInt8Dtype,
-        ("_codecs", "encode"): _latin1_encode,
-    }
-
-
-class RestrictedUnpickler(pickle.Unpickler):
-    """An unpickler that rebuilds only ``uint8`` NumPy arrays; any other global is refused.
-
-    ``find_class`` never returns a real NumPy callable: ``numpy.dtype``,
-    ``numpy.ndarray`` and ``_reconstruct`` resolve to inert stand-ins that accept
-    only what NumPy writes for a ``uint8`` array (anything else, e.g. a float or
-    object dtype, raises :class:`UnsafePickleError`). :meth:`load` then replaces
-    each stand-in by an array copied from its raw bytes.
-
-    >>> import io, os, pickle
-    >>> class Evil:
-    ...     def __reduce__(self):
-    ...         return (os.system, ("echo pwned",))
-    >>> RestrictedUnpickler(io.BytesIO(pickle.dumps(Evil(), protocol=2))).load()
-    ... # doctest: +ELLIPSIS
-    Traceback (most recent call last):
-    ...
-    simcore.experiment.data.UnsafePickleError: refused global '...system' ...
-    """
-
-    _ALLOWED = None
-
-    def load(self) -> Any:
-        return _materialize(super().load())
-
-    def find_class(self, module: str, name: str) -> Any:
-        allowed = type(self)._ALLOWED
-        if allowed is None:
-            allowed = type(self)._ALLOWED = _allowed_globals()
-        try:
-            return allowed[(module, name)]
-        except KeyError:
-            raise UnsafePickleError(
-                f"refused global '{module}.{name}' while reading a CIFAR pickle: only NumPy array "
-                f"reconstruction is allowed, so this file is not a genuine CIFAR batch (it may "
-                f"try to run code); nothing from it was executed"
-            ) from None
-
-
-def restricted_load(path: str | Path) -> Any:
-    """Unpickle ``path`` with :class:`RestrictedUnpickler` (``encoding="bytes"``, as in CIFAR)."""
-    path = Path(path)
-    data = path.read_bytes()
-    try:
-        return RestrictedUnpickler(io.BytesIO(data), encoding="bytes").load()
-    except UnsafePickleError as err:
-        raise UnsafePickleError(f"{path}: {err}") from None
-    except (pickle.UnpicklingError, EOFError, ValueError, TypeError, AttributeError) as err:
-        raise ValueError(f"{path} is not a readable CIFAR pickle: {err}") from None
+# ---------------------------------------------------------------- CIFAR
 
 
 def _read_batch(path: Path, label_key: bytes, num_classes: int) -> tuple[np.ndarray, np.ndarray]:
@@ -546,7 +356,7 @@ def iter_batches(dataset: ImageDataset, split: str, batch_size: int, *,
     """
     if split not in _SPLITS:
         raise ValueError(f"split must be one of {_SPLITS}, got {split!r}")
-    batch_size = _check_limit(batch_size, "batch_size")
+    batch_size = check_int(batch_size, "batch_size", minimum=1)
     images = getattr(dataset, f"{split}_images")
     labels = getattr(dataset, f"{split}_labels")
     count = images.shape[0]
@@ -554,13 +364,14 @@ def iter_batches(dataset: ImageDataset, split: str, batch_size: int, *,
         augment = dataset.augment and split == "train"
     if augment and generator is None:
         raise ValueError("augment=True needs a generator (the augmentation is random)")
+    augment_generator = generator if augment else None
     order = (torch.randperm(count, generator=generator) if generator is not None
              else torch.arange(count))
     for number, start in enumerate(range(0, count, batch_size)):
         index = order[start:start + batch_size].to(images.device)
         batch = images[index]
-        if augment:
-            batch = augment_batch(batch, generator)
+        if augment_generator is not None:
+            batch = augment_batch(batch, augment_generator)
         if number < skip:
             continue
         yield normalize(batch, dataset), labels[index]

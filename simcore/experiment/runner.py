@@ -41,13 +41,12 @@ import numpy as np
 import torch
 from torch import nn
 
-import simcore
 from simcore.adapters.torch import (
     FireflyGrower,
     GrowthSchedule,
     RandomGrower,
     SSDGrower,
-    is_depthwise_layer,
+    layer_weight,
     load_checkpoint,
     mobilenet_v1,
     parameter_count,
@@ -58,6 +57,16 @@ from simcore.adapters.torch import (
 
 from .config import RunConfig
 from .data import ImageDataset, iter_batches, load_dataset
+from .measure import (
+    accuracies,
+    evaluate,
+    final_similarity,
+    growth_line,
+    layer_name,
+    layer_stats,
+    measure_phase,
+    similarity_layers,
+)
 from .terms import make_phase
 
 __all__ = ["Hooks", "RunInterrupted", "growth_line", "layer_name", "resolve_device", "run_one",
@@ -104,37 +113,6 @@ def resolve_device(name: str) -> torch.device:
     return device
 
 
-def similarity_layers(model: nn.Module) -> list[str]:
-    """The module names of the conv/linear layers the similarity statistics cover (no depthwise)."""
-    return [n for n, m in model.named_modules()
-            if isinstance(m, (nn.Conv2d, nn.Linear)) and not is_depthwise_layer(m)]
-
-
-def layer_name(model: nn.Module, layer: int) -> str:
-    """The module name of conv/linear layer ``layer`` (1-based, depthwise convs not counted).
-
-    The paper's Fig. 6 looks at layer 2: VGG16's second conv, MobileNetV1's
-    first pointwise conv.
-    """
-    names = similarity_layers(model)
-    if not 1 <= layer <= len(names):
-        raise ValueError(f"layer must lie in [1, {len(names)}], got {layer}")
-    return names[layer - 1]
-
-
-def _stats(model: nn.Module, name: str) -> dict[str, Any]:
-    return _weight_stats(model.get_submodule(name).weight, name)
-
-
-def _weight_stats(weight: torch.Tensor, name: str) -> dict[str, Any]:
-    w = weight.detach().to("cpu", torch.float64)
-    s = simcore.similarity_stats(w)
-    return {"layer": name, "neurons": int(w.shape[0]),
-            "counts": [int(c) for c in s.counts], "edges": [float(e) for e in s.edges],
-            "share_within_half": float(s.share_within_half), "mean_abs": float(s.mean_abs),
-            "max_abs": float(s.max_abs), "pairs": int(s.pairs)}
-
-
 def _build_model(config: RunConfig, num_classes: int, width=None) -> nn.Module:
     width = config.seed_width if width is None else width
     if config.model == "vgg16":
@@ -155,44 +133,6 @@ def _make_scheduler(config: RunConfig, optimizer: torch.optim.Optimizer):
     if config.lr_schedule == "cosine":
         return torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=config.epochs)
     return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda _epoch: 1.0)
-
-
-def _final_similarity(model: nn.Module) -> dict[str, Any]:
-    """Mean |cos| and share in [-0.5, 0.5] of every conv/linear layer, and their means."""
-    layers = {}
-    for name in similarity_layers(model):
-        stats = _stats(model, name)
-        layers[name] = {"mean_abs": stats["mean_abs"],
-                        "share_within_half": stats["share_within_half"]}
-    return {"layers": layers,
-            "mean_abs": float(np.mean([v["mean_abs"] for v in layers.values()])),
-            "share_within_half": float(np.mean([v["share_within_half"]
-                                                for v in layers.values()]))}
-
-
-@torch.no_grad()
-def evaluate(model: nn.Module, dataset: ImageDataset, batch_size: int = 500,
-             split: str = "test") -> float | None:
-    """Accuracy in percent on ``split`` (eval mode; the model's mode restored).
-
-    ``None`` for an empty split (a dataset without validation images).
-    """
-    count = getattr(dataset, f"{split}_labels").shape[0]
-    if count == 0:
-        return None
-    was_training = model.training
-    model.eval()
-    correct = 0
-    try:
-        for x, y in iter_batches(dataset, split, batch_size):
-            correct += int((model(x).argmax(dim=1) == y).sum())
-    finally:
-        model.train(was_training)
-    return 100.0 * correct / count
-
-
-def _accuracies(model: nn.Module, dataset: ImageDataset) -> dict[str, float | None]:
-    return {"test": evaluate(model, dataset), "val": evaluate(model, dataset, split="val")}
 
 
 @dataclass
@@ -312,7 +252,7 @@ def run_one(config: RunConfig, out_dir: str | Path, *, dataset: ImageDataset | N
         optimizer = torch.optim.SGD(model.parameters(), lr=config.lr, momentum=config.momentum,
                                     weight_decay=config.weight_decay)
         scheduler = _make_scheduler(config, optimizer)
-        state.similarity = {"layer": stats_layer, "seed": _stats(model, stats_layer),
+        state.similarity = {"layer": stats_layer, "seed": layer_stats(model, stats_layer),
                             "after_growth": [], "after_phase": []}
         state.history.append({"epoch": 0, "test_accuracy": evaluate(model, dataset),
                               "val_accuracy": evaluate(model, dataset, split="val"),
@@ -332,7 +272,7 @@ def run_one(config: RunConfig, out_dir: str | Path, *, dataset: ImageDataset | N
 
     def save() -> None:
         nonlocal unsaved
-        extra = {"key": key, "state": state.to_extra()}
+        extra: dict[str, Any] = {"key": key, "state": state.to_extra()}
         if phase is not None and phase.active:
             extra["phase_refs"] = [r.detach().cpu() for r in phase.penalty.refs]
             extra["phase_before"] = [w.detach().cpu() for w in phase_before]
@@ -364,7 +304,7 @@ def run_one(config: RunConfig, out_dir: str | Path, *, dataset: ImageDataset | N
                         if not phase.coupled:
                             phase.after_optimizer_step()
                         if not phase.active:  # the joint phase's last step: measure it
-                            _measure_phase(state.growths[-1], model, dataset, phase_before,
+                            measure_phase(state.growths[-1], model, dataset, phase_before,
                                            state.phase_layers)
                             phase_before = []
                         state.phase_seconds += time.perf_counter() - phase_started
@@ -403,8 +343,8 @@ def run_one(config: RunConfig, out_dir: str | Path, *, dataset: ImageDataset | N
                 state.epoch, state.batch = epoch + 1, 0
                 state.loss_sum, state.correct, state.seen = 0.0, 0, 0
                 if state.epoch == config.epochs:
-                    state.similarity["final"] = _stats(model, stats_layer)
-                    state.similarity["final_all"] = _final_similarity(model)
+                    state.similarity["final"] = layer_stats(model, stats_layer)
+                    state.similarity["final_all"] = final_similarity(model)
                 save()
                 consistent = True
                 bar.update(1)
@@ -448,16 +388,17 @@ def _grow(config, epoch, model, optimizer, dataset, loss_fn, phase, state, stats
         batches.append(batch)
         if len(batches) == config.growth_batches:
             break
-    accuracy = {"before_growth": _accuracies(model, dataset)}
+    accuracy: dict[str, dict[str, float | None] | None] = {
+        "before_growth": accuracies(model, dataset)}
     torch.manual_seed(derive_seed(config.seed, "growth", epoch))  # any use of the global RNG
     started = time.perf_counter()
     report = _make_grower(config, epoch).grow(model, batches, loss_fn, optimizer,
                                               ratio=config.ratio, unit=config.unit)
     grow_seconds = time.perf_counter() - started
     state.growth_seconds += grow_seconds
-    accuracy["after_growth"] = _accuracies(model, dataset)
+    accuracy["after_growth"] = accuracies(model, dataset)
     accuracy["after_phase"] = None
-    state.similarity["after_growth"].append(_stats(model, stats_layer))
+    state.similarity["after_growth"].append(layer_stats(model, stats_layer))
     record = {"epoch": epoch + 1, "budget": report.budget, "added": report.added,
               "params_before": report.params_before, "params_after": report.params_after,
               "grown_layers": report.grown_layers, "growth_seconds": grow_seconds,
@@ -466,7 +407,7 @@ def _grow(config, epoch, model, optimizer, dataset, loss_fn, phase, state, stats
         return record, []
     started = time.perf_counter()
     layers = [name for name in report.grown_layers if name in similarity_layers(model)]
-    before = [model.get_submodule(name).weight.detach().clone() for name in layers]
+    before = [layer_weight(model, name).detach().clone() for name in layers]
     record["phase"] = {"steps": config.phase_steps_or_default, "layers": {}}
     phase.start(model, report.grown_layers)
     state.phase_layers = list(report.grown_layers)
@@ -476,54 +417,9 @@ def _grow(config, epoch, model, optimizer, dataset, loss_fn, phase, state, stats
     state.phase_seconds += seconds
     if phase.active:  # joint: the phase runs during the next training steps
         return record, before
-    _measure_phase(record, model, dataset, before, layers)
-    state.similarity["after_phase"].append(_stats(model, stats_layer))
+    measure_phase(record, model, dataset, before, layers)
+    state.similarity["after_phase"].append(layer_stats(model, stats_layer))
     return record, []
-
-
-def _measure_phase(record, model, dataset, before, layers) -> None:
-    """Fill ``record`` (a growth's) with what its phase did to each grown layer, and accuracy."""
-    layers = [name for name in layers if name in similarity_layers(model)]
-    for name, old in zip(layers, before, strict=True):
-        new = model.get_submodule(name).weight.detach()
-        old64, new64 = old.to(torch.float64), new.to(torch.float64)
-        record["phase"]["layers"][name] = {
-            "before": _weight_stats(old, name), "after": _weight_stats(new, name),
-            "relative_change": float((new64 - old64).norm() / old64.norm().clamp_min(1e-300)),
-            "scale_drift": float(new64.square().mean().sqrt()
-                                 / old64.square().mean().sqrt().clamp_min(1e-300) - 1.0),
-        }
-    record["accuracy"]["after_phase"] = _accuracies(model, dataset)
-
-
-def growth_line(record: dict[str, Any]) -> str:
-    """One compact line for a growth record: size, phase effect (grown layers' means), accuracy."""
-    acc = record["accuracy"]
-
-    def pair(key):
-        values = acc.get(key)
-        if values is None:
-            return "-"
-        test = f"{values['test']:.1f}"
-        return test if values.get("val") is None else f"{test}/{values['val']:.1f}"
-
-    text = (f"growth at epoch {record['epoch']}: {record['params_before']} -> "
-            f"{record['params_after']} parameters")
-    layers = (record.get("phase") or {}).get("layers") or {}
-    if layers:
-        values = list(layers.values())
-        before = np.mean([v["before"]["mean_abs"] for v in values])
-        after = np.mean([v["after"]["mean_abs"] for v in values])
-        share0 = 100 * np.mean([v["before"]["share_within_half"] for v in values])
-        share1 = 100 * np.mean([v["after"]["share_within_half"] for v in values])
-        change = 100 * np.mean([v["relative_change"] for v in values])
-        drift = 100 * np.mean([v["scale_drift"] for v in values])
-        text += (f"; phase on {len(values)} layers: mean |cos| {before:.3f} -> {after:.3f}, "
-                 f"in [-0.5, 0.5] {share0:.0f}% -> {share1:.0f}%, weights moved {change:.1f}%, "
-                 f"scale {drift:+.2f}%")
-    text += (f"; accuracy test/val before {pair('before_growth')}, after growth "
-             f"{pair('after_growth')}, after phase {pair('after_phase')}")
-    return text
 
 
 def _resume_joint_phase(phase, model, state, refs):

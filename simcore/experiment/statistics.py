@@ -132,9 +132,10 @@ def _ratio(treated: Any, base: Any) -> float | None:
 
 
 def _mean_or_none(values: Sequence[float | None]) -> float | None:
-    if not values or any(v is None for v in values):
+    present = [v for v in values if v is not None]
+    if not values or len(present) < len(values):
         return None
-    return math.fsum(values) / len(values)
+    return math.fsum(present) / len(present)
 
 
 def _require(result: dict[str, Any], metric: str) -> float:
@@ -236,7 +237,7 @@ def select_n_best(results: Iterable[dict[str, Any]], *, method: str, model: str,
                              f"(final_val_accuracy={val!r}): N_best is chosen on a validation "
                              "split, never on the test set; run the sweep with one")
         by_steps.setdefault(steps, []).append(float(val))
-    validation = []
+    validation: list[dict[str, Any]] = []
     for steps in sorted(by_steps):
         estimate = mean_ci(by_steps[steps], confidence)
         validation.append({"phase_steps": steps, "mean": estimate.mean, "sd": estimate.sd,
@@ -276,7 +277,7 @@ def conclusion(rows: Sequence[dict[str, Any]]) -> str:
     named by their path. The mean ratio of final mean |cos| closes the sentence when known.
     """
     models = {row["model"] for row in rows}
-    steps = {}
+    steps: dict[tuple[str, str, str], set[int]] = {}
     for row in rows:
         steps.setdefault((row["model"], row["method"], row["terms"]), set()).add(
             row["phase_steps"])

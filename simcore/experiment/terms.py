@@ -29,6 +29,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
+from simcore.adapters.torch import layer_weight
 from simcore.adapters.torch.schedule import SimilarityPhase
 
 from .config import TERMS
@@ -69,7 +70,7 @@ class PerturbationControl:
     @torch.no_grad()
     def start(self, model: nn.Module, layers: Sequence[str]) -> None:
         layers = [layers] if isinstance(layers, str) else list(layers)
-        weights = [model.get_submodule(name).weight for name in layers]
+        weights = [layer_weight(model, name) for name in layers]
         originals = [w.detach().clone() for w in weights]
         self.phase.start(model, layers)
         self.distances = []

@@ -159,6 +159,11 @@ def _groups(groups: Any, layers: int) -> list[list[int]]:
     return out
 
 
+def _room(cap: int | None, candidates: int) -> int:
+    """How many of a layer's ``candidates`` its ``cap`` (None: no cap) lets be picked."""
+    return candidates if cap is None else min(cap, candidates)
+
+
 def select_lowest(
     scores: Sequence[Any],
     k: int | Sequence[int],
@@ -223,10 +228,7 @@ def select_lowest(
 
     picks: list[list[int]] = [[] for _ in range(layers)]
     for g, (members, budget) in enumerate(zip(group_list, budgets, strict=True)):
-        capacity = sum(
-            len(per_layer[i]) if cap_list[i] is None else min(cap_list[i], len(per_layer[i]))
-            for i in members
-        )
+        capacity = sum(_room(cap_list[i], len(per_layer[i])) for i in members)
         if budget > capacity:
             if not clamp:
                 where = "" if groups is None else f" of group {g}"
@@ -249,7 +251,8 @@ def select_lowest(
             if only_negative and not values[position] < 0:
                 break  # sorted: no negative score is left
             layer = int(layer_of[position])
-            if cap_list[layer] is not None and taken[layer] >= cap_list[layer]:
+            cap = cap_list[layer]
+            if cap is not None and taken[layer] >= cap:
                 continue
             picks[layer].append(int(index_of[position]))
             taken[layer] += 1

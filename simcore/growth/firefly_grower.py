@@ -155,8 +155,12 @@ class FireflyGrower(Grower[FireflyState]):
                 xp = namespace_of(candidates[index].new_incoming, "candidates")
                 parts = [next(grads)] if split_gate is not None else []
                 layer = xp.concat([*parts, next(grads)])
-                sums[index] = layer if sums[index] is None else sums[index] + layer
-        return [s / len(batches) for s in sums], FireflyState(tuple(candidates))
+                previous = sums[index]
+                sums[index] = layer if previous is None else previous + layer
+        means = [s / len(batches) for s in sums if s is not None]
+        if len(means) != len(sums):  # as_batches refused an empty list: every layer has a sum
+            raise ValueError("Firefly scoring needs at least one batch")
+        return means, FireflyState(tuple(candidates))
 
     def _train(self, host: GrowthHost, candidates: list[FireflyCandidates],
                loss_with: Callable[[Sequence[FireflyCandidates], Batch], Array],
@@ -184,8 +188,10 @@ class FireflyGrower(Grower[FireflyState]):
         square = [v * 0 for v in variables]
         velocity = [v * 0 for v in variables]
         for batch in batches:
-            loss, grads = host.value_and_grad(
-                lambda values, batch=batch: loss_with(rebuild(values), batch), variables)
+            def batch_loss(values: Sequence[Array], batch: Batch = batch) -> Array:
+                return loss_with(rebuild(values), batch)
+
+            loss, grads = host.value_and_grad(batch_loss, variables)
             check_loss(loss)
             updated = []
             for i, (p, g, decay) in enumerate(zip(variables, grads, decays, strict=True)):

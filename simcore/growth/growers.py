@@ -17,7 +17,7 @@ import math
 import numbers
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any, ClassVar, Generic, TypeVar
+from typing import Any, ClassVar, Generic, TypeVar, overload
 
 import array_api_compat
 import numpy as np
@@ -146,7 +146,13 @@ class PerLayerState(Sequence[LayerT]):
 
     layers: tuple[LayerT, ...]
 
-    def __getitem__(self, index):  # type: ignore[override]
+    @overload
+    def __getitem__(self, index: int) -> LayerT: ...
+
+    @overload
+    def __getitem__(self, index: slice) -> tuple[LayerT, ...]: ...
+
+    def __getitem__(self, index: int | slice) -> LayerT | tuple[LayerT, ...]:
         return self.layers[index]
 
     def __len__(self) -> int:

@@ -108,7 +108,9 @@ def _scalar(value: Any, mode: str, label: str) -> Any:
             array_api_compat.array_namespace(value).zeros_like(value) if mode == "zero" else value
         )
     if isinstance(value, numbers.Number):
-        return type(value)(0) if mode == "zero" else value
+        # every concrete Number (int, float, Fraction, NumPy scalars) is built from 0; the
+        # abstract base declares no constructor
+        return type(value)(0) if mode == "zero" else value  # type: ignore[call-arg]
     raise TypeError(f"{label} must be an array, a number or None, got {type(value).__name__}")
 
 

@@ -16,6 +16,7 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol, TypeAlias, runtime_checkable
 
+from .._types import Array
 from .flow import ChannelFlow
 from .widen import ChannelMap
 
@@ -29,8 +30,6 @@ __all__ = [
     "SplittingStatistics",
 ]
 
-#: An array of any Array-API library (NumPy, PyTorch, JAX, CuPy, ...).
-Array: TypeAlias = Any
 #: One ``(inputs, targets)`` pair of a data batch, in whatever form the model takes.
 Batch: TypeAlias = tuple[Any, Any]
 #: ``loss_fn(outputs, targets)``: a 0-d, batch-mean loss.

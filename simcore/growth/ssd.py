@@ -382,11 +382,15 @@ def rayleigh_min_direction(
 
     v = _unit_rows(xp, v)
     probe = v
-    rho = None
-    for _ in range(power_steps):
+    # power_steps >= 1 (checked above): the first step is taken outside the loop so that rho
+    # always holds an estimate
+    sp = product(probe)
+    rho = xp.sqrt(xp.sum(sp * sp, axis=1))
+    for _ in range(power_steps - 1):
+        probe = _unit_rows(xp, sp)
         sp = product(probe)
         rho = xp.sqrt(xp.sum(sp * sp, axis=1))
-        probe = _unit_rows(xp, sp)
+    probe = _unit_rows(xp, sp)
     # Neurons with S_i = 0 (rho 0) have zero gradient; any finite step size is fine there.
     step = lr / xp.where(rho > 0, rho, xp.ones_like(rho))
     for _ in range(steps):

@@ -238,7 +238,7 @@ def _rows_argument(value: Any, count: int, width: int, name: str, like: Any,
     if not xp.isdtype(value.dtype, "real floating"):
         raise TypeError(f"{name} must have a real floating dtype, got {value.dtype}")
     shape = tuple(int(s) for s in value.shape)
-    accepted = [(count, width)]
+    accepted: list[tuple[int, ...]] = [(count, width)]
     if entry is not None and entry.role in ("producer", "depthwise"):
         per_channel = tuple(int(s) for i, s in enumerate(like.shape) if i != entry.axis)
         accepted.append((count, *per_channel))

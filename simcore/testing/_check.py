@@ -198,7 +198,7 @@ def _call_ref(fn, options, *arrays):
     return fn(*arrays, **options)
 
 
-_DECORRELATE = {"steps": 3, "lr": 0.1, "lam": 0.3, "neuron_axis": [0, -1]}
+_DECORRELATE: dict[str, Any] = {"steps": 3, "lr": 0.1, "lam": 0.3, "neuron_axis": [0, -1]}
 
 
 def _decorrelate_core(anchor, step, run, a, b, ra, rb):

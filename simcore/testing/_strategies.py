@@ -82,7 +82,7 @@ def given_for(backend, *given_args, **given_kwargs):
                 ...
             check()
     """
-    budget = settings.default.max_examples
+    budget = settings().max_examples  # the active profile's (settings.default may be unset)
     if is_compiling(backend):
         budget = max(2, budget // 6)
 
