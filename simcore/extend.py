@@ -66,10 +66,11 @@ from ._arrays import (
 )
 from ._deprecation import renamed_choice, warn_deprecated
 from ._types import Array, GramFunction, Namespace
-from .growth.flow import is_depthwise, is_growable_depthwise
+from .growth.flow import DEPTHWISE, is_depthwise, is_growable_depthwise
 from .objective import Objective, as_objective
 
 __all__ = [
+    "DEPTHWISE",
     "Array",
     "GramFunction",
     "Namespace",

@@ -154,7 +154,13 @@ def test_penalty_chooses_conv_and_linear_weights_without_depthwise():
     for name, p in model.named_parameters():
         chosen = name.endswith(".weight") and name[: -len(".weight")] in penalty.layer_names
         assert (p.grad is not None) == chosen, name
-    with_depthwise = SimilarityPenalty(model, lam=0.0, include_depthwise=True)
+    with_depthwise = SimilarityPenalty(model, lam=0.0, depthwise="include")
+    only = SimilarityPenalty(model, lam=0.0, depthwise="only")
+    assert set(only.layer_names) == set(with_depthwise.layer_names) - set(
+        SimilarityPenalty(model, lam=0.0).layer_names)
+    with pytest.warns(DeprecationWarning, match="include_depthwise"):
+        old = SimilarityPenalty(model, lam=0.0, include_depthwise=True)
+    assert old.layer_names == with_depthwise.layer_names
     assert len(with_depthwise.layer_names) == 15 + 13
 
 
@@ -175,8 +181,14 @@ def test_penalty_layer_selection_by_callable_and_names():
     with pytest.raises(ValueError, match="no conv or linear"):
         SimilarityPenalty(model, lam=0.0, layers=lambda name, m: False)
     depthwise = nn.Sequential(nn.Conv2d(4, 4, 3, groups=4))
-    with pytest.raises(ValueError, match="include_depthwise"):
+    with pytest.raises(ValueError, match="depthwise='include'"):
         SimilarityPenalty(depthwise, lam=0.0, layers=["0"])
+    assert SimilarityPenalty(depthwise, lam=0.0, layers=["0"], depthwise="only").layer_names == [
+        "0"]
+    with pytest.raises(ValueError, match="not a depthwise"):
+        SimilarityPenalty(model, lam=0.0, layers=["0"], depthwise="only")
+    with pytest.raises(ValueError, match="depthwise"):
+        SimilarityPenalty(model, lam=0.0, depthwise="some")
     with pytest.raises(TypeError, match="model"):
         SimilarityPenalty(object(), lam=0.0)
     with pytest.raises(ValueError, match="anchor"):

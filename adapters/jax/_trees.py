@@ -21,13 +21,12 @@ from typing import Any
 
 import jax
 
-from simcore.extend import check_choice
+from simcore.extend import DEPTHWISE, check_choice
 from simcore.growth import is_depthwise
 
 __all__ = ["DEPTHWISE", "LAYOUTS", "find_kernels", "leaf_name", "named_leaves"]
 
 LAYOUTS = ("auto", "linen", "nnx", "equinox")
-DEPTHWISE = ("include", "exclude", "only")
 
 
 def _key_text(key: Any) -> str:

@@ -18,7 +18,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from simcore.growth import GrowthError
+from simcore.growth import GrowthError, is_growable_depthwise
 from simcore.growth.flow import BatchNorm, ChannelFlow, Consumer, Depthwise
 
 __all__ = [
@@ -234,11 +234,9 @@ def describe_module(module):
 
 
 def is_depthwise_conv(module):
-    return (
-        isinstance(module, nn.Conv2d)
-        and module.groups > 1
-        and module.groups == module.in_channels == module.out_channels
-    )
+    """A Conv2d that growth widens with its producer (the core's stricter depthwise rule)."""
+    return isinstance(module, nn.Conv2d) and is_growable_depthwise(
+        module.in_channels, module.out_channels, module.groups)
 
 
 def is_producer(module):

@@ -45,7 +45,15 @@ import torch
 from torch import nn
 
 import simcore
-from simcore.extend import Objective, as_objective, check_choice, check_int, is_depthwise
+from simcore.extend import (
+    DEPTHWISE,
+    Objective,
+    as_objective,
+    check_choice,
+    check_int,
+    is_depthwise,
+    warn_deprecated,
+)
 
 from .flows import layer_weight
 
@@ -293,15 +301,20 @@ class SimilarityPenalty:
     Chooses the weights (never biases) of the model's ``Conv1d/2d/3d`` and
     ``Linear`` layers (neurons on axis 0, PyTorch's layout):
 
-    * ``layers=None``: all of them; depthwise convs (:func:`is_depthwise_layer`)
-      only with ``include_depthwise=True`` -- left out by default in every adapter
+    * ``layers=None``: all of them, with ``depthwise`` (one of
+      :data:`simcore.extend.DEPTHWISE`) deciding depthwise convs
+      (:func:`is_depthwise_layer`): ``"exclude"`` (the default in every adapter),
+      ``"include"`` or ``"only"``. They are left out by default
       because a depthwise neuron has only ``d = kh*kw`` weights (9 for 3x3): far more
       neurons than dimensions cannot be decorrelated, so Eq. 2 would pull against a
       floor it cannot reach (see docs/design.md, 'The similarity loss (Eq. 1-2)');
     * ``layers=callable``: those for which ``layers(name, module)`` is true
       (after the depthwise rule);
     * ``layers=[names]``: exactly the named modules (naming a depthwise conv
-      needs ``include_depthwise=True``).
+      needs ``depthwise="include"`` or ``"only"``).
+
+    ``include_depthwise=True/False`` is the deprecated spelling of
+    ``depthwise="include"/"exclude"``.
 
     Layers are looked up by name at every use, so growth that replaces a
     module's parameters (or the module itself) is picked up.
@@ -349,7 +362,8 @@ class SimilarityPenalty:
         form: str | None = None,
         statistic: str | None = None,
         anchor: str = "snapshot",
-        include_depthwise: bool = False,
+        depthwise: str = "exclude",
+        include_depthwise: bool | None = None,
         strength: float = 1.0,
         block_size: int | None = None,
         zero_tol: float | None = None,
@@ -369,17 +383,26 @@ class SimilarityPenalty:
         if not self.strength >= 0.0:
             raise ValueError(f"strength must be >= 0, got {strength}")
         self.anchor = anchor
-        self.layer_names = self._choose(layers, bool(include_depthwise))
+        if include_depthwise is not None:
+            warn_deprecated(f"include_depthwise={include_depthwise!r}",
+                            "depthwise='include' or 'exclude'")
+            depthwise = "include" if include_depthwise else "exclude"
+        self.depthwise = check_choice(depthwise, DEPTHWISE, "depthwise")
+        self.layer_names = self._choose(layers)
         self._refs: list[torch.Tensor] = []
         self.snapshot()
 
-    def _choose(self, layers, include_depthwise) -> list[str]:
+    def _depthwise_allows(self, module: nn.Module) -> bool:
+        if self.depthwise == "include":
+            return True
+        return is_depthwise_layer(module) == (self.depthwise == "only")
+
+    def _choose(self, layers) -> list[str]:
         modules = dict(self.model.named_modules())
         if layers is None or callable(layers):
             chosen = [
                 name for name, m in modules.items()
-                if isinstance(m, _LAYER_TYPES)
-                and (include_depthwise or not is_depthwise_layer(m))
+                if isinstance(m, _LAYER_TYPES) and self._depthwise_allows(m)
                 and (layers is None or layers(name, m))
             ]
         elif isinstance(layers, Sequence) and not isinstance(layers, str):
@@ -393,9 +416,11 @@ class SimilarityPenalty:
                         f"layers names {name!r}, a {type(module).__name__}; expected a conv or "
                         f"linear layer"
                     )
-                if is_depthwise_layer(module) and not include_depthwise:
+                if not self._depthwise_allows(module):
+                    kind = "a depthwise" if is_depthwise_layer(module) else "not a depthwise"
                     raise ValueError(
-                        f"layers names {name!r}, a depthwise conv; pass include_depthwise=True"
+                        f"layers names {name!r}, {kind} conv, but depthwise="
+                        f"{self.depthwise!r}; pass depthwise='include'"
                     )
                 chosen.append(name)
         else:

@@ -177,7 +177,8 @@ class SimilarityPhase:
     form: str = "squared_log"
     statistic: str = "rms"
     anchor: str = "snapshot"
-    include_depthwise: bool = False
+    depthwise: str = "exclude"
+    include_depthwise: bool | None = None  # deprecated: depthwise="include"/"exclude"
     similarity: bool = True
     step: str = "relative"
     remaining: int = field(default=0, init=False)
@@ -239,7 +240,8 @@ class SimilarityPhase:
             return
         self.penalty = SimilarityPenalty(
             model, layers=layers, lam=self.lam, form=self.form, statistic=self.statistic,
-            anchor=self.anchor, include_depthwise=self.include_depthwise,
+            anchor=self.anchor, depthwise=self.depthwise,
+            include_depthwise=self.include_depthwise,
             strength=self.strength, similarity=self.similarity,
         )  # its construction snapshots the grown weights: W_prev of Eq. 4
         steps, lr = self._schedule()

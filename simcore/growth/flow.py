@@ -47,6 +47,7 @@ from .._arrays import check_int, namespace_of, normalize_axis
 
 __all__ = [
     "BatchNorm", "ChannelFlow", "Consumer", "Depthwise", "FlowEntry", "ROLES", "is_depthwise",
+    "DEPTHWISE",
     "is_growable_depthwise",
 ]
 
@@ -67,6 +68,11 @@ def _check_name(value: Any, field: str, optional: bool) -> None:
 
 def _check_int(value: Any, field: str) -> int:
     return check_int(value, field)
+
+
+#: How a penalty treats depthwise layers, in every adapter: leave them out (the default),
+#: include them, or take only them.
+DEPTHWISE = ("exclude", "include", "only")
 
 
 def is_depthwise(in_channels: int, groups: int) -> bool:
