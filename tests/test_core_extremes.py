@@ -229,6 +229,12 @@ def test_decorrelate_refuses_bad_numbers_naming_them(name, value, error):
         simcore.decorrelate([W], **options)
 
 
+@pytest.mark.parametrize("lr", [math.inf, 1e400, math.nan])
+def test_decorrelate_with_absolute_steps_refuses_a_non_finite_lr(lr):
+    with pytest.raises(ValueError, match=r"\blr\b"):
+        simcore.decorrelate([W], steps=1, lr=lr, lam=0.1, step="absolute")
+
+
 @pytest.mark.parametrize(("name", "value", "error"),
                          [(n, v, e) for n, v, e in BAD_NUMBERS if n != "lr"], ids=repr)
 def test_objective_refuses_bad_numbers_naming_them(name, value, error):
