@@ -38,13 +38,17 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import numbers
 from collections.abc import Sequence
 from typing import Any
+
+import numpy as np
 
 from ._arrays import (
     check_block_size,
     check_choice,
     check_int,
+    check_real,
     check_zero_tol,
     compute_dtype,
     from_rows,
@@ -112,7 +116,7 @@ class Objective:
         assign(self, "neuron_axis", _check_axes(self.neuron_axis))
         assign(self, "block_size", check_block_size(self.block_size))
         assign(self, "zero_tol", check_zero_tol(self.zero_tol))
-        assign(self, "similarity", bool(self.similarity))
+        assign(self, "similarity", _check_flag(self.similarity, "similarity"))
 
     @property
     def needs_refs(self) -> bool:
@@ -125,15 +129,26 @@ class Objective:
 
 
 def _check_lam_value(lam: Any) -> float:
-    if isinstance(lam, bool):
-        raise TypeError("lam must be a real number, got bool")
-    try:
-        value = float(lam)
-    except (TypeError, ValueError):
-        raise TypeError(f"lam must be a real number, got {type(lam).__name__}") from None
-    if not (math.isfinite(value) and value >= 0.0):
-        raise ValueError(f"lam must be finite and >= 0, got {value}")
-    return value
+    """``lam`` as a finite float >= 0: a string, a bool, NaN or Inf is refused, naming it."""
+    return check_real(lam, "lam")
+
+
+def _check_flag(value: Any, name: str) -> bool:
+    """``value`` as a Python bool; anything else (``"no"``, 0, None) is a ``TypeError``,
+    because ``bool("no")`` would silently be true."""
+    if not isinstance(value, (bool, np.bool_)):
+        raise TypeError(f"{name} must be a bool, got {type(value).__name__}")
+    return bool(value)
+
+
+def _check_lr(lr: Any) -> float:
+    """A step size: a finite real number > 0 (strings, bools, NaN and Inf refused)."""
+    if isinstance(lr, (bool, np.bool_)) or not isinstance(lr, numbers.Real):
+        raise TypeError(f"lr must be a real number, got {type(lr).__name__}")
+    lr = float(lr)
+    if not (lr > 0.0 and math.isfinite(lr)):
+        raise ValueError(f"lr must be > 0 and finite, got {lr}")
+    return lr
 
 
 def _check_axes(neuron_axis: Any) -> int | tuple[int, ...]:
@@ -342,9 +357,7 @@ def decorrelate(
                              neuron_axis=neuron_axis, block_size=block_size,
                              zero_tol=zero_tol, similarity=similarity)
     steps = check_int(steps, "steps", minimum=0)
-    lr = float(lr)
-    if not lr > 0.0:
-        raise ValueError(f"lr must be > 0, got {lr}")
+    lr = _check_lr(lr)
     check_choice(anchor, ANCHORS, "anchor")
     check_choice(step, STEPS, "step")
     if step == "relative" and not lr * objective.lam < 2.0:
@@ -398,9 +411,7 @@ def relative_update(
     array([[1.5, 0. ],
            [0. , 0.5]])
     """
-    lr = float(lr)
-    if not lr > 0.0:
-        raise ValueError(f"lr must be > 0, got {lr}")
+    lr = _check_lr(lr)
     weights, _, axes = _layers(weights, None, neuron_axis)
     similarity_grads = _grad_list(similarity_grads, weights, "similarity_grads")
     weight_sum_grads = _grad_list(weight_sum_grads, weights, "weight_sum_grads")
@@ -410,14 +421,25 @@ def relative_update(
         axis = normalize_axis(axis, w.ndim)
         work = compute_dtype(xp, w.dtype)  # half precision would overflow the squared norms
         rows = xp.astype(to_rows(xp, w, axis), work)
-        squared_norms = xp.sum(rows * rows, axis=1, keepdims=True)
+        # r_i^2 and rho^2 are kept as (scale, scaled square) factors, and each product is
+        # formed in the order that keeps it near the step's own size (r_i g_i is O(1)):
+        # no square of a weight is formed, so any finite layer gives a finite step.
+        row_scale = xp.max(xp.abs(rows), axis=1, keepdims=True)
+        one = xp.ones_like(row_scale)
+        scaled = rows / xp.where(row_scale > 0, row_scale, one)
+        scaled_squares = xp.sum(scaled * scaled, axis=1, keepdims=True)
         scale = lr * rows.shape[0] / 2.0
         step = None
         g, h = similarity_grads[i], weight_sum_grads[i]
         if g is not None:
-            step = squared_norms * xp.astype(to_rows(xp, g, axis), work)
+            g = xp.astype(to_rows(xp, g, axis), work)
+            step = ((g * row_scale) * scaled_squares) * row_scale
         if h is not None:
-            step = _plus(step, xp.mean(squared_norms) * xp.astype(to_rows(xp, h, axis), work))
+            h = xp.astype(to_rows(xp, h, axis), work)
+            layer_scale = xp.max(row_scale)
+            relative = row_scale / xp.where(layer_scale > 0, layer_scale, xp.ones_like(layer_scale))
+            rho_scaled_squared = xp.mean(relative * relative * scaled_squares)
+            step = _plus(step, ((h * layer_scale) * rho_scaled_squared) * layer_scale)
         moved = rows if step is None else rows - scale * step
         updated.append(xp.astype(from_rows(xp, moved, w.shape, axis), w.dtype))
     return updated

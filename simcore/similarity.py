@@ -16,6 +16,14 @@ frameworks disagree on them, so the gradient here is analytic, never inherited):
 * float16/bfloat16 inputs are computed in float32 and the results cast back.
 * NaN or Inf anywhere in ``w`` gives a NaN loss and gradient; values are never
   inspected (that would cost a device sync and break ``jax.jit``).
+* Any finite ``w`` gives the right result: norms are taken of rows divided by their
+  largest magnitude, so none overflows or underflows (a row's norm itself is never
+  formed). A row that is huge next to the others keeps its direction and makes them
+  relatively zero; ``zero_tol=0`` counts every non-zero row (docs/design.md,
+  'The similarity loss (Eq. 1-2)').
+* Autodiff *through* these functions (``similarity_loss(w).backward()``, ``jax.grad``)
+  gives zero and inactive rows a zero gradient too: every square root and division
+  sees 1 there, never 0.
 
 The gradient (checked against finite differences in the tests) is, with
 ``r_i = ||w_i||``, ``S_ij = sign(C_ij)`` off the diagonal and between active
@@ -81,11 +89,7 @@ class _Rows:
         work = compute_dtype(xp, w.dtype)
         if work != w.dtype:
             rows = xp.astype(rows, work)
-        norms = xp.sqrt(xp.vecdot(rows, rows))
-        active = norms > tol * xp.max(norms)
-        self.active = xp.astype(active, work)
-        self.safe_norms = xp.where(active, norms, xp.ones_like(norms))
-        self.unit = rows * (self.active / self.safe_norms)[:, None]
+        self.unit, self.active, self.row_scale, self.scaled_norms = _unit_rows(xp, rows, tol)
         n_active = xp.sum(self.active)
         self.pair_count = n_active * (n_active - 1)
         self.n = int(rows.shape[0])
@@ -96,16 +100,51 @@ class _Rows:
 
     def grad_from(self, g: Any, scale: Any) -> Any:
         """``scale * g`` (``g = dmu/du`` up to ``scale``) projected onto each row's
-        tangent space and divided by the row's norm: ``(g - (g . u) u) * scale / r``."""
+        tangent space and divided by the row's norm: ``(g - (g . u) u) * scale / r``.
+
+        ``r_i`` is never formed: it is ``row_scale_i * scaled_norm_i``, and dividing by
+        the two factors one after the other keeps the gradient finite wherever it is
+        representable (``r_i`` itself may overflow or underflow; see :func:`_unit_rows`).
+        """
         xp, u = self.xp, self.unit
-        per_row = scale / self.safe_norms
-        grad_rows = g * per_row[:, None] - u * (xp.vecdot(g, u) * per_row)[:, None]
-        return self.out(from_rows(xp, grad_rows, self.shape, self.axis))
+        tangent = g - u * xp.vecdot(g, u)[:, None]
+        per_row = (scale / self.scaled_norms) / self.row_scale
+        return self.out(from_rows(xp, tangent * per_row[:, None], self.shape, self.axis))
 
     def tiles(self, block_size: int | None) -> list[tuple[int, int]]:
         """Row ranges ``(start, stop)`` of the square tiles the Gram matrix is built from."""
         size = min(DEFAULT_TILE if block_size is None else block_size, self.n)
         return [(start, min(start + size, self.n)) for start in range(0, self.n, size)]
+
+
+def _unit_rows(xp, rows, zero_tol):
+    """``(unit, active, row_scale, scaled_norms)`` of ``(n, d)`` rows, for any finite rows.
+
+    Each row is divided by its largest magnitude before its squares are summed, so no
+    norm overflows or underflows: ``r_i = row_scale_i * scaled_norm_i`` with
+    ``scaled_norm_i`` in ``[1, sqrt(d)]``, and the unit rows come from the scaled rows.
+    A row is active when ``r_i > zero_tol * max_k r_k`` (see the module docstring);
+    the ratios are compared after dividing by the layer's largest magnitude, so neither
+    side is ever formed at its own (possibly unrepresentable) size.
+
+    Autodiff-safe: every square root and division sees 1, not 0, on zero and inactive
+    rows (``where(active, x, 1)`` *before* the operation), so traced gradients are 0
+    there, never 0/0; and nothing here reads values on the host.
+    """
+    row_scale = xp.max(xp.abs(rows), axis=1)
+    nonzero = row_scale > 0
+    one = xp.ones_like(row_scale)
+    row_scale = xp.where(nonzero, row_scale, one)
+    scaled = rows / row_scale[:, None]
+    squares = xp.vecdot(scaled, scaled)  # in [1, d] for non-zero rows, 0 for zero rows
+    scaled_norms = xp.sqrt(xp.where(nonzero, squares, one))
+    # r_i / max_k |w_kl|; the largest is >= 1 whenever any row is non-zero.
+    layer_scale = xp.max(row_scale * xp.astype(nonzero, row_scale.dtype))
+    layer_scale = xp.where(layer_scale > 0, layer_scale, xp.ones_like(layer_scale))
+    relative_norms = (row_scale / layer_scale) * scaled_norms * xp.astype(nonzero, rows.dtype)
+    active = xp.astype(relative_norms > zero_tol * xp.max(relative_norms), rows.dtype)
+    scaled_norms = xp.where(active > 0, scaled_norms, one)
+    return scaled * (active / scaled_norms)[:, None], active, row_scale, scaled_norms
 
 
 def _value_and_grad(w, neuron_axis, block_size, zero_tol, with_grad, gram=None):

@@ -5,8 +5,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-from ._arrays import check_int, device_of
-from .similarity import _cosines
+from ._arrays import check_block_size, check_int, device_of
+from .similarity import _Rows
 
 __all__ = ["SimilarityStats", "similarity_stats"]
 
@@ -33,9 +33,20 @@ class SimilarityStats:
 
 
 def similarity_stats(
-    w: Any, *, neuron_axis: int = 0, bins: int = 20, zero_tol: float | None = None
+    w: Any,
+    *,
+    neuron_axis: int = 0,
+    bins: int = 20,
+    zero_tol: float | None = None,
+    block_size: int | None = None,
 ) -> SimilarityStats:
     """Histogram and summary of the off-diagonal cosines of ``w`` (Fig. 6 of the paper).
+
+    The cosines are formed in square tiles of ``block_size`` rows (default
+    :data:`simcore.similarity.DEFAULT_TILE`), upper triangle only, like
+    :func:`simcore.similarity_loss`: no ``n x n`` array, ``O(block_size^2)`` extra memory
+    beyond the unit rows. Counts are summed in integers, so they stay exact past float32's
+    ``2**24``; the float statistics of different tilings agree to a few ulp.
 
     >>> import numpy as np, simcore
     >>> stats = simcore.similarity_stats(np.eye(4), bins=4)
@@ -43,29 +54,47 @@ def similarity_stats(
     ([0, 0, 6, 0], 1.0)
     """
     bins = check_int(bins, "bins", minimum=1)
-    # The cosines in the compute dtype: half inputs are binned from float32 values.
-    rows, cosines = _cosines(w, neuron_axis, zero_tol)
-    xp, active, work = rows.xp, rows.active, cosines.dtype
-    device = device_of(cosines)
+    block_size = check_block_size(block_size)
+    # The unit rows in the compute dtype: half inputs are binned from float32 cosines.
+    rows = _Rows(w, neuron_axis, zero_tol)
+    xp, u, active = rows.xp, rows.unit, rows.active
+    work = u.dtype
+    device = device_of(u)
     integers = xp.__array_namespace_info__().default_dtypes(device=device)["integral"]
-    cosines = xp.clip(cosines, -1.0, 1.0)
-    n = rows.n
-    index = xp.arange(n, device=device)
-    upper = xp.astype(index[:, None] < index[None, :], work)
-    pair_mask = upper * active[:, None] * active[None, :]
-    pairs = xp.sum(pair_mask)
+    is_active = active > 0
     edges = xp.linspace(-1.0, 1.0, bins + 1, dtype=work, device=device)
-    below = [xp.sum(pair_mask * xp.astype(cosines < edges[k], work)) for k in range(1, bins)]
-    cumulative = xp.stack([xp.zeros_like(pairs), *below, pairs])
-    counts = xp.astype(cumulative[1:] - cumulative[:-1], integers)
-    magnitudes = xp.abs(cosines) * pair_mask
-    denominator = xp.maximum(pairs, xp.ones_like(pairs))
-    within = xp.sum(pair_mask * xp.astype(xp.abs(cosines) <= 0.5, work))
+    inner_edges = [edges[k] for k in range(1, bins)]
+
+    def count(mask):
+        return xp.sum(xp.astype(mask, integers))
+
+    zero_count = xp.zeros((), dtype=integers, device=device)
+    pairs, within = zero_count, zero_count
+    below = [zero_count] * len(inner_edges)  # pairs with a cosine below each inner edge
+    sum_abs = xp.zeros((), dtype=work, device=device)
+    max_abs = sum_abs
+    for a, (start, stop) in enumerate(rows.tiles(block_size)):
+        for b_start, b_stop in rows.tiles(block_size)[a:]:
+            cosines = xp.clip(u[start:stop, :] @ u[b_start:b_stop, :].T, -1.0, 1.0)
+            pair_mask = is_active[start:stop, None] & is_active[None, b_start:b_stop]
+            if b_start == start:  # a diagonal tile: each pair once, no neuron with itself
+                index = xp.arange(stop - start, device=device)
+                pair_mask = pair_mask & (index[:, None] < index[None, :])
+            magnitudes = xp.abs(cosines) * xp.astype(pair_mask, work)
+            pairs = pairs + count(pair_mask)
+            within = within + count(pair_mask & (magnitudes <= 0.5))
+            below = [c + count(pair_mask & (cosines < edge))
+                     for c, edge in zip(below, inner_edges, strict=True)]
+            sum_abs = sum_abs + xp.sum(magnitudes)
+            max_abs = xp.maximum(max_abs, xp.max(magnitudes))
+    cumulative = xp.stack([zero_count, *below, pairs])
+    counts = cumulative[1:] - cumulative[:-1]
+    denominator = xp.astype(xp.maximum(pairs, xp.ones_like(pairs)), work)
     return SimilarityStats(
         counts=counts,
         edges=edges,
-        share_within_half=within / denominator,
-        mean_abs=xp.sum(magnitudes) / denominator,
-        max_abs=xp.max(magnitudes),
-        pairs=xp.astype(pairs, integers),
+        share_within_half=xp.astype(within, work) / denominator,
+        mean_abs=sum_abs / denominator,
+        max_abs=max_abs,
+        pairs=pairs,
     )

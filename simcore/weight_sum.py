@@ -35,8 +35,23 @@ STATISTICS = ("rms", "mean_abs")
 
 
 def _statistic(xp, x, statistic, tiny):
-    """``(q floored at tiny, raw q > tiny)`` for the chosen positive statistic."""
-    raw = xp.sqrt(xp.mean(x * x)) if statistic == "rms" else xp.mean(xp.abs(x))
+    """``(q floored at tiny, raw q > tiny)`` for the chosen positive statistic.
+
+    ``q`` is computed from ``x / max|x|``, so no square or sum overflows or underflows
+    for any finite ``x`` (``q <= max|x|`` is then representable too). Autodiff-safe: an
+    all-zero ``x`` takes the square root of 1, not 0, and its ``q`` is a constant 0.
+    """
+    scale = xp.max(xp.abs(x))
+    nonzero = scale > 0
+    one = xp.ones_like(scale)
+    scale = xp.where(nonzero, scale, one)
+    scaled = x / scale
+    if statistic == "rms":
+        # The mean square of the scaled entries lies in [1 / size, 1] when x != 0.
+        scaled_q = xp.sqrt(xp.where(nonzero, xp.mean(scaled * scaled), one))
+    else:
+        scaled_q = xp.mean(xp.abs(scaled))
+    raw = xp.where(nonzero, scale * scaled_q, xp.zeros_like(scale))
     return xp.maximum(raw, tiny), raw > tiny
 
 
@@ -74,7 +89,7 @@ def _value_and_grad(w, w_ref, form, statistic, with_grad):
     dvalue_dq = xp.where(q_live, dvalue_dlogq / q_safe, xp.zeros_like(q))
     size = float(math.prod(cur.shape))
     if statistic == "rms":
-        dq_dw = cur / (size * q_safe)
+        dq_dw = (cur / q_safe) / size  # size * q could overflow; cur / q cannot
     else:
         dq_dw = xp.sign(cur) / size
     return out(value), out(dq_dw * dvalue_dq)

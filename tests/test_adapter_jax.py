@@ -89,14 +89,16 @@ def test_exactly_orthogonal_rows_get_an_exactly_zero_gradient(w):
     assert float(value) == 0.0 and not np.any(np.asarray(grad))
 
 
-def test_zero_rows_get_zero_gradient_where_plain_autodiff_gives_nan():
+def test_zero_rows_get_zero_gradient_from_the_adapter_and_through_the_core():
     w = _f32([[1.0, 2.0, 0.0], [0.0, 0.0, 0.0], [2.0, -0.5, 1.0]])
     ours = np.asarray(jax.grad(sj.similarity_loss)(w))
     assert np.all(np.isfinite(ours)) and np.all(ours[1] == 0.0)
     _, want = reference.similarity_loss_and_grad(np.asarray(w, np.float64))
     np.testing.assert_allclose(ours, want, rtol=1e-5, atol=1e-7)
+    # Autodiff through the core's own value path: its square roots never see 0 (issue 14).
     plain = np.asarray(jax.grad(simcore.similarity_loss)(w))
-    assert np.isnan(plain[1]).all()  # d sqrt(0): what the analytic gradient avoids
+    assert np.all(plain[1] == 0.0)
+    np.testing.assert_allclose(plain, want, rtol=1e-5, atol=1e-7)
 
 
 def test_block_path_gives_the_same_value_and_gradient():

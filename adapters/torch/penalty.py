@@ -51,6 +51,7 @@ from simcore.extend import (
     as_objective,
     check_choice,
     check_int,
+    check_real,
     is_depthwise,
     warn_deprecated,
 )
@@ -379,9 +380,7 @@ class SimilarityPenalty:
             raise ValueError("SimilarityPenalty reads neurons on axis 0 (PyTorch's layout); "
                              "leave the objective's neuron_axis at 0")
         self.model = model
-        self.strength = float(strength)
-        if not self.strength >= 0.0:
-            raise ValueError(f"strength must be >= 0, got {strength}")
+        self.strength = check_real(strength, "strength")
         self.anchor = anchor
         if include_depthwise is not None:
             warn_deprecated(f"include_depthwise={include_depthwise!r}",
@@ -506,6 +505,7 @@ class SimilarityPenalty:
         (:data:`simcore.STEPS`).
         """
         steps = check_int(steps, "steps", minimum=0)
+        lr = check_real(lr, "lr")  # > 0 is the core's check; refused here before any early return
         check_choice(step, simcore.STEPS, "step")
         weights = self.weights()
         needs_refs = self._needs_refs()
@@ -513,7 +513,7 @@ class SimilarityPenalty:
         if steps == 0 or self.strength == 0.0:
             return
         new = _eager(simcore.decorrelate)(
-            [w.detach() for w in weights], refs, steps=steps, lr=float(lr) * self.strength,
+            [w.detach() for w in weights], refs, steps=steps, lr=lr * self.strength,
             objective=self.objective, anchor=self.anchor, step=step,
         )
         for w, value in zip(weights, new, strict=True):

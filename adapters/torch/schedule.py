@@ -200,15 +200,20 @@ class SimilarityPhase:
             self.lr = DEFAULT_PHASE_LR[self.step]
         if self.lam is None:
             self.lam = DEFAULT_PHASE_LAM[self.step]
-        self.lam = check_real(self.lam, "lam")
+        # The core's Objective checks lam, form, statistic and similarity (a bool, not "no")
+        # now, not at the first growth.
+        objective = simcore.Objective(lam=self.lam, form=self.form, statistic=self.statistic,
+                                      similarity=self.similarity)
+        self.lam, self.similarity = objective.lam, objective.similarity
+        self.strength = check_real(self.strength, "strength")
+        self.lr = check_real(self.lr, "lr")
+        if not self.lr > 0.0:
+            raise ValueError(f"lr must be > 0, got {self.lr}")
         if self.step == "relative" and not self.lr * self.lam < 2.0:
             raise ValueError(
                 f"lr * lam = {self.lr * self.lam:g}: each relative step removes a fraction "
                 f"lr * lam of the scale drift, so it must be below 2 (below 1 never overshoots)"
             )
-        self.lr = check_real(self.lr, "lr")
-        if not self.lr > 0.0:
-            raise ValueError(f"lr must be > 0, got {self.lr}")
 
     @property
     def coupled(self) -> bool:
