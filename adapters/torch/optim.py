@@ -26,9 +26,11 @@ the optimizer, never the parameters) keep going with their ``last_epoch``:
 
 Atomic: :func:`plan_optimizer_growth` computes everything (the core's maths,
 shape checks) without touching the optimizer and returns an
-:class:`OptimizerGrowth` whose ``apply()`` only assigns entries (and whose
-``undo()`` puts them back), so a failure leaves the optimizer exactly as before;
-a caller growing several things at once can plan them all, then apply.
+:class:`OptimizerGrowth` whose ``apply()`` records the optimizer's param lists, learning
+rates and state before it only assigns entries, and whose ``undo()`` puts that record back
+(idempotent, a no-op before ``apply()``), so a failure or an interrupt at any point leaves
+the optimizer exactly as before (``tests/test_torch_atomic_growth.py``);
+a caller growing several things at once can plan them all, then apply, and undo in reverse.
 
 >>> import numpy as np, torch
 >>> from torch import nn
@@ -57,6 +59,7 @@ import torch
 
 from simcore.extend import check_choice, renamed_choice
 from simcore.growth import ChannelFlow, ChannelMap, map_optimizer_state
+from simcore.growth.growers import check_real_range
 
 __all__ = [
     "MODES",
@@ -78,11 +81,46 @@ def check_optimizer_mode(mode: str, name: str = "optimizer_mode") -> str:
     return check_choice(renamed_choice(mode, RENAMED_MODES, name, stacklevel=5), MODES, name)
 
 
+@dataclass(frozen=True)
+class _OptimizerBefore:
+    """What an optimizer holds before a change: enough to put it back exactly.
+
+    The state mapping object and its items (in order), each param group's parameter list
+    and learning rate. Restoring reassigns all of it, so it is idempotent and cannot fail.
+    """
+
+    state: Any
+    state_items: tuple[tuple[Any, Any], ...]
+    params: tuple[tuple[torch.Tensor, ...], ...]
+    lrs: tuple[Any, ...]
+
+    @classmethod
+    def of(cls, optimizer: torch.optim.Optimizer) -> _OptimizerBefore:
+        return cls(
+            state=optimizer.state,
+            state_items=tuple(optimizer.state.items()),
+            params=tuple(tuple(group["params"]) for group in optimizer.param_groups),
+            lrs=tuple(group["lr"] for group in optimizer.param_groups),
+        )
+
+    def restore(self, optimizer: torch.optim.Optimizer) -> None:
+        for group, params, lr in zip(optimizer.param_groups, self.params, self.lrs, strict=True):
+            group["params"][:] = params  # the same list object (LBFGS keeps a reference)
+            group["lr"] = lr
+        optimizer.state = self.state
+        optimizer.state.clear()
+        optimizer.state.update(self.state_items)
+
+
 @dataclass
 class OptimizerGrowth:
     """A planned change to an optimizer: ``apply()`` makes it, ``undo()`` reverts it.
 
-    Neither can fail half-way: both only assign list items and dict entries.
+    ``apply()`` records what the optimizer holds (one assignment) before it changes anything;
+    ``undo()`` puts that record back. ``undo()`` is safe at any time: before ``apply()`` (or
+    after an ``apply()`` interrupted before its record) it does nothing, after a partial
+    ``apply()`` it restores everything, and calling it again changes nothing. Several planned
+    changes to one optimizer are undone in the reverse order of their ``apply()``.
     """
 
     optimizer: torch.optim.Optimizer = field(repr=False)
@@ -91,14 +129,11 @@ class OptimizerGrowth:
     new_state: dict[torch.Tensor, dict[str, Any]] = field(repr=False)
     reset: bool
     lr: float | None
-    _saved: dict[str, Any] = field(default_factory=dict, repr=False)
+    _before: _OptimizerBefore | None = field(default=None, repr=False)
 
     def apply(self) -> None:
         opt = self.optimizer
-        self._saved = {
-            "state": opt.state,
-            "lrs": [group["lr"] for group in opt.param_groups],
-        }
+        self._before = _OptimizerBefore.of(opt)  # complete before the first change
         for g, i, _, new in self.positions:
             opt.param_groups[g]["params"][i] = new
         if self.reset:
@@ -106,27 +141,15 @@ class OptimizerGrowth:
             opt.state = type(opt.state)(dict) if hasattr(opt.state, "default_factory") else {}
         else:
             for old in self.old_state:
-                del opt.state[old]
+                opt.state.pop(old, None)
             opt.state.update(self.new_state)
         if self.lr is not None:
             for group in opt.param_groups:
                 group["lr"] = self.lr
 
     def undo(self) -> None:
-        if not self._saved:
-            raise RuntimeError("undo() called before apply()")
-        opt = self.optimizer
-        for g, i, old, _ in self.positions:
-            opt.param_groups[g]["params"][i] = old
-        if self.reset:
-            opt.state = self._saved["state"]
-        else:
-            for new in self.new_state:
-                del opt.state[new]
-            opt.state.update(self.old_state)
-        for group, lr in zip(opt.param_groups, self._saved["lrs"], strict=True):
-            group["lr"] = lr
-        self._saved = {}
+        if self._before is not None:
+            self._before.restore(self.optimizer)
 
 
 def as_channel_maps(channel_map: Any) -> tuple[ChannelMap, ...]:
@@ -205,9 +228,7 @@ def plan_optimizer_growth(
         raise TypeError(f"flow must be a simcore.growth.ChannelFlow, got {type(flow).__name__}")
     maps = as_channel_maps(channel_map)
     if lr is not None:
-        lr = float(lr)
-        if not lr > 0.0:
-            raise ValueError(f"lr must be > 0, got {lr}")
+        lr = check_real_range(lr, "lr", low=0.0, low_open=True)
     pairs = _check_replaced(replaced)
     flow_names = set(flow.names())
     for name in pairs:
