@@ -38,7 +38,7 @@ from simcore import growth as core
 from simcore.growth import GrowthReport
 from simcore.growth.growers import check_real_range
 
-from .discovery import discover_flows
+from .discovery import check_flows, discover_flows
 from .flows import GrowthError, TorchFlow, unwrap
 from .host import TorchGrowthHost
 from .optim import check_optimizer_mode
@@ -74,8 +74,9 @@ class Grower(core.Grower):
         ``data_batches``: an iterable of ``(inputs, targets)``; ``loss_fn(outputs,
         targets)`` a batch-mean loss. ``layers`` restricts growth to those
         producers (a layer that cannot grow raises ``GrowthError``); ``flows``
-        gives hand-written flows instead of tracing (not both). ``example_input``
-        is needed only without data when a flatten feeds a Linear. ``optimizer``
+        gives hand-written flows instead of tracing (not both), checked against the traced
+        graph where there is one (:func:`~simcore.adapters.torch.discovery.check_flows`).
+        ``example_input`` is needed only without data when a flatten feeds a Linear. ``optimizer``
         follows the grown parameters: ``optimizer_mode="carry"`` keeps every
         state and gives new channels zero state, ``"fresh"`` (deprecated spelling
         ``"reset"``) drops the state of every parameter of the optimizer (see
@@ -97,10 +98,7 @@ class Grower(core.Grower):
             flows = discover_flows(net, example_input, layers=layers)
         else:
             flows = list(flows)
-            for f in flows:
-                if not isinstance(f, TorchFlow):
-                    raise TypeError(f"flows must hold TorchFlow objects, got {type(f).__name__}")
-                f.check(net)
+            check_flows(net, flows)  # against the traced graph: no success before a bad forward
         if not flows:
             raise GrowthError(f"{type(net).__name__} has no growable layer")
         host = TorchGrowthHost(net, flows, optimizer, optimizer_mode=optimizer_mode, lr=lr)
