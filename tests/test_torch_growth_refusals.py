@@ -17,7 +17,9 @@ import pytest
 torch = pytest.importorskip("torch")
 from simcore.adapters.torch import discovery  # noqa: E402
 from simcore.adapters.torch.growers import (  # noqa: E402
+    FireflyGrower,
     RandomGrower,
+    SSDGrower,
 )
 from simcore.adapters.torch.surgery import (  # noqa: E402
     GrowthError,
@@ -134,3 +136,61 @@ def test_apply_growth_refuses_a_learning_rate_that_is_not_finite_and_positive(lr
     with pytest.raises(ValueError, match="lr"):
         apply_growth(model, flow, grown, cmap, optimizer, lr=lr)
     assert model[0].out_features == 4 and optimizer.param_groups[0]["lr"] == 0.1
+
+
+@pytest.mark.parametrize("make", [lambda: RandomGrower(seed=0), lambda: SSDGrower(seed=0)])
+def test_a_ratio_above_what_one_growth_can_add_is_refused_with_the_real_reason(make):
+    model = _mlp()  # 8 neurons: one growth adds at most one neuron per neuron
+    with pytest.raises(ValueError, match=r"ratio=1\.5 .*at most 8 ") as error:
+        make().grow(model, _batches(), nn.functional.cross_entropy, ratio=1.5)
+    assert "clamp" not in str(error.value)
+    assert model[0].out_features == 4
+    report = make().grow(model, _batches(), nn.functional.cross_entropy, ratio=1.0)
+    assert report.total_added == 8  # ratio 1 doubles the width, as documented
+
+
+def test_ssd_scores_a_model_whose_parameters_are_all_frozen():
+    model = nn.Sequential(nn.Linear(3, 4), nn.ReLU(), nn.Linear(4, 4), nn.ReLU(),
+                          nn.Linear(4, 2))
+    for parameter in model.parameters():
+        parameter.requires_grad_(False)
+    report = SSDGrower(seed=0).grow(model, _batches(), nn.functional.cross_entropy, ratio=0.5)
+    assert report.total_added == 4
+    assert all(not p.requires_grad for p in model.parameters())  # still frozen, grown too
+
+
+def test_firefly_without_any_candidate_is_refused_at_construction():
+    with pytest.raises(ValueError, match="new_per_layer=0.*split=False.*no candidate"):
+        FireflyGrower(new_per_layer=0, split=False)
+
+
+def _stepped(optimizer_kind):
+    model = _mlp()
+    optimizer = optimizer_kind(model.parameters())
+    (inputs, targets), = _batches()
+
+    def closure():
+        optimizer.zero_grad()
+        loss = nn.functional.cross_entropy(model(inputs), targets)
+        loss.backward()
+        return loss
+
+    optimizer.step(closure)
+    return model, optimizer
+
+
+@pytest.mark.parametrize("mode", ["carry", "fresh"])
+def test_lbfgs_is_refused_at_growth_time_not_at_its_next_step(mode):
+    model, optimizer = _stepped(lambda p: torch.optim.LBFGS(p, lr=0.1))
+    with pytest.raises(GrowthError, match="LBFGS.*rebuild"):
+        RandomGrower(seed=0).grow(model, None, None, optimizer, optimizer_mode=mode)
+    assert model[0].out_features == 4
+
+
+def test_adafactor_carry_is_refused_saying_what_to_do():
+    model, optimizer = _stepped(lambda p: torch.optim.Adafactor(p, lr=0.01))
+    with pytest.raises(ValueError, match=r"(?s)shaped like its parameter.*optimizer_mode='fresh'"):
+        RandomGrower(seed=0).grow(model, None, None, optimizer)
+    RandomGrower(seed=0).grow(model, None, None, optimizer, optimizer_mode="fresh")
+    optimizer.step(lambda: nn.functional.cross_entropy(model(_batches()[0][0]),
+                                                       _batches()[0][1]))

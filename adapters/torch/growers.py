@@ -41,7 +41,7 @@ from simcore.growth.growers import check_real_range
 from .discovery import check_flows, discover_flows
 from .flows import GrowthError, TorchFlow, unwrap
 from .host import TorchGrowthHost
-from .optim import check_optimizer_mode
+from .optim import check_growable_optimizer, check_optimizer_mode
 
 __all__ = ["FireflyGrower", "Grower", "GrowthReport", "RandomGrower", "SSDGrower"]
 
@@ -84,6 +84,7 @@ class Grower(core.Grower):
         param group's learning rate, as the reference does after a growth.
         """
         optimizer_mode = check_optimizer_mode(optimizer_mode)
+        check_growable_optimizer(optimizer)  # before scoring, not after it
         if lr is not None:
             lr = check_real_range(lr, "lr", low=0.0, low_open=True)
             if optimizer is None:

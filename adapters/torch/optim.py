@@ -58,13 +58,14 @@ from typing import Any
 import torch
 
 from simcore.extend import check_choice, renamed_choice
-from simcore.growth import ChannelFlow, ChannelMap, map_optimizer_state
+from simcore.growth import ChannelFlow, ChannelMap, GrowthError, map_optimizer_state
 from simcore.growth.growers import check_real_range
 
 __all__ = [
     "MODES",
     "OptimizerGrowth",
     "as_channel_maps",
+    "check_growable_optimizer",
     "grow_optimizer",
     "plan_optimizer_growth",
 ]
@@ -152,6 +153,20 @@ class OptimizerGrowth:
             self._before.restore(self.optimizer)
 
 
+def check_growable_optimizer(optimizer: Any) -> None:
+    """Refuse an optimizer a growth cannot follow, before any work (``GrowthError``).
+
+    ``torch.optim.LBFGS`` keeps its history as flat vectors over all parameters and caches
+    their total size, so after any growth (carry or fresh) its next ``step()`` fails.
+    """
+    if isinstance(optimizer, torch.optim.LBFGS):
+        raise GrowthError(
+            "cannot grow with a torch.optim.LBFGS optimizer: its history ('d', 'old_dirs', ...) "
+            "is one flat vector over all parameters and cannot follow a growth; grow without "
+            "the optimizer (optimizer=None), then rebuild LBFGS over model.parameters()"
+        )
+
+
 def as_channel_maps(channel_map: Any) -> tuple[ChannelMap, ...]:
     """One ChannelMap, or several applied in order (Firefly: split, then add)."""
     if isinstance(channel_map, ChannelMap):
@@ -204,6 +219,23 @@ def _like_parameter(value: torch.Tensor, new: torch.Tensor, label: str) -> torch
     return out
 
 
+def _check_carryable(optimizer, name, parameter, state):
+    """Refuse state a growth cannot carry: per-channel state must be shaped like its parameter.
+
+    Adafactor's factored second moments (``row_var``/``col_var``) are not, nor is any state
+    summarising the parameter along other axes; scalars (``step``) are kept as they are.
+    """
+    for key, value in state.items():
+        if isinstance(value, torch.Tensor) and value.ndim >= 1 and value.shape != parameter.shape:
+            raise ValueError(
+                f"{type(optimizer).__name__} state {key!r} of {name!r} has shape "
+                f"{tuple(value.shape)}, not the parameter's {tuple(parameter.shape)}: a growth "
+                "carries only per-element state shaped like its parameter (SGD momentum, Adam "
+                "moments). Grow with optimizer_mode='fresh' (drops every parameter's state, as "
+                "a rebuilt optimizer would) or rebuild the optimizer after growing"
+            )
+
+
 def plan_optimizer_growth(
     optimizer: torch.optim.Optimizer,
     replaced: Mapping[str, tuple[torch.Tensor, torch.Tensor]],
@@ -224,6 +256,7 @@ def plan_optimizer_growth(
             f"optimizer must be a torch.optim.Optimizer, got {type(optimizer).__name__}"
         )
     mode = check_optimizer_mode(mode, "mode")
+    check_growable_optimizer(optimizer)
     if not isinstance(flow, ChannelFlow):
         raise TypeError(f"flow must be a simcore.growth.ChannelFlow, got {type(flow).__name__}")
     maps = as_channel_maps(channel_map)
@@ -249,6 +282,8 @@ def plan_optimizer_growth(
         if old in optimizer.state:
             old_state[old] = optimizer.state[old]
             carried[name] = old_state[old]
+            if mode == "carry":
+                _check_carryable(optimizer, name, old, old_state[old])
 
     new_state = {}
     if mode == "carry" and carried:

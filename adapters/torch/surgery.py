@@ -26,7 +26,12 @@ from simcore.growth.growers import check_real_range
 
 from .discovery import discover_flows, find_flow
 from .flows import GrowthError, TorchConsumer, TorchDepthwise, TorchFlow, unwrap
-from .optim import as_channel_maps, check_optimizer_mode, plan_optimizer_growth
+from .optim import (
+    as_channel_maps,
+    check_growable_optimizer,
+    check_optimizer_mode,
+    plan_optimizer_growth,
+)
 
 __all__ = [
     "GrowthError",
@@ -200,6 +205,7 @@ class GrowthTransaction:
                 f"optimizer must be a torch.optim.Optimizer, got {type(optimizer).__name__}"
             )
         optimizer_mode = check_optimizer_mode(optimizer_mode)
+        check_growable_optimizer(optimizer)
         if lr is not None:
             if optimizer is None:
                 raise ValueError("lr is given but there is no optimizer to set it on")
