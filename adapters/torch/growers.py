@@ -14,7 +14,8 @@ Under ``torch.distributed`` (e.g. DistributedDataParallel), each growth draws
 its random seed on rank 0 and broadcasts it, and scores (SSD: the splitting
 statistics) are averaged over ranks before selection, so every rank makes the
 same decision (every rank must pass the same number of batches: the averages are
-collectives); wrap the grown module again with
+collectives; checked up front with one cheap collective,
+:func:`~simcore.adapters.torch.distributed.check_same_on_ranks`); wrap the grown module again with
 :func:`~simcore.adapters.torch.distributed.regrow_ddp`.
 
 >>> import torch
@@ -39,6 +40,7 @@ from simcore.growth import GrowthReport
 from simcore.growth.growers import check_real_range
 
 from .discovery import check_flows, discover_flows
+from .distributed import check_same_on_ranks
 from .flows import GrowthError, TorchFlow, unwrap
 from .host import TorchGrowthHost
 from .optim import check_growable_optimizer, check_optimizer_mode
@@ -102,6 +104,11 @@ class Grower(core.Grower):
             check_flows(net, flows)  # against the traced graph: no success before a bad forward
         if not flows:
             raise GrowthError(f"{type(net).__name__} has no growable layer")
+        check_same_on_ranks(  # one cheap collective before the expensive ones
+            scoring_batches=len(batches) if self.needs_data else 0,
+            growable_layers=len(flows),
+            neurons=sum(f.channels(net) for f in flows),
+        )
         host = TorchGrowthHost(net, flows, optimizer, optimizer_mode=optimizer_mode, lr=lr)
         return super().grow(host, batches, loss_fn, ratio=ratio, unit=unit, caps=caps)
 
