@@ -239,12 +239,18 @@ def _swap_bn_weight_and_bias(params):
     return _sgd(params)
 
 
-def test_optimizer_over_swapped_same_shaped_parameters_is_refused(tmp_path):
+def _saved_after_a_step(path):
+    """A width-4 VGG16 and its SGD after one step, saved to ``path``."""
     model = vgg16(width=4)
     optimizer = _sgd(model.parameters())
     model(torch.randn(2, 3, 32, 32)).sum().backward()
     optimizer.step()
-    save_checkpoint(tmp_path / "s.pt", model, optimizer)
+    save_checkpoint(path, model, optimizer)
+    return model, optimizer
+
+
+def test_optimizer_over_swapped_same_shaped_parameters_is_refused(tmp_path):
+    model, _ = _saved_after_a_step(tmp_path / "s.pt")
     with pytest.raises(ValueError, match=r"'features.1.bias' at position 1 .*'features.1.weight'"
                                          r".*order"):
         load_checkpoint(tmp_path / "s.pt", optimizer=_swap_bn_weight_and_bias)
@@ -368,11 +374,7 @@ def test_deeply_nested_extra_gives_a_clear_error_or_loads(tmp_path):
 
 
 def test_an_optimizer_of_another_kind_is_refused_at_load(tmp_path):
-    model = vgg16(width=4)
-    optimizer = _sgd(model.parameters())
-    model(torch.randn(2, 3, 32, 32)).sum().backward()
-    optimizer.step()
-    save_checkpoint(tmp_path / "c.pt", model, optimizer)
+    _saved_after_a_step(tmp_path / "c.pt")
     with pytest.raises(ValueError, match="SGD.*Adam|Adam.*SGD"):
         load_checkpoint(tmp_path / "c.pt", optimizer=lambda ps: torch.optim.Adam(ps, lr=1e-3))
     load_checkpoint(tmp_path / "c.pt", optimizer=_sgd)

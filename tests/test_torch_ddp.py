@@ -105,17 +105,22 @@ def _grow_and_train(rank, method):
     }
 
 
-@pytest.fixture(scope="module")
-def ddp_results():
-    """One spawn of 2 gloo ranks growing with every method (process start-up dominates)."""
+def _spawn(worker):
+    """Run ``worker(rank, init_file, out_dir)`` on 2 gloo ranks; each rank's JSON result."""
     with tempfile.TemporaryDirectory() as tmp:
         init_file = os.path.join(tmp, "init")
-        mp.spawn(_worker, args=(init_file, tmp), nprocs=WORLD, join=True)
+        mp.spawn(worker, args=(init_file, tmp), nprocs=WORLD, join=True)
         results = []
         for rank in range(WORLD):
             with open(os.path.join(tmp, f"rank{rank}.json")) as f:
                 results.append(json.load(f))
     return results
+
+
+@pytest.fixture(scope="module")
+def ddp_results():
+    """One spawn of 2 gloo ranks growing with every method (process start-up dominates)."""
+    return _spawn(_worker)
 
 
 @pytest.mark.parametrize("method", METHODS)
@@ -216,13 +221,6 @@ def _unequal_worker(rank, init_file, out_dir):
 
 
 def test_unequal_scoring_batches_are_refused_on_every_rank_before_scoring():
-    with tempfile.TemporaryDirectory() as tmp:
-        init_file = os.path.join(tmp, "init")
-        mp.spawn(_unequal_worker, args=(init_file, tmp), nprocs=WORLD, join=True)
-        outcomes = []
-        for rank in range(WORLD):
-            with open(os.path.join(tmp, f"rank{rank}.json")) as f:
-                outcomes.append(json.load(f))
-    for outcome in outcomes:
+    for outcome in _spawn(_unequal_worker):
         assert outcome["error"] == "GrowthError", outcome
         assert "scoring_batches" in outcome["message"] and "{0: 2, 1: 3}" in outcome["message"]

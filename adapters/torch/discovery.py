@@ -194,18 +194,35 @@ def _analyse(model, example_input):
 
 def _reaches_output(node, modules):
     """Whether the graph output depends on ``node`` through no other Conv2d/Linear."""
-    stack, seen = list(node.users), set()
+    return _walk_users(node.users, modules, through_depthwise=False)[2]
+
+
+def _walk_users(start, modules, *, through_depthwise):
+    """Follow data dependence from the nodes ``start`` up to the Conv2d/Linear that read it.
+
+    Returns ``(passed, readers, reaches_output)``: the modules on the way, the Conv2d/Linear
+    modules reached (a depthwise conv is on the way with ``through_depthwise``), and whether
+    the graph's output is reached through no reader. Every operation counts, understood or not.
+    """
+    stack, seen = list(start), set()
+    passed, readers, reaches_output = set(), set(), False
     while stack:
-        user = stack.pop()
-        if user in seen:
+        node = stack.pop()
+        if node in seen:
             continue
-        seen.add(user)
-        if user.op == "output":
-            return True
-        if user.op == "call_module" and isinstance(modules[user.target], (nn.Conv2d, nn.Linear)):
+        seen.add(node)
+        if node.op == "output":
+            reaches_output = True
             continue
-        stack.extend(user.users)
-    return False
+        if node.op == "call_module":
+            module = modules[node.target]
+            layer = isinstance(module, (nn.Conv2d, nn.Linear))
+            if layer and not (through_depthwise and is_depthwise_conv(module)):
+                readers.add(node.target)
+                continue
+            passed.add(node.target)
+        stack.extend(node.users)
+    return passed, readers, reaches_output
 
 
 def _block(walk, user, why):
@@ -401,34 +418,12 @@ def discover_flows(
 
 
 def _readers(graph_module, producer):
-    """What the producer's output reaches in the traced graph, up to the next layers reading it.
-
-    Returns ``(passed, readers, reaches_output)``: modules the channels pass through on the way
-    (BatchNorms, depthwise convs, activations...), the Conv2d/Linear modules that read them,
-    and whether the network's output depends on them through no reader. Walks every call of
-    the producer and every operation, understood or not: only data dependence counts here.
-    """
+    """``(passed, readers, reaches_output)`` of every call of ``producer`` (:func:`_walk_users`)."""
     modules = dict(graph_module.named_modules())
-    stack = [node for node in graph_module.graph.nodes
+    calls = [node for node in graph_module.graph.nodes
              if node.op == "call_module" and node.target == producer]
-    passed, readers, reaches_output, seen = set(), set(), False, set()
-    stack = [user for node in stack for user in node.users]
-    while stack:
-        node = stack.pop()
-        if node in seen:
-            continue
-        seen.add(node)
-        if node.op == "output":
-            reaches_output = True
-            continue
-        if node.op == "call_module":
-            module = modules[node.target]
-            if isinstance(module, (nn.Conv2d, nn.Linear)) and not is_depthwise_conv(module):
-                readers.add(node.target)
-                continue
-            passed.add(node.target)
-        stack.extend(node.users)
-    return passed, readers, reaches_output
+    return _walk_users([user for node in calls for user in node.users], modules,
+                       through_depthwise=True)
 
 
 def check_flows(model: nn.Module, flows: Iterable[TorchFlow]) -> None:
