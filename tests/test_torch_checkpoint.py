@@ -239,12 +239,18 @@ def _swap_bn_weight_and_bias(params):
     return _sgd(params)
 
 
-def test_optimizer_over_swapped_same_shaped_parameters_is_refused(tmp_path):
+def _saved_after_a_step(path):
+    """A width-4 VGG16 and its SGD after one step, saved to ``path``."""
     model = vgg16(width=4)
     optimizer = _sgd(model.parameters())
     model(torch.randn(2, 3, 32, 32)).sum().backward()
     optimizer.step()
-    save_checkpoint(tmp_path / "s.pt", model, optimizer)
+    save_checkpoint(path, model, optimizer)
+    return model, optimizer
+
+
+def test_optimizer_over_swapped_same_shaped_parameters_is_refused(tmp_path):
+    model, _ = _saved_after_a_step(tmp_path / "s.pt")
     with pytest.raises(ValueError, match=r"'features.1.bias' at position 1 .*'features.1.weight'"
                                          r".*order"):
         load_checkpoint(tmp_path / "s.pt", optimizer=_swap_bn_weight_and_bias)
@@ -268,3 +274,121 @@ def test_optimizer_that_cannot_be_stored_fails_at_save_time(tmp_path):
     stranger = _sgd([*model.parameters(), nn.Parameter(torch.zeros(3))])
     with pytest.raises(ValueError, match="not a parameter of the model"):
         save_checkpoint(tmp_path / "n.pt", model, stranger)
+
+
+# --------------------------------------------------------------------------- untrusted files
+
+
+def _data_offsets(path):
+    """(start, size) of every stored tensor's bytes in a torch.save zip file."""
+    import struct
+    import zipfile
+
+    raw = path.read_bytes()
+    spans = []
+    with zipfile.ZipFile(path) as archive:
+        for info in archive.infolist():
+            if "/data/" not in info.filename or info.file_size == 0:
+                continue
+            name_length, extra_length = struct.unpack("<HH", raw[info.header_offset + 26:
+                                                                 info.header_offset + 30])
+            spans.append((info.header_offset + 30 + name_length + extra_length, info.file_size))
+    return spans
+
+
+def test_a_flipped_byte_in_tensor_data_is_refused(tmp_path):
+    model = vgg16(width=4)
+    path = tmp_path / "c.pt"
+    save_checkpoint(path, model, _sgd(model.parameters()))
+    start, size = max(_data_offsets(path), key=lambda span: span[1])
+    raw = bytearray(path.read_bytes())
+    raw[start + size // 2] ^= 0x01
+    path.write_bytes(bytes(raw))
+    with pytest.raises(ValueError, match="(?i)content hash"):
+        load_checkpoint(path)
+
+
+def test_a_declared_width_is_checked_against_the_weights_before_allocating(tmp_path):
+    path = tmp_path / "wide.pt"
+    # A small file that declares a wide model (its hash is right: anyone can compute one).
+    save_checkpoint(path, vgg16(width=4),
+                    architecture={"builder": "vgg16", "kwargs": {"width": 1024}})
+    assert path.stat().st_size < 200_000
+    built_on = []
+
+    def spy(**kwargs):
+        built_on.append(torch.empty(0).device.type)
+        assert built_on[-1] == "meta", "a model was allocated before the widths were checked"
+        return vgg16(**kwargs)
+
+    with pytest.raises(ValueError, match=r"features\.0\.weight.*shape"):
+        load_checkpoint(path, builders={"vgg16": spy})
+    assert built_on == ["meta"]
+
+
+@pytest.mark.parametrize("forge", [
+    lambda p: {k: v for k, v in p.items() if k != "architecture"},
+    lambda p: {**p, "architecture": "vgg16"},
+    lambda p: {**p, "architecture": {"builder": "vgg16", "kwargs": [4]}},
+    lambda p: {**p, "architecture": {"builder": ["vgg16"], "kwargs": {}}},
+    lambda p: {**p, "model": [1, 2]},
+    lambda p: {**p, "rng": {"python": 1}},
+    lambda p: {**p, "optimizer_params": "x"},
+    lambda p: {k: v for k, v in p.items() if k != "rng"},
+], ids=["no-architecture", "architecture-str", "kwargs-list", "builder-list", "model-list",
+        "rng-forged", "optimizer-params-str", "no-rng"])
+def test_forged_fields_give_a_clear_error(tmp_path, forge):
+    from simcore.adapters.torch import checkpoint
+
+    model = vgg16(width=4)
+    save_checkpoint(tmp_path / "c.pt", model, _sgd(model.parameters()))
+    payload = torch.load(tmp_path / "c.pt", weights_only=True)
+    forged = forge(payload)
+    if hasattr(checkpoint, "content_digest"):  # a forger recomputes the hash: anyone can
+        forged = {**forged, "digest": checkpoint.content_digest(forged)}
+    torch.save(forged, tmp_path / "f.pt")
+    with pytest.raises(ValueError, match="c.pt|f.pt"):
+        load_checkpoint(tmp_path / "f.pt", optimizer=_sgd)
+
+
+def test_deeply_nested_extra_gives_a_clear_error_or_loads(tmp_path):
+    import sys
+
+    nested = []
+    for _ in range(5000):
+        nested = [nested]
+    limit = sys.getrecursionlimit()
+    sys.setrecursionlimit(20_000)
+    try:
+        save_checkpoint(tmp_path / "deep.pt", vgg16(width=4), extra=nested)
+    except (RecursionError, TypeError):
+        pytest.skip("cannot write the deep file here")
+    finally:
+        sys.setrecursionlimit(limit)
+    try:
+        restored = load_checkpoint(tmp_path / "deep.pt", restore_rng=False)
+    except ValueError as error:  # a clear refusal is fine; a RecursionError is not
+        assert "deep.pt" in str(error)
+    else:
+        assert isinstance(restored.extra, list)
+
+
+def test_an_optimizer_of_another_kind_is_refused_at_load(tmp_path):
+    _saved_after_a_step(tmp_path / "c.pt")
+    with pytest.raises(ValueError, match="SGD.*Adam|Adam.*SGD"):
+        load_checkpoint(tmp_path / "c.pt", optimizer=lambda ps: torch.optim.Adam(ps, lr=1e-3))
+    load_checkpoint(tmp_path / "c.pt", optimizer=_sgd)
+
+
+def test_a_file_of_the_previous_format_still_loads(tmp_path):
+    from simcore.adapters.torch import checkpoint
+
+    model = vgg16(width=4)
+    optimizer = _sgd(model.parameters())
+    save_checkpoint(tmp_path / "c.pt", model, optimizer, extra={"epoch": 3})
+    payload = torch.load(tmp_path / "c.pt", weights_only=True)
+    old = {k: v for k, v in payload.items() if k not in ("digest", "optimizer_kind")}
+    torch.save({**old, "format": checkpoint.PREVIOUS_FORMAT}, tmp_path / "old.pt")
+    restored = load_checkpoint(tmp_path / "old.pt", optimizer=_sgd)
+    assert restored.extra == {"epoch": 3}
+    assert torch.equal(restored.model.features[0].weight, model.features[0].weight)

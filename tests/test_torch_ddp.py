@@ -105,17 +105,22 @@ def _grow_and_train(rank, method):
     }
 
 
-@pytest.fixture(scope="module")
-def ddp_results():
-    """One spawn of 2 gloo ranks growing with every method (process start-up dominates)."""
+def _spawn(worker):
+    """Run ``worker(rank, init_file, out_dir)`` on 2 gloo ranks; each rank's JSON result."""
     with tempfile.TemporaryDirectory() as tmp:
         init_file = os.path.join(tmp, "init")
-        mp.spawn(_worker, args=(init_file, tmp), nprocs=WORLD, join=True)
+        mp.spawn(worker, args=(init_file, tmp), nprocs=WORLD, join=True)
         results = []
         for rank in range(WORLD):
             with open(os.path.join(tmp, f"rank{rank}.json")) as f:
                 results.append(json.load(f))
     return results
+
+
+@pytest.fixture(scope="module")
+def ddp_results():
+    """One spawn of 2 gloo ranks growing with every method (process start-up dominates)."""
+    return _spawn(_worker)
 
 
 @pytest.mark.parametrize("method", METHODS)
@@ -186,3 +191,36 @@ def test_regrow_ddp_refuses_what_it_cannot_carry(one_rank):
     model.mixed_precision = object()  # what DDP(mixed_precision=...) stores
     with pytest.raises(ValueError, match="mixed_precision"):
         regrow_ddp(model)
+
+
+# --------------------------------------------------------------------------- per-rank preconditions
+
+
+def _unequal_worker(rank, init_file, out_dir):
+    import datetime
+
+    torch.set_num_threads(1)
+    # A short timeout: without the up-front check the ranks would wait on each other.
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank,
+                            world_size=WORLD, timeout=datetime.timedelta(seconds=30))
+    try:
+        model = nn.parallel.DistributedDataParallel(_net())
+        data = torch.Generator().manual_seed(rank)
+        batches = [(torch.randn(4, 3, 8, 8, generator=data),
+                    torch.randint(0, 5, (4,), generator=data)) for _ in range(2 + rank)]
+        grower = FireflyGrower(new_per_layer=2, train_candidates=False, seed=0)
+        try:
+            grower.grow(model, batches, nn.functional.cross_entropy, ratio=0.5)
+            outcome = {"error": None}
+        except Exception as error:  # noqa: BLE001 - recorded for the test to judge
+            outcome = {"error": type(error).__name__, "message": str(error)}
+        with open(os.path.join(out_dir, f"rank{rank}.json"), "w") as f:
+            json.dump(outcome, f)
+    finally:
+        dist.destroy_process_group()
+
+
+def test_unequal_scoring_batches_are_refused_on_every_rank_before_scoring():
+    for outcome in _spawn(_unequal_worker):
+        assert outcome["error"] == "GrowthError", outcome
+        assert "scoring_batches" in outcome["message"] and "{0: 2, 1: 3}" in outcome["message"]

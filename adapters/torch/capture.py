@@ -83,21 +83,37 @@ class _Capture:
             if flow.activation is not None:
                 # An activation module may be shared by several layers: keep only the call
                 # that reads this flow's pre-activation.
-                self._hook(modules[flow.activation], record, "h", lambda m, i, o: o,
-                           when=lambda i, record=record: i[0] is record.get("z_tensor"))
+                self._hook(modules[flow.activation], record, "h", _differentiable,
+                           when=lambda i, record=record: i[0] is record.get("z_tensor"),
+                           replace=True)
             else:
-                self._hook(pre, record, "h", lambda m, i, o: o)
+                self._hook(pre, record, "h", _differentiable, replace=True)
 
-    def _hook(self, module, record, key, get, when=None):
+    def _hook(self, module, record, key, get, when=None, replace=False):
         def hook(m, inputs, output):
             if when is None or when(inputs):
                 record[key] = get(m, inputs, output)
+                if replace:
+                    return record[key]  # the forward goes on from the recorded tensor
+            return None
 
         self.handles.append(module.register_forward_hook(hook))
 
     def remove(self) -> None:
         for h in self.handles:
             h.remove()
+
+
+def _differentiable(module, inputs, output):
+    """The activation output as a node of the autograd graph, also where nothing before it is.
+
+    With every parameter up to this layer frozen (and an input without ``requires_grad``) the
+    output is no graph node and the loss's gradient with respect to it could not be taken; a
+    detached leaf with the same values makes it one (values and the forward are unchanged).
+    """
+    if output.requires_grad or not torch.is_grad_enabled():
+        return output
+    return output.detach().requires_grad_(True)
 
 
 def _activation_kinds(model: nn.Module, flows: Sequence[TorchFlow]) -> list[str]:

@@ -16,6 +16,18 @@ where CUDA is initialised), and ``extra`` (e.g. the epoch, the growth schedule's
 position). Restoring all of it makes a resumed run continue bitwise-identically
 on the same machine and software (tested).
 
+A file is not trusted (tests/test_torch_checkpoint.py, 'untrusted files'): a SHA-256
+content hash over every stored tensor's bytes and every other field
+(:func:`content_digest`) is checked first, so damage after writing is refused; every field
+is checked for its type and layout before use (:class:`CheckpointError`, never a
+``KeyError``); the declared architecture is built on the ``meta`` device (nothing
+allocated) and its ``state_dict`` shapes compared with the stored weights before the real
+model is built, so a small file declaring a huge width is refused without allocating it;
+and the optimizer factory must build the same kind of optimizer as the saved one. The
+hash guards against damage, not forgery: anyone can compute it, which is why the fields
+are validated as well. Files of the previous format (``simcore.torch.checkpoint/2``, no
+hash and no optimizer kind) still load, with every other check.
+
 >>> import os, tempfile, torch
 >>> from simcore.adapters.torch import vgg16, widths, save_checkpoint, load_checkpoint
 >>> model = vgg16(width=[8] * 12 + [12])
@@ -28,6 +40,7 @@ on the same machine and software (tested).
 
 from __future__ import annotations
 
+import hashlib
 import os
 import random
 from collections.abc import Callable, Iterable, Mapping
@@ -41,11 +54,17 @@ from torch import nn
 
 from . import models
 
-__all__ = ["FORMAT", "Checkpoint", "load_checkpoint", "rng_state", "save_checkpoint",
-           "set_rng_state"]
+__all__ = ["FORMAT", "Checkpoint", "CheckpointError", "content_digest", "load_checkpoint",
+           "rng_state", "save_checkpoint", "set_rng_state"]
 
 #: Stored under "format"; bumped if the layout changes.
-FORMAT = "simcore.torch.checkpoint/2"
+FORMAT = "simcore.torch.checkpoint/3"
+#: The previous format: no content hash, no optimizer kind; still read.
+PREVIOUS_FORMAT = "simcore.torch.checkpoint/2"
+
+
+class CheckpointError(ValueError):
+    """A checkpoint file that cannot be loaded: damaged, forged, or not for this request."""
 
 _PRIMITIVES = (bool, int, float, str, type(None))
 
@@ -108,6 +127,43 @@ def set_rng_state(state: Mapping[str, Any]) -> None:
     torch.set_rng_state(state["torch"])
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def content_digest(payload: Mapping[str, Any]) -> str:
+    """SHA-256 (hex) of everything in ``payload`` but its ``"digest"`` entry.
+
+    Tensors contribute their dtype, shape and raw bytes; numbers, strings, ``None``, lists,
+    tuples and mappings (in their order) their type and value. The walk is iterative, so
+    no nesting depth can raise ``RecursionError``.
+    """
+    digest = hashlib.sha256()
+    stack: list[Any] = [{k: v for k, v in payload.items() if k != "digest"}]
+    while stack:
+        item = stack.pop()
+        if isinstance(item, torch.Tensor):
+            flat = item.detach().cpu().contiguous().reshape(-1)
+            digest.update(f"t{item.dtype}{tuple(item.shape)}:".encode())
+            digest.update(flat.view(torch.uint8).numpy().tobytes())
+        elif isinstance(item, Mapping):
+            digest.update(f"d{len(item)}:".encode())
+            for key, value in reversed(list(item.items())):
+                stack.extend((value, key))
+        elif isinstance(item, (list, tuple)):
+            digest.update(f"{'l' if isinstance(item, list) else 'u'}{len(item)}:".encode())
+            stack.extend(reversed(item))
+        elif isinstance(item, float):
+            digest.update(f"f{item.hex()};".encode())
+        elif isinstance(item, (bool, int, str, type(None))):
+            text = str(item)
+            digest.update(f"{type(item).__name__[0]}{len(text)}:{text}".encode())
+        else:  # torch.dtype, torch.Size... whatever weights_only may return
+            text = f"{type(item).__qualname__}:{item!r}"
+            digest.update(f"o{len(text)}:{text}".encode())
+    return digest.hexdigest()
+
+
+def _optimizer_kind(optimizer: torch.optim.Optimizer) -> str:
+    return f"{type(optimizer).__module__}.{type(optimizer).__qualname__}"
 
 
 def _optimizer_param_names(model: nn.Module, optimizer: torch.optim.Optimizer) -> list[list[str]]:
@@ -175,6 +231,7 @@ def save_checkpoint(
         "optimizer": None if optimizer is None else optimizer.state_dict(),
         "optimizer_params": (None if optimizer is None
                              else _optimizer_param_names(model, optimizer)),
+        "optimizer_kind": None if optimizer is None else _optimizer_kind(optimizer),
         "scheduler": None if scheduler is None else scheduler.state_dict(),
         "rng": rng_state(),
         "extra": extra,
@@ -182,6 +239,7 @@ def save_checkpoint(
     # Checked here so that a checkpoint never saves fine and then fails under weights_only.
     _check_storable(payload["optimizer"], "optimizer.state_dict()")
     _check_storable(payload["scheduler"], "scheduler.state_dict()")
+    payload["digest"] = content_digest(payload)
     path = Path(path)
     tmp = path.with_name(path.name + ".tmp")
     torch.save(payload, tmp)
@@ -238,15 +296,15 @@ def load_checkpoint(
         raise TypeError("scheduler must be a factory: scheduler(optimizer) -> LR scheduler")
     if scheduler is not None and optimizer is None:
         raise ValueError("a scheduler factory needs an optimizer factory")
-    payload = torch.load(Path(path), map_location="cpu", weights_only=True)
-    if not isinstance(payload, Mapping) or payload.get("format") != FORMAT:
-        raise ValueError(f"{path} is not a simcore torch checkpoint ({FORMAT})")
+    try:
+        payload = torch.load(Path(path), map_location="cpu", weights_only=True)
+    except RecursionError:
+        raise CheckpointError(f"{path}: nested too deeply to be a checkpoint") from None
+    payload = _checked_payload(payload, path)
     description = payload["architecture"]
-    known = dict(builders or {})
-    if description["builder"] in known:
-        model = known[description["builder"]](**description["kwargs"])
-    else:
-        model = models.build(description)
+    builder = dict(builders or {}).get(description["builder"])
+    _check_widths(description, builder, payload["model"], path)
+    model = _build(description, builder, path)
     model.load_state_dict(payload["model"])
     if device is not None:
         model.to(device)
@@ -256,6 +314,13 @@ def load_checkpoint(
         if payload["optimizer"] is None:
             raise ValueError(f"{path} holds no optimizer state")
         opt = optimizer(model.parameters())
+        saved_kind = payload.get("optimizer_kind")
+        if saved_kind is not None and saved_kind != _optimizer_kind(opt):
+            raise CheckpointError(
+                f"{path} holds the state of a {saved_kind.rpartition('.')[2]} optimizer but the "
+                f"factory built a {type(opt).__name__} ({_optimizer_kind(opt)}); build the "
+                "kind that was saved"
+            )
         _check_optimizer_order(payload["optimizer_params"], _optimizer_param_names(model, opt))
         if scheduler is not None:
             if payload["scheduler"] is None:
@@ -268,3 +333,114 @@ def load_checkpoint(
     if restore_rng:
         set_rng_state(payload["rng"])
     return Checkpoint(model, opt, sched, payload["extra"], description)
+
+
+def _fail(path: Any, what: str) -> CheckpointError:
+    return CheckpointError(f"{path}: {what}; the file is damaged or was not written by "
+                           "save_checkpoint")
+
+
+def _is_str_list(value: Any) -> bool:
+    return isinstance(value, list) and all(isinstance(v, str) for v in value)
+
+
+def _checked_payload(payload: Any, path: Any) -> Mapping[str, Any]:
+    """``payload`` once its hash (current format) and every field's type and layout pass."""
+    if not isinstance(payload, Mapping) or payload.get("format") not in (FORMAT, PREVIOUS_FORMAT):
+        raise ValueError(f"{path} is not a simcore torch checkpoint ({FORMAT})")
+    if payload["format"] == FORMAT:
+        stored = payload.get("digest")
+        if not isinstance(stored, str):
+            raise _fail(path, "it has no content hash")
+        if content_digest(payload) != stored:
+            raise _fail(path, "its content hash does not match its contents (changed or "
+                              "damaged after it was written)")
+    for key in ("architecture", "model", "optimizer", "optimizer_params", "scheduler", "rng",
+                "extra"):
+        if key not in payload:
+            raise _fail(path, f"it has no {key!r} entry")
+    description = payload["architecture"]
+    if not (isinstance(description, Mapping) and isinstance(description.get("builder"), str)
+            and isinstance(description.get("kwargs"), Mapping)
+            and all(isinstance(k, str) for k in description["kwargs"])):
+        raise _fail(path, "'architecture' is not {'builder': name, 'kwargs': {name: value}}")
+    state = payload["model"]
+    if not (isinstance(state, Mapping) and all(
+            isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in state.items())):
+        raise _fail(path, "'model' is not a state_dict of named tensors")
+    optimizer, names = payload["optimizer"], payload["optimizer_params"]
+    if optimizer is None:
+        if names is not None:
+            raise _fail(path, "'optimizer_params' is given without an optimizer state")
+    else:
+        groups = optimizer.get("param_groups") if isinstance(optimizer, Mapping) else None
+        if not (isinstance(groups, list) and isinstance(optimizer.get("state"), Mapping)
+                and all(isinstance(g, Mapping) and isinstance(g.get("params"), list)
+                        for g in groups)):
+            raise _fail(path, "'optimizer' is not an optimizer state_dict")
+        if not (isinstance(names, list) and all(_is_str_list(g) for g in names)):
+            raise _fail(path, "'optimizer_params' is not a list of parameter-name lists")
+        if [len(g) for g in names] != [len(g["params"]) for g in groups]:
+            raise _fail(path, "'optimizer_params' does not match the optimizer's param groups")
+    kind = payload.get("optimizer_kind")
+    if kind is not None and not isinstance(kind, str):
+        raise _fail(path, "'optimizer_kind' is not a name")
+    if payload["scheduler"] is not None and not isinstance(payload["scheduler"], Mapping):
+        raise _fail(path, "'scheduler' is not a scheduler state_dict")
+    _check_rng(payload["rng"], path)
+    return payload
+
+
+def _check_rng(rng: Any, path: Any) -> None:
+    python = rng.get("python") if isinstance(rng, Mapping) else None
+    legacy = rng.get("numpy") if isinstance(rng, Mapping) else None
+    ok = (
+        isinstance(python, Mapping) and isinstance(python.get("version"), int)
+        and isinstance(python.get("state"), list)
+        and all(isinstance(w, int) for w in python["state"])
+        and (python.get("gauss") is None or isinstance(python["gauss"], float))
+        and isinstance(legacy, Mapping) and isinstance(legacy.get("name"), str)
+        and isinstance(legacy.get("keys"), torch.Tensor)
+        and all(isinstance(legacy.get(k), int) for k in ("pos", "has_gauss"))
+        and isinstance(legacy.get("cached_gaussian"), float)
+        and isinstance(rng.get("torch"), torch.Tensor) and rng["torch"].dtype == torch.uint8
+    )
+    if not ok:
+        raise _fail(path, "'rng' is not the Python, NumPy and torch RNG states")
+
+
+def _make(description: Mapping[str, Any], builder: Callable[..., nn.Module] | None) -> nn.Module:
+    if builder is not None:
+        return builder(**description["kwargs"])
+    return models.build(description)
+
+
+def _check_widths(description, builder, state, path) -> None:
+    """Compare the declared architecture's shapes with the stored weights, allocating nothing.
+
+    The model is built on the ``meta`` device (shapes without storage). A custom builder that
+    cannot run there (it reads data, say) is not checked here; ``load_state_dict`` still is.
+    """
+    try:
+        with torch.device("meta"):
+            shape_model = _make(description, builder)
+    except (TypeError, ValueError) as error:
+        raise _fail(path, f"its architecture {dict(description)!r} cannot be built ({error})") \
+            from None
+    except (RuntimeError, NotImplementedError):
+        return
+    shapes = {k: tuple(v.shape) for k, v in shape_model.state_dict().items()}
+    stored = {k: tuple(v.shape) for k, v in state.items()}
+    for name in [*shapes, *(k for k in stored if k not in shapes)]:
+        if shapes.get(name) != stored.get(name):
+            declared, held = (f"shape {shapes[name]}" if name in shapes else "no such entry",
+                              f"shape {stored[name]}" if name in stored else "no such entry")
+            raise _fail(path, f"the architecture {description['builder']!r} declares {name!r} "
+                              f"with {declared} but the stored weights have {held}")
+
+
+def _build(description, builder, path) -> nn.Module:
+    try:
+        return _make(description, builder)
+    except (TypeError, ValueError) as error:
+        raise _fail(path, f"its architecture cannot be built ({error})") from None

@@ -36,10 +36,11 @@ from .flows import (
     describe_module,
     is_depthwise_conv,
     is_producer,
+    tie_reason,
     unwrap,
 )
 
-__all__ = ["discover_flows", "find_flow"]
+__all__ = ["check_flows", "discover_flows", "find_flow"]
 
 _PASS_MODULES = (
     nn.Dropout,
@@ -173,35 +174,55 @@ def _analyse(model, example_input):
                 raise ValueError(walk.needs_input)
             blocked[node.target] = walk.blocked
             continue
-        flows.append(
-            TorchFlow(
-                producer=node.target,
-                consumers=tuple(TorchConsumer(m, s) for m, s in walk.consumers.items()),
-                norm=walk.norms.get(-1),
-                depthwise=tuple(
-                    TorchDepthwise(conv, walk.norms.get(k)) for k, conv in enumerate(walk.depthwise)
-                ),
-                activation=walk.activation,
-                activation_kind=walk.activation_kind,
-            )
+        flow = TorchFlow(
+            producer=node.target,
+            consumers=tuple(TorchConsumer(m, s) for m, s in walk.consumers.items()),
+            norm=walk.norms.get(-1),
+            depthwise=tuple(
+                TorchDepthwise(conv, walk.norms.get(k)) for k, conv in enumerate(walk.depthwise)
+            ),
+            activation=walk.activation,
+            activation_kind=walk.activation_kind,
         )
+        tied = tie_reason(model, flow.module_names)
+        if tied is not None:
+            blocked[node.target] = tied
+            continue
+        flows.append(flow)
     return flows, blocked
 
 
 def _reaches_output(node, modules):
     """Whether the graph output depends on ``node`` through no other Conv2d/Linear."""
-    stack, seen = list(node.users), set()
+    return _walk_users(node.users, modules, through_depthwise=False)[2]
+
+
+def _walk_users(start, modules, *, through_depthwise):
+    """Follow data dependence from the nodes ``start`` up to the Conv2d/Linear that read it.
+
+    Returns ``(passed, readers, reaches_output)``: the modules on the way, the Conv2d/Linear
+    modules reached (a depthwise conv is on the way with ``through_depthwise``), and whether
+    the graph's output is reached through no reader. Every operation counts, understood or not.
+    """
+    stack, seen = list(start), set()
+    passed, readers, reaches_output = set(), set(), False
     while stack:
-        user = stack.pop()
-        if user in seen:
+        node = stack.pop()
+        if node in seen:
             continue
-        seen.add(user)
-        if user.op == "output":
-            return True
-        if user.op == "call_module" and isinstance(modules[user.target], (nn.Conv2d, nn.Linear)):
+        seen.add(node)
+        if node.op == "output":
+            reaches_output = True
             continue
-        stack.extend(user.users)
-    return False
+        if node.op == "call_module":
+            module = modules[node.target]
+            layer = isinstance(module, (nn.Conv2d, nn.Linear))
+            if layer and not (through_depthwise and is_depthwise_conv(module)):
+                readers.add(node.target)
+                continue
+            passed.add(node.target)
+        stack.extend(node.users)
+    return passed, readers, reaches_output
 
 
 def _block(walk, user, why):
@@ -394,6 +415,76 @@ def discover_flows(
         else:
             raise GrowthError(f"cannot grow {name!r}: the model has no module of that name")
     return picked
+
+
+def _readers(graph_module, producer):
+    """``(passed, readers, reaches_output)`` of every call of ``producer`` (:func:`_walk_users`)."""
+    modules = dict(graph_module.named_modules())
+    calls = [node for node in graph_module.graph.nodes
+             if node.op == "call_module" and node.target == producer]
+    return _walk_users([user for node in calls for user in node.users], modules,
+                       through_depthwise=True)
+
+
+def check_flows(model: nn.Module, flows: Iterable[TorchFlow]) -> None:
+    """Refuse hand-written ``flows`` that contradict ``model``'s traced graph.
+
+    Each flow's modules must exist and be growable (:meth:`TorchFlow.check`, tied parameters
+    included). Where ``torch.fx`` can trace the model, every module a flow names as a
+    consumer must read the producer's channels (be the first Conv2d/Linear on some path from
+    the producer's output), every such reader must be named, named norms and depthwise convs
+    must lie on those paths, and the channels must not reach the network's output: otherwise
+    the growth would report success and the next forward would fail, so
+    :class:`GrowthError` says which module is wrong. A model ``torch.fx`` cannot trace is
+    checked by the first point only. A producer the forward never calls is not checked.
+    """
+    model = unwrap(model) if isinstance(model, nn.Module) else model
+    flows = list(flows)
+    for flow in flows:
+        if not isinstance(flow, TorchFlow):
+            raise TypeError(f"flows must hold TorchFlow objects, got {type(flow).__name__}")
+        flow.check(model)
+    try:
+        graph_module = _trace(model, None)
+    except GrowthError:
+        return  # untraceable: the hand-written flow is all there is to go by
+    called = {n.target for n in graph_module.graph.nodes if n.op == "call_module"}
+    for flow in flows:
+        if flow.producer not in called:
+            continue
+        passed, readers, reaches_output = _readers(graph_module, flow.producer)
+        where = f"flow of {flow.producer!r}"
+        if reaches_output:
+            raise GrowthError(
+                f"{where}: its channels reach the network's output in the traced graph; "
+                "growing it would change the output's shape"
+            )
+        named = {c.module for c in flow.consumers}
+        for name in sorted(named - readers):
+            raise GrowthError(
+                f"{where}: {name!r} does not read the channels of {flow.producer!r} in the "
+                f"traced graph (its readers are {sorted(readers)}); the next forward would fail"
+            )
+        for name in sorted(readers - named):
+            raise GrowthError(
+                f"{where}: {name!r} reads the channels of {flow.producer!r} in the traced "
+                "graph but is not named as a consumer; the next forward would fail"
+            )
+        through = [flow.norm, *(d.conv for d in flow.depthwise), *(d.norm for d in flow.depthwise)]
+        for name in through:
+            if name is not None and name not in passed:
+                raise GrowthError(
+                    f"{where}: {name!r} is not on the path from {flow.producer!r} to its "
+                    "consumers in the traced graph; the next forward would fail"
+                )
+        modules = dict(graph_module.named_modules())
+        grown = set(through)
+        for name in sorted(passed - grown):
+            if isinstance(modules[name], BATCH_NORM) or is_depthwise_conv(modules[name]):
+                raise GrowthError(
+                    f"{where}: {name!r} takes the channels of {flow.producer!r} in the traced "
+                    "graph but is not named (norm= or depthwise=); the next forward would fail"
+                )
 
 
 def find_flow(model: nn.Module, layer: str, example_input: Any = None) -> TorchFlow:

@@ -10,7 +10,10 @@ again. The growers (:mod:`.growers`) already make every rank take the same
 decision: each growth's random seed comes from rank 0 (:func:`shared_seed`), and
 scores (SSD: the splitting statistics; Firefly: gate gradients and candidate
 updates) are averaged over ranks (:func:`mean_over_ranks`) before the global
-selection; every rank must pass the same number of batches. :func:`regrow_ddp` then wraps
+selection; every rank must pass the same number of batches (checked first with one cheap
+``all_gather``, :func:`check_same_on_ranks`, so ranks that disagree all get a
+:class:`~simcore.growth.GrowthError` instead of waiting for the collectives' timeout).
+:func:`regrow_ddp` then wraps
 the grown module with the old wrapper's settings; DDP's construction checks
 that every rank holds the same shapes and broadcasts rank 0's values, so any
 floating-point drift between ranks is removed as well.
@@ -34,7 +37,10 @@ import torch
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
-__all__ = ["is_distributed", "mean_over_ranks", "regrow_ddp", "shared_seed"]
+from simcore.growth import GrowthError
+
+__all__ = ["check_same_on_ranks", "is_distributed", "mean_over_ranks", "regrow_ddp",
+           "shared_seed"]
 
 
 def is_distributed() -> bool:
@@ -77,6 +83,33 @@ def shared_seed(seed: int) -> int:
     box = box.to(_collective_device(box))
     torch.distributed.broadcast(box, src=0)
     return int(box.item())
+
+def check_same_on_ranks(**counts: int) -> None:
+    """Raise :class:`~simcore.growth.GrowthError` on every rank if a count differs between ranks.
+
+    One ``all_gather`` of a few integers, made before the growth's expensive collectives:
+    ranks that disagree (e.g. on the number of scoring batches, which sets how many
+    collectives each makes) would otherwise wait on each other until the process group's
+    timeout and abort. Every rank sees the same gathered table, so every rank raises the
+    same error. Every rank must pass the same names. Nothing happens without a process group.
+    """
+    if not is_distributed():
+        return
+    names = sorted(counts)
+    mine = torch.tensor([int(counts[name]) for name in names], dtype=torch.int64)
+    mine = mine.to(_collective_device(mine))
+    gathered = [torch.zeros_like(mine) for _ in range(torch.distributed.get_world_size())]
+    torch.distributed.all_gather(gathered, mine)
+    table = torch.stack(gathered).cpu().tolist()
+    for column, name in enumerate(names):
+        per_rank = {rank: row[column] for rank, row in enumerate(table)}
+        if len(set(per_rank.values())) > 1:
+            raise GrowthError(
+                f"the ranks disagree on {name} (per rank: {per_rank}); every rank must grow "
+                "the same model with the same number of scoring batches, because the scores "
+                "are averaged over ranks with collectives"
+            )
+
 
 # Settings a DDP wrapper stores under the same name as its constructor argument.
 _CARRIED = (

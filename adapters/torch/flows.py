@@ -32,7 +32,8 @@ __all__ = [
     "is_depthwise_conv",
     "is_producer",
     "layer_weight",
-    "layer_weight",
+    "tie_reason",
+    "tied_parameters",
     "unwrap",
 ]
 
@@ -142,7 +143,13 @@ class TorchFlow:
         return tuple(names)
 
     def check(self, model: nn.Module) -> None:
-        """Raise GrowthError if a named module is missing or of a kind growth cannot change."""
+        """Raise GrowthError if a named module is missing or of a kind growth cannot change.
+
+        Also refused: a named module holding a parameter tied to another module (the same
+        ``Parameter`` object in both, e.g. ``b.weight = a.weight`` or an embedding shared
+        with a classifier head). Growth replaces parameters by new ones, so it would grow one
+        module's copy and silently untie the other.
+        """
         modules = dict(model.named_modules())
 
         def get(name, what):
@@ -176,6 +183,9 @@ class TorchFlow:
                 raise GrowthError(
                     f"flow of {self.producer!r}: conv consumer {c.module!r} has spatial != 1"
                 )
+        reason = tie_reason(model, self.module_names)
+        if reason is not None:
+            raise GrowthError(f"cannot grow {self.producer!r}: {reason}")
 
     def channel_flow(self, model: nn.Module) -> ChannelFlow:
         """The core's ChannelFlow over ``model.state_dict()`` names (checks the modules first)."""
@@ -213,6 +223,36 @@ class TorchFlow:
         if self.activation is None:
             return None
         return ACTIVATION_MODULES.get(type(dict(model.named_modules())[self.activation]))
+
+
+def tied_parameters(model: nn.Module) -> dict[str, list[str]]:
+    """Each parameter held under more than one name: ``{name: [every name of it]}``.
+
+    Names are ``named_parameters`` names (``module.attr``), every occurrence included, so a
+    tie between ``a.weight`` and ``b.weight`` lists both under each of them.
+    """
+    names_of: dict[int, list[str]] = {}
+    for name, parameter in model.named_parameters(remove_duplicate=False):
+        names_of.setdefault(id(parameter), []).append(name)
+    return {name: names for names in names_of.values() if len(names) > 1 for name in names}
+
+
+def tie_reason(model: nn.Module, module_names) -> str | None:
+    """Why growing ``module_names`` would untie a parameter, or None if none is tied."""
+    tied = tied_parameters(model)
+    for module_name in module_names:
+        prefix = f"{module_name}." if module_name else ""
+        for name, names in tied.items():
+            if name.startswith(prefix) and "." not in name[len(prefix):]:
+                others = [n for n in names if n != name]
+                modules = ", ".join(repr(n.rpartition(".")[0]) for n in others)
+                return (
+                    f"{name!r} of module {module_name!r} is tied to {', '.join(map(repr, others))}"
+                    f" of module {modules} (the same Parameter); growth would untie them. "
+                    "Untie them first (e.g. b.weight = nn.Parameter(a.weight.detach().clone())) "
+                    "or leave this layer out"
+                )
+    return None
 
 
 def _batch_norm(name, modules):

@@ -14,7 +14,8 @@ Under ``torch.distributed`` (e.g. DistributedDataParallel), each growth draws
 its random seed on rank 0 and broadcasts it, and scores (SSD: the splitting
 statistics) are averaged over ranks before selection, so every rank makes the
 same decision (every rank must pass the same number of batches: the averages are
-collectives); wrap the grown module again with
+collectives; checked up front with one cheap collective,
+:func:`~simcore.adapters.torch.distributed.check_same_on_ranks`); wrap the grown module again with
 :func:`~simcore.adapters.torch.distributed.regrow_ddp`.
 
 >>> import torch
@@ -38,10 +39,11 @@ from simcore import growth as core
 from simcore.growth import GrowthReport
 from simcore.growth.growers import check_real_range
 
-from .discovery import discover_flows
+from .discovery import check_flows, discover_flows
+from .distributed import check_same_on_ranks
 from .flows import GrowthError, TorchFlow, unwrap
 from .host import TorchGrowthHost
-from .optim import check_optimizer_mode
+from .optim import check_growable_optimizer, check_optimizer_mode
 
 __all__ = ["FireflyGrower", "Grower", "GrowthReport", "RandomGrower", "SSDGrower"]
 
@@ -74,8 +76,9 @@ class Grower(core.Grower):
         ``data_batches``: an iterable of ``(inputs, targets)``; ``loss_fn(outputs,
         targets)`` a batch-mean loss. ``layers`` restricts growth to those
         producers (a layer that cannot grow raises ``GrowthError``); ``flows``
-        gives hand-written flows instead of tracing (not both). ``example_input``
-        is needed only without data when a flatten feeds a Linear. ``optimizer``
+        gives hand-written flows instead of tracing (not both), checked against the traced
+        graph where there is one (:func:`~simcore.adapters.torch.discovery.check_flows`).
+        ``example_input`` is needed only without data when a flatten feeds a Linear. ``optimizer``
         follows the grown parameters: ``optimizer_mode="carry"`` keeps every
         state and gives new channels zero state, ``"fresh"`` (deprecated spelling
         ``"reset"``) drops the state of every parameter of the optimizer (see
@@ -83,6 +86,7 @@ class Grower(core.Grower):
         param group's learning rate, as the reference does after a growth.
         """
         optimizer_mode = check_optimizer_mode(optimizer_mode)
+        check_growable_optimizer(optimizer)  # before scoring, not after it
         if lr is not None:
             lr = check_real_range(lr, "lr", low=0.0, low_open=True)
             if optimizer is None:
@@ -97,12 +101,14 @@ class Grower(core.Grower):
             flows = discover_flows(net, example_input, layers=layers)
         else:
             flows = list(flows)
-            for f in flows:
-                if not isinstance(f, TorchFlow):
-                    raise TypeError(f"flows must hold TorchFlow objects, got {type(f).__name__}")
-                f.check(net)
+            check_flows(net, flows)  # against the traced graph: no success before a bad forward
         if not flows:
             raise GrowthError(f"{type(net).__name__} has no growable layer")
+        check_same_on_ranks(  # one cheap collective before the expensive ones
+            scoring_batches=len(batches) if self.needs_data else 0,
+            growable_layers=len(flows),
+            neurons=sum(f.channels(net) for f in flows),
+        )
         host = TorchGrowthHost(net, flows, optimizer, optimizer_mode=optimizer_mode, lr=lr)
         return super().grow(host, batches, loss_fn, ratio=ratio, unit=unit, caps=caps)
 

@@ -26,9 +26,11 @@ the optimizer, never the parameters) keep going with their ``last_epoch``:
 
 Atomic: :func:`plan_optimizer_growth` computes everything (the core's maths,
 shape checks) without touching the optimizer and returns an
-:class:`OptimizerGrowth` whose ``apply()`` only assigns entries (and whose
-``undo()`` puts them back), so a failure leaves the optimizer exactly as before;
-a caller growing several things at once can plan them all, then apply.
+:class:`OptimizerGrowth` whose ``apply()`` records the optimizer's param lists, learning
+rates and state before it only assigns entries, and whose ``undo()`` puts that record back
+(idempotent, a no-op before ``apply()``), so a failure or an interrupt at any point leaves
+the optimizer exactly as before (``tests/test_torch_atomic_growth.py``);
+a caller growing several things at once can plan them all, then apply, and undo in reverse.
 
 >>> import numpy as np, torch
 >>> from torch import nn
@@ -57,12 +59,14 @@ from typing import Any
 import torch
 
 from simcore.extend import check_choice, renamed_choice
-from simcore.growth import ChannelFlow, ChannelMap, map_optimizer_state
+from simcore.growth import ChannelFlow, ChannelMap, GrowthError, map_optimizer_state
+from simcore.growth.growers import check_real_range
 
 __all__ = [
     "MODES",
     "OptimizerGrowth",
     "as_channel_maps",
+    "check_growable_optimizer",
     "grow_optimizer",
     "plan_optimizer_growth",
 ]
@@ -79,11 +83,46 @@ def check_optimizer_mode(mode: str, name: str = "optimizer_mode") -> str:
     return check_choice(renamed_choice(mode, RENAMED_MODES, name, stacklevel=5), MODES, name)
 
 
+@dataclass(frozen=True)
+class _OptimizerBefore:
+    """What an optimizer holds before a change: enough to put it back exactly.
+
+    The state mapping object and its items (in order), each param group's parameter list
+    and learning rate. Restoring reassigns all of it, so it is idempotent and cannot fail.
+    """
+
+    state: Any
+    state_items: tuple[tuple[Any, Any], ...]
+    params: tuple[tuple[torch.Tensor, ...], ...]
+    lrs: tuple[Any, ...]
+
+    @classmethod
+    def of(cls, optimizer: torch.optim.Optimizer) -> _OptimizerBefore:
+        return cls(
+            state=optimizer.state,
+            state_items=tuple(optimizer.state.items()),
+            params=tuple(tuple(group["params"]) for group in optimizer.param_groups),
+            lrs=tuple(group["lr"] for group in optimizer.param_groups),
+        )
+
+    def restore(self, optimizer: torch.optim.Optimizer) -> None:
+        for group, params, lr in zip(optimizer.param_groups, self.params, self.lrs, strict=True):
+            group["params"][:] = params  # the same list object (LBFGS keeps a reference)
+            group["lr"] = lr
+        optimizer.state = self.state
+        optimizer.state.clear()
+        optimizer.state.update(self.state_items)
+
+
 @dataclass
 class OptimizerGrowth:
     """A planned change to an optimizer: ``apply()`` makes it, ``undo()`` reverts it.
 
-    Neither can fail half-way: both only assign list items and dict entries.
+    ``apply()`` records what the optimizer holds (one assignment) before it changes anything;
+    ``undo()`` puts that record back. ``undo()`` is safe at any time: before ``apply()`` (or
+    after an ``apply()`` interrupted before its record) it does nothing, after a partial
+    ``apply()`` it restores everything, and calling it again changes nothing. Several planned
+    changes to one optimizer are undone in the reverse order of their ``apply()``.
     """
 
     optimizer: torch.optim.Optimizer = field(repr=False)
@@ -92,14 +131,11 @@ class OptimizerGrowth:
     new_state: dict[torch.Tensor, dict[str, Any]] = field(repr=False)
     reset: bool
     lr: float | None
-    _saved: dict[str, Any] = field(default_factory=dict, repr=False)
+    _before: _OptimizerBefore | None = field(default=None, repr=False)
 
     def apply(self) -> None:
         opt = self.optimizer
-        self._saved = {
-            "state": opt.state,
-            "lrs": [group["lr"] for group in opt.param_groups],
-        }
+        self._before = _OptimizerBefore.of(opt)  # complete before the first change
         for g, i, _, new in self.positions:
             opt.param_groups[g]["params"][i] = new
         if self.reset:
@@ -108,27 +144,29 @@ class OptimizerGrowth:
             opt.state = defaultdict(dict)
         else:
             for old in self.old_state:
-                del opt.state[old]
+                opt.state.pop(old, None)
             opt.state.update(self.new_state)
         if self.lr is not None:
             for group in opt.param_groups:
                 group["lr"] = self.lr
 
     def undo(self) -> None:
-        if not self._saved:
-            raise RuntimeError("undo() called before apply()")
-        opt = self.optimizer
-        for g, i, old, _ in self.positions:
-            opt.param_groups[g]["params"][i] = old
-        if self.reset:
-            opt.state = self._saved["state"]
-        else:
-            for new in self.new_state:
-                del opt.state[new]
-            opt.state.update(self.old_state)
-        for group, lr in zip(opt.param_groups, self._saved["lrs"], strict=True):
-            group["lr"] = lr
-        self._saved = {}
+        if self._before is not None:
+            self._before.restore(self.optimizer)
+
+
+def check_growable_optimizer(optimizer: Any) -> None:
+    """Refuse an optimizer a growth cannot follow, before any work (``GrowthError``).
+
+    ``torch.optim.LBFGS`` keeps its history as flat vectors over all parameters and caches
+    their total size, so after any growth (carry or fresh) its next ``step()`` fails.
+    """
+    if isinstance(optimizer, torch.optim.LBFGS):
+        raise GrowthError(
+            "cannot grow with a torch.optim.LBFGS optimizer: its history ('d', 'old_dirs', ...) "
+            "is one flat vector over all parameters and cannot follow a growth; grow without "
+            "the optimizer (optimizer=None), then rebuild LBFGS over model.parameters()"
+        )
 
 
 def as_channel_maps(channel_map: Any) -> tuple[ChannelMap, ...]:
@@ -183,6 +221,23 @@ def _like_parameter(value: torch.Tensor, new: torch.Tensor, label: str) -> torch
     return out
 
 
+def _check_carryable(optimizer, name, parameter, state):
+    """Refuse state a growth cannot carry: per-channel state must be shaped like its parameter.
+
+    Adafactor's factored second moments (``row_var``/``col_var``) are not, nor is any state
+    summarising the parameter along other axes; scalars (``step``) are kept as they are.
+    """
+    for key, value in state.items():
+        if isinstance(value, torch.Tensor) and value.ndim >= 1 and value.shape != parameter.shape:
+            raise ValueError(
+                f"{type(optimizer).__name__} state {key!r} of {name!r} has shape "
+                f"{tuple(value.shape)}, not the parameter's {tuple(parameter.shape)}: a growth "
+                "carries only per-element state shaped like its parameter (SGD momentum, Adam "
+                "moments). Grow with optimizer_mode='fresh' (drops every parameter's state, as "
+                "a rebuilt optimizer would) or rebuild the optimizer after growing"
+            )
+
+
 def plan_optimizer_growth(
     optimizer: torch.optim.Optimizer,
     replaced: Mapping[str, tuple[torch.Tensor, torch.Tensor]],
@@ -203,13 +258,12 @@ def plan_optimizer_growth(
             f"optimizer must be a torch.optim.Optimizer, got {type(optimizer).__name__}"
         )
     mode = check_optimizer_mode(mode, "mode")
+    check_growable_optimizer(optimizer)
     if not isinstance(flow, ChannelFlow):
         raise TypeError(f"flow must be a simcore.growth.ChannelFlow, got {type(flow).__name__}")
     maps = as_channel_maps(channel_map)
     if lr is not None:
-        lr = float(lr)
-        if not lr > 0.0:
-            raise ValueError(f"lr must be > 0, got {lr}")
+        lr = check_real_range(lr, "lr", low=0.0, low_open=True)
     pairs = _check_replaced(replaced)
     flow_names = set(flow.names())
     for name in pairs:
@@ -230,6 +284,8 @@ def plan_optimizer_growth(
         if old in optimizer.state:
             old_state[old] = optimizer.state[old]
             carried[name] = old_state[old]
+            if mode == "carry":
+                _check_carryable(optimizer, name, old, old_state[old])
 
     new_state = {}
     if mode == "carry" and carried:

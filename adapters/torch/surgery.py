@@ -16,16 +16,22 @@ their public names are importable from here too.
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
-from typing import Any, Literal, TypeAlias
+from typing import Any, TypeAlias
 
 import torch
 from torch import nn
 
 from simcore.growth import ChannelMap
+from simcore.growth.growers import check_real_range
 
 from .discovery import discover_flows, find_flow
 from .flows import GrowthError, TorchConsumer, TorchDepthwise, TorchFlow, unwrap
-from .optim import as_channel_maps, check_optimizer_mode, plan_optimizer_growth
+from .optim import (
+    as_channel_maps,
+    check_growable_optimizer,
+    check_optimizer_mode,
+    plan_optimizer_growth,
+)
 
 __all__ = [
     "GrowthError",
@@ -45,7 +51,11 @@ ChannelMaps: TypeAlias = ChannelMap | Sequence[ChannelMap] | None
 
 
 class _Swap:
-    """One reversible change: set ``container[key] = new`` and remember the old value."""
+    """One reversible change: set ``container[key] = new``; the old value is recorded up front.
+
+    ``undo()`` is safe whether or not ``apply()`` ran (or was interrupted), and idempotent:
+    it puts back what the container held when the swap was planned.
+    """
 
     __slots__ = ("container", "key", "new", "old", "had_key")
 
@@ -61,22 +71,26 @@ class _Swap:
         if self.had_key:
             self.container[self.key] = self.old
         else:
-            del self.container[self.key]
+            self.container.pop(self.key, None)
 
 
 def _commit(swaps):
-    """Apply ``swaps`` in order; if one raises, undo the applied ones in reverse and re-raise."""
-    done = []
+    """Apply ``swaps`` in order; on any exception (an interrupt too) undo them all and re-raise.
+
+    Every swap is undone, not only those known to be done: an interrupt can land between a
+    swap's ``apply()`` and any bookkeeping after it, and undoing a swap not yet applied is a
+    no-op.
+    """
     try:
         for swap in swaps:
             swap.apply()
-            done.append(swap)
     except BaseException:
-        _undo(done)
+        _undo(swaps)
         raise
 
 
 def _undo(swaps):
+    """Undo ``swaps`` newest first (each undo is idempotent and cannot fail)."""
     for swap in reversed(swaps):
         swap.undo()
 
@@ -143,9 +157,15 @@ def apply_growths(
         raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
     for flow, _ in growths:
         _check_growth(flow, new_params)
-    with GrowthTransaction(model, optimizer, optimizer_mode, lr) as transaction:
+    transaction = GrowthTransaction(model, optimizer, optimizer_mode, lr)
+    # Not a ``with`` block: its normal exit calls __exit__ outside the block's handler, so an
+    # interrupt landing there would escape with the growth made.
+    try:
         for flow, channel_map in growths:
             transaction.apply(flow, new_params, channel_map)
+    except BaseException:
+        transaction.rollback()
+        raise
 
 
 class GrowthTransaction:
@@ -153,7 +173,11 @@ class GrowthTransaction:
 
     Each :meth:`apply` writes one flow atomically (as :func:`apply_growth`); leaving the
     ``with`` block by an exception, or calling :meth:`rollback`, undoes every flow applied so
-    far, newest first, so the model and the optimizer are exactly as before the first.
+    far, newest first, so the model and the optimizer are exactly as before the first. This
+    holds for any ``BaseException`` (``KeyboardInterrupt`` included) raised at any line of the
+    transaction's own code (``tests/test_torch_atomic_growth.py``); :meth:`rollback` cannot
+    fail and may be called again. An interrupt in the caller's code right after the ``with``
+    block's last line is the caller's: the growth is then complete.
 
     >>> from torch import nn
     >>> from simcore.growth import add_neurons
@@ -181,8 +205,11 @@ class GrowthTransaction:
                 f"optimizer must be a torch.optim.Optimizer, got {type(optimizer).__name__}"
             )
         optimizer_mode = check_optimizer_mode(optimizer_mode)
-        if lr is not None and optimizer is None:
-            raise ValueError("lr is given but there is no optimizer to set it on")
+        check_growable_optimizer(optimizer)
+        if lr is not None:
+            if optimizer is None:
+                raise ValueError("lr is given but there is no optimizer to set it on")
+            lr = check_real_range(lr, "lr", low=0.0, low_open=True)
         self.model = unwrap(model)
         self.optimizer, self.optimizer_mode, self.lr = optimizer, optimizer_mode, lr
         self._applied: list[list[_Swap]] = []
@@ -193,21 +220,27 @@ class GrowthTransaction:
         _check_growth(flow, new_params)
         swaps = _growth_swaps(self.model, flow, new_params, channel_map, self.optimizer,
                               self.optimizer_mode, self.lr)
-        _commit(swaps)
+        # Recorded before the first change, so a rollback sees it wherever an interrupt lands.
         self._applied.append(swaps)
+        _commit(swaps)
 
     def rollback(self) -> None:
-        """Undo every flow applied so far, newest first."""
+        """Undo every flow applied so far, newest first (idempotent; cannot fail)."""
         while self._applied:
-            _undo(self._applied.pop())
+            _undo(self._applied[-1])
+            self._applied.pop()
 
     def __enter__(self) -> GrowthTransaction:
         return self
 
-    def __exit__(self, exc_type, exc, traceback) -> Literal[False]:
-        if exc_type is not None:
+    def __exit__(self, exc_type, exc, traceback) -> None:  # None: the exception propagates
+        # No line after the ``try``: an interrupt there would escape the handler.
+        try:
+            if exc_type is not None:
+                self.rollback()
+        except BaseException:  # an interrupt inside __exit__ itself: nothing may stay
             self.rollback()
-        return False
+            raise
 
 
 def _check_growth(flow: Any, new_params: Any) -> None:

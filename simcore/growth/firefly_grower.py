@@ -71,6 +71,9 @@ class FireflyGrower(Grower[FireflyState]):
         super().__init__(seed=seed, only_negative=only_negative)
         self.new_per_layer = check_int(new_per_layer, "new_per_layer", minimum=0)
         self.split = bool(split)
+        if self.new_per_layer == 0 and not self.split:
+            raise ValueError("new_per_layer=0 with split=False leaves no candidate to grow; "
+                             "allow splits (split=True) or new neurons (new_per_layer >= 1)")
         self.split_scale = check_real_range(split_scale, "split_scale", low=0.0, low_open=True)
         self.incoming_std = check_real_range(incoming_std, "incoming_std", low=0.0,
                                              low_open=True)
@@ -82,6 +85,16 @@ class FireflyGrower(Grower[FireflyState]):
         self.alpha = check_real_range(alpha, "alpha", low=0.0, high=1.0)
         self.l2_split = check_real_range(l2_split, "l2_split", low=0.0)
         self.l2_incoming = check_real_range(l2_incoming, "l2_incoming", low=0.0)
+
+    def most_new_neurons(self, widths, caps):
+        """Split candidates (one per neuron, with ``split``) plus ``new_per_layer``, under caps."""
+        caps = [None] * len(widths) if caps is None else caps
+        per_layer = [(w if self.split else 0) + self.new_per_layer for w in widths]
+        return sum(n if c is None else min(n, int(c)) for n, c in zip(per_layer, caps, strict=True))
+
+    def _candidates_phrase(self):
+        split = "a split of each neuron and " if self.split else ""
+        return f"Firefly candidates: {split}new_per_layer={self.new_per_layer} per layer"
 
     def select(self, scores, budget, caps, state):
         """:func:`simcore.growth.firefly_select` over each layer's split and new candidates.

@@ -189,6 +189,12 @@ class Grower(Generic[StateT]):
         """Grow layer ``index`` by its ``picks``: ``(new params, channel map)``."""
         raise NotImplementedError
 
+    def most_new_neurons(self, widths: Sequence[int],
+                         caps: Sequence[int | None] | None) -> int:
+        """The most neurons one growth can add: one candidate per existing neuron, under caps."""
+        caps = [None] * len(widths) if caps is None else caps
+        return sum(w if c is None else min(w, int(c)) for w, c in zip(widths, caps, strict=True))
+
     def select(self, scores: list[np.ndarray], budget: int, caps: Sequence[int | None] | None,
                state: StateT) -> list[Any]:
         """Global lowest-``budget`` picks per layer (indices into each layer's scores)."""
@@ -247,6 +253,17 @@ class Grower(Generic[StateT]):
         params_before = host.parameter_count()
         budget = self._budget(widths, params_before, float(ratio), unit,
                               [neuron_cost(f, state) for f in flows])
+        if caps is not None and len(caps) != len(flows):
+            raise ValueError(f"caps must have one entry per layer ({len(flows)}), got {len(caps)}")
+        most = self.most_new_neurons(widths, caps)
+        if budget > most:  # refused before scoring, with the reason (not select's clamp=)
+            hint = f" (at most {most / sum(widths):.3g})" if unit == "neurons" else ""
+            raise ValueError(
+                f"ratio={ratio} asks for {budget} new neurons, but one {type(self).__name__} "
+                f"growth adds at most {most} here ({self._candidates_phrase()}"
+                f"{', under the caps' if caps is not None else ''}); use a smaller ratio{hint} "
+                "or grow several times"
+            )
         rng = np.random.default_rng(host.shared_seed(int(self.rng.integers(0, 2**62))))
 
         raw_scores, method_state = self.score(host, layers, batches, loss_fn, rng)
@@ -265,6 +282,9 @@ class Grower(Generic[StateT]):
             params_after=host.parameter_count(),
             scores=dict(zip(names, scores, strict=True)),
         )
+
+    def _candidates_phrase(self) -> str:
+        return "each existing neuron is one candidate"
 
     @staticmethod
     def _budget(widths: list[int], params: int, ratio: float, unit: str,
