@@ -531,6 +531,16 @@ def test_examples_train_and_lower_the_penalty(name):
     assert all(np.isfinite(h["loss"]) for h in history)
 
 
+@pytest.mark.parametrize("name", ["flax_penalty.py", "equinox_penalty.py"])
+def test_examples_take_their_arguments_and_help_without_training(name):
+    module = runpy.run_path(str(EXAMPLES / name), run_name="example")
+    with pytest.raises(SystemExit) as info:  # --help prints and exits before any training
+        module["parse_args"](["--help"])
+    assert info.value.code == 0
+    args = module["parse_args"](["--steps", "3", "--strength", "0.5", "--seed", "2"])
+    assert (args.steps, args.strength, args.seed) == (3, 0.5, 2)
+
+
 # -- growth of a linen CNN with BatchNorm ----------------------------------------------------
 
 
