@@ -26,7 +26,7 @@ from .gradcam import grad_cam
 from .measure import growth_line
 from .report import format_n_sweep, format_table, summarize, write_results
 from .runner import CHECKPOINT, Hooks, load_model, resolve_device, run_one, run_status
-from .statistics import conclusion, paired_differences, select_n_best
+from .statistics import MODEL_NAMES, conclusion, paired_differences, select_n_best, terms_label
 
 __all__ = ["gradcam_figure", "run_experiment"]
 
@@ -56,10 +56,17 @@ def _one_per_class(dataset: ImageDataset, count: int) -> torch.Tensor:
     return torch.tensor(picks, dtype=torch.long)
 
 
+#: Grad-CAM shows one test image per class, for at most this many classes (all of the digits'
+#: and CIFAR-10's; CIFAR-100's first ten, as the figure's title says).
+GRADCAM_CLASSES = 10
+
+
 def gradcam_figure(baseline_dir: str | Path, other_dir: str | Path, dataset: ImageDataset,
-                   path: str | Path, *, count: int = 6, labels=("baseline", "+ours"),
-                   device: str | torch.device = "cpu") -> Path:
-    """Fig. 4 from two finished runs: one test image per class, and both models' Grad-CAM."""
+                   path: str | Path, *, count: int = GRADCAM_CLASSES,
+                   labels=("baseline", "+ours"), device: str | torch.device = "cpu",
+                   title: str | None = None) -> Path:
+    """Fig. 4 from two finished runs: one test image per class (the first ``count`` classes),
+    and both models' Grad-CAM for the true class."""
     from .figures import plot_gradcam
 
     index = _one_per_class(dataset, count)
@@ -71,7 +78,14 @@ def gradcam_figure(baseline_dir: str | Path, other_dir: str | Path, dataset: Ima
         model = load_model(Path(run_dir) / CHECKPOINT, device=device)
         rows.append((label, grad_cam(model, inputs, targets).cpu().numpy()))
     images = raw.permute(0, 2, 3, 1).cpu().numpy().astype(np.float64) / 255.0
-    return plot_gradcam(images, rows, path, titles=[f"class {int(t)}" for t in targets])
+    shown = len(index)
+    classes = (f"one test image of each of the {shown} classes" if shown == dataset.num_classes
+               else f"one test image of each of the first {shown} of {dataset.num_classes} "
+                    f"classes")
+    heading = (f"{title + ': ' if title else ''}Grad-CAM of the true class at the end of "
+               f"training, {classes} of {dataset.name}")
+    return plot_gradcam(images, rows, path, titles=[f"class {int(t)}" for t in targets],
+                        title=heading)
 
 
 def run_experiment(
@@ -262,6 +276,7 @@ def _run_parallel(configs, out, jobs, threads, progress, report) -> list[dict[st
 
 
 def _figures(results, configs, out, dataset, device, n_best) -> dict[str, Path]:
+    base = configs[0]
     from .figures import plot_curves, plot_phase_similarity, plot_similarity
 
     files = {"similarity_figure": plot_similarity(results, out / "similarity_layer2.png"),
@@ -283,8 +298,9 @@ def _figures(results, configs, out, dataset, device, n_best) -> dict[str, Path]:
                       if (method, t, first_seed) in by_key), None)
         if baseline is None or other is None:
             continue
-        label = "+ours" if other.terms == "both" else other.terms
         files[f"gradcam_{method}"] = gradcam_figure(
             out / "runs" / baseline.label, out / "runs" / other.label, dataset,
-            out / f"gradcam_{method}.png", labels=(method, f"{method} {label}"), device=device)
+            out / f"gradcam_{method}.png", device=device,
+            labels=(terms_label(method, "none"), terms_label(method, other.terms)),
+            title=f"{MODEL_NAMES.get(base.model, base.model)}, seed {first_seed}")
     return files
