@@ -56,10 +56,12 @@ def main(steps: int = 30, strength: float = 2.0, seed: int = 0) -> list[dict[str
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--steps", type=int, default=30, help="training steps (default 30)")
+    parser.add_argument("--steps", type=int, default=30,
+                        help="SGD steps on the synthetic regression (default 30)")
     parser.add_argument("--strength", type=float, default=2.0,
-                        help="weight of the similarity penalty in the loss (default 2.0)")
-    parser.add_argument("--seed", type=int, default=0, help="JAX random seed (default 0)")
+                        help="factor of the penalty added to the MSE loss (default 2.0)")
+    parser.add_argument("--seed", type=int, default=0,
+                        help="seed of the data and of the MLP's initial weights (default 0)")
     return parser.parse_args(argv)
 
 

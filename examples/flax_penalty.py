@@ -61,10 +61,11 @@ def main(steps: int = 30, strength: float = 2.0, seed: int = 0) -> list[dict[str
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--steps", type=int, default=30, help="training steps (default 30)")
+    parser.add_argument("--steps", type=int, default=30, help="optax SGD steps (default 30)")
     parser.add_argument("--strength", type=float, default=2.0,
-                        help="weight of the similarity penalty in the loss (default 2.0)")
-    parser.add_argument("--seed", type=int, default=0, help="JAX random seed (default 0)")
+                        help="scale of add_similarity_gradient's gradient (default 2.0)")
+    parser.add_argument("--seed", type=int, default=0,
+                        help="seed of the images and of the CNN's parameters (default 0)")
     return parser.parse_args(argv)
 
 

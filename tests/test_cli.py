@@ -6,7 +6,6 @@ import os
 import shutil
 import subprocess
 import sys
-import time
 
 import pytest
 
@@ -102,29 +101,6 @@ def test_version(capsys):
     with pytest.raises(SystemExit) as info:
         cli.main(["--version"])
     assert info.value.code == 0 and capsys.readouterr().out.strip() == f"simcore {__version__}"
-
-
-def output_while_running(command, path, *, cwd, env=None, timeout=300):
-    """Run ``command`` with stdout to the file ``path``; return the file's contents as read at
-    moments when the process was still running afterwards (each a list of lines). Output that
-    is block-buffered reaches the file only at exit, all at once."""
-    snapshots: list[list[str]] = []
-    with open(path, "w") as out:
-        process = subprocess.Popen(command, stdout=out, stderr=subprocess.PIPE, text=True,
-                                   cwd=cwd, env=env)
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            text = path.read_text()
-            if process.poll() is not None:
-                break
-            if not snapshots or snapshots[-1] != text.splitlines():
-                snapshots.append(text.splitlines())  # read before poll() said "running"
-            time.sleep(0.02)
-        else:
-            process.kill()
-        _, err = process.communicate()
-    assert process.returncode == 0, err
-    return snapshots
 
 
 def test_check_streams_its_rows_to_a_file_while_it_runs(tmp_path, monkeypatch):
