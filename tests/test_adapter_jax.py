@@ -626,6 +626,7 @@ def test_linen_flow_errors_name_the_problem():
         sj.linen_flow(variables, "Conv_0", norm="BatchNorm_7")
 
 
+@pytest.mark.slow  # long: see tests/conftest.py for the two tiers
 def test_training_step_after_growth_with_the_padded_optax_state():
     model, variables, images = _cnn_setup()
     labels = jnp.arange(images.shape[0]) % 3

@@ -174,6 +174,7 @@ def test_resume_after_interruptions_gives_the_uninterrupted_result(tmp_path):
         assert torch.equal(straight[key], again[key]), key
 
 
+@pytest.mark.slow  # long: see tests/conftest.py for the two tiers
 def test_the_console_command_runs_and_prints_the_table(tmp_path):
     command = [sys.executable, "-m", "simcore", "grow", "--method", "random", "--similarity",
                "on", "--width", "4", "--epochs", "2", "--grow-every", "1", "--max-growths", "1",
