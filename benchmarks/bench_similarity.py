@@ -63,8 +63,8 @@ def _torch_contenders(w_np):
 
 
 def time_shapes(shapes, repeats):
+    """Yield ``((n, d), gemm seconds, {contender: time / gemm})`` per shape, as measured."""
     rng = np.random.default_rng(0)
-    rows = []
     for n, d in shapes:
         w = rng.standard_normal((n, d), dtype=np.float32)
         other = rng.standard_normal((d, n), dtype=np.float32)
@@ -81,8 +81,7 @@ def time_shapes(shapes, repeats):
                 samples[name].append(_median_time(fn, 1))
         medians = {name: statistics.median(values) for name, values in samples.items()}
         gemm = medians.pop("gemm")
-        rows.append(((n, d), gemm, {name: t / gemm for name, t in medians.items()}))
-    return rows
+        yield (n, d), gemm, {name: t / gemm for name, t in medians.items()}
 
 
 def block_memory(n, d, block_size):
@@ -103,15 +102,17 @@ def main(argv=None):
     parser.add_argument("--repeats", type=int, default=5)
     args = parser.parse_args(argv)
     shapes = QUICK_SHAPES if args.quick else SHAPES
+    print(f"timing {len(shapes)} shapes, {args.repeats} interleaved repetitions each, then the "
+          f"block path's memory; each row prints as it is measured (the full run took 331 s "
+          f"on a busy 2-core CPU, --quick a few seconds)", flush=True)
 
-    rows = time_shapes(shapes, args.repeats)
-    names = list(rows[0][2])
-    header = f"{'n x d':>12} {'GEMM ms':>9} " + " ".join(f"{name:>15}" for name in names)
-    print("value+grad time / one n x d x n GEMM (fp32, median of interleaved runs)")
-    print(header)
-    for (n, d), gemm, ratios in rows:
-        cells = " ".join(f"{ratios[name]:>14.2f}x" for name in names)
-        print(f"{f'{n} x {d}':>12} {gemm * 1e3:>9.1f} {cells}")
+    print("value+grad time / one n x d x n GEMM (fp32, median of interleaved runs; the "
+          "GEMM ms column is one GEMM's wall time)", flush=True)
+    for index, ((n, d), gemm, ratios) in enumerate(time_shapes(shapes, args.repeats)):
+        if index == 0:
+            print(f"{'n x d':>12} {'GEMM ms':>9} " + " ".join(f"{name:>15}" for name in ratios))
+        cells = " ".join(f"{ratio:>14.2f}x" for ratio in ratios.values())
+        print(f"{f'{n} x {d}':>12} {gemm * 1e3:>9.1f} {cells}", flush=True)
 
     n, d = (4096, 64) if args.quick else (16384, 256)
     block_size = 256

@@ -3,10 +3,13 @@
 ``penalty`` returns Eq. 2 of Sakai & Hotta summed over the model's Linear
 weights; ``jax.grad`` of it is the library's analytic gradient. Equinox stores
 ``Linear.weight`` as ``(out, in)``: ``find_kernels`` gives neuron axis 0.
-Run: ``python examples/equinox_penalty.py``.
+Run: ``python examples/equinox_penalty.py [--steps 30] [--strength 2.0] [--seed 0]``
+(``--help`` lists them).
 """
 
 from __future__ import annotations
+
+import argparse
 
 import equinox as eqx
 import jax
@@ -51,6 +54,19 @@ def main(steps: int = 30, strength: float = 2.0, seed: int = 0) -> list[dict[str
     return history
 
 
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--steps", type=int, default=30,
+                        help="SGD steps on the synthetic regression (default 30)")
+    parser.add_argument("--strength", type=float, default=2.0,
+                        help="factor of the penalty added to the MSE loss (default 2.0)")
+    parser.add_argument("--seed", type=int, default=0,
+                        help="seed of the data and of the MLP's initial weights (default 0)")
+    return parser.parse_args(argv)
+
+
 if __name__ == "__main__":
-    for i, record in enumerate(main()):
+    args = parse_args()
+    history = main(steps=args.steps, strength=args.strength, seed=args.seed)
+    for i, record in enumerate(history):
         print(f"step {i:2d}  task loss {record['loss']:.4f}  penalty {record['penalty']:.4f}")

@@ -2,10 +2,13 @@
 
 The penalty (Eq. 2 of Sakai & Hotta, summed over every conv/dense kernel) enters
 as ``add_similarity_gradient``, chained before the optimizer like weight decay.
-Run: ``python examples/flax_penalty.py``.
+Run: ``python examples/flax_penalty.py [--steps 30] [--strength 2.0] [--seed 0]``
+(``--help`` lists them).
 """
 
 from __future__ import annotations
+
+import argparse
 
 import flax.linen as nn
 import jax
@@ -56,6 +59,18 @@ def main(steps: int = 30, strength: float = 2.0, seed: int = 0) -> list[dict[str
     return history
 
 
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--steps", type=int, default=30, help="optax SGD steps (default 30)")
+    parser.add_argument("--strength", type=float, default=2.0,
+                        help="scale of add_similarity_gradient's gradient (default 2.0)")
+    parser.add_argument("--seed", type=int, default=0,
+                        help="seed of the images and of the CNN's parameters (default 0)")
+    return parser.parse_args(argv)
+
+
 if __name__ == "__main__":
-    for i, record in enumerate(main()):
+    args = parse_args()
+    history = main(steps=args.steps, strength=args.strength, seed=args.seed)
+    for i, record in enumerate(history):
         print(f"step {i:2d}  task loss {record['loss']:.4f}  penalty {record['penalty']:.4f}")

@@ -24,6 +24,7 @@ import argparse
 import importlib.util
 import math
 import sys
+import time
 from collections.abc import Callable, Sequence
 
 __all__ = ["SUBCOMMANDS", "build_parser", "main"]
@@ -40,13 +41,16 @@ def _format_number(x: float) -> str:
     return "-" if math.isnan(x) else f"{x:.2e}"
 
 
-def _print_table(rows: list[list[str]], out) -> None:
-    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
-    for k, row in enumerate(rows):
-        print("  ".join(cell.ljust(w) for cell, w in zip(row, widths, strict=True)).rstrip(),
-              file=out)
-        if k == 0:
-            print("  ".join("-" * w for w in widths), file=out)
+#: Column widths of the check table, fixed so that each backend's rows can be printed as soon
+#: as that backend is checked (the longest function name today is 49 characters).
+_CHECK_WIDTHS = {"backend": 16, "device": 6, "function": 49, "dtype": 8, "max error": 9,
+                 "tolerance": 9, "result": 6}
+
+
+def _print_row(cells: Sequence[str], out) -> None:
+    widths = _CHECK_WIDTHS.values()
+    print("  ".join(cell.ljust(w) for cell, w in zip(cells, widths, strict=True)).rstrip(),
+          file=out, flush=True)
 
 
 def _run_check(args: argparse.Namespace) -> int:
@@ -68,27 +72,35 @@ def _run_check(args: argparse.Namespace) -> int:
     if not backends:
         print("simcore check: no backend available", file=sys.stderr)
         return 1
-    header = ["backend", "device", "function", "dtype", "max error", "tolerance", "result"]
-    rows, details, total, failed = [header], [], 0, 0
+    names = ", ".join(b.name for b in backends)
+    # on stderr, so that stdout stays the table; each backend's rows follow as it finishes
+    print(f"simcore check: every public function on {names} against simcore.reference, "
+          f"one backend after the other", file=sys.stderr, flush=True)
+    details, total, failed, header_printed = [], 0, 0, False
     for backend in backends:
-        for result in check_backend(backend, dtypes=args.dtypes):
-            total += 1
-            failed += not result.passed
+        started = time.perf_counter()
+        results = check_backend(backend, dtypes=args.dtypes)
+        total += len(results)
+        failed += sum(not result.passed for result in results)
+        for result in results:
             if result.passed and args.failures_only:
                 continue
-            rows.append([
-                result.backend, result.device, result.function, result.dtype,
-                _format_number(result.max_error), _format_number(result.tolerance),
-                "pass" if result.passed else "FAIL",
-            ])
+            if not header_printed:
+                _print_row(list(_CHECK_WIDTHS), sys.stdout)
+                _print_row(["-" * w for w in _CHECK_WIDTHS.values()], sys.stdout)
+                header_printed = True
+            _print_row([result.backend, result.device, result.function, result.dtype,
+                        _format_number(result.max_error), _format_number(result.tolerance),
+                        "pass" if result.passed else "FAIL"], sys.stdout)
             if result.detail:
                 details.append(f"{result.backend} {result.function} {result.dtype}: "
                                f"{result.detail}")
-    if len(rows) > 1:
-        _print_table(rows, sys.stdout)
+        print(f"simcore check: {backend.name}: {len(results)} checks, "
+              f"{sum(not r.passed for r in results)} failed, "
+              f"{time.perf_counter() - started:.1f} s (the checks themselves)",
+              file=sys.stderr, flush=True)
     for line in details:
         print(line)
-    names = ", ".join(b.name for b in backends)
     dtypes = f" ({', '.join(args.dtypes)})" if args.dtypes else ""
     print(f"{failed} failed of {total} checks on {names}{dtypes}")
     return 1 if failed or total == 0 else 0
@@ -153,10 +165,13 @@ SUBCOMMANDS: list[Callable[[argparse._SubParsersAction], None]] = [_register_che
 
 def build_parser() -> argparse.ArgumentParser:
     """The ``simcore`` argument parser with every registered subcommand."""
+    from simcore import __version__
+
     parser = argparse.ArgumentParser(
         prog="simcore",
         description="simcore: neuron-similarity loss (Sakai & Hotta) on any Array-API backend",
     )
+    parser.add_argument("--version", action="version", version=f"simcore {__version__}")
     subparsers = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
     for register in SUBCOMMANDS:
         register(subparsers)
@@ -165,6 +180,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``simcore`` command; returns the exit status."""
+    # Progress lines must reach a file or pipe as they are printed, not at exit.
+    for stream in (sys.stdout, sys.stderr):
+        reconfigure = getattr(stream, "reconfigure", None)  # absent on captured streams
+        if reconfigure is not None:
+            reconfigure(line_buffering=True)
     args = build_parser().parse_args(argv)
     return args.handler(args)
 

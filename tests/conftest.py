@@ -5,6 +5,11 @@ there that cannot be used makes collection fail (see ``simcore.testing``).
 Hypothesis profile ``ci`` (derandomised, no deadline: ``jax.jit`` compiles on
 first call) is loaded when the environment variable ``CI`` is set, ``dev``
 otherwise; ``HYPOTHESIS_PROFILE`` picks one explicitly.
+
+Two tiers: tests marked ``@pytest.mark.slow`` (long end-to-end runs, the biggest
+parametrisations) are left out of a plain ``pytest`` run, which covers every backend and
+module within a few minutes on 2 CPU cores; ``SIMCORE_FULL_TESTS=1`` (or any ``-m``
+expression, e.g. ``-m slow``) runs them too.
 """
 
 from __future__ import annotations
@@ -39,21 +44,37 @@ _PAIRS = [(b, d) for b in _BACKENDS for d in b.dtypes if d in _FULL]
 _HALF_PAIRS = [(b, d) for b in _BACKENDS for d in b.dtypes if d not in _FULL]
 
 
-@pytest.fixture(scope="session", params=_BACKENDS, ids=[b.name for b in _BACKENDS])
+def pytest_collection_modifyitems(config, items):
+    """Leave out the slow tier unless ``SIMCORE_FULL_TESTS=1`` or ``-m`` chooses."""
+    if os.environ.get("SIMCORE_FULL_TESTS") == "1" or config.getoption("markexpr"):
+        return
+    slow = [item for item in items if item.get_closest_marker("slow")]
+    if slow:
+        config.hook.pytest_deselected(items=slow)
+        items[:] = [item for item in items if not item.get_closest_marker("slow")]
+
+
+def pytest_report_header(config):
+    full = os.environ.get("SIMCORE_FULL_TESTS") == "1" or config.getoption("markexpr")
+    return ("tier: full (slow tests included)" if full else
+            "tier: fast (tests marked slow left out; SIMCORE_FULL_TESTS=1 runs them)")
+
+
+# Function scope (the fixtures only hand out a parameter): session-scoped parametrised
+# fixtures make pytest regroup the tests by parameter, listing each file several times.
+@pytest.fixture(params=_BACKENDS, ids=[b.name for b in _BACKENDS])
 def backend(request):
     """One :class:`simcore.testing.Backend` (numpy, array_api_strict, torch, jax, jax_jit, ...)."""
     return request.param
 
 
-@pytest.fixture(scope="session", params=_PAIRS, ids=[f"{b.name}-{d}" for b, d in _PAIRS])
+@pytest.fixture(params=_PAIRS, ids=[f"{b.name}-{d}" for b, d in _PAIRS])
 def backend_dtype(request):
     """``(backend, dtype name)`` for every backend in float32 and float64."""
     return request.param
 
 
-@pytest.fixture(
-    scope="session", params=_HALF_PAIRS, ids=[f"{b.name}-{d}" for b, d in _HALF_PAIRS]
-)
+@pytest.fixture(params=_HALF_PAIRS, ids=[f"{b.name}-{d}" for b, d in _HALF_PAIRS])
 def backend_half(request):
     """``(backend, dtype name)`` for every backend's float16/bfloat16 (looser tolerances)."""
     return request.param

@@ -533,6 +533,16 @@ def test_examples_train_and_lower_the_penalty(name):
     assert all(np.isfinite(h["loss"]) for h in history)
 
 
+@pytest.mark.parametrize("name", ["flax_penalty.py", "equinox_penalty.py"])
+def test_examples_take_their_arguments_and_help_without_training(name):
+    module = runpy.run_path(str(EXAMPLES / name), run_name="example")
+    with pytest.raises(SystemExit) as info:  # --help prints and exits before any training
+        module["parse_args"](["--help"])
+    assert info.value.code == 0
+    args = module["parse_args"](["--steps", "3", "--strength", "0.5", "--seed", "2"])
+    assert (args.steps, args.strength, args.seed) == (3, 0.5, 2)
+
+
 # -- growth of a linen CNN with BatchNorm ----------------------------------------------------
 
 
@@ -618,6 +628,7 @@ def test_linen_flow_errors_name_the_problem():
         sj.linen_flow(variables, "Conv_0", norm="BatchNorm_7")
 
 
+@pytest.mark.slow  # long: see tests/conftest.py for the two tiers
 def test_training_step_after_growth_with_the_padded_optax_state():
     model, variables, images = _cnn_setup()
     labels = jnp.arange(images.shape[0]) % 3

@@ -30,6 +30,9 @@ import pytest
 
 pytest.importorskip("jax")
 
+# Each test starts JAX with several host devices in a subprocess: the slow tier (tests/conftest.py).
+pytestmark = pytest.mark.slow
+
 SCRIPT = textwrap.dedent(
     """
     import json, re

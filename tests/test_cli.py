@@ -93,3 +93,36 @@ def test_check_refuses_a_misspelt_dtype():
                             timeout=120)
     assert result.returncode == 1
     assert "unknown dtypes ['flaot64']" in result.stderr and "Traceback" not in result.stderr
+
+
+def test_version(capsys):
+    from simcore import __version__, cli
+
+    with pytest.raises(SystemExit) as info:
+        cli.main(["--version"])
+    assert info.value.code == 0 and capsys.readouterr().out.strip() == f"simcore {__version__}"
+
+
+def test_check_streams_its_rows_to_a_file_while_it_runs(tmp_path, monkeypatch):
+    """Each backend's rows are in the file (stdout redirected: block-buffered unless told
+    otherwise) before the next backend's checks begin."""
+    from simcore import cli, testing
+
+    path = tmp_path / "out.txt"
+    on_disk_when_called = []
+    real_check = testing.check_backend
+
+    def check_backend(backend, **kwargs):
+        on_disk_when_called.append(path.read_text())
+        return real_check(backend, **kwargs)
+
+    monkeypatch.setattr(testing, "check_backend", check_backend)
+    with open(path, "w") as out:  # a file, as `simcore check > out.txt` makes stdout
+        monkeypatch.setattr(sys, "stdout", out)
+        status = cli.main(["check", "--backends", "numpy,array_api_strict", "--dtypes",
+                           "float64"])
+    assert status == 0 and on_disk_when_called[0] == ""
+    rows = on_disk_when_called[1].splitlines()
+    assert len(rows) == 2 + 26 and all(row.endswith("pass") for row in rows[2:])
+    assert path.read_text().splitlines()[-1] == (
+        "0 failed of 52 checks on numpy, array_api_strict (float64)")

@@ -258,6 +258,7 @@ except UnsafePickleError as err:
 """
 
 
+@pytest.mark.slow  # long: see tests/conftest.py for the two tiers
 @pytest.mark.parametrize("where", ["labels", "data"])
 def test_a_forged_object_dtype_array_is_refused_without_crashing(tmp_path, where):
     # an object dtype whose state clears its object flags, then an array of it whose raw

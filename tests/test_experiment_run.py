@@ -9,6 +9,7 @@ import os
 import signal
 import subprocess
 import sys
+import time
 
 import pytest
 import torch
@@ -173,6 +174,7 @@ def test_resume_after_interruptions_gives_the_uninterrupted_result(tmp_path):
         assert torch.equal(straight[key], again[key]), key
 
 
+@pytest.mark.slow  # long: see tests/conftest.py for the two tiers
 def test_the_console_command_runs_and_prints_the_table(tmp_path):
     command = [sys.executable, "-m", "simcore", "grow", "--method", "random", "--similarity",
                "on", "--width", "4", "--epochs", "2", "--grow-every", "1", "--max-growths", "1",
@@ -190,6 +192,77 @@ def test_the_console_command_runs_and_prints_the_table(tmp_path):
                                         "--quiet", "--out", str(tmp_path / "x")],
                          capture_output=True, text=True, timeout=300)
     assert bad.returncode == 2 and "cifar-10-batches-py" in bad.stderr
+
+
+def _output_while_running(command, path, timeout=300):
+    """Run ``command`` with stdout to the file ``path``; return the file's contents (lists of
+    lines) as read at moments when the process was still running afterwards."""
+    snapshots: list[list[str]] = []
+    with open(path, "w") as out:
+        # without PYTHONUNBUFFERED: the command itself must write its lines through
+        env = {k: v for k, v in os.environ.items() if k != "PYTHONUNBUFFERED"}
+        process = subprocess.Popen(command, stdout=out, stderr=subprocess.PIPE, text=True,
+                                   env=env)
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            lines = path.read_text().splitlines()
+            if process.poll() is not None:
+                break
+            if not snapshots or snapshots[-1] != lines:
+                snapshots.append(lines)  # read before poll() said "still running"
+            time.sleep(0.05)
+        else:
+            process.kill()
+        _, err = process.communicate()
+    assert process.returncode == 0, err
+    return snapshots
+
+
+def test_the_console_command_reports_progress_into_a_file_while_it_runs(tmp_path):
+    """stdout redirected (block-buffered unless told otherwise): the plan line with its time
+    estimate, then a line per finished run, each in the file before the table is."""
+    out = tmp_path / "out"
+    command = [sys.executable, "-m", "simcore", "grow", "--method", "random", "--similarity",
+               "both", "--width", "4", "--epochs", "2", "--grow-every", "1", "--max-growths",
+               "1", "--train-limit", "32", "--test-limit", "16", "--batch-size", "16", "--N",
+               "3", "--seeds", "0", "--no-figures", "--threads", "1", "--jobs", "1", "--out",
+               str(out)]
+    snapshots = _output_while_running(command, tmp_path / "stdout.txt")
+    assert any(lines and lines[0].startswith("simcore grow: 2 run(s) on digits")
+               and any(line.startswith("[1/2] vgg16-random-none-seed0") for line in lines)
+               and not any(line.startswith("Method") for line in lines)
+               for lines in snapshots), snapshots
+    first = (tmp_path / "stdout.txt").read_text()
+    assert "expected time: about" in first and "s of training steps" in first
+    assert "total wall time" in first and "imports" in first
+    # a rerun says which results it reuses and trains nothing again
+    (out / "runs" / "vgg16-random-both-seed0-N3" / "result.json").unlink()  # resumed instead
+    again = subprocess.run(command, capture_output=True, text=True, timeout=300)
+    assert again.returncode == 0, again.stderr
+    assert "1 run(s) finished earlier" in again.stdout
+    assert "vgg16-random-both-seed0-N3: resumed from its checkpoint after epoch 2" in again.stdout
+    assert "vgg16-random-none-seed0: accuracy" in again.stdout
+    assert "reused from an earlier run (which trained" in again.stdout
+
+
+def test_grow_errors_and_warnings_name_the_flags(capsys):
+    from simcore.experiment.cli import build_parser, main, plan
+
+    for argv, message in [
+        (["--N", "-3"], "--N must be >= 0, got -3"),
+        (["--batch-size", "0"], "--batch-size must be >= 1, got 0"),
+        (["--grow-every", "0"], "--grow-every must be >= 1"),
+        (["--data-root", "somewhere"], "--data-root reads CIFAR files"),
+        (["--similarity", "on", "--ablation"], "--ablation runs the baseline"),
+    ]:
+        assert main(argv) == 2
+        err = capsys.readouterr().err
+        assert err.startswith("simcore grow: error: ") and message in err, (argv, err)
+        assert len(err.strip().splitlines()) == 1 and "_" not in err.split(":")[2].split()[0]
+    warnings = plan(build_parser().parse_args(
+        ["--similarity", "off", "--N", "3", "--lam", "0.1", "--ssd-mode", "fast"]))["warnings"]
+    assert warnings == ["--N, --lam ignored: --similarity off runs no similarity phase",
+                        "--ssd-mode ignored: it applies to --method ssd only"]
 
 
 def test_ablation_of_the_two_terms(tmp_path):

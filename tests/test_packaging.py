@@ -75,6 +75,7 @@ def test_wheel_contains_every_module(wheel):
         assert "simcore = simcore.cli:main" in archive.read(entry_points).decode()
 
 
+@pytest.mark.slow  # long: see tests/conftest.py for the two tiers
 def test_every_module_imports_from_the_wheel(wheel, tmp_path):
     site = tmp_path / "site"
     with zipfile.ZipFile(wheel) as archive:

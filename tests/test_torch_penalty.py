@@ -262,6 +262,7 @@ def _train_step(model, penalty, x, y):
     return loss.detach()
 
 
+@pytest.mark.slow  # long: see tests/conftest.py for the two tiers
 def test_compile_smoke_matches_eager():
     # aot_eager runs dynamo and AOTAutograd (what meets the autograd.Function) without
     # inductor's C++ build, which takes minutes on a small CPU; the core itself runs

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import re
 import sys
 import time
 from collections.abc import Sequence
@@ -43,7 +44,7 @@ from .config import (
     preset,
 )
 
-__all__ = ["build_parser", "main", "plan"]
+__all__ = ["FIELD_FLAGS", "build_parser", "flag_names", "main", "plan"]
 
 _SIMILARITY = {"on": ["both"], "off": ["none"], "both": ["none", "both"]}
 # option name -> RunConfig field, for the options that simply override the preset
@@ -59,6 +60,34 @@ _OVERRIDES = {
     "test_limit": "test_limit", "val_fraction": "val_fraction", "data_seed": "data_seed",
     "device": "device",
 }
+
+#: RunConfig field (and run_experiment argument) -> the flag a user types to set it, so that
+#: an error names ``--N``, not ``phase_steps``.
+FIELD_FLAGS = {field: "--" + option.replace("_", "-") for option, field in _OVERRIDES.items()}
+FIELD_FLAGS.update(phase_steps="--N", seeds="--seeds", jobs="--jobs", threads="--threads",
+                   methods="--method")
+# Single words such as "model" or "lr" also occur in prose: they are replaced only as the
+# subject of a validation message ("lr must be ..."); names with "_" are replaced anywhere.
+_FIELD_PATTERN = re.compile(
+    r"\b(" + "|".join(sorted((f for f in FIELD_FLAGS if "_" in f), key=len, reverse=True))
+    + r")\b|\b(" + "|".join(f for f in FIELD_FLAGS if "_" not in f)
+    + r")\b(?= (?:must|holds)\b)")
+
+
+def flag_names(message: str) -> str:
+    """``message`` with RunConfig field names replaced by the flags that set them.
+
+    >>> flag_names("phase_steps must be >= 0, got -3")
+    '--N must be >= 0, got -3'
+    >>> flag_names("lr must be a finite positive number, got 0.0; the model grows")
+    '--lr must be a finite positive number, got 0.0; the model grows'
+    """
+    return _FIELD_PATTERN.sub(lambda m: FIELD_FLAGS[m.group(0)], message)
+
+# Options that only matter when a similarity phase runs, and those that only matter for one
+# growth method: given without it, they are ignored, which a warning says.
+_PHASE_OPTIONS = ("N", "phase", "phase_step", "phase_lr", "lam", "form", "anchor")
+_METHOD_OPTIONS = {"ssd_mode": "ssd", "firefly_candidates": "firefly"}
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -189,21 +218,38 @@ def plan(args: argparse.Namespace) -> dict[str, Any]:
     if len(phase_steps) > 1 and not base.val_fraction:
         raise ValueError("an N sweep (several --N) chooses N on a validation split: give "
                          "--val-fraction > 0")
+    if args.data_root is not None and base.dataset == "digits":
+        raise ValueError("--data-root reads CIFAR files, but the digits are bundled with "
+                         "scikit-learn: leave out --data-root or pass --dataset cifar10")
+    warnings = []
+    if terms == ["none"]:
+        ignored = [FIELD_FLAGS.get(o, "--" + o) for o in _PHASE_OPTIONS
+                   if getattr(args, o) is not None]
+        if ignored:
+            warnings.append(f"{', '.join(ignored)} ignored: --similarity off runs no "
+                            f"similarity phase")
+    for option, method in _METHOD_OPTIONS.items():
+        if getattr(args, option) is not None and method not in methods:
+            warnings.append(f"{FIELD_FLAGS[option]} ignored: it applies to --method {method} "
+                            f"only")
     out = args.out if args.out is not None else Path("simcore-grow") / args.preset
     return {"base": base, "methods": list(methods), "terms": terms, "seeds": list(seeds),
-            "phase_steps": phase_steps, "out": out}
+            "phase_steps": phase_steps, "out": out, "warnings": warnings}
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of ``simcore grow``; returns the exit status."""
+    started = time.perf_counter()  # the total below includes torch's import and the data
     args = build_parser().parse_args(argv)
     try:
         chosen = plan(args)
         if args.threads is not None and args.threads < 1:
             raise ValueError(f"--threads must be >= 1, got {args.threads}")
     except (TypeError, ValueError) as err:
-        print(f"simcore grow: error: {err}", file=sys.stderr)
+        print(f"simcore grow: error: {flag_names(str(err))}", file=sys.stderr)
         return 2
+    for warning in chosen["warnings"]:
+        print(f"simcore grow: warning: {warning}", file=sys.stderr)
     import torch
 
     from .compare import run_experiment  # imports torch; keep --help fast
@@ -227,7 +273,6 @@ def main(argv: Sequence[str] | None = None) -> int:
         torch.set_num_threads(threads)
 
     progress = not args.quiet and sys.stderr.isatty()
-    started = time.perf_counter()
     try:
         outcome = run_experiment(
             chosen["base"], methods=chosen["methods"], terms=chosen["terms"],
@@ -239,7 +284,7 @@ def main(argv: Sequence[str] | None = None) -> int:
               f"Run the same command again to resume.", file=sys.stderr)
         return 130
     except (OSError, ValueError, TypeError) as err:
-        print(f"simcore grow: error: {err}", file=sys.stderr)
+        print(f"simcore grow: error: {flag_names(str(err))}", file=sys.stderr)
         return 2
     print()
     print(outcome["table"])
@@ -248,7 +293,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     print()
     for kind, path in outcome["files"].items():
         print(f"{kind}: {path}")
-    print(f"total wall time {time.perf_counter() - started:.1f} s")
+    print(f"total wall time {time.perf_counter() - started:.1f} s (from the start of simcore "
+          f"grow: imports, data, every run, table and figures; Python's own start-up excluded)")
     return 0
 
 

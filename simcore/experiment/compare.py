@@ -20,13 +20,13 @@ from typing import Any
 import numpy as np
 import torch
 
-from .config import METHODS, TERMS, RunConfig
+from .config import METHODS, TERMS, RunConfig, estimate_seconds
 from .data import ImageDataset, load_dataset, normalize
 from .gradcam import grad_cam
 from .measure import growth_line
 from .report import format_n_sweep, format_table, summarize, write_results
-from .runner import CHECKPOINT, Hooks, load_model, resolve_device, run_one
-from .statistics import conclusion, paired_differences, select_n_best
+from .runner import CHECKPOINT, Hooks, load_model, resolve_device, run_one, run_status
+from .statistics import MODEL_NAMES, conclusion, paired_differences, select_n_best, terms_label
 
 __all__ = ["gradcam_figure", "run_experiment"]
 
@@ -56,10 +56,17 @@ def _one_per_class(dataset: ImageDataset, count: int) -> torch.Tensor:
     return torch.tensor(picks, dtype=torch.long)
 
 
+#: Grad-CAM shows one test image per class, for at most this many classes (all of the digits'
+#: and CIFAR-10's; CIFAR-100's first ten, as the figure's title says).
+GRADCAM_CLASSES = 10
+
+
 def gradcam_figure(baseline_dir: str | Path, other_dir: str | Path, dataset: ImageDataset,
-                   path: str | Path, *, count: int = 6, labels=("baseline", "+ours"),
-                   device: str | torch.device = "cpu") -> Path:
-    """Fig. 4 from two finished runs: one test image per class, and both models' Grad-CAM."""
+                   path: str | Path, *, count: int = GRADCAM_CLASSES,
+                   labels=("baseline", "+ours"), device: str | torch.device = "cpu",
+                   title: str | None = None) -> Path:
+    """Fig. 4 from two finished runs: one test image per class (the first ``count`` classes),
+    and both models' Grad-CAM for the true class."""
     from .figures import plot_gradcam
 
     index = _one_per_class(dataset, count)
@@ -71,7 +78,14 @@ def gradcam_figure(baseline_dir: str | Path, other_dir: str | Path, dataset: Ima
         model = load_model(Path(run_dir) / CHECKPOINT, device=device)
         rows.append((label, grad_cam(model, inputs, targets).cpu().numpy()))
     images = raw.permute(0, 2, 3, 1).cpu().numpy().astype(np.float64) / 255.0
-    return plot_gradcam(images, rows, path, titles=[f"class {int(t)}" for t in targets])
+    shown = len(index)
+    classes = (f"one test image of each of the {shown} classes" if shown == dataset.num_classes
+               else f"one test image of each of the first {shown} of {dataset.num_classes} "
+                    f"classes")
+    heading = (f"{title + ': ' if title else ''}Grad-CAM of the true class at the end of "
+               f"training, {classes} of {dataset.name}")
+    return plot_gradcam(images, rows, path, titles=[f"class {int(t)}" for t in targets],
+                        title=heading)
 
 
 def run_experiment(
@@ -120,24 +134,29 @@ def run_experiment(
     device = resolve_device(base.device)
     dataset = dataset.to(device)
     say = echo or (lambda _text: None)
-    validation = (f" / {dataset.val_labels.shape[0]} validation"
-                  if dataset.has_validation else "")
-    say(f"simcore grow: {len(configs)} run(s) on {dataset.name} "
-        f"({dataset.train_labels.shape[0]} train{validation} / {dataset.test_labels.shape[0]} "
-        f"test images), {base.model}, {base.epochs} epochs, device {device}"
-        + (f", {jobs} runs at a time" if jobs > 1 else "") + f"; output in {out}")
     for config in configs:
         run_dir = out / "runs" / config.label
         if fresh and run_dir.exists():
             shutil.rmtree(run_dir)
+    statuses = [run_status(config, out / "runs" / config.label) for config in configs]
+    say(_plan_line(base, configs, statuses, dataset, device, jobs, out))
     done = 0
 
     def report(config: RunConfig, result: dict[str, Any]) -> None:
         nonlocal done
         done += 1
+        status, epoch = statuses[configs.index(config)]
+        seconds = result["training_seconds"]
+        if status == "reused":
+            trained = f"reused from an earlier run (which trained {seconds:.1f} s)"
+        else:
+            trained = (f"{seconds:.1f} s of training steps, growths and phases (evaluation "
+                       f"excluded)")
+            if status == "resumed":
+                trained = f"resumed from epoch {epoch} of {config.epochs}; {trained}, all sessions"
         say(f"[{done}/{len(configs)}] {config.label}: accuracy "
             f"{result['final_accuracy']:.2f}%, {result['parameters_seed']} -> "
-            f"{result['parameters_final']} parameters, {result['training_seconds']:.1f} s")
+            f"{result['parameters_final']} parameters, {trained}")
         for record in result["growths"]:
             say("    " + growth_line(record))
 
@@ -163,6 +182,44 @@ def run_experiment(
         files.update(_figures(results, configs, out, dataset, device, n_best))
     return {"results": results, "summary": summary, "table": table, "files": files,
             "conclusion": conclusion(paired_differences(results)), "n_sweeps": sweeps}
+
+
+def _plan_line(base: RunConfig, configs: Sequence[RunConfig], statuses: Sequence[tuple[str, int]],
+               dataset: ImageDataset, device: torch.device, jobs: int, out: Path) -> str:
+    """The first line of ``simcore grow``: what will run, on what, and roughly how long."""
+    train = dataset.train_labels.shape[0]
+    held = train + (dataset.val_labels.shape[0] if dataset.has_validation else 0)
+    validation = f" / {dataset.val_labels.shape[0]} validation" if dataset.has_validation else ""
+    line = (f"simcore grow: {len(configs)} run(s) on {dataset.name} ({train} train{validation} / "
+            f"{dataset.test_labels.shape[0]} test images), {base.model}, {base.epochs} epochs, "
+            f"device {device}" + (f", {jobs} runs at a time" if jobs > 1 else "")
+            + f"; output in {out}")
+    if base.train_limit is not None and base.train_limit > held:
+        line += (f"\n  note: --train-limit {base.train_limit} is more than the {held} training "
+                 f"images of {dataset.name}: all of them are used")
+    reused = sum(status == "reused" for status, _ in statuses)
+    resumed = [(c.label, epoch) for c, (status, epoch) in zip(configs, statuses, strict=True)
+               if status == "resumed"]
+    if reused:
+        line += f"\n  {reused} run(s) finished earlier in {out}: reused, not trained again"
+    for label, epoch in resumed:
+        line += f"\n  {label}: resumed from its checkpoint after epoch {epoch}"
+    epochs_left = sum(c.epochs - epoch for c, (status, epoch) in zip(configs, statuses,
+                                                                      strict=True)
+                      if status != "reused")
+    if epochs_left:
+        seconds = estimate_seconds(base.replace(device=device.type), epochs_left, train,
+                                   min(jobs, len(configs) - reused))
+        line += ("\n  expected time: " + (
+            f"about {_duration(seconds)} for the training (measured on a 2-core CPU; "
+            f"imports, data and figures add 10-20 s)" if seconds is not None else
+            f"no measured cost for {base.model} on {dataset.name} on {device.type}: "
+            f"{epochs_left} epochs in all; each run prints a line when it ends"))
+    return line
+
+
+def _duration(seconds: float) -> str:
+    return f"{seconds:.0f} s" if seconds < 90 else f"{seconds / 60:.0f} min"
 
 
 def _load(config: RunConfig) -> ImageDataset:
@@ -219,6 +276,7 @@ def _run_parallel(configs, out, jobs, threads, progress, report) -> list[dict[st
 
 
 def _figures(results, configs, out, dataset, device, n_best) -> dict[str, Path]:
+    base = configs[0]
     from .figures import plot_curves, plot_phase_similarity, plot_similarity
 
     files = {"similarity_figure": plot_similarity(results, out / "similarity_layer2.png"),
@@ -240,8 +298,9 @@ def _figures(results, configs, out, dataset, device, n_best) -> dict[str, Path]:
                       if (method, t, first_seed) in by_key), None)
         if baseline is None or other is None:
             continue
-        label = "+ours" if other.terms == "both" else other.terms
         files[f"gradcam_{method}"] = gradcam_figure(
             out / "runs" / baseline.label, out / "runs" / other.label, dataset,
-            out / f"gradcam_{method}.png", labels=(method, f"{method} {label}"), device=device)
+            out / f"gradcam_{method}.png", device=device,
+            labels=(terms_label(method, "none"), terms_label(method, other.terms)),
+            title=f"{MODEL_NAMES.get(base.model, base.model)}, seed {first_seed}")
     return files

@@ -25,11 +25,24 @@ matplotlib.use("Agg")  # files only; set before pyplot is imported
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
-__all__ = ["plot_curves", "plot_gradcam", "plot_phase_similarity", "plot_similarity"]
+__all__ = ["TERM_COLORS", "plot_curves", "plot_gradcam", "plot_phase_similarity",
+           "plot_similarity", "term_color"]
 
-from .config import TERM_LABELS  # noqa: E402
 from .statistics import MODEL_NAMES as _MODEL_NAMES  # noqa: E402
 from .statistics import run_order, terms_label  # noqa: E402
+
+#: One colour per choice of terms, the same in every figure: baseline grey, +ours blue,
+#: +control red, Eq. 2 only orange, Eq. 4 only green.
+TERM_COLORS = {"none": "0.45", "both": "tab:blue", "control": "tab:red", "eq2": "tab:orange",
+               "eq4": "tab:green"}
+_COLOR_NAMES = {"tab:blue": "blue", "tab:red": "red", "tab:orange": "orange",
+                "tab:green": "green"}
+#: Line styles that tell several N of one terms apart (an N sweep), in the order of N.
+_N_STYLES = ("-", "--", ":", "-.")
+
+
+def term_color(terms: str) -> str:
+    return TERM_COLORS.get(terms, "tab:purple")
 
 
 def _save(fig, path: str | Path) -> Path:
@@ -40,47 +53,57 @@ def _save(fig, path: str | Path) -> Path:
     return path
 
 
-def _hist(ax, stats: dict[str, Any], label: str, color: str) -> None:
+def _hist(ax, stats: dict[str, Any], label: str, color: str, *, filled: bool) -> None:
+    """One histogram: filled (the reference, e.g. the baseline) or as an outline on top, so
+    that several stay readable where they overlap."""
     edges = np.asarray(stats["edges"])
     counts = np.asarray(stats["counts"], dtype=float)
     share = counts / max(counts.sum(), 1.0)
-    ax.stairs(share, edges, fill=True, alpha=0.45, color=color,
-              label=f"{label}: {100 * stats['share_within_half']:.0f}% in [-0.5, 0.5], "
-                    f"mean |cos| {stats['mean_abs']:.3f}")
+    text = (f"{label}: {100 * stats['share_within_half']:.0f}% in [-0.5, 0.5], "
+            f"mean |cos| {stats['mean_abs']:.3f}")
+    if filled:
+        ax.stairs(share, edges, fill=True, alpha=0.5, color=color, label=text)
+    else:
+        ax.stairs(share, edges, color=color, linewidth=1.6, label=text)
 
 
 def plot_similarity(results: Sequence[dict[str, Any]], path: str | Path) -> Path:
     """Fig. 6: layer-2 cosine-similarity histograms, baseline vs the other terms, per method.
 
-    Uses each group's first seed. A method run with only one choice of terms
-    shows that run at the seed and at the end instead.
+    Uses each group's first seed; panels in the table's order with one y scale, each legend
+    under its panel. A method run with only one choice of terms shows that run at the seed
+    and at the end instead.
     """
     if not results:
         raise ValueError("results is empty: nothing to plot")
     by_method: dict[tuple[str, str], dict[str, dict]] = {}
-    for r in sorted(results, key=lambda r: r["config"]["seed"]):
+    for r in sorted(results, key=lambda r: (run_order(r["config"]["model"],
+                                                      r["config"]["method"],
+                                                      r["config"]["terms"], None),
+                                            r["config"]["seed"])):
         c = r["config"]
         by_method.setdefault((c["model"], c["method"]), {}).setdefault(c["terms"], r)
-    fig, axes = plt.subplots(1, len(by_method), figsize=(5.2 * len(by_method), 3.6),
-                             squeeze=False)
-    colors = {"none": "tab:gray", "eq2": "tab:orange", "eq4": "tab:green", "both": "tab:blue",
-              "control": "tab:red"}
-    for ax, ((model, method), runs) in zip(axes[0], sorted(by_method.items()), strict=True):
+    fig, axes = plt.subplots(1, len(by_method), figsize=(4.6 * len(by_method), 3.4),
+                             squeeze=False, sharey=True, layout="constrained")
+    for ax, ((model, method), runs) in zip(axes[0], by_method.items(), strict=True):
+        ax.axvspan(-0.5, 0.5, color="0.94", zorder=0)  # the band the shares count
         if len(runs) == 1:
             (terms, run), = runs.items()
-            _hist(ax, run["similarity"]["seed"], "seed", "tab:gray")
-            _hist(ax, run["similarity"]["final"], f"end ({TERM_LABELS.get(terms, terms)})",
-                  colors.get(terms, "tab:purple"))
+            _hist(ax, run["similarity"]["seed"], "at the seed", TERM_COLORS["none"], filled=True)
+            _hist(ax, run["similarity"]["final"], f"{terms_label(method, terms)}, at the end",
+                  term_color(terms), filled=False)
         else:
             for terms, run in runs.items():
-                _hist(ax, run["similarity"]["final"], TERM_LABELS.get(terms, terms),
-                      colors.get(terms, "tab:purple"))
-        layer = next(iter(runs.values()))["similarity"]["layer"]
-        ax.set_title(f"{model} {method}: layer 2 ({layer})", fontsize=9)
-        ax.set_xlabel("cosine similarity between neurons")
-        ax.set_ylabel("share of pairs")
+                _hist(ax, run["similarity"]["final"], terms_label(method, terms),
+                      term_color(terms), filled=terms == "none")
+        first = next(iter(runs.values()))
+        ax.set_title(f"{_MODEL_NAMES.get(model, model)} {terms_label(method, 'none')}: "
+                     f"layer 2 ({first['similarity']['layer']}), seed {first['config']['seed']}",
+                     fontsize=9)
+        ax.set_xlabel("cosine similarity between neurons (shaded: [-0.5, 0.5])")
         ax.set_xlim(-1, 1)
-        ax.legend(fontsize=6.5, loc="upper left")
+        ax.legend(fontsize=7, loc="upper center", bbox_to_anchor=(0.5, -0.2), frameon=False)
+    axes[0, 0].set_ylabel("share of pairs")
     return _save(fig, path)
 
 
@@ -141,7 +164,8 @@ def plot_phase_similarity(results: Sequence[dict[str, Any]], path: str | Path, *
         subfigure.suptitle(f"{model} {terms_label(c['method'], c['terms'])}"
                            + ("" if steps is None else f", N = {steps}")
                            + f" (seed {c['seed']}): cosine similarity between the neurons of "
-                           "each grown layer, before (grey) and after (blue) the phase; "
+                           f"each grown layer, before (grey) and after "
+                           f"({_COLOR_NAMES.get(term_color(c['terms']), 'coloured')}) the phase; "
                            "shaded: [-0.5, 0.5]",
                            fontsize=9, x=0.01, ha="left", fontweight="bold")
         axes = subfigure.subplots(rows, width, squeeze=False)
@@ -152,7 +176,7 @@ def plot_phase_similarity(results: Sequence[dict[str, Any]], path: str | Path, *
             before, after = layer["before"], layer["after"]
             ax.stairs(_share(before), np.asarray(before["edges"]), fill=True, color="0.6",
                       alpha=0.7, label=_side_label("before", before))
-            ax.stairs(_share(after), np.asarray(after["edges"]), color="tab:blue",
+            ax.stairs(_share(after), np.asarray(after["edges"]), color=term_color(c["terms"]),
                       linewidth=1.4, label=_side_label("after", after))
             change = layer.get("relative_change")
             ax.set_title(f"growth {number} (epoch {growth.get('epoch', '?')}): {name}"
@@ -173,29 +197,60 @@ def plot_phase_similarity(results: Sequence[dict[str, Any]], path: str | Path, *
 
 
 def plot_curves(results: Sequence[dict[str, Any]], path: str | Path) -> Path:
-    """Test accuracy (left) and parameter count (right) over epochs, one line per run."""
+    """Test accuracy (top) and parameter count (bottom) over epochs, one column per
+    (model, method) in the table's order: per (terms, N) the mean over seeds as a line and the
+    range over seeds (min to max) shaded; one y scale per row; legends under the columns."""
     if not results:
         raise ValueError("results is empty: nothing to plot")
-    fig, (acc_ax, par_ax) = plt.subplots(1, 2, figsize=(11, 3.8))
+    groups: dict[tuple, list[dict[str, Any]]] = {}
     for r in results:
-        epochs = [h["epoch"] for h in r["history"]]
-        acc_ax.plot(epochs, [h["test_accuracy"] for h in r["history"]], marker=".",
-                    label=r["label"])
-        par_ax.plot(epochs, [h["parameters"] for h in r["history"]], marker=".",
-                    label=r["label"])
-    acc_ax.set(xlabel="epoch", ylabel="test accuracy (%)", title="accuracy")
-    par_ax.set(xlabel="epoch", ylabel="parameters", title="parameters (growth steps)")
-    par_ax.ticklabel_format(axis="y", style="sci", scilimits=(0, 0))
-    acc_ax.legend(fontsize=6)
+        c = r["config"]
+        key = (c["model"], c["method"], c["terms"], r.get("phase_steps"))
+        groups.setdefault(key, []).append(r)
+    columns = list(dict.fromkeys(k[:2] for k in sorted(groups, key=lambda k: run_order(*k))))
+    fig, axes = plt.subplots(2, len(columns), figsize=(4.6 * len(columns), 6.2), squeeze=False,
+                             sharey="row", sharex=True, layout="constrained")
+    for column, (model, method) in enumerate(columns):
+        acc_ax, par_ax = axes[0, column], axes[1, column]
+        keys = [k for k in sorted(groups, key=lambda k: run_order(*k)) if k[:2] == (model, method)]
+        steps_seen: dict[str, list] = {}
+        for key in keys:
+            terms, steps = key[2], key[3]
+            runs = groups[key]
+            steps_seen.setdefault(terms, []).append(steps)
+            style = _N_STYLES[(len(steps_seen[terms]) - 1) % len(_N_STYLES)]
+            epochs = [h["epoch"] for h in runs[0]["history"]]
+            label = terms_label(method, terms) + ("" if steps is None or terms == "none"
+                                                  else f", N = {steps}")
+            label += f" ({len(runs)} seed{'s' if len(runs) > 1 else ''})"
+            for ax, field in ((acc_ax, "test_accuracy"), (par_ax, "parameters")):
+                values = np.array([[h[field] for h in r["history"]] for r in runs], dtype=float)
+                ax.plot(epochs, values.mean(axis=0), style, color=term_color(terms),
+                        marker=".", linewidth=1.5, label=label)
+                if len(runs) > 1:
+                    ax.fill_between(epochs, values.min(axis=0), values.max(axis=0),
+                                    color=term_color(terms), alpha=0.15, linewidth=0)
+        acc_ax.set_title(f"{_MODEL_NAMES.get(model, model)} {terms_label(method, 'none')}",
+                         fontsize=10)
+        par_ax.set_xlabel("epoch")
+        par_ax.xaxis.set_major_locator(matplotlib.ticker.MaxNLocator(integer=True))
+        par_ax.ticklabel_format(axis="y", style="sci", scilimits=(0, 0))
+        par_ax.legend(fontsize=7.5, loc="upper center", bbox_to_anchor=(0.5, -0.22),
+                      frameon=False)
+    axes[0, 0].set_ylabel("test accuracy (%)")
+    axes[1, 0].set_ylabel("parameters (steps: growths)")
+    fig.suptitle("line: mean over seeds; shaded: min to max over seeds", fontsize=9)
     return _save(fig, path)
 
 
 def plot_gradcam(images: np.ndarray, rows: Sequence[tuple[str, np.ndarray]],
-                 path: str | Path, *, titles: Sequence[str] | None = None) -> Path:
+                 path: str | Path, *, titles: Sequence[str] | None = None,
+                 title: str | None = None) -> Path:
     """Fig. 4: ``images`` ``(K, H, W, 3)`` in [0, 1] on top, then one row of maps per model.
 
     ``rows`` pairs a row label with Grad-CAM maps ``(K, H, W)`` in [0, 1]; each
-    map is drawn over its (greyed) input.
+    map is drawn over its (greyed) input, with a colour bar for the map's scale and
+    ``title`` (if given) above the figure.
     """
     images = np.asarray(images, dtype=float)
     if images.ndim != 4 or images.shape[-1] != 3:
@@ -205,19 +260,28 @@ def plot_gradcam(images: np.ndarray, rows: Sequence[tuple[str, np.ndarray]],
         if np.shape(maps) != images.shape[:3]:
             raise ValueError(f"maps of row {label!r} have shape {np.shape(maps)}, "
                              f"expected {images.shape[:3]}")
-    fig, axes = plt.subplots(1 + len(rows), count, figsize=(1.5 * count, 1.6 * (1 + len(rows))),
-                             squeeze=False)
+    fig, axes = plt.subplots(1 + len(rows), count,
+                             figsize=(1.25 * count + 1.2, 1.35 * (1 + len(rows)) + 0.5),
+                             squeeze=False, layout="constrained")
     grey = images.mean(axis=-1)
+    shown = None
     for k in range(count):
         axes[0, k].imshow(images[k])
         if titles is not None:
-            axes[0, k].set_title(titles[k], fontsize=7)
+            axes[0, k].set_title(titles[k], fontsize=8)
         for row, (_label, maps) in enumerate(rows, start=1):
             axes[row, k].imshow(grey[k], cmap="gray")
-            axes[row, k].imshow(np.asarray(maps[k]), cmap="jet", alpha=0.5, vmin=0, vmax=1)
+            shown = axes[row, k].imshow(np.asarray(maps[k]), cmap="jet", alpha=0.5, vmin=0,
+                                        vmax=1)
     for row, label in enumerate(["input"] + [label for label, _ in rows]):
         axes[row, 0].set_ylabel(label, fontsize=8)
     for ax in axes.ravel():
         ax.set_xticks([])
         ax.set_yticks([])
+    if shown is not None:
+        bar = fig.colorbar(shown, ax=axes[1:, :].ravel().tolist(), shrink=0.9, pad=0.01)
+        bar.set_label("Grad-CAM (1: the image's\nmost used region)", fontsize=7)
+        bar.ax.tick_params(labelsize=7)
+    if title:
+        fig.suptitle(title, fontsize=9)
     return _save(fig, path)

@@ -82,7 +82,9 @@ mean |cos|: final mean |cosine| between neurons of the conv/linear layers (depth
   excluded), and its mean per-seed ratio to the baseline's (below 1: less similar neurons).
 N: steps of the similarity phase after each growth. +ours: Eq. 5 (Eq. 2 and Eq. 4; the
   Eq.2/Eq.4 columns mark o used, x unused); +control: a random perturbation of the grown
-  layers as large as the phase's change. -: not applicable."""
+  layers as large as the phase's change. -: not applicable.
+Time (s): wall time of one run's training steps, growths and phases, mean over seeds
+  (evaluation, data loading and imports excluded); Seeds: the run seeds."""
 
 
 def _mean(values: Sequence[float | None]) -> float | None:

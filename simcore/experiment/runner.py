@@ -70,7 +70,7 @@ from .measure import (
 from .terms import make_phase
 
 __all__ = ["Hooks", "RunInterrupted", "growth_line", "layer_name", "resolve_device", "run_one",
-           "similarity_layers"]
+           "run_status", "similarity_layers"]
 
 CHECKPOINT = "checkpoint.pt"
 RESULT = "result.json"
@@ -202,6 +202,26 @@ def _write_json(path: Path, value: Any) -> None:
     temporary = path.with_name(f".{path.name}.tmp")
     temporary.write_text(json.dumps(value, indent=1))
     os.replace(temporary, path)
+
+
+def run_status(config: RunConfig, out_dir: str | Path) -> tuple[str, int]:
+    """What :func:`run_one` will do in ``out_dir``: ``("reused", epochs)`` for a finished run
+    with the same settings, ``("resumed", epoch)`` for a checkpoint after ``epoch`` finished
+    epochs, else ``("new", 0)`` (also when the files hold other settings: run_one says so)."""
+    out = Path(out_dir)
+    key = config.training_key()
+    try:
+        if (out / RESULT).exists():
+            previous = json.loads((out / RESULT).read_text())
+            if isinstance(previous, dict) and previous.get("key") == key:
+                return "reused", config.epochs
+        if (out / CHECKPOINT).exists():
+            extra = torch.load(out / CHECKPOINT, map_location="cpu", weights_only=True)["extra"]
+            if isinstance(extra, dict) and extra.get("key") == key:
+                return "resumed", int(extra["state"]["epoch"])
+    except (OSError, ValueError, RuntimeError, KeyError, TypeError, EOFError):
+        pass  # unreadable files: run_one reports them with the way out
+    return "new", 0
 
 
 def run_one(config: RunConfig, out_dir: str | Path, *, dataset: ImageDataset | None = None,
