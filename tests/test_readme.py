@@ -27,6 +27,7 @@ def test_ci_runs_the_readme_test_command():
     found = [line for line in README.splitlines() if re.search(pattern, line)]
     assert found and "-m pytest" in found[0]
     assert 'eval "$test_command"' in script
+    assert 'SIMCORE_FULL_TESTS=1 eval "$test_command"' in script  # CI runs the slow tier too
 
 
 def test_ci_lints_and_type_checks_before_the_tests():
