@@ -242,8 +242,15 @@ def save_checkpoint(
     payload["digest"] = content_digest(payload)
     path = Path(path)
     tmp = path.with_name(path.name + ".tmp")
-    torch.save(payload, tmp)
-    os.replace(tmp, path)
+    try:
+        torch.save(payload, tmp)
+        os.replace(tmp, path)
+    except BaseException as err:
+        tmp.unlink(missing_ok=True)  # a full disk or an interrupt leaves no half file behind
+        if isinstance(err, (OSError, RuntimeError)):  # torch reports a full disk as either
+            raise OSError(f"could not write checkpoint {path} ({err}); the previous one, if "
+                          f"any, is unchanged") from err
+        raise
 
 
 def _check_optimizer_order(saved: list[list[str]], rebuilt: list[list[str]]) -> None:

@@ -286,6 +286,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except (OSError, ValueError, TypeError) as err:
         print(f"simcore grow: error: {flag_names(str(err))}", file=sys.stderr)
         return 2
+    except FloatingPointError as err:  # a diverged run: it stopped, its last good state kept
+        print(f"simcore grow: error: {err}", file=sys.stderr)
+        return 1
     print()
     print(outcome["table"])
     print()

@@ -23,6 +23,7 @@ import torch
 from .config import METHODS, TERMS, RunConfig, estimate_seconds
 from .data import ImageDataset, load_dataset, normalize
 from .gradcam import grad_cam
+from .lock import OutputLock
 from .measure import growth_line
 from .report import format_n_sweep, format_table, summarize, write_results
 from .runner import CHECKPOINT, Hooks, load_model, resolve_device, run_one, run_status
@@ -130,56 +131,58 @@ def run_experiment(
                for m in methods for t in terms for n in (phase_steps if t != "none" else [None])
                for s in seeds]  # validates every seed and N
     out = Path(out_dir)
-    dataset = _load(base)
-    device = resolve_device(base.device)
-    dataset = dataset.to(device)
-    say = echo or (lambda _text: None)
-    for config in configs:
-        run_dir = out / "runs" / config.label
-        if fresh and run_dir.exists():
-            shutil.rmtree(run_dir)
-    statuses = [run_status(config, out / "runs" / config.label) for config in configs]
-    say(_plan_line(base, configs, statuses, dataset, device, jobs, out))
-    done = 0
-
-    def report(config: RunConfig, result: dict[str, Any]) -> None:
-        nonlocal done
-        done += 1
-        status, epoch = statuses[configs.index(config)]
-        seconds = result["training_seconds"]
-        if status == "reused":
-            trained = f"reused from an earlier run (which trained {seconds:.1f} s)"
-        else:
-            trained = (f"{seconds:.1f} s of training steps, growths and phases (evaluation "
-                       f"excluded)")
-            if status == "resumed":
-                trained = f"resumed from epoch {epoch} of {config.epochs}; {trained}, all sessions"
-        say(f"[{done}/{len(configs)}] {config.label}: accuracy "
-            f"{result['final_accuracy']:.2f}%, {result['parameters_seed']} -> "
-            f"{result['parameters_final']} parameters, {trained}")
-        for record in result["growths"]:
-            say("    " + growth_line(record))
-
-    if jobs == 1:
-        results = []
+    with OutputLock(out):  # one simcore grow per folder: two would overwrite each other
+        dataset = _load(base)
+        device = resolve_device(base.device)
+        dataset = dataset.to(device)
+        say = echo or (lambda _text: None)
         for config in configs:
-            result = run_one(config, out / "runs" / config.label, dataset=dataset,
-                             progress=progress, hooks=hooks, resume=not fresh)
-            report(config, result)
-            results.append(result)
-    else:
-        results = _run_parallel(configs, out, jobs, threads, progress, report)
-    files = write_results(results, out)
-    summary = summarize(results)
-    table = format_table(summary)
-    sweeps = {}
-    if len(phase_steps) > 1:  # N_best from the validation split, never the test split
-        sweeps = {m: select_n_best(results, method=m, model=base.model) for m in methods
-                  if "both" in terms}
-        table += "\n\n" + "\n".join(format_n_sweep(s) for s in sweeps.values())
-    if figures:
-        n_best = {m: s["n_best"] for m, s in sweeps.items()}
-        files.update(_figures(results, configs, out, dataset, device, n_best))
+            run_dir = out / "runs" / config.label
+            if fresh and run_dir.exists():
+                shutil.rmtree(run_dir)
+        statuses = [run_status(config, out / "runs" / config.label) for config in configs]
+        say(_plan_line(base, configs, statuses, dataset, device, jobs, out))
+        done = 0
+
+        def report(config: RunConfig, result: dict[str, Any]) -> None:
+            nonlocal done
+            done += 1
+            status, epoch = statuses[configs.index(config)]
+            seconds = result["training_seconds"]
+            if status == "reused":
+                trained = f"reused from an earlier run (which trained {seconds:.1f} s)"
+            else:
+                trained = (f"{seconds:.1f} s of training steps, growths and phases (evaluation "
+                           f"excluded)")
+                if status == "resumed":
+                    trained = (f"resumed from epoch {epoch} of {config.epochs}; {trained}, "
+                               f"all sessions")
+            say(f"[{done}/{len(configs)}] {config.label}: accuracy "
+                f"{result['final_accuracy']:.2f}%, {result['parameters_seed']} -> "
+                f"{result['parameters_final']} parameters, {trained}")
+            for record in result["growths"]:
+                say("    " + growth_line(record))
+
+        if jobs == 1:
+            results = []
+            for config in configs:
+                result = run_one(config, out / "runs" / config.label, dataset=dataset,
+                                 progress=progress, hooks=hooks, resume=not fresh)
+                report(config, result)
+                results.append(result)
+        else:
+            results = _run_parallel(configs, out, jobs, threads, progress, report)
+        files = write_results(results, out)
+        summary = summarize(results)
+        table = format_table(summary)
+        sweeps = {}
+        if len(phase_steps) > 1:  # N_best from the validation split, never the test split
+            sweeps = {m: select_n_best(results, method=m, model=base.model) for m in methods
+                      if "both" in terms}
+            table += "\n\n" + "\n".join(format_n_sweep(s) for s in sweeps.values())
+        if figures:
+            n_best = {m: s["n_best"] for m, s in sweeps.items()}
+            files.update(_figures(results, configs, out, dataset, device, n_best))
     return {"results": results, "summary": summary, "table": table, "files": files,
             "conclusion": conclusion(paired_differences(results)), "n_sweeps": sweeps}
 

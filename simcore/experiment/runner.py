@@ -328,7 +328,16 @@ def run_one(config: RunConfig, out_dir: str | Path, *, dataset: ImageDataset | N
                                            state.phase_layers)
                             phase_before = []
                         state.phase_seconds += time.perf_counter() - phase_started
-                    state.loss_sum += float(loss.detach()) * y.shape[0]
+                    loss_value = float(loss.detach())
+                    if not math.isfinite(loss_value):
+                        # raised before anything is saved: the last checkpoint stays the last
+                        # good one (an exception other than Ctrl-C writes no checkpoint)
+                        raise FloatingPointError(
+                            f"{config.label}: the training loss became {loss_value} in epoch "
+                            f"{epoch + 1}, batch {state.batch + 1}; the checkpoint of the last "
+                            f"completed epoch is kept. Lower --lr or --phase-lr, then run "
+                            f"again with --fresh")
+                    state.loss_sum += loss_value * y.shape[0]
                     state.correct += int((logits.argmax(dim=1) == y).sum())
                     state.seen += int(y.shape[0])
                     state.batch += 1
@@ -355,6 +364,7 @@ def run_one(config: RunConfig, out_dir: str | Path, *, dataset: ImageDataset | N
                                                   loss_fn, phase, state, stats_layer)
                     state.growths.append(record_)
                     state.train_seconds += time.perf_counter() - started
+                    _check_finite(model, config, epoch)
                 record["test_accuracy"] = evaluate(model, dataset)
                 record["val_accuracy"] = evaluate(model, dataset, split="val")
                 record["parameters"] = parameter_count(model)
@@ -383,6 +393,16 @@ def run_one(config: RunConfig, out_dir: str | Path, *, dataset: ImageDataset | N
     result = _result(config, key, state, model, device)
     _write_json(result_path, result)
     return result
+
+
+def _check_finite(model: nn.Module, config: RunConfig, epoch: int) -> None:
+    """Refuse to go on (and to checkpoint) with weights a growth or its phase made non-finite."""
+    if all(bool(torch.isfinite(p).all()) for p in model.parameters()):
+        return
+    raise FloatingPointError(
+        f"{config.label}: the weights became non-finite in the growth after epoch {epoch + 1} "
+        f"or its similarity phase; the checkpoint of the last completed epoch is kept. Lower "
+        f"--phase-lr (or use --phase-step relative), then run again with --fresh")
 
 
 def _phase(config: RunConfig):

@@ -1,0 +1,109 @@
+"""`simcore grow` loses nothing: a diverged run stops with its last good checkpoint, one output
+folder takes one run at a time, and a failed checkpoint write leaves the previous one whole."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from simcore.adapters.torch import save_checkpoint, vgg16
+from simcore.experiment import preset, run_experiment, run_one
+from simcore.experiment.lock import LOCK_NAME, FolderInUse, OutputLock
+
+TINY = preset("quick").replace(
+    width=4, epochs=2, grow_every=1, max_growths=1, batch_size=32, growth_batches=1,
+    firefly_candidates=4, train_limit=64, test_limit=32, phase_steps=2, method="random")
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def test_a_phase_that_blows_the_weights_up_stops_the_run_with_the_last_good_checkpoint(
+        tmp_path):
+    # An absolute step of 1e300 overflows the grown float32 weights: the run must stop before
+    # writing that state (the growth ends epoch 1, whose checkpoint is never written) and write
+    # no result.
+    config = TINY.replace(terms="both", phase_step="absolute", phase_lr=1e300)
+    with pytest.raises(FloatingPointError, match="non-finite.*--phase-lr"):
+        run_one(config, tmp_path)
+    assert not (tmp_path / "result.json").exists()
+    assert not (tmp_path / "checkpoint.pt").exists()  # epoch 1 ended in the growth: no save
+
+
+def test_a_loss_that_becomes_nan_stops_the_run_and_keeps_the_last_good_checkpoint(tmp_path):
+    config = TINY.replace(terms="none", epochs=3, max_growths=0)
+    original = torch.nn.CrossEntropyLoss.forward
+    calls = {"count": 0}
+
+    def diverging(self, logits, targets):
+        calls["count"] += 1  # two batches per epoch: the first batch of epoch 2 diverges
+        loss = original(self, logits, targets)
+        return loss * float("nan") if calls["count"] == 3 else loss
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(torch.nn.CrossEntropyLoss, "forward", diverging)
+        with pytest.raises(FloatingPointError, match="epoch 2.*checkpoint of the last"):
+            run_one(config, tmp_path)
+    saved = torch.load(tmp_path / "checkpoint.pt", weights_only=True)
+    assert saved["extra"]["state"]["epoch"] == 1  # the end of epoch 1, not the NaN state
+    assert all(torch.isfinite(t).all() for t in saved["model"].values()
+               if t.is_floating_point())
+
+
+def test_the_command_line_reports_a_diverged_run_in_one_line(tmp_path):
+    command = [sys.executable, "-m", "simcore", "grow", "--method", "random", "--similarity",
+               "on", "--width", "4", "--epochs", "2", "--grow-every", "1", "--max-growths", "1",
+               "--train-limit", "64", "--test-limit", "16", "--batch-size", "32",
+               "--phase-step", "absolute", "--phase-lr", "1e300", "--seeds", "0",
+               "--no-figures", "--quiet", "--jobs", "1", "--out", str(tmp_path / "out")]
+    done = subprocess.run(command, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 1, done.stderr
+    lines = done.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("simcore grow: error:")
+    assert "non-finite" in lines[0] and "Traceback" not in done.stderr
+
+
+def test_one_output_folder_takes_one_run_at_a_time(tmp_path):
+    with OutputLock(tmp_path):
+        with pytest.raises(FolderInUse, match="in use by another simcore grow"):
+            run_experiment(TINY, methods=["random"], terms=["none"], seeds=[0],
+                           out_dir=tmp_path, figures=False, echo=None)
+    assert not (tmp_path / "results.json").exists()
+    assert not (tmp_path / LOCK_NAME).exists()  # released by the holder
+
+
+def test_a_stale_lock_of_a_dead_process_is_taken_over(tmp_path):
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    (tmp_path / LOCK_NAME).write_text(str(dead.pid))
+    outcome = run_experiment(TINY, methods=["random"], terms=["none"], seeds=[0],
+                             out_dir=tmp_path, figures=False, echo=None)
+    assert len(outcome["results"]) == 1 and (tmp_path / "results.json").exists()
+    assert not (tmp_path / LOCK_NAME).exists()
+
+
+def test_a_failed_checkpoint_write_keeps_the_previous_one_and_leaves_no_temporary(
+        tmp_path, monkeypatch):
+    path = tmp_path / "checkpoint.pt"
+    model = vgg16(width=4)
+    save_checkpoint(path, model)
+    before = path.read_bytes()
+
+    def disk_full(obj, target, *args, **kwargs):
+        with open(target, "wb") as handle:
+            handle.write(b"half a checkpoint")
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(torch, "save", disk_full)
+    with pytest.raises(OSError, match="could not write checkpoint .*No space left.*unchanged"):
+        save_checkpoint(path, model)
+    assert path.read_bytes() == before
+    assert [p.name for p in tmp_path.iterdir()] == ["checkpoint.pt"]
