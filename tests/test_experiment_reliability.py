@@ -8,8 +8,8 @@ import sys
 
 import pytest
 import torch
-
 from simcore.adapters.torch import save_checkpoint, vgg16
+
 from simcore.experiment import preset, run_experiment, run_one
 from simcore.experiment.lock import LOCK_NAME, FolderInUse, OutputLock
 
