@@ -143,6 +143,7 @@ def test_missing_files_say_where_to_put_them(tmp_path):
     ({b"data": np.zeros((2, 100), dtype=np.uint8)}, "shape"),
     ({b"labels": [0, 1, 2]}, "3 labels for 2 images"),
     ({b"labels": [0, 10]}, r"labels must lie in \[0, 10\)"),
+    ({b"labels": np.array(3, dtype=np.uint8)}, r"test_batch: b'labels' must be a list of ints"),
 ])
 def test_malformed_batches_are_rejected(tmp_path, change, match):
     rng = np.random.default_rng(3)

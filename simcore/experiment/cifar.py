@@ -8,10 +8,12 @@ arrays, and every other global is refused before anything is called, so a
 crafted file raises :class:`UnsafePickleError` and runs nothing.
 :func:`simcore.experiment.data.load_cifar` reads the batches with it.
 
-Reading is bounded too: the loaded objects are walked without recursion, each
-shared object once, and a file holding more objects (:data:`MAX_NODES`) or
-deeper nesting (:data:`MAX_DEPTH`) than a CIFAR batch is refused, so a small
-crafted file can neither hang the reader nor exhaust the stack.
+Reading is bounded too: the opcodes are checked before unpickling
+(:func:`check_opcodes`), the loaded objects are walked without recursion, each
+shared object once, and a file holding more opcodes or objects
+(:data:`MAX_OPCODES`, :data:`MAX_NODES`) or deeper nesting (:data:`MAX_DEPTH`)
+than a CIFAR batch is refused, so a small crafted file can neither hang nor
+crash the reader.
 """
 
 from __future__ import annotations
@@ -28,7 +30,7 @@ from typing import Any, ClassVar, Literal, NoReturn
 import numpy as np
 
 __all__ = ["MAX_DEPTH", "MAX_NODES", "MAX_OPCODES", "RestrictedUnpickler", "UnsafePickleError",
-           "restricted_load"]
+           "check_opcodes", "restricted_load"]
 
 #: The most images one CIFAR file holds (CIFAR-100's ``train``; a CIFAR-10 batch holds 10000).
 _LARGEST_FILE_IMAGES = 50_000
@@ -38,8 +40,9 @@ _LARGEST_FILE_IMAGES = 50_000
 MAX_NODES = 4 * _LARGEST_FILE_IMAGES + 256
 #: Containers nested in one another: a CIFAR batch is a dict of lists (two levels).
 MAX_DEPTH = 4
-#: Pickle opcodes a file may hold: about two per object (the object and its memo entry).
-MAX_OPCODES = 4 * MAX_NODES
+#: Pickle opcodes a file may hold: Python 3 writes each bytes object into a protocol-2 pickle
+#: as a ``_codecs.encode`` call of about seven opcodes (a CIFAR-100 file: 500000 in all).
+MAX_OPCODES = 8 * MAX_NODES
 
 
 class UnsafePickleError(pickle.UnpicklingError, ValueError):

@@ -224,7 +224,8 @@ def _read_batch(path: Path, label_key: bytes, num_classes: int) -> tuple[np.ndar
         raise ValueError(f"{path}: b'data' must be a uint8 array of shape (N, {_CIFAR_PIXELS}), "
                          f"got {desc}")
     labels = batch[label_key]
-    if not isinstance(labels, (list, np.ndarray)) or np.ndim(labels) != 1 or not all(
+    if not isinstance(labels, (list, np.ndarray)) or (
+            isinstance(labels, np.ndarray) and labels.ndim != 1) or not all(
             isinstance(v, (int, np.integer)) and not isinstance(v, bool) for v in labels):
         raise ValueError(f"{path}: {label_key!r} must be a list of ints")
     if len(labels) != data.shape[0]:
