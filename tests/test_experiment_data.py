@@ -143,6 +143,7 @@ def test_missing_files_say_where_to_put_them(tmp_path):
     ({b"data": np.zeros((2, 100), dtype=np.uint8)}, "shape"),
     ({b"labels": [0, 1, 2]}, "3 labels for 2 images"),
     ({b"labels": [0, 10]}, r"labels must lie in \[0, 10\)"),
+    ({b"labels": np.array(3, dtype=np.uint8)}, r"test_batch: b'labels' must be a list of ints"),
 ])
 def test_malformed_batches_are_rejected(tmp_path, change, match):
     rng = np.random.default_rng(3)
@@ -245,6 +246,14 @@ def test_hand_written_uint8_layouts_load_including_python2_strings():
     assert type(py2) is np.ndarray and np.array_equal(py2, pixels) and py2.flags.writeable
 
 
+def _cifar10_with_test_batch(root, seed, change):
+    """A CIFAR-10 folder whose test batch has the entries of ``change``."""
+    rng = np.random.default_rng(seed)
+    _cifar10(root, rng)
+    _write(root / "cifar-10-batches-py" / "test_batch",
+           _cifar_batch(rng, 2, b"labels", 10, change))
+
+
 _FORGED_OBJECT_ARRAY = _array_opcodes(("O8", False, True), (3, "|", None, None, None, -1, -1, 0),
                                       (2,), _raw(b"\x41" * 16))
 
@@ -296,10 +305,7 @@ def test_non_uint8_or_inconsistent_arrays_are_refused(dtype_args, state, shape, 
 @pytest.mark.parametrize("array", [np.zeros((2, 3072)), np.array([None, 1], dtype=object),
                                    np.zeros((2, 3072), dtype=np.float32)])
 def test_real_non_uint8_arrays_in_a_batch_are_refused(tmp_path, array):
-    rng = np.random.default_rng(6)
-    _cifar10(tmp_path, rng)
-    _write(tmp_path / "cifar-10-batches-py" / "test_batch",
-           _cifar_batch(rng, 2, b"labels", 10, {b"data": array}))
+    _cifar10_with_test_batch(tmp_path, seed=6, change={b"data": array})
     with pytest.raises(UnsafePickleError, match=r"test_batch.*refused"):
         load_cifar(tmp_path, "cifar10")
 
@@ -314,3 +320,159 @@ def test_stand_ins_never_leak_out_of_a_load():
         _load(no_state)
     with pytest.raises(UnsafePickleError, match="ndarray"):
         _load(b"\x80\x02cnumpy\nndarray\n)\x81.")  # NEWOBJ of the marker
+
+
+# ---------------------------------------------------------------- bounded loading
+
+_REFUSE_IN_CHILD = """
+import sys
+from simcore.experiment.data import load_cifar
+try:
+    load_cifar(sys.argv[1], "cifar10")
+except ValueError as err:
+    print("REFUSED", type(err).__name__, err)
+else:
+    print("LOADED")
+"""
+
+
+def _load_cifar_in_child(root, timeout=20):
+    """``load_cifar(root)`` in a child process, so that a loader that hangs fails the test."""
+    child = subprocess.run([sys.executable, "-c", _REFUSE_IN_CHILD, str(root)],
+                           capture_output=True, text=True, timeout=timeout)
+    assert child.returncode == 0, child.stderr[-2000:]
+    return child.stdout
+
+
+def _shared_tuples(depth, width=2):
+    """``depth`` levels of a tuple that holds ``width`` references to the level below it."""
+    level = ()
+    for _ in range(depth):
+        level = (level,) * width
+    return level
+
+
+def test_a_tiny_file_of_deeply_shared_tuples_is_refused_at_once(tmp_path):
+    # 282 bytes that a walk without a memo expands to 2**40 nodes (the loader hung forever)
+    _cifar10(tmp_path, np.random.default_rng(7))
+    bomb = tmp_path / "cifar-10-batches-py" / "data_batch_2"
+    _write(bomb, {b"data": _shared_tuples(40), b"labels": []})
+    assert bomb.stat().st_size < 300
+    out = _load_cifar_in_child(tmp_path)
+    assert out.startswith("REFUSED UnsafePickleError") and "data_batch_2" in out
+    assert "nested deeper than" in out
+
+
+def test_shared_objects_are_walked_once(tmp_path):
+    # shallow enough for a CIFAR batch, but 10**8 nodes when every reference is walked
+    rng = np.random.default_rng(8)
+    batches, _ = _cifar10(tmp_path, rng)
+    shared = _shared_tuples(2, width=10_000)
+    _write(tmp_path / "cifar-10-batches-py" / "data_batch_1", {**batches[0], b"extra": shared})
+    assert _load_cifar_in_child(tmp_path).startswith("LOADED")
+    from simcore.experiment.cifar import restricted_load
+    loaded = restricted_load(tmp_path / "cifar-10-batches-py" / "data_batch_1")
+    assert loaded[b"extra"] == shared and loaded[b"extra"][0] is loaded[b"extra"][1]
+
+
+def _nested_lists(depth):
+    return b"]" * depth + b"a" * (depth - 1)
+
+
+@pytest.mark.parametrize("where", ["labels", "dtype state", "array shape"])
+def test_a_pickle_nested_200k_deep_is_refused_without_recursion_error(tmp_path, where):
+    rng = np.random.default_rng(9)
+    _cifar10(tmp_path, rng)
+    deep = _nested_lists(200_000)
+    good_data = _uint8_opcodes(np.zeros((2, 3072)))
+    if where == "labels":
+        blob = _batch_pickle(deep, good_data)
+    elif where == "dtype state":  # the refusal message must not print it whole either
+        dtype = b"cnumpy\ndtype\n" + _text("u1") + b"\x89\x88\x87R" + deep + b"b"
+        blob = _batch_pickle(b"](" + _int(0) + _int(1) + b"e", dtype)
+    else:
+        array = (b"cnumpy._core.multiarray\n_reconstruct\ncnumpy\nndarray\n" + _int(0) + b"\x85"
+                 + _text("b") + b"\x87R(" + _int(1) + deep + b"N\x89" + _raw(b"") + b"tb")
+        blob = _batch_pickle(b"](" + _int(0) + _int(1) + b"e", array)
+    (tmp_path / "cifar-10-batches-py" / "data_batch_4").write_bytes(blob)
+    with pytest.raises(UnsafePickleError, match="data_batch_4") as info:
+        load_cifar(tmp_path, "cifar10")
+    assert len(str(info.value)) < 1000
+
+
+def test_more_nodes_than_a_cifar_batch_holds_are_refused(tmp_path):
+    from simcore.experiment import cifar
+
+    _cifar10_with_test_batch(tmp_path, seed=10, change={b"extra": [0] * (cifar.MAX_NODES + 1)})
+    with pytest.raises(UnsafePickleError, match=r"test_batch.*more than \d+ objects"):
+        load_cifar(tmp_path, "cifar10")
+
+
+@pytest.mark.parametrize("labels", [[2**70, 0], [0, -2**70], [0, 2**63]])
+def test_labels_too_large_for_int64_are_a_clear_error(tmp_path, labels):
+    _cifar10_with_test_batch(tmp_path, seed=11, change={b"labels": labels})
+    with pytest.raises(ValueError, match=r"test_batch: labels must lie in \[0, 10\)"):
+        load_cifar(tmp_path, "cifar10")
+
+
+def test_a_batch_with_mixed_key_types_names_its_keys(tmp_path):
+    rng = np.random.default_rng(12)
+    _cifar10(tmp_path, rng)
+    batch = _cifar_batch(rng, 2, b"labels", 10)
+    batch[7] = batch.pop(b"labels")
+    _write(tmp_path / "cifar-10-batches-py" / "test_batch", batch)
+    with pytest.raises(ValueError, match=r"test_batch: batch has no b'labels' entry \(keys: .*7"):
+        load_cifar(tmp_path, "cifar10")
+
+
+def test_refusals_are_value_errors():
+    # what `simcore grow` reports as its one-line error (simcore/experiment/cli.py)
+    assert issubclass(UnsafePickleError, ValueError)
+    assert issubclass(UnsafePickleError, pickle.UnpicklingError)
+
+
+@pytest.mark.parametrize("crafted", ["runs code", "shared tuples", "huge label"])
+def test_simcore_grow_refuses_a_crafted_file_in_one_line(tmp_path, crafted):
+    rng = np.random.default_rng(13)
+    _cifar10(tmp_path, rng)
+    payload = {"runs code": _RunsCode(tmp_path / "pwned"),
+               "shared tuples": {b"data": _shared_tuples(40), b"labels": []},
+               "huge label": _cifar_batch(rng, 2, b"labels", 10, {b"labels": [2**70, 0]}),
+               }[crafted]
+    _write(tmp_path / "cifar-10-batches-py" / "data_batch_5", payload)
+    command = [sys.executable, "-m", "simcore", "grow", "--dataset", "cifar10",
+               "--data-root", str(tmp_path), "--method", "random", "--width", "4",
+               "--epochs", "1", "--train-limit", "8", "--test-limit", "4", "--batch-size", "4",
+               "--no-figures", "--quiet", "--threads", "1", "--jobs", "1",
+               "--out", str(tmp_path / "out")]
+    done = subprocess.run(command, capture_output=True, text=True, timeout=60)
+    lines = done.stderr.strip().splitlines()
+    assert done.returncode == 2 and len(lines) == 1, done.stderr[-2000:]
+    assert lines[0].startswith("simcore grow: error: ") and "data_batch_5" in lines[0]
+    assert not (tmp_path / "pwned").exists()
+
+
+_HASH_IN_CHILD = """
+import sys
+from simcore.experiment.cifar import restricted_load
+try:
+    restricted_load(sys.argv[1])
+except ValueError as err:
+    print("REFUSED", type(err).__name__, str(err)[:500])
+"""
+
+
+@pytest.mark.parametrize("through", ["tuples", "tuples between array objects"])
+def test_a_dict_keyed_by_a_deep_tuple_is_refused_before_unpickling_crashes(tmp_path, through):
+    # hashing a tuple nested a million deep recurses in C without a limit (the process died)
+    deep = b")" + b"\x85" * 1_000_000
+    if through == "tuples between array objects":  # each OBJ pops up to its mark, not below
+        dtype = b"(cnumpy\ndtype\n" + _text("u1") + b"\x89\x88o0"
+        deep = b")" + (b"\x85" * 3 + dtype) * 250_000 + b"\x85"
+    bomb = tmp_path / "test_batch"
+    bomb.write_bytes(b"\x80\x02}" + deep + b"K\x01s.")
+    child = subprocess.run([sys.executable, "-c", _HASH_IN_CHILD, str(bomb)],
+                           capture_output=True, text=True, timeout=60)
+    assert child.returncode == 0, child.stderr[-2000:]
+    assert child.stdout.startswith("REFUSED UnsafePickleError") and "test_batch" in child.stdout
+    assert "nested deeper than" in child.stdout

@@ -215,7 +215,7 @@ def _read_batch(path: Path, label_key: bytes, num_classes: int) -> tuple[np.ndar
         raise ValueError(f"{path}: expected a dict batch, got {type(batch).__name__}")
     for key in (b"data", label_key):
         if key not in batch:
-            raise ValueError(f"{path}: batch has no {key!r} entry (keys: {sorted(batch)})")
+            raise ValueError(f"{path}: batch has no {key!r} entry (keys: {_key_list(batch)})")
     data = batch[b"data"]
     if not isinstance(data, np.ndarray) or data.dtype != np.uint8 or data.ndim != 2 \
             or data.shape[1] != _CIFAR_PIXELS:
@@ -224,16 +224,23 @@ def _read_batch(path: Path, label_key: bytes, num_classes: int) -> tuple[np.ndar
         raise ValueError(f"{path}: b'data' must be a uint8 array of shape (N, {_CIFAR_PIXELS}), "
                          f"got {desc}")
     labels = batch[label_key]
-    if not isinstance(labels, (list, np.ndarray)) or not all(
+    if not isinstance(labels, (list, np.ndarray)) or (
+            isinstance(labels, np.ndarray) and labels.ndim != 1) or not all(
             isinstance(v, (int, np.integer)) and not isinstance(v, bool) for v in labels):
         raise ValueError(f"{path}: {label_key!r} must be a list of ints")
-    labels = np.asarray(labels, dtype=np.int64).reshape(-1)
-    if labels.shape[0] != data.shape[0]:
-        raise ValueError(f"{path}: {labels.shape[0]} labels for {data.shape[0]} images")
-    if labels.size and (labels.min() < 0 or labels.max() >= num_classes):
+    if len(labels) != data.shape[0]:
+        raise ValueError(f"{path}: {len(labels)} labels for {data.shape[0]} images")
+    # checked as Python ints, before the conversion: a label like 2**70 overflows int64
+    if len(labels) and not all(0 <= v < num_classes for v in labels):
         raise ValueError(f"{path}: labels must lie in [0, {num_classes}), "
-                         f"got [{labels.min()}, {labels.max()}]")
-    return data.reshape(-1, 3, IMAGE_SIZE, IMAGE_SIZE), labels
+                         f"got [{min(labels)}, {max(labels)}]")
+    return data.reshape(-1, 3, IMAGE_SIZE, IMAGE_SIZE), np.asarray(labels, dtype=np.int64)
+
+
+def _key_list(batch: dict[Any, Any], shown: int = 8) -> str:
+    """The first ``shown`` keys of ``batch`` in a stable order (they may mix bytes and ints)."""
+    keys = sorted(repr(key) for key in batch)
+    return ", ".join(keys[:shown]) + (f", ... ({len(keys)} keys)" if len(keys) > shown else "")
 
 
 def _cifar_layout(variant: str) -> tuple[str, list[str], list[str], bytes, int]:
