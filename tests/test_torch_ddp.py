@@ -6,6 +6,7 @@ must hold identical widths and parameters, and training must go on in the re-wra
 
 from __future__ import annotations
 
+import gc
 import json
 import os
 import tempfile
@@ -216,6 +217,11 @@ def _unequal_worker(rank, init_file, out_dir):
             outcome = {"error": type(error).__name__, "message": str(error)}
         with open(os.path.join(out_dir, f"rank{rank}.json"), "w") as f:
             json.dump(outcome, f)
+        # Release DDP's reducer while the default group still holds the process group: if the
+        # reducer dropped the last reference at function exit, the group's destructor would join
+        # a gloo thread that waits for the GIL this thread holds (a deadlock seen 1 run in 4).
+        del model
+        gc.collect()
     finally:
         dist.destroy_process_group()
 
