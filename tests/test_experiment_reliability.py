@@ -107,3 +107,16 @@ def test_a_failed_checkpoint_write_keeps_the_previous_one_and_leaves_no_temporar
         save_checkpoint(path, model)
     assert path.read_bytes() == before
     assert [p.name for p in tmp_path.iterdir()] == ["checkpoint.pt"]
+
+
+def test_without_a_terminal_the_runs_report_progress_in_plain_lines(tmp_path, monkeypatch):
+    from simcore.experiment import compare
+
+    monkeypatch.setattr(compare, "PROGRESS_LINE_SECONDS", 0.0)  # a line for every epoch
+    said: list[str] = []
+    run_experiment(TINY, methods=["random"], terms=["none"], seeds=[0, 1], out_dir=tmp_path,
+                   figures=False, echo=said.append, progress=False)
+    ticks = [line for line in said if "epochs of all runs done" in line]
+    assert ticks[0].strip().startswith("... 1/4 epochs") and "4/4 epochs" in ticks[-1]
+    first_result = next(i for i, line in enumerate(said) if line.startswith("[1/2]"))
+    assert said.index(ticks[0]) < first_result  # progress shows before the first run ends

@@ -13,6 +13,7 @@ import functools
 import multiprocessing
 import shutil
 import threading
+import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
@@ -163,15 +164,18 @@ def run_experiment(
             for record in result["growths"]:
                 say("    " + growth_line(record))
 
+        # a bar on a terminal; elsewhere a plain line now and then
+        lines = _EpochLines(sum(c.epochs for c in configs), None if progress else echo)
         if jobs == 1:
             results = []
             for config in configs:
                 result = run_one(config, out / "runs" / config.label, dataset=dataset,
-                                 progress=progress, hooks=hooks, resume=not fresh)
+                                 progress=progress, hooks=_with_ticks(hooks, lines),
+                                 resume=not fresh)
                 report(config, result)
                 results.append(result)
         else:
-            results = _run_parallel(configs, out, jobs, threads, progress, report)
+            results = _run_parallel(configs, out, jobs, threads, progress, report, lines)
         files = write_results(results, out)
         summary = summarize(results)
         table = format_table(summary)
@@ -245,7 +249,50 @@ def _worker_run(config: RunConfig, run_dir: Path, threads: int, events: Any) -> 
     return run_one(config, run_dir, dataset=_worker_dataset(data_config), hooks=hooks)
 
 
-def _run_parallel(configs, out, jobs, threads, progress, report) -> list[dict[str, Any]]:
+#: Seconds between two plain progress lines (when no progress bar is drawn).
+PROGRESS_LINE_SECONDS = 10.0
+
+
+class _EpochLines:
+    """Plain progress lines where no bar is drawn (output to a file or a pipe).
+
+    Counts finished epochs over all runs and prints at most one line every ``every``
+    seconds, so a log shows the run moving without one line per epoch of every run.
+    """
+
+    def __init__(self, total: int, say: Callable[[str], None] | None):
+        self.total, self.say, self.every = total, say, PROGRESS_LINE_SECONDS
+        self.done = 0
+        self.started = self.last = time.perf_counter()
+        self._lock = threading.Lock()
+
+    def tick(self) -> None:
+        with self._lock:
+            self.done += 1
+            now = time.perf_counter()
+            if self.say is None or now - self.last < self.every:
+                return
+            self.last = now
+            self.say(f"  ... {self.done}/{self.total} epochs of all runs done "
+                     f"({100 * self.done / max(self.total, 1):.0f}%), {now - self.started:.0f} s "
+                     f"so far")
+
+
+def _with_ticks(hooks: Hooks | None, lines: _EpochLines) -> Hooks:
+    """``hooks`` with every finished epoch also counted by ``lines``."""
+    user = hooks.on_epoch_end if hooks is not None else None
+
+    def on_epoch_end(epoch: int, record: dict) -> None:
+        lines.tick()
+        if user is not None:
+            user(epoch, record)
+
+    return Hooks(on_batch_end=hooks.on_batch_end if hooks is not None else None,
+                 on_epoch_end=on_epoch_end)
+
+
+def _run_parallel(configs, out, jobs, threads, progress, report,
+                  lines) -> list[dict[str, Any]]:
     from tqdm.auto import tqdm
 
     context = multiprocessing.get_context("spawn")  # fork after torch's thread pools can hang
@@ -257,6 +304,7 @@ def _run_parallel(configs, out, jobs, threads, progress, report) -> list[dict[st
         def follow():
             while events.get() is not None:
                 bar.update(1)
+                lines.tick()
 
         follower = threading.Thread(target=follow, daemon=True)
         follower.start()
