@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import os
 import re
 import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -50,3 +52,21 @@ def test_readme_python_example_runs(block, tmp_path):
         ["python3", str(script)], cwd=tmp_path, capture_output=True, text=True, timeout=300
     )
     assert result.returncode == 0, result.stderr
+
+
+def test_the_slow_tier_is_left_out_by_default_and_switched_on_by_one_variable():
+    def collected(full):
+        env = {k: v for k, v in os.environ.items() if k != "SIMCORE_FULL_TESTS"}
+        if full:
+            env["SIMCORE_FULL_TESTS"] = "1"
+        done = subprocess.run(
+            [sys.executable, "-m", "pytest", "--collect-only", "-q", "-p", "no:cacheprovider",
+             "tests/test_packaging.py"], capture_output=True, text=True, cwd=ROOT, env=env,
+            timeout=120)
+        assert done.returncode == 0, done.stdout + done.stderr
+        return [line for line in done.stdout.splitlines() if "::" in line]
+
+    fast, full = collected(False), collected(True)
+    slow = set(full) - set(fast)
+    assert slow and set(fast) < set(full)
+    assert all("wheel" in test for test in slow)  # the one test marked slow in that file
