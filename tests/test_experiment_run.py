@@ -349,3 +349,15 @@ def test_an_n_sweep_picks_n_best_on_the_validation_split(tmp_path):
     expected = 1 if validation[1] >= validation[3] else 3
     assert outcome["n_sweeps"]["random"]["n_best"] == expected
     assert "N_best" in outcome["table"]
+
+
+def test_the_similarity_benchmark_reports_rows_into_a_file_while_it_runs(tmp_path):
+    # Benchmarks are long commands too: each row reaches a redirected stdout as it is measured.
+    script = os.path.join(os.path.dirname(__file__), "..", "benchmarks", "bench_similarity.py")
+    snapshots = _output_while_running([sys.executable, script, "--quick", "--repeats", "3"],
+                                      tmp_path / "bench.txt", timeout=300)
+    # a snapshot with the first row but not yet the last part: the row was written while the
+    # rest was still being measured (block-buffered output would arrive all at once at exit)
+    assert any(any("x 1152" in line for line in lines)
+               and not any("peak extra memory" in line for line in lines)
+               for lines in snapshots), snapshots[-1:]
