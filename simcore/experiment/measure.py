@@ -94,7 +94,8 @@ def accuracies(model: nn.Module, dataset: ImageDataset) -> dict[str, float | Non
 
 def measure_phase(record, model, dataset, before, layers) -> None:
     """Fill ``record`` (a growth's) with what its phase did to each grown layer, and accuracy."""
-    layers = [name for name in layers if name in similarity_layers(model)]
+    measured = set(similarity_layers(model))
+    layers = [name for name in layers if name in measured]
     for name, old in zip(layers, before, strict=True):
         new = layer_weight(model, name).detach()
         old64, new64 = old.to(torch.float64), new.to(torch.float64)

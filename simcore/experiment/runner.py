@@ -446,7 +446,8 @@ def _grow(config, epoch, model, optimizer, dataset, loss_fn, phase, state, stats
     if phase is None:
         return record, []
     started = time.perf_counter()
-    layers = [name for name in report.grown_layers if name in similarity_layers(model)]
+    measured = set(similarity_layers(model))
+    layers = [name for name in report.grown_layers if name in measured]
     before = [layer_weight(model, name).detach().clone() for name in layers]
     record["phase"] = {"steps": config.phase_steps_or_default, "layers": {}}
     phase.start(model, report.grown_layers)

@@ -64,6 +64,8 @@ class PerturbationControl:
         if self.phase.phase != "weights_only":
             raise ValueError("the perturbation control needs a weights-only phase")
 
+    # What the runner asks of any phase: the control, like a weights-only phase, is over as
+    # soon as start() returns, so no training step is ever due.
     remaining = 0
     active = False
 
