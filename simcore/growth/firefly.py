@@ -60,6 +60,7 @@ from .._arrays import (
 from ._host import as_generator, as_index, to_numpy
 from .budget import select_lowest
 from .firefly_scores import new_neuron_gate_scores, split_gate_scores
+from .chain import GrowthChain, _regrow_rows
 from .flow import ChannelFlow
 from .widen import (
     ChannelMap,
@@ -95,6 +96,9 @@ class FireflyCandidates:
     ``(K, columns per channel)`` array per consumer of the flow, in flow order.
     ``new_depthwise``: one ``(K, kh*kw)`` array of non-zero filters per depthwise conv of
     the flow, so a new neuron is scored and applied with the very same filter.
+    ``member_split`` / ``member_incoming``: the same as ``split_directions`` /
+    ``new_incoming`` for each member of a residual group (``ChannelFlow.members``), in
+    order; one gate scales a candidate in every member (the group is one unit).
     Replace trained values with ``dataclasses.replace``.
     """
 
@@ -102,6 +106,20 @@ class FireflyCandidates:
     new_incoming: Any
     new_outgoing: tuple[Any, ...]
     new_depthwise: tuple[Any, ...] = ()
+    member_split: tuple[Any, ...] = ()
+    member_incoming: tuple[Any, ...] = ()
+
+    @property
+    def all_split(self) -> tuple[Any, ...] | None:
+        """The split directions of every producer (the flow's own first), or None."""
+        if self.split_directions is None:
+            return None
+        return (self.split_directions, *self.member_split)
+
+    @property
+    def all_incoming(self) -> tuple[Any, ...]:
+        """The new neurons' incoming rows of every producer (the flow's own first)."""
+        return (self.new_incoming, *self.member_incoming)
 
     @property
     def new_count(self) -> int:
@@ -196,7 +214,18 @@ def firefly_candidates(
                 width = int(channel_rows(xp, a, entry).shape[1])
                 filters = gen.standard_normal((k, width)) * math.sqrt(2.0 / width)
                 depthwise.append(_host_array(xp, filters, a))
-        out.append(FireflyCandidates(directions, incoming, tuple(outgoing), tuple(depthwise)))
+        member_split, member_incoming = [], []
+        for entry in entries:  # a residual group's other producers, after everything else
+            if entry.role == "producer" and entry.member > 0:
+                a = params[entry.name]
+                width = int(channel_rows(xp, a, entry).shape[1])
+                if split:
+                    member_split.append(
+                        _host_array(xp, gen.uniform(-split_scale, split_scale, (n, width)), a))
+                member_incoming.append(_host_array(xp, gen.normal(0.0, incoming_std, (k, width)),
+                                                   a))
+        out.append(FireflyCandidates(directions, incoming, tuple(outgoing), tuple(depthwise),
+                                     tuple(member_split), tuple(member_incoming)))
     return out
 
 
@@ -291,19 +320,6 @@ def _compose(first: ChannelMap, second: ChannelMap) -> tuple[int, ...]:
     return tuple(first.sources[s] if s >= 0 else -1 for s in second.sources)
 
 
-def _regrow_rows(xp: Any, cols: Any, entry: Any, original_shape: tuple[int, ...],
-                 row_axis: int, sources: tuple[int, ...]) -> Any:
-    """Map candidate columns made for ``original_shape`` onto a consumer whose rows grew."""
-    full = from_channel_rows(xp, cols, original_shape, entry)
-    index = np.asarray([max(s, 0) for s in sources], dtype=np.int64)
-    keep = np.asarray([1.0 if s >= 0 else 0.0 for s in sources])
-    shape = [1] * full.ndim
-    shape[row_axis] = len(sources)
-    full = xp.take(full, xp.asarray(index, device=device_of(full)), axis=row_axis)
-    full = full * xp.asarray(np.reshape(keep, shape), dtype=full.dtype, device=device_of(full))
-    return channel_rows(xp, full, entry)
-
-
 def firefly_apply(
     params: Mapping[str, Any],
     flows: Sequence[ChannelFlow],
@@ -337,19 +353,11 @@ def firefly_apply(
     original_shapes = {name: tuple(int(s) for s in a.shape) for name, a in params.items()
                        if hasattr(a, "shape")}
     grown_rows: dict[str, tuple[int, tuple[int, ...]]] = {}  # producer -> (axis, sources)
-    out = dict(params)
+    chain = GrowthChain(params)  # residual groups: a producer's inputs may grow first
     maps_by_flow: dict[int, tuple[ChannelMap, ChannelMap]] = {}
     for index in reversed(range(len(flows))):
         flow, cand, sel = flows[index], candidates[index], selection[index]
         entries = original[flow.producer]
-        producer = entries[0]
-        if tuple(out[flow.producer].shape) != original_shapes[flow.producer]:
-            raise ValueError(
-                f"producer {flow.producer!r} changed shape before its own growth: list flows "
-                "producers first (forward order); firefly_apply grows them last to first"
-            )
-        w = out[flow.producer]
-        xp = namespace_of(w, f"params[{flow.producer!r}]")
         split_parents = np.asarray(sel.split, dtype=np.int64)
         new_index = np.asarray(sel.new, dtype=np.int64)
         if split_parents.size and cand.split_directions is None:
@@ -360,39 +368,55 @@ def firefly_apply(
         if np.unique(new_index).size != new_index.size:
             raise ValueError(f"selection[{index}].new repeats a candidate: {new_index.tolist()}")
 
-        directions = None
-        if split_parents.size:
-            directions = xp.take(cand.split_directions,
-                                 xp.asarray(split_parents, device=device_of(w)), axis=0)
-        else:
-            directions = xp.zeros((0, int(channel_rows(xp, w, producer).shape[1])), dtype=w.dtype,
-                                  device=device_of(w))
-        out, split_map = split_neurons(out, flow, split_parents.tolist(), directions, eps=1.0)
+        def widen(out: dict[str, Any], flow: ChannelFlow = flow, cand: FireflyCandidates = cand,
+                  entries: Any = entries, split_parents: np.ndarray = split_parents,
+                  new_index: np.ndarray = new_index, index: int = index) -> Any:
+            if tuple(out[flow.producer].shape) != original_shapes[flow.producer]:
+                raise ValueError(
+                    f"producer {flow.producer!r} changed shape before its own growth: list "
+                    "flows producers first (forward order); firefly_apply grows them last to first"
+                )
+            w = out[flow.producer]
+            xp = namespace_of(w, f"params[{flow.producer!r}]")
+            if split_parents.size:
+                chosen = xp.asarray(split_parents, device=device_of(w))
+                directions = [xp.take(d, chosen, axis=0) for d in cand.all_split]
+            else:
+                directions = [xp.zeros((0, int(channel_rows(xp, out[e.name], e).shape[1])),
+                                       dtype=w.dtype, device=device_of(w))
+                              for e in entries if e.role == "producer"]
+            out, split_map = split_neurons(out, flow, split_parents.tolist(), directions, eps=1.0)
+            picked = xp.asarray(new_index, device=device_of(w))
+            incoming = [xp.take(rows, picked, axis=0) for rows in cand.all_incoming]
+            outgoing = []
+            consumers = [e for e in entries if e.role == "consumer"]
+            if len(cand.new_outgoing) != len(consumers):
+                raise ValueError(f"candidates[{index}] has {len(cand.new_outgoing)} outgoing "
+                                 f"blocks but flow {flow.producer!r} has {len(consumers)} "
+                                 "consumers")
+            for entry, cols in zip(consumers, cand.new_outgoing, strict=True):
+                cols = xp.take(cols, picked, axis=0)
+                # The consumer read the old channels and split copies through split_map; a
+                # consumer that is itself a producer grown earlier in this loop has more rows.
+                if entry.name in grown_rows and new_index.size:
+                    row_axis, sources = grown_rows[entry.name]
+                    cols = _regrow_rows(xp, cols, entry, original_shapes[entry.name], row_axis,
+                                        sources)
+                outgoing.append(cols)
+            if len(cand.new_depthwise) != len(flow.depthwise):
+                raise ValueError(
+                    f"candidates[{index}] has {len(cand.new_depthwise)} depthwise blocks but "
+                    f"flow {flow.producer!r} has {len(flow.depthwise)} depthwise convs"
+                )
+            depthwise = [xp.take(filters, picked, axis=0) for filters in cand.new_depthwise]
+            out, add_map = add_neurons(out, flow, int(new_index.size), incoming=incoming,
+                                       outgoing=outgoing, depthwise=depthwise)
+            return out, (split_map, add_map)
 
-        picked = xp.asarray(new_index, device=device_of(w))
-        incoming = xp.take(cand.new_incoming, picked, axis=0)
-        outgoing = []
-        consumers = [e for e in entries if e.role == "consumer"]
-        if len(cand.new_outgoing) != len(consumers):
-            raise ValueError(f"candidates[{index}] has {len(cand.new_outgoing)} outgoing blocks "
-                             f"but flow {flow.producer!r} has {len(consumers)} consumers")
-        for entry, cols in zip(consumers, cand.new_outgoing, strict=True):
-            cols = xp.take(cols, picked, axis=0)
-            # The consumer read the old channels and split copies through split_map; a consumer
-            # that is itself a producer grown earlier in this loop has more rows now.
-            if entry.name in grown_rows and new_index.size:
-                row_axis, sources = grown_rows[entry.name]
-                cols = _regrow_rows(xp, cols, entry, original_shapes[entry.name], row_axis,
-                                    sources)
-            outgoing.append(cols)
-        if len(cand.new_depthwise) != len(flow.depthwise):
-            raise ValueError(
-                f"candidates[{index}] has {len(cand.new_depthwise)} depthwise blocks but flow "
-                f"{flow.producer!r} has {len(flow.depthwise)} depthwise convs"
-            )
-        depthwise = [xp.take(filters, picked, axis=0) for filters in cand.new_depthwise]
-        out, add_map = add_neurons(out, flow, int(new_index.size), incoming=incoming,
-                                   outgoing=outgoing, depthwise=depthwise)
+        split_map, add_map = chain.grow(flow, widen)
         maps_by_flow[index] = (split_map, add_map)
-        grown_rows[flow.producer] = (producer.axis, _compose(split_map, add_map))
+        for entry in entries:
+            if entry.role == "producer":
+                grown_rows[entry.name] = (entry.axis, _compose(split_map, add_map))
+    out = chain.params
     return out, [maps_by_flow[index] for index in range(len(flows))]

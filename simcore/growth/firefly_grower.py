@@ -154,9 +154,12 @@ class FireflyGrower(Grower[FireflyState]):
                 for c, (split_gate, _) in zip(candidates, gates, strict=True):
                     gs = None if split_gate is None else next(values)
                     gn = next(values)
+                    # One gate per candidate, in every member of a residual group.
                     live.append(dataclasses.replace(
                         c,
                         split_directions=None if gs is None else gs[:, None] * c.split_directions,
+                        member_split=() if gs is None else tuple(gs[:, None] * d
+                                                                 for d in c.member_split),
                         new_outgoing=tuple(gn[:, None] * a for a in c.new_outgoing),
                     ))
                 return loss_with(live, batch)
@@ -188,6 +191,9 @@ class FireflyGrower(Grower[FireflyState]):
             decays.append(self.l2_incoming)
             variables.extend(c.new_outgoing)
             decays.extend([0.0] * len(c.new_outgoing))
+            variables.extend((*c.member_split, *c.member_incoming))
+            decays.extend([self.l2_split] * len(c.member_split)
+                          + [self.l2_incoming] * len(c.member_incoming))
 
         def rebuild(values) -> list[FireflyCandidates]:
             values = iter(values)
@@ -196,6 +202,8 @@ class FireflyGrower(Grower[FireflyState]):
                 split_directions=None if c.split_directions is None else next(values),
                 new_incoming=next(values),
                 new_outgoing=tuple(next(values) for _ in c.new_outgoing),
+                member_split=tuple(next(values) for _ in c.member_split),
+                member_incoming=tuple(next(values) for _ in c.member_incoming),
             ) for c in candidates]
 
         square = [v * 0 for v in variables]

@@ -40,14 +40,14 @@ Example:
 from __future__ import annotations
 
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from .._arrays import check_int, namespace_of, normalize_axis
 
 __all__ = [
-    "BatchNorm", "ChannelFlow", "Consumer", "Depthwise", "FlowEntry", "ROLES", "is_depthwise",
-    "DEPTHWISE",
+    "BatchNorm", "ChannelFlow", "Consumer", "Depthwise", "FlowEntry", "Member", "ROLES",
+    "is_depthwise", "DEPTHWISE",
     "is_growable_depthwise",
 ]
 
@@ -68,6 +68,11 @@ def _check_name(value: Any, field: str, optional: bool) -> None:
 
 def _check_int(value: Any, field: str) -> int:
     return check_int(value, field)
+
+
+def _check_offset(value: Any, field: str) -> None:
+    if value is not None and check_int(value, field, minimum=0) < 0:
+        raise ValueError(f"{field} must be >= 0 or None, got {value}")
 
 
 #: How a penalty treats depthwise layers, in every adapter: leave them out (the default),
@@ -111,16 +116,25 @@ class BatchNorm:
 
     ``scale``/``shift`` are gamma/beta, ``mean``/``var`` the running statistics. Copies of a
     channel copy all four; fresh channels get ``1, 0, 0, 1`` (an identity-like normalisation).
+    ``offset`` is for a norm in :attr:`ChannelFlow.downstream_norms` that reads a concatenation:
+    the flow's channels are its entries ``[offset, offset + n)`` (None: all of them).
     """
 
     scale: str | None = None
     shift: str | None = None
     mean: str | None = None
     var: str | None = None
+    offset: int | None = None
 
     def __post_init__(self) -> None:
         for field in ("scale", "shift", "mean", "var"):
             _check_name(getattr(self, field), f"BatchNorm.{field}", optional=True)
+        _check_offset(self.offset, "BatchNorm.offset")
+
+    def names(self) -> tuple[tuple[str, str], ...]:
+        """``(role, name)`` of every vector the norm names, in role order."""
+        return tuple((role, getattr(self, role)) for role in ("scale", "shift", "mean", "var")
+                     if getattr(self, role) is not None)
 
 
 @dataclass(frozen=True)
@@ -155,13 +169,18 @@ class Consumer:
 
     ``spatial`` is the number of columns one channel owns (``H*W`` for flatten -> dense, else 1);
     ``channels_last`` says the flatten was NHWC (columns of channel ``c``: ``c, c+C, ...``)
-    instead of NCHW (columns ``c*spatial ... (c+1)*spatial - 1``).
+    instead of NCHW (columns ``c*spatial ... (c+1)*spatial - 1``). ``offset`` is for a
+    consumer reading a concatenation (``torch.cat`` along channels): the flow's channels are
+    its input channels ``[offset, offset + n)``, the other inputs of the concatenation the rest;
+    new channels are inserted at ``offset + n``. None (the default): the consumer reads
+    exactly the flow's ``n`` channels.
     """
 
     weight: str
     in_axis: int = 1
     spatial: int = 1
     channels_last: bool = False
+    offset: int | None = None
 
     def __post_init__(self) -> None:
         _check_name(self.weight, "Consumer.weight", optional=False)
@@ -173,13 +192,52 @@ class Consumer:
             raise TypeError(
                 f"Consumer.channels_last must be a bool, got {type(self.channels_last).__name__}"
             )
+        _check_offset(self.offset, "Consumer.offset")
+        if self.offset is not None and self.channels_last:
+            raise ValueError(
+                f"Consumer {self.weight!r}: an offset into a channels-last flatten interleaves "
+                "the concatenated channels; only channel-major (NCHW) consumers take an offset"
+            )
+
+
+@dataclass(frozen=True)
+class Member:
+    """Another producer whose output is ADDED to the flow's producer's (a residual group).
+
+    Every member of a group grows by the same new channels, with the same channel map: channel
+    ``c`` of each member is summed into channel ``c`` of the stream, so a copy of ``c`` is
+    copied in every member (split directions and fresh rows are each member's own), and the
+    consumers of the sum read it once. ``norm`` is the member's own BatchNorm before the add.
+    """
+
+    weight: str
+    out_axis: int = 0
+    bias: str | None = None
+    norm: BatchNorm | None = None
+
+    def __post_init__(self) -> None:
+        _check_name(self.weight, "Member.weight", optional=False)
+        _check_int(self.out_axis, "Member.out_axis")
+        _check_name(self.bias, "Member.bias", optional=True)
+        _check_norm(self.norm, "Member.norm")
+
+
+def _check_norm(norm: Any, field: str, offset_allowed: bool = False) -> None:
+    if norm is not None and not isinstance(norm, BatchNorm):
+        raise TypeError(f"{field} must be a BatchNorm or None, got {type(norm).__name__}")
+    if norm is not None and norm.offset is not None and not offset_allowed:
+        raise ValueError(f"{field} sits right after a producer: it takes no offset")
 
 
 @dataclass(frozen=True)
 class FlowEntry:
     """One parameter a growth touches: its name, role (see :data:`ROLES`) and grown axis.
 
-    ``axis`` is non-negative. The entry's size along ``axis`` is ``channels * spatial``.
+    ``axis`` is non-negative. The entry's size along ``axis`` is ``channels * spatial``, or,
+    with an ``offset`` (a concatenation), at least ``(offset + channels) * spatial``, the
+    flow's channels being ``[offset, offset + channels)``. ``member`` says which producer of a
+    residual group a producer row (or its bias and norm) belongs to: 0 for the flow's own
+    producer, ``i`` for ``members[i - 1]``.
     """
 
     name: str
@@ -187,6 +245,9 @@ class FlowEntry:
     axis: int
     spatial: int = 1
     channels_last: bool = False
+    offset: int | None = None
+    channels: int = field(default=0, compare=False)  # set by ChannelFlow.entries
+    member: int = 0
 
 
 @dataclass(frozen=True)
@@ -196,6 +257,11 @@ class ChannelFlow:
     ``producer`` is the weight whose ``out_axis`` indexes the neurons; ``bias`` and ``norm`` sit
     right after it; ``depthwise`` lists channel-wise convolutions after it (each with its own bias
     and BatchNorm); ``consumers`` read the channels. All names refer to entries of ``params``.
+
+    A residual stream is one flow with ``members``: the other producers whose outputs are added
+    to the producer's (:class:`Member`); they all grow by the same channels. ``downstream_norms``
+    are BatchNorms that read the channels after an add or a concatenation (pre-activation
+    ResNets, DenseNet), with an ``offset`` after a concatenation.
     """
 
     producer: str
@@ -204,17 +270,17 @@ class ChannelFlow:
     bias: str | None = None
     norm: BatchNorm | None = None
     depthwise: tuple[Depthwise, ...] = ()
+    members: tuple[Member, ...] = ()
+    downstream_norms: tuple[BatchNorm, ...] = ()
 
     def __post_init__(self) -> None:
         _check_name(self.producer, "ChannelFlow.producer", optional=False)
         _check_int(self.out_axis, "ChannelFlow.out_axis")
         _check_name(self.bias, "ChannelFlow.bias", optional=True)
-        if self.norm is not None and not isinstance(self.norm, BatchNorm):
-            raise TypeError(
-                f"ChannelFlow.norm must be a BatchNorm or None, got {type(self.norm).__name__}"
-            )
+        _check_norm(self.norm, "ChannelFlow.norm")
         # Lists are accepted for convenience and frozen into tuples (the dataclass stays hashable).
-        for field, kind in (("consumers", Consumer), ("depthwise", Depthwise)):
+        for field, kind in (("consumers", Consumer), ("depthwise", Depthwise),
+                            ("members", Member), ("downstream_norms", BatchNorm)):
             value = getattr(self, field)
             if isinstance(value, (str, bytes)) or not hasattr(value, "__iter__"):
                 raise TypeError(f"ChannelFlow.{field} must be a sequence of {kind.__name__}")
@@ -226,35 +292,46 @@ class ChannelFlow:
                         f"got {type(item).__name__}"
                     )
             object.__setattr__(self, field, value)
-        names = [e[0] for e in self._named()]
+        for i, dw in enumerate(self.depthwise):
+            _check_norm(dw.norm, f"ChannelFlow.depthwise[{i}].norm")
+        names = [e.name for e in self._named()]
         duplicates = sorted({n for n in names if names.count(n) > 1})
         if duplicates:
             raise ValueError(f"ChannelFlow names {duplicates[0]!r} more than once")
 
-    def _named(self) -> list[tuple[str, str, int, int, bool, bool]]:
-        """(name, role, axis, spatial, channels_last, is_vector) before validation."""
-        out = [(self.producer, "producer", self.out_axis, 1, False, False)]
+    @property
+    def producers(self) -> tuple[str, ...]:
+        """The weight of every producer: the flow's own, then its members' (one per group row)."""
+        return (self.producer, *(m.weight for m in self.members))
 
-        def vectors(bias: str | None, norm: BatchNorm | None) -> None:
+    def _named(self) -> list[FlowEntry]:
+        """Every entry with its declared axis (not yet normalised) and ``channels`` 0."""
+        out = [FlowEntry(self.producer, "producer", self.out_axis)]
+
+        def vectors(bias: str | None, norm: BatchNorm | None, member: int = 0) -> None:
             if bias is not None:
-                out.append((bias, "bias", 0, 1, False, True))
+                out.append(FlowEntry(bias, "bias", 0, member=member))
             if norm is not None:
-                for role in ("scale", "shift", "mean", "var"):
-                    name = getattr(norm, role)
-                    if name is not None:
-                        out.append((name, role, 0, 1, False, True))
+                for role, name in norm.names():
+                    out.append(FlowEntry(name, role, 0, offset=norm.offset, member=member))
 
         vectors(self.bias, self.norm)
+        for index, m in enumerate(self.members, start=1):
+            out.append(FlowEntry(m.weight, "producer", m.out_axis, member=index))
+            vectors(m.bias, m.norm, index)
         for dw in self.depthwise:
-            out.append((dw.weight, "depthwise", dw.channel_axis, 1, False, False))
+            out.append(FlowEntry(dw.weight, "depthwise", dw.channel_axis))
             vectors(dw.bias, dw.norm)
+        for norm in self.downstream_norms:
+            vectors(None, norm)
         for c in self.consumers:
-            out.append((c.weight, "consumer", c.in_axis, c.spatial, c.channels_last, False))
+            out.append(FlowEntry(c.weight, "consumer", c.in_axis, c.spatial, c.channels_last,
+                                 c.offset))
         return out
 
     def names(self) -> tuple[str, ...]:
         """Every parameter name this flow touches, producer first."""
-        return tuple(e[0] for e in self._named())
+        return tuple(e.name for e in self._named())
 
     def entries(self, params: Mapping[str, Any]) -> tuple[FlowEntry, ...]:
         """Validate the flow against ``params`` and return its entries with normalised axes.
@@ -270,7 +347,8 @@ class ChannelFlow:
             )
         named = self._named()
         xp = None
-        for name, role, _, _, _, _ in named:
+        for e in named:
+            name, role = e.name, e.role
             if name not in params:
                 raise ValueError(f"{role} entry {name!r} of the flow is missing from params")
             xp_entry = namespace_of(params[name], f"params[{name!r}]")
@@ -298,15 +376,18 @@ class ChannelFlow:
         n = int(producer.shape[out_axis])
 
         entries = []
-        for name, role, axis, spatial, channels_last, is_vector in named:
+        for e in named:
+            name, role, spatial, offset = e.name, e.role, e.spatial, e.offset
             shape = tuple(int(s) for s in params[name].shape)
-            if is_vector:
-                if shape != (n,):
+            if role not in ("producer", "depthwise", "consumer"):  # a per-channel vector
+                if len(shape) != 1 or (shape[0] != n if offset is None else shape[0] < offset + n):
+                    where = "" if offset is None else f" from offset {offset}"
                     raise ValueError(
-                        f"{role} entry {name!r} must have shape ({n},) to match the {n} "
+                        f"{role} entry {name!r} must have shape ({n},){where} to match the {n} "
                         f"channels of producer {self.producer!r}, got {shape}"
                     )
-                entries.append(FlowEntry(name, role, 0))
+                entries.append(FlowEntry(name, role, 0, offset=offset, channels=n,
+                                         member=e.member))
                 continue
             if len(shape) < 2:
                 raise ValueError(
@@ -315,14 +396,18 @@ class ChannelFlow:
             label = {"producer": "out_axis", "depthwise": "channel_axis", "consumer": "in_axis"}[
                 role
             ]
-            axis = normalize_axis(axis, len(shape), f"{label} of {role} {name!r}")
-            if shape[axis] != n * spatial:
+            axis = normalize_axis(e.axis, len(shape), f"{label} of {role} {name!r}")
+            size = shape[axis]
+            if size != n * spatial if offset is None else size < (offset + n) * spatial:
                 detail = f"{n} channels" if spatial == 1 else f"{n} channels x spatial {spatial}"
+                if offset is not None:
+                    detail += f" from offset {offset}"
                 raise ValueError(
-                    f"{role} entry {name!r} has size {shape[axis]} along axis {axis} ({label}) but "
+                    f"{role} entry {name!r} has size {size} along axis {axis} ({label}) but "
                     f"producer {self.producer!r} has {detail} = {n * spatial}"
                 )
-            entries.append(FlowEntry(name, role, axis, spatial, channels_last))
+            entries.append(FlowEntry(name, role, axis, spatial, e.channels_last, offset, n,
+                                     e.member))
         return tuple(entries)
 
     def channels(self, params: Mapping[str, Any]) -> int:

@@ -24,6 +24,7 @@ import numpy as np
 
 from .._arrays import check_choice
 from ._host import to_numpy
+from .chain import GrowthChain
 from .budget import UNITS, growth_budget, select_lowest
 from .flow import ChannelFlow
 from .protocol import Array, Batch, GrowableLayer, GrowthError, GrowthHost, LossFn
@@ -95,10 +96,14 @@ def _per_channel(array: Array, axis: int) -> int:
 def neuron_cost(flow: ChannelFlow, state: Mapping[str, Array]) -> int:
     """Parameters one more channel of ``flow`` costs (incoming row, norms, depthwise, consumers).
 
-    Norm statistics are buffers, not parameters: only a norm's scale and shift count.
+    Norm statistics are buffers, not parameters: only a norm's scale and shift count. A
+    residual group's channel costs a row in every member.
     """
     cost = _per_channel(state[flow.producer], flow.out_axis) + (flow.bias is not None)
-    norms = [flow.norm, *(d.norm for d in flow.depthwise)]
+    for m in flow.members:
+        cost += _per_channel(state[m.weight], m.out_axis) + (m.bias is not None)
+    norms = [flow.norm, *(d.norm for d in flow.depthwise), *(m.norm for m in flow.members),
+             *flow.downstream_norms]
     cost += sum((n.scale is not None) + (n.shift is not None) for n in norms if n is not None)
     for d in flow.depthwise:
         cost += _per_channel(state[d.weight], d.channel_axis) + (d.bias is not None)
@@ -210,12 +215,14 @@ class Grower(Generic[StateT]):
         direction over them, keep their size until every layer after it has grown).
         """
         maps: list[Any] = [None] * len(core_flows)
-        out = dict(params)
+        chain = GrowthChain(params)  # residual groups: a producer's inputs may grow first
         for index in reversed(range(len(core_flows))):
             chosen = np.asarray(picks[index], dtype=np.int64)
             if chosen.size:
-                out, maps[index] = self.widen(out, core_flows[index], index, chosen, state, rng)
-        return out, maps
+                maps[index] = chain.grow(
+                    core_flows[index],
+                    lambda p, i=index, c=chosen: self.widen(p, core_flows[i], i, c, state, rng))
+        return chain.params, maps
 
     # shared driver -----------------------------------------------------------
     def check_request(self, data_batches: Iterable[Batch] | None, loss_fn: LossFn | None, *,

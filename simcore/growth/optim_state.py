@@ -64,7 +64,7 @@ import numpy as np
 from .._arrays import check_choice, device_of, normalize_axis
 from .._deprecation import renamed_choice
 from .flow import ChannelFlow, FlowEntry
-from .widen import ChannelMap, channel_rows, from_channel_rows
+from .widen import ChannelMap, channel_rows, write_channel_rows
 
 __all__ = ["MODES", "map_optimizer_state"]
 
@@ -78,12 +78,15 @@ def _grow_state(value: Any, entry: FlowEntry, cmap: ChannelMap, mode: str, label
     xp = array_api_compat.array_namespace(value)
     axis = normalize_axis(entry.axis, value.ndim, f"grown axis of {label}")
     expected = cmap.old_channels * entry.spatial
-    if int(value.shape[axis]) != expected:
+    size = int(value.shape[axis])
+    if size != expected if entry.offset is None else size < expected + entry.offset * entry.spatial:
+        at = "" if entry.offset is None else f" from offset {entry.offset}"
         raise ValueError(
-            f"{label} has size {int(value.shape[axis])} along axis {axis}, expected "
-            f"{expected} ({cmap.old_channels} channels x spatial {entry.spatial})"
+            f"{label} has size {size} along axis {axis}, expected "
+            f"{expected} ({cmap.old_channels} channels x spatial {entry.spatial}{at})"
         )
-    entry = FlowEntry(entry.name, entry.role, axis, entry.spatial, entry.channels_last)
+    entry = FlowEntry(entry.name, entry.role, axis, entry.spatial, entry.channels_last,
+                      entry.offset, cmap.old_channels)
     rows = channel_rows(xp, value, entry)
     if mode == "zero":
         grown = xp.zeros(
@@ -96,7 +99,7 @@ def _grow_state(value: Any, entry: FlowEntry, cmap: ChannelMap, mode: str, label
         if cmap.fresh:
             keep = xp.asarray((sources >= 0)[:, None], device=device_of(value))
             grown = xp.where(keep, grown, xp.zeros_like(grown))
-    return from_channel_rows(xp, grown, tuple(value.shape), entry)
+    return write_channel_rows(xp, value, entry, grown)
 
 
 def _scalar(value: Any, mode: str, label: str) -> Any:
@@ -139,7 +142,8 @@ def map_optimizer_state(
     mode = check_choice(renamed_choice(mode, RENAMED_MODES, "mode"), MODES, "mode")
 
     out = dict(state)
-    for name, role, axis, spatial, channels_last, _ in flow._named():
+    for declared in flow._named():
+        name = declared.name
         if name not in state:
             continue
         per_param = state[name]
@@ -147,7 +151,7 @@ def map_optimizer_state(
             raise TypeError(
                 f"state[{name!r}] must be a Mapping of str -> value, got {type(per_param).__name__}"
             )
-        entry = FlowEntry(name, role, axis, spatial, channels_last)
+        entry = declared
         new = {}
         for key, value in per_param.items():
             label = f"state[{name!r}][{key!r}]"

@@ -72,6 +72,8 @@ __all__ = [
     "add_neurons",
     "channel_rows",
     "from_channel_rows",
+    "producer_rows_argument",
+    "write_channel_rows",
     "replicate_neurons",
     "split_neurons",
 ]
@@ -164,6 +166,8 @@ def channel_rows(xp: Any, a: Any, entry: FlowEntry) -> Any:
     """
     rows = to_rows(xp, a, entry.axis)  # (n * spatial, rest)
     s = entry.spatial
+    if entry.offset is not None:  # the flow's block of a concatenation
+        rows = rows[entry.offset * s:(entry.offset + entry.channels) * s, ...]
     if s == 1:
         return rows
     n, rest = rows.shape[0] // s, rows.shape[1]
@@ -173,7 +177,11 @@ def channel_rows(xp: Any, a: Any, entry: FlowEntry) -> Any:
 
 
 def from_channel_rows(xp: Any, rows: Any, old_shape: tuple[int, ...], entry: FlowEntry) -> Any:
-    """Inverse of :func:`channel_rows` for a grown row count ``m = rows.shape[0]``."""
+    """Inverse of :func:`channel_rows` for a grown row count ``m = rows.shape[0]``.
+
+    Only the flow's own channels: an entry with an ``offset`` (a concatenation) is put back
+    together with its other channels by :func:`write_channel_rows`.
+    """
     m, s = int(rows.shape[0]), entry.spatial
     shape = list(old_shape)
     shape[entry.axis] = m * s
@@ -184,6 +192,24 @@ def from_channel_rows(xp: Any, rows: Any, old_shape: tuple[int, ...], entry: Flo
             rows = xp.permute_dims(rows, (1, 0, 2))
         rows = xp.reshape(rows, (m * s, rest))
     return from_rows(xp, rows, shape, entry.axis)
+
+
+def write_channel_rows(xp: Any, a: Any, entry: FlowEntry, rows: Any) -> Any:
+    """``a`` with the flow's channel rows replaced by ``rows`` (any count): a new array.
+
+    The inverse of :func:`channel_rows` on the whole entry: with an ``offset`` the channels of
+    the concatenation's other inputs are kept before and after the new block.
+    """
+    grown = from_channel_rows(xp, rows, tuple(a.shape), entry)
+    if entry.offset is None:
+        return grown
+    s, axis = entry.spatial, entry.axis
+    full = to_rows(xp, a, axis)
+    start, stop = entry.offset * s, (entry.offset + entry.channels) * s
+    spliced = xp.concat([full[:start, ...], to_rows(xp, grown, axis), full[stop:, ...]], axis=0)
+    shape = list(a.shape)
+    shape[axis] = int(spliced.shape[0])
+    return from_rows(xp, spliced, shape, axis)
 
 
 def _host_array(xp: Any, values: np.ndarray, like: Any) -> Any:
@@ -202,12 +228,12 @@ def _grow_by_map(xp: Any, a: Any, entry: FlowEntry, cmap: ChannelMap, *, divide:
     if divide:
         counts = cmap.multiplicity()[np.asarray(cmap.sources, dtype=np.int64)]
         grown = grown / _host_array(xp, counts[:, None].astype(np.float64), a)
-    return from_channel_rows(xp, grown, tuple(a.shape), entry)
+    return write_channel_rows(xp, a, entry, grown)
 
 
 def _append_rows(xp: Any, a: Any, entry: FlowEntry, extra: Any) -> Any:
     rows = channel_rows(xp, a, entry)
-    return from_channel_rows(xp, xp.concat([rows, extra], axis=0), tuple(a.shape), entry)
+    return write_channel_rows(xp, a, entry, xp.concat([rows, extra], axis=0))
 
 
 # --- argument checks ---------------------------------------------------------------------------
@@ -252,6 +278,33 @@ def _rows_argument(value: Any, count: int, width: int, name: str, like: Any,
     return value
 
 
+def producer_rows_argument(value: Any, params: Mapping[str, Any], entries: Sequence[FlowEntry],
+                           count: int, name: str) -> list[Any]:
+    """One ``(count, fan_in)`` block per producer of a flow (its own, then its members').
+
+    ``value`` is an array when the flow has one producer, or a sequence with one array per
+    producer (a residual group: each member has its own fan-in).
+    """
+    producers = [e for e in entries if e.role == "producer"]
+    if isinstance(value, (list, tuple)):
+        values = list(value)
+    elif len(producers) == 1:
+        values = [value]
+    else:
+        raise TypeError(f"{name} must be a sequence with one array per producer of the group "
+                        f"({len(producers)}), got {type(value).__name__}")
+    if len(values) != len(producers):
+        raise ValueError(f"{name} must hold one array per producer of the flow "
+                         f"({len(producers)}), got {len(values)}")
+    out = []
+    for i, (entry, v) in enumerate(zip(producers, values, strict=True)):
+        a = params[entry.name]
+        width = math.prod(int(d) for d in a.shape) // int(a.shape[entry.axis])
+        label = name if len(producers) == 1 else f"{name}[{i}]"
+        out.append(_rows_argument(v, count, width, label, a, entry))
+    return out
+
+
 # --- operators ---------------------------------------------------------------------------------
 
 
@@ -273,6 +326,8 @@ def add_neurons(
     norm of the existing rows (zero rows if every existing row is zero: use ``"he"`` there);
     an array of shape ``(count, fan_in)`` or ``(count, *per-neuron shape)`` (the producer's
     shape without ``out_axis``) gives the rows (Firefly's trained candidates).
+    A residual group (a flow with ``members``) takes one such array per producer, in a
+    sequence (:func:`producer_rows_argument`).
     ``outgoing``: ``"zero"`` keeps the function exactly (Dota 2 surgery); ``"small"`` draws
     ``U(-outgoing_scale, outgoing_scale)`` (Firefly-style, the function moves by O(scale)); a
     sequence with one array per consumer, each ``(count, columns per channel)``, gives the
@@ -337,6 +392,8 @@ def add_neurons(
 
     cmap = ChannelMap(tuple(range(n)) + (-1,) * count, "add")
     out = dict(params)
+    if incoming_given:
+        incoming_rows = producer_rows_argument(incoming, params, entries, count, "incoming")
     if count == 0:
         return out, cmap
 
@@ -348,7 +405,7 @@ def add_neurons(
         width = int(rows.shape[1])
         if entry.role == "producer":
             if incoming_given:
-                extra = _rows_argument(incoming, count, width, "incoming", a, entry)
+                extra = incoming_rows[entry.member]
             elif incoming == "he":
                 extra = _host_array(
                     xp, gen.standard_normal((count, width)) * math.sqrt(2.0 / width), a
@@ -434,7 +491,9 @@ def split_neurons(
     ``(len(parents), fan_in)`` or ``(len(parents), *per-neuron shape)`` (the producer's shape
     without ``out_axis``), row ``i`` the direction ``delta`` of ``parents[i]`` (SSD: the
     eigenvector of the smallest eigenvalue of the splitting matrix; Firefly: the trained
-    ``delta``). The consumer columns of a parent are halved and the copy gets the other half;
+    ``delta``); a residual group (a flow with ``members``) takes a sequence with one such
+    array per producer and splits channel ``i`` in every member. The consumer columns of a
+    parent are halved and the copy gets the other half;
     bias, BatchNorm and depthwise entries are duplicated. The function is kept to O(eps^2)
     (exactly at ``eps=0``), since ``(f(h + e) + f(h - e)) / 2 = f(h) + O(e^2)``. Like the
     loss, the operators never inspect values (they trace under ``jax.jit``): NaN or Inf in
@@ -463,33 +522,32 @@ def split_neurons(
         seen.add(p)
     eps = check_real(eps, "eps")
     xp = namespace_of(producer, f"params[{flow.producer!r}]")
-    width = int(channel_rows(xp, producer, entries[0]).shape[1])
-    directions = _rows_argument(directions, len(parents), width, "directions", producer,
-                                entries[0])
+    directions = producer_rows_argument(directions, params, entries, len(parents), "directions")
     cmap = ChannelMap(tuple(range(n)) + parents, "split")
     out = dict(params)
     if not parents:
         return out, cmap
 
     # Row j of the perturbation is +delta_i for parent i, -delta_i for its copy, 0 elsewhere:
-    # gathered from [0; directions] so that unperturbed rows stay bit-exact.
+    # gathered from [0; directions] so that unperturbed rows stay bit-exact. One per producer:
+    # a residual group splits channel i in every member, each along its own direction.
     slot = np.zeros(n + len(parents), dtype=np.int64)
     sign = np.zeros(n + len(parents), dtype=np.float64)
     for i, p in enumerate(parents):
         slot[p], slot[n + i] = i + 1, i + 1
         sign[p], sign[n + i] = 1.0, -1.0
-    padded = xp.concat(
-        [xp.zeros((1, width), dtype=producer.dtype, device=device_of(producer)), directions]
-    )
-    perturbation = _take(xp, padded, slot.tolist(), producer) * _host_array(
-        xp, eps * sign[:, None], producer
-    )
+    perturbation = []
+    for block in directions:
+        padded = xp.concat([xp.zeros((1, int(block.shape[1])), dtype=block.dtype,
+                                     device=device_of(block)), block])
+        perturbation.append(_take(xp, padded, slot.tolist(), block)
+                            * _host_array(xp, eps * sign[:, None], block))
 
     for entry in entries:
         a = params[entry.name]
         if entry.role == "producer":
-            rows = _take(xp, channel_rows(xp, a, entry), cmap.sources, a) + perturbation
-            out[entry.name] = from_channel_rows(xp, rows, tuple(a.shape), entry)
+            rows = _take(xp, channel_rows(xp, a, entry), cmap.sources, a)
+            out[entry.name] = write_channel_rows(xp, a, entry, rows + perturbation[entry.member])
         else:
             out[entry.name] = _grow_by_map(xp, a, entry, cmap, divide=entry.role == "consumer")
     return out, cmap
