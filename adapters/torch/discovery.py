@@ -7,10 +7,16 @@ flatten) to every *consumer* that reads them (``Conv2d``, ``Linear``, flatten ->
 where a channel owns ``H*W`` consecutive columns); the result is one :class:`~.flows.TorchFlow`
 per producer.
 
-A producer whose channels reach a residual add, a concatenation, the network output or any
-operation this module does not understand is *not growable*: asking to grow it raises
-:class:`~simcore.growth.GrowthError` naming the layer and the node. Where tracing fails
-(data-dependent control flow), describe the flow by hand with :class:`~.flows.TorchFlow`.
+Residual adds and concatenations are followed too (docs/design.md, 'Residual streams and
+concatenations'). Producers whose outputs meet in an ``add`` (directly, through BatchNorm and
+activations, or along the identity path from one add to the next) form one *residual group*:
+one flow whose ``members`` grow together. A producer whose output enters a ``torch.cat``
+along channels grows with its consumers' columns at its offset in the concatenation.
+
+A producer whose channels reach the network output or any operation this module does not
+understand is *not growable*: asking to grow it raises :class:`~simcore.growth.GrowthError`
+naming the layer and the node. Where tracing fails (data-dependent control flow), describe
+the flow by hand with :class:`~.flows.TorchFlow`.
 """
 
 from __future__ import annotations
@@ -26,6 +32,7 @@ import torch.fx
 from torch import nn
 from torch.fx.passes.shape_prop import ShapeProp
 
+from .groups import residual_groups
 from .flows import (
     ACTIVATION_MODULES,
     BATCH_NORM,
@@ -33,6 +40,8 @@ from .flows import (
     TorchConsumer,
     TorchDepthwise,
     TorchFlow,
+    TorchMember,
+    TorchNorm,
     describe_module,
     is_depthwise_conv,
     is_producer,
@@ -80,10 +89,10 @@ _PASS_FUNCTIONS = {
     _F.adaptive_max_pool2d,
     torch.max_pool2d,
 }
+_ADD_FUNCTIONS = {operator.add, operator.iadd, torch.add}
+_ADD_METHODS = {"add", "add_"}
+_CAT_FUNCTIONS = {torch.cat, torch.concat}
 _MERGE_LABELS = {
-    operator.add: "residual add",
-    operator.iadd: "residual add",
-    torch.add: "residual add",
     operator.sub: "subtraction",
     torch.sub: "subtraction",
     operator.mul: "multiplication",
@@ -92,7 +101,7 @@ _MERGE_LABELS = {
     torch.concat: "concatenation",
     torch.stack: "stack",
 }
-_MERGE_METHODS = {"add": "residual add", "add_": "residual add", "mul": "multiplication"}
+_MERGE_METHODS = {"mul": "multiplication"}
 
 
 @dataclass
@@ -101,7 +110,10 @@ class _Walk:
 
     norms: dict = field(default_factory=dict)  # segment (-1 producer, k depthwise k) -> BN name
     depthwise: list = field(default_factory=list)
-    consumers: dict = field(default_factory=dict)  # module name -> spatial
+    consumers: dict = field(default_factory=dict)  # module name -> (spatial, offset)
+    downstream_norms: dict = field(default_factory=dict)  # BN after an add or a cat -> offset
+    adds: dict = field(default_factory=dict)  # add node -> the argument nodes reached
+    seen: set = field(default_factory=set)  # (node, offset, merged) already walked
     activation: str | None = None
     activation_kind: str | None = None
     activation_seen: bool = False
@@ -145,7 +157,7 @@ def _analyse(model, example_input):
     for node in graph_module.graph.nodes:
         if node.op == "call_module":
             calls[node.target] = calls.get(node.target, 0) + 1
-    flows, blocked = [], {}
+    walks, blocked = {}, {}
     for node in graph_module.graph.nodes:
         if node.op != "call_module":
             continue
@@ -172,24 +184,41 @@ def _analyse(model, example_input):
                 walk.blocked = "it is the network's output layer (a classifier is a consumer only)"
             elif walk.needs_input is not None:
                 raise ValueError(walk.needs_input)
-            blocked[node.target] = walk.blocked
-            continue
-        flow = TorchFlow(
-            producer=node.target,
-            consumers=tuple(TorchConsumer(m, s) for m, s in walk.consumers.items()),
-            norm=walk.norms.get(-1),
-            depthwise=tuple(
-                TorchDepthwise(conv, walk.norms.get(k)) for k, conv in enumerate(walk.depthwise)
-            ),
-            activation=walk.activation,
-            activation_kind=walk.activation_kind,
-        )
-        tied = tie_reason(model, flow.module_names)
-        if tied is not None:
-            blocked[node.target] = tied
+        walks[node.target] = walk
+    flows = []
+    for names, walk_group, reason in residual_groups(walks, graph_module):
+        if reason is None:
+            flow = _flow_of(names, walk_group)
+            reason = tie_reason(model, flow.module_names)
+        if reason is not None:
+            for name in names:
+                blocked[name] = reason if len(names) == 1 else (
+                    f"{reason} (it grows with its residual group {', '.join(map(repr, names))})")
             continue
         flows.append(flow)
     return flows, blocked
+
+
+def _flow_of(names, walks):
+    """The TorchFlow of a group of producers (one name: a plain flow), first in forward order."""
+    first = walks[0]
+    consumers, norms = {}, {}
+    for walk in walks:
+        consumers.update(walk.consumers)
+        norms.update(walk.downstream_norms)
+    return TorchFlow(
+        producer=names[0],
+        consumers=tuple(TorchConsumer(m, s, o) for m, (s, o) in consumers.items()),
+        norm=first.norms.get(-1),
+        depthwise=tuple(
+            TorchDepthwise(conv, first.norms.get(k)) for k, conv in enumerate(first.depthwise)
+        ),
+        activation=first.activation,
+        activation_kind=first.activation_kind,
+        members=tuple(TorchMember(name, w.norms.get(-1), w.activation, w.activation_kind)
+                      for name, w in zip(names[1:], walks[1:], strict=True)),
+        downstream_norms=tuple(TorchNorm(m, o) for m, o in norms.items()),
+    )
 
 
 def _reaches_output(node, modules):
@@ -230,12 +259,22 @@ def _block(walk, user, why):
         walk.blocked = f"its output feeds {user.name!r} ({why})"
 
 
-def _follow(node, walk, modules, calls, *, segment, ndim, spatial, pooled):
-    """Depth-first walk over the users of ``node`` while they are channel-wise."""
+def _follow(node, walk, modules, calls, *, segment, ndim, spatial, pooled, offset=None,
+            merged=False):
+    """Depth-first walk over the users of ``node`` while they are channel-wise.
+
+    ``offset``: where the producer's channels start after the concatenations passed (None:
+    none passed); ``merged``: an add or a concatenation was passed (a BatchNorm after it reads
+    the stream, not the producer alone).
+    """
+    key = (node.name, offset, segment, spatial)
+    if key in walk.seen:  # paths that meet again (an add reached twice) are walked once
+        return
+    walk.seen.add(key)
     for user in list(node.users):
         if walk.blocked is not None:
             return
-        _visit(node, user, walk, modules, calls, segment, ndim, spatial, pooled)
+        _visit(node, user, walk, modules, calls, segment, ndim, spatial, pooled, offset, merged)
 
 
 def _note_activation(walk, segment, name, kind):
@@ -244,8 +283,52 @@ def _note_activation(walk, segment, name, kind):
         walk.activation, walk.activation_kind = name, kind
 
 
-def _visit(node, user, walk, modules, calls, segment, ndim, spatial, pooled):
-    go = dict(segment=segment, ndim=ndim, spatial=spatial, pooled=pooled)
+def _consumer(walk, user, spatial, offset):
+    where = (spatial, offset)
+    if walk.consumers.setdefault(user.target, where) != where:
+        return _block(walk, user, "it reads the channels at two different positions")
+    return None
+
+
+def _merge(node, user, walk, modules, calls, go):
+    """A residual add or a concatenation: follow the sum (or the concatenation) onwards."""
+    target = user.target
+    if user.op == "call_function" and target in _CAT_FUNCTIONS:
+        tensors = user.args[0] if user.args else user.kwargs.get("tensors")
+        dim = user.args[1] if len(user.args) > 1 else user.kwargs.get("dim", 0)
+        ndim = go["ndim"] if go["spatial"] is None else 2
+        if not isinstance(tensors, (list, tuple)) or dim not in (1, 1 - ndim):
+            return _block(walk, user, f"a concatenation along dim {dim}, not the channels")
+        if [t is node for t in tensors].count(True) != 1:
+            return _block(walk, user, "a concatenation that takes the channels twice")
+        before = tensors[:[t is node for t in tensors].index(True)]
+        shapes = [_shape(t) if isinstance(t, torch.fx.Node) else None for t in before]
+        if any(shape is None or len(shape) < 2 for shape in shapes):
+            walk.needs_input = (
+                f"example_input is needed: {user.name!r} concatenates channels whose counts are "
+                "unknown (pass an input batch, e.g. torch.zeros(1, 3, 32, 32))"
+            )
+            return _block(walk, user, "a concatenation of unknown channel counts")
+        if go["spatial"] is not None:
+            return _block(walk, user, "a concatenation after a flatten")
+        offset = (go["offset"] or 0) + sum(shape[1] for shape in shapes)
+        return _follow(user, walk, modules, calls, **{**go, "offset": offset, "merged": True})
+    tensors = [a for a in (*user.args, *user.kwargs.values()) if isinstance(a, torch.fx.Node)]
+    if "alpha" in user.kwargs or any(t.op == "get_attr" for t in tensors):
+        return _block(walk, user, "an add of a parameter or with alpha")
+    before, after = _shape(node), _shape(user)
+    if before is not None and after is not None and before != after:
+        return _block(walk, user, f"an add that broadcasts {before} to {after}")
+    if len(tensors) > 1:  # a sum of tensors (an add of a constant is channel-wise)
+        if go["offset"] is not None or go["spatial"] is not None:
+            return _block(walk, user, "a residual add after a concatenation or a flatten")
+        walk.adds.setdefault(user.name, set()).add(node.name)
+    return _follow(user, walk, modules, calls, **{**go, "merged": len(tensors) > 1 or go["merged"]})
+
+
+def _visit(node, user, walk, modules, calls, segment, ndim, spatial, pooled, offset, merged):
+    go = dict(segment=segment, ndim=ndim, spatial=spatial, pooled=pooled, offset=offset,
+              merged=merged)
     flat = spatial is not None
     if user.op == "output":
         walk.blocked = "it is the network's output layer (a classifier is a consumer only)"
@@ -260,6 +343,10 @@ def _visit(node, user, walk, modules, calls, segment, ndim, spatial, pooled):
         if isinstance(module, BATCH_NORM):
             if flat:
                 return _block(walk, user, "BatchNorm after a flatten")
+            if merged:  # it normalises the stream or the concatenation, not the producer alone
+                if walk.downstream_norms.setdefault(user.target, offset) != offset:
+                    return _block(walk, user, "a BatchNorm reading the channels twice")
+                return _follow(user, walk, modules, calls, **go)
             if segment in walk.norms and walk.norms[segment] != user.target:
                 return _block(walk, user, "a second BatchNorm on the same channels")
             walk.norms[segment] = user.target
@@ -277,6 +364,8 @@ def _visit(node, user, walk, modules, calls, segment, ndim, spatial, pooled):
                 return _block(walk, user, "a flatten that does not start at dim 1")
             return _flatten(node, user, walk, modules, calls, go)
         if is_depthwise_conv(module):
+            if merged:
+                return _block(walk, user, "a depthwise conv after an add or a concatenation")
             if flat or ndim != 4:
                 return _block(walk, user, "depthwise conv after a flatten")
             walk.depthwise.append(user.target)
@@ -286,16 +375,17 @@ def _visit(node, user, walk, modules, calls, segment, ndim, spatial, pooled):
         if isinstance(module, nn.Conv2d) and module.groups == 1:
             if flat or ndim != 4:
                 return _block(walk, user, "a conv reading flattened channels")
-            walk.consumers[user.target] = 1
-            return None
+            return _consumer(walk, user, 1, offset)
         if isinstance(module, nn.Linear):
             if ndim != 2 and not flat:
                 return _block(walk, user, "a Linear applied to a 4-d tensor reads W, not channels")
-            walk.consumers[user.target] = spatial or 1
-            return None
+            return _consumer(walk, user, spatial or 1, offset)
         return _block(walk, user, f"unsupported module {describe_module(module)}")
     if user.op in ("call_function", "call_method"):
         target = user.target
+        if (user.op == "call_function" and target in _ADD_FUNCTIONS | _CAT_FUNCTIONS) or (
+                user.op == "call_method" and target in _ADD_METHODS):
+            return _merge(node, user, walk, modules, calls, go)
         if user.op == "call_function" and target in _MERGE_LABELS:
             return _block(walk, user, _MERGE_LABELS[target])
         if user.op == "call_method" and target in _MERGE_METHODS:

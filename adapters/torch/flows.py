@@ -19,7 +19,7 @@ import torch
 from torch import nn
 
 from simcore.growth import GrowthError, is_growable_depthwise
-from simcore.growth.flow import BatchNorm, ChannelFlow, Consumer, Depthwise
+from simcore.growth.flow import BatchNorm, ChannelFlow, Consumer, Depthwise, Member
 
 __all__ = [
     "ACTIVATION_MODULES",
@@ -28,6 +28,8 @@ __all__ = [
     "TorchConsumer",
     "TorchDepthwise",
     "TorchFlow",
+    "TorchMember",
+    "TorchNorm",
     "describe_module",
     "is_depthwise_conv",
     "is_producer",
@@ -60,18 +62,55 @@ class TorchDepthwise:
     norm: str | None = None
 
 
+def _check_offset(offset):
+    if offset is not None and (isinstance(offset, bool) or not isinstance(offset, int)
+                               or offset < 0):
+        raise ValueError(f"offset must be a non-negative int or None, got {offset!r}")
+
+
 @dataclass(frozen=True)
 class TorchConsumer:
-    """A module reading the producer's channels; ``spatial`` columns per channel after a flatten."""
+    """A module reading the producer's channels; ``spatial`` columns per channel after a flatten.
+
+    ``offset``: the consumer reads a concatenation, in which the producer's channels start at
+    input channel ``offset`` (None: it reads exactly the producer's channels).
+    """
 
     module: str
     spatial: int = 1
+    offset: int | None = None
 
     def __post_init__(self):
         if not isinstance(self.module, str):
             raise TypeError(f"module must be a module name (str), got {type(self.module).__name__}")
         if isinstance(self.spatial, bool) or not isinstance(self.spatial, int) or self.spatial < 1:
             raise ValueError(f"spatial must be a positive int, got {self.spatial!r}")
+        _check_offset(self.offset)
+
+
+@dataclass(frozen=True)
+class TorchMember:
+    """Another producer of a residual group: its output (after ``norm``) is added to the flow's.
+
+    ``activation``/``activation_kind`` as for :class:`TorchFlow` (the activation its channels
+    reach, after the add).
+    """
+
+    producer: str
+    norm: str | None = None
+    activation: str | None = None
+    activation_kind: str | None = None
+
+
+@dataclass(frozen=True)
+class TorchNorm:
+    """A BatchNorm reading the channels after an add or a concatenation (at ``offset``)."""
+
+    module: str
+    offset: int | None = None
+
+    def __post_init__(self):
+        _check_offset(self.offset)
 
 
 #: Activation modules channels pass through, with their kind for SSD (None: no known sigma'').
@@ -116,6 +155,8 @@ class TorchFlow:
     depthwise: tuple[TorchDepthwise, ...] = ()
     activation: str | None = None
     activation_kind: str | None = None
+    members: tuple[TorchMember, ...] = ()
+    downstream_norms: tuple[TorchNorm, ...] = ()
 
     def __post_init__(self):
         if not isinstance(self.producer, str):
@@ -126,8 +167,18 @@ class TorchFlow:
         depthwise = tuple(
             d if isinstance(d, TorchDepthwise) else TorchDepthwise(d) for d in self.depthwise
         )
+        members = tuple(m if isinstance(m, TorchMember) else TorchMember(m) for m in self.members)
+        norms = tuple(n if isinstance(n, TorchNorm) else TorchNorm(n)
+                      for n in self.downstream_norms)
         object.__setattr__(self, "consumers", consumers)
         object.__setattr__(self, "depthwise", depthwise)
+        object.__setattr__(self, "members", members)
+        object.__setattr__(self, "downstream_norms", norms)
+
+    @property
+    def producers(self) -> tuple[str, ...]:
+        """The producer and the other members of its residual group, in forward order."""
+        return (self.producer, *(m.producer for m in self.members))
 
     @property
     def module_names(self) -> tuple[str, ...]:
@@ -135,10 +186,15 @@ class TorchFlow:
         names = [self.producer]
         if self.norm is not None:
             names.append(self.norm)
+        for m in self.members:
+            names.append(m.producer)
+            if m.norm is not None:
+                names.append(m.norm)
         for d in self.depthwise:
             names.append(d.conv)
             if d.norm is not None:
                 names.append(d.norm)
+        names.extend(n.module for n in self.downstream_norms)
         names.extend(c.module for c in self.consumers)
         return tuple(names)
 
@@ -157,13 +213,16 @@ class TorchFlow:
                 raise GrowthError(f"flow of {self.producer!r}: {what} {name!r} is not a module")
             return modules[name]
 
-        producer = get(self.producer, "producer")
-        if not is_producer(producer):
-            raise GrowthError(
-                f"cannot grow {self.producer!r}: a producer must be nn.Linear or an nn.Conv2d "
-                f"with groups=1, got {describe_module(producer)}"
-            )
-        for norm in (self.norm, *(d.norm for d in self.depthwise)):
+        for name in self.producers:
+            producer = get(name, "producer")
+            if not is_producer(producer):
+                raise GrowthError(
+                    f"cannot grow {name!r}: a producer must be nn.Linear or an nn.Conv2d "
+                    f"with groups=1, got {describe_module(producer)}"
+                )
+        norms = (self.norm, *(d.norm for d in self.depthwise), *(m.norm for m in self.members),
+                 *(n.module for n in self.downstream_norms))
+        for norm in norms:
             if norm is not None and not isinstance(get(norm, "norm"), BATCH_NORM):
                 raise GrowthError(f"flow of {self.producer!r}: norm {norm!r} is not a BatchNorm")
         for d in self.depthwise:
@@ -183,6 +242,9 @@ class TorchFlow:
                 raise GrowthError(
                     f"flow of {self.producer!r}: conv consumer {c.module!r} has spatial != 1"
                 )
+        for n in self.downstream_norms:
+            if not isinstance(get(n.module, "norm"), BATCH_NORM):
+                raise GrowthError(f"flow of {self.producer!r}: norm {n.module!r} is not a BatchNorm")
         reason = tie_reason(model, self.module_names)
         if reason is not None:
             raise GrowthError(f"cannot grow {self.producer!r}: {reason}")
@@ -196,9 +258,18 @@ class TorchFlow:
             producer=f"{self.producer}.weight",
             out_axis=0,
             consumers=tuple(
-                Consumer(weight=f"{c.module}.weight", in_axis=1, spatial=c.spatial)
+                Consumer(weight=f"{c.module}.weight", in_axis=1, spatial=c.spatial,
+                         offset=c.offset)
                 for c in self.consumers
             ),
+            members=tuple(
+                Member(weight=f"{m.producer}.weight", out_axis=0,
+                       bias=f"{m.producer}.bias" if modules[m.producer].bias is not None else None,
+                       norm=_batch_norm(m.norm, modules))
+                for m in self.members
+            ),
+            downstream_norms=tuple(_batch_norm(n.module, modules, n.offset)
+                                   for n in self.downstream_norms),
             bias=f"{self.producer}.bias" if producer.bias is not None else None,
             norm=_batch_norm(self.norm, modules),
             depthwise=tuple(
@@ -255,7 +326,7 @@ def tie_reason(model: nn.Module, module_names) -> str | None:
     return None
 
 
-def _batch_norm(name, modules):
+def _batch_norm(name, modules, offset=None):
     if name is None:
         return None
     bn = modules[name]
@@ -264,6 +335,7 @@ def _batch_norm(name, modules):
         shift=f"{name}.bias" if bn.bias is not None else None,
         mean=f"{name}.running_mean" if bn.running_mean is not None else None,
         var=f"{name}.running_var" if bn.running_var is not None else None,
+        offset=offset,
     )
 
 

@@ -158,14 +158,46 @@ def apply_growths(
     for flow, _ in growths:
         _check_growth(flow, new_params)
     transaction = GrowthTransaction(model, optimizer, optimizer_mode, lr)
+    starts = _segment_starts(unwrap(model), growths)
     # Not a ``with`` block: its normal exit calls __exit__ outside the block's handler, so an
     # interrupt landing there would escape with the growth made.
     try:
-        for flow, channel_map in growths:
-            transaction.apply(flow, new_params, channel_map)
+        for (flow, channel_map), start in zip(growths, starts, strict=True):
+            transaction.apply(flow, new_params, channel_map, segment_starts=start)
     except BaseException:
         transaction.rollback()
         raise
+
+
+def _segment_starts(model, growths):
+    """Per growth, ``{entry name: start of its grown block in the final array}`` (concatenations).
+
+    Several flows grow one consumer of a concatenation along the same axis; the final array
+    holds all their blocks. A flow's block starts at its offset plus what the flows before it
+    in the concatenation add. They must be written last offset first (downstream first, as
+    planned), so that each flow's offset still holds in the model when it is written.
+    """
+    shared: dict[str, list[tuple[int, int, int]]] = {}  # name -> [(growth, offset, added)]
+    for index, (flow, channel_map) in enumerate(growths):
+        if channel_map is None or not any(c.offset is not None for c in flow.consumers) and \
+                not any(n.offset is not None for n in flow.downstream_norms):
+            continue
+        maps = as_channel_maps(channel_map)
+        added = len(maps[-1].sources) - maps[0].old_channels
+        for entry in flow.channel_flow(model)._named():
+            if entry.offset is not None:
+                shared.setdefault(entry.name, []).append((index, entry.offset, added))
+    starts: list[dict[str, int]] = [{} for _ in growths]
+    for name, blocks in shared.items():
+        offsets = [offset for _, offset, _ in blocks]
+        if offsets != sorted(offsets, reverse=True):
+            raise ValueError(
+                f"the flows reading {name!r} (a concatenation) must be written last offset "
+                f"first (downstream flows first), got offsets {offsets} in that order"
+            )
+        for index, offset, _ in blocks:
+            starts[index][name] = offset + sum(a for _, o, a in blocks if o < offset)
+    return starts
 
 
 class GrowthTransaction:
@@ -215,11 +247,16 @@ class GrowthTransaction:
         self._applied: list[list[_Swap]] = []
 
     def apply(self, flow: TorchFlow, new_params: Mapping[str, torch.Tensor],
-              channel_map: ChannelMaps) -> None:
-        """Write one grown flow (see :func:`apply_growth`); on failure nothing of it stays."""
+              channel_map: ChannelMaps, *,
+              segment_starts: Mapping[str, int] | None = None) -> None:
+        """Write one grown flow (see :func:`apply_growth`); on failure nothing of it stays.
+
+        ``segment_starts``: for consumers of a concatenation, where this flow's grown block
+        starts in ``new_params`` (:func:`apply_growths` works it out from all the flows).
+        """
         _check_growth(flow, new_params)
         swaps = _growth_swaps(self.model, flow, new_params, channel_map, self.optimizer,
-                              self.optimizer_mode, self.lr)
+                              self.optimizer_mode, self.lr, segment_starts)
         # Recorded before the first change, so a rollback sees it wherever an interrupt lands.
         self._applied.append(swaps)
         _commit(swaps)
@@ -250,7 +287,8 @@ def _check_growth(flow: Any, new_params: Any) -> None:
         raise TypeError(f"new_params must be a mapping of state_dict names, got {type(new_params)}")
 
 
-def _growth_swaps(model, flow, new_params, channel_map, optimizer, optimizer_mode, lr=None):
+def _growth_swaps(model, flow, new_params, channel_map, optimizer, optimizer_mode, lr=None,
+                  segment_starts=None):
     """Every change a growth makes, computed up front as reversible swaps (nothing applied)."""
     core_flow = flow.channel_flow(model)
     modules = dict(model.named_modules())
@@ -263,7 +301,8 @@ def _growth_swaps(model, flow, new_params, channel_map, optimizer, optimizer_mod
     # Validates every grown entry's size along its channel axis against the others.
     subset = {name: torch.as_tensor(new_params[name]).detach() for name in named}
     new_channels = core_flow.channels(subset)
-    grown_axis = {e.name: e.axis for e in core_flow.entries(subset)}
+    entries = {e.name: e for e in core_flow.entries(subset)}
+    grown_axis = {name: e.axis for name, e in entries.items()}
     maps = () if channel_map is None else as_channel_maps(channel_map)
     if maps and len(maps[-1].sources) != new_channels:
         raise ValueError(
@@ -272,6 +311,7 @@ def _growth_swaps(model, flow, new_params, channel_map, optimizer, optimizer_mod
 
     # ---- compute phase: build every new object; nothing in the model changes here.
     swaps, replaced = [], {}  # replaced: state_dict name -> (old parameter, new parameter)
+    written = {}
     for name in named:
         module_name, _, attr = name.rpartition(".")
         module = modules[module_name]
@@ -279,18 +319,22 @@ def _growth_swaps(model, flow, new_params, channel_map, optimizer, optimizer_mod
         value = subset[name]
         _check_rank(name, old, value)
         value = _leading_part(name, value, old, grown_axis[name])
+        entry = entries[name]
+        if entry.offset is not None:
+            value = _own_segment(name, value, old, entry, maps, (segment_starts or {}).get(name))
         # Contiguous like a freshly built layer: the core's arrays may carry permuted
         # strides, and a checkpoint-rebuilt model must run the very same kernels.
         value = value.to(device=old.device, dtype=old.dtype).clone(
             memory_format=torch.contiguous_format
         )
+        written[name] = value
         if attr in module._parameters:
             new = nn.Parameter(value, requires_grad=old.requires_grad)
             swaps.append(_Swap(module._parameters, attr, new))
             replaced[name] = (old, new)
         else:
             swaps.append(_Swap(module._buffers, attr, value))
-    swaps.extend(_size_swaps(flow, modules, new_channels))
+    swaps.extend(_size_swaps(flow, modules, written))
     if optimizer is not None:
         swaps.extend(_optimizer_swaps(optimizer, replaced, core_flow, maps, optimizer_mode, lr))
     return swaps
@@ -316,6 +360,29 @@ def _leading_part(name, value, old, axis):
     return value
 
 
+def _own_segment(name, value, old, entry, maps, start):
+    """This flow's part of a concatenation's consumer: the model's array with only its block grown.
+
+    ``value`` is the final array, in which the other inputs of the concatenation may have grown
+    too; their growths are written by their own flows. ``start`` is where this flow's grown block
+    begins in ``value`` (its offset plus what the inputs before it added); flows are written
+    last offset first, so in the model's array the block still starts at its own offset.
+    """
+    if not maps:
+        return value
+    axis, spatial = entry.axis, entry.spatial
+    old_n, new_n = maps[0].old_channels, len(maps[-1].sources)
+    start = entry.offset if start is None else start
+    if old.shape[axis] < (entry.offset + old_n) * spatial:
+        raise ValueError(f"new_params[{name!r}]: the model's array has {old.shape[axis]} entries "
+                         f"along axis {axis}, fewer than offset {entry.offset} + {old_n} channels")
+    block = value.narrow(axis, start * spatial, new_n * spatial)
+    before = old.narrow(axis, 0, entry.offset * spatial)
+    after_start = (entry.offset + old_n) * spatial
+    after = old.narrow(axis, after_start, old.shape[axis] - after_start)
+    return torch.cat([before.to(block), block, after.to(block)], dim=axis)
+
+
 def _check_rank(name, old, value):
     if value.ndim != old.ndim:
         raise ValueError(f"new_params[{name!r}] has {value.ndim} dims, the model's has {old.ndim}")
@@ -325,29 +392,42 @@ def _check_rank(name, old, value):
         raise ValueError(f"new_params[{name!r}] holds NaN or inf")
 
 
-def _size_swaps(flow, modules, channels):
+def _size_swaps(flow, modules, values):
+    """The size attributes of every module the flow touches, read off the arrays written.
+
+    From the arrays, not the flow's channel count: a consumer of a concatenation reads more
+    channels than the flow has, and a residual group has several producers.
+    """
     swaps = []
 
     def set_attr(module, attr, value):
         if getattr(module, attr) != value:
             swaps.append(_Swap(module.__dict__, attr, value))
 
-    producer = modules[flow.producer]
-    out_attr = "out_features" if isinstance(producer, nn.Linear) else "out_channels"
-    set_attr(producer, out_attr, channels)
-    for name in [flow.norm, *(d.norm for d in flow.depthwise)]:
+    def size(module_name, axis):
+        return int(values[f"{module_name}.weight"].shape[axis])
+
+    for name in flow.producers:
+        producer = modules[name]
+        out_attr = "out_features" if isinstance(producer, nn.Linear) else "out_channels"
+        set_attr(producer, out_attr, size(name, 0))
+    norms = [flow.norm, *(d.norm for d in flow.depthwise), *(m.norm for m in flow.members),
+             *(n.module for n in flow.downstream_norms)]
+    for name in norms:
         if name is not None:
-            set_attr(modules[name], "num_features", channels)
+            bn = modules[name]
+            vector = next(values[f"{name}.{attr}"] for attr in
+                          ("weight", "running_mean", "bias", "running_var")
+                          if f"{name}.{attr}" in values)
+            set_attr(bn, "num_features", int(vector.shape[0]))
     for d in flow.depthwise:
         conv = modules[d.conv]
         for attr in ("in_channels", "out_channels", "groups"):
-            set_attr(conv, attr, channels)
+            set_attr(conv, attr, size(d.conv, 0))
     for c in flow.consumers:
         consumer = modules[c.module]
-        if isinstance(consumer, nn.Linear):
-            set_attr(consumer, "in_features", channels * c.spatial)
-        else:
-            set_attr(consumer, "in_channels", channels)
+        attr = "in_features" if isinstance(consumer, nn.Linear) else "in_channels"
+        set_attr(consumer, attr, size(c.module, 1))
     return swaps
 
 
