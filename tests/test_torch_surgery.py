@@ -183,25 +183,24 @@ def test_discovery_restores_mode_and_leaves_running_stats():
     assert torch.equal(model.features[1].running_mean, before)
 
 
-def test_residual_add_blocks_growth_with_the_node_named():
+def test_residual_add_joins_its_producers_into_one_group():
     model = Residual()
-    growable = [f.producer for f in discover_flows(model)]
-    assert growable == ["conv1"]  # only conv1 reaches no add
-    with pytest.raises(GrowthError, match=r"cannot grow 'conv2': its output feeds 'add' "
-                                          r"\(residual add\)"):
-        find_flow(model, "conv2")
-    with pytest.raises(GrowthError, match=r"cannot grow 'stem': .*residual add"):
-        find_flow(model, "stem")
+    flows = discover_flows(model)
+    assert [f.producers for f in flows] == [("stem", "conv2"), ("conv1",)]
+    assert find_flow(model, "conv2") == flows[0]  # a member names its group
+    assert {c.module for c in flows[0].consumers} == {"conv1", "head"}
 
 
 def test_concatenation_and_classifier_and_unknown_names():
     model = Concat()
-    with pytest.raises(GrowthError, match=r"cannot grow 'a': .*concatenation"):
-        find_flow(model, "a")
+    with pytest.raises(ValueError, match="example_input"):  # b's offset is a's channel count
+        find_flow(model, "b")
+    assert find_flow(model, "a", _x((1, 3, 4, 4))).consumers == (TorchConsumer("head", 1, 0),)
+    assert find_flow(model, "b", _x((1, 3, 4, 4))).consumers == (TorchConsumer("head", 1, 4),)
     with pytest.raises(GrowthError, match="output layer"):
-        find_flow(model, "head")
+        find_flow(model, "head", _x((1, 3, 4, 4)))
     with pytest.raises(GrowthError, match="no module"):
-        find_flow(model, "nope")
+        find_flow(model, "nope", _x((1, 3, 4, 4)))
     with pytest.raises(GrowthError, match="output layer"):
         find_flow(vgg16(), "classifier")
     with pytest.raises(GrowthError, match="depthwise"):

@@ -32,7 +32,6 @@ import torch.fx
 from torch import nn
 from torch.fx.passes.shape_prop import ShapeProp
 
-from .groups import residual_groups
 from .flows import (
     ACTIVATION_MODULES,
     BATCH_NORM,
@@ -48,6 +47,7 @@ from .flows import (
     tie_reason,
     unwrap,
 )
+from .groups import residual_groups
 
 __all__ = ["check_flows", "discover_flows", "find_flow"]
 
@@ -311,7 +311,7 @@ def _merge(node, user, walk, modules, calls, go):
             return _block(walk, user, "a concatenation of unknown channel counts")
         if go["spatial"] is not None:
             return _block(walk, user, "a concatenation after a flatten")
-        offset = (go["offset"] or 0) + sum(shape[1] for shape in shapes)
+        offset = (go["offset"] or 0) + sum(shape[1] for shape in shapes if shape is not None)
         return _follow(user, walk, modules, calls, **{**go, "offset": offset, "merged": True})
     tensors = [a for a in (*user.args, *user.kwargs.values()) if isinstance(a, torch.fx.Node)]
     if "alpha" in user.kwargs or any(t.op == "get_attr" for t in tensors):
@@ -474,7 +474,8 @@ def discover_flows(
     are propagated with BatchNorm in eval mode and the model's mode restored.
     With ``layers`` only those producers are returned, in that order, and a
     layer that cannot be grown raises :class:`GrowthError` naming the reason.
-    The network's final classifier is a consumer only, never a producer.
+    The network's final classifier is a consumer only, never a producer. A residual group
+    is one flow, named by its first producer; asking for any member gives the group's flow.
 
     >>> import torch
     >>> from torch import nn
@@ -489,12 +490,13 @@ def discover_flows(
         return flows
     if isinstance(layers, str):
         layers = [layers]
-    by_name = {f.producer: f for f in flows}
+    by_name = {name: f for f in flows for name in f.producers}  # a member: its group's flow
     known = dict(model.named_modules())
     picked = []
     for name in layers:
         if name in by_name:
-            picked.append(by_name[name])
+            if by_name[name] not in picked:
+                picked.append(by_name[name])
         elif name in blocked:
             raise GrowthError(f"cannot grow {name!r}: {blocked[name]}")
         elif name in known:

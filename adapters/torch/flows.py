@@ -244,7 +244,8 @@ class TorchFlow:
                 )
         for n in self.downstream_norms:
             if not isinstance(get(n.module, "norm"), BATCH_NORM):
-                raise GrowthError(f"flow of {self.producer!r}: norm {n.module!r} is not a BatchNorm")
+                raise GrowthError(
+                    f"flow of {self.producer!r}: norm {n.module!r} is not a BatchNorm")
         reason = tie_reason(model, self.module_names)
         if reason is not None:
             raise GrowthError(f"cannot grow {self.producer!r}: {reason}")

@@ -18,6 +18,7 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 from typing import Any, TypeAlias
 
+import numpy as np
 import torch
 from torch import nn
 
@@ -158,46 +159,55 @@ def apply_growths(
     for flow, _ in growths:
         _check_growth(flow, new_params)
     transaction = GrowthTransaction(model, optimizer, optimizer_mode, lr)
-    starts = _segment_starts(unwrap(model), growths)
+    positions = _written_positions(unwrap(model), growths)
     # Not a ``with`` block: its normal exit calls __exit__ outside the block's handler, so an
     # interrupt landing there would escape with the growth made.
     try:
-        for (flow, channel_map), start in zip(growths, starts, strict=True):
-            transaction.apply(flow, new_params, channel_map, segment_starts=start)
+        for (flow, channel_map), written in zip(growths, positions, strict=True):
+            transaction.apply(flow, new_params, channel_map, positions=written)
     except BaseException:
         transaction.rollback()
         raise
 
 
-def _segment_starts(model, growths):
-    """Per growth, ``{entry name: start of its grown block in the final array}`` (concatenations).
+def _written_positions(model, growths):
+    """Per growth, ``{name: {axis: positions}}``: which entries of each final array it writes.
 
-    Several flows grow one consumer of a concatenation along the same axis; the final array
-    holds all their blocks. A flow's block starts at its offset plus what the flows before it
-    in the concatenation add. They must be written last offset first (downstream first, as
-    planned), so that each flow's offset still holds in the model when it is written.
+    One dict holds every flow's final arrays, and each flow is written in turn, so a flow
+    writes only the positions that exist once it is applied: the model's own and those added
+    by itself and by the flows written before it. New channels sit at the end of a flow's
+    block (after the old channels, or at ``offset + n`` in a concatenation), so tracking, per
+    array and axis, which growth added each position gives them, whatever order the flows
+    reading one concatenation are written in.
     """
-    shared: dict[str, list[tuple[int, int, int]]] = {}  # name -> [(growth, offset, added)]
-    for index, (flow, channel_map) in enumerate(growths):
-        if channel_map is None or not any(c.offset is not None for c in flow.consumers) and \
-                not any(n.offset is not None for n in flow.downstream_norms):
+    modules = dict(model.named_modules())
+    labels: dict[tuple[str, int], np.ndarray] = {}
+    touched: list[list[tuple[str, int]]] = []
+    for step, (flow, channel_map) in enumerate(growths):
+        touched.append([])
+        if channel_map is None:
             continue
         maps = as_channel_maps(channel_map)
-        added = len(maps[-1].sources) - maps[0].old_channels
+        old_n, added = maps[0].old_channels, len(maps[-1].sources) - maps[0].old_channels
         for entry in flow.channel_flow(model)._named():
-            if entry.offset is not None:
-                shared.setdefault(entry.name, []).append((index, entry.offset, added))
-    starts: list[dict[str, int]] = [{} for _ in growths]
-    for name, blocks in shared.items():
-        offsets = [offset for _, offset, _ in blocks]
-        if offsets != sorted(offsets, reverse=True):
-            raise ValueError(
-                f"the flows reading {name!r} (a concatenation) must be written last offset "
-                f"first (downstream flows first), got offsets {offsets} in that order"
-            )
-        for index, offset, _ in blocks:
-            starts[index][name] = offset + sum(a for _, o, a in blocks if o < offset)
-    return starts
+            module_name, _, attr = entry.name.rpartition(".")
+            size = getattr(modules[module_name], attr).shape
+            axis = entry.axis % len(size)
+            key = (entry.name, axis)
+            current = labels.setdefault(key, np.full(size[axis], -1, dtype=np.int64))
+            at = ((entry.offset or 0) + old_n) * entry.spatial
+            labels[key] = np.concatenate(
+                [current[:at], np.full(added * entry.spatial, step, dtype=np.int64), current[at:]])
+            touched[step].append(key)
+    written: list[dict[str, dict[int, np.ndarray]]] = []
+    for step, keys in enumerate(touched):
+        positions: dict[str, dict[int, np.ndarray]] = {}
+        for name, _ in keys:
+            for (other, axis), label in labels.items():
+                if other == name:
+                    positions.setdefault(name, {})[axis] = np.flatnonzero(label <= step)
+        written.append(positions)
+    return written
 
 
 class GrowthTransaction:
@@ -248,15 +258,17 @@ class GrowthTransaction:
 
     def apply(self, flow: TorchFlow, new_params: Mapping[str, torch.Tensor],
               channel_map: ChannelMaps, *,
-              segment_starts: Mapping[str, int] | None = None) -> None:
+              positions: Mapping[str, Mapping[int, Any]] | None = None) -> None:
         """Write one grown flow (see :func:`apply_growth`); on failure nothing of it stays.
 
-        ``segment_starts``: for consumers of a concatenation, where this flow's grown block
-        starts in ``new_params`` (:func:`apply_growths` works it out from all the flows).
+        ``positions``: per array and axis, the positions of ``new_params``' arrays this flow
+        writes, when ``new_params`` holds the growth of several flows
+        (:func:`apply_growths` works them out); without it, the leading part of every axis
+        but the flow's own.
         """
         _check_growth(flow, new_params)
         swaps = _growth_swaps(self.model, flow, new_params, channel_map, self.optimizer,
-                              self.optimizer_mode, self.lr, segment_starts)
+                              self.optimizer_mode, self.lr, positions)
         # Recorded before the first change, so a rollback sees it wherever an interrupt lands.
         self._applied.append(swaps)
         _commit(swaps)
@@ -288,7 +300,7 @@ def _check_growth(flow: Any, new_params: Any) -> None:
 
 
 def _growth_swaps(model, flow, new_params, channel_map, optimizer, optimizer_mode, lr=None,
-                  segment_starts=None):
+                  positions=None):
     """Every change a growth makes, computed up front as reversible swaps (nothing applied)."""
     core_flow = flow.channel_flow(model)
     modules = dict(model.named_modules())
@@ -318,10 +330,9 @@ def _growth_swaps(model, flow, new_params, channel_map, optimizer, optimizer_mod
         old = getattr(module, attr)
         value = subset[name]
         _check_rank(name, old, value)
+        if positions is not None and name in positions:
+            value = _at_positions(name, value, positions[name])
         value = _leading_part(name, value, old, grown_axis[name])
-        entry = entries[name]
-        if entry.offset is not None:
-            value = _own_segment(name, value, old, entry, maps, (segment_starts or {}).get(name))
         # Contiguous like a freshly built layer: the core's arrays may carry permuted
         # strides, and a checkpoint-rebuilt model must run the very same kernels.
         value = value.to(device=old.device, dtype=old.dtype).clone(
@@ -360,27 +371,15 @@ def _leading_part(name, value, old, axis):
     return value
 
 
-def _own_segment(name, value, old, entry, maps, start):
-    """This flow's part of a concatenation's consumer: the model's array with only its block grown.
-
-    ``value`` is the final array, in which the other inputs of the concatenation may have grown
-    too; their growths are written by their own flows. ``start`` is where this flow's grown block
-    begins in ``value`` (its offset plus what the inputs before it added); flows are written
-    last offset first, so in the model's array the block still starts at its own offset.
-    """
-    if not maps:
-        return value
-    axis, spatial = entry.axis, entry.spatial
-    old_n, new_n = maps[0].old_channels, len(maps[-1].sources)
-    start = entry.offset if start is None else start
-    if old.shape[axis] < (entry.offset + old_n) * spatial:
-        raise ValueError(f"new_params[{name!r}]: the model's array has {old.shape[axis]} entries "
-                         f"along axis {axis}, fewer than offset {entry.offset} + {old_n} channels")
-    block = value.narrow(axis, start * spatial, new_n * spatial)
-    before = old.narrow(axis, 0, entry.offset * spatial)
-    after_start = (entry.offset + old_n) * spatial
-    after = old.narrow(axis, after_start, old.shape[axis] - after_start)
-    return torch.cat([before.to(block), block, after.to(block)], dim=axis)
+def _at_positions(name, value, positions):
+    """``value`` restricted, along each axis in ``positions``, to those positions."""
+    for axis, index in positions.items():
+        if len(index) and int(index[-1]) >= value.shape[axis]:
+            raise ValueError(f"new_params[{name!r}] has {value.shape[axis]} entries along axis "
+                             f"{axis}, fewer than the growths of its flows add up to")
+        if len(index) != value.shape[axis]:
+            value = value.index_select(axis, torch.as_tensor(index, device=value.device))
+    return value
 
 
 def _check_rank(name, old, value):

@@ -37,6 +37,7 @@ def _as_maps(maps: Maps) -> tuple[ChannelMap, ...]:
 def _regrow_rows(xp: Any, block: Any, entry: FlowEntry, like_shape: tuple[int, ...],
                  row_axis: int, sources: Sequence[int]) -> Any:
     """Channel rows ``block`` of ``entry`` in an array whose ``row_axis`` grew by ``sources``."""
+    entry = replace(entry, offset=None)  # ``block`` holds only the channels it regrows
     full = from_channel_rows(xp, block, like_shape, entry)
     index = np.asarray([max(s, 0) for s in sources], dtype=np.int64)
     keep = np.asarray([1.0 if s >= 0 else 0.0 for s in sources])

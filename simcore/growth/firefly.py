@@ -59,8 +59,8 @@ from .._arrays import (
 )
 from ._host import as_generator, as_index, to_numpy
 from .budget import select_lowest
-from .firefly_scores import new_neuron_gate_scores, split_gate_scores
 from .chain import GrowthChain, _regrow_rows
+from .firefly_scores import new_neuron_gate_scores, split_gate_scores
 from .flow import ChannelFlow
 from .widen import (
     ChannelMap,
@@ -380,7 +380,7 @@ def firefly_apply(
             xp = namespace_of(w, f"params[{flow.producer!r}]")
             if split_parents.size:
                 chosen = xp.asarray(split_parents, device=device_of(w))
-                directions = [xp.take(d, chosen, axis=0) for d in cand.all_split]
+                directions = [xp.take(d, chosen, axis=0) for d in cand.all_split or ()]
             else:
                 directions = [xp.zeros((0, int(channel_rows(xp, out[e.name], e).shape[1])),
                                        dtype=w.dtype, device=device_of(w))
@@ -413,7 +413,9 @@ def firefly_apply(
                                        outgoing=outgoing, depthwise=depthwise)
             return out, (split_map, add_map)
 
-        split_map, add_map = chain.grow(flow, widen)
+        pair = chain.grow(flow, widen)
+        assert not isinstance(pair, ChannelMap)  # widen returns the (split, add) pair
+        split_map, add_map = pair
         maps_by_flow[index] = (split_map, add_map)
         for entry in entries:
             if entry.role == "producer":

@@ -40,7 +40,8 @@ Example:
 from __future__ import annotations
 
 from collections.abc import Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass
+from dataclasses import field as dataclass_field
 from typing import Any
 
 from .._arrays import check_int, namespace_of, normalize_axis
@@ -246,7 +247,7 @@ class FlowEntry:
     spatial: int = 1
     channels_last: bool = False
     offset: int | None = None
-    channels: int = field(default=0, compare=False)  # set by ChannelFlow.entries
+    channels: int = dataclass_field(default=0, compare=False)  # set by ChannelFlow.entries
     member: int = 0
 
 

@@ -24,8 +24,8 @@ import numpy as np
 
 from .._arrays import check_choice
 from ._host import to_numpy
-from .chain import GrowthChain
 from .budget import UNITS, growth_budget, select_lowest
+from .chain import GrowthChain
 from .flow import ChannelFlow
 from .protocol import Array, Batch, GrowableLayer, GrowthError, GrowthHost, LossFn
 from .widen import INCOMING, OUTGOING, ChannelMap, add_neurons
@@ -219,9 +219,10 @@ class Grower(Generic[StateT]):
         for index in reversed(range(len(core_flows))):
             chosen = np.asarray(picks[index], dtype=np.int64)
             if chosen.size:
-                maps[index] = chain.grow(
-                    core_flows[index],
-                    lambda p, i=index, c=chosen: self.widen(p, core_flows[i], i, c, state, rng))
+                def widen(p: dict[str, Array], i: int = index, c: np.ndarray = chosen) -> Any:
+                    return self.widen(p, core_flows[i], i, c, state, rng)
+
+                maps[index] = chain.grow(core_flows[index], widen)
         return chain.params, maps
 
     # shared driver -----------------------------------------------------------
