@@ -15,6 +15,7 @@ their public names are importable from here too.
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Mapping, Sequence
 from typing import Any, TypeAlias
 
@@ -23,6 +24,7 @@ import torch
 from torch import nn
 
 from simcore.growth import ChannelMap
+from simcore.growth.chain import shifted_offset
 from simcore.growth.growers import check_real_range
 
 from .discovery import discover_flows, find_flow
@@ -159,6 +161,7 @@ def apply_growths(
     for flow, _ in growths:
         _check_growth(flow, new_params)
     transaction = GrowthTransaction(model, optimizer, optimizer_mode, lr)
+    growths = _shifted(growths)
     positions = _written_positions(unwrap(model), growths)
     # Not a ``with`` block: its normal exit calls __exit__ outside the block's handler, so an
     # interrupt landing there would escape with the growth made.
@@ -168,6 +171,35 @@ def apply_growths(
     except BaseException:
         transaction.rollback()
         raise
+
+
+def _shifted(growths):
+    """The growths with concatenation offsets shifted by the inputs written before them.
+
+    Offsets are found in the model's layout; a flow written after another input of the same
+    concatenation that sits before it finds its block moved by what that input added.
+    """
+    blocks: dict[str, list[tuple[int, int]]] = {}
+    out = []
+    for flow, channel_map in growths:
+        if channel_map is None or not isinstance(flow, TorchFlow):
+            out.append((flow, channel_map))
+            continue
+        maps = as_channel_maps(channel_map)
+        added = len(maps[-1].sources) - maps[0].old_channels
+
+        def shift(items):
+            return tuple(
+                dataclasses.replace(i, offset=shifted_offset(i.offset, blocks.get(i.module, [])))
+                if i.offset is not None else i for i in items)
+
+        out.append((dataclasses.replace(flow, consumers=shift(flow.consumers),
+                                        downstream_norms=shift(flow.downstream_norms)),
+                    channel_map))
+        for item in (*flow.consumers, *flow.downstream_norms):
+            if item.offset is not None:
+                blocks.setdefault(item.module, []).append((item.offset, added))
+    return out
 
 
 def _written_positions(model, growths):

@@ -75,24 +75,62 @@ def _replay(xp: Any, grown: Any, entry: FlowEntry, maps: tuple[ChannelMap, ...],
     return grown
 
 
+def shifted_offset(offset: int, grown: Sequence[tuple[int, int]]) -> int:
+    """Where a concatenation block at ``offset`` starts once the blocks ``grown`` have grown.
+
+    ``grown`` holds ``(offset, added)`` of the other inputs of the concatenation grown so far,
+    offsets in the original layout (blocks do not overlap): those before ``offset`` push it.
+    """
+    return offset + sum(added for other, added in grown if other < offset)
+
+
+def _shift(items: tuple[Any, ...], grown: Mapping[str, list[tuple[int, int]]],
+           name: Callable[[Any], str | None]) -> tuple[Any, ...]:
+    return tuple(
+        replace(item, offset=shifted_offset(item.offset, grown.get(name(item) or "", [])))
+        if item.offset is not None else item for item in items)
+
+
 class GrowthChain:
-    """Flows widened one by one on one dict (:meth:`grow`); :attr:`params` holds the result."""
+    """Flows widened one by one on one dict (:meth:`grow`); :attr:`params` holds the result.
+
+    Concatenation offsets are taken in the original layout and shifted by the growth of the
+    inputs before them grown earlier in the chain (:func:`shifted_offset`).
+    """
 
     def __init__(self, params: Mapping[str, Any]):
         self.original = dict(params)
         self.params = dict(params)
         # consumer name -> [(entry, maps, array after that growth)], in order
         self._columns: dict[str, list[tuple[FlowEntry, tuple[ChannelMap, ...], Any]]] = {}
+        self._blocks: dict[str, list[tuple[int, int]]] = {}  # name -> [(offset, added)]
 
     def grow(self, flow: ChannelFlow,
-             widen: Callable[[dict[str, Any]], tuple[dict[str, Any], Maps]]) -> Maps:
-        """Widen ``flow`` with ``widen(params) -> (new params, map or maps)``; returns the maps."""
+             widen: Callable[[dict[str, Any], ChannelFlow], tuple[dict[str, Any], Maps]]
+             ) -> Maps:
+        """Widen ``flow`` with ``widen(params, flow) -> (new params, map or maps)``.
+
+        ``widen`` gets the flow with its concatenation offsets shifted to the current layout.
+        Returns the maps.
+        """
+        static = flow
+        flow = replace(
+            flow,
+            consumers=_shift(flow.consumers, self._blocks, lambda c: c.weight),
+            downstream_norms=_shift(flow.downstream_norms, self._blocks,
+                                    lambda n: n.scale or n.mean or n.shift or n.var),
+        )
         work = dict(self.params)
         replay = [name for name in flow.producers if self._columns.get(name)]
         for name in replay:
             work[name] = self.original[name]
-        new, maps = widen(work)
+        new, maps = widen(work, flow)
         chain = _as_maps(maps)
+        if chain:
+            added = len(chain[-1].sources) - chain[0].old_channels
+            for entry in static._named():
+                if entry.offset is not None:
+                    self._blocks.setdefault(entry.name, []).append((entry.offset, added))
         entries = flow.entries(new) if chain else ()
         if chain:
             row_sources = chain[0].sources

@@ -368,7 +368,7 @@ def firefly_apply(
         if np.unique(new_index).size != new_index.size:
             raise ValueError(f"selection[{index}].new repeats a candidate: {new_index.tolist()}")
 
-        def widen(out: dict[str, Any], flow: ChannelFlow = flow, cand: FireflyCandidates = cand,
+        def widen(out: dict[str, Any], flow: ChannelFlow, cand: FireflyCandidates = cand,
                   entries: Any = entries, split_parents: np.ndarray = split_parents,
                   new_index: np.ndarray = new_index, index: int = index) -> Any:
             if tuple(out[flow.producer].shape) != original_shapes[flow.producer]:

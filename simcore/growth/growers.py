@@ -219,8 +219,9 @@ class Grower(Generic[StateT]):
         for index in reversed(range(len(core_flows))):
             chosen = np.asarray(picks[index], dtype=np.int64)
             if chosen.size:
-                def widen(p: dict[str, Array], i: int = index, c: np.ndarray = chosen) -> Any:
-                    return self.widen(p, core_flows[i], i, c, state, rng)
+                def widen(p: dict[str, Array], flow: ChannelFlow, i: int = index,
+                          c: np.ndarray = chosen) -> Any:
+                    return self.widen(p, flow, i, c, state, rng)
 
                 maps[index] = chain.grow(core_flows[index], widen)
         return chain.params, maps
