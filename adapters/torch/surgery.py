@@ -28,7 +28,7 @@ from simcore.growth.chain import shifted_offset
 from simcore.growth.growers import check_real_range
 
 from .discovery import discover_flows, find_flow
-from .flows import GrowthError, TorchConsumer, TorchDepthwise, TorchFlow, unwrap
+from .flows import GrowthError, TorchConsumer, TorchDepthwise, TorchFlow, TorchNorm, unwrap
 from .optim import (
     as_channel_maps,
     check_growable_optimizer,
@@ -196,7 +196,8 @@ def _shifted(growths):
         out.append((dataclasses.replace(flow, consumers=shift(flow.consumers),
                                         downstream_norms=shift(flow.downstream_norms)),
                     channel_map))
-        for item in (*flow.consumers, *flow.downstream_norms):
+        items: list[TorchConsumer | TorchNorm] = [*flow.consumers, *flow.downstream_norms]
+        for item in items:
             if item.offset is not None:
                 blocks.setdefault(item.module, []).append((item.offset, added))
     return out
