@@ -117,6 +117,7 @@ class _Walk:
     activation: str | None = None
     activation_kind: str | None = None
     activation_seen: bool = False
+    activation_node: str | None = None  # the fx node of the activation (SSD of groups)
     blocked: str | None = None
     needs_input: str | None = None
 
@@ -215,7 +216,9 @@ def _flow_of(names, walks):
         ),
         activation=first.activation,
         activation_kind=first.activation_kind,
-        members=tuple(TorchMember(name, w.norms.get(-1), w.activation, w.activation_kind)
+        activation_node=first.activation_node if len(walks) > 1 else None,
+        members=tuple(TorchMember(name, w.norms.get(-1), w.activation, w.activation_kind,
+                                  w.activation_node)
                       for name, w in zip(names[1:], walks[1:], strict=True)),
         downstream_norms=tuple(TorchNorm(m, o) for m, o in norms.items()),
     )
@@ -277,10 +280,11 @@ def _follow(node, walk, modules, calls, *, segment, ndim, spatial, pooled, offse
         _visit(node, user, walk, modules, calls, segment, ndim, spatial, pooled, offset, merged)
 
 
-def _note_activation(walk, segment, name, kind):
+def _note_activation(walk, segment, name, kind, node=None):
     if segment == -1 and not walk.activation_seen:
         walk.activation_seen = True
         walk.activation, walk.activation_kind = name, kind
+        walk.activation_node = None if node is None else node.name
 
 
 def _consumer(walk, user, spatial, offset):
@@ -352,7 +356,7 @@ def _visit(node, user, walk, modules, calls, segment, ndim, spatial, pooled, off
             walk.norms[segment] = user.target
             return _follow(user, walk, modules, calls, **go)
         if isinstance(module, tuple(ACTIVATION_MODULES)):
-            _note_activation(walk, segment, user.target, ACTIVATION_MODULES[type(module)])
+            _note_activation(walk, segment, user.target, ACTIVATION_MODULES[type(module)], user)
             return _follow(user, walk, modules, calls, **go)
         if isinstance(module, _PASS_MODULES):
             pool_one = isinstance(module, (nn.AdaptiveAvgPool2d, nn.AdaptiveMaxPool2d)) and (
@@ -393,10 +397,10 @@ def _visit(node, user, walk, modules, calls, segment, ndim, spatial, pooled, off
         if user.args and user.args[0] is not node:
             return _block(walk, user, f"{_target_name(user)} reads it as a non-input argument")
         if user.op == "call_function" and target in _ACTIVATION_FUNCTIONS:
-            _note_activation(walk, segment, None, _ACTIVATION_FUNCTIONS[target])
+            _note_activation(walk, segment, None, _ACTIVATION_FUNCTIONS[target], user)
             return _follow(user, walk, modules, calls, **go)
         if user.op == "call_method" and target in _ACTIVATION_METHODS:
-            _note_activation(walk, segment, None, _ACTIVATION_METHODS[target])
+            _note_activation(walk, segment, None, _ACTIVATION_METHODS[target], user)
             return _follow(user, walk, modules, calls, **go)
         if user.op == "call_function" and target in _PASS_FUNCTIONS:
             size = user.args[1] if len(user.args) > 1 else user.kwargs.get("output_size")

@@ -93,13 +93,15 @@ class TorchMember:
     """Another producer of a residual group: its output (after ``norm``) is added to the flow's.
 
     ``activation``/``activation_kind`` as for :class:`TorchFlow` (the activation its channels
-    reach, after the add).
+    reach, after the add); ``activation_node`` the name of that activation's node in the
+    ``torch.fx`` trace of the model (SSD reads the group's pre-activations there).
     """
 
     producer: str
     norm: str | None = None
     activation: str | None = None
     activation_kind: str | None = None
+    activation_node: str | None = None
 
 
 @dataclass(frozen=True)
@@ -156,6 +158,7 @@ class TorchFlow:
     activation: str | None = None
     activation_kind: str | None = None
     members: tuple[TorchMember, ...] = ()
+    activation_node: str | None = None
     downstream_norms: tuple[TorchNorm, ...] = ()
 
     def __post_init__(self):

@@ -23,6 +23,7 @@ from .capture import splitting_statistics
 from .distributed import mean_over_ranks
 from .distributed import shared_seed as _broadcast_seed
 from .flows import TorchFlow
+from .group_capture import group_splitting_statistics
 from .surgery import apply_growths
 
 __all__ = ["TorchGrowthHost", "parameter_count"]
@@ -57,7 +58,14 @@ class TorchGrowthHost:
         return parameter_count(self.model)
 
     def splitting_statistics(self, batches, loss_fn) -> list[SplittingStatistics]:
-        return splitting_statistics(self.model, self.flows, batches, loss_fn)
+        groups = [f for f in self.flows if f.members]
+        plain = [f for f in self.flows if not f.members]
+        by_flow = dict(zip(plain, splitting_statistics(self.model, plain, batches, loss_fn)
+                           if plain else [], strict=True))
+        if groups:  # residual groups: read at the trace's nodes (group_capture.py)
+            by_flow.update(zip(groups, group_splitting_statistics(self.model, groups, batches,
+                                                                  loss_fn), strict=True))
+        return [by_flow[f] for f in self.flows]
 
     def forward_with(
         self, widened_state: Mapping[str, torch.Tensor], channel_maps: Sequence[Any]

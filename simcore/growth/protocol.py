@@ -62,12 +62,15 @@ class SplittingStatistics:
     :func:`simcore.growth.second_derivative`. ``bn_scale``: the norm's per-channel coefficient
     (:func:`simcore.growth.bn_coefficient`), or None without a norm. ``batches``: per batch,
     ``(patches (B, P, d), backprop (B, P, n), preactivations (B, P, n))`` as
-    :func:`simcore.growth.splitting_matrices` takes them.
+    :func:`simcore.growth.splitting_matrices` takes them. ``members``: the same for each
+    member of a residual group (``ChannelFlow.members``), in order; the pre-activations are
+    the stream's, after the add.
     """
 
     activation: str
     bn_scale: Array | None
     batches: tuple[tuple[Array, Array, Array], ...]
+    members: tuple[SplittingStatistics, ...] = ()
 
 
 @runtime_checkable

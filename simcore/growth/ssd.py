@@ -441,7 +441,8 @@ def ssd_split(
 
     ``v_min`` is the ``(n, d)`` output of :func:`min_eigenpairs` or
     :func:`rayleigh_min_direction` for the producer (rows in ``to_rows`` layout);
-    the rows of ``parents`` are used. Parent ``i`` becomes ``theta_i + eps v_i``, its
+    the rows of ``parents`` are used (a residual group: a sequence with one such array per
+    producer, each split along its own). Parent ``i`` becomes ``theta_i + eps v_i``, its
     copy (appended) ``theta_i - eps v_i``, consumer columns halved
     (:func:`simcore.growth.split_neurons`): the function is preserved to
     ``O(eps^2)``. Returns ``(new params, ChannelMap)``.
@@ -451,6 +452,8 @@ def ssd_split(
 
 
 def _parent_rows(v_min: Any, parents: Any, flow: Any, params: Mapping[str, Any]) -> Any:
+    if isinstance(v_min, (list, tuple)):  # a residual group: one block per producer
+        return [_parent_rows(v, parents, flow, params) for v in v_min]
     if not isinstance(flow, ChannelFlow):
         raise TypeError(f"flow must be a ChannelFlow, got {type(flow).__name__}")
     xp = namespace_of(v_min, "v_min")

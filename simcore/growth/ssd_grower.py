@@ -8,12 +8,13 @@ split itself are the core's :mod:`simcore.growth.ssd`.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 import array_api_compat
 
 from .._arrays import check_choice, check_int, device_of, namespace_of
 from .growers import Grower, PerLayerState, check_real_range
-from .protocol import Array, GrowthHost, SplittingStatistics
+from .protocol import GrowthHost, SplittingStatistics
 from .ssd import (
     hvp_from_statistics,
     min_eigenpairs,
@@ -26,8 +27,11 @@ __all__ = ["SSDGrower", "SSDState"]
 
 
 @dataclass(frozen=True, eq=False)
-class SSDState(PerLayerState[Array]):
-    """Per layer, the ``(n, d)`` unit directions of every neuron's smallest eigenvalue."""
+class SSDState(PerLayerState[Any]):
+    """Per layer, the ``(n, d)`` unit directions of every neuron's smallest eigenvalue.
+
+    A residual group has a tuple of them, one per producer (its own, then its members').
+    """
 
 
 class SSDGrower(Grower[SSDState]):
@@ -57,6 +61,13 @@ class SSDGrower(Grower[SSDState]):
         scores, directions = [], []
         for stats in statistics:
             lam, v = self._layer_split(host, stats, rng)
+            if stats.members:  # a residual group: one unit (docs/design.md)
+                member_v = [v]
+                for member in stats.members:
+                    lam_m, v_m = self._layer_split(host, member, rng)
+                    lam = lam + lam_m
+                    member_v.append(v_m)
+                v = tuple(member_v)
             scores.append(lam)
             directions.append(v)
         return scores, SSDState(tuple(directions))
@@ -84,6 +95,8 @@ class SSDGrower(Grower[SSDState]):
     def widen(self, params, core_flow, index, picks, state, rng):
         producer = params[core_flow.producer]
         xp = namespace_of(producer, core_flow.producer)
-        v_min = xp.astype(state[index], producer.dtype)
-        v_min = array_api_compat.to_device(v_min, device_of(producer))
-        return ssd_split(params, core_flow, picks, v_min, eps=self.eps)
+        blocks = state[index] if isinstance(state[index], tuple) else (state[index],)
+        v_min = tuple(array_api_compat.to_device(xp.astype(v, producer.dtype), device_of(producer))
+                      for v in blocks)
+        return ssd_split(params, core_flow, picks, v_min if len(v_min) > 1 else v_min[0],
+                         eps=self.eps)
