@@ -173,3 +173,30 @@ def test_zoo_models_grow_everywhere(name, method):
                                atol=_tolerance(method, before.abs().max().item()) + 1e-6)
     _check_optimizer_follows(net, opt)
     _train_step(net, opt, x, y)
+
+
+def test_discovered_groups_pass_as_hand_given_flows():
+    net, _, x, _ = _setup(residual_nets.ResNet, _sgd)
+    flows = discover_flows(net, x[:1])
+    before = net(x).detach()
+    report = RandomGrower(seed=0).grow(net, None, None, ratio=0.4, flows=flows,
+                                       example_input=x[:1])
+    assert report.added["conv1"] > 0
+    torch.testing.assert_close(net(x).detach(), before, rtol=0, atol=1e-6)
+
+
+def test_an_add_with_the_network_input_keeps_the_group_fixed():
+    class InputAdd(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv = torch.nn.Conv2d(3, 3, 3, padding=1)
+            self.head = torch.nn.Conv2d(3, 2, 1)
+
+        def forward(self, x):
+            return self.head(F.relu(x + self.conv(x))).mean((2, 3))
+
+    from simcore.adapters.torch.discovery import find_flow
+
+    from simcore.growth import GrowthError
+    with pytest.raises(GrowthError, match="which no growable layer of its residual group"):
+        find_flow(InputAdd(), "conv")

@@ -548,7 +548,12 @@ def check_flows(model: nn.Module, flows: Iterable[TorchFlow]) -> None:
     for flow in flows:
         if flow.producer not in called:
             continue
-        passed, readers, reaches_output = _readers(graph_module, flow.producer)
+        passed, readers, reaches_output = set(), set(), False
+        for producer in flow.producers:  # a residual group: what any member's channels reach
+            more = _readers(graph_module, producer)
+            passed, readers, reaches_output = passed | more[0], readers | more[1], (
+                reaches_output or more[2])
+        readers -= set(flow.producers)
         where = f"flow of {flow.producer!r}"
         if reaches_output:
             raise GrowthError(
@@ -566,7 +571,8 @@ def check_flows(model: nn.Module, flows: Iterable[TorchFlow]) -> None:
                 f"{where}: {name!r} reads the channels of {flow.producer!r} in the traced "
                 "graph but is not named as a consumer; the next forward would fail"
             )
-        through = [flow.norm, *(d.conv for d in flow.depthwise), *(d.norm for d in flow.depthwise)]
+        through = [flow.norm, *(d.conv for d in flow.depthwise), *(d.norm for d in flow.depthwise),
+                   *(m.norm for m in flow.members), *(n.module for n in flow.downstream_norms)]
         for name in through:
             if name is not None and name not in passed:
                 raise GrowthError(
