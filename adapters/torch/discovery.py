@@ -548,7 +548,9 @@ def check_flows(model: nn.Module, flows: Iterable[TorchFlow]) -> None:
     for flow in flows:
         if flow.producer not in called:
             continue
-        passed, readers, reaches_output = set(), set(), False
+        passed: set[str] = set()
+        readers: set[str] = set()
+        reaches_output = False
         for producer in flow.producers:  # a residual group: what any member's channels reach
             more = _readers(graph_module, producer)
             passed, readers, reaches_output = passed | more[0], readers | more[1], (
@@ -571,12 +573,13 @@ def check_flows(model: nn.Module, flows: Iterable[TorchFlow]) -> None:
                 f"{where}: {name!r} reads the channels of {flow.producer!r} in the traced "
                 "graph but is not named as a consumer; the next forward would fail"
             )
-        through = [flow.norm, *(d.conv for d in flow.depthwise), *(d.norm for d in flow.depthwise),
-                   *(m.norm for m in flow.members), *(n.module for n in flow.downstream_norms)]
-        for name in through:
-            if name is not None and name not in passed:
+        through: list[str | None] = [
+            flow.norm, *(d.conv for d in flow.depthwise), *(d.norm for d in flow.depthwise),
+            *(m.norm for m in flow.members), *(n.module for n in flow.downstream_norms)]
+        for step in through:
+            if step is not None and step not in passed:
                 raise GrowthError(
-                    f"{where}: {name!r} is not on the path from {flow.producer!r} to its "
+                    f"{where}: {step!r} is not on the path from {flow.producer!r} to its "
                     "consumers in the traced graph; the next forward would fail"
                 )
         modules = dict(graph_module.named_modules())
