@@ -486,7 +486,7 @@ def discover_flows(
     >>> net = nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), nn.BatchNorm2d(4), nn.ReLU(),
     ...                     nn.Flatten(), nn.Linear(4 * 8 * 8, 10))
     >>> [(f.producer, f.norm, f.consumers) for f in discover_flows(net, torch.zeros(1, 3, 8, 8))]
-    [('0', '1', (TorchConsumer(module='4', spatial=64),))]
+    [('0', '1', (TorchConsumer(module='4', spatial=64, offset=None),))]
     """
     model = unwrap(model) if isinstance(model, nn.Module) else model
     flows, blocked = _analyse(model, example_input)
