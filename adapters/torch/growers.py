@@ -14,9 +14,9 @@ Under ``torch.distributed`` (e.g. DistributedDataParallel), each growth draws
 its random seed on rank 0 and broadcasts it, and scores (SSD: the splitting
 statistics) are averaged over ranks before selection, so every rank makes the
 same decision (every rank must pass the same number of batches: the averages are
-collectives; checked up front with one cheap collective,
-:func:`~simcore.adapters.torch.distributed.check_same_on_ranks`); wrap the grown module again with
-:func:`~simcore.adapters.torch.distributed.regrow_ddp`.
+collectives; checked up front with one cheap collective). The collectives run with a short
+timeout (:class:`~simcore.adapters.torch.distributed.GrowthCollectives`); wrap the grown module
+again with :func:`~simcore.adapters.torch.distributed.regrow_ddp`.
 
 >>> import torch
 >>> from torch import nn
@@ -40,7 +40,7 @@ from simcore.growth import GrowthReport
 from simcore.growth.growers import check_real_range
 
 from .discovery import check_flows, discover_flows
-from .distributed import check_same_on_ranks
+from .distributed import DEFAULT_COLLECTIVE_TIMEOUT, GrowthCollectives
 from .flows import GrowthError, TorchFlow, unwrap
 from .host import TorchGrowthHost
 from .optim import check_growable_optimizer, check_optimizer_mode
@@ -70,6 +70,7 @@ class Grower(core.Grower):
         optimizer_mode: str = "carry",
         lr: float | None = None,
         caps: Sequence[int] | None = None,
+        collective_timeout: float = DEFAULT_COLLECTIVE_TIMEOUT,
     ) -> GrowthReport:
         """Grow ``model`` once; returns a :class:`~simcore.growth.GrowthReport`.
 
@@ -84,6 +85,9 @@ class Grower(core.Grower):
         ``"reset"``) drops the state of every parameter of the optimizer (see
         :mod:`simcore.adapters.torch.optim`); ``lr`` (optional) then sets every
         param group's learning rate, as the reference does after a growth.
+        ``collective_timeout``: seconds each of the growth's collectives waits for the other
+        DDP ranks before :class:`~simcore.adapters.torch.distributed.GrowthCollectiveError`
+        (raise it if a rank does long work, e.g. saving a checkpoint, just before growing).
         """
         optimizer_mode = check_optimizer_mode(optimizer_mode)
         check_growable_optimizer(optimizer)  # before scoring, not after it
@@ -104,13 +108,15 @@ class Grower(core.Grower):
             check_flows(net, flows)  # against the traced graph: no success before a bad forward
         if not flows:
             raise GrowthError(f"{type(net).__name__} has no growable layer")
-        check_same_on_ranks(  # one cheap collective before the expensive ones
-            scoring_batches=len(batches) if self.needs_data else 0,
-            growable_layers=len(flows),
-            neurons=sum(f.channels(net) for f in flows),
-        )
-        host = TorchGrowthHost(net, flows, optimizer, optimizer_mode=optimizer_mode, lr=lr)
-        return super().grow(host, batches, loss_fn, ratio=ratio, unit=unit, caps=caps)
+        with GrowthCollectives(collective_timeout) as collectives:
+            collectives.check_same(  # one cheap collective before the expensive ones
+                scoring_batches=len(batches) if self.needs_data else 0,
+                growable_layers=len(flows),
+                neurons=sum(f.channels(net) for f in flows),
+            )
+            host = TorchGrowthHost(net, flows, optimizer, optimizer_mode=optimizer_mode, lr=lr,
+                                   collectives=collectives)
+            return super().grow(host, batches, loss_fn, ratio=ratio, unit=unit, caps=caps)
 
 
 class RandomGrower(Grower, core.RandomGrower):
