@@ -38,6 +38,21 @@ def test_a_phase_that_blows_the_weights_up_stops_the_run_with_the_last_good_chec
     assert not (tmp_path / "checkpoint.pt").exists()  # epoch 1 ended in the growth: no save
 
 
+def test_a_phase_that_breaks_only_the_batchnorm_statistics_stops_the_run_too(tmp_path):
+    # `--phase-step absolute --phase-lr 1e30` (issue 14, item 8): the weights stay finite and
+    # so does every training loss (BatchNorm normalises each batch), but the running variances
+    # overflow; the run exited 0 with a broken model and chance accuracy. Now the end of
+    # epoch 2 refuses to save it, and the epoch-1 checkpoint (right after the growth) is kept.
+    config = TINY.replace(terms="both", phase_step="absolute", phase_lr=1e30, phase_steps=20)
+    with pytest.raises(FloatingPointError, match=r"running_var.* non-finite in epoch 2"):
+        run_one(config, tmp_path)
+    assert not (tmp_path / "result.json").exists()
+    saved = torch.load(tmp_path / "checkpoint.pt", weights_only=True)
+    assert saved["extra"]["state"]["epoch"] == 1
+    assert all(torch.isfinite(t).all() for t in saved["model"].values()
+               if t.is_floating_point())
+
+
 def test_a_loss_that_becomes_nan_stops_the_run_and_keeps_the_last_good_checkpoint(tmp_path):
     config = TINY.replace(terms="none", epochs=3, max_growths=0)
     original = torch.nn.CrossEntropyLoss.forward

@@ -364,7 +364,8 @@ def run_one(config: RunConfig, out_dir: str | Path, *, dataset: ImageDataset | N
                                                   loss_fn, phase, state, stats_layer)
                     state.growths.append(record_)
                     state.train_seconds += time.perf_counter() - started
-                    _check_finite(model, config, epoch)
+                    _check_finite(model, config, f"in the growth after epoch {epoch + 1} or "
+                                  "its similarity phase")
                 record["test_accuracy"] = evaluate(model, dataset)
                 record["val_accuracy"] = evaluate(model, dataset, split="val")
                 record["parameters"] = parameter_count(model)
@@ -375,6 +376,7 @@ def run_one(config: RunConfig, out_dir: str | Path, *, dataset: ImageDataset | N
                 if state.epoch == config.epochs:
                     state.similarity["final"] = layer_stats(model, stats_layer)
                     state.similarity["final_all"] = final_similarity(model)
+                _check_finite(model, config, f"in epoch {epoch + 1}")  # never checkpointed
                 save()
                 consistent = True
                 bar.update(1)
@@ -395,14 +397,22 @@ def run_one(config: RunConfig, out_dir: str | Path, *, dataset: ImageDataset | N
     return result
 
 
-def _check_finite(model: nn.Module, config: RunConfig, epoch: int) -> None:
-    """Refuse to go on (and to checkpoint) with weights a growth or its phase made non-finite."""
-    if all(bool(torch.isfinite(p).all()) for p in model.parameters()):
+def _check_finite(model: nn.Module, config: RunConfig, when: str) -> None:
+    """Refuse to go on (and to checkpoint) with weights or buffers that became non-finite.
+
+    Buffers too: a joint phase with a huge absolute step can leave every loss finite
+    (BatchNorm normalises the batch in training) while the running variances overflow.
+    """
+    named = [*model.named_parameters(), *model.named_buffers()]
+    broken = [name for name, t in named
+              if t.is_floating_point() and not bool(torch.isfinite(t).all())]
+    if not broken:
         return
+    more = f" and {len(broken) - 1} more" if len(broken) > 1 else ""
     raise FloatingPointError(
-        f"{config.label}: the weights became non-finite in the growth after epoch {epoch + 1} "
-        f"or its similarity phase; the checkpoint of the last completed epoch is kept. Lower "
-        f"--phase-lr (or use --phase-step relative), then run again with --fresh")
+        f"{config.label}: {broken[0]}{more} became non-finite {when}; the checkpoint of the "
+        f"last completed epoch is kept. Lower --lr or --phase-lr (or use --phase-step "
+        f"relative), then run again with --fresh")
 
 
 def _phase(config: RunConfig):
