@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -122,6 +123,33 @@ def test_a_failed_checkpoint_write_keeps_the_previous_one_and_leaves_no_temporar
         save_checkpoint(path, model)
     assert path.read_bytes() == before
     assert [p.name for p in tmp_path.iterdir()] == ["checkpoint.pt"]
+
+
+_FULL_DISK = """
+import resource, signal, sys
+from simcore.experiment import run_experiment
+from test_experiment_reliability import TINY
+signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # a write past the limit fails with EFBIG instead
+resource.setrlimit(resource.RLIMIT_FSIZE, (200, 200))  # no file may grow past 200 bytes
+try:
+    run_experiment(TINY, methods=["random"], terms=["none"], seeds=[0], out_dir=sys.argv[1],
+                   figures=False, echo=None)
+except OSError as err:
+    print("FAILED", err)
+"""
+
+
+def test_a_full_disk_while_rewriting_the_results_keeps_every_file_whole(tmp_path):
+    # results.json was rewritten in place: a full disk left invalid JSON where a valid file was
+    run_experiment(TINY, methods=["random"], terms=["none"], seeds=[0], out_dir=tmp_path,
+                   figures=False, echo=None)
+    before = {p: p.read_bytes() for p in tmp_path.rglob("*") if p.is_file()}
+    # The run is finished: a second time only rewrites the results, each larger than 200 bytes.
+    child = subprocess.run([sys.executable, "-c", _FULL_DISK, str(tmp_path)], timeout=120,
+                           capture_output=True, text=True, cwd=Path(__file__).parent)
+    assert child.stdout.startswith("FAILED") and "File too large" in child.stdout, child.stderr
+    after = {p: p.read_bytes() for p in tmp_path.rglob("*") if p.is_file()}
+    assert after == before  # every file as it was, no temporary left beside them
 
 
 def test_without_a_terminal_the_runs_report_progress_in_plain_lines(tmp_path, monkeypatch):

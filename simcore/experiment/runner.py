@@ -27,7 +27,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import signal
 import sys
 import threading
@@ -57,6 +56,7 @@ from simcore.adapters.torch import (
 
 from .config import RunConfig
 from .data import ImageDataset, iter_batches, load_dataset
+from .files import write_atomic
 from .measure import (
     accuracies,
     evaluate,
@@ -198,10 +198,8 @@ def _read_json(path: Path) -> Any:
 
 
 def _write_json(path: Path, value: Any) -> None:
-    """Write to a temporary name, then rename: a crash never leaves a truncated ``path``."""
-    temporary = path.with_name(f".{path.name}.tmp")
-    temporary.write_text(json.dumps(value, indent=1))
-    os.replace(temporary, path)
+    """Write whole or not at all (:func:`.files.write_atomic`)."""
+    write_atomic(path, json.dumps(value, indent=1))
 
 
 def run_status(config: RunConfig, out_dir: str | Path) -> tuple[str, int]:
