@@ -3,6 +3,7 @@ folder takes one run at a time, and a failed checkpoint write leaves the previou
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -94,6 +95,32 @@ def test_one_output_folder_takes_one_run_at_a_time(tmp_path):
                            out_dir=tmp_path, figures=False, echo=None)
     assert not (tmp_path / "results.json").exists()
     assert not (tmp_path / LOCK_NAME).exists()  # released by the holder
+
+
+_HOLDS_THE_LOCK_BEFORE_ITS_PID = """
+import fcntl, os, sys, time
+fd = os.open(sys.argv[1], os.O_CREAT | os.O_RDWR, 0o644)
+fcntl.flock(fd, fcntl.LOCK_EX)
+print("locked", flush=True)
+time.sleep(60)
+"""
+
+
+def test_a_run_that_has_not_yet_written_its_pid_still_holds_the_folder(tmp_path):
+    # Two runs started together: the first has made the lock but not yet written its process
+    # id. The lock was then read as stale, taken over, and both runs went on into one folder.
+    holder = subprocess.Popen([sys.executable, "-c", _HOLDS_THE_LOCK_BEFORE_ITS_PID,
+                               str(tmp_path / LOCK_NAME)], stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "locked"
+        with pytest.raises(FolderInUse, match=r"in use by another simcore grow \(process "
+                                              r"starting\)"):
+            OutputLock(tmp_path).__enter__()
+    finally:
+        holder.kill()
+        holder.wait()
+    with OutputLock(tmp_path):  # its process gone, the lock is free at once
+        assert (tmp_path / LOCK_NAME).read_text() == str(os.getpid())
 
 
 def test_a_stale_lock_of_a_dead_process_is_taken_over(tmp_path):
