@@ -331,9 +331,7 @@ def test_layer_name_skips_depthwise_convs_only():
 
 
 def test_fresh_runs_interrupts_and_result_files_leave_nothing_stale(tmp_path, monkeypatch):
-    from pathlib import Path
-
-    from simcore.experiment import runner
+    from simcore.experiment import files, runner
 
     data = load_digits_dataset(0, train_limit=32, test_limit=16)
     config = TINY.replace(method="random", terms="none", max_growths=0)
@@ -357,17 +355,25 @@ def test_fresh_runs_interrupts_and_result_files_leave_nothing_stale(tmp_path, mo
     assert len(saves) == 1  # the end-of-epoch checkpoint, not written a second time
     assert not (run_dir / "result.json").exists()  # the stale result went with --fresh
 
-    real_write = Path.write_text
+    real_temporary = files.tempfile.NamedTemporaryFile
 
-    def crash_mid_write(self, text, *args, **kwargs):
-        real_write(self, text[:10], *args, **kwargs)
-        raise OSError("disk full")
+    def crash_mid_write(*args, **kwargs):
+        handle = real_temporary(*args, **kwargs)
+        real_write = handle.write
 
-    monkeypatch.setattr(Path, "write_text", crash_mid_write)
+        def write(text):
+            real_write(text[:10])
+            raise OSError("disk full")
+
+        handle.write = write
+        return handle
+
+    monkeypatch.setattr(files.tempfile, "NamedTemporaryFile", crash_mid_write)
     with pytest.raises(OSError, match="disk full"):
         run_one(config, run_dir, dataset=data)  # resumes epoch 2, then fails to write
     assert not (run_dir / "result.json").exists()  # no truncated result.json left behind
-    monkeypatch.setattr(Path, "write_text", real_write)
+    assert not list(run_dir.glob("*.tmp"))  # and no temporary
+    monkeypatch.setattr(files.tempfile, "NamedTemporaryFile", real_temporary)
     result = run_one(config, run_dir, dataset=data)
     assert json.loads((run_dir / "result.json").read_text()) == result
     assert len(result["history"]) == config.epochs + 1
