@@ -331,22 +331,6 @@ def test_ratio_in_parameters_and_layer_restriction():
         FireflyGrower(new_per_layer=1, split=False).grow(model, batches, F.cross_entropy)
 
 
-def test_ssd_needs_activation_modules():
-    class Functional(nn.Module):
-        def __init__(self):
-            super().__init__()
-            self.fc1, self.fc2 = nn.Linear(3, 4), nn.Linear(4, 2)
-
-        def forward(self, x):
-            return self.fc2(F.relu(self.fc1(x)))
-
-    with pytest.raises(GrowthError, match="function call"):
-        SSDGrower().grow(Functional(), _data((4, 3), 2), F.cross_entropy)
-    # Random growth does not need statistics.
-    report = RandomGrower().grow(Functional(), None, None, ratio=0.5)
-    assert report.added == {"fc1": 2}
-
-
 def test_random_growth_is_seeded():
     results = []
     for seed in (3, 3, 4):

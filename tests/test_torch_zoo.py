@@ -3,6 +3,7 @@
 import pytest
 
 torch = pytest.importorskip("torch")
+pytestmark = pytest.mark.usefixtures("torch_one_thread")
 
 from simcore.adapters.torch.zoo import NAMES, build  # noqa: E402
 
