@@ -378,6 +378,11 @@ def test_report_fields():
     report = GrowthReport("random", 3, {"a": 2, "b": 4}, {"a": 5, "b": 4}, 10, 20)
     assert report.added == {"a": 3, "b": 0}
     assert report.grown_layers == ["a"] and report.total_added == 3
+    assert report.skipped == {} and report.growable_share == 1.0
+    skipping = GrowthReport("random", 3, {"a": 2}, {"a": 5}, 10, 20, skipped={"c": "why"},
+                            skipped_widths={"c": 6})
+    assert skipping.growable_share == 0.25
+    assert GrowthReport("random", 0, {}, {}, 0, 0).growable_share == 0.0
 
 
 # --------------------------------------------------------------------------- schedule

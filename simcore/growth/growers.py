@@ -132,9 +132,10 @@ class GrowthReport:
 
     @property
     def growable_share(self) -> float:
-        """Neurons of the growable layers over those of every layer found (grown or skipped)."""
+        """Neurons of the growable layers over those of every layer found (0 if none was)."""
         growable = sum(self.widths_before.values())
-        return growable / (growable + sum(self.skipped_widths.values()))
+        found = growable + sum(self.skipped_widths.values())
+        return growable / found if found else 0.0
 
     @property
     def added(self) -> dict[str, int]:
