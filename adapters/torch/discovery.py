@@ -2,14 +2,16 @@
 
 :func:`discover_flows` traces a model and, for every growable ``Conv2d``/``Linear``
 *producer*, follows its output channels through the channel-wise layers after it
-(BatchNorm, activations, pooling, dropout, a depthwise ``Conv2d`` with its BatchNorm,
-flatten) to every *consumer* that reads them (``Conv2d``, ``Linear``, flatten -> ``Linear``
-where a channel owns ``H*W`` consecutive columns); the result is one :class:`~.flows.TorchFlow`
-per producer.
+(BatchNorm, activations as modules or calls, pooling, dropout, a depthwise ``Conv2d`` with its
+BatchNorm, flatten) to every *consumer* that reads them (``Conv2d``, ``Linear``, flatten ->
+``Linear`` where a channel owns ``H*W`` consecutive columns); the result is one
+:class:`~.flows.TorchFlow` per producer.
 
 A producer whose channels reach a residual add, a concatenation, the network output or any
 operation this module does not understand is *not growable*: asking to grow it raises
-:class:`~simcore.growth.GrowthError` naming the layer and the node. Where tracing fails
+:class:`~simcore.growth.GrowthError` naming the layer, the operation and the module whose
+``forward`` holds it (never a graph node name); :func:`survey_flows` lists every such layer
+with its reason. Where tracing fails
 (data-dependent control flow), describe the flow by hand with :class:`~.flows.TorchFlow`.
 """
 
