@@ -194,5 +194,5 @@ def test_an_add_with_the_network_input_keeps_the_group_fixed():
     from simcore.adapters.torch.discovery import find_flow
 
     from simcore.growth import GrowthError
-    with pytest.raises(GrowthError, match="which no growable layer of its residual group"):
+    with pytest.raises(GrowthError, match="is added to the network's input in the model's forward"):
         find_flow(InputAdd(), "conv")

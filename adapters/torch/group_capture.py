@@ -21,8 +21,9 @@ from torch import nn
 from simcore.growth import GrowthError, SplittingStatistics
 from simcore.growth.growers import check_loss
 
+from .activations import is_known_activation, module_activation
 from .capture import _bn_scale, _differentiable, _patches, _positions, scoring_mode
-from .flows import ACTIVATION_MODULES, TorchFlow, TorchMember
+from .flows import TorchFlow, TorchMember
 
 __all__ = ["group_splitting_statistics"]
 
@@ -39,10 +40,10 @@ def _kind(unit: TorchMember, modules: dict[str, nn.Module]) -> str:
         return "identity"
     kind = unit.activation_kind
     if kind is None and unit.activation is not None:
-        kind = ACTIVATION_MODULES.get(type(modules[unit.activation]))
-    if kind is None:
+        kind = module_activation(modules[unit.activation])
+    if kind is None or not is_known_activation(kind):
         raise GrowthError(f"SSD cannot score {unit.producer!r}: no second derivative is known "
-                          "for the activation its residual stream reaches")
+                          f"for the activation ({kind}) its residual stream reaches")
     return kind
 
 
@@ -110,8 +111,9 @@ def group_splitting_statistics(
                     else:
                         z = recorder.z[node]
                         g = grads[node] if grads[node] is not None else torch.zeros_like(z)
+                    flat = isinstance(modules[unit.producer], nn.Linear)  # (B, ..., n)
                     captured[g_index][u_index].append(
-                        (x, _positions(g.detach()), _positions(z)))
+                        (x, _positions(g.detach(), flat), _positions(z, flat)))
     out = []
     for group, group_kinds, stats in zip(units, kinds, captured, strict=True):
         per_unit = [SplittingStatistics(activation=kind, bn_scale=_bn_scale(

@@ -12,7 +12,7 @@ reason. See docs/design.md, 'Residual streams and concatenations'.
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from typing import Any
 
 import torch.fx
@@ -24,10 +24,12 @@ def _tensor_args(node: torch.fx.Node) -> list[torch.fx.Node]:
     return [a for a in (*node.args, *node.kwargs.values()) if isinstance(a, torch.fx.Node)]
 
 
-def residual_groups(walks: Mapping[str, Any], graph_module: torch.fx.GraphModule
+def residual_groups(walks: Mapping[str, Any], graph_module: torch.fx.GraphModule,
+                    owner: Callable[[torch.fx.Node], str]
                     ) -> Iterator[tuple[list[str], list[Any], str | None]]:
     """``(producer names, their walks, reason it cannot grow or None)`` per group.
 
+    ``owner(node)`` names the module whose ``forward`` holds an add, for the reasons.
     ``walks`` maps each walked producer to its walk (``.adds``: add node name -> names of the
     argument nodes reached; ``.blocked``; ``.consumers``; ``.downstream_norms``); groups come
     in the order of their first producer, members in forward order.
@@ -41,10 +43,10 @@ def residual_groups(walks: Mapping[str, Any], graph_module: torch.fx.GraphModule
             name = parent[name]
         return name
 
-    owner: dict[str, str] = {}
+    first_at: dict[str, str] = {}  # add node -> the first producer that reached it
     for name, walk in walks.items():
         for add in walk.adds:
-            first = owner.setdefault(add, name)
+            first = first_at.setdefault(add, name)
             a, b = find(first), find(name)
             if a != b:
                 parent[max(a, b, key=order.__getitem__)] = min(a, b, key=order.__getitem__)
@@ -54,10 +56,11 @@ def residual_groups(walks: Mapping[str, Any], graph_module: torch.fx.GraphModule
     nodes = {n.name: n for n in graph_module.graph.nodes}
     for names in groups.values():
         members = [walks[n] for n in names]
-        yield names, members, _reason(names, members, nodes)
+        yield names, members, _reason(names, members, nodes, owner)
 
 
-def _reason(names: list[str], walks: list[Any], nodes: Mapping[str, torch.fx.Node]) -> str | None:
+def _reason(names: list[str], walks: list[Any], nodes: Mapping[str, torch.fx.Node],
+            owner: Callable[[torch.fx.Node], str]) -> str | None:
     for name, walk in zip(names, walks, strict=True):
         if walk.blocked is not None:
             return walk.blocked if len(names) == 1 else f"{name!r}: {walk.blocked}"
@@ -66,10 +69,11 @@ def _reason(names: list[str], walks: list[Any], nodes: Mapping[str, torch.fx.Nod
         for add, args in walk.adds.items():
             reached.setdefault(add, set()).update(args)
     for add, args in reached.items():
-        missing = [a.name for a in _tensor_args(nodes[add]) if a.name not in args]
+        missing = [a for a in _tensor_args(nodes[add]) if a.name not in args]
         if missing:
-            return (f"its channels are added (at {add!r}) to {missing[0]!r}, which no growable "
-                    "layer of its residual group produces")
+            what = ("the network's input" if missing[0].op == "placeholder"
+                    else "channels that no growable layer of its residual group produces")
+            return f"its output is added to {what} in {owner(nodes[add])}"
     if len(walks) > 1:
         seen: dict[str, tuple] = {}
         for walk in walks:

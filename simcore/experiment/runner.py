@@ -27,7 +27,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import signal
 import sys
 import threading
@@ -57,6 +56,7 @@ from simcore.adapters.torch import (
 
 from .config import RunConfig
 from .data import ImageDataset, iter_batches, load_dataset
+from .files import write_atomic
 from .measure import (
     accuracies,
     evaluate,
@@ -198,10 +198,8 @@ def _read_json(path: Path) -> Any:
 
 
 def _write_json(path: Path, value: Any) -> None:
-    """Write to a temporary name, then rename: a crash never leaves a truncated ``path``."""
-    temporary = path.with_name(f".{path.name}.tmp")
-    temporary.write_text(json.dumps(value, indent=1))
-    os.replace(temporary, path)
+    """Write whole or not at all (:func:`.files.write_atomic`)."""
+    write_atomic(path, json.dumps(value, indent=1))
 
 
 def run_status(config: RunConfig, out_dir: str | Path) -> tuple[str, int]:
@@ -364,7 +362,8 @@ def run_one(config: RunConfig, out_dir: str | Path, *, dataset: ImageDataset | N
                                                   loss_fn, phase, state, stats_layer)
                     state.growths.append(record_)
                     state.train_seconds += time.perf_counter() - started
-                    _check_finite(model, config, epoch)
+                    _check_finite(model, config, f"in the growth after epoch {epoch + 1} or "
+                                  "its similarity phase")
                 record["test_accuracy"] = evaluate(model, dataset)
                 record["val_accuracy"] = evaluate(model, dataset, split="val")
                 record["parameters"] = parameter_count(model)
@@ -375,6 +374,7 @@ def run_one(config: RunConfig, out_dir: str | Path, *, dataset: ImageDataset | N
                 if state.epoch == config.epochs:
                     state.similarity["final"] = layer_stats(model, stats_layer)
                     state.similarity["final_all"] = final_similarity(model)
+                _check_finite(model, config, f"in epoch {epoch + 1}")  # never checkpointed
                 save()
                 consistent = True
                 bar.update(1)
@@ -395,14 +395,22 @@ def run_one(config: RunConfig, out_dir: str | Path, *, dataset: ImageDataset | N
     return result
 
 
-def _check_finite(model: nn.Module, config: RunConfig, epoch: int) -> None:
-    """Refuse to go on (and to checkpoint) with weights a growth or its phase made non-finite."""
-    if all(bool(torch.isfinite(p).all()) for p in model.parameters()):
+def _check_finite(model: nn.Module, config: RunConfig, when: str) -> None:
+    """Refuse to go on (and to checkpoint) with weights or buffers that became non-finite.
+
+    Buffers too: a joint phase with a huge absolute step can leave every loss finite
+    (BatchNorm normalises the batch in training) while the running variances overflow.
+    """
+    named = [*model.named_parameters(), *model.named_buffers()]
+    broken = [name for name, t in named
+              if t.is_floating_point() and not bool(torch.isfinite(t).all())]
+    if not broken:
         return
+    more = f" and {len(broken) - 1} more" if len(broken) > 1 else ""
     raise FloatingPointError(
-        f"{config.label}: the weights became non-finite in the growth after epoch {epoch + 1} "
-        f"or its similarity phase; the checkpoint of the last completed epoch is kept. Lower "
-        f"--phase-lr (or use --phase-step relative), then run again with --fresh")
+        f"{config.label}: {broken[0]}{more} became non-finite {when}; the checkpoint of the "
+        f"last completed epoch is kept. Lower --lr or --phase-lr (or use --phase-step "
+        f"relative), then run again with --fresh")
 
 
 def _phase(config: RunConfig):
