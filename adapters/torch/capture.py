@@ -148,6 +148,9 @@ def _differentiable(module, inputs, output):
 
 def ssd_refusal(model: nn.Module, flow: TorchFlow) -> str | None:
     """Why SSD cannot score ``flow``'s layer (no second derivative of its activation), or None."""
+    if flow.activation_node is not None and not flow.members:
+        return ("its channels reach their activation only after a concatenation or a pooling: "
+                "SSD reads a layer's own pre-activation; grow it with Random or Firefly")
     kind = flow.kind_of_activation(model)
     if flow.activation is not None and kind is None:
         act = model.get_submodule(flow.activation)

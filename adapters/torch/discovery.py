@@ -107,6 +107,8 @@ class _Walk:
     activation_kind: str | None = None
     activation_seen: bool = False
     activation_node: str | None = None  # the fx node of the activation (SSD of groups)
+    activation_merged: bool = False  # the activation comes after an add, a cat or a pooling
+    resized: bool = False  # a pooling came before the activation
     blocked: str | None = None
     needs_input: str | None = None
 
@@ -205,7 +207,8 @@ def _flow_of(names, walks):
         ),
         activation=first.activation,
         activation_kind=first.activation_kind,
-        activation_node=first.activation_node if len(walks) > 1 else None,
+        activation_node=first.activation_node if len(walks) > 1 or first.activation_merged
+        else None,
         members=tuple(TorchMember(name, w.norms.get(-1), w.activation, w.activation_kind,
                                   w.activation_node)
                       for name, w in zip(names[1:], walks[1:], strict=True)),
@@ -306,11 +309,18 @@ def _follow(node, walk, modules, calls, *, segment, ndim, spatial, pooled, offse
         _visit(node, user, walk, modules, calls, segment, ndim, spatial, pooled, offset, merged)
 
 
-def _note_activation(walk, segment, name, kind, node=None):
+def _note_activation(walk, segment, name, kind, node=None, merged=False):
     if segment == -1 and not walk.activation_seen:
         walk.activation_seen = True
         walk.activation, walk.activation_kind = name, kind
         walk.activation_node = None if node is None else node.name
+        walk.activation_merged = merged or walk.resized
+
+
+def _note_reshaping(walk, segment, node, user):
+    """A pooling before the producer's activation: its pre-activation is not the layer's own."""
+    if segment == -1 and not walk.activation_seen and _shape(node) != _shape(user):
+        walk.resized = True
 
 
 def _consumer(walk, user, spatial, offset):
@@ -382,12 +392,13 @@ def _visit(node, user, walk, modules, calls, segment, ndim, spatial, pooled, off
             walk.norms[segment] = user.target
             return _follow(user, walk, modules, calls, **go)
         if isinstance(module, ACTIVATION_TYPES):
-            _note_activation(walk, segment, user.target, module_activation(module), user)
+            _note_activation(walk, segment, user.target, module_activation(module), user, merged)
             return _follow(user, walk, modules, calls, **go)
         if isinstance(module, _PASS_MODULES):
             pool_one = isinstance(module, (nn.AdaptiveAvgPool2d, nn.AdaptiveMaxPool2d)) and (
                 module.output_size in (1, (1, 1))
             )
+            _note_reshaping(walk, segment, node, user)
             return _follow(user, walk, modules, calls, **{**go, "pooled": pooled or pool_one})
         if isinstance(module, nn.Flatten):
             if module.start_dim != 1 or module.end_dim != -1:
@@ -427,7 +438,7 @@ def _visit(node, user, walk, modules, calls, segment, ndim, spatial, pooled, off
                           f"an operation ({_target_name(user)}) reading it as a non-input argument")
         kind = call_activation(target, user.args, user.kwargs)
         if kind is not None:  # F.relu, torch.relu, x.relu_(), ...: as its module form
-            _note_activation(walk, segment, None, kind, user)
+            _note_activation(walk, segment, None, kind, user, merged)
             return _follow(user, walk, modules, calls, **go)
         if user.op == "call_function" and target in _PASS_FUNCTIONS:
             size = user.args[1] if len(user.args) > 1 else user.kwargs.get("output_size")
@@ -435,6 +446,7 @@ def _visit(node, user, walk, modules, calls, segment, ndim, spatial, pooled, off
                 1,
                 (1, 1),
             )
+            _note_reshaping(walk, segment, node, user)
             return _follow(user, walk, modules, calls, **{**go, "pooled": pooled or pool_one})
         if user.op == "call_method" and target in ("contiguous", "clone"):
             return _follow(user, walk, modules, calls, **go)

@@ -143,6 +143,8 @@ class TorchFlow:
     activation: str | None = None
     activation_kind: str | None = None
     members: tuple[TorchMember, ...] = ()
+    #: The activation's node in the ``torch.fx`` trace when the channels reach it only after an
+    #: add, a concatenation or a pooling (a residual group's stream; a concatenated layer).
     activation_node: str | None = None
     downstream_norms: tuple[TorchNorm, ...] = ()
 
