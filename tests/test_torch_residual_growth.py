@@ -198,3 +198,38 @@ def test_an_add_with_the_network_input_keeps_the_group_fixed():
     from simcore.growth import GrowthError
     with pytest.raises(GrowthError, match="is added to the network's input in the model's forward"):
         find_flow(InputAdd(), "conv")
+
+
+@pytest.mark.parametrize("method", ["random", "firefly"])
+def test_a_failed_group_growth_leaves_model_and_optimizer_as_they_were(method, monkeypatch):
+    from simcore.adapters.torch import host, surgery
+
+    net, opt, x, y = _setup(residual_nets.ResNet, _adam)
+    state = {k: v.clone() for k, v in net.state_dict().items()}
+    moments = {id(p): {k: v.clone() for k, v in opt.state[p].items()} for p in net.parameters()}
+    params = list(net.parameters())
+    calls = {"n": 0, "armed": False}
+    original, apply = surgery._Swap.apply, host.TorchGrowthHost.apply
+
+    def failing(self):  # fail late in the model's own write (not Firefly's shadow copy)
+        calls["n"] += calls["armed"]
+        if calls["n"] == 40:
+            raise RuntimeError("injected")
+        original(self)
+
+    def armed(self, *args):
+        calls["armed"] = True
+        apply(self, *args)
+
+    monkeypatch.setattr(surgery._Swap, "apply", failing)
+    monkeypatch.setattr(host.TorchGrowthHost, "apply", armed)
+    with pytest.raises(RuntimeError, match="injected"):
+        _grower(method).grow(net, [(x, y)], F.cross_entropy, opt, ratio=0.6)
+    assert calls["n"] == 40
+    assert list(net.parameters()) == params and net.conv1.out_channels == 4
+    for k, v in net.state_dict().items():
+        assert torch.equal(v, state[k]), k
+    for p in net.parameters():
+        for k, v in opt.state[p].items():
+            assert torch.equal(v, moments[id(p)][k])
+    torch.testing.assert_close(net(x), net(x))  # the forward still runs
