@@ -121,6 +121,11 @@ def growth_line(record: dict[str, Any]) -> str:
 
     text = (f"growth at epoch {record['epoch']}: {record['params_before']} -> "
             f"{record['params_after']} parameters")
+    if record.get("growth_seconds") is not None:
+        cost = f"{record['growth_seconds']:.2f} s"
+        if record.get("growth_epochs") is not None:
+            cost += f" = {record['growth_epochs']:.2f} epochs"
+        text += f" in {cost}"
     layers = (record.get("phase") or {}).get("layers") or {}
     if layers:
         values = list(layers.values())

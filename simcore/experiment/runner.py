@@ -152,6 +152,7 @@ class _State:
     phase_remaining: int = 0
     phase_seconds: float = 0.0    # wall time of the similarity phases (part of train_seconds)
     growth_seconds: float = 0.0   # wall time of the growths themselves (part of train_seconds)
+    epoch_seconds: list = field(default_factory=list)  # training-step time of each epoch
 
     def to_extra(self) -> dict[str, Any]:
         return {k: getattr(self, k) for k in self.__dataclass_fields__}
@@ -342,7 +343,11 @@ def run_one(config: RunConfig, out_dir: str | Path, *, dataset: ImageDataset | N
                     state.seen += int(y.shape[0])
                     state.batch += 1
                     state.phase_remaining = phase.remaining if phase is not None else 0
-                    state.train_seconds += time.perf_counter() - started
+                    step_seconds = time.perf_counter() - started
+                    state.train_seconds += step_seconds
+                    if len(state.epoch_seconds) <= epoch:
+                        state.epoch_seconds.append(0.0)
+                    state.epoch_seconds[epoch] += step_seconds
                     started = time.perf_counter()
                     consistent = True
                     inner.update(1)
@@ -511,13 +516,20 @@ def _mismatch(out: Path, old: dict, new: dict) -> None:
 def _result(config, key, state, model, device) -> dict[str, Any]:
     final = state.history[-1]
     accuracies = [h["test_accuracy"] for h in state.history[1:]]
+    # training steps only (a joint phase's steps included): the unit a growth's cost is given in
+    epoch_seconds = float(np.mean(state.epoch_seconds)) if state.epoch_seconds else None
+    for record in state.growths:
+        # what a growth costs in the unit a user plans in: epochs of this very run
+        record["growth_epochs"] = (record["growth_seconds"] / epoch_seconds
+                                   if epoch_seconds else None)
     return {
         "label": config.label, "key": key, "config": config.to_dict(),
         "device": str(device),
         "final_accuracy": final["test_accuracy"], "best_accuracy": max(accuracies),
         "final_val_accuracy": final.get("val_accuracy"),
         "training_seconds": state.train_seconds, "phase_seconds": state.phase_seconds,
-        "growth_seconds": state.growth_seconds,
+        "growth_seconds": state.growth_seconds, "epoch_seconds": state.epoch_seconds,
+        "mean_epoch_seconds": epoch_seconds,
         "final_similarity": state.similarity.get("final_all"),
         "parameters_seed": state.history[0]["parameters"],
         "parameters_final": parameter_count(model), "widths_final": widths(model),
