@@ -413,7 +413,8 @@ def test_splitting_matrices_are_accumulated_in_bounded_chunks(monkeypatch):
     import simcore.growth.ssd as ssd_module
 
     rng = np.random.default_rng(5)
-    for n, d in ((3, 5), (6, 2)):  # both branches: n <= d and n > d
+    # n > d sums outer products over row chunks; n <= d takes one GEMM per neuron (no chunks)
+    for n, d in ((3, 5), (6, 2)):
         x, g, z = (rng.standard_normal((4, 7, k)) for k in (d, n, n))
         whole = ssd_module.splitting_matrices(x, g, z, activation="swish")
         monkeypatch.setattr(ssd_module, "_MAX_TEMPORARY", n * d + d * d)  # a few rows a chunk
