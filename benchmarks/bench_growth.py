@@ -9,7 +9,8 @@ Two parts, each row printed as soon as it is measured:
 2. **Width curve**: one 3x3 conv of ``w`` -> ``w`` channels on a 4x4 map (batch 64: 1024
    rows), SSD exact vs fast growing that layer alone, seconds per growth as ``w`` grows; exact
    stops where its matrices would pass ``--exact-max-bytes`` (it refuses with a GrowthError
-   there) or its predicted time passes ``--exact-budget``.
+   there) or its predicted time passes ``--exact-budget``; fast mode also with the defaults it
+   had before (30 power + 200 Rayleigh steps).
 
 Each time is the minimum of ``--repeats`` runs. Expect about 3-6 minutes on 2 idle CPU cores
 (more on a loaded machine). Writes ``--out`` (JSON). Usage::
@@ -114,17 +115,19 @@ def width_curve(widths, repeats: int, exact_budget: float, exact_max_bytes: int,
         row: dict = {"width": width, "fan_in": 9 * width}
         n, d, m = width, 9 * width, BATCH * 16
         exact_flops = 2.0 * n * m * d * d + 3.0 * n * d**3
-        for mode in ("exact", "fast"):
+        for mode in ("exact", "fast", "fast_before"):
             key = f"{mode}_seconds"
             if mode == "exact" and exact_per_flop is not None and \
                     exact_per_flop * exact_flops > exact_budget:
                 row[key], row["exact_note"] = None, f"predicted over {exact_budget:.0f} s"
                 continue
+            # fast_before: the defaults before the growth-cost work (30 power + 200 steps)
+            steps = dict(power_steps=30, rayleigh_steps=200) if mode == "fast_before" else {}
             try:
                 seconds = min(_growth_seconds(
-                    _one_layer(width), lambda mode=mode: SSDGrower(
-                        mode, seed=0, exact_max_bytes=exact_max_bytes), batch, layers=["2"])
-                    for _ in range(repeats))
+                    _one_layer(width), lambda mode=mode, steps=steps: SSDGrower(
+                        mode.split("_")[0], seed=0, exact_max_bytes=exact_max_bytes, **steps),
+                    batch, layers=["2"]) for _ in range(repeats))
             except GrowthError as err:
                 row[key], row[f"{mode}_note"] = None, str(err)
                 continue
@@ -137,7 +140,8 @@ def width_curve(widths, repeats: int, exact_budget: float, exact_max_bytes: int,
             return "   refused/skipped" if value is None else f"{value:9.2f} s"
 
         say(f"width {width:4d} (fan-in {9 * width:5d})  exact {show(row['exact_seconds'])}  "
-            f"fast {show(row['fast_seconds'])}")
+            f"fast {show(row['fast_seconds'])}  fast (30 + 200 steps) "
+            f"{show(row['fast_before_seconds'])}")
     return rows
 
 
