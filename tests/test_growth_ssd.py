@@ -444,3 +444,14 @@ def test_subsampled_rows_estimate_the_same_splitting_matrices():
     np.testing.assert_array_equal(again[0], subsample_rows(x, g, z, 10, rng=3)[0])
     with pytest.raises(ValueError, match="max_rows"):
         subsample_rows(x, g, z, 0, rng=0)
+
+
+def test_a_large_fan_in_is_formed_from_the_upper_block_triangle():
+    """From d = 256 on S is built from two column blocks' upper triangle: same matrices."""
+    rng = np.random.default_rng(8)
+    x, g, z = rng.standard_normal((3, 2, 300)), rng.standard_normal((3, 2, 2)), \
+        rng.standard_normal((3, 2, 2))
+    s = splitting_matrices(x, g, z, activation="swish", bn_scale=np.asarray([0.5, 2.0]))
+    expected = ref.splitting_matrices(x, g, z, activation="swish", bn_scale=np.asarray([0.5, 2.0]))
+    np.testing.assert_allclose(s, expected, rtol=1e-10, atol=1e-12 * np.abs(expected).max())
+    np.testing.assert_array_equal(s, np.transpose(s, (0, 2, 1)))
