@@ -34,6 +34,7 @@ from simcore.adapters.torch.models import mobilenet_v1, vgg16
 from torch import nn
 
 from simcore.growth import GrowthError
+from simcore.growth.ssd_grower import exact_bytes
 
 BATCH, STEPS_PER_EPOCH, CLASSES = 64, 17, 10
 
@@ -117,8 +118,9 @@ def width_curve(widths, repeats: int, exact_budget: float, exact_max_bytes: int,
         exact_flops = 2.0 * n * m * d * d + 3.0 * n * d**3
         for mode in ("exact", "fast", "fast_before"):
             key = f"{mode}_seconds"
-            if mode == "exact" and exact_per_flop is not None and \
-                    exact_per_flop * exact_flops > exact_budget:
+            too_long = exact_per_flop is not None and exact_per_flop * exact_flops > exact_budget
+            # over its memory limit exact mode refuses at once (shown); else a long one is skipped
+            if mode == "exact" and too_long and exact_bytes(n, d, 4) <= exact_max_bytes:
                 row[key], row["exact_note"] = None, f"predicted over {exact_budget:.0f} s"
                 continue
             # fast_before: the defaults before the growth-cost work (30 power + 200 steps)
@@ -136,10 +138,13 @@ def width_curve(widths, repeats: int, exact_budget: float, exact_max_bytes: int,
                 exact_per_flop = seconds / exact_flops
         rows.append(row)
 
-        def show(value):
-            return "   refused/skipped" if value is None else f"{value:9.2f} s"
+        def show(value, note=""):
+            if value is None:
+                return "      skipped" if note.startswith("predicted") else "      refused"
+            return f"{value:11.2f} s"
 
-        say(f"width {width:4d} (fan-in {9 * width:5d})  exact {show(row['exact_seconds'])}  "
+        exact = show(row["exact_seconds"], row.get("exact_note", ""))
+        say(f"width {width:4d} (fan-in {9 * width:5d})  exact {exact}  "
             f"fast {show(row['fast_seconds'])}  fast (30 + 200 steps) "
             f"{show(row['fast_before_seconds'])}")
     return rows
