@@ -14,10 +14,22 @@ jax = pytest.importorskip("jax")
 jnp = pytest.importorskip("jax.numpy")
 nn = pytest.importorskip("flax.linen")
 optax = pytest.importorskip("optax")
+eqx = pytest.importorskip("equinox")
+nnx = pytest.importorskip("flax.nnx")
 
-from simcore.adapters.jax import JaxGrowth, discover_flows, grow, linen_flow  # noqa: E402
+from simcore.adapters.jax import (  # noqa: E402
+    JaxGrowth,
+    add_similarity_gradient,
+    discover_flows,
+    find_kernels,
+    grow,
+    linen_flow,
+    penalty,
+    similarity_loss,
+    split_neurons,
+)
 
-from simcore.growth import GrowthError, RandomGrower  # noqa: E402
+from simcore.growth import FireflyGrower, GrowthError, RandomGrower, SSDGrower  # noqa: E402
 
 
 class LinenCNN(nn.Module):
@@ -168,3 +180,146 @@ class _Mnist(MnistCNN):
         x = x.reshape((x.shape[0], -1))
         x = nn.relu(nn.Dense(features=256)(x))
         return nn.Dense(features=10)(x)
+
+
+@pytest.mark.slow  # Firefly traces and trains candidates: about a minute on 2 busy cores
+def test_linen_firefly_growth_moves_the_function_by_its_outgoing_scale(linen_setup):
+    model, variables, x, y = linen_setup
+    grown = grow(FireflyGrower(seed=0, new_per_layer=4), model, variables, batches=[(x, y)],
+                 loss_fn=loss_fn, ratio=0.3)
+    assert grown.report.total_added == 5
+    change = jnp.abs(grown.model.apply(grown.variables, x) - model.apply(variables, x)).max()
+    assert 0 < float(change) < 0.2
+
+
+@pytest.mark.parametrize("mode", ["exact", "fast"])
+def test_linen_ssd_growth_keeps_the_function_to_order_eps_squared(linen_setup, mode):
+    model, variables, x, y = linen_setup
+    grown = grow(SSDGrower(mode, eps=0.01, rayleigh_steps=20), model, variables,
+                 batches=[(x, y)], loss_fn=loss_fn, ratio=0.3)
+    assert grown.report.total_added == 5
+    change = jnp.abs(grown.model.apply(grown.variables, x) - model.apply(variables, x)).max()
+    assert float(change) < 1e-3
+
+
+class NnxMLP(nnx.Module if nnx is not None else object):
+    """An nnx MLP as the Flax docs write one, with BatchNorm."""
+
+    def __init__(self, rngs):
+        self.linear1 = nnx.Linear(5, 8, rngs=rngs)
+        self.bn = nnx.BatchNorm(8, rngs=rngs)
+        self.linear2 = nnx.Linear(8, 6, rngs=rngs)
+        self.linear3 = nnx.Linear(6, 3, rngs=rngs)
+
+    def __call__(self, x):
+        x = nnx.relu(self.bn(self.linear1(x)))
+        return self.linear3(nnx.tanh(self.linear2(x)))
+
+
+@pytest.mark.parametrize("grower", [RandomGrower(seed=0), SSDGrower("exact")],
+                         ids=["random", "ssd"])
+def test_nnx_growth_returns_a_new_module_and_keeps_the_function(grower):
+    model = NnxMLP(nnx.Rngs(0))
+    model.bn.mean[...] = model.bn.mean[...] + 0.2  # statistics as after training
+    x = jax.random.normal(jax.random.key(0), (16, 5))
+    y = jax.random.randint(jax.random.key(1), (16,), 0, 3)
+    tx = optax.sgd(0.1, momentum=0.9)
+    opt_state = tx.init(nnx.state(model, nnx.Param))
+    model.eval()
+    before = model(x)
+    grown = grow(grower, model, batches=[(x, y)], loss_fn=loss_fn, opt_state=opt_state,
+                 ratio=0.5)
+    assert grown.report.widths_before == {"linear1": 8, "linear2": 6}
+    assert model.linear1.kernel[...].shape == (5, 8)  # the given module is unchanged
+    new = grown.model
+    width = grown.report.widths_after["linear1"]
+    assert new.linear1.kernel[...].shape == (5, width) and new.bn.num_features == width
+    new.eval()
+    tolerance = 1e-5 if isinstance(grower, RandomGrower) else 1e-3
+    assert float(jnp.abs(new(x) - before).max()) < tolerance
+    params = nnx.state(new, nnx.Param)
+    grads = jax.tree_util.tree_map(jnp.ones_like, params)
+    updates, _ = tx.update(grads, grown.opt_state, params)
+    assert jax.tree_util.tree_map(jnp.shape, updates) == jax.tree_util.tree_map(jnp.shape, params)
+
+
+class EqxCNN(eqx.Module if eqx is not None else object):
+    """An Equinox CNN as its docs write one: per sample, BatchNorm with state, depthwise conv."""
+
+    conv: eqx.nn.Conv2d
+    norm: eqx.nn.BatchNorm
+    depthwise: eqx.nn.Conv2d
+    head: eqx.nn.Linear
+
+    def __init__(self, key):
+        k1, k2, k3 = jax.random.split(key, 3)
+        self.conv = eqx.nn.Conv2d(1, 4, 3, padding=1, key=k1)
+        self.norm = eqx.nn.BatchNorm(4, axis_name="batch", mode="ema")
+        self.depthwise = eqx.nn.Conv2d(4, 4, 3, padding=1, groups=4, key=k2)
+        self.head = eqx.nn.Linear(4 * 8 * 8, 3, key=k3)
+
+    def __call__(self, x, state):
+        x, state = self.norm(self.conv(x), state)
+        x = self.depthwise(jax.nn.relu(x))
+        return self.head(jnp.ravel(x)), state
+
+
+# SSD splits across ReLU's kink, so the largest output change is between O(eps) and O(eps^2)
+@pytest.mark.parametrize("grower", [RandomGrower(seed=0),
+                                    SSDGrower("fast", eps=1e-3, rayleigh_steps=20)],
+                         ids=["random", "ssd-fast"])
+def test_equinox_growth_updates_fields_state_and_keeps_the_function(grower):
+    model, state = eqx.nn.make_with_state(EqxCNN)(jax.random.key(0))
+    state = jax.tree_util.tree_map(lambda a: a + 0.3 if a.dtype == jnp.float32 else a, state)
+    x = jax.random.normal(jax.random.key(0), (16, 1, 8, 8))
+    y = jax.random.randint(jax.random.key(1), (16,), 0, 3)
+    tx = optax.adam(1e-3)
+    opt_state = tx.init(eqx.filter(model, eqx.is_array))
+
+    def forward(m, s):
+        m = eqx.nn.inference_mode(m)
+        return jax.vmap(m, axis_name="batch", in_axes=(0, None), out_axes=(0, None))(x, s)[0]
+
+    grown = grow(grower, model, state, batches=[(x, y)], loss_fn=loss_fn, opt_state=opt_state,
+                 ratio=0.5)
+    width = grown.report.widths_after["conv"]
+    assert grown.report.widths_before == {"conv": 4} and width == 6
+    new = grown.model
+    assert (new.conv.out_channels, new.depthwise.groups, new.norm.input_size) == (6, 6, 6)
+    assert new.head.in_features == 6 * 64 and new.conv.bias.shape == (6, 1, 1)
+    before = forward(model, state)
+    change = float(jnp.abs(forward(new, grown.variables) - before).max())
+    scale = float(jnp.abs(before).max())
+    assert change < (1e-6 if isinstance(grower, RandomGrower) else 1e-4) * scale
+    params = eqx.filter(new, eqx.is_array)
+    updates, _ = tx.update(jax.tree_util.tree_map(jnp.ones_like, params), grown.opt_state, params)
+    assert updates.conv.weight.shape == (6, 1, 3, 3)
+
+
+def test_split_neurons_takes_numpy_directions_for_jax_params():
+    model = nn.Sequential([nn.Dense(3), nn.relu, nn.Dense(2)])
+    variables = model.init(jax.random.key(0), jnp.ones((1, 4)))
+    flow = linen_flow(variables, "layers_0", consumers=["layers_2"])
+    grown, _ = split_neurons(variables, flow, [1], np.ones((1, 4)), eps=0.1)
+    assert grown["params"]["layers_0"]["kernel"].shape == (4, 4)
+
+
+def test_penalty_takes_the_equinox_neuron_axis_and_the_optax_error_names_the_filter():
+    mlp = eqx.nn.MLP(4, 2, 8, 1, key=jax.random.key(0))
+    weights = [layer.weight for layer in mlp.layers]
+    expected = sum(float(similarity_loss(w, neuron_axis=0)) for w in weights)
+    assert float(penalty(mlp)) == pytest.approx(expected, rel=1e-5)
+    flax_view = sum(float(similarity_loss(w, neuron_axis=-1)) for w in weights)
+    assert abs(flax_view - expected) > 1e-3  # the old default's value differs
+    tx = add_similarity_gradient(0.1)
+    state = tx.init(mlp)
+    grads = eqx.filter(jax.tree_util.tree_map(jnp.zeros_like, eqx.filter(mlp, eqx.is_array)),
+                       eqx.is_array)
+    with pytest.raises(ValueError, match=r"eqx.filter\(model, eqx.is_array\)"):
+        tx.update(grads, state, mlp)
+
+
+def test_find_kernels_keeps_the_first_conv_of_a_one_channel_cnn():
+    model = MnistCNN()
+    variables = model.init(jax.random.key(0), jnp.ones((1, 8, 8, 1)))
+    assert "Conv_0/kernel" in find_kernels(variables["params"], depthwise="exclude")
