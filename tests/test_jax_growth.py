@@ -323,3 +323,44 @@ def test_find_kernels_keeps_the_first_conv_of_a_one_channel_cnn():
     model = MnistCNN()
     variables = model.init(jax.random.key(0), jnp.ones((1, 8, 8, 1)))
     assert "Conv_0/kernel" in find_kernels(variables["params"], depthwise="exclude")
+
+
+def _make_step(model, tx):
+    """A jitted linen training step closing over ``model`` (rebuilt after each growth)."""
+
+    @jax.jit
+    def step(variables, opt_state, x, y):
+        def loss(params):
+            out, updates = model.apply({**variables, "params": params}, x, train=True,
+                                       mutable=["batch_stats"])
+            return loss_fn(out, y), updates
+
+        (value, updates), grads = jax.value_and_grad(loss, has_aux=True)(variables["params"])
+        changes, opt_state = tx.update(grads, opt_state, variables["params"])
+        params = optax.apply_updates(variables["params"], changes)
+        return {**variables, **updates, "params": params}, opt_state, value
+
+    return step
+
+
+@pytest.mark.slow  # several jit compilations and two growths
+def test_grow_train_grow_under_jit_with_the_similarity_transform(linen_setup):
+    model, variables, x, y = linen_setup
+    kernels = find_kernels(variables["params"])
+    tx = optax.chain(add_similarity_gradient(0.01, neuron_axis=kernels, lam=0.1),
+                     optax.sgd(0.05, momentum=0.9))
+    opt_state = tx.init(variables["params"])
+    losses = []
+    for grower in (None, RandomGrower(seed=0), SSDGrower("fast", rayleigh_steps=10)):
+        if grower is not None:
+            grown = grow(grower, model, variables, batches=[(x, y)], loss_fn=loss_fn,
+                         opt_state=opt_state, ratio=0.2)
+            model, variables, opt_state = grown.model, grown.variables, grown.opt_state
+            refs = opt_state[0].refs
+            assert refs["Conv_0/kernel"].shape == variables["params"]["Conv_0"]["kernel"].shape
+        step = _make_step(model, tx)  # shapes changed: a step for the new model
+        for _ in range(3):
+            variables, opt_state, value = step(variables, opt_state, x, y)
+            losses.append(float(value))
+    assert all(np.isfinite(losses)) and losses[-1] < losses[0]
+    assert tuple(model.widths) != (4, 6, 8)

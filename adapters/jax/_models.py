@@ -124,7 +124,8 @@ class LinenKind(ModelKind):
                 f"{type(self.model).__name__}.widths has {len(current)} entries but the model "
                 f"has {len(widths)} growable layers ({list(widths)}); pass rebuild="
             )
-        return self.model.clone(widths=type(current)(widths.values()))
+        new = tuple(widths.values())
+        return self.model.clone(widths=new if isinstance(current, tuple) else list(new))
 
     def parameter_count(self, flat):
         return sum(int(a.size) for name, a in flat.items() if name.startswith("params/"))
