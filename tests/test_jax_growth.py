@@ -59,20 +59,20 @@ def loss_fn(outputs, targets):
     return optax.softmax_cross_entropy_with_integer_labels(outputs, targets).mean()
 
 
-def _perturb(tree, key, scale=0.1):
-    leaves, treedef = jax.tree_util.tree_flatten(tree)
-    keys = jax.random.split(key, len(leaves))
-    moved = [a + scale * jax.random.uniform(k, a.shape) for a, k in zip(leaves, keys, strict=True)]
-    return jax.tree_util.tree_unflatten(treedef, moved)
+def _perturb(tree, seed, scale=0.1):
+    # NumPy, not jax.random: eager JAX compiles one program per operation and shape
+    rng = np.random.default_rng(seed)
+    return jax.tree_util.tree_map(
+        lambda a: jnp.asarray(np.asarray(a) + scale * rng.uniform(size=a.shape), a.dtype), tree)
 
 
 @pytest.fixture(scope="module")
 def linen_setup():
-    key = jax.random.key(0)
-    x = jax.random.normal(key, (16, 8, 8, 2))
-    y = jax.random.randint(key, (16,), 0, 3)
+    rng = np.random.default_rng(0)
+    x = jnp.asarray(rng.standard_normal((16, 8, 8, 2)), jnp.float32)
+    y = jnp.asarray(rng.integers(0, 3, 16))
     model = LinenCNN()
-    variables = _perturb(model.init(key, x), jax.random.key(1))  # BN statistics not 0/1
+    variables = _perturb(jax.jit(model.init)(jax.random.key(0), x), 1)  # BN stats not 0/1
     return model, variables, x, y
 
 
@@ -107,17 +107,22 @@ def test_linen_random_growth_keeps_the_function_and_grows_adam_state(linen_setup
     assert report.widths_before == {"Conv_0": 4, "Conv_2": 6, "Dense_0": 8}
     assert report.total_added == 5 and report.params_after > report.params_before
     assert tuple(grown.model.widths) == tuple(report.widths_after.values())
-    before = model.apply(variables, x)
-    after = grown.model.apply(grown.variables, x)
+    before = jax.jit(model.apply)(variables, x)
+    after = jax.jit(grown.model.apply)(grown.variables, x)
     np.testing.assert_allclose(np.asarray(after), np.asarray(before), atol=1e-5)
     mu = grown.opt_state[0].mu
     for name in ("Conv_0", "Conv_1", "Conv_2", "Dense_0", "Dense_1"):
         assert mu[name]["kernel"].shape == grown.variables["params"][name]["kernel"].shape
-    # the same transformation keeps training the grown model
-    grads = jax.grad(lambda p: loss_fn(grown.model.apply(
-        {**grown.variables, "params": p}, x), y))(grown.variables["params"])
-    updates, _ = tx.update(grads, grown.opt_state, grown.variables["params"])
-    assert jax.tree_util.tree_structure(updates) == jax.tree_util.tree_structure(grads)
+
+    @jax.jit
+    def update(variables, opt_state):  # the same transformation keeps training the grown model
+        grads = jax.grad(lambda p: loss_fn(grown.model.apply(
+            {**variables, "params": p}, x), y))(variables["params"])
+        return tx.update(grads, opt_state, variables["params"])[0]
+
+    updates = update(grown.variables, grown.opt_state)
+    assert jax.tree_util.tree_structure(updates) == jax.tree_util.tree_structure(
+        grown.variables["params"])
 
 
 class Residual(nn.Module):
@@ -153,14 +158,24 @@ class MnistCNN(nn.Module):
         return nn.Dense(features=10)(x)
 
 
-def test_a_hand_written_flow_naming_the_wrong_consumer_is_refused():
+@pytest.fixture(scope="module")
+def mnist():
     model = MnistCNN()
     x = jnp.ones((2, 8, 8, 1))
-    variables = model.init(jax.random.key(0), x)
+    return model, jax.jit(model.init)(jax.random.key(0), x), x
+
+
+def test_a_hand_written_flow_naming_the_wrong_consumer_is_refused(mnist):
+    model, variables, x = mnist
     wrong = linen_flow(variables, "Conv_1", consumers=["Dense_1"])  # 256 = 4 x 64: accepted
     with pytest.raises(GrowthError, match="'params/Dense_1/kernel' does not read its channels"):
         grow(RandomGrower(), model, variables, batches=[(x, jnp.zeros(2, int))], flows=[wrong],
              rebuild=lambda widths: model)
+
+
+@pytest.mark.slow  # a growth of the docs' MNIST CNN (256-wide dense layer)
+def test_a_right_hand_written_flow_grows(mnist):
+    model, variables, x = mnist
     right = linen_flow(variables, "Conv_1", consumers=["Dense_0"])
     grown = grow(RandomGrower(), model, variables, batches=[(x, jnp.zeros(2, int))],
                  flows=[right], ratio=0.25,
@@ -192,13 +207,15 @@ def test_linen_firefly_growth_moves_the_function_by_its_outgoing_scale(linen_set
     assert 0 < float(change) < 0.2
 
 
+@pytest.mark.slow  # SSD is also in the fast tier on nnx and Equinox models
 @pytest.mark.parametrize("mode", ["exact", "fast"])
 def test_linen_ssd_growth_keeps_the_function_to_order_eps_squared(linen_setup, mode):
     model, variables, x, y = linen_setup
     grown = grow(SSDGrower(mode, eps=0.01, rayleigh_steps=20), model, variables,
                  batches=[(x, y)], loss_fn=loss_fn, ratio=0.3)
     assert grown.report.total_added == 5
-    change = jnp.abs(grown.model.apply(grown.variables, x) - model.apply(variables, x)).max()
+    change = jnp.abs(jax.jit(grown.model.apply)(grown.variables, x)
+                     - jax.jit(model.apply)(variables, x)).max()
     assert float(change) < 1e-3
 
 
@@ -225,8 +242,11 @@ def test_nnx_growth_returns_a_new_module_and_keeps_the_function(grower):
     y = jax.random.randint(jax.random.key(1), (16,), 0, 3)
     tx = optax.sgd(0.1, momentum=0.9)
     opt_state = tx.init(nnx.state(model, nnx.Param))
-    model.eval()
-    before = model(x)
+    def forward(module):
+        module.eval()
+        return nnx.jit(lambda m, inputs: m(inputs))(module, x)
+
+    before = forward(model)
     grown = grow(grower, model, batches=[(x, y)], loss_fn=loss_fn, opt_state=opt_state,
                  ratio=0.5)
     assert grown.report.widths_before == {"linear1": 8, "linear2": 6}
@@ -234,12 +254,11 @@ def test_nnx_growth_returns_a_new_module_and_keeps_the_function(grower):
     new = grown.model
     width = grown.report.widths_after["linear1"]
     assert new.linear1.kernel[...].shape == (5, width) and new.bn.num_features == width
-    new.eval()
     tolerance = 1e-5 if isinstance(grower, RandomGrower) else 1e-3
-    assert float(jnp.abs(new(x) - before).max()) < tolerance
+    assert float(jnp.abs(forward(new) - before).max()) < tolerance
     params = nnx.state(new, nnx.Param)
     grads = jax.tree_util.tree_map(jnp.ones_like, params)
-    updates, _ = tx.update(grads, grown.opt_state, params)
+    updates, _ = jax.jit(tx.update)(grads, grown.opt_state, params)
     assert jax.tree_util.tree_map(jnp.shape, updates) == jax.tree_util.tree_map(jnp.shape, params)
 
 
@@ -276,6 +295,7 @@ def test_equinox_growth_updates_fields_state_and_keeps_the_function(grower):
     tx = optax.adam(1e-3)
     opt_state = tx.init(eqx.filter(model, eqx.is_array))
 
+    @eqx.filter_jit
     def forward(m, s):
         m = eqx.nn.inference_mode(m)
         return jax.vmap(m, axis_name="batch", in_axes=(0, None), out_axes=(0, None))(x, s)[0]
@@ -292,7 +312,8 @@ def test_equinox_growth_updates_fields_state_and_keeps_the_function(grower):
     scale = float(jnp.abs(before).max())
     assert change < (1e-6 if isinstance(grower, RandomGrower) else 1e-4) * scale
     params = eqx.filter(new, eqx.is_array)
-    updates, _ = tx.update(jax.tree_util.tree_map(jnp.ones_like, params), grown.opt_state, params)
+    updates, _ = eqx.filter_jit(tx.update)(jax.tree_util.tree_map(jnp.ones_like, params),
+                                           grown.opt_state, params)
     assert updates.conv.weight.shape == (6, 1, 3, 3)
 
 
@@ -304,12 +325,14 @@ def test_split_neurons_takes_numpy_directions_for_jax_params():
     assert grown["params"]["layers_0"]["kernel"].shape == (4, 4)
 
 
+@pytest.mark.slow  # compiles the loss for an Equinox MLP: about 20 s on 2 busy cores
 def test_penalty_takes_the_equinox_neuron_axis_and_the_optax_error_names_the_filter():
     mlp = eqx.nn.MLP(4, 2, 8, 1, key=jax.random.key(0))
     weights = [layer.weight for layer in mlp.layers]
-    expected = sum(float(similarity_loss(w, neuron_axis=0)) for w in weights)
-    assert float(penalty(mlp)) == pytest.approx(expected, rel=1e-5)
-    flax_view = sum(float(similarity_loss(w, neuron_axis=-1)) for w in weights)
+    loss = jax.jit(similarity_loss, static_argnames="neuron_axis")
+    expected = sum(float(loss(w, neuron_axis=0)) for w in weights)
+    assert float(eqx.filter_jit(penalty)(mlp)) == pytest.approx(expected, rel=1e-5)
+    flax_view = sum(float(loss(w, neuron_axis=-1)) for w in weights)
     assert abs(flax_view - expected) > 1e-3  # the old default's value differs
     tx = add_similarity_gradient(0.1)
     state = tx.init(mlp)
@@ -319,9 +342,8 @@ def test_penalty_takes_the_equinox_neuron_axis_and_the_optax_error_names_the_fil
         tx.update(grads, state, mlp)
 
 
-def test_find_kernels_keeps_the_first_conv_of_a_one_channel_cnn():
-    model = MnistCNN()
-    variables = model.init(jax.random.key(0), jnp.ones((1, 8, 8, 1)))
+def test_find_kernels_keeps_the_first_conv_of_a_one_channel_cnn(mnist):
+    _, variables, _ = mnist
     assert "Conv_0/kernel" in find_kernels(variables["params"], depthwise="exclude")
 
 
