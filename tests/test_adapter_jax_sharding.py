@@ -1,4 +1,5 @@
-"""The JAX adapter on a weight sharded over 8 (simulated CPU) devices.
+"""The JAX adapter on a weight sharded over 8 (simulated CPU) devices, and growth on a batch
+sharded over them.
 
 XLA fixes the host device count when JAX starts, so the checks run in a fresh
 interpreter with ``XLA_FLAGS=--xla_force_host_platform_device_count=8`` and
@@ -89,16 +90,21 @@ SCRIPT = textwrap.dedent(
 )
 
 
-@pytest.fixture(scope="module")
-def report():
+def _run_on_8_devices(script: str) -> dict:
+    """The JSON report that ``script`` prints last, run with 8 host devices."""
     env = dict(
         os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8", JAX_PLATFORMS="cpu"
     )
     done = subprocess.run(
-        [sys.executable, "-c", SCRIPT], env=env, capture_output=True, text=True, timeout=600
+        [sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=600
     )
     assert done.returncode == 0, done.stderr[-4000:]
     return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+@pytest.fixture(scope="module")
+def report():
+    return _run_on_8_devices(SCRIPT)
 
 
 CASES = ["dense/neurons", "dense/fan_in", "hwio/neurons", "hwio/fan_in"]
@@ -193,15 +199,7 @@ GROWTH_SCRIPT = textwrap.dedent(
 
 @pytest.fixture(scope="module")
 def growth_report():
-    env = dict(
-        os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8", JAX_PLATFORMS="cpu"
-    )
-    done = subprocess.run(
-        [sys.executable, "-c", GROWTH_SCRIPT], env=env, capture_output=True, text=True,
-        timeout=600,
-    )
-    assert done.returncode == 0, done.stderr[-4000:]
-    return json.loads(done.stdout.strip().splitlines()[-1])
+    return _run_on_8_devices(GROWTH_SCRIPT)
 
 
 @pytest.mark.parametrize("method", ["random", "ssd"])
