@@ -386,3 +386,46 @@ def test_grow_train_grow_under_jit_with_the_similarity_transform(linen_setup):
             losses.append(float(value))
     assert all(np.isfinite(losses)) and losses[-1] < losses[0]
     assert tuple(model.widths) != (4, 6, 8)
+
+
+@pytest.mark.slow  # Firefly trains and scores candidates through a wider copy of each model
+def test_firefly_grows_nnx_and_equinox_models():
+    x = jax.random.normal(jax.random.key(0), (16, 5))
+    y = jax.random.randint(jax.random.key(1), (16,), 0, 3)
+    mlp = NnxMLP(nnx.Rngs(0))
+    grown = grow(FireflyGrower(new_per_layer=3), mlp, batches=[(x, y)], loss_fn=loss_fn,
+                 ratio=0.3)
+    assert grown.report.total_added == 4
+    assert grown.model.linear2.in_features == grown.report.widths_after["linear1"]
+    cnn, state = eqx.nn.make_with_state(EqxCNN)(jax.random.key(0))
+    images = jax.random.normal(jax.random.key(0), (16, 1, 8, 8))
+    grown = grow(FireflyGrower(new_per_layer=3), cnn, state, batches=[(images, y)],
+                 loss_fn=loss_fn, ratio=0.5)
+    assert grown.model.depthwise.groups == grown.model.conv.out_channels == 6
+
+
+class Concatenated(nn.Module):
+    @nn.compact
+    def __call__(self, x):
+        a = nn.relu(nn.Dense(4)(x))
+        b = nn.relu(nn.Dense(3)(x))
+        return nn.Dense(2)(jnp.concatenate([a, b], axis=-1))
+
+
+def test_a_concatenation_is_refused():
+    model = Concatenated()
+    x = jnp.ones((2, 5))
+    variables = jax.jit(model.init)(jax.random.key(0), x)
+    with pytest.raises(GrowthError, match="'Dense_1'.*concatenation"):
+        discover_flows(model, variables, x, layers=["Dense_1"])
+
+
+@pytest.mark.slow  # one growth of the linen CNN
+def test_a_failed_growth_leaves_model_variables_and_state_as_they_were(linen_setup):
+    model, variables, x, y = linen_setup
+    opt_state = optax.sgd(0.1, momentum=0.9).init(variables["params"])
+    copies = jax.tree_util.tree_map(np.asarray, (variables, opt_state))
+    with pytest.raises(GrowthError, match="does not accept the grown variables"):
+        grow(RandomGrower(), model, variables, batches=[(x, y)], opt_state=opt_state,
+             rebuild=lambda widths: LinenCNN())  # the old widths: a wrong rebuild
+    jax.tree_util.tree_map(np.testing.assert_array_equal, (variables, opt_state), copies)

@@ -53,7 +53,7 @@ _INVERTS = {"sqrt", "rsqrt"}
 _REDUCTIONS = {"reduce_sum", "reduce_max", "reduce_min", "reduce_prod", "reduce_and",
                "reduce_or", "argmax", "argmin"}
 _MERGE_LABELS = {"add": "residual add", "add_any": "residual add", "sub": "subtraction",
-                 "mul": "multiplication", "div": "division"}
+                 "mul": "multiplication", "div": "division", "concatenate": "concatenation"}
 _OUTPUT_REASON = "it is the network's output layer (a classifier is a consumer only)"
 
 
