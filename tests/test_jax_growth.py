@@ -429,3 +429,33 @@ def test_a_failed_growth_leaves_model_variables_and_state_as_they_were(linen_set
         grow(RandomGrower(), model, variables, batches=[(x, y)], opt_state=opt_state,
              rebuild=lambda widths: LinenCNN())  # the old widths: a wrong rebuild
     jax.tree_util.tree_map(np.testing.assert_array_equal, (variables, opt_state), copies)
+
+
+class NnxCNN(nnx.Module if nnx is not None else object):
+    """An nnx CNN with BatchNorm and a depthwise conv (MobileNet block), NHWC as nnx has it."""
+
+    def __init__(self, rngs):
+        self.conv = nnx.Conv(2, 4, (3, 3), rngs=rngs)
+        self.bn = nnx.BatchNorm(4, rngs=rngs)
+        self.depthwise = nnx.Conv(4, 4, (3, 3), feature_group_count=4, rngs=rngs)
+        self.pointwise = nnx.Conv(4, 6, (1, 1), rngs=rngs)
+        self.head = nnx.Linear(6 * 8 * 8, 3, rngs=rngs)
+
+    def __call__(self, x):
+        x = nnx.relu(self.bn(self.conv(x)))
+        x = nnx.relu(self.pointwise(nnx.relu(self.depthwise(x))))
+        return self.head(x.reshape(x.shape[0], -1))
+
+
+@pytest.mark.slow  # one more nnx growth
+def test_nnx_depthwise_conv_follows_its_producer():
+    model = NnxCNN(nnx.Rngs(0))
+    x = jax.random.normal(jax.random.key(0), (8, 8, 8, 2))
+    model.eval()
+    before = model(x)
+    grown = grow(RandomGrower(seed=0), model, batches=[(x, jnp.zeros(8, int))], ratio=0.4)
+    width = grown.report.widths_after["conv"]
+    new = grown.model
+    assert width > 4 and new.depthwise.feature_group_count == new.depthwise.in_features == width
+    new.eval()
+    assert float(jnp.abs(new(x) - before).max()) < 1e-5
