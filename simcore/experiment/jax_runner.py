@@ -44,16 +44,19 @@ import numpy as np
 from simcore import growth as core
 
 from .config import RunConfig
-from .data import ImageDataset, iter_batches, load_dataset
+from .data import ImageDataset, iter_batches
 from .run_common import (
     RESULT,
     Hooks,
     RunState,
+    begin_run,
     derive_seed,
     finished_result,
+    growth_record,
     make_result,
     phase_layer_record,
     progress_bar,
+    run_dataset,
     similarity_summary,
     weight_record,
     write_json,
@@ -325,10 +328,7 @@ def _grow(run: _Run, epoch: int, phase, state: RunState) -> tuple[dict[str, Any]
     state.similarity["after_growth"].append(run.stats())
     _check_weights(run, epoch)
     layers = ["/".join(_kernel_path(run.params, name)) for name in report.grown_layers]
-    record = {"epoch": epoch + 1, "budget": report.budget, "added": report.added,
-              "params_before": report.params_before, "params_after": report.params_after,
-              "grown_layers": report.grown_layers, "growth_seconds": grow_seconds,
-              "phase_seconds": 0.0, "accuracy": accuracy, "phase": None}
+    record = growth_record(epoch, report, grow_seconds, accuracy)
     if phase is None:
         return record, []
     started = time.perf_counter()
@@ -379,23 +379,15 @@ def run_one(config: RunConfig, out_dir: str | Path, *, dataset: ImageDataset | N
 
     from simcore.adapters.jax.models import widths
 
-    if not isinstance(config, RunConfig):
-        raise TypeError(f"config must be a RunConfig, got {type(config).__name__}")
-    if config.framework != "jax":
+    if isinstance(config, RunConfig) and config.framework != "jax":
         raise ValueError(f"config.framework is {config.framework!r}: the JAX runner runs "
                          f"framework 'jax' configurations")
     hooks = hooks or Hooks()
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    previous = finished_result(config, out, resume=resume)
+    out, previous = begin_run(config, out_dir, resume=resume)
     if previous is not None:
         return previous
     device = resolve_device(config.device)
-    if dataset is None:
-        dataset = load_dataset(config.dataset, root=config.data_root, seed=config.data_seed,
-                               train_limit=config.train_limit, test_limit=config.test_limit,
-                               val_fraction=config.val_fraction)
-    dataset = dataset.to("cpu")
+    dataset = run_dataset(config, dataset).to("cpu")
     from simcore.adapters.torch.schedule import GrowthSchedule  # plain Python, no torch model
 
     schedule = GrowthSchedule(every=config.grow_every, ratio=config.ratio, unit=config.unit,

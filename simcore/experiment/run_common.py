@@ -24,7 +24,8 @@ import simcore
 
 from .config import RunConfig
 
-__all__ = ["RESULT", "Hooks", "RunInterrupted", "RunState", "derive_seed", "finished_result",
+__all__ = ["RESULT", "Hooks", "RunInterrupted", "RunState", "begin_run", "derive_seed",
+           "finished_result", "growth_record", "run_dataset",
            "make_result", "phase_layer_record", "progress_bar", "raise_mismatch", "read_json",
            "similarity_summary", "weight_record", "write_json"]
 
@@ -130,6 +131,37 @@ def finished_result(config: RunConfig, out: Path, *, resume: bool) -> dict[str, 
     if previous.get("key") != key:
         raise_mismatch(out, previous.get("key", {}), key)
     return previous
+
+
+def begin_run(config: RunConfig, out_dir: str | Path, *,
+              resume: bool) -> tuple[Path, dict[str, Any] | None]:
+    """``config`` checked and ``out_dir`` made; with it the finished result to reuse, if any."""
+    if not isinstance(config, RunConfig):
+        raise TypeError(f"config must be a RunConfig, got {type(config).__name__}")
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    return out, finished_result(config, out, resume=resume)
+
+
+def run_dataset(config: RunConfig, dataset: Any = None) -> Any:
+    """``dataset``, or ``config``'s dataset loaded (the runners share one in compare mode)."""
+    if dataset is not None:
+        return dataset
+    from .data import load_dataset
+
+    return load_dataset(config.dataset, root=config.data_root, seed=config.data_seed,
+                        train_limit=config.train_limit, test_limit=config.test_limit,
+                        val_fraction=config.val_fraction)
+
+
+def growth_record(epoch: int, report: Any, seconds: float,
+                  accuracy: dict[str, Any]) -> dict[str, Any]:
+    """The record of the growth after ``epoch`` (0-based) from its ``GrowthReport``; its
+    ``phase`` is filled by the phase, if one runs."""
+    return {"epoch": epoch + 1, "budget": report.budget, "added": report.added,
+            "params_before": report.params_before, "params_after": report.params_after,
+            "grown_layers": report.grown_layers, "growth_seconds": seconds,
+            "phase_seconds": 0.0, "accuracy": accuracy, "phase": None}
 
 
 def weight_record(rows: np.ndarray, name: str) -> dict[str, Any]:

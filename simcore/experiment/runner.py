@@ -52,7 +52,7 @@ from simcore.adapters.torch import (
 )
 
 from .config import RunConfig
-from .data import ImageDataset, iter_batches, load_dataset
+from .data import ImageDataset, iter_batches
 from .measure import (
     accuracies,
     evaluate,
@@ -67,11 +67,13 @@ from .run_common import (
     RESULT,
     Hooks,
     RunInterrupted,
+    begin_run,
     derive_seed,
-    finished_result,
+    growth_record,
     make_result,
     progress_bar,
     raise_mismatch,
+    run_dataset,
     write_json,
 )
 from .run_common import RunState as _State
@@ -175,23 +177,14 @@ def run_one(config: RunConfig, out_dir: str | Path, *, dataset: ImageDataset | N
     ``dataset`` skips loading (compare mode shares one). Returns the result
     dictionary, also written to ``result.json`` atomically.
     """
-    if not isinstance(config, RunConfig):
-        raise TypeError(f"config must be a RunConfig, got {type(config).__name__}")
     hooks = hooks or Hooks()
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    result_path, ckpt_path = out / RESULT, out / CHECKPOINT
-    key = config.training_key()
-    previous = finished_result(config, out, resume=resume)
+    out, previous = begin_run(config, out_dir, resume=resume)
     if previous is not None:
         return previous
-
+    result_path, ckpt_path = out / RESULT, out / CHECKPOINT
+    key = config.training_key()
     device = resolve_device(config.device)
-    if dataset is None:
-        dataset = load_dataset(config.dataset, root=config.data_root, seed=config.data_seed,
-                               train_limit=config.train_limit, test_limit=config.test_limit,
-                               val_fraction=config.val_fraction)
-    dataset = dataset.to(device)
+    dataset = run_dataset(config, dataset).to(device)
     schedule = GrowthSchedule(every=config.grow_every, ratio=config.ratio, unit=config.unit,
                               max_growths=config.max_growths)
     torch.manual_seed(derive_seed(config.seed, "init"))
@@ -370,10 +363,7 @@ def _grow(config, epoch, model, optimizer, dataset, loss_fn, phase, state, stats
     accuracy["after_growth"] = accuracies(model, dataset)
     accuracy["after_phase"] = None
     state.similarity["after_growth"].append(layer_stats(model, stats_layer))
-    record = {"epoch": epoch + 1, "budget": report.budget, "added": report.added,
-              "params_before": report.params_before, "params_after": report.params_after,
-              "grown_layers": report.grown_layers, "growth_seconds": grow_seconds,
-              "phase_seconds": 0.0, "accuracy": accuracy, "phase": None}
+    record = growth_record(epoch, report, grow_seconds, accuracy)
     if phase is None:
         return record, []
     started = time.perf_counter()
