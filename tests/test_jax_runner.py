@@ -152,3 +152,22 @@ def test_simcore_grow_with_jax_writes_results_and_learns(tmp_path):
                  "--test-limit", "200", "--val-fraction", "0", "--seeds", "0",
                  "--similarity", "on", "--out", str(out), "--no-figures", "--quiet",
                  "--jobs", "1"]) == 0  # a finished run is reused, not trained again
+
+
+
+@pytest.mark.slow
+def test_each_runner_leaves_the_other_framework_unimported():
+    import subprocess
+    import sys
+
+    # the package's __init__ imports the torch runner, so the JAX runner is re-executed with
+    # the torch runner removed from sys.modules: an import of it would bring it back
+    code = ("import importlib, sys\n"
+            "import simcore.experiment.runner, simcore.experiment.compare\n"
+            "assert 'jax' not in sys.modules, 'the torch runner imported jax'\n"
+            "import simcore.experiment.jax_runner as jax_runner\n"
+            "assert 'jax' not in sys.modules, 'importing the JAX runner imported jax'\n"
+            "del sys.modules['simcore.experiment.runner']\n"
+            "importlib.reload(jax_runner)\n"
+            "assert 'simcore.experiment.runner' not in sys.modules, 'torch runner imported'\n")
+    subprocess.run([sys.executable, "-c", code], check=True, timeout=300)
