@@ -170,8 +170,11 @@ def split_neurons(
     """:func:`simcore.growth.split_neurons` on a linen ``variables`` dict.
 
     ``directions`` has shape ``(len(parents), fan_in)`` or ``(len(parents),
-    kh, kw, C_in)`` (the kernel's shape without its last axis).
+    kh, kw, C_in)`` (the kernel's shape without its last axis), a JAX array or anything
+    ``jnp.asarray`` takes (a NumPy array).
     """
+    if not isinstance(directions, jax.Array):  # NumPy (or a list): params are jax arrays
+        directions = jax.numpy.asarray(directions)
     return _apply(growth.split_neurons, variables, flow, parents, directions, eps=eps)
 
 

@@ -69,8 +69,9 @@ class ModelKind:
         """``(model, variables)`` for the user, from a definition and its arrays."""
         raise NotImplementedError
 
-    def optimizer_trees(self) -> list[tuple[Any, str]]:
-        """``[(params tree, name prefix)]`` an optax state may mirror."""
+    def optimizer_trees(self, new_model: Any = None) -> list[tuple[Any, str, Any]]:
+        """``[(params tree, name prefix, grown tree's structure or None)]`` an optax state
+        may mirror (the structure is needed where it holds more than the arrays' shapes)."""
         raise NotImplementedError
 
     def check_shapes(self, definition: Any, flat: Mapping[str, Any], inputs: Any) -> None:
@@ -123,7 +124,8 @@ class LinenKind(ModelKind):
                 f"{type(self.model).__name__}.widths has {len(current)} entries but the model "
                 f"has {len(widths)} growable layers ({list(widths)}); pass rebuild="
             )
-        return self.model.clone(widths=type(current)(widths.values()))
+        new = tuple(widths.values())
+        return self.model.clone(widths=new if isinstance(current, tuple) else list(new))
 
     def parameter_count(self, flat):
         return sum(int(a.size) for name, a in flat.items() if name.startswith("params/"))
@@ -131,8 +133,8 @@ class LinenKind(ModelKind):
     def result(self, definition, flat):
         return definition, self.tree(flat)
 
-    def optimizer_trees(self):
-        return [(self.variables["params"], "params/")]
+    def optimizer_trees(self, new_model=None):
+        return [(self.variables["params"], "params/", None)]
 
 
 class NnxKind(ModelKind):
@@ -168,7 +170,7 @@ class NnxKind(ModelKind):
         module = nnx.merge(self.graphdef, self.state_of(flat))
         for _, node in nnx.iter_graph(module):
             if isinstance(node, nnx.Conv):
-                kernel = node.kernel.value
+                kernel = node.kernel[...]
                 groups = int(node.feature_group_count)
                 if groups > 1 and groups == int(node.in_features):  # depthwise: groups follow
                     node.feature_group_count = int(kernel.shape[-1])
@@ -176,9 +178,9 @@ class NnxKind(ModelKind):
                 node.in_features = int(kernel.shape[-2]) * groups
                 node.out_features = int(kernel.shape[-1])
             elif isinstance(node, nnx.Linear):
-                node.in_features, node.out_features = (int(s) for s in node.kernel.value.shape)
+                node.in_features, node.out_features = (int(s) for s in node.kernel[...].shape)
             elif isinstance(node, nnx.BatchNorm):
-                node.num_features = int(node.mean.value.shape[-1])
+                node.num_features = int(node.mean[...].shape[-1])
         return nnx.split(module)[0]
 
     def parameter_count(self, flat):
@@ -193,10 +195,10 @@ class NnxKind(ModelKind):
         module = nnx.merge(definition, self.state_of(flat))
         return module, (None if self.variables is None else nnx.state(module))
 
-    def optimizer_trees(self):
+    def optimizer_trees(self, new_model=None):
         from flax import nnx
 
-        return [(nnx.state(self.model, nnx.Param), "")]
+        return [(nnx.state(self.model, nnx.Param), "", None)]
 
 
 def _rebuild_module(module: Any, **fields: Any) -> Any:
@@ -217,8 +219,10 @@ class EquinoxKind(ModelKind):
             raise TypeError("an Equinox model takes variables=None or its eqx.nn.State "
                             f"(BatchNorm statistics), got {type(variables).__name__}")
         self.params, self.static = eqx.partition(model, eqx.is_array)
-        self.definition = self.static
         self.param_def = jax.tree_util.tree_structure(self.params)
+        # (structure of the arrays, the rest): field values such as out_channels are part of
+        # both, so a wider module has its own pair.
+        self.definition = (self.param_def, self.static)
         self.param_names = list(named_leaves(self.params))
         self.leaves = named_leaves(self.params)
         self.state_names: list[str] = []
@@ -251,8 +255,9 @@ class EquinoxKind(ModelKind):
                     names[id(value)] = f"{leaf_name(path)}/{label}"
         return names
 
-    def split(self, flat):
-        params = jax.tree_util.tree_unflatten(self.param_def, [flat[n] for n in self.param_names])
+    def split(self, flat, param_def=None):
+        param_def = self.param_def if param_def is None else param_def
+        params = jax.tree_util.tree_unflatten(param_def, [flat[n] for n in self.param_names])
         state = None
         if self.variables is not None:
             state = jax.tree_util.tree_unflatten(self.state_def,
@@ -262,8 +267,8 @@ class EquinoxKind(ModelKind):
     def apply(self, definition, flat, inputs):
         import equinox as eqx
 
-        params, state = self.split(flat)
-        module = eqx.nn.inference_mode(eqx.combine(params, definition))
+        params, state = self.split(flat, definition[0])
+        module = eqx.nn.inference_mode(eqx.combine(params, definition[1]))
         if self.apply_fn is not None:
             return self.apply_fn(module, state, inputs)
         if state is None:
@@ -299,7 +304,8 @@ class EquinoxKind(ModelKind):
             return isinstance(x, (eqx.nn.Conv, eqx.nn.Linear, eqx.nn.BatchNorm))
 
         module = jax.tree_util.tree_map(fix, module, is_leaf=is_layer)
-        return eqx.partition(module, eqx.is_array)[1]
+        params, static = eqx.partition(module, eqx.is_array)
+        return jax.tree_util.tree_structure(params), static
 
     def parameter_count(self, flat):
         import equinox as eqx
@@ -312,14 +318,18 @@ class EquinoxKind(ModelKind):
     def result(self, definition, flat):
         import equinox as eqx
 
-        params, state = self.split(flat)
-        return eqx.combine(params, definition), state
+        params, state = self.split(flat, definition[0])
+        return eqx.combine(params, definition[1]), state
 
-    def optimizer_trees(self):
+    def optimizer_trees(self, new_model=None):
         import equinox as eqx
 
-        return [(eqx.filter(self.model, eqx.is_array), ""),
-                (eqx.filter(self.model, eqx.is_inexact_array), "")]
+        out = []
+        for keep in (eqx.is_array, eqx.is_inexact_array):
+            new = None if new_model is None else jax.tree_util.tree_structure(
+                eqx.filter(new_model, keep))  # the field values (out_channels) are structure
+            out.append((eqx.filter(self.model, keep), "", new))
+        return out
 
 
 def model_kind(model: Any, variables: Any, *, apply_fn: ApplyFn | None = None,

@@ -15,6 +15,8 @@ from collections.abc import Mapping, Sequence
 from typing import Any
 
 import jax
+import jax.numpy as jnp
+import numpy as np
 
 from simcore import growth
 
@@ -39,6 +41,7 @@ def grow_mirrors(
     prefix: str,
     new_named: Mapping[str, Any] | None,
     mode: str = "carry",
+    new_treedef: Any = None,
 ) -> tuple[Any, int]:
     """``(grown opt_state, number of mirrors found)``.
 
@@ -54,12 +57,19 @@ def grow_mirrors(
 
     def grow_mirror(node: Any) -> Any:
         flat, node_def = jax.tree_util.tree_flatten_with_path(node)
-        state = {prefix + leaf_name(p): {"slot": x} for p, x in flat}
+        # On the host: one eager JAX operation per entry would compile one XLA program each.
+        state = {prefix + leaf_name(p): {"slot": np.asarray(x)} for p, x in flat}
         for flow, maps in growths:
             for cmap in maps:
                 state = growth.map_optimizer_state(state, flow, cmap, mode=mode)
-        return jax.tree_util.tree_unflatten(node_def, [state[prefix + leaf_name(p)]["slot"]
-                                                       for p, _ in flat])
+        leaves = []
+        for p, x in flat:
+            value = state[prefix + leaf_name(p)]["slot"]
+            leaves.append(x if value.shape == x.shape and value is not None and
+                          (prefix + leaf_name(p)) not in grown_names else
+                          jnp.asarray(value, dtype=x.dtype))
+        return jax.tree_util.tree_unflatten(node_def if new_treedef is None else new_treedef,
+                                            leaves)
 
     def walk(node: Any) -> Any:
         nonlocal found
@@ -87,12 +97,13 @@ def grow_mirrors(
     return walk(opt_state), found
 
 
-def grow_opt_state(opt_state: Any, growths, kind: Any, new_leaves: Mapping[str, Any]) -> Any:
+def grow_opt_state(opt_state: Any, growths, kind: Any, new_leaves: Mapping[str, Any],
+                   new_model: Any) -> Any:
     """``opt_state`` grown for a model of ``kind`` (:mod:`._models`); the first params tree
     the state mirrors wins."""
-    for params, prefix in kind.optimizer_trees():
+    for params, prefix, new_treedef in kind.optimizer_trees(new_model):
         grown, found = grow_mirrors(opt_state, growths, params=params, prefix=prefix,
-                                    new_named=new_leaves)
+                                    new_named=new_leaves, new_treedef=new_treedef)
         if found:
             return grown
     return grown

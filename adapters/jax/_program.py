@@ -78,6 +78,7 @@ class Program:
     steps: list[Step]
     shapes: dict[int, tuple[int, ...]]
     consts: dict[int, Any] = field(default_factory=dict)
+    dtypes: dict[int, Any] = field(default_factory=dict)
 
     def shape(self, ref: Any) -> tuple[int, ...]:
         if isinstance(ref, Lit):
@@ -138,12 +139,14 @@ class _Builder:
     def __init__(self) -> None:
         self.steps: list[Step] = []
         self.shapes: dict[int, tuple[int, ...]] = {}
+        self.dtypes: dict[int, Any] = {}
         self.consts: dict[int, Any] = {}
         self.count = 0
 
     def new(self, var: Any) -> int:
         self.count += 1
         self.shapes[self.count] = tuple(int(s) for s in getattr(var.aval, "shape", ()))
+        self.dtypes[self.count] = getattr(var.aval, "dtype", None)
         return self.count
 
     def inline(self, jaxpr: Any, consts: Sequence[Any], refs: Sequence[Any]) -> list[Any]:
@@ -189,5 +192,6 @@ def trace_program(fn: Callable[..., Any], *args: Any) -> tuple[Program, Any]:
     builder = _Builder()
     inputs = [builder.new(v) for v in closed.jaxpr.invars]
     outputs = builder.inline(closed.jaxpr, list(closed.consts), inputs)
-    program = Program(inputs, outputs, builder.steps, builder.shapes, builder.consts)
+    program = Program(inputs, outputs, builder.steps, builder.shapes, builder.consts,
+                      builder.dtypes)
     return program, jax.tree_util.tree_structure(out_shape)

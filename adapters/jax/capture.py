@@ -96,7 +96,8 @@ def batch_statistics(program: Program, out_tree: Any, captures: Mapping[str, Flo
         keep |= {ref for _, ref, _, _ in cap.multipliers if not isinstance(ref, Lit)}
 
     def run(args: Sequence[Any], targets: Any):
-        deltas = {name: jnp.zeros(program.shapes[h], jnp.float32) for name, h in tapped.items()}
+        deltas = {name: jnp.zeros(program.shapes[h], program.dtypes.get(h) or jnp.float32)
+                  for name, h in tapped.items()}
 
         def loss_of(deltas):
             def after(index: int, outs: list[Any]) -> list[Any]:

@@ -53,7 +53,7 @@ _INVERTS = {"sqrt", "rsqrt"}
 _REDUCTIONS = {"reduce_sum", "reduce_max", "reduce_min", "reduce_prod", "reduce_and",
                "reduce_or", "argmax", "argmin"}
 _MERGE_LABELS = {"add": "residual add", "add_any": "residual add", "sub": "subtraction",
-                 "mul": "multiplication", "div": "division"}
+                 "mul": "multiplication", "div": "division", "concatenate": "concatenation"}
 _OUTPUT_REASON = "it is the network's output layer (a classifier is a consumer only)"
 
 
@@ -203,15 +203,16 @@ class _Analysis:
                 self.made_by[ref] = index
             infos = [self.get(r) for r in step.ins]
             tagged = [(i, info) for i, info in enumerate(infos) if info.tag is not None]
-            live = [(i, info) for i, info in tagged if self.walks[info.tag.pid].blocked is None]
+            pids = [info.tag.pid for _, info in tagged if info.tag is not None]
+            live = [pid for pid in pids if self.walks[pid].blocked is None]
             if step.name in ("conv_general_dilated", "dot_general"):
                 self.linear(index, step, infos)
             elif not tagged:
                 self.untagged(step, infos)
             elif len(live) < len(tagged) or not live:
-                for _, info in tagged:  # one side already refused: refuse the others too
-                    self.block(info.tag.pid, f"its channels meet a non-growable layer's in "
-                                             f"'{step.name}'")
+                for pid in pids:  # one side already refused: refuse the others too
+                    self.block(pid, f"its channels meet a non-growable layer's in "
+                                    f"'{step.name}'")
                 self.set_out(step, _Info("data"))
             else:
                 self.tagged(index, step, infos, tagged)
@@ -229,9 +230,9 @@ class _Analysis:
         for walk in self.walks.values():
             for leaf in self.flow_leaves(walk):
                 owners.setdefault(leaf, set()).add(walk.pid)
-        for leaf, pids in owners.items():
-            if len(pids) > 1:
-                for pid in pids:
+        for leaf, sharing in owners.items():
+            if len(sharing) > 1:
+                for pid in sharing:
                     self.block(pid, f"{self.names[leaf]!r} is shared with another layer")
         for walk in self.walks.values():
             if walk.blocked is None and not walk.consumers:
@@ -384,11 +385,12 @@ class _Analysis:
                 if in_leaf is not None:
                     self.consume(tag, leaf, in_leaf, step.ins[d])
         free = [i for i in range(len(shapes[k])) if i not in contracting[k]]
-        if len(free) != 1 or axes[free[0]] is None:
+        out_leaf = axes[free[0]] if len(free) == 1 else None
+        if out_leaf is None:
             self.set_out(step, _Info("data"))
             return
         position = 0 if k == 0 else len(shapes[0]) - len(lc)  # out: lhs free, then rhs free
-        self.new_walk(index, step, kernel, "dense", position, axes[free[0]], step.ins[d])
+        self.new_walk(index, step, kernel, "dense", position, out_leaf, step.ins[d])
 
     # -- tagged elementwise and structural steps ----------------------------------------------
     def tagged(self, index: int, step: Step, infos: list[_Info], tagged) -> None:

@@ -25,7 +25,7 @@ from typing import Any
 
 import numpy as np
 
-from simcore.growth import ChannelFlow, Grower, GrowthError, GrowthReport
+from simcore.growth import ChannelFlow, FireflyGrower, Grower, GrowthError, GrowthReport
 from simcore.growth.growers import as_batches
 
 from ._models import model_kind
@@ -207,7 +207,8 @@ def grow(
     if not found:
         reasons = "; ".join(f"{k}: {v}" for k, v in blocked.items())
         raise GrowthError(f"{type(model).__name__} has no growable layer ({reasons})")
-    host = JaxGrowthHost(kind, found, batches[0][0], opt_state)
+    host = JaxGrowthHost(kind, found, batches[0][0], opt_state,
+                         host_arrays=not isinstance(grower, FireflyGrower))
     report = grower.grow(host, batches, loss_fn, ratio=ratio, unit=unit, caps=caps)
     assert host.result is not None
     new_model, new_variables, new_opt_state = host.result

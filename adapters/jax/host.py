@@ -70,8 +70,11 @@ class JaxGrowthHost:
     """One JAX model growing along ``flows``; the grown objects land in :attr:`result`."""
 
     def __init__(self, kind: ModelKind, flows: Sequence[JaxFlow], example_inputs: Any,
-                 opt_state: Any = None):
+                 opt_state: Any = None, *, host_arrays: bool = False):
         self.kind, self.flows = kind, list(flows)
+        # Host (NumPy) arrays for growers that never differentiate through the state (Random,
+        # SSD): the widening runs without compiling one XLA program per eager operation.
+        self.host_arrays = host_arrays
         self.example_inputs = example_inputs
         self.opt_state = opt_state
         self.views = _vector_views([f.flow for f in self.flows], kind.leaves)
@@ -99,6 +102,8 @@ class JaxGrowthHost:
         return [GrowableLayer(f.name, f.flow) for f in self.flows]
 
     def read_state(self) -> dict[str, Any]:
+        if self.host_arrays:
+            return {name: np.asarray(a) for name, a in self.state.items()}
         return dict(self.state)
 
     def parameter_count(self) -> int:
@@ -125,7 +130,10 @@ class JaxGrowthHost:
                 self._stat_fns[key] = (jax.jit(run), activations)
             run, activations = self._stat_fns[key]
             args = jax.tree_util.tree_leaves((leaves, inputs))
-            per_batch.append(run(args, targets))
+            found = run(args, targets)
+            if self.host_arrays:
+                found = jax.tree_util.tree_map(np.asarray, found)
+            per_batch.append(found)
         return to_statistics(per_batch, names, activations)
 
     def forward_with(self, widened_state: Mapping[str, Any],
@@ -153,7 +161,8 @@ class JaxGrowthHost:
         return definition
 
     def value_and_grad(self, fn, variables):
-        value, grads = jax.value_and_grad(lambda vs: fn(list(vs)))(list(variables))
+        # One XLA program per call (fn closes over its batch) instead of one per eager operation.
+        value, grads = jax.jit(jax.value_and_grad(lambda vs: fn(list(vs))))(list(variables))
         return value, list(grads)
 
     def mean_over_replicas(self, x: Any) -> Any:
@@ -175,7 +184,7 @@ class JaxGrowthHost:
     def apply(self, new_state: Mapping[str, Any],
               channel_maps: Sequence[ChannelMap | Sequence[ChannelMap] | None]) -> None:
         state = dict(self.state)
-        state.update(new_state)
+        state.update({name: jnp.asarray(a) for name, a in new_state.items()})
         definition = self._widened_definition(state)
         leaves = self._leaves(state)
         model, variables = self.kind.result(definition, leaves)
@@ -187,6 +196,6 @@ class JaxGrowthHost:
             growths.append((flow.flow, maps))
         opt_state = self.opt_state
         if opt_state is not None:
-            opt_state = grow_opt_state(opt_state, growths, self.kind, leaves)
+            opt_state = grow_opt_state(opt_state, growths, self.kind, leaves, model)
         self.result = (model, variables, opt_state)
         self.state = state
