@@ -62,7 +62,8 @@ def test_firefly_growth_keeps_predictions_at_large_fan_in(new_per_layer):
     change = _change(net, grown, inputs[128:], labels[128:])
     assert change["agree"] >= 0.97, change
     assert change["ce"] < 0.02, change
-    assert change["logits"] < 0.1, change
+    # The reference's behaviour moves the logits by 1.8x their RMS here (test below).
+    assert change["logits"] < 0.25, change
 
 
 def test_reference_scales_written_as_trained_do_change_predictions():
@@ -74,4 +75,4 @@ def test_reference_scales_written_as_trained_do_change_predictions():
     FireflyGrower(new_per_layer=16, seed=0, scales="absolute", split_eps=None,
                   new_eps=None).grow(grown, batches, F.cross_entropy, ratio=0.35)
     change = _change(net, grown, inputs[128:], labels[128:])
-    assert change["logits"] > 0.2 or change["agree"] < 0.97, change
+    assert change["logits"] > 1.0 and change["ce"] > 0.1 and change["agree"] < 0.9, change

@@ -156,6 +156,7 @@ class FireflyGrower(Grower[FireflyState]):
                       for c in candidates]
         widened, maps = firefly_apply(state, flows, candidates, everything)
         forward = host.forward_with(widened, maps)
+        del widened  # only its shapes were needed: the largest array of the whole growth
 
         def loss_with(live: Sequence[FireflyCandidates], batch: Batch) -> Array:
             grown, _ = firefly_apply(state, flows, live, everything)
