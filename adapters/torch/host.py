@@ -103,15 +103,17 @@ class TorchGrowthHost:
 
     def apply(self, new_state: Mapping[str, torch.Tensor],
               channel_maps: Sequence[ChannelMap | Sequence[ChannelMap] | None]) -> None:
-        # Laid out as the parameters will be, one entry at a time in the caller's own dict (the
-        # plan is not used after this): the surgery then takes these arrays as they are instead
-        # of holding a contiguous copy of every grown layer next to the plan's.
-        if isinstance(new_state, dict):
-            for name, value in new_state.items():
-                if isinstance(value, torch.Tensor) and not value.is_contiguous():
-                    new_state[name] = value.contiguous()
         # Downstream flows first, as they were planned.
         growths = [(flow, cmap) for flow, cmap in zip(self.flows, channel_maps, strict=True)
                    if cmap is not None]
+        # The grown entries laid out as the parameters will be, one at a time in the caller's
+        # own dict (the plan is not used after this): the surgery then takes these arrays as
+        # they are instead of holding a contiguous copy of every grown layer next to the plan's.
+        if isinstance(new_state, dict):
+            grown = {name for flow, _ in growths for name in flow.channel_flow(self.model).names()}
+            for name in grown & new_state.keys():
+                value = new_state[name]
+                if isinstance(value, torch.Tensor) and not value.is_contiguous():
+                    new_state[name] = value.contiguous()
         apply_growths(self.model, growths[::-1], new_state, self.optimizer,
                       self.optimizer_mode, self.lr)
