@@ -58,7 +58,7 @@ from .._arrays import (
     from_rows,
     namespace_of,
 )
-from ._host import as_generator, as_index, to_numpy
+from ._host import as_generator, as_index, symmetric_uniform, to_numpy
 from .budget import select_lowest
 from .firefly_scales import SCALES, relative_amplitudes
 from .firefly_scores import new_neuron_gate_scores, split_gate_scores
@@ -202,13 +202,14 @@ def firefly_candidates(
             incoming_sd = incoming_std * norms["row_rms"] / math.sqrt(fan_in)
             column_rms = norms["column_rms"]
         else:
-            split_amplitude = np.asarray(split_scale)
+            split_amplitude = None
             incoming_sd = incoming_std
             column_rms = (None,) * len(consumers)
 
         directions = None
         if split:
-            deltas = gen.uniform(-1.0, 1.0, (n, fan_in)) * split_amplitude
+            deltas = (gen.uniform(-1.0, 1.0, (n, fan_in)) * split_amplitude
+                      if scales == "relative" else symmetric_uniform(gen, split_scale, (n, fan_in)))
             directions = _host_array(xp, deltas, w)
             del deltas
         incoming = _host_array(xp, gen.standard_normal((k, fan_in)) * incoming_sd, w)
@@ -216,8 +217,11 @@ def firefly_candidates(
         for entry, rms in zip(consumers, column_rms, strict=True):
             a = params[entry.name]
             width = int(channel_rows(xp, a, entry).shape[1])
-            amplitude = outgoing_scale * (1.0 if rms is None else rms * math.sqrt(3.0 / width))
-            cols = gen.uniform(-1.0, 1.0, (k, width)) * amplitude
+            if rms is None:
+                cols = symmetric_uniform(gen, outgoing_scale, (k, width))
+            else:
+                cols = gen.uniform(-1.0, 1.0, (k, width)) * (outgoing_scale * rms
+                                                             * math.sqrt(3.0 / width))
             outgoing.append(_host_array(xp, cols, a))
         for entry in entries:
             if entry.role == "depthwise":
