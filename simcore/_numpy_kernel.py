@@ -58,21 +58,14 @@ class NumpyKernel(InPlaceKernel):
         np.multiply(u, factors[:, None], out=product)
         return np.subtract(g, product, out=g)
 
-    def gram_strip(self, u_a, u_rest, out):
-        # The diagonal block by SYRK, in quarters once it is large: OpenBLAS's SYRK (with
-        # NumPy's mirroring of its triangle) costs about 0.63 of a GEMM, the quarters' four
-        # SYRKs, six GEMMs and six mirrored copies about 0.57 (measured at 2048 x 2048).
-        rows = u_a.shape[0]
-        if u_rest.shape[0] > rows:
-            np.matmul(u_a, u_rest[rows:].T, out=out[:, rows:])
-        block = rows // 4 if rows >= _SPLIT_FROM else rows
-        for start in range(0, rows, block):
-            stop = min(start + block, rows)
-            part = u_a[start:stop]
-            np.matmul(part, part.T, out=out[start:stop, start:stop])
-            if stop < rows:
-                np.matmul(part, u_a[stop:].T, out=out[start:stop, stop:rows])
-                np.copyto(out[stop:rows, start:stop], out[start:stop, stop:rows].T)
+    def diagonal_block(self, rows):
+        # SYRK, in quarters once the block is large: OpenBLAS's SYRK (with NumPy's mirroring
+        # of its triangle) costs about 0.63 of a GEMM, four quarter SYRKs, six GEMMs and six
+        # mirror copies about 0.57 (measured at 2048 x 2048).
+        return rows // 4 if rows >= _SPLIT_FROM else rows
+
+    def copy_transposed(self, source, out):
+        np.copyto(out, source.T)
 
     def matmul(self, a, b, out):
         np.matmul(a, b, out=out)

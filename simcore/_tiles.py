@@ -96,8 +96,8 @@ class InPlaceKernel(RowOps):
 
     Subclasses implement the abstract methods for one library with mutable arrays;
     ``accepts(xp, u)`` says whether this kernel runs ``u`` (e.g. not a tensor that
-    autograd tracks). ``symmetric_gram`` is true where ``a @ a.T`` costs half a GEMM
-    (NumPy calls SYRK for it), which makes tall strips cheap.
+    autograd tracks). ``symmetric_gram`` is true where ``a @ a.T`` costs about half a GEMM
+    (NumPy calls SYRK for it), so diagonal blocks need not be split small.
     """
 
     in_place = True
@@ -135,24 +135,39 @@ class InPlaceKernel(RowOps):
         """Zero the main diagonal of the square 2-D view ``x``."""
         raise NotImplementedError
 
+    def copy_transposed(self, source: Array, out: Array) -> None:
+        """``out[...] = source.T``."""
+        raise NotImplementedError
+
+    def diagonal_block(self, rows: int) -> int:
+        """Rows of the square blocks a strip's ``rows x rows`` diagonal block is built from.
+
+        Only the blocks on and above the diagonal are multiplied; the ones below are mirror
+        copies. Without a half-cost ``a @ a.T`` every diagonal block wastes its lower half,
+        so they are kept small (1/8 of the strip: 1/16 of the strip's products wasted).
+        """
+        return rows if self.symmetric_gram else max(64, rows // 8)
+
     def gram_strip(self, u_a: Array, u_rest: Array, out: Array) -> None:
         """``out[...] = u_a @ u_rest.T`` where ``u_rest`` starts with the rows of ``u_a``."""
-        if self.symmetric_gram:
-            b = u_a.shape[0]
-            self.matmul(u_a, u_a.T, out[:, :b])
-            if u_rest.shape[0] > b:
-                self.matmul(u_a, u_rest[b:].T, out[:, b:])
-        else:
-            self.matmul(u_a, u_rest.T, out)
+        rows = int(u_a.shape[0])
+        if u_rest.shape[0] > rows:
+            self.matmul(u_a, u_rest[rows:].T, out[:, rows:])
+        block = self.diagonal_block(rows)
+        for start in range(0, rows, block):
+            stop = min(start + block, rows)
+            part = u_a[start:stop]
+            self.matmul(part, part.T, out[start:stop, start:stop])
+            if stop < rows:
+                self.matmul(part, u_a[stop:].T, out[start:stop, stop:rows])
+                self.copy_transposed(out[start:stop, stop:rows], out[stop:rows, start:stop])
 
     def strip_height(self, n: int, d: int, itemsize: int) -> int:
-        """Rows per strip when no ``block_size`` is given: the strip buffer stays under
-        16 MiB; kernels without a half-cost symmetric product also keep the (wasted)
-        lower half of each diagonal block small."""
-        height = max(64, (16 * 2**20) // (n * itemsize))
-        if not self.symmetric_gram:
-            height = min(height, max(64, n // 8))
-        return min(n, height)
+        """Rows per strip when no ``block_size`` is given: as many as keep the ``rows x n``
+        strip under 16 MiB (all of them up to n = 2048 in float32). Tall strips make the
+        second product of each strip (``G[below] += S^T U_a``, inner size ``rows``) an
+        efficient GEMM rather than a memory-bound low-rank update."""
+        return min(n, max(64, (16 * 2**20) // (n * itemsize)))
 
 
 _KERNELS: list[type[InPlaceKernel]] = []

@@ -32,11 +32,20 @@ rows, ``N = m (m - 1)`` and ``G = (2 / N) S U``::
     dmu/dw_i = (G_i - (G_i . u_i) u_i) / r_i
 
 one GEMM on top of the forward Gram matrix, of which only the upper triangle
-is formed, in square tiles: half a GEMM on every backend, a blocked SYRK.
-``block_size=b`` sets the tile to ``b`` rows (default :data:`DEFAULT_TILE`), so
-no ``n x n`` matrix is formed and the extra memory is ``O(b^2)`` beyond the
-``n x d`` gradient. Different tilings sum in different orders: results agree
-to a few ulp, not bit for bit.
+is formed: half a GEMM, a blocked SYRK. Two paths compute it:
+
+* NumPy arrays, and torch tensors that autograd does not track, run in place
+  (simcore/_tiles.py): strips of ``b`` rows of the upper triangle, products written
+  into work buffers reused between calls, and the loss read off the gradient's
+  row sums (``G_i . u_i = sum_{j != i} |C_ij|``). ``b = block_size``, or chosen
+  from ``n`` and ``d`` (the strip stays under 16 MiB); extra memory is the unit
+  rows and one ``b x n`` strip beyond the ``n x d`` gradient.
+* every other array (JAX, CuPy, array-api-strict, the value-only functions)
+  runs functionally, in ``b x b`` tiles of the upper triangle (``b = block_size``,
+  default :data:`DEFAULT_TILE`), ``O(b^2)`` extra memory.
+
+Different tilings and paths sum in different orders: results agree to a few ulp,
+not bit for bit.
 """
 
 from __future__ import annotations
@@ -295,9 +304,9 @@ def similarity_loss_and_grad(
 ) -> tuple[Array, Array]:
     """Eq. 2 and its analytic gradient ``(mu, dmu/dw)``, the gradient in ``w``'s layout.
 
-    The Gram matrix is built in ``b x b`` tiles, ``b = block_size`` (default
-    :data:`DEFAULT_TILE`): no ``n x n`` matrix beyond one tile, ``O(b^2)`` extra
-    memory besides the gradient itself.
+    The Gram matrix is built ``b = block_size`` rows at a time (see the module
+    docstring): no ``n x n`` matrix beyond one ``b x n`` strip (NumPy, torch) or
+    ``b x b`` tile (other libraries) besides the unit rows and the gradient itself.
 
     ``gram`` is the extension hook for a backend's own kernel: ``gram(u_a)`` must return
     ``u_a @ u_a.T`` for a 2-D tile ``u_a`` of unit rows (in the compute dtype) and is used

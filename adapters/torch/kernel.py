@@ -59,6 +59,9 @@ class TorchKernel(InPlaceKernel):
     def matmul(self, a, b, out):
         torch.mm(a, b, out=out)
 
+    def copy_transposed(self, source, out):
+        out.copy_(source.T)
+
     def add_matmul(self, out, a, b):
         out.addmm_(a, b)
 

@@ -1,9 +1,11 @@
 """One ``simcore grow`` at a time per output folder.
 
 Two runs writing into one folder would both exit 0 and leave only one's results (and could
-interleave checkpoints of the same run). :class:`OutputLock` holds ``<out>/.simcore-grow.lock``,
-created atomically with the owner's process id; a lock whose process is gone (a ``kill -9``) is
-taken over, a live one is refused with the owner named.
+interleave checkpoints of the same run). :class:`OutputLock` holds ``<out>/.simcore-grow.lock``
+with an exclusive ``flock`` and writes the owner's process id into it. The kernel releases the
+lock when its process ends in any way (a ``kill -9`` included), so a lock left behind is taken
+over and a live one is refused with the owner named; there is no moment when a lock exists
+without its holder (a file created first and its pid written after would be such a moment).
 
 >>> import tempfile
 >>> folder = tempfile.mkdtemp()
@@ -18,6 +20,7 @@ True
 
 from __future__ import annotations
 
+import fcntl
 import os
 from pathlib import Path
 
@@ -30,49 +33,41 @@ class FolderInUse(OSError):
     """Another live ``simcore grow`` holds the output folder."""
 
 
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)  # signal 0: only asks whether the process exists
-    except ProcessLookupError:
-        return False
-    except PermissionError:  # exists, owned by someone else
-        return True
-    return True
-
-
 class OutputLock:
-    """Exclusive use of an output folder for the duration of a ``with`` block."""
+    """Exclusive use of an output folder for the duration of a ``with`` block (POSIX ``flock``)."""
 
     def __init__(self, folder: str | Path):
         self.path = Path(folder) / LOCK_NAME
-        self._held = False
+        self._fd: int | None = None
 
     def __enter__(self) -> OutputLock:
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        for _ in range(2):  # a second try after removing a stale lock
+        while True:
+            fd = os.open(self.path, os.O_CREAT | os.O_RDWR, 0o644)
             try:
-                fd = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
-            except FileExistsError:
-                owner = self._owner()
-                if owner is not None and _alive(owner):
-                    raise FolderInUse(
-                        f"{self.path.parent} is in use by another simcore grow (process "
-                        f"{owner}); wait for it, or choose another --out") from None
-                self.path.unlink(missing_ok=True)  # its process is gone: a stale lock
-                continue
-            with os.fdopen(fd, "w") as handle:
-                handle.write(str(os.getpid()))
-            self._held = True
-            return self
-        raise FolderInUse(f"could not lock {self.path.parent}: {self.path} keeps reappearing")
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                owner = os.read(fd, 32).decode(errors="replace").strip() or "starting"
+                os.close(fd)
+                raise FolderInUse(
+                    f"{self.path.parent} is in use by another simcore grow (process "
+                    f"{owner}); wait for it, or choose another --out") from None
+            if self._still_the_lock_file(fd):
+                break
+            os.close(fd)  # its holder removed it between our open and our lock: again
+        os.ftruncate(fd, 0)
+        os.write(fd, str(os.getpid()).encode())
+        self._fd = fd
+        return self
 
-    def _owner(self) -> int | None:
+    def _still_the_lock_file(self, fd: int) -> bool:
         try:
-            return int(self.path.read_text().strip())
-        except (OSError, ValueError):
-            return None
+            return os.stat(self.path).st_ino == os.fstat(fd).st_ino
+        except FileNotFoundError:
+            return False
 
     def __exit__(self, *exc: object) -> None:
-        if self._held:
-            self.path.unlink(missing_ok=True)
-            self._held = False
+        if self._fd is not None:
+            self.path.unlink(missing_ok=True)  # while still locked: no one holds the old file
+            os.close(self._fd)
+            self._fd = None
