@@ -83,7 +83,6 @@ def _numpy(w, other):
 
 def _torch(w, other, device):
     import torch
-
     from simcore.adapters.torch import similarity_loss
 
     x = torch.from_numpy(w).to(device)
@@ -128,7 +127,6 @@ def _keras_regularizer():
 def _jax(w, other, regularizer):
     import jax
     import jax.numpy as jnp
-
     from simcore.adapters.jax import similarity_loss
 
     x, y = jnp.asarray(w), jnp.asarray(other)
@@ -148,7 +146,6 @@ def _jax(w, other, regularizer):
 
 def _cupy(w, other):
     import cupy
-
     from simcore.adapters.cupy import similarity_loss_and_grad
 
     x, y = cupy.asarray(w), cupy.asarray(other)
@@ -229,7 +226,7 @@ def keras_factor_check(regularizer):
 
 
 def block_memory(n, d, block_size):
-    """Peak bytes NumPy allocates inside a repeated call (the workspace is warm), beyond the input."""
+    """Peak bytes NumPy allocates in a repeated call (warm workspace), beyond the input."""
     rng = np.random.default_rng(1)
     w = rng.standard_normal((n, d), dtype=np.float32)
     simcore.similarity_loss_and_grad(w, block_size=block_size)
