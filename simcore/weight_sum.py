@@ -55,6 +55,61 @@ def _statistic(xp, x, statistic, tiny):
     return xp.maximum(raw, tiny), raw > tiny
 
 
+def _power_of_two(xp, exponent):
+    """``2 ** exponent`` for an integer-valued float array (exact: a power of two)."""
+    return xp.pow(xp.full_like(exponent, 2.0), exponent)
+
+
+def _scaled_sum(xp, x):
+    """``(m, k)`` with ``sum(x) = m * 2**k``: the sum of ``x / 2**k``, ``2**k`` near ``max|x|``.
+
+    Dividing by a power of two is exact, so ``m`` is the plain sum's own rounding, shifted,
+    and ``|m| <= size``: no overflow or underflow for any finite ``x``. An all-zero ``x``
+    gives ``(0, 0)``. ``k`` is piecewise constant in ``x`` (zero derivative, never NaN).
+    """
+    top = xp.max(xp.abs(x))
+    nonzero = top > 0
+    safe_top = xp.where(nonzero, top, xp.ones_like(top))
+    k = xp.where(nonzero, xp.floor(xp.log2(safe_top)), xp.zeros_like(top))
+    return xp.sum(x / _power_of_two(xp, k)), k
+
+
+def _times_power_of_two(xp, x, exponent):
+    """``x * 2**exponent`` in two halves, so that neither power alone overflows."""
+    half = xp.floor(exponent / 2)
+    return (x * _power_of_two(xp, half)) * _power_of_two(xp, exponent - half)
+
+
+def _literal(xp, cur, ref, with_grad):
+    """Eq. 4 read literally, ``log|sum cur / sum ref|``, and ``d/d cur = 1 / sum cur``.
+
+    Both sums are taken scaled (:func:`_scaled_sum`), so the value is right for every finite
+    input even where a sum itself overflows or underflows; with sums in range it is the plain
+    formula to its last rounding. A zero sum gives the maths' ``+-inf`` (NaN for 0/0).
+    """
+    m_cur, k_cur = _scaled_sum(xp, cur)
+    m_ref, k_ref = _scaled_sum(xp, ref)
+    one = xp.ones_like(m_cur)
+    shift = k_cur - k_ref
+    mantissas = xp.abs(m_cur / m_ref)
+    live = (mantissas > 0) & xp.isfinite(mantissas)
+    safe = xp.where(live, mantissas, one)
+    # Where the whole ratio is a normal number, one log of it (exact to its last rounding);
+    # elsewhere the value is far from 0, and the sum of two logs loses nothing that matters.
+    finfo = xp.finfo(m_cur.dtype)
+    exponent = shift + xp.floor(xp.log2(safe))
+    in_range = live & (exponent < math.log2(finfo.max) - 1) & (
+        exponent > math.log2(finfo.smallest_normal) + 1)
+    ratio = _times_power_of_two(xp, safe, xp.where(in_range, shift, xp.zeros_like(shift)))
+    split = xp.log(safe) + shift * math.log(2.0)
+    value = xp.where(in_range, xp.log(ratio), split)
+    value = xp.where(live, value, xp.log(mantissas))  # 0, inf or NaN: the maths' answer
+    if not with_grad:
+        return value, None
+    inverse = _times_power_of_two(xp, one / m_cur, -k_cur)
+    return value, xp.ones_like(cur) * inverse
+
+
 def _value_and_grad(w, w_ref, form, statistic, with_grad):
     xp = check_weight(w, "w")
     check_partner(w, w_ref, "w", "w_ref")
@@ -68,9 +123,7 @@ def _value_and_grad(w, w_ref, form, statistic, with_grad):
         return x if x.dtype == w.dtype else xp.astype(x, w.dtype)
 
     if form == "literal":
-        total = xp.sum(cur)
-        value = xp.log(xp.abs(total / xp.sum(ref)))
-        grad = xp.ones_like(cur) / total if with_grad else None
+        value, grad = _literal(xp, cur, ref, with_grad)
         return out(value), (out(grad) if with_grad else None)
 
     tiny = xp.finfo(work).smallest_normal

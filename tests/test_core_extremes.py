@@ -160,6 +160,57 @@ def test_weight_sum_term_at_extreme_scales_matches_the_reference(backend, dtype,
                                        expected_grad, rtol=rtol, atol=atol)
 
 
+#: Well-conditioned sums for the literal Eq. 4 (positive weights: no cancellation); at 1e37 in
+#: float32 and 1e307 in float64 the weights are finite and their sums overflow.
+W_POS, W_REF_POS = 5 * (np.abs(W) + 0.1), 5 * (np.abs(W_REF) + 0.1)
+
+
+@pytest.mark.parametrize(("dtype", "scale"), EXTREME_CASES)
+def test_literal_weight_sum_at_extreme_scales_matches_the_reference(backend, dtype, scale):
+    """``log|sum w / sum w_ref|`` with both layers at one extreme scale (at 1e37 the float32
+    sums overflow unless scaled): the reference's value, and ``1 / sum w`` at the reference's
+    magnitude."""
+    if dtype not in backend.dtypes:
+        pytest.skip(f"{backend.name} has no {dtype}")
+    x, w64 = _rescaled(backend, W_POS, dtype, scale)
+    x_ref, ref64 = _rescaled(backend, W_REF_POS, dtype, scale)
+    expected, expected_grad = ref.weight_sum_penalty_and_grad(w64, ref64, form="literal")
+    value, grad = backend.run(simcore.weight_sum_penalty_and_grad, x, x_ref, form="literal")
+    rtol = 1e-5 if dtype == "float32" else 1e-12
+    assert float(value) == pytest.approx(expected, rel=rtol)
+    # Down to the smallest normal number (XLA on CPU flushes subnormal results to zero).
+    np.testing.assert_allclose(backend.to_numpy(grad).astype(np.float64) * scale, expected_grad,
+                               rtol=rtol, atol=np.finfo(dtype).tiny * scale)
+
+
+@pytest.mark.parametrize(("dtype", "low", "high"), [("float32", 1e-37, 1e37),
+                                                    ("float64", 1e-300, 1e307)])
+def test_literal_weight_sum_between_the_dtypes_extremes_is_exact(dtype, low, high):
+    """A layer at the largest scale against one at the smallest and back: the sums at the
+    largest scale and their ratio (1e74 or 1e607) overflow, its log does not; the gradient
+    ``1 / sum w`` is representable at both ends."""
+    for w_scale, ref_scale in ((high, low), (low, high)):
+        x = (W_POS * w_scale).astype(dtype)
+        x_ref = (W_REF_POS * ref_scale).astype(dtype)
+        w64, ref64 = x.astype(np.float64) / w_scale, x_ref.astype(np.float64) / ref_scale
+        expected, expected_grad = ref.weight_sum_penalty_and_grad(w64, ref64, form="literal")
+        expected += math.log(w_scale) - math.log(ref_scale)
+        value, grad = simcore.weight_sum_penalty_and_grad(x, x_ref, form="literal")
+        rtol = 1e-6 if dtype == "float32" else 1e-14
+        assert float(value) == pytest.approx(expected, rel=rtol)
+        np.testing.assert_allclose(grad.astype(np.float64) * w_scale, expected_grad, rtol=rtol)
+
+
+def test_literal_weight_sum_in_range_is_the_plain_formula():
+    """Scaling by powers of two is exact: where the sums are in range the value is the plain
+    ``log|sum w / sum w_ref|`` of the same dtype, to its last rounding."""
+    for dtype in (np.float32, np.float64):
+        x, x_ref = (W * 3).astype(dtype), (W_REF + 0.7).astype(dtype)
+        plain = np.log(np.abs(np.sum(x) / np.sum(x_ref)))
+        value = simcore.weight_sum_penalty(x, x_ref, form="literal")
+        assert float(value) == pytest.approx(float(plain), rel=4 * float(np.finfo(dtype).eps))
+
+
 def test_weight_sum_term_at_1e20_scaled_float32_weights_is_finite_and_right():
     x = (W * 1e20).astype(np.float32)
     assert float(simcore.weight_sum_penalty(x, 0.5 * x)) == pytest.approx(math.log(2.0) ** 2,

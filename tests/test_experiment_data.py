@@ -431,15 +431,21 @@ def test_refusals_are_value_errors():
     assert issubclass(UnsafePickleError, pickle.UnpicklingError)
 
 
-@pytest.mark.parametrize("crafted", ["runs code", "shared tuples", "huge label"])
+@pytest.mark.parametrize("crafted", ["runs code", "shared tuples", "huge label", "bad memo"])
 def test_simcore_grow_refuses_a_crafted_file_in_one_line(tmp_path, crafted):
+    # "runs code" raises UnsafePickleError; "bad memo" (a reference to an entry never stored,
+    # which the opcode check lets through) pickle's own UnpicklingError
     rng = np.random.default_rng(13)
     _cifar10(tmp_path, rng)
-    payload = {"runs code": _RunsCode(tmp_path / "pwned"),
-               "shared tuples": {b"data": _shared_tuples(40), b"labels": []},
-               "huge label": _cifar_batch(rng, 2, b"labels", 10, {b"labels": [2**70, 0]}),
-               }[crafted]
-    _write(tmp_path / "cifar-10-batches-py" / "data_batch_5", payload)
+    target = tmp_path / "cifar-10-batches-py" / "data_batch_5"
+    if crafted == "bad memo":
+        target.write_bytes(b"\x80\x02h\x05.")  # BINGET 5 on an empty memo
+    else:
+        _write(target, {"runs code": _RunsCode(tmp_path / "pwned"),
+                        "shared tuples": {b"data": _shared_tuples(40), b"labels": []},
+                        "huge label": _cifar_batch(rng, 2, b"labels", 10,
+                                                   {b"labels": [2**70, 0]}),
+                        }[crafted])
     command = [sys.executable, "-m", "simcore", "grow", "--dataset", "cifar10",
                "--data-root", str(tmp_path), "--method", "random", "--width", "4",
                "--epochs", "1", "--train-limit", "8", "--test-limit", "4", "--batch-size", "4",

@@ -139,13 +139,24 @@ def _final_weights(run_dir):
     return torch.load(run_dir / "checkpoint.pt", weights_only=True)["model"]
 
 
+# joint reading: the phase runs inside the training steps after the growth, so an
+# interruption inside it must also restore its W_prev snapshot and its step count
+JOINT = TINY.replace(method="random", terms="both", phase="joint", phase_steps=3, batch_size=16)
+
+
+def _assert_resumes_to_the_straight_run(config, run_dir, straight_dir, data):
+    reference = run_one(config, straight_dir, dataset=data)
+    resumed = run_one(config, run_dir, dataset=data)
+    assert _without_timings(resumed) == _without_timings(reference)
+    straight, again = _final_weights(straight_dir), _final_weights(run_dir)
+    assert straight.keys() == again.keys()
+    for key in straight:
+        assert torch.equal(straight[key], again[key]), key
+
+
 def test_resume_after_interruptions_gives_the_uninterrupted_result(tmp_path):
     data = load_digits_dataset(0, train_limit=64, test_limit=32)
-    # joint reading: the phase runs inside the training steps after the growth, so an
-    # interruption inside it must also restore its W_prev snapshot and its step count
-    config = TINY.replace(method="random", terms="both", phase="joint", phase_steps=3, epochs=3,
-                          batch_size=16)
-    reference = run_one(config, tmp_path / "straight", dataset=data)
+    config = JOINT.replace(epochs=3)
 
     def stop_in_phase(epoch, batch):  # epoch 1, batch 2: two of the three phase steps done
         if (epoch, batch) == (1, 2):
@@ -166,12 +177,37 @@ def test_resume_after_interruptions_gives_the_uninterrupted_result(tmp_path):
             run_one(config, run_dir, dataset=data, hooks=hooks)
         assert (run_dir / "checkpoint.pt").exists() and not (run_dir / "result.json").exists()
     assert isinstance(info.value, RunInterrupted)  # the SIGINT path stopped cleanly
-    resumed = run_one(config, run_dir, dataset=data)
-    assert _without_timings(resumed) == _without_timings(reference)
-    straight, again = _final_weights(tmp_path / "straight"), _final_weights(run_dir)
-    assert straight.keys() == again.keys()
-    for key in straight:
-        assert torch.equal(straight[key], again[key]), key
+    _assert_resumes_to_the_straight_run(config, run_dir, tmp_path / "straight", data)
+
+
+_KILLED_IN_THE_PHASE = """
+import os, signal, sys
+import torch
+from simcore.experiment import Hooks, run_one
+from simcore.experiment.data import load_digits_dataset
+from test_experiment_run import JOINT
+torch.set_num_threads(1)
+
+def kill_9(epoch, batch):  # as kill -9: no handler runs, nothing is saved
+    if (epoch, batch) == (1, 2):
+        os.kill(os.getpid(), signal.SIGKILL)
+
+run_one(JOINT, sys.argv[1], dataset=load_digits_dataset(0, train_limit=64, test_limit=32),
+        hooks=Hooks(on_batch_end=kill_9))
+"""
+
+
+def test_resume_after_kill_9_gives_the_uninterrupted_result(tmp_path):
+    # killed in the middle of the joint phase of the last epoch: the checkpoint of epoch 1 (just
+    # after the growth) is the last one, and the run started again ends as a straight one ends
+    run_dir = tmp_path / "killed"
+    child = subprocess.run([sys.executable, "-c", _KILLED_IN_THE_PHASE, str(run_dir)],
+                           cwd=os.path.dirname(__file__), capture_output=True, text=True,
+                           timeout=300)
+    assert child.returncode == -signal.SIGKILL, child.stderr[-2000:]
+    assert (run_dir / "checkpoint.pt").exists() and not (run_dir / "result.json").exists()
+    _assert_resumes_to_the_straight_run(JOINT, run_dir, tmp_path / "straight",
+                                        load_digits_dataset(0, train_limit=64, test_limit=32))
 
 
 @pytest.mark.slow  # long: see tests/conftest.py for the two tiers
@@ -295,9 +331,7 @@ def test_layer_name_skips_depthwise_convs_only():
 
 
 def test_fresh_runs_interrupts_and_result_files_leave_nothing_stale(tmp_path, monkeypatch):
-    from pathlib import Path
-
-    from simcore.experiment import runner
+    from simcore.experiment import files, runner
 
     data = load_digits_dataset(0, train_limit=32, test_limit=16)
     config = TINY.replace(method="random", terms="none", max_growths=0)
@@ -321,17 +355,25 @@ def test_fresh_runs_interrupts_and_result_files_leave_nothing_stale(tmp_path, mo
     assert len(saves) == 1  # the end-of-epoch checkpoint, not written a second time
     assert not (run_dir / "result.json").exists()  # the stale result went with --fresh
 
-    real_write = Path.write_text
+    real_temporary = files.tempfile.NamedTemporaryFile
 
-    def crash_mid_write(self, text, *args, **kwargs):
-        real_write(self, text[:10], *args, **kwargs)
-        raise OSError("disk full")
+    def crash_mid_write(*args, **kwargs):
+        handle = real_temporary(*args, **kwargs)
+        real_write = handle.write
 
-    monkeypatch.setattr(Path, "write_text", crash_mid_write)
+        def write(text):
+            real_write(text[:10])
+            raise OSError("disk full")
+
+        handle.write = write
+        return handle
+
+    monkeypatch.setattr(files.tempfile, "NamedTemporaryFile", crash_mid_write)
     with pytest.raises(OSError, match="disk full"):
         run_one(config, run_dir, dataset=data)  # resumes epoch 2, then fails to write
     assert not (run_dir / "result.json").exists()  # no truncated result.json left behind
-    monkeypatch.setattr(Path, "write_text", real_write)
+    assert not list(run_dir.glob("*.tmp"))  # and no temporary
+    monkeypatch.setattr(files.tempfile, "NamedTemporaryFile", real_temporary)
     result = run_one(config, run_dir, dataset=data)
     assert json.loads((run_dir / "result.json").read_text()) == result
     assert len(result["history"]) == config.epochs + 1

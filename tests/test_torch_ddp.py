@@ -230,3 +230,155 @@ def test_unequal_scoring_batches_are_refused_on_every_rank_before_scoring():
     for outcome in _spawn(_unequal_worker):
         assert outcome["error"] == "GrowthError", outcome
         assert "scoring_batches" in outcome["message"] and "{0: 2, 1: 3}" in outcome["message"]
+
+
+# --------------------------------------------------------------------------- a rank lost mid-growth
+
+
+def _snapshot(net, optimizer):
+    """Everything a failed growth must leave as it was: values, optimizer state, modes, grads."""
+    state = {k: v.clone() for k, v in net.state_dict().items()}
+    opt = optimizer.state_dict()
+    return (state, {i: {k: v.clone() for k, v in s.items()} for i, s in opt["state"].items()},
+            opt["param_groups"], [m.training for m in net.modules()],
+            [p.grad is None for p in net.parameters()])
+
+
+def _same(a, b):
+    (state_a, opt_a, groups_a, *rest_a), (state_b, opt_b, groups_b, *rest_b) = a, b
+    return (state_a.keys() == state_b.keys()
+            and all(torch.equal(state_a[k], state_b[k]) for k in state_a)
+            and opt_a.keys() == opt_b.keys()
+            and all(torch.equal(opt_a[i][k], opt_b[i][k]) for i in opt_a for k in opt_a[i])
+            and groups_a == groups_b and rest_a == rest_b)
+
+
+def _lost_rank_worker(rank, init_file, out_dir):
+    """Two growths: in the first, rank 1 stalls (alive, not taking part) until rank 0 gave up;
+    in the second, rank 1 is killed as by kill -9 in the middle of scoring."""
+    import datetime
+
+    torch.set_num_threads(1)
+    # The default group's own timeout is 60 s: without the growth's short timeout the
+    # surviving rank would fail after it (or 30 minutes by torch's default).
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank,
+                            world_size=WORLD, timeout=datetime.timedelta(seconds=60))
+    try:
+        for fault in ("stalls", "dies"):
+            dist.barrier()  # both ranks done with the previous growth
+            outcome = _grow_losing_rank_1(rank, out_dir, fault)
+            with open(os.path.join(out_dir, f"{fault}{rank}.json"), "w") as f:
+                json.dump(outcome, f)
+    finally:
+        gc.collect()  # see _unequal_worker: release DDP's reducer before the group
+        dist.destroy_process_group()
+
+
+def _grow_losing_rank_1(rank, out_dir, fault):
+    import signal
+    import time
+
+    released = os.path.join(out_dir, "released")
+    model = nn.parallel.DistributedDataParallel(_net())
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
+    data = torch.Generator().manual_seed(rank)
+    batches = [(torch.randn(4, 3, 8, 8, generator=data),
+                torch.randint(0, 5, (4,), generator=data)) for _ in range(2)]
+    nn.functional.cross_entropy(model(batches[0][0]), batches[0][1]).backward()
+    optimizer.step()  # momentum state to keep
+    optimizer.zero_grad()
+    before = _snapshot(model.module, optimizer)
+
+    def loss_fn(outputs, targets):
+        if rank == 1 and fault == "dies":
+            os.kill(os.getpid(), signal.SIGKILL)  # as kill -9, in the middle of scoring
+        if rank == 1 and fault == "stalls":  # alive but not taking part, until released
+            deadline = time.monotonic() + 60
+            while not os.path.exists(released) and time.monotonic() < deadline:
+                time.sleep(0.05)
+        return nn.functional.cross_entropy(outputs, targets)
+
+    grower = (SSDGrower("exact", seed=0) if fault == "stalls"
+              else FireflyGrower(new_per_layer=2, seed=0))
+    start = time.monotonic()
+    try:
+        grower.grow(model, batches, loss_fn, optimizer, ratio=0.5, collective_timeout=5)
+        outcome = {"error": None}
+    except Exception as error:  # noqa: BLE001 - recorded for the test to judge
+        outcome = {"error": type(error).__name__, "message": str(error)}
+    outcome["seconds"] = time.monotonic() - start
+    outcome["unchanged"] = _same(before, _snapshot(model.module, optimizer))
+    if rank == 0:
+        open(released, "w").close()
+    return outcome
+
+
+@pytest.fixture(scope="module")
+def lost_rank_results():
+    """``{fault: {rank: outcome}}`` from one run of 2 processes; rank 1 is killed in the end."""
+    context = mp.get_context("spawn")
+    with tempfile.TemporaryDirectory() as tmp:
+        init_file = os.path.join(tmp, "init")
+        processes = [context.Process(target=_lost_rank_worker, args=(rank, init_file, tmp))
+                     for rank in range(WORLD)]
+        for process in processes:
+            process.start()
+        for process in processes:
+            process.join(180)
+        for process in processes:
+            if process.is_alive():  # a failure of the test, not a hang of the suite
+                process.kill()
+                process.join()
+        results = {}
+        for fault in ("stalls", "dies"):
+            results[fault] = {}
+            for rank in range(WORLD):
+                path = os.path.join(tmp, f"{fault}{rank}.json")
+                if os.path.exists(path):
+                    with open(path) as f:
+                        results[fault][rank] = json.load(f)
+    return results
+
+
+@pytest.mark.parametrize(("fault", "step"), [
+    ("stalls", "averaging SSD's splitting statistics over ranks"),
+    ("dies", "averaging Firefly's candidate gradients over ranks"),
+])
+def test_a_rank_lost_mid_growth_fails_the_others_at_once_with_the_step_and_nothing_changed(
+        lost_rank_results, fault, step):
+    results = lost_rank_results[fault]
+    survivor = results[0]
+    assert survivor["error"] == "GrowthCollectiveError", survivor
+    assert f"growth stopped while {step}" in survivor["message"]
+    assert "within 5 s" in survivor["message"] and "unchanged" in survivor["message"]
+    assert survivor["seconds"] < 40  # the short timeout, not the group's 60 s (torch's 30 min)
+    assert survivor["unchanged"]
+    if fault == "dies":
+        assert 1 not in results
+    else:  # the stalled rank, once it goes on, finds the others gone and stops as cleanly
+        assert results[1]["error"] == "GrowthCollectiveError", results[1]
+        assert results[1]["unchanged"]
+
+
+def test_the_collective_timeout_is_checked_and_a_failed_collective_names_its_step():
+    from simcore.adapters.torch.distributed import GrowthCollectiveError, GrowthCollectives
+
+    net = _net()
+    for bad in (0, -1.0, float("inf"), float("nan")):
+        with pytest.raises(ValueError, match="collective_timeout"):
+            RandomGrower().grow(net, None, None, example_input=torch.zeros(1, 3, 8, 8),
+                                collective_timeout=bad)
+    with pytest.raises(TypeError, match="collective_timeout"):
+        RandomGrower().grow(net, None, None, example_input=torch.zeros(1, 3, 8, 8),
+                            collective_timeout="5")
+
+    def lost():
+        raise RuntimeError("[/src/gloo/pair.cc:537] Read error: Connection reset by peer")
+
+    with pytest.raises(GrowthCollectiveError) as caught:
+        GrowthCollectives(7)._run("sharing rank 0's random seed", lost)
+    message = str(caught.value)
+    assert message.startswith("growth stopped while sharing rank 0's random seed: another rank "
+                              "did not answer within 7 s")
+    assert "(Read error: Connection reset by peer)" in message and "pair.cc" not in message
+    assert isinstance(caught.value.__cause__, RuntimeError)

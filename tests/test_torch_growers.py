@@ -331,22 +331,6 @@ def test_ratio_in_parameters_and_layer_restriction():
         FireflyGrower(new_per_layer=1, split=False).grow(model, batches, F.cross_entropy)
 
 
-def test_ssd_needs_activation_modules():
-    class Functional(nn.Module):
-        def __init__(self):
-            super().__init__()
-            self.fc1, self.fc2 = nn.Linear(3, 4), nn.Linear(4, 2)
-
-        def forward(self, x):
-            return self.fc2(F.relu(self.fc1(x)))
-
-    with pytest.raises(GrowthError, match="function call"):
-        SSDGrower().grow(Functional(), _data((4, 3), 2), F.cross_entropy)
-    # Random growth does not need statistics.
-    report = RandomGrower().grow(Functional(), None, None, ratio=0.5)
-    assert report.added == {"fc1": 2}
-
-
 def test_random_growth_is_seeded():
     results = []
     for seed in (3, 3, 4):
@@ -394,6 +378,11 @@ def test_report_fields():
     report = GrowthReport("random", 3, {"a": 2, "b": 4}, {"a": 5, "b": 4}, 10, 20)
     assert report.added == {"a": 3, "b": 0}
     assert report.grown_layers == ["a"] and report.total_added == 3
+    assert report.skipped == {} and report.growable_share == 1.0
+    skipping = GrowthReport("random", 3, {"a": 2}, {"a": 5}, 10, 20, skipped={"c": "why"},
+                            skipped_widths={"c": 6})
+    assert skipping.growable_share == 0.25
+    assert GrowthReport("random", 0, {}, {}, 0, 0).growable_share == 0.0
 
 
 # --------------------------------------------------------------------------- schedule

@@ -149,6 +149,29 @@ def test_a_ratio_above_what_one_growth_can_add_is_refused_with_the_real_reason(m
     assert report.total_added == 8  # ratio 1 doubles the width, as documented
 
 
+def test_a_ratio_of_1e308_is_a_clear_error_not_an_overflow():
+    model = _mlp()
+    for unit in ("neurons", "parameters"):
+        with pytest.raises(ValueError, match=r"ratio=1e\+308"):
+            RandomGrower(seed=0).grow(model, None, None, ratio=1e308, unit=unit,
+                                      example_input=torch.zeros(1, 3))
+    assert model[0].out_features == 4
+
+
+@pytest.mark.parametrize("make", [
+    lambda: RandomGrower(seed=0, outgoing="small", outgoing_scale=1e308),
+    lambda: FireflyGrower(new_per_layer=2, split_scale=1e308, seed=0),
+    lambda: FireflyGrower(new_per_layer=2, outgoing_scale=1e308, seed=0),
+], ids=["random-outgoing_scale", "firefly-split_scale", "firefly-outgoing_scale"])
+def test_a_scale_of_1e308_is_a_clear_error_not_an_overflow(make):
+    """U(-1e308, 1e308) is drawn (NumPy's own range overflowed); the float32 weights it would
+    give are not finite, which the growth refuses, leaving the model as it was."""
+    model = _mlp()
+    with pytest.raises(ValueError, match="NaN or inf"):
+        make().grow(model, _batches(), nn.functional.cross_entropy, ratio=0.5)
+    assert model[0].out_features == 4
+
+
 def test_ssd_scores_a_model_whose_parameters_are_all_frozen():
     model = nn.Sequential(nn.Linear(3, 4), nn.ReLU(), nn.Linear(4, 4), nn.ReLU(),
                           nn.Linear(4, 2))

@@ -3,8 +3,12 @@
 For every flow: the producer's input unfolded into the rows its weight multiplies
 (``(B, P, d)``), the pre-activation after the producer and its BatchNorm (``(B, P, n)``), and
 the loss's gradient with respect to the activation's output (``(B, P, n)``), from
-``torch.autograd.grad``, so no ``.grad`` is left on the parameters. :func:`scoring_mode` puts
-BatchNorm on its running statistics while scoring and restores every module's own mode.
+``torch.autograd.grad``, so no ``.grad`` is left on the parameters. An activation module's
+output is taken by a forward hook; an activation called as a function (``F.relu(z)``,
+``z.relu_()``) by a ``TorchFunctionMode`` that watches for that call on the pre-activation
+tensor (the same tensor object the producer's or norm's hook saw), active only while scoring.
+:func:`scoring_mode` puts BatchNorm on its running statistics while scoring and restores every
+module's own mode.
 """
 
 from __future__ import annotations
@@ -16,13 +20,15 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.overrides import TorchFunctionMode
 
 from simcore.growth import GrowthError, SplittingStatistics, bn_coefficient
 from simcore.growth.growers import check_loss
 
+from .activations import call_activation, is_known_activation, tensor_method_name
 from .flows import BATCH_NORM, TorchFlow
 
-__all__ = ["scoring_mode", "splitting_statistics"]
+__all__ = ["scoring_mode", "splitting_statistics", "ssd_refusal"]
 
 
 @contextmanager
@@ -39,10 +45,8 @@ def scoring_mode(model: nn.Module) -> Iterator[None]:
 
 def _patches(module: nn.Module, x: torch.Tensor) -> torch.Tensor:
     """The producer's input as ``(B, P, d)`` rows ordered like its weight rows."""
-    if isinstance(module, nn.Linear):
-        if x.ndim != 2:
-            raise GrowthError("SSD needs a Linear producer's input to be (batch, features)")
-        return x[:, None, :]
+    if isinstance(module, nn.Linear):  # (batch, ..., features): every position a row
+        return x.reshape(x.shape[0], -1, x.shape[-1])
     if not isinstance(module, nn.Conv2d):
         raise GrowthError(f"SSD captures Linear and Conv2d producers, got {type(module).__name__}")
     padding: int | tuple[int, ...]
@@ -61,8 +65,10 @@ def _patches(module: nn.Module, x: torch.Tensor) -> torch.Tensor:
     return cols.transpose(1, 2)
 
 
-def _positions(t: torch.Tensor) -> torch.Tensor:
-    """``(B, n, H, W)`` or ``(B, n)`` -> ``(B, P, n)``."""
+def _positions(t: torch.Tensor, channels_last: bool) -> torch.Tensor:
+    """``(B, n, H, W)`` or ``(B, n)`` -> ``(B, P, n)``; a Linear's ``(B, ..., n)`` likewise."""
+    if channels_last:
+        return t.reshape(t.shape[0], -1, t.shape[-1])
     return t.flatten(2).transpose(1, 2) if t.ndim > 2 else t[:, None, :]
 
 
@@ -73,6 +79,7 @@ class _Capture:
         modules = dict(model.named_modules())
         self.handles: list[Any] = []
         self.records: list[dict[str, torch.Tensor]] = [{} for _ in flows]
+        self.called: list[dict[str, torch.Tensor]] = []  # records of function-call activations
         for record, flow in zip(self.records, flows, strict=True):
             producer = modules[flow.producer]
             pre = modules[flow.norm] if flow.norm is not None else producer
@@ -86,6 +93,8 @@ class _Capture:
                 self._hook(modules[flow.activation], record, "h", _differentiable,
                            when=lambda i, record=record: i[0] is record.get("z_tensor"),
                            replace=True)
+            elif flow.activation_kind not in (None, "identity"):
+                self.called.append(record)  # F.relu(z) in forward: _ActivationCalls records it
             else:
                 self._hook(pre, record, "h", _differentiable, replace=True)
 
@@ -104,6 +113,27 @@ class _Capture:
             h.remove()
 
 
+class _ActivationCalls(TorchFunctionMode):
+    """Records (and continues the forward from) an activation function called on a watched
+    pre-activation, as the module hook does for an activation module."""
+
+    def __init__(self, records: list[dict[str, torch.Tensor]]):
+        super().__init__()
+        self.records = records
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        output = func(*args, **kwargs)
+        if not args or not isinstance(args[0], torch.Tensor):
+            return output
+        watching = [r for r in self.records if args[0] is r.get("z_tensor")]
+        if watching and call_activation(tensor_method_name(func) or func, args, kwargs):
+            for record in watching:
+                record["h"] = _differentiable(None, args, output)
+            return watching[0]["h"]
+        return output
+
+
 def _differentiable(module, inputs, output):
     """The activation output as a node of the autograd graph, also where nothing before it is.
 
@@ -116,25 +146,28 @@ def _differentiable(module, inputs, output):
     return output.detach().requires_grad_(True)
 
 
+def ssd_refusal(model: nn.Module, flow: TorchFlow) -> str | None:
+    """Why SSD cannot score ``flow``'s layer (no second derivative of its activation), or None."""
+    kind = flow.kind_of_activation(model)
+    if flow.activation is not None and kind is None:
+        act = model.get_submodule(flow.activation)
+        return (f"its activation {flow.activation!r} is a {type(act).__name__}, not an "
+                "activation SSD knows (pass TorchFlow(activation_kind=...))")
+    if kind is not None and not is_known_activation(kind):
+        where = repr(flow.activation) if flow.activation is not None else "a function call"
+        return (f"no second derivative is known for its activation {kind!r} ({where}); "
+                "register one with simcore.growth.register_activation, or grow it with "
+                "Random or Firefly")
+    return None
+
+
 def _activation_kinds(model: nn.Module, flows: Sequence[TorchFlow]) -> list[str]:
     """Each flow's activation name for ``sigma''``, or GrowthError if SSD cannot know it."""
-    modules = dict(model.named_modules())
-    kinds = []
     for f in flows:
-        kind = f.kind_of_activation(model)
-        if f.activation is None and kind is not None and kind != "identity":
-            raise GrowthError(
-                f"SSD cannot score {f.producer!r}: its activation ({kind}) is a function "
-                "call, not a module; use nn.ReLU()/nn.SiLU() modules or a hand-written flow"
-            )
-        if f.activation is not None and kind is None:
-            act = modules[f.activation]
-            raise GrowthError(
-                f"SSD cannot score {f.producer!r}: no second derivative is known for "
-                f"{type(act).__name__} (pass TorchFlow(activation_kind=...))"
-            )
-        kinds.append(kind or "identity")
-    return kinds
+        why = ssd_refusal(model, f)
+        if why is not None:
+            raise GrowthError(f"SSD cannot score {f.producer!r}: {why}")
+    return [f.kind_of_activation(model) or "identity" for f in flows]
 
 
 def _bn_scale(flow: TorchFlow, modules: dict[str, nn.Module]) -> torch.Tensor | None:
@@ -162,9 +195,9 @@ def splitting_statistics(
 ) -> list[SplittingStatistics]:
     """Run ``model`` on every batch in :func:`scoring_mode` and capture SSD's inputs per flow.
 
-    A producer whose activation is a function call (``F.relu`` in ``forward``) or of a kind
-    without a known second derivative raises :class:`~simcore.growth.GrowthError` before any
-    batch runs.
+    A producer whose activation has no known second derivative raises
+    :class:`~simcore.growth.GrowthError` before any batch runs; function-call activations
+    (``F.relu`` in ``forward``) are captured like modules.
     """
     modules = dict(model.named_modules())
     kinds = _activation_kinds(model, flows)
@@ -173,7 +206,12 @@ def splitting_statistics(
         for inputs, targets in batches:
             capture = _Capture(model, flows)
             try:
-                loss = check_loss(loss_fn(model(inputs), targets))
+                if capture.called:
+                    with _ActivationCalls(capture.called):
+                        outputs = model(inputs)
+                else:
+                    outputs = model(inputs)
+                loss = check_loss(loss_fn(outputs, targets))
             finally:
                 capture.remove()
             missing = [f.producer for f, r in zip(flows, capture.records, strict=True)
@@ -181,7 +219,7 @@ def splitting_statistics(
             if missing:
                 raise GrowthError(
                     f"SSD saw no activation output for {missing[0]!r}: its activation "
-                    "module did not read its pre-activation (give the flow by hand)"
+                    "did not read its pre-activation (give the flow by hand)"
                 )
             hs = [r["h"] for r in capture.records]
             grads = torch.autograd.grad(loss, hs, allow_unused=True)
@@ -194,8 +232,10 @@ def splitting_statistics(
                         f"{tuple(g.shape)} and pre-activation {tuple(record['z'].shape)} "
                         "differ in shape"
                     )
-                x = _patches(modules[f.producer], record["input"])
-                captured[i].append((x, _positions(g.detach()), _positions(record["z"])))
+                producer = modules[f.producer]
+                last = isinstance(producer, nn.Linear)
+                captured[i].append((_patches(producer, record["input"]),
+                                    _positions(g.detach(), last), _positions(record["z"], last)))
     return [
         SplittingStatistics(activation=kind, bn_scale=_bn_scale(f, modules), batches=tuple(c))
         for f, kind, c in zip(flows, kinds, captured, strict=True)

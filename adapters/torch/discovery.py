@@ -2,14 +2,16 @@
 
 :func:`discover_flows` traces a model and, for every growable ``Conv2d``/``Linear``
 *producer*, follows its output channels through the channel-wise layers after it
-(BatchNorm, activations, pooling, dropout, a depthwise ``Conv2d`` with its BatchNorm,
-flatten) to every *consumer* that reads them (``Conv2d``, ``Linear``, flatten -> ``Linear``
-where a channel owns ``H*W`` consecutive columns); the result is one :class:`~.flows.TorchFlow`
-per producer.
+(BatchNorm, activations as modules or calls, pooling, dropout, a depthwise ``Conv2d`` with its
+BatchNorm, flatten) to every *consumer* that reads them (``Conv2d``, ``Linear``, flatten ->
+``Linear`` where a channel owns ``H*W`` consecutive columns); the result is one
+:class:`~.flows.TorchFlow` per producer.
 
 A producer whose channels reach a residual add, a concatenation, the network output or any
 operation this module does not understand is *not growable*: asking to grow it raises
-:class:`~simcore.growth.GrowthError` naming the layer and the node. Where tracing fails
+:class:`~simcore.growth.GrowthError` naming the layer, the operation and the module whose
+``forward`` holds it (never a graph node name); :func:`survey_flows` lists every such layer
+with its reason. Where tracing fails
 (data-dependent control flow), describe the flow by hand with :class:`~.flows.TorchFlow`.
 """
 
@@ -26,8 +28,8 @@ import torch.fx
 from torch import nn
 from torch.fx.passes.shape_prop import ShapeProp
 
+from .activations import ACTIVATION_TYPES, call_activation, module_activation
 from .flows import (
-    ACTIVATION_MODULES,
     BATCH_NORM,
     GrowthError,
     TorchConsumer,
@@ -40,7 +42,7 @@ from .flows import (
     unwrap,
 )
 
-__all__ = ["check_flows", "discover_flows", "find_flow"]
+__all__ = ["FlowSurvey", "check_flows", "discover_flows", "find_flow", "survey_flows"]
 
 _PASS_MODULES = (
     nn.Dropout,
@@ -51,26 +53,9 @@ _PASS_MODULES = (
     nn.AvgPool2d,
     nn.AdaptiveAvgPool2d,
     nn.AdaptiveMaxPool2d,
-    *ACTIVATION_MODULES,
+    *ACTIVATION_TYPES,
 )
 _F = torch.nn.functional
-_ACTIVATION_FUNCTIONS = {
-    _F.relu: "relu",
-    torch.relu: "relu",
-    _F.relu6: "relu",
-    _F.silu: "swish",
-    _F.gelu: "gelu",
-    torch.tanh: "tanh",
-    _F.tanh: "tanh",
-    torch.sigmoid: "sigmoid",
-    _F.sigmoid: "sigmoid",
-    _F.leaky_relu: None,
-    _F.elu: None,
-    _F.hardswish: None,
-    _F.softplus: None,
-    _F.mish: None,
-}
-_ACTIVATION_METHODS = {"relu": "relu", "relu_": "relu", "tanh": "tanh", "sigmoid": "sigmoid"}
 _PASS_FUNCTIONS = {
     _F.dropout,
     _F.dropout2d,
@@ -81,18 +66,26 @@ _PASS_FUNCTIONS = {
     torch.max_pool2d,
 }
 _MERGE_LABELS = {
-    operator.add: "residual add",
-    operator.iadd: "residual add",
-    torch.add: "residual add",
-    operator.sub: "subtraction",
-    torch.sub: "subtraction",
-    operator.mul: "multiplication",
-    torch.mul: "multiplication",
-    torch.cat: "concatenation",
-    torch.concat: "concatenation",
-    torch.stack: "stack",
+    operator.add: "a residual add",
+    operator.iadd: "a residual add",
+    torch.add: "a residual add",
+    operator.sub: "a subtraction",
+    torch.sub: "a subtraction",
+    operator.mul: "a multiplication",
+    operator.imul: "a multiplication",
+    torch.mul: "a multiplication",
+    torch.cat: "a concatenation",
+    torch.concat: "a concatenation",
+    torch.stack: "a stack",
 }
-_MERGE_METHODS = {"add": "residual add", "add_": "residual add", "mul": "multiplication"}
+_MERGE_METHODS = {"add": "a residual add", "add_": "a residual add", "mul": "a multiplication",
+                  "mul_": "a multiplication"}
+_AXIS_MOVES = {"permute", "transpose", "movedim", torch.permute, torch.transpose, torch.movedim}
+
+
+# Layers that never grow on their own by design: not reported as skipped.
+_DEPTHWISE = "it is a depthwise convolution (it grows with its producer)"
+_OUTPUT = "it is the network's output layer (a classifier is a consumer only)"
 
 
 @dataclass
@@ -154,7 +147,7 @@ def _analyse(model, example_input):
             if not is_depthwise_conv(module):
                 blocked[node.target] = f"it is a grouped convolution (groups={module.groups})"
             else:
-                blocked[node.target] = "it is a depthwise convolution (it grows with its producer)"
+                blocked[node.target] = _DEPTHWISE
             continue
         if not is_producer(module):
             continue
@@ -169,7 +162,7 @@ def _analyse(model, example_input):
             walk.blocked = "its output is not read by any layer"
         if walk.blocked is not None:
             if _reaches_output(node, modules):
-                walk.blocked = "it is the network's output layer (a classifier is a consumer only)"
+                walk.blocked = _OUTPUT
             elif walk.needs_input is not None:
                 raise ValueError(walk.needs_input)
             blocked[node.target] = walk.blocked
@@ -225,9 +218,46 @@ def _walk_users(start, modules, *, through_depthwise):
     return passed, readers, reaches_output
 
 
+def _owner(node):
+    """The module whose ``forward`` made ``node`` (torch.fx's ``nn_module_stack``), quoted."""
+    stack = node.meta.get("nn_module_stack") or {}
+    return f"{next(reversed(stack))!r}" if stack else "the model's forward"
+
+
 def _block(walk, user, why):
-    if walk.blocked is None:
-        walk.blocked = f"its output feeds {user.name!r} ({why})"
+    """Refuse the walk at ``user``, naming modules (never torch.fx's node names)."""
+    if walk.blocked is not None:
+        return
+    if user.op == "call_module":
+        walk.blocked = f"its output feeds {user.target!r} ({why})"
+    else:
+        walk.blocked = f"its output feeds {why} in {_owner(user)}"
+
+
+def _depends_on(later, earlier):
+    stack, seen = [later], set()
+    while stack:
+        node = stack.pop()
+        if node is earlier:
+            return True
+        if node not in seen:
+            seen.add(node)
+            stack.extend(node.all_input_nodes)
+    return False
+
+
+def _merge_reason(node, user, label):
+    """Why a merge refuses growth, naming a squeeze-excitation gate or a parameter operand."""
+    others = [a for a in user.all_input_nodes if a is not node]
+    if "multiplication" in label:
+        if any(_depends_on(a, node) for a in others):
+            return "a squeeze-excitation channel gate x * gate(x)"
+        if any(_depends_on(node, a) for a in others):
+            return "the channel gate of a squeeze-excitation x * gate(x)"
+    parameters = [a.target for a in others if a.op == "get_attr"]
+    if parameters:
+        return f"{label} with the parameter {parameters[0]!r}"
+    return label
 
 
 def _follow(node, walk, modules, calls, *, segment, ndim, spatial, pooled):
@@ -248,7 +278,7 @@ def _visit(node, user, walk, modules, calls, segment, ndim, spatial, pooled):
     go = dict(segment=segment, ndim=ndim, spatial=spatial, pooled=pooled)
     flat = spatial is not None
     if user.op == "output":
-        walk.blocked = "it is the network's output layer (a classifier is a consumer only)"
+        walk.blocked = _OUTPUT
         return
     if user.op == "call_module":
         module = modules[user.target]
@@ -264,8 +294,8 @@ def _visit(node, user, walk, modules, calls, segment, ndim, spatial, pooled):
                 return _block(walk, user, "a second BatchNorm on the same channels")
             walk.norms[segment] = user.target
             return _follow(user, walk, modules, calls, **go)
-        if isinstance(module, tuple(ACTIVATION_MODULES)):
-            _note_activation(walk, segment, user.target, ACTIVATION_MODULES[type(module)])
+        if isinstance(module, ACTIVATION_TYPES):
+            _note_activation(walk, segment, user.target, module_activation(module))
             return _follow(user, walk, modules, calls, **go)
         if isinstance(module, _PASS_MODULES):
             pool_one = isinstance(module, (nn.AdaptiveAvgPool2d, nn.AdaptiveMaxPool2d)) and (
@@ -297,16 +327,17 @@ def _visit(node, user, walk, modules, calls, segment, ndim, spatial, pooled):
     if user.op in ("call_function", "call_method"):
         target = user.target
         if user.op == "call_function" and target in _MERGE_LABELS:
-            return _block(walk, user, _MERGE_LABELS[target])
+            return _block(walk, user, _merge_reason(node, user, _MERGE_LABELS[target]))
         if user.op == "call_method" and target in _MERGE_METHODS:
-            return _block(walk, user, _MERGE_METHODS[target])
+            return _block(walk, user, _merge_reason(node, user, _MERGE_METHODS[target]))
+        if target in _AXIS_MOVES:
+            return _block(walk, user, f"a {_target_name(user)} that moves the channel axis")
         if user.args and user.args[0] is not node:
-            return _block(walk, user, f"{_target_name(user)} reads it as a non-input argument")
-        if user.op == "call_function" and target in _ACTIVATION_FUNCTIONS:
-            _note_activation(walk, segment, None, _ACTIVATION_FUNCTIONS[target])
-            return _follow(user, walk, modules, calls, **go)
-        if user.op == "call_method" and target in _ACTIVATION_METHODS:
-            _note_activation(walk, segment, None, _ACTIVATION_METHODS[target])
+            return _block(walk, user,
+                          f"an operation ({_target_name(user)}) reading it as a non-input argument")
+        kind = call_activation(target, user.args, user.kwargs)
+        if kind is not None:  # F.relu, torch.relu, x.relu_(), ...: as its module form
+            _note_activation(walk, segment, None, kind)
             return _follow(user, walk, modules, calls, **go)
         if user.op == "call_function" and target in _PASS_FUNCTIONS:
             size = user.args[1] if len(user.args) > 1 else user.kwargs.get("output_size")
@@ -341,15 +372,15 @@ def _visit(node, user, walk, modules, calls, segment, ndim, spatial, pooled):
             before, after = _shape(node), _shape(user)
             if before is None or after is None:
                 walk.needs_input = (
-                    f"example_input is needed: {user.name!r} ({target}) may flatten channels; "
-                    "pass an input batch, e.g. torch.zeros(1, 3, 32, 32), to check it"
+                    f"example_input is needed: a {target} in {_owner(user)} may flatten "
+                    "channels; pass an input batch, e.g. torch.zeros(1, 3, 32, 32), to check it"
                 )
-                return _block(walk, user, f"{target} whose shapes are unknown")
+                return _block(walk, user, f"a {target} whose shapes are unknown")
             if len(after) == 2 and after[0] == before[0] and after[1] == math.prod(before[1:]):
                 return _flatten(node, user, walk, modules, calls, go)
-            return _block(walk, user, f"{target} to {after}, not a flatten from dim 1")
-        return _block(walk, user, f"unsupported operation {_target_name(user)}")
-    return _block(walk, user, f"unsupported node kind {user.op}")
+            return _block(walk, user, f"a {target} to {after}, not a flatten from dim 1")
+        return _block(walk, user, f"an unsupported operation {_target_name(user)}")
+    return _block(walk, user, f"an unsupported {user.op} node")
 
 
 def _flatten(node, user, walk, modules, calls, go):
@@ -362,8 +393,8 @@ def _flatten(node, user, walk, modules, calls, go):
         spatial = 1
     else:
         walk.needs_input = (
-            f"example_input is needed: {user.name!r} flattens channels whose H*W is unknown "
-            "(pass an input batch, e.g. torch.zeros(1, 3, 32, 32))"
+            f"example_input is needed: a flatten in {_owner(user)} flattens channels whose H*W "
+            "is unknown (pass an input batch, e.g. torch.zeros(1, 3, 32, 32))"
         )
         return _block(walk, user, "a flatten of unknown H*W")
     return _follow(user, walk, modules, calls, **{**go, "spatial": spatial, "ndim": 2})
@@ -415,6 +446,40 @@ def discover_flows(
         else:
             raise GrowthError(f"cannot grow {name!r}: the model has no module of that name")
     return picked
+
+
+@dataclass(frozen=True)
+class FlowSurvey:
+    """A model's growable flows and, per other Conv2d/Linear it calls, why it cannot grow.
+
+    ``skipped`` leaves out what never grows on its own by design: the network's output
+    layer and depthwise convs (they grow with their producer).
+    """
+
+    flows: tuple[TorchFlow, ...]
+    skipped: dict[str, str]
+
+
+def survey_flows(model: nn.Module, example_input: Any = None) -> FlowSurvey:
+    """Every growable flow of ``model`` (as :func:`discover_flows`) and the layers skipped, why.
+
+    >>> import torch
+    >>> from torch import nn
+    >>> class Block(nn.Module):
+    ...     def __init__(self):
+    ...         super().__init__()
+    ...         self.a, self.b, self.head = nn.Linear(4, 4), nn.Linear(4, 4), nn.Linear(4, 2)
+    ...     def forward(self, x):
+    ...         return self.head(torch.relu(self.b(torch.relu(self.a(x))) + x))
+    >>> survey_flows(Block())
+    FlowSurvey(flows=(TorchFlow(producer='a', consumers=(TorchConsumer(module='b', spatial=1),), \
+norm=None, depthwise=(), activation=None, activation_kind='relu'),), \
+skipped={'b': "its output feeds a residual add in the model's forward"})
+    """
+    model = unwrap(model) if isinstance(model, nn.Module) else model
+    flows, blocked = _analyse(model, example_input)
+    skipped = {name: why for name, why in blocked.items() if why not in (_DEPTHWISE, _OUTPUT)}
+    return FlowSurvey(tuple(flows), skipped)
 
 
 def _readers(graph_module, producer):

@@ -1,22 +1,26 @@
 """Growth under DistributedDataParallel: the same decision on every rank, then a fresh wrapper.
 
-The collectives a growth needs (:func:`mean_over_ranks`, :func:`shared_seed`) are no-ops
-without an initialised process group of more than one rank.
-
 DDP registers gradient hooks on the parameters it was built with and checks
 their shapes across ranks once, at construction. Growth replaces parameters by
 larger ones, so the old wrapper must be dropped and the grown module wrapped
 again. The growers (:mod:`.growers`) already make every rank take the same
-decision: each growth's random seed comes from rank 0 (:func:`shared_seed`), and
+decision: each growth's random seed comes from rank 0, and
 scores (SSD: the splitting statistics; Firefly: gate gradients and candidate
-updates) are averaged over ranks (:func:`mean_over_ranks`) before the global
+updates) are averaged over ranks before the global
 selection; every rank must pass the same number of batches (checked first with one cheap
-``all_gather``, :func:`check_same_on_ranks`, so ranks that disagree all get a
+``all_gather``, so ranks that disagree all get a
 :class:`~simcore.growth.GrowthError` instead of waiting for the collectives' timeout).
+A growth's collectives run on a gloo group of their own with a short timeout
+(:class:`GrowthCollectives`): a rank that stops answering, fails or dies mid-growth gives the
+others a :class:`GrowthCollectiveError` naming the step, with their model and optimizer
+unchanged, instead of a wait of torch's default 30 minutes. :func:`mean_over_ranks`,
+:func:`shared_seed` and :func:`check_same_on_ranks` are the same collectives on the default
+group; all are no-ops without an initialised process group of more than one rank.
 :func:`regrow_ddp` then wraps
 the grown module with the old wrapper's settings; DDP's construction checks
 that every rank holds the same shapes and broadcasts rank 0's values, so any
-floating-point drift between ranks is removed as well.
+floating-point drift between ranks is removed as well (on the wrapper's own group, with
+its timeout).
 
 Typical loop (every rank)::
 
@@ -30,7 +34,10 @@ Typical loop (every rank)::
 
 from __future__ import annotations
 
-from typing import Any
+import datetime
+import re
+from collections.abc import Callable
+from typing import Any, TypeVar
 
 import numpy as np
 import torch
@@ -38,9 +45,13 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
 from simcore.growth import GrowthError
+from simcore.growth.growers import check_real_range
 
-__all__ = ["check_same_on_ranks", "is_distributed", "mean_over_ranks", "regrow_ddp",
+__all__ = ["DEFAULT_COLLECTIVE_TIMEOUT", "GrowthCollectiveError", "GrowthCollectives",
+           "check_same_on_ranks", "is_distributed", "mean_over_ranks", "regrow_ddp",
            "shared_seed"]
+
+T = TypeVar("T")
 
 
 def is_distributed() -> bool:
@@ -49,40 +60,75 @@ def is_distributed() -> bool:
     return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
 
 
-def _collective_device(t: torch.Tensor) -> torch.device:
+class GrowthCollectiveError(RuntimeError):
+    """A collective of a growth failed: another rank did not answer in time, failed or died.
+
+    Raised before anything was written: the model and the optimizer are as they were on
+    this rank. The process group may be unusable afterwards.
+    """
+
+
+#: Seconds a growth's collective waits for the other ranks (torch's own default is 30 minutes).
+DEFAULT_COLLECTIVE_TIMEOUT = 300.0
+
+
+def _collective_device(t: torch.Tensor, group: Any = None) -> torch.device:
     """Where a collective on ``t`` must run: NCCL only takes CUDA tensors, gloo takes CPU ones."""
-    if torch.distributed.get_backend() == "nccl":
+    if torch.distributed.get_backend(group) == "nccl":
         return t.device if t.is_cuda else torch.device("cuda", torch.cuda.current_device())
-    return t.device
+    return t.device if group is None else torch.device("cpu")
+
+
+def _mean(x: torch.Tensor, group: Any) -> torch.Tensor:
+    out = x.detach().to(_collective_device(x, group), copy=True)
+    torch.distributed.all_reduce(out, group=group)
+    return (out / torch.distributed.get_world_size(group)).to(x.device)
+
+
+def _mean_of_any(x: torch.Tensor | np.ndarray, group: Any) -> torch.Tensor | np.ndarray:
+    if isinstance(x, np.ndarray):
+        return _mean(torch.tensor(x), group).numpy()
+    return _mean(x, group)
+
+
+def _broadcast_seed(seed: int, group: Any) -> int:
+    box = torch.tensor([seed], dtype=torch.int64)
+    box = box.to(_collective_device(box, group))
+    torch.distributed.broadcast(box, src=0, group=group)
+    return int(box.item())
+
+
+def _check_same(counts: dict[str, int], group: Any) -> None:
+    names = sorted(counts)
+    mine = torch.tensor([int(counts[name]) for name in names], dtype=torch.int64)
+    mine = mine.to(_collective_device(mine, group))
+    gathered = [torch.zeros_like(mine) for _ in range(torch.distributed.get_world_size(group))]
+    torch.distributed.all_gather(gathered, mine, group=group)
+    table = torch.stack(gathered).cpu().tolist()
+    for column, name in enumerate(names):
+        per_rank = {rank: row[column] for rank, row in enumerate(table)}
+        if len(set(per_rank.values())) > 1:
+            raise GrowthError(
+                f"the ranks disagree on {name} (per rank: {per_rank}); every rank must grow "
+                "the same model with the same number of scoring batches, because the scores "
+                "are averaged over ranks with collectives"
+            )
 
 
 def mean_over_ranks(x: torch.Tensor | np.ndarray) -> torch.Tensor | np.ndarray:
     """Mean of ``x`` (a tensor, or a NumPy array) over all ranks; ``x`` without a process group.
 
     Every rank must call it the same number of times in the same order (same flows, same
-    number of batches), as with any collective.
+    number of batches), as with any collective. It runs on the default process group with
+    its timeout; a growth uses :class:`GrowthCollectives` instead.
     """
-    if not is_distributed():
-        return x
-    if isinstance(x, np.ndarray):
-        return _tensor_mean_over_ranks(torch.tensor(x)).numpy()
-    return _tensor_mean_over_ranks(x)
-
-
-def _tensor_mean_over_ranks(x: torch.Tensor) -> torch.Tensor:
-    out = x.detach().to(_collective_device(x), copy=True)
-    torch.distributed.all_reduce(out)
-    return (out / torch.distributed.get_world_size()).to(x.device)
+    return _mean_of_any(x, None) if is_distributed() else x
 
 
 def shared_seed(seed: int) -> int:
     """Rank 0's ``seed`` on every rank (``seed`` itself without a process group)."""
-    if not is_distributed():
-        return seed
-    box = torch.tensor([seed], dtype=torch.int64)
-    box = box.to(_collective_device(box))
-    torch.distributed.broadcast(box, src=0)
-    return int(box.item())
+    return _broadcast_seed(seed, None) if is_distributed() else seed
+
 
 def check_same_on_ranks(**counts: int) -> None:
     """Raise :class:`~simcore.growth.GrowthError` on every rank if a count differs between ranks.
@@ -93,22 +139,73 @@ def check_same_on_ranks(**counts: int) -> None:
     timeout and abort. Every rank sees the same gathered table, so every rank raises the
     same error. Every rank must pass the same names. Nothing happens without a process group.
     """
-    if not is_distributed():
-        return
-    names = sorted(counts)
-    mine = torch.tensor([int(counts[name]) for name in names], dtype=torch.int64)
-    mine = mine.to(_collective_device(mine))
-    gathered = [torch.zeros_like(mine) for _ in range(torch.distributed.get_world_size())]
-    torch.distributed.all_gather(gathered, mine)
-    table = torch.stack(gathered).cpu().tolist()
-    for column, name in enumerate(names):
-        per_rank = {rank: row[column] for rank, row in enumerate(table)}
-        if len(set(per_rank.values())) > 1:
-            raise GrowthError(
-                f"the ranks disagree on {name} (per rank: {per_rank}); every rank must grow "
-                "the same model with the same number of scoring batches, because the scores "
-                "are averaged over ranks with collectives"
+    if is_distributed():
+        _check_same(counts, None)
+
+
+class GrowthCollectives:
+    """The collectives of one growth, on a gloo group of their own with a short ``timeout``.
+
+    Used as a context manager around one growth by every rank (creating and destroying the
+    group are themselves collective). Each collective names its ``step``; if another rank does
+    not answer within ``timeout`` seconds, or fails or dies (gloo then reports a closed
+    connection at once), :class:`GrowthCollectiveError` names the step. The data are small
+    (a seed, a few counts, scores and the scoring's averages) and go through the CPU, so the
+    same group serves a job whose training uses NCCL. Without a process group of more than one
+    rank every method returns its input and no group is made. Why a group per growth:
+    ``docs/design.md`` (growth under DDP).
+    """
+
+    def __init__(self, timeout: float = DEFAULT_COLLECTIVE_TIMEOUT):
+        self.timeout = check_real_range(timeout, "collective_timeout", low=0.0, low_open=True)
+        self.group: Any = None
+
+    def __enter__(self) -> GrowthCollectives:
+        if is_distributed():
+            self.group = self._run(
+                "creating the growth's process group",
+                lambda: torch.distributed.new_group(
+                    backend="gloo", timeout=datetime.timedelta(seconds=self.timeout)),
             )
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        group, self.group = self.group, None
+        if group is not None:
+            torch.distributed.destroy_process_group(group)
+
+    def _run(self, step: str, collective: Callable[[], T]) -> T:
+        try:
+            return collective()
+        except RuntimeError as error:  # gloo's timeouts and lost connections
+            # gloo's messages start with its source location: keep what it says.
+            cause = re.sub(r"^\[[^\]]*\]\s*", "", str(error).splitlines()[0] if str(error)
+                           else type(error).__name__)
+            raise GrowthCollectiveError(
+                f"growth stopped while {step}: another rank did not answer within "
+                f"{self.timeout:g} s, or failed or died ({cause[:160]}); "
+                "the model and the optimizer are unchanged on this rank, the process group "
+                "may be unusable (restart the ranks, e.g. from the last checkpoint)"
+            ) from error
+
+    def mean(self, x: torch.Tensor | np.ndarray, step: str) -> torch.Tensor | np.ndarray:
+        """:func:`mean_over_ranks` on the growth's group; ``step`` says what is averaged."""
+        if self.group is None:
+            return x
+        return self._run(step, lambda: _mean_of_any(x, self.group))
+
+    def shared_seed(self, seed: int) -> int:
+        """:func:`shared_seed` on the growth's group."""
+        if self.group is None:
+            return seed
+        return self._run("sharing rank 0's random seed",
+                         lambda: _broadcast_seed(seed, self.group))
+
+    def check_same(self, **counts: int) -> None:
+        """:func:`check_same_on_ranks` on the growth's group."""
+        if self.group is not None:
+            self._run("checking that the ranks agree before scoring",
+                      lambda: _check_same(counts, self.group))
 
 
 # Settings a DDP wrapper stores under the same name as its constructor argument.

@@ -21,8 +21,9 @@ from torch import nn
 from simcore.growth import GrowthError, is_growable_depthwise
 from simcore.growth.flow import BatchNorm, ChannelFlow, Consumer, Depthwise
 
+from .activations import module_activation
+
 __all__ = [
-    "ACTIVATION_MODULES",
     "BATCH_NORM",
     "GrowthError",
     "TorchConsumer",
@@ -74,32 +75,16 @@ class TorchConsumer:
             raise ValueError(f"spatial must be a positive int, got {self.spatial!r}")
 
 
-#: Activation modules channels pass through, with their kind for SSD (None: no known sigma'').
-ACTIVATION_MODULES = {
-    nn.ReLU: "relu",
-    nn.ReLU6: "relu",
-    nn.SiLU: "swish",
-    nn.GELU: "gelu",
-    nn.Tanh: "tanh",
-    nn.Sigmoid: "sigmoid",
-    nn.Identity: "identity",
-    nn.LeakyReLU: None,
-    nn.ELU: None,
-    nn.Softplus: None,
-    nn.Hardswish: None,
-    nn.Mish: None,
-}
-
-
 @dataclass(frozen=True)
 class TorchFlow:
     """One growable producer module and every module its output channels flow through.
 
     Names are module paths as in ``model.named_modules()``. ``activation`` is the
     activation module right after the producer (and its ``norm``), used by SSD
-    to read pre-activations and backprop signals; ``activation_kind`` its kind
-    ("relu", "swish", "tanh", "sigmoid", "gelu", "identity") for the second
-    derivative, inferred from the module type when not given.
+    to read pre-activations and backprop signals, or None; ``activation_kind`` its name in
+    :mod:`simcore.growth.activations` ("relu", "swish", "leaky_relu(negative_slope=0.2)", ...)
+    for the second derivative, inferred from the module when not given. An activation that
+    is a function call (``F.relu`` in ``forward``) has ``activation=None`` and its kind set.
 
     >>> from torch import nn
     >>> net = nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4), nn.ReLU(), nn.Conv2d(4, 2, 1))
@@ -217,12 +202,12 @@ class TorchFlow:
         return self.channel_flow(model).channels(dict(model.state_dict()))
 
     def kind_of_activation(self, model: nn.Module) -> str | None:
-        """``activation_kind`` if given, else inferred from the activation module's type."""
+        """``activation_kind`` if given, else inferred from the activation module."""
         if self.activation_kind is not None:
             return self.activation_kind
         if self.activation is None:
             return None
-        return ACTIVATION_MODULES.get(type(dict(model.named_modules())[self.activation]))
+        return module_activation(model.get_submodule(self.activation))
 
 
 def tied_parameters(model: nn.Module) -> dict[str, list[str]]:

@@ -20,8 +20,8 @@ from torch import nn
 from simcore.growth import ChannelMap, GrowableLayer, SplittingStatistics
 
 from .capture import splitting_statistics
-from .distributed import mean_over_ranks
-from .distributed import shared_seed as _broadcast_seed
+from .distributed import GrowthCollectives, mean_over_ranks
+from .distributed import shared_seed as seed_of_rank_0
 from .flows import TorchFlow
 from .surgery import apply_growths
 
@@ -37,15 +37,22 @@ class TorchGrowthHost:
     """One PyTorch model (not a DDP wrapper: pass ``.module``) growing along ``flows``.
 
     ``optimizer`` (optional) follows the grown parameters with ``optimizer_mode`` and ``lr``
-    as in :func:`~simcore.adapters.torch.surgery.apply_growth`.
+    as in :func:`~simcore.adapters.torch.surgery.apply_growth`. ``collectives``: the growth's
+    :class:`~simcore.adapters.torch.distributed.GrowthCollectives` (entered), which average
+    over DDP ranks with a short timeout; without them the default process group is used.
     """
 
     def __init__(self, model: nn.Module, flows: Sequence[TorchFlow],
                  optimizer: torch.optim.Optimizer | None = None, *,
-                 optimizer_mode: str = "carry", lr: float | None = None):
+                 optimizer_mode: str = "carry", lr: float | None = None,
+                 collectives: GrowthCollectives | None = None):
         self.model = model
         self.flows = list(flows)
         self.optimizer, self.optimizer_mode, self.lr = optimizer, optimizer_mode, lr
+        self.collectives = collectives
+        # What the scoring averages over ranks, for a timeout's message: the core averages
+        # the scoring's tensors, then the final scores as NumPy arrays.
+        self._scoring = "the scoring's values"
 
     def layers(self) -> list[GrowableLayer]:
         return [GrowableLayer(f.producer, f.channel_flow(self.model)) for f in self.flows]
@@ -57,11 +64,13 @@ class TorchGrowthHost:
         return parameter_count(self.model)
 
     def splitting_statistics(self, batches, loss_fn) -> list[SplittingStatistics]:
+        self._scoring = "SSD's splitting statistics"
         return splitting_statistics(self.model, self.flows, batches, loss_fn)
 
     def forward_with(
         self, widened_state: Mapping[str, torch.Tensor], channel_maps: Sequence[Any]
     ) -> Callable[[Mapping[str, torch.Tensor], Any], Any]:
+        self._scoring = "Firefly's candidate gradients"
         # A copy with the widened structure: only its modules' shapes are used, the arrays
         # come from the caller at every call.
         shadow = copy.deepcopy(self.model)
@@ -85,10 +94,15 @@ class TorchGrowthHost:
                                 for leaf, g in zip(leaves, grads, strict=True)]
 
     def mean_over_replicas(self, x: torch.Tensor | np.ndarray) -> torch.Tensor | np.ndarray:
-        return mean_over_ranks(x)
+        if self.collectives is None:
+            return mean_over_ranks(x)
+        what = "the scores" if isinstance(x, np.ndarray) else self._scoring
+        return self.collectives.mean(x, f"averaging {what} over ranks")
 
     def shared_seed(self, seed: int) -> int:
-        return _broadcast_seed(seed)
+        if self.collectives is None:
+            return seed_of_rank_0(seed)
+        return self.collectives.shared_seed(seed)
 
     def apply(self, new_state: Mapping[str, torch.Tensor],
               channel_maps: Sequence[ChannelMap | Sequence[ChannelMap] | None]) -> None:

@@ -35,17 +35,15 @@ measurable difference in accuracy; final mean |cos| 0.70x.
 
 from __future__ import annotations
 
-import contextlib
 import csv
 import io
 import json
 import math
-import os
-import tempfile
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
+from .files import write_atomic
 from .statistics import (
     MODEL_NAMES,
     SIMILARITY_METRIC,
@@ -286,22 +284,6 @@ def _csv_text(fields: Sequence[str], rows: Iterable[dict[str, Any]]) -> str:
     return buffer.getvalue()
 
 
-def _write_atomic(path: Path, text: str) -> Path:
-    """Write ``text`` to a temporary file beside ``path``, then rename it over ``path``: a
-    reader never sees half a file, and an interrupted write leaves the old one."""
-    handle = tempfile.NamedTemporaryFile("w", dir=path.parent, prefix=f".{path.name}.",
-                                         suffix=".tmp", delete=False, newline="")
-    try:
-        with handle:
-            handle.write(text)
-        os.replace(handle.name, path)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.unlink(handle.name)
-        raise
-    return path
-
-
 def write_results(results: Sequence[dict[str, Any]], out_dir: str | Path) -> dict[str, Path]:
     """Write, each atomically, and return their paths by kind:
 
@@ -321,11 +303,11 @@ def write_results(results: Sequence[dict[str, Any]], out_dir: str | Path) -> dic
     paired = _all_paired(results)
     accuracy_rows = [p for p in paired if p["metric"] == "final_accuracy"]
     text = conclusion(accuracy_rows)
-    _write_atomic(paths["json"], json.dumps(results, indent=1))
-    _write_atomic(paths["csv"], _csv_text(_CSV_FIELDS, map(_csv_row, results)))
-    _write_atomic(paths["paired"], _csv_text(_PAIRED_FIELDS, map(_paired_csv_row, paired)))
-    _write_atomic(paths["summary"], json.dumps(
+    write_atomic(paths["json"], json.dumps(results, indent=1))
+    write_atomic(paths["csv"], _csv_text(_CSV_FIELDS, map(_csv_row, results)))
+    write_atomic(paths["paired"], _csv_text(_PAIRED_FIELDS, map(_paired_csv_row, paired)))
+    write_atomic(paths["summary"], json.dumps(
         {"rows": rows, "paired": paired, "n_sweeps": _n_sweeps(results), "conclusion": text},
         indent=1))
-    _write_atomic(paths["table"], format_table(rows) + ("\n\n" + text if text else "") + "\n")
+    write_atomic(paths["table"], format_table(rows) + ("\n\n" + text if text else "") + "\n")
     return paths

@@ -48,7 +48,9 @@ __all__ = [
 # SSD / Firefly / activations (owned by the SSD-Firefly engineer) are imported below.
 from .activations import (  # noqa: E402
     RELU_SURROGATE_BETA,
+    activation_kinks,
     activation_names,
+    activation_spec,
     first_derivative,
     register_activation,
     second_derivative,
@@ -79,7 +81,9 @@ __all__ += [
     "FireflyCandidates",
     "FireflySelection",
     "SplittingHVP",
+    "activation_kinks",
     "activation_names",
+    "activation_spec",
     "bn_coefficient",
     "candidate_weights",
     "firefly_apply",

@@ -8,6 +8,7 @@ are moved to the target library and device afterwards.
 
 from __future__ import annotations
 
+import math
 import numbers
 from typing import Any
 
@@ -67,3 +68,14 @@ def as_generator(rng: Any) -> np.random.Generator:
     raise TypeError(
         f"rng must be a numpy.random.Generator or an int seed, got {type(rng).__name__}"
     )
+
+
+def symmetric_uniform(gen: np.random.Generator, scale: float, shape: tuple[int, ...]) -> np.ndarray:
+    """``U(-scale, scale)`` draws; the same numbers as ``gen.uniform(-scale, scale, shape)``.
+
+    NumPy refuses a range ``high - low`` that overflows (``OverflowError``): past half the
+    largest float the unit interval's draws are scaled instead (the same distribution).
+    """
+    if math.isfinite(2.0 * scale):
+        return gen.uniform(-scale, scale, shape)
+    return scale * gen.uniform(-1.0, 1.0, shape)

@@ -11,10 +11,24 @@ Built-in names:
 ==============  ==========================================  ==========================
 name            ``sigma'(z)``                               ``sigma''(z)``
 ==============  ==========================================  ==========================
-``relu``        ``1 if z > 0 else 0``                       surrogate: softplus with
-                                                            beta = 3, ``3 s (1 - s)``,
-                                                            ``s = sigmoid(3 z)``
-``softplus``    ``sigmoid(z)``                              ``s (1 - s)``
+``relu``        ``1 if z > 0 else 0``                       kink surrogate (below)
+``relu6``       ``1 if 0 < z < 6 else 0``                   kink surrogates at 0 and 6
+``hardtanh``    ``1 if min_val < z < max_val else 0``       kink surrogates (params
+                                                            ``min_val=-1, max_val=1``)
+``leaky_relu``  ``1 if z > 0 else a``                       kink surrogate, jump ``1 - a``
+                                                            (param ``negative_slope=0.01``)
+``elu``         ``1 if z > 0 else alpha e^z``               ``0 if z > 0 else alpha e^z``,
+                                                            kink jump ``1 - alpha`` (param
+                                                            ``alpha=1``)
+``selu``        ``lambda`` times ``elu`` with its alpha     likewise
+``hardsigmoid`` ``1/6 if -3 < z < 3 else 0``                kink surrogates at -3 and 3
+``hardswish``   ``0, (2 z + 3) / 6, 1`` on the three parts  ``1/3`` on ``(-3, 3)`` plus
+                                                            kinks (jump -1/2 at -3 and 3)
+``mish``        ``t + z (1 - t^2) s``, ``t = tanh(sp(z))``  ``(1 - t^2) (2 s + z s (1 - s)
+                                                            - 2 z t s^2)``
+``softplus``    ``sigmoid(b z)``; 1 where ``b z >`` thr     ``b s (1 - s)``; 0 there
+                                                            (params ``beta=1,
+                                                            threshold=20``)
 ``swish``       ``s + z s (1 - s)``                         ``s (1 - s) (2 + z (1 - 2 s))``
 ``silu``        same as ``swish``                           same as ``swish``
 ``sigmoid``     ``s (1 - s)``                               ``s (1 - s) (1 - 2 s)``
@@ -29,6 +43,21 @@ would make every splitting matrix zero. The SSD and Firefly reference code
 (Liu, Wang, Wu 2019; Wu et al. 2020) replace it by the second derivative of
 ``softplus_beta(z) = log(1 + exp(beta z)) / beta`` with ``beta = 3``
 (:data:`RELU_SURROGATE_BETA`); so do we.
+
+The kink rule, the same for every activation with corners: where ``sigma'`` jumps by
+``delta`` at ``z0`` (ReLU: ``delta = 1`` at 0), ``sigma''`` gets the term
+``delta * beta s (1 - s)`` with ``s = sigmoid(beta (z - z0))``, ``beta = 3``: the second
+derivative of ``delta * softplus_beta(z - z0)``, the smoothed corner. Away from the kinks
+``sigma''`` is the exact second derivative plus these terms; :func:`activation_kinks` lists
+each activation's ``(z0, delta)``. ``sigma'`` is exact (at a kink itself, one of its
+one-sided values).
+Softplus's switch to the identity above ``threshold`` is a jump of ``sigmoid(-threshold)``
+(2e-9 at the default 20), below float32's resolution, and is not smoothed.
+
+Parameters: ``leaky_relu``, ``elu``, ``hardtanh`` and ``softplus`` take parameters, written
+into the name as ``"leaky_relu(negative_slope=0.2)"`` (what :func:`activation_spec` makes);
+the bare name means the defaults, as in ``torch.nn``. Any other name is a ``ValueError``
+listing the known ones.
 
 Where we differ from that code on purpose: its ``sigmoid`` entry returns
 ``s (1 - s)^3`` (wrong; the true second derivative is ``s (1 - s)(1 - 2 s)``) and its
@@ -47,17 +76,23 @@ Register your own with :func:`register_activation`.
 -0.7269
 >>> round(float(second_derivative("relu")(np, np.asarray(0.0))), 6)
 0.75
+>>> activation_kinks("leaky_relu(negative_slope=0.2)")
+((0.0, 0.8),)
 """
 
 from __future__ import annotations
 
 import math
+import re
 from collections.abc import Callable
+from functools import lru_cache
 from typing import Any
 
 __all__ = [
     "RELU_SURROGATE_BETA",
+    "activation_kinks",
     "activation_names",
+    "activation_spec",
     "first_derivative",
     "register_activation",
     "second_derivative",
@@ -72,6 +107,13 @@ RELU_SURROGATE_BETA = 3.0
 _GELU_TANH_A = math.sqrt(2.0 / math.pi)
 _GELU_TANH_B = 0.044715
 _INV_SQRT_2PI = 1.0 / math.sqrt(2.0 * math.pi)
+# SELU's fixed constants (Klambauer et al. 2017), as in torch.nn.SELU.
+_SELU_ALPHA = 1.6732632423543772848170429916717
+_SELU_SCALE = 1.0507009873554804934193349852946
+
+Kinks = tuple[tuple[float, float], ...]
+# A registry entry: sigma', sigma'' and the kinks the second one smooths.
+Entry = tuple[ActivationDerivative, ActivationDerivative, Kinks]
 
 
 def _sigmoid(xp: Any, z: Any) -> Any:
@@ -109,12 +151,112 @@ def softplus_second_derivative(beta: float) -> ActivationDerivative:
     return d2
 
 
-def _relu_d1(xp: Any, z: Any) -> Any:
-    return xp.astype(z > 0, z.dtype)
+def _step(xp: Any, z: Any, at: float) -> Any:
+    return xp.astype(z > at, z.dtype)
 
 
-def _softplus_d1(xp: Any, z: Any) -> Any:
-    return _sigmoid(xp, z)
+def _kink_terms(kinks: Kinks) -> ActivationDerivative:
+    """The smoothed corners: ``sum delta * softplus_3''(z - z0)`` (the module's kink rule)."""
+    corner = softplus_second_derivative(RELU_SURROGATE_BETA)
+
+    def d2(xp: Any, z: Any) -> Any:
+        total = xp.zeros_like(z)
+        for at, jump in kinks:
+            total = total + jump * corner(xp, z - at)
+        return total
+
+    return d2
+
+
+def _with_kinks(d1: ActivationDerivative, smooth_d2: ActivationDerivative | None,
+                kinks: Kinks) -> Entry:
+    corners = _kink_terms(kinks)
+    if smooth_d2 is None:
+        return d1, corners, kinks
+
+    def d2(xp: Any, z: Any) -> Any:
+        return smooth_d2(xp, z) + corners(xp, z)
+
+    return d1, d2, kinks
+
+
+def _piecewise_linear(left_slope: float, kinks: Kinks) -> Entry:
+    """An activation made of straight pieces: slope ``left_slope``, then a jump at each kink."""
+
+    def d1(xp: Any, z: Any) -> Any:
+        total = xp.zeros_like(z) + left_slope
+        for at, jump in kinks:
+            total = total + jump * _step(xp, z, at)
+        return total
+
+    return _with_kinks(d1, None, kinks)
+
+
+def _negative_part(xp: Any, z: Any) -> Any:
+    """``min(z, 0)``: the argument of ELU's exponential, never positive."""
+    return xp.where(z > 0, xp.zeros_like(z), z)
+
+
+def _elu(alpha: float = 1.0, scale: float = 1.0) -> Entry:
+    def d1(xp: Any, z: Any) -> Any:
+        return scale * xp.where(z > 0, xp.ones_like(z), alpha * xp.exp(_negative_part(xp, z)))
+
+    def smooth_d2(xp: Any, z: Any) -> Any:
+        return scale * xp.where(z > 0, xp.zeros_like(z), alpha * xp.exp(_negative_part(xp, z)))
+
+    jump = scale * (1.0 - alpha)
+    return _with_kinks(d1, smooth_d2, ((0.0, jump),) if jump != 0.0 else ())
+
+
+def _hardswish_d1(xp: Any, z: Any) -> Any:
+    middle = (2.0 * z + 3.0) / 6.0
+    return xp.where(z < -3.0, xp.zeros_like(z), xp.where(z > 3.0, xp.ones_like(z), middle))
+
+
+def _hardswish_smooth_d2(xp: Any, z: Any) -> Any:
+    inside = xp.logical_and(z > -3.0, z < 3.0)
+    return xp.where(inside, xp.zeros_like(z) + 1.0 / 3.0, xp.zeros_like(z))
+
+
+def _mish_parts(xp: Any, z: Any) -> tuple[Any, Any]:
+    softplus = xp.where(z > 0, z, xp.zeros_like(z)) + xp.log1p(xp.exp(-xp.abs(z)))
+    return xp.tanh(softplus), _sigmoid(xp, z)
+
+
+def _mish_d1(xp: Any, z: Any) -> Any:
+    t, s = _mish_parts(xp, z)
+    return t + z * (1.0 - t * t) * s
+
+
+def _mish_d2(xp: Any, z: Any) -> Any:
+    # mish = z t, t = tanh(softplus z), t' = (1 - t^2) s:
+    # mish'' = 2 t' + z t'' = (1 - t^2) (2 s + z s (1 - s) - 2 z t s^2).
+    t, s = _mish_parts(xp, z)
+    return (1.0 - t * t) * (2.0 * s + z * s * (1.0 - s) - 2.0 * z * t * s * s)
+
+
+def _softplus(beta: float = 1.0, threshold: float = 20.0) -> Entry:
+    if not beta > 0.0:
+        raise ValueError(f"softplus beta must be positive, got {beta}")
+    curve = softplus_second_derivative(beta)
+
+    def d1(xp: Any, z: Any) -> Any:
+        return xp.where(beta * z > threshold, xp.ones_like(z), _sigmoid(xp, beta * z))
+
+    def d2(xp: Any, z: Any) -> Any:
+        return xp.where(beta * z > threshold, xp.zeros_like(z), curve(xp, z))
+
+    return d1, d2, ()
+
+
+def _hardtanh(min_val: float = -1.0, max_val: float = 1.0) -> Entry:
+    if not min_val < max_val:
+        raise ValueError(f"hardtanh needs min_val < max_val, got {min_val} and {max_val}")
+    return _piecewise_linear(0.0, ((min_val, 1.0), (max_val, -1.0)))
+
+
+def _leaky_relu(negative_slope: float = 0.01) -> Entry:
+    return _piecewise_linear(negative_slope, ((0.0, 1.0 - negative_slope),))
 
 
 def _swish_d1(xp: Any, z: Any) -> Any:
@@ -187,17 +329,90 @@ def _identity_d2(xp: Any, z: Any) -> Any:
     return xp.zeros_like(z)
 
 
-_REGISTRY: dict[str, tuple[ActivationDerivative, ActivationDerivative]] = {
-    "relu": (_relu_d1, softplus_second_derivative(RELU_SURROGATE_BETA)),
-    "softplus": (_softplus_d1, softplus_second_derivative(1.0)),
-    "swish": (_swish_d1, _swish_d2),
-    "silu": (_swish_d1, _swish_d2),
-    "sigmoid": (_sigmoid_d1, _sigmoid_d2),
-    "tanh": (_tanh_d1, _tanh_d2),
-    "gelu": (_gelu_d1, _gelu_d2),
-    "gelu_tanh": (_gelu_tanh_d1, _gelu_tanh_d2),
-    "identity": (_identity_d1, _identity_d2),
+def _smooth(d1: ActivationDerivative, d2: ActivationDerivative) -> Entry:
+    return d1, d2, ()
+
+
+_REGISTRY: dict[str, Entry] = {
+    "relu": _piecewise_linear(0.0, ((0.0, 1.0),)),
+    "relu6": _piecewise_linear(0.0, ((0.0, 1.0), (6.0, -1.0))),
+    "hardsigmoid": _piecewise_linear(0.0, ((-3.0, 1.0 / 6.0), (3.0, -1.0 / 6.0))),
+    "hardswish": _with_kinks(_hardswish_d1, _hardswish_smooth_d2, ((-3.0, -0.5), (3.0, -0.5))),
+    "selu": _elu(_SELU_ALPHA, _SELU_SCALE),
+    "mish": _smooth(_mish_d1, _mish_d2),
+    "swish": _smooth(_swish_d1, _swish_d2),
+    "silu": _smooth(_swish_d1, _swish_d2),
+    "sigmoid": _smooth(_sigmoid_d1, _sigmoid_d2),
+    "tanh": _smooth(_tanh_d1, _tanh_d2),
+    "gelu": _smooth(_gelu_d1, _gelu_d2),
+    "gelu_tanh": _smooth(_gelu_tanh_d1, _gelu_tanh_d2),
+    "identity": _smooth(_identity_d1, _identity_d2),
 }
+
+# Activations with parameters: name -> factory(**params), each parameter's default in its
+# signature. The bare name is registered too, with the defaults.
+_FAMILIES: dict[str, Callable[..., Entry]] = {
+    "leaky_relu": _leaky_relu,
+    "elu": lambda alpha=1.0: _elu(alpha),
+    "hardtanh": _hardtanh,
+    "softplus": _softplus,
+}
+_FAMILY_PARAMETERS = {
+    "leaky_relu": {"negative_slope": 0.01},
+    "elu": {"alpha": 1.0},
+    "hardtanh": {"min_val": -1.0, "max_val": 1.0},
+    "softplus": {"beta": 1.0, "threshold": 20.0},
+}
+_REGISTRY.update({name: factory() for name, factory in _FAMILIES.items()})
+_SPEC = re.compile(r"^([A-Za-z_][A-Za-z0-9_]*)\((.*)\)$")
+
+
+def activation_spec(name: str, **params: float) -> str:
+    """The registry name of activation ``name`` with ``params`` (those at their default dropped).
+
+    >>> activation_spec("leaky_relu", negative_slope=0.2)
+    'leaky_relu(negative_slope=0.2)'
+    >>> activation_spec("softplus", beta=1.0, threshold=20.0)
+    'softplus'
+    """
+    if name not in _FAMILY_PARAMETERS:
+        if params:
+            raise ValueError(f"activation {name!r} takes no parameters, got {sorted(params)}; "
+                             f"parametrised ones: {', '.join(sorted(_FAMILY_PARAMETERS))}")
+        return name
+    defaults = _FAMILY_PARAMETERS[name]
+    unknown = sorted(set(params) - set(defaults))
+    if unknown:
+        raise ValueError(f"activation {name!r} has no parameter {unknown[0]!r}; "
+                         f"its parameters: {', '.join(defaults)}")
+    given = []
+    for key in defaults:  # the family's own order, so equal activations get one name
+        if key not in params:
+            continue
+        value = params[key]
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or \
+                not math.isfinite(value):
+            raise ValueError(f"activation {name!r}: {key} must be a finite number, got {value!r}")
+        if float(value) != defaults[key]:
+            given.append(f"{key}={float(value)!r}")
+    return f"{name}({', '.join(given)})" if given else name
+
+
+@lru_cache(maxsize=256)
+def _parse(spec: str) -> Entry | None:
+    match = _SPEC.match(spec.replace(" ", ""))
+    if match is None or match.group(1) not in _FAMILIES:
+        return None
+    name, body = match.groups()
+    params: dict[str, float] = {}
+    for item in filter(None, body.split(",")):
+        key, _, value = item.partition("=")
+        try:
+            params[key] = float(value)
+        except ValueError:
+            raise ValueError(f"activation {spec!r}: {key}={value!r} is not a number") from None
+    activation_spec(name, **params)  # checks the parameter names and values
+    return _FAMILIES[name](**params)
 
 
 def activation_names() -> tuple[str, ...]:
@@ -205,16 +420,28 @@ def activation_names() -> tuple[str, ...]:
     return tuple(sorted(_REGISTRY))
 
 
-def _lookup(name: Any) -> tuple[ActivationDerivative, ActivationDerivative]:
+def _lookup(name: Any) -> Entry:
     if not isinstance(name, str):
         raise TypeError(f"activation must be a str name, got {type(name).__name__}")
-    try:
-        return _REGISTRY[name]
-    except KeyError:
+    found = _REGISTRY.get(name) or _parse(name)
+    if found is None:
         raise ValueError(
             f"unknown activation {name!r}; registered: {', '.join(activation_names())} "
-            "(add one with register_activation)"
-        ) from None
+            "(parametrised as e.g. 'leaky_relu(negative_slope=0.2)'; add one with "
+            "register_activation)"
+        )
+    return found
+
+
+def activation_kinks(name: str) -> Kinks:
+    """``(z0, delta)`` for each corner of ``name`` where ``sigma'`` jumps by ``delta``.
+
+    Its ``sigma''`` has the smoothed-corner term of the module docstring's kink rule there.
+
+    >>> activation_kinks("relu6")
+    ((0.0, 1.0), (6.0, -1.0))
+    """
+    return _lookup(name)[2]
 
 
 def first_derivative(name: str) -> ActivationDerivative:
@@ -246,7 +473,8 @@ def register_activation(
 ) -> None:
     """Register ``name`` with its derivatives ``first(xp, z)`` and ``second(xp, z)``.
 
-    Re-registering an existing name raises ``ValueError`` unless ``overwrite=True``.
+    Re-registering an existing name raises ``ValueError`` unless ``overwrite=True``. A
+    registered function has no kinks listed by :func:`activation_kinks`.
 
     >>> import numpy as np
     >>> register_activation("square", first=lambda xp, z: 2.0 * z,
@@ -261,7 +489,7 @@ def register_activation(
             raise TypeError(f"{label} must be callable as fn(xp, z), got {type(fn).__name__}")
     if name in _REGISTRY and not overwrite:
         raise ValueError(f"activation {name!r} is already registered; pass overwrite=True")
-    _REGISTRY[name] = (first, second)
+    _REGISTRY[name] = (first, second, ())
 
 
 def resolve_second_derivative(activation: Any) -> ActivationDerivative:

@@ -86,14 +86,21 @@ def growth_budget(
     ratio = check_real(ratio, "ratio")
     check_choice(unit, UNITS, "unit")
     if unit == "neurons":
-        return round_half_up(ratio * neurons)
+        return _count(ratio * neurons, ratio)
     if params_per_neuron is None or total_params is None:
         raise ValueError('unit="parameters" needs params_per_neuron and total_params')
     per_neuron = check_real(params_per_neuron, "params_per_neuron")
     if per_neuron == 0:
         raise ValueError("params_per_neuron must be > 0")
     total = _nonnegative_int(total_params, "total_params")
-    return round_half_up(ratio * total / per_neuron)
+    return _count(ratio * total / per_neuron, ratio)
+
+
+def _count(neurons: float, ratio: float) -> int:
+    if not math.isfinite(neurons):  # round_half_up would raise OverflowError
+        raise ValueError(f"ratio={ratio} asks for more neurons than can be counted; "
+                         "use a smaller ratio")
+    return round_half_up(neurons)
 
 
 def _layer_scores(scores: Any) -> list[np.ndarray]:

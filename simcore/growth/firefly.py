@@ -57,7 +57,7 @@ from .._arrays import (
     from_rows,
     namespace_of,
 )
-from ._host import as_generator, as_index, to_numpy
+from ._host import as_generator, as_index, symmetric_uniform, to_numpy
 from .budget import select_lowest
 from .firefly_scores import new_neuron_gate_scores, split_gate_scores
 from .flow import ChannelFlow
@@ -180,7 +180,7 @@ def firefly_candidates(
 
         directions = None
         if split:
-            deltas = gen.uniform(-split_scale, split_scale, (n, fan_in))
+            deltas = symmetric_uniform(gen, split_scale, (n, fan_in))
             directions = _host_array(xp, deltas, w)
         incoming = _host_array(xp, gen.normal(0.0, incoming_std, (k, fan_in)), w)
         outgoing, depthwise = [], []
@@ -188,7 +188,7 @@ def firefly_candidates(
             if entry.role == "consumer":
                 a = params[entry.name]
                 width = int(channel_rows(xp, a, entry).shape[1])
-                cols = gen.uniform(-outgoing_scale, outgoing_scale, (k, width))
+                cols = symmetric_uniform(gen, outgoing_scale, (k, width))
                 outgoing.append(_host_array(xp, cols, a))
         for entry in entries:
             if entry.role == "depthwise":

@@ -114,7 +114,10 @@ class GrowthReport:
     ``scores`` holds, per producer, the float64 scores the selection saw (lowest wins; averaged
     over replicas): Random uniform draws, SSD ``lambda_min`` per neuron, Firefly gate gradients
     of the split candidates (one per neuron) followed by those of the new-neuron candidates.
-    ``params_before``/``params_after`` count every parameter of the model.
+    ``params_before``/``params_after`` count every parameter of the model. ``skipped`` names
+    each layer the adapter found but could not grow, with why (one reason per layer), and
+    ``skipped_widths`` its width; both are empty where the adapter was told which layers to
+    grow. :attr:`growable_share` is the share of neurons in growable layers.
     """
 
     method: str
@@ -124,6 +127,15 @@ class GrowthReport:
     params_before: int
     params_after: int
     scores: dict[str, np.ndarray] = field(default_factory=dict, repr=False)
+    skipped: dict[str, str] = field(default_factory=dict)
+    skipped_widths: dict[str, int] = field(default_factory=dict)
+
+    @property
+    def growable_share(self) -> float:
+        """Neurons of the growable layers over those of every layer found (0 if none was)."""
+        growable = sum(self.widths_before.values())
+        found = growable + sum(self.skipped_widths.values())
+        return growable / found if found else 0.0
 
     @property
     def added(self) -> dict[str, int]:

@@ -64,7 +64,7 @@ from .._arrays import (
     namespace_of,
     to_rows,
 )
-from ._host import as_generator, as_index, as_indices
+from ._host import as_generator, as_index, as_indices, symmetric_uniform
 from .flow import ChannelFlow, FlowEntry
 
 __all__ = [
@@ -374,7 +374,7 @@ def add_neurons(
                     outgoing[consumer_index], count, width, f"outgoing[{consumer_index}]", a
                 )
             elif outgoing == "small":
-                extra = _host_array(xp, gen.uniform(-scale, scale, (count, width)), a)
+                extra = _host_array(xp, symmetric_uniform(gen, scale, (count, width)), a)
             else:
                 extra = xp.zeros((count, width), dtype=a.dtype, device=device_of(a))
             consumer_index += 1
