@@ -28,6 +28,14 @@ The Gram hook: :func:`simcore.similarity_loss_and_grad` takes ``gram=`` (a
 :data:`GramFunction`, ``u -> u @ u.T``) to build the symmetric diagonal tiles of Eq. 1's
 Gram matrix with a backend's own kernel; the CuPy adapter passes cuBLAS SYRK.
 
+The unit rows of Eq. 1: :class:`UnitRows` (validation, the unit rows, Eq. 2's pair
+count and the gradient's tangent projection), for adapters that form the Gram products
+their own way.
+
+In-place kernels: :class:`InPlaceKernel` (the buffer operations of the loss's strip path,
+simcore/_tiles.py), :class:`Workspace` (per-thread reused buffers) and
+:func:`register_in_place_kernel`; the PyTorch adapter registers one for tensors.
+
 Depthwise layers, one rule each:
   :func:`is_depthwise` (every group reads one input channel: left out of the penalty by
   default) and :func:`is_growable_depthwise` (the same with a depth multiplier of 1: what
@@ -65,12 +73,18 @@ from ._arrays import (
     to_rows,
 )
 from ._deprecation import renamed_choice, warn_deprecated
+from ._tiles import InPlaceKernel, Workspace, register_in_place_kernel
 from ._types import Array, GramFunction, Namespace
 from .growth.flow import DEPTHWISE, is_depthwise, is_growable_depthwise
 from .objective import Objective, as_objective
+from .similarity import UnitRows
 
 __all__ = [
     "DEPTHWISE",
+    "InPlaceKernel",
+    "UnitRows",
+    "Workspace",
+    "register_in_place_kernel",
     "Array",
     "GramFunction",
     "Namespace",

@@ -32,11 +32,20 @@ rows, ``N = m (m - 1)`` and ``G = (2 / N) S U``::
     dmu/dw_i = (G_i - (G_i . u_i) u_i) / r_i
 
 one GEMM on top of the forward Gram matrix, of which only the upper triangle
-is formed, in square tiles: half a GEMM on every backend, a blocked SYRK.
-``block_size=b`` sets the tile to ``b`` rows (default :data:`DEFAULT_TILE`), so
-no ``n x n`` matrix is formed and the extra memory is ``O(b^2)`` beyond the
-``n x d`` gradient. Different tilings sum in different orders: results agree
-to a few ulp, not bit for bit.
+is formed: half a GEMM, a blocked SYRK. Two paths compute it:
+
+* NumPy arrays, and torch tensors that autograd does not track, run in place
+  (simcore/_tiles.py): strips of ``b`` rows of the upper triangle, products written
+  into work buffers reused between calls, and the loss read off the gradient's
+  row sums (``G_i . u_i = sum_{j != i} |C_ij|``). ``b = block_size``, or chosen
+  from ``n`` and ``d`` (the strip stays under 16 MiB); extra memory is the unit
+  rows and one ``b x n`` strip beyond the ``n x d`` gradient.
+* every other array (JAX, CuPy, array-api-strict, the value-only functions)
+  runs functionally, in ``b x b`` tiles of the upper triangle (``b = block_size``,
+  default :data:`DEFAULT_TILE`), ``O(b^2)`` extra memory.
+
+Different tilings and paths sum in different orders: results agree to a few ulp,
+not bit for bit.
 """
 
 from __future__ import annotations
@@ -53,10 +62,13 @@ from ._arrays import (
     normalize_axis,
     to_rows,
 )
+from ._numpy_kernel import NumpyKernel  # noqa: F401 - registers NumPy's in-place kernel
+from ._tiles import RowOps, in_place_kernel, strip_products
 from ._types import Array, GramFunction
 
 __all__ = [
     "DEFAULT_TILE",
+    "UnitRows",
     "DEFAULT_ZERO_TOL",
     "similarity_loss",
     "similarity_loss_and_grad",
@@ -73,10 +85,19 @@ DEFAULT_TILE = 1024
 DEFAULT_ZERO_TOL = 1.1920928955078125e-07
 
 
-class _Rows:
-    """A weight array seen as unit rows, with what the loss and gradient need."""
+class UnitRows:
+    """A weight array seen as the unit rows of Eq. 1, with what the loss and gradient need.
 
-    def __init__(self, w: Any, neuron_axis: Any, zero_tol: Any, name: str = "w"):
+    ``UnitRows(w, neuron_axis, zero_tol)`` validates ``w`` and holds ``unit`` (``(n, d)``
+    unit rows in the compute dtype, zero rows 0), ``active`` (1 or 0 per row) and
+    ``pair_count`` (``m (m - 1)``); :meth:`mean_scale` is Eq. 2's ``1 / (m (m - 1))``,
+    :meth:`grad_from` turns ``dmu/du`` into ``dmu/dw`` in ``w``'s layout and :meth:`out`
+    casts a result to ``w``'s dtype. Adapters that build the Gram products their own way
+    (the JAX adapter's ``lax.scan``) start from here (public in :mod:`simcore.extend`).
+    """
+
+    def __init__(self, w: Any, neuron_axis: Any, zero_tol: Any, name: str = "w",
+                 in_place: bool = False):
         xp = check_weight(w, name)
         self.xp = xp
         self.axis = normalize_axis(neuron_axis, w.ndim)
@@ -89,27 +110,40 @@ class _Rows:
         work = compute_dtype(xp, w.dtype)
         if work != w.dtype:
             rows = xp.astype(rows, work)
-        self.unit, self.active, self.row_scale, self.scaled_norms = _unit_rows(xp, rows, tol)
+        kernel = in_place_kernel(xp, rows) if in_place else None
+        #: The in-place kernel the gradient runs on (``None``: the functional path).
+        self.kernel = kernel
+        self.ops = kernel if kernel is not None else RowOps(xp)
+        self.unit, self.active, self.row_scale, self.scaled_norms = _unit_rows(
+            self.ops, rows, tol)
         n_active = xp.sum(self.active)
         self.pair_count = n_active * (n_active - 1)
         self.n = int(rows.shape[0])
+
+    def mean_scale(self) -> Any:
+        """``1 / (m (m - 1))``, and 1 when fewer than two rows are active (the loss is 0)."""
+        count = self.pair_count
+        return 1.0 / self.xp.maximum(count, self.xp.ones_like(count))
 
     def out(self, x: Any) -> Any:
         """Cast a result back to the caller's dtype."""
         return x if x.dtype == self.dtype else self.xp.astype(x, self.dtype)
 
-    def grad_from(self, g: Any, scale: Any) -> Any:
+    def grad_from(self, g: Any, scale: Any, dots: Any = None) -> Any:
         """``scale * g`` (``g = dmu/du`` up to ``scale``) projected onto each row's
         tangent space and divided by the row's norm: ``(g - (g . u) u) * scale / r``.
 
         ``r_i`` is never formed: it is ``row_scale_i * scaled_norm_i``, and dividing by
         the two factors one after the other keeps the gradient finite wherever it is
         representable (``r_i`` itself may overflow or underflow; see :func:`_unit_rows`).
+        ``dots`` is ``(g_i . u_i)`` where the caller has it already.
         """
-        xp, u = self.xp, self.unit
-        tangent = g - u * xp.vecdot(g, u)[:, None]
+        ops, u = self.ops, self.unit
+        dots = ops.row_dots(g, u) if dots is None else dots
+        tangent = ops.subtract_scaled_rows(g, u, dots)
         per_row = (scale / self.scaled_norms) / self.row_scale
-        return self.out(from_rows(xp, tangent * per_row[:, None], self.shape, self.axis))
+        return self.out(from_rows(self.xp, ops.scale_rows(tangent, per_row), self.shape,
+                                  self.axis))
 
     def tiles(self, block_size: int | None) -> list[tuple[int, int]]:
         """Row ranges ``(start, stop)`` of the square tiles the Gram matrix is built from."""
@@ -117,7 +151,7 @@ class _Rows:
         return [(start, min(start + size, self.n)) for start in range(0, self.n, size)]
 
 
-def _unit_rows(xp, rows, zero_tol):
+def _unit_rows(ops, rows, zero_tol):
     """``(unit, active, row_scale, scaled_norms)`` of ``(n, d)`` rows, for any finite rows.
 
     Each row is divided by its largest magnitude before its squares are summed, so no
@@ -131,12 +165,13 @@ def _unit_rows(xp, rows, zero_tol):
     rows (``where(active, x, 1)`` *before* the operation), so traced gradients are 0
     there, never 0/0; and nothing here reads values on the host.
     """
-    row_scale = xp.max(xp.abs(rows), axis=1)
+    xp = ops.xp
+    row_scale = ops.max_abs_rows(rows)
     nonzero = row_scale > 0
     one = xp.ones_like(row_scale)
     row_scale = xp.where(nonzero, row_scale, one)
-    scaled = rows / row_scale[:, None]
-    squares = xp.vecdot(scaled, scaled)  # in [1, d] for non-zero rows, 0 for zero rows
+    scaled = ops.divide_rows(rows, row_scale)
+    squares = ops.row_dots(scaled, scaled)  # in [1, d] for non-zero rows, 0 for zero rows
     scaled_norms = xp.sqrt(xp.where(nonzero, squares, one))
     # r_i / max_k |w_kl|; the largest is >= 1 whenever any row is non-zero.
     layer_scale = xp.max(row_scale * xp.astype(nonzero, row_scale.dtype))
@@ -144,7 +179,7 @@ def _unit_rows(xp, rows, zero_tol):
     relative_norms = (row_scale / layer_scale) * scaled_norms * xp.astype(nonzero, rows.dtype)
     active = xp.astype(relative_norms > zero_tol * xp.max(relative_norms), rows.dtype)
     scaled_norms = xp.where(active > 0, scaled_norms, one)
-    return scaled * (active / scaled_norms)[:, None], active, row_scale, scaled_norms
+    return ops.scale_rows(scaled, active / scaled_norms), active, row_scale, scaled_norms
 
 
 def _value_and_grad(w, neuron_axis, block_size, zero_tol, with_grad, gram=None):
@@ -157,7 +192,9 @@ def _value_and_grad(w, neuron_axis, block_size, zero_tol, with_grad, gram=None):
     an adapter supply its own kernel for the symmetric diagonal tiles (CuPy's SYRK).
     """
     block_size = check_block_size(block_size)
-    rows = _Rows(w, neuron_axis, zero_tol)
+    rows = UnitRows(w, neuron_axis, zero_tol, in_place=with_grad and gram is None)
+    if rows.kernel is not None:
+        return _in_place_value_and_grad(rows, block_size)
     xp, u = rows.xp, rows.unit
     device = device_of(u)
     zero = xp.zeros((), dtype=u.dtype, device=device)
@@ -181,12 +218,29 @@ def _value_and_grad(w, neuron_axis, block_size, zero_tol, with_grad, gram=None):
             if with_grad:
                 grads[a] = _plus(grads[a], signs @ u_b)
                 grads[b] = _plus(grads[b], signs.T @ u_a)
-    scale = 1.0 / xp.maximum(rows.pair_count, xp.ones_like(rows.pair_count))
+    scale = rows.mean_scale()
     loss = rows.out(total * scale)
     if not with_grad:
         return loss, None
     g = grads[0] if len(grads) == 1 else xp.concat(grads, axis=0)
     return loss, rows.grad_from(g, 2.0 * scale)
+
+
+def _in_place_value_and_grad(rows, block_size):
+    """The loss and gradient through an in-place kernel (simcore/_tiles.py).
+
+    ``G = S U`` comes from :func:`strip_products`; the loss needs no pass of its own:
+    ``G_i . u_i = sum_j S_ij C_ij = sum_{j != i} |C_ij|``, the row sums of Eq. 2, which
+    the tangent projection needs anyway.
+    """
+    xp, kernel, u = rows.xp, rows.kernel, rows.unit
+    n, d = int(u.shape[0]), int(u.shape[1])
+    height = block_size or kernel.strip_height(n, d, xp.finfo(u.dtype).bits // 8)
+    g = strip_products(kernel, u, height)
+    dots = kernel.row_dots(g, u)
+    scale = rows.mean_scale()
+    loss = rows.out(xp.sum(dots) * scale)
+    return loss, rows.grad_from(g, 2.0 * scale, dots)
 
 
 def _plus(a, b):
@@ -211,7 +265,7 @@ def similarity_map(w: Array, *, neuron_axis: int = 0, zero_tol: float | None = N
 def _cosines(w, neuron_axis, zero_tol):
     """``(rows, C)`` with ``C`` in the compute dtype (float32 for half inputs): exactly
     1 on the diagonal of non-zero rows, 0 in every row and column of a zero row."""
-    rows = _Rows(w, neuron_axis, zero_tol)
+    rows = UnitRows(w, neuron_axis, zero_tol)
     xp, u = rows.xp, rows.unit
     eye = xp.eye(rows.n, dtype=u.dtype, device=device_of(u))
     return rows, (u @ u.T) * (1.0 - eye) + eye * rows.active[None, :]
@@ -250,9 +304,9 @@ def similarity_loss_and_grad(
 ) -> tuple[Array, Array]:
     """Eq. 2 and its analytic gradient ``(mu, dmu/dw)``, the gradient in ``w``'s layout.
 
-    The Gram matrix is built in ``b x b`` tiles, ``b = block_size`` (default
-    :data:`DEFAULT_TILE`): no ``n x n`` matrix beyond one tile, ``O(b^2)`` extra
-    memory besides the gradient itself.
+    The Gram matrix is built ``b = block_size`` rows at a time (see the module
+    docstring): no ``n x n`` matrix beyond one ``b x n`` strip (NumPy, torch) or
+    ``b x b`` tile (other libraries) besides the unit rows and the gradient itself.
 
     ``gram`` is the extension hook for a backend's own kernel: ``gram(u_a)`` must return
     ``u_a @ u_a.T`` for a 2-D tile ``u_a`` of unit rows (in the compute dtype) and is used

@@ -6,7 +6,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from ._arrays import check_block_size, check_int, device_of
-from .similarity import _Rows
+from .similarity import UnitRows
 
 __all__ = ["SimilarityStats", "similarity_stats"]
 
@@ -56,7 +56,7 @@ def similarity_stats(
     bins = check_int(bins, "bins", minimum=1)
     block_size = check_block_size(block_size)
     # The unit rows in the compute dtype: half inputs are binned from float32 cosines.
-    rows = _Rows(w, neuron_axis, zero_tol)
+    rows = UnitRows(w, neuron_axis, zero_tol)
     xp, u, active = rows.xp, rows.unit, rows.active
     work = u.dtype
     device = device_of(u)

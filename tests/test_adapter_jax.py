@@ -692,3 +692,31 @@ def test_training_step_after_growth_with_the_padded_optax_state():
     assert int(grown_adam[0].count) == 1
     reset = sj.grow_optax_state(adam_state, flow, cmap, params=variables["params"], mode="zero")
     np.testing.assert_array_equal(np.asarray(reset[0].mu["Conv_0"]["kernel"]), 0.0)
+
+
+# -- the tiles in lax.scan (issue 14: jit compile time grew with the tile count) --------------
+
+
+def _dot_generals(n):
+    loss = jax.value_and_grad(lambda x: sj.similarity_loss(x, block_size=256))
+    return str(jax.make_jaxpr(loss)(jax.ShapeDtypeStruct((n, 8), jnp.float32))).count(
+        "dot_general")
+
+
+def test_the_traced_program_does_not_grow_with_the_number_of_tiles():
+    # 8 tiles against 32: an unrolled tile loop would trace 36 against 528 tile products.
+    assert _dot_generals(2048) == _dot_generals(8192)
+
+
+@pytest.mark.parametrize("block_size", [1, 3, 4, 11])
+def test_scanned_tiles_match_the_reference_with_padding_and_zero_rows(block_size):
+    w = np.random.default_rng(3).standard_normal((10, 6))
+    w[[2, 7]] = 0.0
+    want_value, want_grad = reference.similarity_loss_and_grad(w)
+    loss = jax.jit(jax.value_and_grad(lambda x: sj.similarity_loss(x, block_size=block_size)))
+    value, grad = loss(_f32(w))
+    np.testing.assert_allclose(float(value), want_value, rtol=1e-6)
+    np.testing.assert_allclose(np.asarray(grad), want_grad, rtol=1e-5, atol=1e-7)
+    assert np.all(np.asarray(grad)[[2, 7]] == 0.0)
+    assert float(jax.jit(lambda x: sj.similarity_loss(x, block_size=block_size))(_f32(w))) \
+        == pytest.approx(want_value, rel=1e-6)

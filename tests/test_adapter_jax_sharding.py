@@ -1,4 +1,5 @@
-"""The JAX adapter on a weight sharded over 8 (simulated CPU) devices.
+"""The JAX adapter on a weight sharded over 8 (simulated CPU) devices, and growth on a batch
+sharded over them.
 
 XLA fixes the host device count when JAX starts, so the checks run in a fresh
 interpreter with ``XLA_FLAGS=--xla_force_host_platform_device_count=8`` and
@@ -89,16 +90,21 @@ SCRIPT = textwrap.dedent(
 )
 
 
-@pytest.fixture(scope="module")
-def report():
+def _run_on_8_devices(script: str) -> dict:
+    """The JSON report that ``script`` prints last, run with 8 host devices."""
     env = dict(
         os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8", JAX_PLATFORMS="cpu"
     )
     done = subprocess.run(
-        [sys.executable, "-c", SCRIPT], env=env, capture_output=True, text=True, timeout=600
+        [sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=600
     )
     assert done.returncode == 0, done.stderr[-4000:]
     return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+@pytest.fixture(scope="module")
+def report():
+    return _run_on_8_devices(SCRIPT)
 
 
 CASES = ["dense/neurons", "dense/fan_in", "hwio/neurons", "hwio/fan_in"]
@@ -134,3 +140,74 @@ def test_block_path_materialises_no_n_by_n_buffer(report, case):
     else:
         # Neuron sharding splits the map into (n/8) x n pieces by itself.
         assert report[case]["full"]["square_buffers"] == 0
+
+
+GROWTH_SCRIPT = textwrap.dedent(
+    """
+    import json
+    import numpy as np
+    import jax, jax.numpy as jnp, flax.linen as nn, optax
+    from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+    from simcore.adapters.jax import grow
+    from simcore.growth import RandomGrower, SSDGrower
+
+    class Net(nn.Module):
+        widths: tuple = (8, 6)
+
+        @nn.compact
+        def __call__(self, x, train: bool = False):
+            x = nn.relu(nn.BatchNorm(use_running_average=not train)(
+                nn.Conv(self.widths[0], (3, 3))(x)))
+            x = nn.relu(nn.Dense(self.widths[1])(x.reshape((x.shape[0], -1))))
+            return nn.Dense(3)(x)
+
+    assert len(jax.devices()) == 8
+    mesh = Mesh(np.array(jax.devices()), ("data",))
+    rng = np.random.default_rng(0)
+    x = jnp.asarray(rng.standard_normal((16, 6, 6, 2)), jnp.float32)
+    y = jnp.asarray(rng.integers(0, 3, 16))
+    model = Net()
+    variables = model.init(jax.random.key(0), x)
+
+    def loss_fn(out, t):
+        return optax.softmax_cross_entropy_with_integer_labels(out, t).mean()
+
+    sharded = (jax.device_put(x, NamedSharding(mesh, P("data"))),
+               jax.device_put(y, NamedSharding(mesh, P("data"))))
+    replicated = jax.device_put(variables, NamedSharding(mesh, P()))
+    report = {"batch_shards": len(sharded[0].addressable_shards)}
+    for label, grower_of in (("random", lambda: RandomGrower(seed=3)),
+                             ("ssd", lambda: SSDGrower("exact"))):
+        one = grow(grower_of(), model, variables, batches=[(x, y)], loss_fn=loss_fn, ratio=0.3)
+        many = grow(grower_of(), model, replicated, batches=[sharded], loss_fn=loss_fn,
+                    ratio=0.3)
+        a = jax.tree_util.tree_leaves(one.variables)
+        b = jax.tree_util.tree_leaves(many.variables)
+        report[label] = {
+            "widths_equal": one.report.widths_after == many.report.widths_after,
+            "grew": one.report.total_added,
+            "max_difference": max(float(np.max(np.abs(np.asarray(u) - np.asarray(v))))
+                                  for u, v in zip(a, b)),
+            "output_difference": float(np.max(np.abs(
+                np.asarray(many.model.apply(many.variables, sharded[0]))
+                - np.asarray(one.model.apply(one.variables, x))))),
+        }
+    print(json.dumps(report))
+    """
+)
+
+
+@pytest.fixture(scope="module")
+def growth_report():
+    return _run_on_8_devices(GROWTH_SCRIPT)
+
+
+@pytest.mark.parametrize("method", ["random", "ssd"])
+def test_growth_on_a_batch_sharded_over_8_devices_equals_one_device(growth_report, method):
+    # One process, a global batch sharded over the mesh: the statistics are over the whole
+    # batch (mean_over_replicas has nothing to average), so the growth is the one-device one.
+    assert growth_report["batch_shards"] == 8
+    result = growth_report[method]
+    assert result["grew"] > 0 and result["widths_equal"]
+    assert result["max_difference"] <= 1e-5
+    assert result["output_difference"] <= 1e-4

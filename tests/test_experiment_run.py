@@ -22,6 +22,7 @@ from simcore.experiment import (
     run_one,
 )
 from simcore.experiment.data import load_digits_dataset
+from simcore.experiment.measure import growth_line
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 SEED_PARAMETERS = 1990  # vgg16(width=4) at 10 classes
@@ -94,6 +95,17 @@ def test_every_method_grows_with_and_without_the_phase(experiment):
         assert without["growths"][0]["phase"] is None
         assert without["growths"][0]["accuracy"]["after_phase"] is None
         assert 0 < with_phase["phase_seconds"] < with_phase["training_seconds"]
+        for run in (without, with_phase):
+            # a growth's cost in epochs of its run: its seconds over the mean training-step
+            # time of an epoch, which the steps of every epoch add up to
+            assert len(run["epoch_seconds"]) == TINY.epochs
+            assert 0 < run["mean_epoch_seconds"] < run["training_seconds"]
+            assert sum(run["epoch_seconds"]) < run["training_seconds"] - run["growth_seconds"]
+            (growth,) = run["growths"]
+            assert growth["growth_epochs"] == pytest.approx(
+                growth["growth_seconds"] / run["mean_epoch_seconds"])
+            assert growth["growth_epochs"] > 0
+            assert f"= {growth['growth_epochs']:.2f} epochs" in growth_line(growth)
         layers = with_phase["final_similarity"]["layers"]
         assert len(layers) == 14 and with_phase["final_similarity"]["mean_abs"] > 0
 
@@ -128,7 +140,8 @@ def test_rerunning_reuses_finished_runs_and_refuses_changed_settings(experiment)
 
 
 def _without_timings(result):
-    timings = ("training_seconds", "growth_seconds", "phase_seconds")
+    timings = ("training_seconds", "growth_seconds", "phase_seconds", "epoch_seconds",
+               "mean_epoch_seconds", "growth_epochs")
     result = {k: v for k, v in result.items() if k not in timings}
     result["growths"] = [{k: v for k, v in g.items() if k not in timings}
                          for g in result["growths"]]

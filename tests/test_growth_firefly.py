@@ -69,13 +69,14 @@ def test_candidate_shapes_and_layouts(net_name):
 
 def test_candidates_follow_reference_distributions_and_seed():
     net = growth_nets.build("conv_bn")
-    a = firefly_candidates(net.params, net.flows, rng=3)  # K = 70, the reference's value
-    b = firefly_candidates(net.params, net.flows, rng=np.random.default_rng(3))
+    # K = 70, the reference's value
+    a = firefly_candidates(net.params, net.flows, rng=3, scales="absolute")
+    b = firefly_candidates(net.params, net.flows, rng=np.random.default_rng(3), scales="absolute")
     for ca, cb in zip(a, b, strict=True):
         np.testing.assert_array_equal(ca.split_directions, cb.split_directions)
         np.testing.assert_array_equal(ca.new_incoming, cb.new_incoming)
         np.testing.assert_array_equal(ca.new_outgoing[0], cb.new_outgoing[0])
-    c = firefly_candidates(net.params, net.flows, rng=4)
+    c = firefly_candidates(net.params, net.flows, rng=4, scales="absolute")
     assert not np.array_equal(a[0].new_incoming, c[0].new_incoming)
     incoming = np.concatenate([x.new_incoming.ravel() for x in a])
     assert a[0].new_count == 70

@@ -26,6 +26,7 @@ from simcore.growth.ssd import (
     select_splits,
     splitting_matrices,
     ssd_split,
+    subsample_rows,
 )
 from simcore.testing import assert_close
 
@@ -413,7 +414,8 @@ def test_splitting_matrices_are_accumulated_in_bounded_chunks(monkeypatch):
     import simcore.growth.ssd as ssd_module
 
     rng = np.random.default_rng(5)
-    for n, d in ((3, 5), (6, 2)):  # both branches: n <= d and n > d
+    # n > d sums outer products over row chunks; n <= d takes one GEMM per neuron (no chunks)
+    for n, d in ((3, 5), (6, 2)):
         x, g, z = (rng.standard_normal((4, 7, k)) for k in (d, n, n))
         whole = ssd_module.splitting_matrices(x, g, z, activation="swish")
         monkeypatch.setattr(ssd_module, "_MAX_TEMPORARY", n * d + d * d)  # a few rows a chunk
@@ -422,3 +424,34 @@ def test_splitting_matrices_are_accumulated_in_bounded_chunks(monkeypatch):
         np.testing.assert_allclose(chunked, whole, rtol=1e-12, atol=1e-14)
         expected = ref.splitting_matrices(x, g, z, activation="swish")
         np.testing.assert_allclose(chunked, expected, rtol=1e-10, atol=1e-12)
+
+
+def test_subsampled_rows_estimate_the_same_splitting_matrices():
+    """Rows drawn without replacement and reweighted: S unchanged in expectation, exact when
+    every row is kept, and the same draw for the same seed."""
+    rng = np.random.default_rng(7)
+    x, g, z = (rng.standard_normal((6, 5, k)) for k in (4, 3, 3))  # 30 rows
+    full = ref.splitting_matrices(x, g, z, activation="swish")
+    kept = subsample_rows(x, g, z, 30, rng=0)
+    np.testing.assert_array_equal(kept[0][:, 0], x.reshape(30, 4))
+    np.testing.assert_allclose(splitting_matrices(*kept, activation="swish"), full, rtol=1e-12)
+    draws = [splitting_matrices(*subsample_rows(x, g, z, 10, rng=seed), activation="swish")
+             for seed in range(3000)]
+    assert draws[0].shape == full.shape and not np.allclose(draws[0], full)
+    spread = np.std(draws, axis=0) / math.sqrt(len(draws))
+    assert (np.abs(np.mean(draws, axis=0) - full) <= 5 * spread + 1e-12).all()
+    again = subsample_rows(x, g, z, 10, rng=np.random.default_rng(3))
+    np.testing.assert_array_equal(again[0], subsample_rows(x, g, z, 10, rng=3)[0])
+    with pytest.raises(ValueError, match="max_rows"):
+        subsample_rows(x, g, z, 0, rng=0)
+
+
+def test_a_large_fan_in_is_formed_from_the_upper_block_triangle():
+    """From d = 256 on S is built from two column blocks' upper triangle: same matrices."""
+    rng = np.random.default_rng(8)
+    x, g, z = rng.standard_normal((3, 2, 300)), rng.standard_normal((3, 2, 2)), \
+        rng.standard_normal((3, 2, 2))
+    s = splitting_matrices(x, g, z, activation="swish", bn_scale=np.asarray([0.5, 2.0]))
+    expected = ref.splitting_matrices(x, g, z, activation="swish", bn_scale=np.asarray([0.5, 2.0]))
+    np.testing.assert_allclose(s, expected, rtol=1e-10, atol=1e-12 * np.abs(expected).max())
+    np.testing.assert_array_equal(s, np.transpose(s, (0, 2, 1)))

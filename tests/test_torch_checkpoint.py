@@ -176,10 +176,11 @@ def test_mobilenet_and_adam_round_trip(tmp_path):
     assert restored.optimizer.state[q]["step"].item() == 1
 
 
-def test_custom_model_needs_a_description_and_a_builder(tmp_path):
+def test_custom_model_with_a_description_and_a_builder(tmp_path):
     model = nn.Sequential(nn.Linear(3, 7), nn.ReLU(), nn.Linear(7, 2))
-    with pytest.raises(TypeError, match="VGG16 or MobileNetV1"):
-        save_checkpoint(tmp_path / "c.pt", model)
+    save_checkpoint(tmp_path / "tree.pt", model)
+    with pytest.raises(ValueError, match="model="):  # no builder makes a module tree
+        load_checkpoint(tmp_path / "tree.pt")
     description = {"builder": "mlp", "kwargs": {"hidden": 7}}
     save_checkpoint(tmp_path / "c.pt", model, architecture=description)
 
@@ -392,3 +393,74 @@ def test_a_file_of_the_previous_format_still_loads(tmp_path):
     restored = load_checkpoint(tmp_path / "old.pt", optimizer=_sgd)
     assert restored.extra == {"epoch": 3}
     assert torch.equal(restored.model.features[0].weight, model.features[0].weight)
+
+
+def _grown_zoo_model(name):
+    from simcore.adapters.torch import RandomGrower
+    from simcore.adapters.torch.zoo import build
+
+    model = build(name, width=0.125, seed=0)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
+    x, y = torch.randn(4, 3, 32, 32), torch.randint(0, 10, (4,))
+    nn.functional.cross_entropy(model(x), y).backward()
+    optimizer.step()
+    report = RandomGrower(seed=0).grow(model, None, None, optimizer, ratio=0.5,
+                                       example_input=x[:1])
+    assert report.total_added > 0
+    optimizer.zero_grad()
+    nn.functional.cross_entropy(model(x), y).backward()
+    optimizer.step()
+    return model, optimizer, x, y
+
+
+@pytest.mark.parametrize("name", ["vgg11_bn", "mobilenet_v2"])
+def test_a_grown_zoo_model_reloads_from_its_constructor(tmp_path, name):
+    from simcore.adapters.torch.zoo import build
+
+    model, optimizer, x, y = _grown_zoo_model(name)
+    save_checkpoint(tmp_path / "z.pt", model, optimizer)
+    restored = load_checkpoint(tmp_path / "z.pt", model=build(name, width=0.125, seed=1),
+                               optimizer=lambda ps: torch.optim.SGD(ps, lr=0.05, momentum=0.9))
+    saved, loaded = model.state_dict(), restored.model.state_dict()
+    assert all(torch.equal(saved[k], loaded[k]) for k in saved)
+    model.eval()
+    restored.model.eval()
+    assert torch.equal(model(x), restored.model(x))
+    for p, q in zip(model.parameters(), restored.model.parameters(), strict=True):
+        assert torch.equal(optimizer.state[p]["momentum_buffer"],
+                           restored.optimizer.state[q]["momentum_buffer"])
+    # Both train on identically from here (same dropout draws).
+    for net, opt in ((model, optimizer), (restored.model, restored.optimizer)):
+        torch.manual_seed(5)
+        net.train()
+        opt.zero_grad()
+        nn.functional.cross_entropy(net(x), y).backward()
+        opt.step()
+    assert all(torch.equal(p, q) for p, q in
+               zip(model.parameters(), restored.model.parameters(), strict=True))
+
+
+def test_recorded_layer_sizes_are_checked_before_allocating(tmp_path):
+    from simcore.adapters.torch import checkpoint
+
+    model = nn.Sequential(nn.Linear(3, 9), nn.ReLU(), nn.Linear(9, 2))
+    save_checkpoint(tmp_path / "c.pt", model)
+    payload = torch.load(tmp_path / "c.pt", weights_only=True)
+    forged = {**payload, "layers": {**payload["layers"],
+                                    "0": {**payload["layers"]["0"], "out_features": 10**9}}}
+    torch.save({**forged, "digest": checkpoint.content_digest(forged)}, tmp_path / "f.pt")
+    fresh = nn.Sequential(nn.Linear(3, 4), nn.ReLU(), nn.Linear(4, 2))
+    with pytest.raises(ValueError, match="f.pt.*out_features|f.pt.*shape"):
+        load_checkpoint(tmp_path / "f.pt", model=fresh)
+    assert fresh[0].out_features == 4 and fresh[0].weight.shape == (4, 3)  # untouched
+    # Another architecture is refused by module, before anything changes.
+    other = nn.Sequential(nn.Conv2d(3, 4, 1), nn.ReLU(), nn.Linear(4, 2))
+    with pytest.raises(ValueError, match="'0'.*Conv2d|Conv2d.*'0'"):
+        load_checkpoint(tmp_path / "c.pt", model=other)
+    assert other[0].out_channels == 4
+    # A file of format 3 has no layer sizes: it loads through its builder only.
+    old = {k: v for k, v in payload.items() if k not in ("digest", "layers")}
+    old = {**old, "format": checkpoint.FORMAT_3}
+    torch.save({**old, "digest": checkpoint.content_digest(old)}, tmp_path / "old.pt")
+    with pytest.raises(ValueError, match="layer sizes"):
+        load_checkpoint(tmp_path / "old.pt", model=fresh)

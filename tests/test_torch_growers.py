@@ -206,8 +206,9 @@ def test_ssd_lambda_min_predicts_the_loss_change_of_a_split():
         model = _small(torch.float64)
         batches = _data((8, 3, 8, 8), 4, seed=3, dtype=torch.float64, batches=2)
         before = _loss(model, batches)
-        report = SSDGrower("exact", eps=eps).grow(model, batches, F.cross_entropy,
-                                                  ratio=1.0 / width, layers=[layer])
+        # every row: the prediction holds for the S of these batches, not for a sample of it
+        report = SSDGrower("exact", eps=eps, rows_per_dim=None).grow(
+            model, batches, F.cross_entropy, ratio=1.0 / width, layers=[layer])
         assert report.added == {layer: 1}
         lam = float(report.scores[layer].min())
         change = _loss(model, batches) - before
@@ -509,6 +510,9 @@ def test_a_shared_activation_module_gives_the_same_ssd_scores():
     (lambda: SSDGrower(rayleigh_steps=0), ValueError, "rayleigh_steps"),
     (lambda: SSDGrower(rayleigh_steps=2.5), TypeError, "rayleigh_steps"),
     (lambda: SSDGrower("slow"), ValueError, "mode"),
+    (lambda: SSDGrower(power_steps=0), ValueError, "power_steps"),
+    (lambda: SSDGrower(rows_per_dim=0), ValueError, "rows_per_dim"),
+    (lambda: SSDGrower(exact_max_bytes=0), ValueError, "exact_max_bytes"),
     (lambda: SSDGrower(only_negative="yes"), TypeError, "only_negative"),
     (lambda: FireflyGrower(new_per_layer=-1), ValueError, "new_per_layer"),
     (lambda: FireflyGrower(lr=0.0), ValueError, "lr"),
@@ -522,6 +526,30 @@ def test_a_shared_activation_module_gives_the_same_ssd_scores():
 def test_constructors_refuse_bad_arguments(make, error, match):
     with pytest.raises(error, match=match):
         make()
+
+
+def test_ssd_exact_refuses_a_layer_too_large_for_its_memory_limit_before_forming_it(
+        monkeypatch):
+    import simcore.growth.ssd_grower as ssd_grower
+
+    def formed(*args, **kwargs):
+        raise AssertionError("a splitting matrix was formed before the memory check")
+
+    monkeypatch.setattr(ssd_grower, "splitting_matrices", formed)
+    model = _small()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    # the largest layer, fc1: 8 neurons of fan-in 80, three float32 (8, 80, 80) arrays
+    assert ssd_grower.exact_bytes(8, 80, 4) == 614400
+    grower = SSDGrower("exact", exact_max_bytes=614399)
+    with pytest.raises(GrowthError, match=r"'fc1'.*8 splitting matrices of 80 x 80.*"
+                                          r"GiB.*GFLOP.*mode=\"fast\""):
+        grower.grow(model, _data((4, 3, 8, 8), 4), F.cross_entropy)
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+    monkeypatch.undo()
+    # at the limit it forms them; fast mode forms nothing and takes no limit
+    SSDGrower("exact", exact_max_bytes=614400).grow(model, _data((4, 3, 8, 8), 4),
+                                                    F.cross_entropy)
+    SSDGrower("fast", exact_max_bytes=1).grow(model, _data((4, 3, 8, 8), 4), F.cross_entropy)
 
 
 class _NoScoring(SSDGrower):

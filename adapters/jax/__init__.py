@@ -10,6 +10,9 @@
 * :func:`linen_flow`, :func:`add_neurons`, :func:`replicate_neurons`,
   :func:`split_neurons`, :func:`grow_optax_state`: out-of-place widening of a
   linen model's variables, and its optax state, through :mod:`simcore.growth`.
+* :func:`grow`: the core's Random, SSD and Firefly growers on a Flax linen, Flax nnx or
+  Equinox model, with every layer's channel flow found by tracing (:func:`discover_flows`);
+  returns a :class:`JaxGrowth` (new model, variables, optax state, report).
 
 >>> import jax, jax.numpy as jnp
 >>> from simcore.adapters.jax import similarity_loss
@@ -30,8 +33,17 @@ from ._growth import (
 from ._loss import growth_objective, similarity_loss
 from ._optax import SimilarityGradientState, add_similarity_gradient, penalty
 from ._trees import find_kernels, leaf_name, named_leaves
+from .discovery import JaxFlow
+from .grow import JaxGrowth, check_flows, discover_flows, grow
+from .host import JaxGrowthHost
 
 __all__ = [
+    "JaxFlow",
+    "JaxGrowth",
+    "JaxGrowthHost",
+    "check_flows",
+    "discover_flows",
+    "grow",
     "add_neurons",
     "flatten_variables",
     "grow_optax_state",

@@ -23,7 +23,7 @@ import jax
 
 from simcore import growth
 
-from ._optax import SimilarityGradientState
+from ._optstate import grow_mirrors
 from ._trees import leaf_name, named_leaves
 
 __all__ = [
@@ -170,16 +170,12 @@ def split_neurons(
     """:func:`simcore.growth.split_neurons` on a linen ``variables`` dict.
 
     ``directions`` has shape ``(len(parents), fan_in)`` or ``(len(parents),
-    kh, kw, C_in)`` (the kernel's shape without its last axis).
+    kh, kw, C_in)`` (the kernel's shape without its last axis), a JAX array or anything
+    ``jnp.asarray`` takes (a NumPy array).
     """
+    if not isinstance(directions, jax.Array):  # NumPy (or a list): params are jax arrays
+        directions = jax.numpy.asarray(directions)
     return _apply(growth.split_neurons, variables, flow, parents, directions, eps=eps)
-
-
-def _is_mirror(node: Any, treedef: Any, shapes: list[tuple[int, ...]]) -> bool:
-    if jax.tree_util.tree_structure(node) != treedef:
-        return False
-    leaves = jax.tree_util.tree_leaves(node)
-    return all(getattr(x, "shape", None) == s for x, s in zip(leaves, shapes, strict=True))
 
 
 def grow_optax_state(
@@ -205,44 +201,12 @@ def grow_optax_state(
     Parts of the state that do not mirror ``params`` (e.g. ``optax.masked``
     states) are not recognised and are left as they are.
     """
-    treedef = jax.tree_util.tree_structure(params)
-    shapes = [tuple(x.shape) for x in jax.tree_util.tree_leaves(params)]
     prefix = f"{collection}/" if collection else ""
-    grown_names = set(flow.names())
     new_named = None
     if new_params is not None:
         new_named = {
             prefix + leaf_name(p): x for p, x in jax.tree_util.tree_flatten_with_path(new_params)[0]
         }
-
-    def grow_mirror(node):
-        flat = jax.tree_util.tree_flatten_with_path(node)
-        state = {prefix + leaf_name(p): {"slot": x} for p, x in flat[0]}
-        grown = growth.map_optimizer_state(state, flow, channel_map, mode=mode)
-        leaves = [grown[prefix + leaf_name(p)]["slot"] for p, _ in flat[0]]
-        return jax.tree_util.tree_unflatten(flat[1], leaves)
-
-    def walk(node):
-        if isinstance(node, SimilarityGradientState):
-            refs = dict(node.refs)
-            for name in refs:
-                if prefix + name in grown_names:
-                    if new_named is None:
-                        raise ValueError(
-                            "opt_state holds an Eq. 4 snapshot of a grown kernel: "
-                            "pass new_params to re-take it"
-                        )
-                    refs[name] = new_named[prefix + name]
-            return node._replace(refs=refs)
-        if _is_mirror(node, treedef, shapes):
-            return grow_mirror(node)
-        if isinstance(node, tuple) and hasattr(node, "_fields"):
-            return type(node)(*(walk(child) for child in node))
-        if isinstance(node, (tuple, list)):
-            return type(node)(walk(child) for child in node)
-        if isinstance(node, Mapping):
-            # the concrete mappings of optimizer states (dict, FrozenDict) take a dict
-            return type(node)({key: walk(child) for key, child in node.items()})  # type: ignore[call-arg]
-        return node
-
-    return walk(opt_state)
+    grown, _ = grow_mirrors(opt_state, [(flow, [channel_map])], params=params, prefix=prefix,
+                            new_named=new_named, mode=mode)
+    return grown

@@ -59,9 +59,25 @@ def _pytree_objective(objective, neuron_axis_given, lam, **options) -> Objective
     return objective
 
 
+def _is_equinox(tree: Any) -> bool:
+    try:
+        import equinox as eqx
+    except ImportError:
+        return False
+    return isinstance(tree, eqx.Module)
+
+
+def _default_axis(params: Any) -> int:
+    """Neurons' axis when none is given: 0 in an Equinox module (``(out, in)``, OIHW), -1 in
+    Flax trees and plain mappings (``(in, out)``, HWIO)."""
+    return 0 if _is_equinox(params) else -1
+
+
 def _selected(params: Any, mask: Any, neuron_axis: Any) -> list[tuple[int, str, int]]:
     """``[(leaf index, leaf name, neuron axis)]`` of the penalised leaves, in flattening order."""
     flat, treedef = jax.tree_util.tree_flatten_with_path(params)
+    if neuron_axis is None:
+        neuron_axis = _default_axis(params)
     if callable(neuron_axis):
         neuron_axis = neuron_axis(params)
     if mask is not None:
@@ -112,7 +128,7 @@ def penalty(
     params: Any,
     *,
     mask: Any = None,
-    neuron_axis: Any = -1,
+    neuron_axis: Any = None,
     refs: Any = None,
     objective: Objective | None = None,
     lam: float | None = None,
@@ -130,8 +146,9 @@ def penalty(
     0: the axes come from ``neuron_axis=`` here) or as its keywords (``lam`` defaults
     to 0).
     ``similarity=False`` leaves Eq. 2 out (``lam`` times Eq. 4 alone, the
-    paper's Table 3 ablation); it needs ``refs``. The default
-    ``neuron_axis=-1`` suits Flax; Equinox needs 0 (or ``find_kernels(model)``).
+    paper's Table 3 ablation); it needs ``refs``. ``neuron_axis=None`` (default) takes the
+    layout from the tree: 0 for an Equinox module (``(out, in)`` and OIHW weights), -1 for
+    Flax trees and plain mappings (``(in, out)`` and HWIO kernels).
 
     >>> import jax, jax.numpy as jnp
     >>> from simcore.adapters.jax import penalty
@@ -171,7 +188,7 @@ def add_similarity_gradient(
     strength: float | Callable[[jax.Array], jax.Array],
     *,
     mask: Any = None,
-    neuron_axis: Any = -1,
+    neuron_axis: Any = None,
     objective: Objective | None = None,
     lam: float | None = None,
     anchor: str = "snapshot",
@@ -245,6 +262,11 @@ def add_similarity_gradient(
         scale = strength(state.count) if callable(strength) else strength
         update_leaves, treedef = jax.tree_util.tree_flatten(updates)
         if len(update_leaves) != len(leaves):
+            if _is_equinox(params):
+                raise ValueError(
+                    "updates and params must have the same tree structure: params is an "
+                    "unfiltered Equinox module (functions and other non-array leaves); pass "
+                    "eqx.filter(model, eqx.is_array) to init and update, as the gradients are")
             raise ValueError("updates and params must have the same tree structure")
         update_leaves = list(update_leaves)
         for (i, _, _), grad in zip(chosen, grads, strict=True):

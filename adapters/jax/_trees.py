@@ -50,15 +50,16 @@ def named_leaves(tree: Any) -> dict[str, Any]:
     return {leaf_name(path): leaf for path, leaf in flat}
 
 
-def _is_depthwise_kernel(kernel: Any) -> bool:
+def _is_depthwise_kernel(kernel: Any, produced: set[int]) -> bool:
     # A linen params dict records no group count, only the HWIO kernel
     # (kh, kw, in_channels / groups, out_channels). is_depthwise's
     # ``in_channels == groups`` is that third axis being 1; its ``groups > 1`` is
-    # not recorded, and is taken to hold when there is more than one output
-    # channel (a depthwise conv has out = multiplier * groups >= 2). The one
-    # kernel this misjudges is a plain conv reading a single-channel image
-    # (in_channels == groups == 1), counted as depthwise.
-    return kernel.ndim >= 3 and int(kernel.shape[-2]) == 1 and int(kernel.shape[-1]) > 1
+    # not recorded. A depthwise conv reads the C channels some other layer produced,
+    # so a (kh, kw, 1, C) kernel counts as depthwise only when another kernel has C
+    # outputs: a conv reading a one-channel image (the MNIST CNN's first layer) is not.
+    # (Still misjudged: such a first conv followed by a layer of the same width.)
+    return (kernel.ndim >= 3 and int(kernel.shape[-2]) == 1 and int(kernel.shape[-1]) > 1
+            and int(kernel.shape[-1]) in produced)
 
 
 def _keep(depthwise_layer: bool, depthwise: str) -> bool:
@@ -70,12 +71,16 @@ def _keep(depthwise_layer: bool, depthwise: str) -> bool:
 def _linen_kernels(tree: Any, depthwise: str) -> dict[str, int]:
     # No group count here: see _is_depthwise_kernel for the shape rule (pass
     # depthwise="include", the default, when a one-channel input conv matters).
-    found = {}
+    kernels = {}
     for path, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]:
         name = leaf_name(path)
-        if name.rsplit("/", 1)[-1] != "kernel" or getattr(leaf, "ndim", 0) < 2:
-            continue
-        if _keep(_is_depthwise_kernel(leaf), depthwise):
+        if name.rsplit("/", 1)[-1] == "kernel" and getattr(leaf, "ndim", 0) >= 2:
+            kernels[name] = leaf
+    found = {}
+    for name, leaf in kernels.items():
+        produced = {int(k.shape[-1]) for other, k in kernels.items()
+                    if other != name and not (k.ndim >= 3 and int(k.shape[-2]) == 1)}
+        if _keep(_is_depthwise_kernel(leaf, produced), depthwise):
             found[name] = -1
     return found
 
@@ -157,8 +162,9 @@ def find_kernels(tree: Any, *, layout: str = "auto", depthwise: str = "exclude")
     so a ResNeXt-style grouped conv is not depthwise). nnx and Equinox modules
     report their input channels and group count; a linen dict does not, so
     there a kernel with one input channel per group and several outputs,
-    ``(kh, kw, 1, C > 1)``, counts as depthwise (a plain conv on a
-    one-channel image is the one kernel that rule misjudges).
+    ``(kh, kw, 1, C > 1)``, counts as depthwise when another (non-depthwise) kernel
+    outputs ``C`` channels (so a conv on a one-channel image is not depthwise, unless
+    a later layer has its width: pass ``depthwise="include"`` there).
 
     >>> import jax, jax.numpy as jnp, flax.linen as nn
     >>> from simcore.adapters.jax import find_kernels

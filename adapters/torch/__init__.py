@@ -21,3 +21,4 @@ from .host import TorchGrowthHost
 from .penalty import is_depthwise_layer
 from .host import parameter_count
 from .flows import layer_weight
+from .kernel import TorchKernel

@@ -1,9 +1,13 @@
 """Checkpoints of grown models: widths, weights, optimizer, schedule position and RNG state.
 
 A grown model no longer matches its seed's constructor, so a checkpoint stores
-how to rebuild it (the builder's name and its keyword arguments, the current
-per-layer widths included, from :func:`simcore.adapters.torch.architecture`)
-next to the ``state_dict``. Everything is stored as tensors and primitive
+how to rebuild it next to the ``state_dict``: every layer's sizes, for any module
+tree (:func:`~simcore.adapters.torch.layer_sizes.layer_sizes`), so
+``load_checkpoint(path, model=fresh)`` widens a freshly constructed model of the
+same architecture to them (no builder to write: a third-party model reloads from
+its own constructor); and, for the paper's models, the builder's name and keyword
+arguments with the current per-layer widths (:func:`simcore.adapters.torch.architecture`),
+so they reload without ``model``. Everything is stored as tensors and primitive
 containers, so :func:`load_checkpoint` reads it with
 ``torch.load(..., weights_only=True)`` (no pickled code runs on load).
 
@@ -25,8 +29,8 @@ allocated) and its ``state_dict`` shapes compared with the stored weights before
 model is built, so a small file declaring a huge width is refused without allocating it;
 and the optimizer factory must build the same kind of optimizer as the saved one. The
 hash guards against damage, not forgery: anyone can compute it, which is why the fields
-are validated as well. Files of the previous format (``simcore.torch.checkpoint/2``, no
-hash and no optimizer kind) still load, with every other check.
+are validated as well. Files of the previous formats (``/3``: no layer sizes, ``/2``: no
+hash and no optimizer kind either) still load through their builders, with every other check.
 
 >>> import os, tempfile, torch
 >>> from simcore.adapters.torch import vgg16, widths, save_checkpoint, load_checkpoint
@@ -53,14 +57,20 @@ import torch
 from torch import nn
 
 from . import models
+from .layer_sizes import layer_sizes, resize_to
 
 __all__ = ["FORMAT", "Checkpoint", "CheckpointError", "content_digest", "load_checkpoint",
            "rng_state", "save_checkpoint", "set_rng_state"]
 
 #: Stored under "format"; bumped if the layout changes.
-FORMAT = "simcore.torch.checkpoint/3"
-#: The previous format: no content hash, no optimizer kind; still read.
+FORMAT = "simcore.torch.checkpoint/4"
+#: Format 3: no recorded layer sizes (a model only rebuilds through a builder); still read.
+FORMAT_3 = "simcore.torch.checkpoint/3"
+#: Format 2: no content hash, no optimizer kind either; still read.
 PREVIOUS_FORMAT = "simcore.torch.checkpoint/2"
+#: The ``architecture["builder"]`` of a model no builder makes: it reloads into a freshly
+#: constructed model passed as ``load_checkpoint(..., model=...)``, widened to the saved sizes.
+MODULE_TREE = "module_tree"
 
 
 class CheckpointError(ValueError):
@@ -197,9 +207,11 @@ def save_checkpoint(
 ) -> None:
     """Write ``model`` (its widths and weights), optimizer, scheduler, RNG states and ``extra``.
 
-    ``architecture`` defaults to :func:`simcore.adapters.torch.architecture`
-    (the paper's models); for another model pass ``{"builder": name, "kwargs":
-    {...}}`` and give :func:`load_checkpoint` a matching ``builders``. The file
+    Every layer's sizes are recorded, so any model reloads with
+    ``load_checkpoint(path, model=<freshly built>)``. ``architecture`` defaults to
+    :func:`simcore.adapters.torch.architecture` for the paper's models (they reload without
+    ``model``) and to ``{"builder": "module_tree", ...}`` for any other; a builder of your own
+    is ``{"builder": name, "kwargs": {...}}`` with a matching ``builders`` at load. The file
     is written to a temporary name and renamed, so a crash never leaves half a
     checkpoint under ``path``.
     """
@@ -212,7 +224,11 @@ def save_checkpoint(
     if scheduler is not None and not callable(getattr(scheduler, "state_dict", None)):
         raise TypeError(f"scheduler must have a state_dict(), got {type(scheduler).__name__}")
     if architecture is None:
-        architecture = models.architecture(model)
+        if isinstance(model, (models.VGG16, models.MobileNetV1)):
+            architecture = models.architecture(model)
+        else:
+            kind = f"{type(model).__module__}.{type(model).__qualname__}"
+            architecture = {"builder": MODULE_TREE, "kwargs": {"type": kind}}
     else:
         if not isinstance(architecture, Mapping) or not isinstance(
             architecture.get("builder"), str
@@ -227,6 +243,7 @@ def save_checkpoint(
     payload = {
         "format": FORMAT,
         "architecture": architecture,
+        "layers": layer_sizes(model),
         "model": model.state_dict(),
         "optimizer": None if optimizer is None else optimizer.state_dict(),
         "optimizer_params": (None if optimizer is None
@@ -284,8 +301,15 @@ def load_checkpoint(
     device: str | torch.device | None = None,
     restore_rng: bool = True,
     builders: Mapping[str, Callable[..., nn.Module]] | None = None,
+    model: nn.Module | None = None,
 ) -> Checkpoint:
     """Rebuild the saved model at its saved widths and load everything into it.
+
+    The model comes from ``model``, a freshly constructed model of the saved architecture at
+    any width (e.g. the growth seed, built as it was before growing: any ``nn.Module``), which
+    is widened in place to the saved layer sizes (:mod:`.layer_sizes`, checked against the
+    stored shapes before anything is allocated); or, without ``model``, from the builder the
+    file names (the paper's VGG16/MobileNetV1, or one of ``builders``).
 
     ``optimizer`` and ``scheduler`` are factories, because a grown model's
     parameters only exist after the rebuild: ``optimizer(model.parameters())``
@@ -303,15 +327,24 @@ def load_checkpoint(
         raise TypeError("scheduler must be a factory: scheduler(optimizer) -> LR scheduler")
     if scheduler is not None and optimizer is None:
         raise ValueError("a scheduler factory needs an optimizer factory")
+    if model is not None and not isinstance(model, nn.Module):
+        raise TypeError(f"model must be a freshly built nn.Module, got {type(model).__name__}")
     try:
         payload = torch.load(Path(path), map_location="cpu", weights_only=True)
     except RecursionError:
         raise CheckpointError(f"{path}: nested too deeply to be a checkpoint") from None
     payload = _checked_payload(payload, path)
     description = payload["architecture"]
-    builder = dict(builders or {}).get(description["builder"])
-    _check_widths(description, builder, payload["model"], path)
-    model = _build(description, builder, path)
+    if model is not None:
+        _resize(model, payload, path)
+    else:
+        builder = dict(builders or {}).get(description["builder"])
+        if description["builder"] == MODULE_TREE and builder is None:
+            raise CheckpointError(
+                f"{path} holds a {description['kwargs'].get('type', 'model')} that no builder "
+                "makes: pass model=<that model freshly built, e.g. at its seed width>")
+        _check_widths(description, builder, payload["model"], path)
+        model = _build(description, builder, path)
     model.load_state_dict(payload["model"])
     if device is not None:
         model.to(device)
@@ -353,9 +386,10 @@ def _is_str_list(value: Any) -> bool:
 
 def _checked_payload(payload: Any, path: Any) -> Mapping[str, Any]:
     """``payload`` once its hash (current format) and every field's type and layout pass."""
-    if not isinstance(payload, Mapping) or payload.get("format") not in (FORMAT, PREVIOUS_FORMAT):
+    if not isinstance(payload, Mapping) or payload.get("format") not in (
+            FORMAT, FORMAT_3, PREVIOUS_FORMAT):
         raise ValueError(f"{path} is not a simcore torch checkpoint ({FORMAT})")
-    if payload["format"] == FORMAT:
+    if payload["format"] != PREVIOUS_FORMAT:
         stored = payload.get("digest")
         if not isinstance(stored, str):
             raise _fail(path, "it has no content hash")
@@ -371,6 +405,11 @@ def _checked_payload(payload: Any, path: Any) -> Mapping[str, Any]:
             and isinstance(description.get("kwargs"), Mapping)
             and all(isinstance(k, str) for k in description["kwargs"])):
         raise _fail(path, "'architecture' is not {'builder': name, 'kwargs': {name: value}}")
+    layers = payload.get("layers")
+    if payload["format"] == FORMAT and not (isinstance(layers, Mapping) and all(
+            isinstance(k, str) and isinstance(v, Mapping) and all(isinstance(a, str) for a in v)
+            for k, v in layers.items())):
+        raise _fail(path, "'layers' is not {module name: {size attribute: value}}")
     state = payload["model"]
     if not (isinstance(state, Mapping) and all(
             isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in state.items())):
@@ -444,6 +483,18 @@ def _check_widths(description, builder, state, path) -> None:
                               f"shape {stored[name]}" if name in stored else "no such entry")
             raise _fail(path, f"the architecture {description['builder']!r} declares {name!r} "
                               f"with {declared} but the stored weights have {held}")
+
+
+def _resize(model: nn.Module, payload: Mapping[str, Any], path: Any) -> None:
+    """Widen the freshly built ``model`` to the saved layer sizes (checked before allocating)."""
+    if "layers" not in payload:
+        raise CheckpointError(f"{path} was written before layer sizes were recorded "
+                              f"({payload['format']}): load it with its builder instead of model=")
+    try:
+        resize_to(model, payload["layers"], payload["model"])
+    except ValueError as error:
+        raise CheckpointError(f"{path}: cannot rebuild the model from the given one: {error}") \
+            from None
 
 
 def _build(description, builder, path) -> nn.Module:

@@ -80,8 +80,19 @@ class TorchGrowthHost:
     ) -> Callable[[Mapping[str, torch.Tensor], Any], Any]:
         self._scoring = "Firefly's candidate gradients"
         # A copy with the widened structure: only its modules' shapes are used, the arrays
-        # come from the caller at every call.
-        shadow = copy.deepcopy(self.model)
+        # come from the caller at every call. Its parameters and buffers live on the meta
+        # device (shapes, no storage), so the copy costs no memory whatever the model's size;
+        # tensors outside the state_dict (non-persistent buffers) are shared, not copied.
+        in_state = {id(t) for t in self.model.state_dict(keep_vars=True).values()}
+        memo: dict[int, Any] = {}
+        for t in [*self.model.parameters(), *self.model.buffers()]:
+            if id(t) not in in_state:
+                memo[id(t)] = t
+            elif isinstance(t, nn.Parameter):
+                memo[id(t)] = nn.Parameter(t.detach().to("meta"), requires_grad=False)
+            else:
+                memo[id(t)] = t.detach().to("meta")
+        shadow = copy.deepcopy(self.model, memo)
         growths = [(flow, cmap) for flow, cmap in zip(self.flows, channel_maps, strict=True)
                    if cmap is not None]
         apply_growths(shadow, growths[::-1], widened_state)
@@ -117,5 +128,14 @@ class TorchGrowthHost:
         # Downstream flows first, as they were planned.
         growths = [(flow, cmap) for flow, cmap in zip(self.flows, channel_maps, strict=True)
                    if cmap is not None]
+        # The grown entries laid out as the parameters will be, one at a time in the caller's
+        # own dict (the plan is not used after this): the surgery then takes these arrays as
+        # they are instead of holding a contiguous copy of every grown layer next to the plan's.
+        if isinstance(new_state, dict):
+            grown = {name for flow, _ in growths for name in flow.channel_flow(self.model).names()}
+            for name in grown & new_state.keys():
+                value = new_state[name]
+                if isinstance(value, torch.Tensor) and not value.is_contiguous():
+                    new_state[name] = value.contiguous()
         apply_growths(self.model, growths[::-1], new_state, self.optimizer,
                       self.optimizer_mode, self.lr)

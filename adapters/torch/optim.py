@@ -216,6 +216,10 @@ def _like_parameter(value: torch.Tensor, new: torch.Tensor, label: str) -> torch
             f"{label} has shape {tuple(value.shape)} after growth but the new parameter has "
             f"{tuple(new.shape)}: the channel map does not match the grown parameter"
         )
+    if value.stride() == new.stride() and value.device == new.device and (
+            value.storage_offset() == 0
+            and value.untyped_storage().nbytes() == value.numel() * value.element_size()):
+        return value  # already laid out like the parameter and owning its storage: no copy
     out = torch.empty_like(new, dtype=value.dtype)
     out.copy_(value)
     return out

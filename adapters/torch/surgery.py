@@ -366,11 +366,7 @@ def _growth_swaps(model, flow, new_params, channel_map, optimizer, optimizer_mod
         if positions is not None and name in positions:
             value = _at_positions(name, value, positions[name])
         value = _leading_part(name, value, old, grown_axis[name])
-        # Contiguous like a freshly built layer: the core's arrays may carry permuted
-        # strides, and a checkpoint-rebuilt model must run the very same kernels.
-        value = value.to(device=old.device, dtype=old.dtype).clone(
-            memory_format=torch.contiguous_format
-        )
+        value = _own_contiguous(value.to(device=old.device, dtype=old.dtype), old)
         written[name] = value
         if attr in module._parameters:
             new = nn.Parameter(value, requires_grad=old.requires_grad)
@@ -382,6 +378,22 @@ def _growth_swaps(model, flow, new_params, channel_map, optimizer, optimizer_mod
     if optimizer is not None:
         swaps.extend(_optimizer_swaps(optimizer, replaced, core_flow, maps, optimizer_mode, lr))
     return swaps
+
+
+def _own_contiguous(value: torch.Tensor, old: torch.Tensor) -> torch.Tensor:
+    """``value`` as a contiguous tensor owning all of its storage, copied only if it is not.
+
+    Contiguous like a freshly built layer: the core's arrays may carry permuted strides, and
+    a checkpoint-rebuilt model must run the very same kernels. A view (a leading part, a
+    permutation) is copied so it does not keep a larger array alive; an array the core just
+    made is used as it is, which keeps a growth from holding every grown layer twice.
+    """
+    owns_storage = (
+        value.is_contiguous() and value.storage_offset() == 0
+        and value.untyped_storage().nbytes() == value.numel() * value.element_size()
+        and value.untyped_storage().data_ptr() != old.untyped_storage().data_ptr()
+    )
+    return value if owns_storage else value.clone(memory_format=torch.contiguous_format)
 
 
 def _leading_part(name, value, old, axis):

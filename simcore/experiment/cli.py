@@ -32,6 +32,7 @@ from .config import (
     DEFAULT_PHASE_LAM,
     DEFAULT_PHASE_LR,
     FORMS,
+    FRAMEWORKS,
     LR_SCHEDULES,
     METHODS,
     MODELS,
@@ -58,7 +59,7 @@ _OVERRIDES = {
     "lr_schedule": "lr_schedule", "momentum": "momentum", "weight_decay": "weight_decay",
     "dataset": "dataset", "data_root": "data_root", "train_limit": "train_limit",
     "test_limit": "test_limit", "val_fraction": "val_fraction", "data_seed": "data_seed",
-    "device": "device",
+    "device": "device", "framework": "framework",
 }
 
 #: RunConfig field (and run_experiment argument) -> the flag a user types to set it, so that
@@ -170,6 +171,10 @@ def build_parser() -> argparse.ArgumentParser:
                       "out for validation (N sweeps choose on it, never on the test split)")
     data.add_argument("--data-seed", type=int, help="seed of the train/validation/test split")
     run = parser.add_argument_group("running")
+    run.add_argument("--framework", choices=FRAMEWORKS,
+                     help="torch (default): the PyTorch seeds and growers; jax: the Flax seeds "
+                     "trained with optax and grown through simcore.adapters.jax, on the same "
+                     "batches (no Grad-CAM, no mid-run checkpoints)")
     run.add_argument("--device", help="cpu, cuda, cuda:1, ... or auto (default: the preset's)")
     run.add_argument("--out", type=Path, default=None,
                      help="output folder (default: simcore-grow/<preset>)")
@@ -257,7 +262,12 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     threads, jobs = args.threads, args.jobs
     try:
-        on_cpu = resolve_device(chosen["base"].device).type == "cpu"
+        if chosen["base"].framework == "jax":
+            from .jax_runner import resolve_device as jax_device
+
+            on_cpu = jax_device(chosen["base"].device).platform == "cpu"
+        else:
+            on_cpu = resolve_device(chosen["base"].device).type == "cpu"
         if jobs is not None and jobs < 1:
             raise ValueError(f"--jobs must be >= 1, got {jobs}")
     except ValueError as err:

@@ -27,7 +27,9 @@ from .gradcam import grad_cam
 from .lock import OutputLock
 from .measure import growth_line
 from .report import format_n_sweep, format_table, summarize, write_results
-from .runner import CHECKPOINT, Hooks, load_model, resolve_device, run_one, run_status
+from .runner import CHECKPOINT, Hooks, load_model, resolve_device
+from .runner import run_one as run_torch
+from .runner import run_status as torch_status
 from .statistics import MODEL_NAMES, conclusion, paired_differences, select_n_best, terms_label
 
 __all__ = ["gradcam_figure", "run_experiment"]
@@ -56,6 +58,38 @@ def _one_per_class(dataset: ImageDataset, count: int) -> torch.Tensor:
         if len(picks) == count:
             break
     return torch.tensor(picks, dtype=torch.long)
+
+
+def run_one(config: RunConfig, out_dir: Path, **kwargs: Any) -> dict[str, Any]:
+    """One run with the runner of ``config.framework`` (JAX's imported only when asked for)."""
+    if config.framework == "jax":
+        from .jax_runner import run_one as run_jax
+
+        return run_jax(config, out_dir, **kwargs)
+    return run_torch(config, out_dir, **kwargs)
+
+
+def run_status(config: RunConfig, out_dir: Path) -> tuple[str, int]:
+    if config.framework == "jax":
+        from .jax_runner import run_status as jax_status
+
+        return jax_status(config, out_dir)
+    return torch_status(config, out_dir)
+
+
+def data_device(config: RunConfig) -> torch.device:
+    """Where the data pipeline's tensors live: the training device for PyTorch runs, the CPU
+    for JAX runs (each batch is converted and put on the JAX device)."""
+    return resolve_device(config.device) if config.framework == "torch" else torch.device("cpu")
+
+
+def run_device(config: RunConfig) -> str:
+    """The device the runs train on, as the plan line names it."""
+    if config.framework == "jax":
+        from .jax_runner import resolve_device as jax_device
+
+        return f"{jax_device(config.device).platform} (JAX)"
+    return str(resolve_device(config.device))
 
 
 #: Grad-CAM shows one test image per class, for at most this many classes (all of the digits'
@@ -134,7 +168,7 @@ def run_experiment(
     out = Path(out_dir)
     with OutputLock(out):  # one simcore grow per folder: two would overwrite each other
         dataset = _load(base)
-        device = resolve_device(base.device)
+        device = data_device(base)
         dataset = dataset.to(device)
         say = echo or (lambda _text: None)
         for config in configs:
@@ -142,7 +176,7 @@ def run_experiment(
             if fresh and run_dir.exists():
                 shutil.rmtree(run_dir)
         statuses = [run_status(config, out / "runs" / config.label) for config in configs]
-        say(_plan_line(base, configs, statuses, dataset, device, jobs, out))
+        say(_plan_line(base, configs, statuses, dataset, run_device(base), jobs, out))
         done = 0
 
         def report(config: RunConfig, result: dict[str, Any]) -> None:
@@ -187,12 +221,15 @@ def run_experiment(
         if figures:
             n_best = {m: s["n_best"] for m, s in sweeps.items()}
             files.update(_figures(results, configs, out, dataset, device, n_best))
+            if base.framework != "torch":
+                say("Grad-CAM (Fig. 4) is drawn from PyTorch checkpoints: not for "
+                    f"--framework {base.framework} runs")
     return {"results": results, "summary": summary, "table": table, "files": files,
             "conclusion": conclusion(paired_differences(results)), "n_sweeps": sweeps}
 
 
 def _plan_line(base: RunConfig, configs: Sequence[RunConfig], statuses: Sequence[tuple[str, int]],
-               dataset: ImageDataset, device: torch.device, jobs: int, out: Path) -> str:
+               dataset: ImageDataset, device: str, jobs: int, out: Path) -> str:
     """The first line of ``simcore grow``: what will run, on what, and roughly how long."""
     train = dataset.train_labels.shape[0]
     held = train + (dataset.val_labels.shape[0] if dataset.has_validation else 0)
@@ -215,12 +252,12 @@ def _plan_line(base: RunConfig, configs: Sequence[RunConfig], statuses: Sequence
                                                                       strict=True)
                       if status != "reused")
     if epochs_left:
-        seconds = estimate_seconds(base.replace(device=device.type), epochs_left, train,
-                                   min(jobs, len(configs) - reused))
+        seconds = estimate_seconds(base.replace(device=device.split(":")[0]), epochs_left,
+                                   train, min(jobs, len(configs) - reused))
         line += ("\n  expected time: " + (
             f"about {_duration(seconds)} for the training (measured on a 2-core CPU; "
             f"imports, data and figures add 10-20 s)" if seconds is not None else
-            f"no measured cost for {base.model} on {dataset.name} on {device.type}: "
+            f"no measured cost for {base.model} on {dataset.name} on {device}: "
             f"{epochs_left} epochs in all; each run prints a line when it ends"))
     return line
 
@@ -237,7 +274,7 @@ def _load(config: RunConfig) -> ImageDataset:
 
 @functools.lru_cache(maxsize=4)
 def _worker_dataset(config: RunConfig) -> ImageDataset:
-    return _load(config).to(resolve_device(config.device))
+    return _load(config).to(data_device(config))
 
 
 def _worker_run(config: RunConfig, run_dir: Path, threads: int, events: Any) -> dict[str, Any]:
@@ -341,6 +378,8 @@ def _figures(results, configs, out, dataset, device, n_best) -> dict[str, Path]:
     if phased:
         files["phase_similarity_figure"] = plot_phase_similarity(
             phased, out / "similarity_phases.png")
+    if base.framework != "torch":  # Grad-CAM reads PyTorch checkpoints; a JAX run has none
+        return files
     first_seed = configs[0].seed
     by_key = {(c.method, c.terms, c.seed): c for c in configs}
     for method in dict.fromkeys(c.method for c in configs):

@@ -34,8 +34,8 @@ from simcore.adapters.torch.schedule import (
 from simcore.extend import check_choice, check_int
 from simcore.growth import UNITS
 
-__all__ = ["EPOCH_SECONDS", "METHODS", "MODELS", "PRESETS", "PRESET_SEEDS", "PRESET_TERMS",
-           "TERMS", "TERM_LABELS", "RunConfig", "estimate_seconds", "preset"]
+__all__ = ["EPOCH_SECONDS", "FRAMEWORKS", "METHODS", "MODELS", "PRESETS", "PRESET_SEEDS",
+           "PRESET_TERMS", "TERMS", "TERM_LABELS", "RunConfig", "estimate_seconds", "preset"]
 
 MODELS = ("vgg16", "mobilenet_v1")
 METHODS = ("random", "ssd", "firefly")
@@ -45,6 +45,8 @@ TERMS = ("none", "eq2", "eq4", "both", "control")
 TERM_LABELS = {"none": "baseline", "eq2": "Eq. 2 only", "eq4": "Eq. 4 only", "both": "+ours",
                "control": "+control"}
 LR_SCHEDULES = ("cosine", "constant")
+#: The frameworks a run trains with: PyTorch (:mod:`.runner`) or JAX/Flax (:mod:`.jax_runner`).
+FRAMEWORKS = ("torch", "jax")
 
 
 def _int(value: Any, name: str, minimum: int) -> int:
@@ -102,6 +104,7 @@ class RunConfig:
     # run
     seed: int = 0
     device: str = "cpu"
+    framework: str = "torch"          # "jax": the Flax seed, optax and simcore.adapters.jax
 
     def __post_init__(self):
         check_choice(self.model, MODELS, "model")
@@ -155,6 +158,11 @@ class RunConfig:
         if not isinstance(self.device, str) or not self.device:
             raise TypeError(f"device must be a device name such as 'cpu' or 'cuda', "
                             f"got {self.device!r}")
+        check_choice(self.framework, FRAMEWORKS, "framework")
+        if self.framework == "jax" and self.phase == "joint" and self.phase_step == "absolute":
+            raise ValueError("framework 'jax' runs the joint phase with relative steps only "
+                             "(decoupled from the optimizer): use phase_step 'relative' or "
+                             "phase 'weights_only'")
 
     @property
     def phase_steps_or_default(self) -> int:
@@ -179,11 +187,14 @@ class RunConfig:
     def label(self) -> str:
         """A short unique name of the run, used for its folder: ``vgg16-firefly-both-seed0``.
 
-        An explicit ``phase_steps`` (an N sweep) adds ``-N<steps>``.
+        An explicit ``phase_steps`` (an N sweep) adds ``-N<steps>``, a JAX run ``-jax`` (so
+        the two frameworks' runs can share an output folder).
         """
         label = f"{self.model}-{self.method}-{self.terms}-seed{self.seed}"
         if self.phase_steps is not None and self.terms != "none":
             label += f"-N{self.phase_steps}"
+        if self.framework != "torch":
+            label += f"-{self.framework}"
         return label
 
     def replace(self, **changes: Any) -> RunConfig:
@@ -206,10 +217,14 @@ class RunConfig:
         """The fields that decide the numbers a run produces (``device`` excluded).
 
         A checkpoint resumes only a run with the same key; a different device
-        is allowed (the result may then differ in the last bits).
+        is allowed (the result may then differ in the last bits). ``framework`` is in the key
+        only when it is not the default, so results written before the field existed still
+        match their PyTorch runs.
         """
         key = self.to_dict()
         key.pop("device")
+        if key["framework"] == "torch":
+            key.pop("framework")
         return key
 
 
@@ -249,13 +264,13 @@ def estimate_seconds(config: RunConfig, epochs: int, train_images: int,
                      jobs: int = 1) -> float | None:
     """Rough wall time of ``epochs`` epochs (summed over runs) of ``config``'s dataset and model
     at ``jobs`` runs at a time, scaled from :data:`EPOCH_SECONDS` by the training images;
-    ``None`` where no cost was measured (another dataset or model, or a GPU).
+    ``None`` where no cost was measured (another dataset or model, a GPU, or JAX).
 
     >>> round(estimate_seconds(preset("quick"), 15 * 8, 1212, jobs=2))
     96
     """
     measured = EPOCH_SECONDS.get((config.dataset, config.model))
-    if measured is None or config.device not in ("cpu",):
+    if measured is None or config.device not in ("cpu",) or config.framework != "torch":
         return None
     seconds, images = measured
     return seconds * epochs * (train_images / images) / max(1, jobs)

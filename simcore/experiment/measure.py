@@ -14,10 +14,10 @@ import numpy as np
 import torch
 from torch import nn
 
-import simcore
 from simcore.adapters.torch import is_depthwise_layer, layer_weight
 
 from .data import ImageDataset, iter_batches
+from .run_common import phase_layer_record, similarity_summary, weight_record
 
 __all__ = ["accuracies", "evaluate", "final_similarity", "growth_line", "layer_name",
            "layer_stats", "measure_phase", "similarity_layers", "weight_stats"]
@@ -45,26 +45,19 @@ def layer_stats(model: nn.Module, name: str) -> dict[str, Any]:
     return weight_stats(layer_weight(model, name), name)
 
 
+def _rows(weight: torch.Tensor) -> np.ndarray:
+    """A weight as NumPy float64 rows, one per neuron (PyTorch keeps neurons on axis 0)."""
+    return weight.detach().to("cpu", torch.float64).reshape(weight.shape[0], -1).numpy()
+
+
 def weight_stats(weight: torch.Tensor, name: str) -> dict[str, Any]:
-    w = weight.detach().to("cpu", torch.float64)
-    s = simcore.similarity_stats(w)
-    return {"layer": name, "neurons": int(w.shape[0]),
-            "counts": [int(c) for c in s.counts], "edges": [float(e) for e in s.edges],
-            "share_within_half": float(s.share_within_half), "mean_abs": float(s.mean_abs),
-            "max_abs": float(s.max_abs), "pairs": int(s.pairs)}
+    return weight_record(_rows(weight), name)
 
 
 def final_similarity(model: nn.Module) -> dict[str, Any]:
     """Mean |cos| and share in [-0.5, 0.5] of every conv/linear layer, and their means."""
-    layers = {}
-    for name in similarity_layers(model):
-        stats = layer_stats(model, name)
-        layers[name] = {"mean_abs": stats["mean_abs"],
-                        "share_within_half": stats["share_within_half"]}
-    return {"layers": layers,
-            "mean_abs": float(np.mean([v["mean_abs"] for v in layers.values()])),
-            "share_within_half": float(np.mean([v["share_within_half"]
-                                                for v in layers.values()]))}
+    return similarity_summary({name: _rows(layer_weight(model, name))
+                               for name in similarity_layers(model)})
 
 
 @torch.no_grad()
@@ -97,14 +90,8 @@ def measure_phase(record, model, dataset, before, layers) -> None:
     measured = set(similarity_layers(model))
     layers = [name for name in layers if name in measured]
     for name, old in zip(layers, before, strict=True):
-        new = layer_weight(model, name).detach()
-        old64, new64 = old.to(torch.float64), new.to(torch.float64)
-        record["phase"]["layers"][name] = {
-            "before": weight_stats(old, name), "after": weight_stats(new, name),
-            "relative_change": float((new64 - old64).norm() / old64.norm().clamp_min(1e-300)),
-            "scale_drift": float(new64.square().mean().sqrt()
-                                 / old64.square().mean().sqrt().clamp_min(1e-300) - 1.0),
-        }
+        record["phase"]["layers"][name] = phase_layer_record(
+            _rows(old), _rows(layer_weight(model, name)), name)
     record["accuracy"]["after_phase"] = accuracies(model, dataset)
 
 
@@ -121,6 +108,11 @@ def growth_line(record: dict[str, Any]) -> str:
 
     text = (f"growth at epoch {record['epoch']}: {record['params_before']} -> "
             f"{record['params_after']} parameters")
+    if record.get("growth_seconds") is not None:
+        cost = f"{record['growth_seconds']:.2f} s"
+        if record.get("growth_epochs") is not None:
+            cost += f" = {record['growth_epochs']:.2f} epochs"
+        text += f" in {cost}"
     layers = (record.get("phase") or {}).get("layers") or {}
     if layers:
         values = list(layers.values())

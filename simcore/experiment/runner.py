@@ -31,12 +31,9 @@ import signal
 import sys
 import threading
 import time
-from collections.abc import Callable
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 from torch import nn
 
@@ -55,8 +52,7 @@ from simcore.adapters.torch import (
 )
 
 from .config import RunConfig
-from .data import ImageDataset, iter_batches, load_dataset
-from .files import write_atomic
+from .data import ImageDataset, iter_batches
 from .measure import (
     accuracies,
     evaluate,
@@ -67,36 +63,26 @@ from .measure import (
     measure_phase,
     similarity_layers,
 )
+from .run_common import (
+    RESULT,
+    Hooks,
+    RunInterrupted,
+    begin_run,
+    derive_seed,
+    growth_record,
+    make_result,
+    progress_bar,
+    raise_mismatch,
+    run_dataset,
+    write_json,
+)
+from .run_common import RunState as _State
 from .terms import make_phase
 
 __all__ = ["Hooks", "RunInterrupted", "growth_line", "layer_name", "resolve_device", "run_one",
            "run_status", "similarity_layers"]
 
 CHECKPOINT = "checkpoint.pt"
-RESULT = "result.json"
-_STREAMS = {"init": 1, "epoch": 2, "growth": 3, "growth_data": 4, "control": 5}
-
-
-class RunInterrupted(KeyboardInterrupt):
-    """Raised after a checkpoint was written on Ctrl-C; re-run the same command to resume."""
-
-
-@dataclass
-class Hooks:
-    """Callbacks: ``on_batch_end(epoch, batch)`` and ``on_epoch_end(epoch, record)``.
-
-    Both run at consistent points: raising ``KeyboardInterrupt`` from one
-    writes a checkpoint of that point and stops the run, as Ctrl-C does.
-    """
-
-    on_batch_end: Callable[[int, int], None] | None = None
-    on_epoch_end: Callable[[int, dict], None] | None = None
-
-
-def derive_seed(seed: int, stream: str, index: int = 0) -> int:
-    """An independent 63-bit seed for ``stream`` (e.g. "epoch") number ``index`` of run ``seed``."""
-    state = np.random.SeedSequence([int(seed), _STREAMS[stream], int(index)]).generate_state(2)
-    return int((int(state[0]) << 31) ^ int(state[1])) & (2**63 - 1)
 
 
 def resolve_device(name: str) -> torch.device:
@@ -135,28 +121,6 @@ def _make_scheduler(config: RunConfig, optimizer: torch.optim.Optimizer):
     return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda _epoch: 1.0)
 
 
-@dataclass
-class _State:
-    """Everything that, with the model/optimizer/scheduler, fixes where a run stands."""
-
-    epoch: int = 0                # the epoch being trained (or next to train)
-    batch: int = 0                # batches of ``epoch`` already trained
-    loss_sum: float = 0.0
-    correct: int = 0
-    seen: int = 0
-    train_seconds: float = 0.0    # training + growth + phase wall time, over all sessions
-    history: list = field(default_factory=list)
-    growths: list = field(default_factory=list)
-    similarity: dict = field(default_factory=dict)
-    phase_layers: list = field(default_factory=list)   # joint phase in progress
-    phase_remaining: int = 0
-    phase_seconds: float = 0.0    # wall time of the similarity phases (part of train_seconds)
-    growth_seconds: float = 0.0   # wall time of the growths themselves (part of train_seconds)
-
-    def to_extra(self) -> dict[str, Any]:
-        return {k: getattr(self, k) for k in self.__dataclass_fields__}
-
-
 class _DeferredSigint:
     """Turn Ctrl-C into a flag read at the next consistent point (main thread only)."""
 
@@ -179,27 +143,6 @@ class _DeferredSigint:
         if self._previous is not None:
             signal.signal(signal.SIGINT, self._previous)
         return False
-
-
-def _progress(total: int, initial: int, desc: str, enabled: bool, leave: bool = True):
-    from tqdm.auto import tqdm
-
-    return tqdm(total=total, initial=initial, desc=desc, disable=not enabled, leave=leave,
-                dynamic_ncols=True)
-
-
-def _read_json(path: Path) -> Any:
-    try:
-        return json.loads(path.read_text())
-    except (OSError, ValueError) as err:
-        # a truncated or foreign file: say which, and how to recover
-        raise ValueError(f"cannot read {path} ({err}); delete it or pass --fresh to start "
-                         f"over") from None
-
-
-def _write_json(path: Path, value: Any) -> None:
-    """Write whole or not at all (:func:`.files.write_atomic`)."""
-    write_atomic(path, json.dumps(value, indent=1))
 
 
 def run_status(config: RunConfig, out_dir: str | Path) -> tuple[str, int]:
@@ -234,30 +177,14 @@ def run_one(config: RunConfig, out_dir: str | Path, *, dataset: ImageDataset | N
     ``dataset`` skips loading (compare mode shares one). Returns the result
     dictionary, also written to ``result.json`` atomically.
     """
-    if not isinstance(config, RunConfig):
-        raise TypeError(f"config must be a RunConfig, got {type(config).__name__}")
     hooks = hooks or Hooks()
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
+    out, previous = begin_run(config, out_dir, resume=resume)
+    if previous is not None:
+        return previous
     result_path, ckpt_path = out / RESULT, out / CHECKPOINT
     key = config.training_key()
-    if not resume:
-        result_path.unlink(missing_ok=True)
-    if resume and result_path.exists():
-        previous = _read_json(result_path)
-        if not isinstance(previous, dict):
-            raise ValueError(f"{result_path} is not a run result; delete it or pass --fresh "
-                             f"to start over")
-        if previous.get("key") == key:
-            return previous
-        _mismatch(out, previous.get("key", {}), key)
-
     device = resolve_device(config.device)
-    if dataset is None:
-        dataset = load_dataset(config.dataset, root=config.data_root, seed=config.data_seed,
-                               train_limit=config.train_limit, test_limit=config.test_limit,
-                               val_fraction=config.val_fraction)
-    dataset = dataset.to(device)
+    dataset = run_dataset(config, dataset).to(device)
     schedule = GrowthSchedule(every=config.grow_every, ratio=config.ratio, unit=config.unit,
                               max_growths=config.max_growths)
     torch.manual_seed(derive_seed(config.seed, "init"))
@@ -284,7 +211,7 @@ def run_one(config: RunConfig, out_dir: str | Path, *, dataset: ImageDataset | N
 
     loss_fn = nn.CrossEntropyLoss()
     batches_per_epoch = math.ceil(dataset.train_labels.shape[0] / config.batch_size)
-    bar = _progress(config.epochs, state.epoch, config.label, progress)
+    bar = progress_bar(config.epochs, state.epoch, config.label, progress)
     consistent = True   # the run's state can be checkpointed as it stands
     unsaved = False     # it changed since the last checkpoint
 
@@ -305,7 +232,7 @@ def run_one(config: RunConfig, out_dir: str | Path, *, dataset: ImageDataset | N
                 generator = torch.Generator().manual_seed(derive_seed(config.seed, "epoch", epoch))
                 model.train()
                 started = time.perf_counter()
-                inner = _progress(batches_per_epoch, state.batch, f"epoch {epoch + 1}",
+                inner = progress_bar(batches_per_epoch, state.batch, f"epoch {epoch + 1}",
                                   progress and batches_per_epoch > 50, leave=False)
                 for x, y in iter_batches(dataset, "train", config.batch_size,
                                          generator=generator, skip=state.batch):
@@ -340,7 +267,7 @@ def run_one(config: RunConfig, out_dir: str | Path, *, dataset: ImageDataset | N
                     state.seen += int(y.shape[0])
                     state.batch += 1
                     state.phase_remaining = phase.remaining if phase is not None else 0
-                    state.train_seconds += time.perf_counter() - started
+                    state.add_step_seconds(epoch, time.perf_counter() - started)
                     started = time.perf_counter()
                     consistent = True
                     inner.update(1)
@@ -353,9 +280,7 @@ def run_one(config: RunConfig, out_dir: str | Path, *, dataset: ImageDataset | N
                 # the end-of-epoch block changes several things together
                 consistent, unsaved = False, True
                 scheduler.step()
-                record = {"epoch": epoch + 1, "train_loss": state.loss_sum / max(state.seen, 1),
-                          "train_accuracy": 100.0 * state.correct / max(state.seen, 1),
-                          "lr": optimizer.param_groups[0]["lr"]}
+                record = state.epoch_record(epoch, optimizer.param_groups[0]["lr"])
                 if schedule.should_grow(epoch):
                     started = time.perf_counter()
                     record_, phase_before = _grow(config, epoch, model, optimizer, dataset,
@@ -390,8 +315,9 @@ def run_one(config: RunConfig, out_dir: str | Path, *, dataset: ImageDataset | N
         bar.close()
         raise
     bar.close()
-    result = _result(config, key, state, model, device)
-    _write_json(result_path, result)
+    result = make_result(config, key, state, device=str(device),
+                         parameters_final=parameter_count(model), widths_final=widths(model))
+    write_json(result_path, result)
     return result
 
 
@@ -447,10 +373,7 @@ def _grow(config, epoch, model, optimizer, dataset, loss_fn, phase, state, stats
     accuracy["after_growth"] = accuracies(model, dataset)
     accuracy["after_phase"] = None
     state.similarity["after_growth"].append(layer_stats(model, stats_layer))
-    record = {"epoch": epoch + 1, "budget": report.budget, "added": report.added,
-              "params_before": report.params_before, "params_after": report.params_after,
-              "grown_layers": report.grown_layers, "growth_seconds": grow_seconds,
-              "phase_seconds": 0.0, "accuracy": accuracy, "phase": None}
+    record = growth_record(epoch, report, grow_seconds, accuracy)
     if phase is None:
         return record, []
     started = time.perf_counter()
@@ -505,30 +428,5 @@ def _restore(path, config, key, device):
                   scheduler=lambda opt: _make_scheduler(config, opt), device=device)
     extra = saved.extra
     if not isinstance(extra, dict) or extra.get("key") != key:
-        _mismatch(path.parent, extra.get("key", {}) if isinstance(extra, dict) else {}, key)
+        raise_mismatch(path.parent, extra.get("key", {}) if isinstance(extra, dict) else {}, key)
     return saved.model, saved.optimizer, saved.scheduler, _State(**extra["state"]), extra
-
-
-def _mismatch(out: Path, old: dict, new: dict) -> None:
-    diff = {k: (old.get(k), new.get(k)) for k in set(old) | set(new) if old.get(k) != new.get(k)}
-    changes = ", ".join(f"{k}: {a!r} -> {b!r}" for k, (a, b) in sorted(diff.items()))
-    raise ValueError(f"{out} holds a run with other settings ({changes}); choose another "
-                     f"output folder or pass --fresh to start over")
-
-
-def _result(config, key, state, model, device) -> dict[str, Any]:
-    final = state.history[-1]
-    accuracies = [h["test_accuracy"] for h in state.history[1:]]
-    return {
-        "label": config.label, "key": key, "config": config.to_dict(),
-        "device": str(device),
-        "final_accuracy": final["test_accuracy"], "best_accuracy": max(accuracies),
-        "final_val_accuracy": final.get("val_accuracy"),
-        "training_seconds": state.train_seconds, "phase_seconds": state.phase_seconds,
-        "growth_seconds": state.growth_seconds,
-        "final_similarity": state.similarity.get("final_all"),
-        "parameters_seed": state.history[0]["parameters"],
-        "parameters_final": parameter_count(model), "widths_final": widths(model),
-        "phase_steps": config.phase_steps_or_default if config.terms != "none" else None,
-        "history": state.history, "growths": state.growths, "similarity": state.similarity,
-    }

@@ -74,6 +74,7 @@ from .ssd import (  # noqa: E402
     select_splits,
     splitting_matrices,
     ssd_split,
+    subsample_rows,
 )
 
 __all__ += [
@@ -100,6 +101,7 @@ __all__ += [
     "split_gate_scores",
     "splitting_matrices",
     "ssd_split",
+    "subsample_rows",
 ]
 
 # The growth algorithms, written once against the framework protocol (adapters implement it).

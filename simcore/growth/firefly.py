@@ -52,6 +52,7 @@ from typing import Any
 import numpy as np
 
 from .._arrays import (
+    check_choice,
     check_real,
     device_of,
     from_rows,
@@ -60,6 +61,7 @@ from .._arrays import (
 from ._host import as_generator, as_index, symmetric_uniform, to_numpy
 from .budget import select_lowest
 from .chain import GrowthChain, _regrow_rows
+from .firefly_scales import SCALES, _rms, _row_norms, relative_amplitudes
 from .firefly_scores import new_neuron_gate_scores, split_gate_scores
 from .flow import ChannelFlow
 from .widen import (
@@ -85,6 +87,9 @@ __all__ = [
 
 #: The reference code's number of new-neuron candidates per layer.
 DEFAULT_NEW_PER_LAYER = 70
+#: Default ``(split_scale, incoming_std, outgoing_scale)`` of each way of drawing candidates
+#: (:func:`firefly_candidates`); ``"absolute"`` holds the reference code's values.
+_DEFAULT_SCALES = {"relative": (0.1, 1.0, 0.1), "absolute": (0.1, 0.1, 0.01)}
 
 
 @dataclass(frozen=True)
@@ -156,16 +161,24 @@ def firefly_candidates(
     rng: Any,
     new_per_layer: int = DEFAULT_NEW_PER_LAYER,
     split: bool = True,
-    split_scale: float = 0.1,
-    incoming_std: float = 0.1,
-    outgoing_scale: float = 0.01,
+    split_scale: float | None = None,
+    incoming_std: float | None = None,
+    outgoing_scale: float | None = None,
+    scales: str = "relative",
 ) -> list[FireflyCandidates]:
-    """Draw the reference candidates for every flow (one :class:`FireflyCandidates` each).
+    """Draw the candidates for every flow (one :class:`FireflyCandidates` each).
 
-    ``delta ~ U(-split_scale, split_scale)``, new incoming ``~ N(0, incoming_std^2)``,
-    new outgoing ``~ U(-outgoing_scale, outgoing_scale)``, new depthwise filters
-    ``~ N(0, 2/(kh*kw))`` (the reference leaves them zero: silent neurons);
-    ``split=False`` leaves out the split directions. ``rng``: a
+    With ``scales="relative"`` (default; :mod:`simcore.growth.firefly_scales`) each split
+    direction ``delta_i ~ U(-a_i, a_i)`` has expected norm ``split_scale`` (default 0.1) times
+    its parent row's norm, each new incoming row ``~ N(0, s^2)`` has expected norm
+    ``incoming_std`` (default 1) times the layer's RMS row norm, and each new outgoing column
+    ``~ U(-b, b)`` has expected norm ``outgoing_scale`` (default 0.1) times the RMS norm of the
+    consumer's existing columns, so candidates are as small next to the layer at any fan-in.
+    With ``scales="absolute"`` they are the reference code's per-weight scales:
+    ``delta ~ U(-split_scale, split_scale)`` (default 0.1), new incoming
+    ``~ N(0, incoming_std^2)`` (0.1), new outgoing ``~ U(-outgoing_scale, outgoing_scale)``
+    (0.01). New depthwise filters ``~ N(0, 2/(kh*kw))`` (the reference leaves them zero:
+    silent neurons); ``split=False`` leaves out the split directions. ``rng``: a
     ``numpy.random.Generator`` or an int seed; values are drawn in float64 in the
     order flows, then split / incoming / outgoing per consumer / depthwise filters,
     and converted to each weight's dtype and device, so a seed gives the same
@@ -185,9 +198,13 @@ def firefly_candidates(
     k = as_index(new_per_layer, "new_per_layer")
     if k < 0:
         raise ValueError(f"new_per_layer must be >= 0, got {k}")
-    split_scale = check_real(split_scale, "split_scale")
-    incoming_std = check_real(incoming_std, "incoming_std")
-    outgoing_scale = check_real(outgoing_scale, "outgoing_scale")
+    scales = check_choice(scales, SCALES, "scales")
+    defaults = _DEFAULT_SCALES[scales]
+    split_scale = check_real(defaults[0] if split_scale is None else split_scale, "split_scale")
+    incoming_std = check_real(defaults[1] if incoming_std is None else incoming_std,
+                              "incoming_std")
+    outgoing_scale = check_real(defaults[2] if outgoing_scale is None else outgoing_scale,
+                                "outgoing_scale")
     out = []
     for flow in flows:
         entries = flow.entries(params)
@@ -195,19 +212,35 @@ def firefly_candidates(
         xp = namespace_of(w, f"params[{flow.producer!r}]")
         rows = channel_rows(xp, w, entries[0])
         n, fan_in = (int(s) for s in rows.shape)
+        consumers = [e for e in entries if e.role == "consumer"]
+        if scales == "relative":
+            norms = relative_amplitudes(params, flow)
+            # U(-a, a) has RMS a / sqrt(3): a row of d draws has expected squared norm d a^2 / 3.
+            split_amplitude = split_scale * norms["rows"][:, None] * math.sqrt(3.0 / fan_in)
+            incoming_sd = incoming_std * norms["row_rms"] / math.sqrt(fan_in)
+            column_rms = norms["column_rms"]
+        else:
+            split_amplitude = None
+            incoming_sd = incoming_std
+            column_rms = (None,) * len(consumers)
 
         directions = None
         if split:
-            deltas = symmetric_uniform(gen, split_scale, (n, fan_in))
+            deltas = (gen.uniform(-1.0, 1.0, (n, fan_in)) * split_amplitude
+                      if scales == "relative" else symmetric_uniform(gen, split_scale, (n, fan_in)))
             directions = _host_array(xp, deltas, w)
-        incoming = _host_array(xp, gen.normal(0.0, incoming_std, (k, fan_in)), w)
+            del deltas
+        incoming = _host_array(xp, gen.standard_normal((k, fan_in)) * incoming_sd, w)
         outgoing, depthwise = [], []
-        for entry in entries:
-            if entry.role == "consumer":
-                a = params[entry.name]
-                width = int(channel_rows(xp, a, entry).shape[1])
+        for entry, rms in zip(consumers, column_rms, strict=True):
+            a = params[entry.name]
+            width = int(channel_rows(xp, a, entry).shape[1])
+            if rms is None:
                 cols = symmetric_uniform(gen, outgoing_scale, (k, width))
-                outgoing.append(_host_array(xp, cols, a))
+            else:
+                cols = gen.uniform(-1.0, 1.0, (k, width)) * (outgoing_scale * rms
+                                                             * math.sqrt(3.0 / width))
+            outgoing.append(_host_array(xp, cols, a))
         for entry in entries:
             if entry.role == "depthwise":
                 a = params[entry.name]
@@ -219,11 +252,21 @@ def firefly_candidates(
             if entry.role == "producer" and entry.member > 0:
                 a = params[entry.name]
                 width = int(channel_rows(xp, a, entry).shape[1])
-                if split:
-                    member_split.append(
-                        _host_array(xp, gen.uniform(-split_scale, split_scale, (n, width)), a))
-                member_incoming.append(_host_array(xp, gen.normal(0.0, incoming_std, (k, width)),
-                                                   a))
+                if scales == "relative":  # scaled to the member's own rows, as above
+                    member_rows = _row_norms(xp, channel_rows(xp, a, entry))
+                    member_rms = _rms(member_rows) or 1.0
+                    member_rows = np.where(member_rows > 0, member_rows, member_rms)
+                    if split:
+                        member_split.append(_host_array(xp, gen.uniform(-1.0, 1.0, (n, width))
+                                                        * split_scale * member_rows[:, None]
+                                                        * math.sqrt(3.0 / width), a))
+                    sd = incoming_std * member_rms / math.sqrt(width)
+                else:
+                    if split:
+                        member_split.append(
+                            _host_array(xp, symmetric_uniform(gen, split_scale, (n, width)), a))
+                    sd = incoming_std
+                member_incoming.append(_host_array(xp, gen.standard_normal((k, width)) * sd, a))
         out.append(FireflyCandidates(directions, incoming, tuple(outgoing), tuple(depthwise),
                                      tuple(member_split), tuple(member_incoming)))
     return out

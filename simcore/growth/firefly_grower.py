@@ -13,7 +13,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from .._arrays import check_int, device_of, namespace_of
+from .._arrays import check_choice, check_int, device_of, namespace_of
 from .firefly import (
     FireflyCandidates,
     FireflySelection,
@@ -21,10 +21,16 @@ from .firefly import (
     firefly_candidates,
     firefly_select,
 )
+from .firefly_scales import SCALES, function_keeping_candidates
 from .growers import Grower, PerLayerState, check_loss, check_real_range
 from .protocol import Array, Batch, GrowthHost
 
 __all__ = ["FireflyGrower", "FireflyState"]
+
+#: Largest written split, relative to the parent row's norm (:mod:`.firefly_scales`).
+DEFAULT_SPLIT_EPS = 0.01
+#: Largest written new neuron's contribution, relative to the layer's RMS one.
+DEFAULT_NEW_EPS = 0.01
 
 #: RMSprop's ``eps`` (PyTorch's default, which the reference code uses).
 _RMSPROP_EPS = 1e-8
@@ -50,21 +56,32 @@ class FireflyGrower(Grower[FireflyState]):
     Candidates per layer (:func:`simcore.growth.firefly_candidates`): a split
     direction ``delta_i`` for every neuron (``theta_i +/- delta_i``, outgoing
     halved) and ``new_per_layer`` new neurons (incoming rows, small outgoing
-    columns). All candidates of all layers are put into a widened copy of the
-    model (:meth:`GrowthHost.forward_with`); with ``train_candidates`` they are
-    first trained for one pass over the batches (reference: RMSprop lr 1e-3,
-    momentum 0.1, alpha 0.9, L2 1e-2 on ``delta``, 1e-4 on new incoming rows;
-    gradients averaged over replicas). Each candidate's perturbation is scaled
-    by a gate ``g``; its score is ``dL/dg`` at ``g = 1``, averaged over batches
-    (and replicas). The ``budget`` most negative scores over all layers and both
-    kinds are applied (:func:`simcore.growth.firefly_apply`). The function moves
-    by ``O(|delta|^2 + outgoing_scale)``.
+    columns), drawn relative to the layer's weights (``scales="relative"``; the
+    reference's absolute per-weight scales with ``scales="absolute"``;
+    ``split_scale``, ``incoming_std``, ``outgoing_scale`` as there). All
+    candidates of all layers are put into a widened copy of the model
+    (:meth:`GrowthHost.forward_with`); with ``train_candidates`` they are first
+    trained for one pass over the batches (reference: RMSprop lr 1e-3, momentum
+    0.1, alpha 0.9, L2 1e-2 on ``delta``, 1e-4 on new incoming rows; gradients
+    averaged over replicas). Each candidate's perturbation is scaled by a gate
+    ``g``; its score is ``dL/dg`` at ``g = 1``, averaged over batches (and
+    replicas). The ``budget`` most negative scores over all layers and both kinds
+    are applied (:func:`simcore.growth.firefly_apply`), shrunk first so the
+    growth keeps the function (:mod:`simcore.growth.firefly_scales`): a written
+    split has ``|delta_i| <= split_eps |theta_i|`` (the function moves by
+    ``O(split_eps^2)``, like SSD's ``eps``), a new neuron contributes at most
+    ``new_eps`` times the layer's RMS neuron (``O(new_eps)`` each). ``None``
+    writes that kind as trained, as the reference does (which changes the
+    predictions at real widths).
     """
 
     method = "firefly"
 
-    def __init__(self, *, new_per_layer: int = 70, split: bool = True, split_scale: float = 0.1,
-                 incoming_std: float = 0.1, outgoing_scale: float = 0.01,
+    def __init__(self, *, new_per_layer: int = 70, split: bool = True,
+                 split_scale: float | None = None, incoming_std: float | None = None,
+                 outgoing_scale: float | None = None, scales: str = "relative",
+                 split_eps: float | None = DEFAULT_SPLIT_EPS,
+                 new_eps: float | None = DEFAULT_NEW_EPS,
                  train_candidates: bool = True, lr: float = 1e-3, momentum: float = 0.1,
                  alpha: float = 0.9, l2_split: float = 1e-2, l2_incoming: float = 1e-4,
                  seed: int | None = 0, only_negative: bool = False):
@@ -74,11 +91,14 @@ class FireflyGrower(Grower[FireflyState]):
         if self.new_per_layer == 0 and not self.split:
             raise ValueError("new_per_layer=0 with split=False leaves no candidate to grow; "
                              "allow splits (split=True) or new neurons (new_per_layer >= 1)")
-        self.split_scale = check_real_range(split_scale, "split_scale", low=0.0, low_open=True)
-        self.incoming_std = check_real_range(incoming_std, "incoming_std", low=0.0,
-                                             low_open=True)
-        self.outgoing_scale = check_real_range(outgoing_scale, "outgoing_scale", low=0.0,
-                                               low_open=True)
+        self.scales = check_choice(scales, SCALES, "scales")
+        self.split_scale, self.incoming_std, self.outgoing_scale = (
+            None if value is None else check_real_range(value, name, low=0.0, low_open=True)
+            for value, name in ((split_scale, "split_scale"), (incoming_std, "incoming_std"),
+                                (outgoing_scale, "outgoing_scale")))
+        self.split_eps, self.new_eps = (
+            None if value is None else check_real_range(value, name, low=0.0)
+            for value, name in ((split_eps, "split_eps"), (new_eps, "new_eps")))
         self.train_candidates = bool(train_candidates)
         self.lr = check_real_range(lr, "lr", low=0.0, low_open=True)
         self.momentum = check_real_range(momentum, "momentum", low=0.0, high=1.0)
@@ -118,7 +138,9 @@ class FireflyGrower(Grower[FireflyState]):
 
     def plan(self, params, core_flows, picks, state, rng):
         """``picks``: one :class:`~simcore.growth.FireflySelection` per layer (from select)."""
-        new_params, pairs = firefly_apply(params, core_flows, state, picks)
+        written = function_keeping_candidates(params, core_flows, state, split_eps=self.split_eps,
+                                              new_eps=self.new_eps)
+        new_params, pairs = firefly_apply(params, core_flows, written, picks)
         maps = [pair if sel.count else None for pair, sel in zip(pairs, picks, strict=True)]
         return new_params, maps
 
@@ -128,12 +150,13 @@ class FireflyGrower(Grower[FireflyState]):
         candidates = firefly_candidates(
             state, flows, rng=rng, new_per_layer=self.new_per_layer, split=self.split,
             split_scale=self.split_scale, incoming_std=self.incoming_std,
-            outgoing_scale=self.outgoing_scale,
+            outgoing_scale=self.outgoing_scale, scales=self.scales,
         )
         everything = [FireflySelection(np.arange(_split_count(c)), np.arange(c.new_count))
                       for c in candidates]
         widened, maps = firefly_apply(state, flows, candidates, everything)
         forward = host.forward_with(widened, maps)
+        del widened  # only its shapes were needed: the largest array of the whole growth
 
         def loss_with(live: Sequence[FireflyCandidates], batch: Batch) -> Array:
             grown, _ = firefly_apply(state, flows, live, everything)

@@ -98,7 +98,8 @@ def _grow_state(value: Any, entry: FlowEntry, cmap: ChannelMap, mode: str, label
         grown = xp.take(rows, index, axis=0)
         if cmap.fresh:
             keep = xp.asarray((sources >= 0)[:, None], device=device_of(value))
-            grown = xp.where(keep, grown, xp.zeros_like(grown))
+            # A 0-d zero broadcasts: no second array of the grown size.
+            grown = xp.where(keep, grown, xp.zeros((), dtype=grown.dtype, device=device_of(value)))
     return write_channel_rows(xp, value, entry, grown)
 
 

@@ -42,9 +42,11 @@ neurons at once from any such product.
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
+import array_api_compat
 import numpy as np
 
 from .._arrays import (
@@ -55,7 +57,7 @@ from .._arrays import (
     device_of,
     namespace_of,
 )
-from ._host import as_generator, as_indices
+from ._host import as_generator, as_indices, to_numpy
 from .activations import resolve_second_derivative
 from .budget import select_lowest
 from .flow import ChannelFlow
@@ -70,6 +72,7 @@ __all__ = [
     "select_splits",
     "splitting_matrices",
     "ssd_split",
+    "subsample_rows",
 ]
 
 REDUCTIONS = ("sum", "mean")
@@ -195,25 +198,57 @@ def splitting_matrices(
     """
     st = _Statistics(patches, backprop, preactivations, activation, bn_scale, reduction)
     xp, x, w, n, d = st.xp, st.x, st.w, st.n, st.d
+    if n <= d:
+        # One weighted copy of the rows per neuron and GEMMs on it: the temporary is the size of
+        # the rows themselves, and each GEMM runs at full speed (a batched GEMM over (n, m, d)
+        # weighted copies was 1.2-2x slower on a CPU).
+        return xp.stack([_symmetric_gram(xp, x, x * w[:, i:i + 1]) for i in range(n)])
     rows = int(x.shape[0])
-    # Rows (samples x positions) are taken in chunks so that the temporary stays below
-    # _MAX_TEMPORARY elements: a conv batch has M = B*H*W rows (131072 at 128 x 32 x 32).
-    chunk = max(1, _MAX_TEMPORARY // (n * d if n <= d else d * d))
+    # Many neurons on few inputs: (m, d*d) outer products against (m, n) weights, the rows
+    # (samples x positions) in chunks so that the temporary stays below _MAX_TEMPORARY
+    # elements (a conv batch has M = B*H*W rows, 131072 at 128 x 32 x 32).
+    chunk = max(1, _MAX_TEMPORARY // (d * d))
     s = None
     for start in range(0, rows, chunk):
         stop = min(start + chunk, rows)  # the standard allows no slice past the end
         xc, wc = x[start:stop, :], w[start:stop, :]
-        if n <= d:
-            # (n, m, d) weighted copies of the chunk, then one batched GEMM.
-            weighted = xp.permute_dims(wc, (1, 0))[:, :, None] * xc[None, :, :]
-            part = xp.matmul(xp.permute_dims(xc, (1, 0))[None, :, :], weighted)
-        else:
-            # (m, d*d) outer products against (m, n) weights.
-            outer = xp.reshape(xc[:, :, None] * xc[:, None, :], (xc.shape[0], d * d))
-            part = xp.reshape(xp.matmul(xp.permute_dims(wc, (1, 0)), outer), (n, d, d))
+        outer = xp.reshape(xc[:, :, None] * xc[:, None, :], (xc.shape[0], d * d))
+        part = xp.reshape(xp.matmul(xp.permute_dims(wc, (1, 0)), outer), (n, d, d))
         s = part if s is None else s + part
     # Exactly symmetric whatever the GEMM's rounding.
     return 0.5 * (s + xp.permute_dims(s, (0, 2, 1)))
+
+
+#: Column blocks of at least this many columns: smaller GEMMs lose more speed than they save.
+_MIN_BLOCK = 128
+
+
+def _symmetric_gram(xp: Any, x: Any, xw: Any) -> Any:
+    """``x^T xw`` for ``xw = x * w`` (so the result is symmetric), from its upper block triangle.
+
+    With ``k`` column blocks the GEMMs cost ``(k + 1) / (2k)`` of the full product; two blocks
+    (75%) from ``d = 2 * _MIN_BLOCK`` on were 10-18% faster on a CPU at d = 300-600, three were
+    no faster than two (smaller GEMMs, more copies).
+    """
+    d = int(x.shape[1])
+    k = max(1, min(2, d // _MIN_BLOCK))
+    if k == 1:
+        s = xp.matmul(xp.permute_dims(x, (1, 0)), xw)
+        return 0.5 * (s + xp.permute_dims(s, (1, 0)))
+    edges = [d * j // k for j in range(k + 1)]
+    blocks: dict[tuple[int, int], Any] = {}
+    for a in range(k):
+        xa = xp.permute_dims(x[:, edges[a]:edges[a + 1]], (1, 0))
+        for b in range(a, k):
+            blocks[a, b] = xp.matmul(xa, xw[:, edges[b]:edges[b + 1]])
+    # Diagonal blocks symmetrised as the whole matrix would be; below them, the transposes.
+    rows = []
+    for a in range(k):
+        row = [xp.permute_dims(blocks[b, a], (1, 0)) if b < a else blocks[a, b]
+               for b in range(k)]
+        row[a] = 0.5 * (row[a] + xp.permute_dims(row[a], (1, 0)))
+        rows.append(xp.concat(row, axis=1))
+    return xp.concat(rows, axis=0)
 
 
 def _canonical_sign(xp: Any, v: Any) -> Any:
@@ -229,10 +264,13 @@ def _canonical_sign(xp: Any, v: Any) -> Any:
 def min_eigenpairs(s: Any) -> tuple[Any, Any]:
     """``(lambda_min (n,), v_min (n, d))`` of symmetric matrices ``s`` of shape ``(n, d, d)``.
 
-    Uses ``linalg.eigh`` (ascending eigenvalues). Each unit eigenvector is signed
-    so that its largest-magnitude entry is positive, so results are deterministic
-    across backends (up to genuinely repeated eigenvalues, whose eigenvectors are
-    not unique).
+    Uses ``linalg.eigh`` (ascending eigenvalues) in ``s``'s dtype on each matrix scaled to a
+    largest entry of 1: LAPACK's float32 ``eigh`` fails to converge on the low-rank, tiny-scaled
+    (1e-8) splitting matrices of trained networks, and a scale changes no eigenvector. Where it
+    still fails, the matrices are solved in float64 (twice the time of float32 on a CPU).
+    Each unit eigenvector is signed so that its largest-magnitude entry is positive, so results
+    are deterministic across backends (up to genuinely repeated eigenvalues, whose eigenvectors
+    are not unique).
 
     >>> import numpy as np
     >>> lam, v = min_eigenpairs(np.asarray([[[2.0, 0.0], [0.0, -1.0]]]))
@@ -244,8 +282,66 @@ def min_eigenpairs(s: Any) -> tuple[Any, Any]:
     if s.ndim != 3 or s.shape[1] != s.shape[2] or int(s.shape[1]) == 0:
         raise ValueError(f"s must have shape (n, d, d) with d > 0, got {tuple(s.shape)}")
     work = compute_dtype(xp, s.dtype)
-    vals, vecs = xp.linalg.eigh(xp.astype(s, work))
-    return vals[:, 0], _canonical_sign(xp, vecs[:, :, 0])
+    s = xp.astype(s, work)
+    scale = xp.max(xp.abs(xp.reshape(s, (s.shape[0], -1))), axis=1)
+    scale = xp.where(scale > 0, scale, xp.ones_like(scale))
+    scaled = s / scale[:, None, None]
+    lowest = _lowest_on_cpu(scaled)
+    if lowest is not None:
+        vals, vecs = (xp.asarray(a, dtype=work, device=device_of(s)) for a in lowest)
+        return vals * scale, _canonical_sign(xp, vecs)
+    try:
+        vals, vecs = xp.linalg.eigh(scaled)
+    except (ValueError, RuntimeError):  # NumPy's LinAlgError / torch's _LinAlgError
+        if work == xp.float64:
+            raise
+        vals, vecs = (xp.astype(a, work) for a in xp.linalg.eigh(xp.astype(scaled, xp.float64)))
+    return vals[:, 0] * scale, _canonical_sign(xp, vecs[:, :, 0])
+
+
+@functools.cache
+def _blas_controller() -> Any:
+    """threadpoolctl's view of the loaded BLAS libraries (found once: a scan takes ~10 ms), or
+    None without SciPy and threadpoolctl."""
+    try:
+        import scipy.linalg  # noqa: F401
+        from threadpoolctl import ThreadpoolController
+    except ImportError:
+        return None
+    return ThreadpoolController()
+
+
+def _lowest_on_cpu(s: Any) -> tuple[np.ndarray, np.ndarray] | None:
+    """The lowest eigenpair of each matrix from LAPACK's ``syevr`` (SciPy), or None.
+
+    ``syevr`` computes one eigenpair after the tridiagonal reduction instead of all of them:
+    3-5x faster than a full ``eigh`` at d = 250-450 (float32 on one core). Used for NumPy and
+    CPU torch arrays when SciPy and threadpoolctl are installed (both come with
+    scikit-learn); threadpoolctl holds SciPy's BLAS to one thread, since a training loop
+    usually owns the cores (two BLAS pools competing for them made it 20x slower). Where
+    ``syevr`` fails in float32, it runs in float64.
+    """
+    if not (array_api_compat.is_numpy_array(s)
+            or (array_api_compat.is_torch_array(s) and s.device.type == "cpu")):
+        return None
+    controller = _blas_controller()
+    if controller is None:
+        return None
+    import scipy.linalg
+
+    host = to_numpy(s, "s")
+    vals = np.empty(host.shape[0], dtype=host.dtype)
+    vecs = np.empty(host.shape[:2], dtype=host.dtype)
+    with controller.limit(limits=1, user_api="blas"):
+        for i, matrix in enumerate(host):
+            try:
+                val, vec = scipy.linalg.eigh(matrix, subset_by_index=[0, 0], driver="evr",
+                                             check_finite=False)
+            except np.linalg.LinAlgError:
+                val, vec = scipy.linalg.eigh(matrix.astype(np.float64), subset_by_index=[0, 0],
+                                             driver="evr", check_finite=False)
+            vals[i], vecs[i] = val[0], vec[:, 0]
+    return vals, vecs
 
 
 class SplittingHVP:
@@ -295,6 +391,43 @@ def hvp_from_statistics(
     """
     return SplittingHVP(_Statistics(patches, backprop, preactivations, activation, bn_scale,
                                     reduction))
+
+
+def subsample_rows(
+    patches: Any,
+    backprop: Any,
+    preactivations: Any,
+    max_rows: int,
+    rng: np.random.Generator | int,
+) -> tuple[Any, Any, Any]:
+    """At most ``max_rows`` of the ``B * P`` (sample, position) rows, for an unbiased ``S``.
+
+    ``S`` sums ``w x x^T`` over every row (positions summed, samples summed with
+    ``reduction="sum"``); rows drawn uniformly without replacement, with ``backprop``
+    multiplied by ``B * P / max_rows``, give the same ``S`` in expectation at a fraction of
+    the cost. Returns ``(patches, backprop, preactivations)`` of shape ``(rows, 1, k)``, for
+    :func:`splitting_matrices` and :func:`hvp_from_statistics` with the default
+    ``reduction="sum"``; with ``B * P <= max_rows`` every row is kept and nothing is scaled.
+
+    >>> import numpy as np
+    >>> x, g, z = np.ones((4, 5, 3)), np.ones((4, 5, 2)), np.zeros((4, 5, 2))
+    >>> xs, gs, zs = subsample_rows(x, g, z, 8, rng=0)
+    >>> xs.shape, gs.shape, float(gs[0, 0, 0])                # 20 rows -> 8, weights x 20 / 8
+    ((8, 1, 3), (8, 1, 2), 2.5)
+    """
+    max_rows = _check_count(max_rows, "max_rows", 1)
+    xp = namespace_of(patches, "patches")
+    x, g, z = (_as_bpd(xp, a, name) for a, name in ((patches, "patches"),
+                                                     (backprop, "backprop"),
+                                                     (preactivations, "preactivations")))
+    rows = int(x.shape[0]) * int(x.shape[1])
+    x, g, z = (xp.reshape(a, (rows, 1, a.shape[2])) for a in (x, g, z))
+    if rows <= max_rows:
+        return x, g, z
+    keep = np.sort(as_generator(rng).choice(rows, size=max_rows, replace=False))
+    index = xp.asarray(keep, device=device_of(x))
+    x, g, z = (xp.take(a, index, axis=0) for a in (x, g, z))
+    return x, g * (rows / max_rows), z
 
 
 def _check_count(value: Any, name: str, minimum: int) -> int:
