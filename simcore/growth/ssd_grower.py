@@ -101,7 +101,8 @@ class SSDGrower(Grower[SSDState]):
         statistics = host.splitting_statistics(batches, loss_fn)
         if self.mode == "exact":
             for layer, stats in zip(layers, statistics, strict=True):
-                self._check_exact_memory(layer.name, stats)
+                for part in (stats, *stats.members):  # a residual group: every member's S
+                    self._check_exact_memory(layer.name, part)
         # rows are drawn from their own stream, so both modes score on the same rows
         rows_rng = np.random.default_rng(int(rng.integers(0, 2**62)))
         scores, directions = [], []
