@@ -364,6 +364,8 @@ _FAMILY_PARAMETERS = {
     "softplus": {"beta": 1.0, "threshold": 20.0},
 }
 _REGISTRY.update({name: factory() for name, factory in _FAMILIES.items()})
+#: What ships; :func:`register_activation` adds to ``_REGISTRY`` for the whole process.
+_BUILT_IN = frozenset(_REGISTRY)
 _SPEC = re.compile(r"^([A-Za-z_][A-Za-z0-9_]*)\((.*)\)$")
 
 
