@@ -431,7 +431,12 @@ def test_refusals_are_value_errors():
     assert issubclass(UnsafePickleError, pickle.UnpicklingError)
 
 
-@pytest.mark.parametrize("crafted", ["runs code", "shared tuples", "huge label", "bad memo"])
+# one subprocess each (about 5 s): the loader's own tests cover every refusal in process, so
+# the fast tier keeps one end-to-end case
+@pytest.mark.parametrize("crafted", [
+    "shared tuples",
+    *(pytest.param(c, marks=pytest.mark.slow) for c in ("runs code", "huge label", "bad memo")),
+])
 def test_simcore_grow_refuses_a_crafted_file_in_one_line(tmp_path, crafted):
     # "runs code" raises UnsafePickleError; "bad memo" (a reference to an entry never stored,
     # which the opcode check lets through) pickle's own UnpicklingError

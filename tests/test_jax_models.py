@@ -80,6 +80,7 @@ def _copy_torch_into_flax(torch_model, shapes, name):
     return {"params": params, "batch_stats": stats}
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", sorted(BUILDERS))
 def test_same_function_as_the_torch_seed_on_the_same_weights(name):
     torch.manual_seed(0)

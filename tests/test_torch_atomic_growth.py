@@ -222,6 +222,7 @@ def test_an_interrupt_at_any_line_of_the_commit_leaves_everything_bit_for_bit(op
     assert lines > 100  # the commit phase and the optimizer's remapping were traced
 
 
+@pytest.mark.slow
 def test_an_interrupt_at_any_bytecode_of_the_commit_leaves_everything_bit_for_bit():
     template = _tiny_trained("adam")
     _every_interruption_is_rolled_back(_with_apply_growths(template, "carry"), template,

@@ -340,6 +340,7 @@ def lost_rank_results():
     return results
 
 
+@pytest.mark.slow  # two gloo ranks, one lost on purpose: about 10 s
 @pytest.mark.parametrize(("fault", "step"), [
     ("stalls", "averaging SSD's splitting statistics over ranks"),
     ("dies", "averaging Firefly's candidate gradients over ranks"),
