@@ -37,15 +37,20 @@ def test_the_keras_column_is_skipped_with_a_note_without_keras(monkeypatch):
     assert regularizer is None and "keras is not installed" in note
 
 
-def test_keras_orthogonal_regularizer_is_factor_times_the_loss():
-    pytest.importorskip("jax")
-    os.environ.setdefault("KERAS_BACKEND", "jax")
-    keras = pytest.importorskip("keras")
-    if keras.backend.backend() != "jax":
-        pytest.skip("keras was imported with another backend")
-    regularizer, note = bench_similarity._keras_regularizer()
-    assert note is None
-    assert bench_similarity.keras_factor_check(regularizer)["ratio"] == pytest.approx(1, rel=1e-5)
+def test_the_keras_factor_is_one_for_keras_rows_formula_written_out():
+    # Keras is not a dependency (CI has none): Keras 3's OrthogonalRegularizer(mode="rows") is
+    # written out here as its source computes it, so the factor the README states is checked
+    # everywhere; the benchmark compares with Keras itself where it is installed.
+    jnp = pytest.importorskip("jax.numpy")
+
+    def keras_rows(w, factor=1.0):
+        rows = w / jnp.maximum(jnp.linalg.norm(w, axis=1, keepdims=True), 1e-12)
+        product = rows @ rows.T
+        size = product.shape[0]
+        off_diagonal = product * (1.0 - jnp.eye(size))
+        return factor * 0.5 * jnp.sum(jnp.abs(off_diagonal)) / (size * (size - 1) / 2)
+
+    assert bench_similarity.keras_factor_check(keras_rows)["ratio"] == pytest.approx(1, rel=1e-5)
 
 
 def _fake_run(out, statuses, ratio):
