@@ -49,6 +49,7 @@ from .flows import (
     unwrap,
 )
 from .groups import residual_groups
+from .streams import routed_streams
 
 __all__ = ["FlowSurvey", "check_flows", "discover_flows", "find_flow", "survey_flows"]
 
@@ -177,7 +178,14 @@ def _analyse(model, example_input):
             elif walk.needs_input is not None:
                 raise ValueError(walk.needs_input)
         walks[node.target] = walk
-    flows = []
+    flows, routed = [], _routed(model, graph_module, walks, example_input)
+    for flow in routed:
+        reason = tie_reason(model, flow.module_names)
+        for name in flow.producers:
+            del walks[name]
+            if reason is not None:
+                blocked[name] = reason
+    flows.extend(flow for flow in routed if tie_reason(model, flow.module_names) is None)
     for names, walk_group, reason in residual_groups(walks, graph_module, _owner):
         if reason is None:
             flow = _flow_of(names, walk_group)
@@ -189,6 +197,16 @@ def _analyse(model, example_input):
             continue
         flows.append(flow)
     return flows, blocked
+
+
+def _routed(model, graph_module, walks, example_input):
+    """The routed streams (:mod:`.streams`) among the producers that cannot grow alone."""
+    candidates = {name: w for name, w in walks.items()
+                  if w.blocked is not None and w.blocked != _OUTPUT}
+    flows, refused = routed_streams(model, graph_module, candidates, example_input)
+    for name, why in refused.items():
+        walks[name].blocked = why
+    return flows
 
 
 def _flow_of(names, walks):
