@@ -178,7 +178,8 @@ def _analyse(model, example_input):
             elif walk.needs_input is not None:
                 raise ValueError(walk.needs_input)
         walks[node.target] = walk
-    flows, routed = [], _routed(model, graph_module, walks, example_input)
+    flows: list[TorchFlow] = []
+    routed = _routed(model, graph_module, walks, example_input)
     for flow in routed:
         reason = tie_reason(model, flow.module_names)
         for name in flow.producers:

@@ -95,11 +95,11 @@ def _place(old_paths, new_paths, sources: Sequence[int], width: int) -> _Placeme
     for c, slot in slot_of.items():
         logical[slot] = c
     placed_copy = {sources[c]: c for c in copies if c in slot_of and c not in homeless}
-    source = np.array([c if c < n else sources[c] for c in logical], dtype=np.int64)
+    source = np.array([c if c < n else sources[c] for c in logical.tolist()], dtype=np.int64)
     partner = np.full(width, -1, dtype=np.int64)
     outgoing = np.ones(width)
     fresh_path = np.zeros(width, dtype=bool)
-    for slot, c in enumerate(logical):
+    for slot, c in enumerate(logical.tolist()):
         if c < n:
             split = [k for k in copies if sources[k] == c]
             if split and c not in placed_copy:  # its copy left the path (or the growth)
@@ -144,7 +144,7 @@ class StreamLayout:
         """``(state_dict name, kind, axis)`` of every tensor the growth changes."""
         out = []
         for _, name in self._row_modules():
-            for attr, value in _tensors(model.get_submodule(name)):
+            for attr, _ in _tensors(model.get_submodule(name)):
                 out.append((f"{name}.{attr}", "row", 0))
         for name in self.flow.routing.consumers:
             out.append((f"{name}.weight", "consumer", 1))
@@ -156,7 +156,7 @@ class StreamLayout:
     def sizes(self, model: nn.Module) -> list[tuple[str, str, int]]:
         """``(module, attribute, value)`` of every size attribute the growth sets."""
         out = []
-        for p, name in self._row_modules():
+        for _, name in self._row_modules():
             module = model.get_submodule(name)
             attr = "num_features" if hasattr(module, "num_features") else "out_channels"
             out.append((name, attr, self.width))
@@ -284,7 +284,10 @@ def _with_fresh(value: torch.Tensor, fresh: Sequence[bool], attr: str, module: s
 def stream_layout(model: nn.Module, flow: TorchFlow, channel_map: Any) -> StreamLayout:
     """Plan where ``flow``'s channels go when the core grew it by ``channel_map``."""
     sources = composed_sources(channel_map)
-    old_width = int(model.get_submodule(flow.producer).out_channels)
+    producer = model.get_submodule(flow.producer)
+    if not isinstance(producer, nn.Conv2d):
+        raise TypeError(f"a routed stream's producer must be a Conv2d, got {type(producer)}")
+    old_width = producer.out_channels
     tracer = slot_tracer(model, flow.routing)
     old = tracer.slots(old_width)
     added = len(sources) - old_width

@@ -106,9 +106,13 @@ def _splits_channels(node: torch.fx.Node) -> bool:
     return False
 
 
+def _module(node: torch.fx.Node, modules: dict[str, nn.Module]) -> nn.Module:
+    return modules[str(node.target)]
+
+
 def _channel_wise(node: torch.fx.Node, modules: dict[str, nn.Module]) -> bool:
     if node.op == "call_module":
-        module = modules[node.target]
+        module = _module(node, modules)
         return isinstance(module, (*_PASS_TYPES, BATCH_NORM)) or is_depthwise_conv(module)
     if node.op in ("call_function", "call_method") and node.args:
         return call_activation(node.target, node.args, node.kwargs) is not None
@@ -128,11 +132,12 @@ def _source_producer(node: torch.fx.Node, modules: dict[str, nn.Module]) -> torc
     """The producer call a concatenated tensor comes from, through channel-wise layers."""
     start = node
     while True:
-        if node.op == "call_module" and is_producer(modules[node.target]):
+        if node.op == "call_module" and is_producer(_module(node, modules)):
             return node
-        if _channel_wise(node, modules) and not (
-                node.op == "call_module" and is_depthwise_conv(modules[node.target])):
-            node = node.args[0]
+        first = node.args[0] if node.args else None
+        if _channel_wise(node, modules) and isinstance(first, torch.fx.Node) and not (
+                node.op == "call_module" and is_depthwise_conv(_module(node, modules))):
+            node = first
             continue
         raise _Refused(f"a channel shuffle in {_owner(start)} takes channels that no growable "
                        "layer produces")
@@ -145,7 +150,10 @@ def _region(seed: torch.fx.Node, modules: dict[str, nn.Module], calls: dict[str,
     stream: the discovery's own reason stands); raises :class:`_Refused` with the reason when
     one is reached but the region cannot be grown.
     """
-    producers, consumers, indexed, passed = [seed], set(), set(), set()
+    producers = [seed]
+    consumers: set[str] = set()
+    indexed: set[str] = set()
+    passed: set[str] = set()
     region: set[torch.fx.Node] = set()
     stack, moved, problems = [seed], False, []
     while stack:
@@ -310,13 +318,14 @@ class _SlotTracer(torch.fx.Interpreter):
             base = self.routing.producers.index(n.target) * self.width
             ids = torch.arange(self.width, dtype=torch.float64) + base + 1
             return ids.reshape(1, -1, 1, 1)
-        if n.op == "call_module" and (n.target in self.through
-                                      or n.target in self.routing.consumers):
-            self.inputs[n.target] = value = self.env[n.args[0]]
+        first = n.args[0] if n.args else None
+        if n.op == "call_module" and isinstance(first, torch.fx.Node) and (
+                n.target in self.through or n.target in self.routing.consumers):
+            self.inputs[str(n.target)] = value = self.env[first]
             return value
-        if n.op in ("call_function", "call_method") and n.args and call_activation(
-                n.target, n.args, n.kwargs) is not None:
-            return self.env[n.args[0]]  # an activation call passes the ids
+        if n.op in ("call_function", "call_method") and isinstance(first, torch.fx.Node) and (
+                call_activation(n.target, n.args, n.kwargs) is not None):
+            return self.env[first]  # an activation call passes the ids
         return super().run_node(n)
 
     def slots(self, width: int) -> SlotMap:

@@ -363,7 +363,8 @@ def _growth_swaps(model, flow, new_params, channel_map, optimizer, optimizer_mod
         )
 
     # ---- compute phase: build every new object; nothing in the model changes here.
-    swaps, replaced = [], {}  # replaced: state_dict name -> (old parameter, new parameter)
+    swaps: list[Any] = []
+    replaced: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}  # name -> (old, new) parameter
     written = {}
     for name in named:
         module_name, _, attr = name.rpartition(".")
@@ -412,7 +413,8 @@ def _routed_swaps(model, flow, values, channel_map, optimizer, optimizer_mode, l
         values[name] = torch.as_tensor(value).detach()
     physical = layout.physical(model, values)
     values.update(physical)
-    swaps, replaced = [], {}
+    swaps: list[Any] = []
+    replaced: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
     for name, value in physical.items():
         module_name, _, attr = name.rpartition(".")
         _check_rank(name, getattr(modules[module_name], attr), value)
