@@ -195,6 +195,20 @@ class StreamLayout:
                                         attr, module)
         return out
 
+    def grown(self, model: nn.Module, values: dict[str, Any]) -> dict[str, torch.Tensor]:
+        """:meth:`physical` of ``values`` (the grown arrays; entries it lacks are read from
+        ``model``), written back into ``values`` so the next routed flow moves its own axis."""
+        for name, kind, _ in self.entries(model):
+            if kind == "row" and name not in values:
+                raise ValueError(f"new_params has no entry {name!r} named by the flow of "
+                                 f"{self.flow.producer!r}")
+            module, _, attr = name.rpartition(".")
+            value = values[name] if name in values else getattr(model.get_submodule(module), attr)
+            values[name] = torch.as_tensor(value).detach()
+        physical = self.physical(model, values)
+        values.update(physical)
+        return physical
+
     def _units(self) -> dict[str, int]:
         return {name: i for i, name in self._row_modules()}
 

@@ -215,12 +215,14 @@ def _take(user, node, modules, calls, producers, stack, consumers, indexed, pass
 
 
 def routed_streams(model: nn.Module, graph_module: torch.fx.GraphModule, walks: dict[str, Any],
-                   example_input: Any):
-    """``(flows, blocked)``: a TorchFlow per routed region and why other candidates cannot grow.
+                   example_input: Any, final: str) -> list[TorchFlow]:
+    """A TorchFlow per routed region of ``graph_module`` (a trace of ``model``).
 
-    ``walks`` are the discovery's walks of the producers it could not grow alone (name -> walk
-    with ``norms``, ``activation``, ``activation_kind``, ``activation_node``, ``depthwise``,
-    ``adds``); only those are candidates. Every producer of a region must be such a candidate.
+    ``walks`` are the discovery's walks of every producer (name -> walk with ``blocked``,
+    ``norms``, ``activation``, ``activation_kind``, ``activation_node``, ``depthwise``,
+    ``adds``); the candidates are those it could not grow alone, but not for the reason
+    ``final`` (the network's output layer). A candidate whose channels reach a channel shuffle
+    that cannot grow gets that reason as its ``blocked``, in place.
     """
     modules = dict(graph_module.named_modules())
     calls: dict[str, int] = {}
@@ -229,10 +231,11 @@ def routed_streams(model: nn.Module, graph_module: torch.fx.GraphModule, walks: 
             calls[node.target] = calls.get(node.target, 0) + 1
     nodes = {n.target: n for n in graph_module.graph.nodes if n.op == "call_module"}
     order = {n: i for i, n in enumerate(graph_module.graph.nodes)}
+    candidates = {name: w for name, w in walks.items()
+                  if w.blocked is not None and w.blocked != final}
     flows: list[TorchFlow] = []
-    blocked: dict[str, str] = {}
     done: set[str] = set()
-    for name in walks:
+    for name in candidates:
         if name in done or name not in nodes:
             continue
         try:
@@ -242,12 +245,12 @@ def routed_streams(model: nn.Module, graph_module: torch.fx.GraphModule, walks: 
             producers, consumers, indexed, passed = found
             names = [p.target for p in sorted(producers, key=order.__getitem__)]
             done.update(names)
-            flows.append(_routed_flow(model, names, walks, consumers, indexed, passed,
+            flows.append(_routed_flow(model, names, candidates, consumers, indexed, passed,
                                       example_input))
         except _Refused as refusal:
-            blocked[name] = str(refusal)
+            walks[name].blocked = str(refusal)
             done.add(name)
-    return flows, blocked
+    return flows
 
 
 def _routed_flow(model, names, walks, consumers, indexed, passed, example_input):

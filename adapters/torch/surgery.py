@@ -404,15 +404,7 @@ def _routed_swaps(model, flow, values, channel_map, optimizer, optimizer_mode, l
     """
     layout = stream_layout(model, flow, channel_map)
     modules = dict(model.named_modules())
-    for name, kind, _ in layout.entries(model):
-        if kind == "row" and name not in values:
-            raise ValueError(f"new_params has no entry {name!r} named by the flow of "
-                             f"{flow.producer!r}")
-        module_name, _, attr = name.rpartition(".")
-        value = values[name] if name in values else getattr(modules[module_name], attr)
-        values[name] = torch.as_tensor(value).detach()
-    physical = layout.physical(model, values)
-    values.update(physical)
+    physical = layout.grown(model, values)
     swaps: list[Any] = []
     replaced: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
     for name, value in physical.items():
