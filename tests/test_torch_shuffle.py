@@ -47,12 +47,9 @@ def _tails(model, stage):
 
 
 def _outputs(model, x):
-    mode = model.training
-    model.eval()
+    """Eval-mode outputs; the model is left in eval mode (the SGD step sets train mode)."""
     with torch.no_grad():
-        out = model(x)
-    model.train(mode)
-    return out
+        return model.eval()(x)
 
 
 def _relative_change(after, before):
@@ -60,6 +57,7 @@ def _relative_change(after, before):
 
 
 def _sgd_step(model, optimizer, batch):
+    model.train()
     optimizer.zero_grad()
     loss = F.cross_entropy(model(batch[0]), batch[1])
     loss.backward()
