@@ -264,3 +264,22 @@ def test_a_shuffle_into_other_operations_is_refused_with_the_module_named():
     survey = survey_flows(_ShuffleIntoAdd(), torch.zeros(1, 3, 4, 4))
     assert survey.flows == ()
     assert "does not only move channels in the model's forward" in survey.skipped["a"]
+
+
+def test_optimizer_state_moves_with_every_channel():
+    model = build("shufflenet_v2", width=0.125, seed=0)
+    batches = _batches()
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
+    _sgd_step(model, optimizer, batches[0])
+    for p in model.parameters():  # a state that says where its parameter's entries went
+        optimizer.state[p]["momentum_buffer"] = 2 * p.detach().clone()
+    kept = sum(int((p != 0).sum()) for p in model.parameters())
+    RandomGrower(seed=0).grow(model, batches, F.cross_entropy, optimizer, ratio=0.35)
+    moved = 0
+    for name, p in model.named_parameters():
+        state = optimizer.state[p]["momentum_buffer"]
+        assert state.shape == p.shape, name
+        carried = state != 0  # old entries; fresh ones start at zero
+        torch.testing.assert_close(state[carried], 2 * p.detach()[carried], msg=name)
+        moved += int(carried.sum())
+    assert moved == kept  # no old entry's state was lost or left at the wrong place
