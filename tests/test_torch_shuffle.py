@@ -283,3 +283,23 @@ def test_optimizer_state_moves_with_every_channel():
         torch.testing.assert_close(state[carried], 2 * p.detach()[carried], msg=name)
         moved += int(carried.sum())
     assert moved == kept  # no old entry's state was lost or left at the wrong place
+
+
+class _FixedShuffle(nn.Module):
+    """A shuffle written with fixed channel counts: it cannot run at another width."""
+
+    def __init__(self):
+        super().__init__()
+        self.a, self.b, self.head = nn.Conv2d(3, 4, 1), nn.Conv2d(3, 4, 1), nn.Conv2d(8, 2, 1)
+
+    def forward(self, x):
+        out = torch.cat((self.a(x), self.b(x)), 1)
+        out = out.view(x.shape[0], 2, 4, x.shape[2], x.shape[3]).transpose(1, 2)
+        return self.head(out.reshape(x.shape[0], 8, x.shape[2], x.shape[3])).mean((2, 3))
+
+
+def test_shuffles_that_cannot_be_followed_are_refused_not_crashed():
+    skipped = survey_flows(_FixedShuffle(), torch.zeros(1, 3, 4, 4)).skipped
+    assert "cannot be followed" in skipped["a"] and "fail at 6 channels" in skipped["a"]
+    with pytest.raises(ValueError, match="example_input is needed"):  # channel counts unknown
+        survey_flows(build("shufflenet_v2", width=0.125, seed=0))

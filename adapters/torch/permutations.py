@@ -36,7 +36,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from .flows import TorchFlow
+from .flows import GrowthError, TorchFlow
 from .optim import OptimizerGrowth, as_channel_maps
 from .streams import SlotMap, slot_tracer
 
@@ -306,7 +306,10 @@ def stream_layout(model: nn.Module, flow: TorchFlow, channel_map: Any) -> Stream
     old = tracer.slots(old_width)
     added = len(sources) - old_width
     for kept in range(added, -1, -1):  # the most new channels whose paths fit
-        new = tracer.slots(old_width + kept) if kept else old
+        try:
+            new = tracer.slots(old_width + kept) if kept else old
+        except GrowthError:  # the region does not run at this width (e.g. an odd split)
+            continue
         if _fits(old, new):
             break
     width = old_width + kept

@@ -25,6 +25,7 @@ from typing import Any
 import torch
 import torch.fx
 from torch import nn
+from torch.fx.passes.shape_prop import ShapeProp
 
 from .activations import ACTIVATION_TYPES, call_activation
 from .flows import BATCH_NORM, GrowthError, TorchFlow, TorchMember, is_depthwise_conv, is_producer
@@ -273,7 +274,13 @@ def _routed_flow(model, names, walks, consumers, indexed, passed, example_input)
         raise _Refused("example_input (one tensor) is needed to trace where shuffled channels go")
     routing = StreamRouting(tuple(names), tuple(sorted(consumers)), tuple(sorted(indexed)),
                             tuple(sorted(passed)), (1, *example_input.shape[1:]))
-    trace_slots(model, routing, widths.pop())  # the region must run on channel ids as it is
+    width = widths.pop()
+    tracer = slot_tracer(model, routing)
+    try:  # the region must carry channel ids as it is, and at a larger (even) width too
+        tracer.slots(width)
+        tracer.slots(width + 2)
+    except GrowthError as error:
+        raise _Refused(f"its shuffled channels cannot be followed: {error}") from error
 
     def member(name):
         w = walks[name]
@@ -313,6 +320,27 @@ class _SlotTracer(torch.fx.Interpreter):
         self.through = set(routing.indexed) | set(routing.passed)
         self.width = 0
         self.inputs: dict[str, torch.Tensor] = {}
+        self.spatial: dict[torch.fx.Node, tuple[int, ...]] = {}  # H, W of each module's output
+        modes = [(m, m.training) for m in graph_module.modules()]
+        graph_module.eval()  # shape propagation must not touch BatchNorm running stats
+        device = next(graph_module.parameters(), torch.zeros(())).device  # meta for Firefly
+        try:
+            with torch.no_grad():
+                ShapeProp(graph_module).propagate(torch.zeros(routing.input_shape, device=device))
+        finally:
+            for m, mode in modes:
+                m.training = mode
+        for node in self.needed:
+            shape = getattr(node.meta.get("tensor_meta"), "shape", None)
+            if node.op == "call_module" and shape is not None and len(shape) == 4:
+                self.spatial[node] = tuple(shape[2:])
+
+    def _sized(self, n: torch.fx.Node, ids: torch.Tensor) -> torch.Tensor:
+        """Channel ids spread over the module's real output size (a strided depthwise conv
+        or a pooling halves it), so operations reading sizes see the model's own."""
+        if n not in self.spatial or ids.ndim != 4:
+            return ids
+        return ids[:, :, :1, :1].expand(1, ids.shape[1], *self.spatial[n])
 
     def run_node(self, n: torch.fx.Node) -> Any:
         if n not in self.needed:
@@ -320,12 +348,12 @@ class _SlotTracer(torch.fx.Interpreter):
         if n.op == "call_module" and n.target in self.routing.producers:
             base = self.routing.producers.index(n.target) * self.width
             ids = torch.arange(self.width, dtype=torch.float64) + base + 1
-            return ids.reshape(1, -1, 1, 1)
+            return self._sized(n, ids.reshape(1, -1, 1, 1))
         first = n.args[0] if n.args else None
         if n.op == "call_module" and isinstance(first, torch.fx.Node) and (
                 n.target in self.through or n.target in self.routing.consumers):
             self.inputs[str(n.target)] = value = self.env[first]
-            return value
+            return self._sized(n, value)
         if n.op in ("call_function", "call_method") and isinstance(first, torch.fx.Node) and (
                 call_activation(n.target, n.args, n.kwargs) is not None):
             return self.env[first]  # an activation call passes the ids
@@ -334,9 +362,15 @@ class _SlotTracer(torch.fx.Interpreter):
     def slots(self, width: int) -> SlotMap:
         """Where each channel goes when every producer has ``width`` channels."""
         self.width, self.inputs = width, {}
-        with torch.no_grad():
-            self.run(*(torch.zeros(self.routing.input_shape)
-                       for n in self.graph.nodes if n.op == "placeholder"))
+        try:
+            with torch.no_grad():
+                self.run(*(torch.zeros(self.routing.input_shape)
+                           for n in self.graph.nodes if n.op == "placeholder"))
+        except (RuntimeError, ValueError, TypeError, IndexError) as error:  # a fixed shape, ...
+            first = str(error).splitlines()[0] if str(error) else type(error).__name__
+            raise GrowthError(f"the operations between {self.routing.producers[0]!r} and its "
+                              f"readers fail at {width} channels per producer ({first})"
+                              ) from error
         return _slot_map(self.routing, width, self.inputs)
 
 
