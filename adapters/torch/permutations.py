@@ -74,42 +74,37 @@ def _fits(old: SlotMap, new: SlotMap) -> bool:
 
 
 def _place(old_paths, new_paths, sources: Sequence[int], width: int) -> _Placement:
+    """One producer's placement (see the module docstring); ``width`` slots are filled."""
     n = len(old_paths)
     free: dict[frozenset, list[int]] = {}
     for slot, path in enumerate(new_paths):
         free.setdefault(path, []).append(slot)
     slot_of = {r: free[old_paths[r]].pop(0) for r in range(n)}
-    copies = [c for c in range(n, len(sources)) if sources[c] >= 0]
-    fresh = [c for c in range(n, len(sources)) if sources[c] < 0]
-    homeless = []
-    for c in copies:
-        room = free.get(old_paths[sources[c]])
+    placed: dict[int, list[int]] = {}  # parent -> its copies on its path
+    for c in range(n, len(sources)):
+        room = free.get(old_paths[sources[c]]) if sources[c] >= 0 else None
         if room:
             slot_of[c] = room.pop(0)
-        else:
-            homeless.append(c)
-    left = sorted(s for slots in free.values() for s in slots)
-    for slot, c in zip(left, fresh + homeless, strict=False):
-        slot_of[c] = slot
+            placed.setdefault(sources[c], []).append(c)
+    fresh = [c for c in range(n, len(sources)) if sources[c] < 0]
+    left_out = [c for c in range(n, len(sources)) if sources[c] >= 0 and c not in slot_of]
+    split = {sources[c] for c in range(n, len(sources)) if sources[c] >= 0}
+    rest = sorted(s for slots in free.values() for s in slots)
+    for slot, c in zip(rest, fresh + left_out, strict=False):
+        slot_of[c] = slot  # fresh channels first; copies here become new channels
     logical = np.full(width, -1, dtype=np.int64)
     for c, slot in slot_of.items():
         logical[slot] = c
-    placed_copy = {sources[c]: c for c in copies if c in slot_of and c not in homeless}
     source = np.array([c if c < n else sources[c] for c in logical.tolist()], dtype=np.int64)
     partner = np.full(width, -1, dtype=np.int64)
-    outgoing = np.ones(width)
-    fresh_path = np.zeros(width, dtype=bool)
+    outgoing = np.zeros(width)
     for slot, c in enumerate(logical.tolist()):
-        if c < n:
-            split = [k for k in copies if sources[k] == c]
-            if split and c not in placed_copy:  # its copy left the path (or the growth)
-                partner[slot] = split[0]
-            outgoing[slot] = 0.5 if c in placed_copy else 1.0
-        elif sources[c] < 0 or c in homeless:
-            outgoing[slot], fresh_path[slot] = 0.0, True
-        else:
-            outgoing[slot] = 0.5
-    return _Placement(logical, source, partner, outgoing, fresh_path)
+        parent = c if c < n else sources[c]
+        if c < n and c in split and c not in placed:  # its copy left: its own row back
+            partner[slot] = next(k for k in range(n, len(sources)) if sources[k] == c)
+        if c < n or c in placed.get(parent, ()):  # on the path: the columns shared out
+            outgoing[slot] = 1.0 / (1 + len(placed.get(parent, ())))
+    return _Placement(logical, source, partner, outgoing, fresh_path=outgoing == 0)
 
 
 @dataclass(frozen=True)
