@@ -167,11 +167,9 @@ def apply_growths(
     positions = _written_positions(unwrap(model), growths)
     # Not a ``with`` block: its normal exit calls __exit__ outside the block's handler, so an
     # interrupt landing there would escape with the growth made.
-    routed_values = dict(new_params)  # each routed flow moves its axis of these in turn
     try:
         for (flow, channel_map), written in zip(growths, positions, strict=True):
-            transaction.apply(flow, routed_values if flow.routing is not None else new_params,
-                              channel_map, positions=written)
+            transaction.apply(flow, new_params, channel_map, positions=written)
     except BaseException:
         transaction.rollback()
         raise
@@ -292,6 +290,7 @@ class GrowthTransaction:
         self.model = unwrap(model)
         self.optimizer, self.optimizer_mode, self.lr = optimizer, optimizer_mode, lr
         self._applied: list[list[_Swap]] = []
+        self._routed: list[tuple[Mapping[str, Any], dict[str, Any]]] = []  # grown -> moved
 
     def apply(self, flow: TorchFlow, new_params: Mapping[str, torch.Tensor],
               channel_map: ChannelMaps, *,
@@ -304,8 +303,12 @@ class GrowthTransaction:
         but the flow's own.
         """
         _check_growth(flow, new_params)
-        if flow.routing is not None:
-            swaps = _routed_swaps(self.model, flow, new_params, channel_map, self.optimizer,
+        if flow.routing is not None:  # the routed flows of one growth share a working copy
+            values = next((copy for grown, copy in self._routed if grown is new_params), None)
+            if values is None:
+                values = dict(new_params)
+                self._routed.append((new_params, values))
+            swaps = _routed_swaps(self.model, flow, values, channel_map, self.optimizer,
                                   self.optimizer_mode, self.lr)
         else:
             swaps = _growth_swaps(self.model, flow, new_params, channel_map, self.optimizer,
