@@ -395,7 +395,7 @@ def _slot_map(routing: StreamRouting, width: int, inputs: dict[str, torch.Tensor
     reached: list[list[set[str]]] = [[set() for _ in range(width)] for _ in routing.producers]
     for module in (*routing.consumers, *routing.indexed):
         value = inputs.get(module)
-        if value is None or value.ndim != 4 or value.dtype != torch.float64:
+        if value is None or value.ndim != 4 or value.dtype != torch.float64 or len(value) != 1:
             raise GrowthError(f"{module!r} does not read the shuffled channels as a 4-d tensor")
         flat = value[0].reshape(value.shape[1], -1)
         ids = flat[:, 0]
