@@ -202,8 +202,10 @@ def _take(user, node, modules, calls, producers, stack, consumers, indexed, pass
                 passed.add(user.target)
         return True
     if not _is_move(user):
-        raise _Refused(f"its shuffled channels feed an operation that does not only move "
-                       f"channels in {_owner(user)}")
+        what = user.target if isinstance(user.target, str) else getattr(
+            user.target, "__name__", user.op)
+        raise _Refused(f"its shuffled channels feed an operation ({what}) that does not only "
+                       f"move channels in {_owner(user)}")
     if user.op == "call_function" and user.target in _CAT_FUNCTIONS:
         tensors = user.args[0] if user.args else user.kwargs.get("tensors")
         for t in tensors if isinstance(tensors, (list, tuple)) else ():
@@ -239,18 +241,20 @@ def routed_streams(model: nn.Module, graph_module: torch.fx.GraphModule, walks: 
     for name in candidates:
         if name in done or name not in nodes:
             continue
+        names = [name]
         try:
             found = _region(nodes[name], modules, calls)
             if found is None:
                 continue
             producers, consumers, indexed, passed = found
             names = [p.target for p in sorted(producers, key=order.__getitem__)]
-            done.update(names)
             flows.append(_routed_flow(model, names, candidates, consumers, indexed, passed,
                                       example_input))
         except _Refused as refusal:
-            walks[name].blocked = str(refusal)
-            done.add(name)
+            for refused in names:  # every producer of the region, with the region's reason
+                if refused in walks:
+                    walks[refused].blocked = str(refusal)
+        done.update(names)
     return flows
 
 
