@@ -465,3 +465,26 @@ def test_directions_from_another_library_are_rejected(backend):
     params, flow = _mlp_flow()
     with pytest.raises(TypeError, match="directions"):
         split_neurons(growth_nets.on_backend(backend, params), flow, [0], np.ones((1, 5)))
+
+
+def test_a_split_copies_a_gate_member_exactly_and_keeps_the_gated_product():
+    """``x * sigmoid(g)`` with ``g``'s producer a gate member: its rows are never perturbed, so
+    the consumer reads ``mean(x+, x-) * g``, the old product to O(eps^2)."""
+    from simcore.growth.flow import Member
+
+    rng = np.random.default_rng(0)
+    params = {"wx": rng.normal(size=(3, 4)), "wg": rng.normal(size=(3, 2)),
+              "out": rng.normal(size=(2, 3))}
+    flow = ChannelFlow("wx", consumers=(Consumer("out"),), members=(Member("wg", gate=True),))
+    directions = [rng.normal(size=(2, 4)), rng.normal(size=(2, 2))]
+    grown, cmap = split_neurons(params, flow, [0, 2], directions, eps=1e-3)
+    np.testing.assert_array_equal(grown["wg"], params["wg"][list(cmap.sources)])
+    assert not np.array_equal(grown["wx"][:3], params["wx"])
+    x, s = rng.normal(size=(4, 5)), rng.normal(size=(2, 5))
+
+    def f(p):
+        return p["out"] @ (np.tanh(p["wx"] @ x) / (1 + np.exp(-(p["wg"] @ s))))
+
+    assert np.abs(f(grown) - f(params)).max() < 1e-5
+    with pytest.raises(TypeError, match="Member.gate must be a bool"):
+        Member("wg", gate=1)

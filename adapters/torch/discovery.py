@@ -49,6 +49,13 @@ from .flows import (
     unwrap,
 )
 from .groups import residual_groups
+from .products import (
+    PRODUCT_FUNCTIONS,
+    PRODUCT_METHODS,
+    broadcasts_over_space,
+    is_gate,
+    product_role,
+)
 
 __all__ = ["FlowSurvey", "check_flows", "discover_flows", "find_flow", "survey_flows"]
 
@@ -101,7 +108,8 @@ class _Walk:
     depthwise: list = field(default_factory=list)
     consumers: dict = field(default_factory=dict)  # module name -> (spatial, offset)
     downstream_norms: dict = field(default_factory=dict)  # BN after an add or a cat -> offset
-    adds: dict = field(default_factory=dict)  # add node -> the argument nodes reached
+    adds: dict = field(default_factory=dict)  # add (or product) node -> the arguments reached
+    products: dict = field(default_factory=dict)  # x * gate(x) node -> sides reached (.products)
     seen: set = field(default_factory=set)  # (node, offset, merged) already walked
     activation: str | None = None
     activation_kind: str | None = None
@@ -202,15 +210,14 @@ def _flow_of(names, walks):
         producer=names[0],
         consumers=tuple(TorchConsumer(m, s, o) for m, (s, o) in consumers.items()),
         norm=first.norms.get(-1),
-        depthwise=tuple(
-            TorchDepthwise(conv, first.norms.get(k)) for k, conv in enumerate(first.depthwise)
-        ),
+        depthwise=tuple(TorchDepthwise(conv, walk.norms.get(k))
+                        for walk in walks for k, conv in enumerate(walk.depthwise)),
         activation=first.activation,
         activation_kind=first.activation_kind,
         activation_node=first.activation_node if len(walks) > 1 or first.activation_merged
         else None,
         members=tuple(TorchMember(name, w.norms.get(-1), w.activation, w.activation_kind,
-                                  w.activation_node)
+                                  w.activation_node, gate=is_gate(w))
                       for name, w in zip(names[1:], walks[1:], strict=True)),
         downstream_norms=tuple(TorchNorm(m, o) for m, o in norms.items()),
     )
@@ -265,26 +272,9 @@ def _block(walk, user, why):
         walk.blocked = f"its output feeds {why} in {_owner(user)}"
 
 
-def _depends_on(later, earlier):
-    stack, seen = [later], set()
-    while stack:
-        node = stack.pop()
-        if node is earlier:
-            return True
-        if node not in seen:
-            seen.add(node)
-            stack.extend(node.all_input_nodes)
-    return False
-
-
 def _merge_reason(node, user, label):
-    """Why a merge refuses growth, naming a squeeze-excitation gate or a parameter operand."""
+    """Why a merge refuses growth, naming a parameter operand."""
     others = [a for a in user.all_input_nodes if a is not node]
-    if "multiplication" in label:
-        if any(_depends_on(a, node) for a in others):
-            return "a squeeze-excitation channel gate x * gate(x)"
-        if any(_depends_on(node, a) for a in others):
-            return "the channel gate of a squeeze-excitation x * gate(x)"
     parameters = [a.target for a in others if a.op == "get_attr"]
     if parameters:
         return f"{label} with the parameter {parameters[0]!r}"
@@ -366,6 +356,17 @@ def _merge(node, user, walk, modules, calls, go):
     return _follow(user, walk, modules, calls, **{**go, "merged": len(tensors) > 1 or go["merged"]})
 
 
+def _product(node, user, walk, modules, calls, go, role):
+    """A squeeze-excitation ``x * gate(x)``: joins the group like an add (:mod:`.products`)."""
+    if go["offset"] is not None or go["spatial"] is not None:
+        return _block(walk, user, "a squeeze-excitation product after a concatenation or a flatten")
+    if not broadcasts_over_space(_shape(node), _shape(user)):
+        return _block(walk, user, f"a product that broadcasts {_shape(node)} to {_shape(user)}")
+    walk.adds.setdefault(user.name, set()).add(node.name)
+    walk.products.setdefault(user.name, set()).add(role)
+    return _follow(user, walk, modules, calls, **{**go, "merged": True})
+
+
 def _visit(node, user, walk, modules, calls, segment, ndim, spatial, pooled, offset, merged):
     go = dict(segment=segment, ndim=ndim, spatial=spatial, pooled=pooled, offset=offset,
               merged=merged)
@@ -427,6 +428,11 @@ def _visit(node, user, walk, modules, calls, segment, ndim, spatial, pooled, off
         if (user.op == "call_function" and target in _ADD_FUNCTIONS | _CAT_FUNCTIONS) or (
                 user.op == "call_method" and target in _ADD_METHODS):
             return _merge(node, user, walk, modules, calls, go)
+        if (user.op == "call_function" and target in PRODUCT_FUNCTIONS) or (
+                user.op == "call_method" and target in PRODUCT_METHODS):
+            role = product_role(node, user)
+            if role is not None:
+                return _product(node, user, walk, modules, calls, go, role)
         if user.op == "call_function" and target in _MERGE_LABELS:
             return _block(walk, user, _merge_reason(node, user, _MERGE_LABELS[target]))
         if user.op == "call_method" and target in _MERGE_METHODS:

@@ -96,6 +96,8 @@ class TorchMember:
     ``activation``/``activation_kind`` as for :class:`TorchFlow` (the activation its channels
     reach, after the add); ``activation_node`` the name of that activation's node in the
     ``torch.fx`` trace of the model (SSD reads the group's pre-activations there).
+    ``gate``: its output multiplies the group's channels (a squeeze-excitation's ``fc2``,
+    :class:`simcore.growth.flow.Member`): a split copies it exactly and SSD scores it 0.
     """
 
     producer: str
@@ -103,6 +105,7 @@ class TorchMember:
     activation: str | None = None
     activation_kind: str | None = None
     activation_node: str | None = None
+    gate: bool = False
 
 
 @dataclass(frozen=True)
@@ -256,7 +259,7 @@ class TorchFlow:
             members=tuple(
                 Member(weight=f"{m.producer}.weight", out_axis=0,
                        bias=f"{m.producer}.bias" if modules[m.producer].bias is not None else None,
-                       norm=_batch_norm(m.norm, modules))
+                       norm=_batch_norm(m.norm, modules), gate=m.gate)
                 for m in self.members
             ),
             downstream_norms=tuple(_batch_norm(n.module, modules, n.offset)

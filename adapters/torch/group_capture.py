@@ -29,10 +29,15 @@ __all__ = ["group_splitting_statistics"]
 
 
 def _units(flow: TorchFlow) -> list[TorchMember]:
-    """The producers of a group as members (its own first)."""
+    """The producers of a group as members (its own first); a gate as one without activation.
+
+    A squeeze-excitation gate (``TorchMember.gate``) is copied exactly by a split, so it has no
+    direction to score: its splitting matrices are taken as zero (docs/design.md).
+    """
     own = TorchMember(flow.producer, flow.norm, flow.activation, flow.activation_kind,
                       flow.activation_node)
-    return [own, *flow.members]
+    return [own, *(TorchMember(m.producer, m.norm, gate=True) if m.gate else m
+                   for m in flow.members)]
 
 
 def _kind(unit: TorchMember, modules: dict[str, nn.Module]) -> str:

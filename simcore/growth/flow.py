@@ -209,18 +209,27 @@ class Member:
     ``c`` of each member is summed into channel ``c`` of the stream, so a copy of ``c`` is
     copied in every member (split directions and fresh rows are each member's own), and the
     consumers of the sum read it once. ``norm`` is the member's own BatchNorm before the add.
+
+    ``gate=True``: the member's output *multiplies* the group's channels instead of being added
+    to them (the ``fc2`` of a squeeze-excitation ``x * gate(x)``). A split copies its rows
+    exactly (no direction), so both copies of a channel are scaled by the parent's gate and the
+    product stays linear in the split producer's channels (docs/design.md, 'Squeeze-excitation
+    gates'); fresh channels get fresh rows like any member.
     """
 
     weight: str
     out_axis: int = 0
     bias: str | None = None
     norm: BatchNorm | None = None
+    gate: bool = False
 
     def __post_init__(self) -> None:
         _check_name(self.weight, "Member.weight", optional=False)
         _check_int(self.out_axis, "Member.out_axis")
         _check_name(self.bias, "Member.bias", optional=True)
         _check_norm(self.norm, "Member.norm")
+        if not isinstance(self.gate, bool):
+            raise TypeError(f"Member.gate must be a bool, got {type(self.gate).__name__}")
 
 
 def _check_norm(norm: Any, field: str, offset_allowed: bool = False) -> None:

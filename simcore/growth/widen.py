@@ -492,8 +492,9 @@ def split_neurons(
     without ``out_axis``), row ``i`` the direction ``delta`` of ``parents[i]`` (SSD: the
     eigenvector of the smallest eigenvalue of the splitting matrix; Firefly: the trained
     ``delta``); a residual group (a flow with ``members``) takes a sequence with one such
-    array per producer and splits channel ``i`` in every member. The consumer columns of a
-    parent are halved and the copy gets the other half;
+    array per producer and splits channel ``i`` in every member (a gate member,
+    ``Member(gate=True)``, is copied exactly: its direction is not used). The consumer columns
+    of a parent are halved and the copy gets the other half;
     bias, BatchNorm and depthwise entries are duplicated. The function is kept to O(eps^2)
     (exactly at ``eps=0``), since ``(f(h + e) + f(h - e)) / 2 = f(h) + O(e^2)``. Like the
     loss, the operators never inspect values (they trace under ``jax.jit``): NaN or Inf in
@@ -543,11 +544,14 @@ def split_neurons(
         perturbation.append(_take(xp, padded, slot.tolist(), block)
                             * _host_array(xp, eps * sign[:, None], block))
 
+    gates = {index for index, m in enumerate(flow.members, start=1) if m.gate}
     for entry in entries:
         a = params[entry.name]
         if entry.role == "producer":
             rows = _take(xp, channel_rows(xp, a, entry), cmap.sources, a)
-            out[entry.name] = write_channel_rows(xp, a, entry, rows + perturbation[entry.member])
+            if entry.member not in gates:  # a gate is copied exactly (Member.gate)
+                rows = rows + perturbation[entry.member]
+            out[entry.name] = write_channel_rows(xp, a, entry, rows)
         else:
             out[entry.name] = _grow_by_map(xp, a, entry, cmap, divide=entry.role == "consumer")
     return out, cmap
