@@ -49,6 +49,15 @@ from .flows import (
     unwrap,
 )
 from .groups import residual_groups
+from .paths import (
+    LINEAR_POOL_FUNCTIONS,
+    LINEAR_POOL_MODULES,
+    START,
+    activation_path,
+    after_norm,
+    after_pooling,
+    after_unfollowable,
+)
 from .products import (
     PRODUCT_FUNCTIONS,
     PRODUCT_METHODS,
@@ -110,6 +119,7 @@ class _Walk:
     downstream_norms: dict = field(default_factory=dict)  # BN after an add or a cat -> offset
     adds: dict = field(default_factory=dict)  # add (or product) node -> the arguments reached
     products: dict = field(default_factory=dict)  # x * gate(x) node -> sides reached (.products)
+    paths: list = field(default_factory=list)  # every activation reached, for SSD (.paths)
     seen: set = field(default_factory=set)  # (node, offset, merged) already walked
     activation: str | None = None
     activation_kind: str | None = None
@@ -216,6 +226,8 @@ def _flow_of(names, walks):
         activation_kind=first.activation_kind,
         activation_node=first.activation_node if len(walks) > 1 or first.activation_merged
         else None,
+        activation_paths=tuple(first.paths) if len(walks) == 1 and (
+            first.activation_merged or len(first.paths) > 1) else (),
         members=tuple(TorchMember(name, w.norms.get(-1), w.activation, w.activation_kind,
                                   w.activation_node, gate=is_gate(w))
                       for name, w in zip(names[1:], walks[1:], strict=True)),
@@ -282,12 +294,13 @@ def _merge_reason(node, user, label):
 
 
 def _follow(node, walk, modules, calls, *, segment, ndim, spatial, pooled, offset=None,
-            merged=False):
+            merged=False, route=START):
     """Depth-first walk over the users of ``node`` while they are channel-wise.
 
     ``offset``: where the producer's channels start after the concatenations passed (None:
     none passed); ``merged``: an add or a concatenation was passed (a BatchNorm after it reads
-    the stream, not the producer alone).
+    the stream, not the producer alone); ``route``: the norm and poolings passed before an
+    activation (:mod:`.paths`; None once one was passed).
     """
     key = (node.name, offset, segment, spatial)
     if key in walk.seen:  # paths that meet again (an add reached twice) are walked once
@@ -296,7 +309,8 @@ def _follow(node, walk, modules, calls, *, segment, ndim, spatial, pooled, offse
     for user in list(node.users):
         if walk.blocked is not None:
             return
-        _visit(node, user, walk, modules, calls, segment, ndim, spatial, pooled, offset, merged)
+        _visit(node, user, walk, modules, calls, segment, ndim, spatial, pooled, offset, merged,
+               route)
 
 
 def _note_activation(walk, segment, name, kind, node=None, merged=False):
@@ -311,6 +325,14 @@ def _note_reshaping(walk, segment, node, user):
     """A pooling before the producer's activation: its pre-activation is not the layer's own."""
     if segment == -1 and not walk.activation_seen and _shape(node) != _shape(user):
         walk.resized = True
+
+
+def _path_to(walk, go, user, kind):
+    """Record the route's path ending at activation ``user``; later ones are not the layer's."""
+    path = activation_path(go["route"], user, kind, go["offset"])
+    if path is not None:
+        walk.paths.append(path)
+    return {**go, "route": None}
 
 
 def _consumer(walk, user, spatial, offset):
@@ -367,9 +389,10 @@ def _product(node, user, walk, modules, calls, go, role):
     return _follow(user, walk, modules, calls, **{**go, "merged": True})
 
 
-def _visit(node, user, walk, modules, calls, segment, ndim, spatial, pooled, offset, merged):
+def _visit(node, user, walk, modules, calls, segment, ndim, spatial, pooled, offset, merged,
+           route):
     go = dict(segment=segment, ndim=ndim, spatial=spatial, pooled=pooled, offset=offset,
-              merged=merged)
+              merged=merged, route=route)
     flat = spatial is not None
     if user.op == "output":
         walk.blocked = _OUTPUT
@@ -384,6 +407,7 @@ def _visit(node, user, walk, modules, calls, segment, ndim, spatial, pooled, off
         if isinstance(module, BATCH_NORM):
             if flat:
                 return _block(walk, user, "BatchNorm after a flatten")
+            go["route"] = after_norm(route, user.target, offset if merged else None)
             if merged:  # it normalises the stream or the concatenation, not the producer alone
                 if walk.downstream_norms.setdefault(user.target, offset) != offset:
                     return _block(walk, user, "a BatchNorm reading the channels twice")
@@ -394,12 +418,15 @@ def _visit(node, user, walk, modules, calls, segment, ndim, spatial, pooled, off
             return _follow(user, walk, modules, calls, **go)
         if isinstance(module, ACTIVATION_TYPES):
             _note_activation(walk, segment, user.target, module_activation(module), user, merged)
-            return _follow(user, walk, modules, calls, **go)
+            return _follow(user, walk, modules, calls,
+                           **_path_to(walk, go, user, module_activation(module)))
         if isinstance(module, _PASS_MODULES):
             pool_one = isinstance(module, (nn.AdaptiveAvgPool2d, nn.AdaptiveMaxPool2d)) and (
                 module.output_size in (1, (1, 1))
             )
             _note_reshaping(walk, segment, node, user)
+            go["route"] = after_pooling(route, node, user, isinstance(module, LINEAR_POOL_MODULES),
+                                        _shape)
             return _follow(user, walk, modules, calls, **{**go, "pooled": pooled or pool_one})
         if isinstance(module, nn.Flatten):
             if module.start_dim != 1 or module.end_dim != -1:
@@ -413,7 +440,7 @@ def _visit(node, user, walk, modules, calls, segment, ndim, spatial, pooled, off
             walk.depthwise.append(user.target)
             _note_activation(walk, segment, None, None)  # a later activation is not the producer's
             new = len(walk.depthwise) - 1
-            return _follow(user, walk, modules, calls, **{**go, "segment": new})
+            return _follow(user, walk, modules, calls, **{**go, "segment": new, "route": None})
         if isinstance(module, nn.Conv2d) and module.groups == 1:
             if flat or ndim != 4:
                 return _block(walk, user, "a conv reading flattened channels")
@@ -445,7 +472,7 @@ def _visit(node, user, walk, modules, calls, segment, ndim, spatial, pooled, off
         kind = call_activation(target, user.args, user.kwargs)
         if kind is not None:  # F.relu, torch.relu, x.relu_(), ...: as its module form
             _note_activation(walk, segment, None, kind, user, merged)
-            return _follow(user, walk, modules, calls, **go)
+            return _follow(user, walk, modules, calls, **_path_to(walk, go, user, kind))
         if user.op == "call_function" and target in _PASS_FUNCTIONS:
             size = user.args[1] if len(user.args) > 1 else user.kwargs.get("output_size")
             pool_one = target in (_F.adaptive_avg_pool2d, _F.adaptive_max_pool2d) and size in (
@@ -453,6 +480,7 @@ def _visit(node, user, walk, modules, calls, segment, ndim, spatial, pooled, off
                 (1, 1),
             )
             _note_reshaping(walk, segment, node, user)
+            go["route"] = after_pooling(route, node, user, target in LINEAR_POOL_FUNCTIONS, _shape)
             return _follow(user, walk, modules, calls, **{**go, "pooled": pooled or pool_one})
         if user.op == "call_method" and target in ("contiguous", "clone"):
             return _follow(user, walk, modules, calls, **go)
@@ -466,6 +494,7 @@ def _visit(node, user, walk, modules, calls, segment, ndim, spatial, pooled, off
             dims = tuple(dims) if isinstance(dims, (tuple, list)) else (dims,)
             if ndim == 4 and not flat and set(dims) in ({2, 3}, {-1, -2}):
                 keep = user.kwargs.get("keepdim", False) or (len(user.args) > 2 and user.args[2])
+                go["route"] = after_pooling(route, node, user, True, _shape)
                 return _follow(
                     user, walk, modules, calls, **{**go, "ndim": 4 if keep else 2, "pooled": True}
                 )
@@ -494,6 +523,7 @@ def _visit(node, user, walk, modules, calls, segment, ndim, spatial, pooled, off
 def _flatten(node, user, walk, modules, calls, go):
     if go["spatial"] is not None or go["ndim"] == 2:
         return _follow(user, walk, modules, calls, **go)  # already flat: a no-op for channels
+    go = {**go, "route": after_unfollowable(go["route"], user, "a flatten")}
     shape = _shape(node)
     if shape is not None:
         spatial = math.prod(shape[2:])
@@ -584,7 +614,7 @@ def survey_flows(model: nn.Module, example_input: Any = None) -> FlowSurvey:
     >>> survey_flows(Block())
     FlowSurvey(flows=(TorchFlow(producer='a', consumers=(TorchConsumer(module='b', spatial=1, \
 offset=None),), norm=None, depthwise=(), activation=None, activation_kind='relu', members=(), \
-activation_node=None, downstream_norms=()),), \
+activation_node=None, downstream_norms=(), activation_paths=()),), \
 skipped={'b': "its output is added to the network's input in the model's forward"})
     """
     model = unwrap(model) if isinstance(model, nn.Module) else model

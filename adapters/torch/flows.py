@@ -31,6 +31,7 @@ __all__ = [
     "TorchFlow",
     "TorchMember",
     "TorchNorm",
+    "TorchPath",
     "describe_module",
     "is_depthwise_conv",
     "is_producer",
@@ -109,6 +110,26 @@ class TorchMember:
 
 
 @dataclass(frozen=True)
+class TorchPath:
+    """One activation the producer's channels reach, for SSD (:mod:`.paths`).
+
+    ``node``: the activation's node in the ``torch.fx`` trace, ``kind`` its name for
+    ``sigma''``; the producer's channels are its input channels ``[offset, offset + n)`` (None:
+    exactly ``n``). ``norm`` is the BatchNorm on the way (its channels from ``norm_offset``),
+    ``pools`` the average poolings passed (node names, in order); ``blocked`` says why the
+    capture cannot follow this path (SSD then refuses the layer with that reason).
+    """
+
+    node: str
+    kind: str | None = None
+    offset: int | None = None
+    norm: str | None = None
+    norm_offset: int | None = None
+    pools: tuple[str, ...] = ()
+    blocked: str | None = None
+
+
+@dataclass(frozen=True)
 class TorchNorm:
     """A BatchNorm reading the channels after an add or a concatenation (at ``offset``)."""
 
@@ -150,6 +171,9 @@ class TorchFlow:
     #: add, a concatenation or a pooling (a residual group's stream; a concatenated layer).
     activation_node: str | None = None
     downstream_norms: tuple[TorchNorm, ...] = ()
+    #: Every activation the channels reach, when there are several or the first comes after a
+    #: concatenation or a pooling (SSD sums their terms, :mod:`.path_capture`); else empty.
+    activation_paths: tuple[TorchPath, ...] = ()
 
     def __post_init__(self):
         if not isinstance(self.producer, str):

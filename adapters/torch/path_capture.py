@@ -1,0 +1,128 @@
+"""SSD's statistics of a layer that reaches several activations, or one only after a pooling.
+
+A DenseNet layer's output is concatenated, and every later layer applies its own BatchNorm and
+ReLU to it; a transition conv reaches the next block's activations after an average pooling.
+Its splitting matrix sums one term per activation path ``p`` (:mod:`.paths`)::
+
+    S_i = sum_p sum_{b,q} dL/dh_p * sigma''(z_p) * c_{p,i}^2 * x_p x_p^T
+
+The traced graph is run with the recorder of :mod:`.group_capture` at every path's activation
+node (its input ``z``, its output ``h`` made a node of the autograd graph); the producer's
+input is unfolded into patches and pooled as the path pools the producer's output (an average
+pooling is linear, so ``pool(theta . x) = theta . pool(x)``). Path ``p``'s BatchNorm
+coefficient is folded into its backprop (``g c_p^2``), so every path is one
+``(patches, backprop, preactivations)`` entry of :class:`~simcore.growth.SplittingStatistics`
+with ``bn_scale=None``. The grower averages its entries as batches: with ``k`` paths each
+backprop is multiplied by ``k``, so the average over the ``batches x k`` entries is the
+average over batches of the sum over paths.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import torch
+import torch.fx
+from torch import nn
+
+from simcore.growth import GrowthError, SplittingStatistics, bn_coefficient
+from simcore.growth.growers import check_loss
+
+from .capture import _patches, _positions, scoring_mode
+from .flows import BATCH_NORM, TorchFlow, TorchPath
+from .group_capture import _Recorder
+from .paths import path_refusal
+
+__all__ = ["path_splitting_statistics"]
+
+
+def _pooled(patches: torch.Tensor, size: tuple[int, ...], pools: Sequence[torch.fx.Node],
+            modules: dict[str, nn.Module]) -> torch.Tensor:
+    """The ``(B, P, d)`` patches pooled as the path pools the producer's ``(B, n, *size)``."""
+    if not pools:
+        return patches
+    t = patches.transpose(1, 2).reshape(patches.shape[0], patches.shape[2], *size)
+    for node in pools:
+        rest = (*node.args[1:], *node.kwargs.values())
+        if any(isinstance(a, torch.fx.Node) for a in rest):
+            raise GrowthError(f"SSD cannot pool the patches as node {node.name!r} does: its "
+                              "arguments are computed in the forward")
+        target = node.target
+        if node.op == "call_module":
+            t = modules[str(target)](t)
+        elif node.op == "call_method":
+            t = getattr(t, str(target))(*node.args[1:], **node.kwargs)
+        elif callable(target):
+            t = target(t, *node.args[1:], **node.kwargs)
+    return _positions(t, False)
+
+
+def _coefficient(path: TorchPath, n: int, modules: dict[str, nn.Module]) -> torch.Tensor | None:
+    if path.norm is None:
+        return None
+    bn = modules[path.norm]
+    if not isinstance(bn, BATCH_NORM) or bn.running_var is None:
+        raise GrowthError(f"SSD cannot score through {path.norm!r}: the BN coefficient needs a "
+                          "BatchNorm with running statistics")
+    var = bn.running_var.detach()
+    scale = bn.weight.detach() if bn.weight is not None else torch.ones_like(var)
+    start = path.norm_offset or 0
+    return bn_coefficient(scale, var, eps=bn.eps)[start:start + n]
+
+
+def path_splitting_statistics(
+    model: nn.Module,
+    flows: Sequence[TorchFlow],
+    batches: Sequence[tuple[Any, Any]],
+    loss_fn: Callable[[Any, Any], torch.Tensor],
+) -> list[SplittingStatistics]:
+    """SSD's inputs for each flow with ``activation_paths``: one entry per batch and path."""
+    for flow in flows:
+        why = path_refusal(flow)
+        if why is not None:
+            raise GrowthError(f"SSD cannot score {flow.producer!r}: {why}")
+    modules = dict(model.named_modules())
+    graph_module = torch.fx.symbolic_trace(model)
+    by_name = {n.name: n for n in graph_module.graph.nodes}
+    wanted = {p.node for f in flows for p in f.activation_paths}
+    wanted |= {pool for f in flows for p in f.activation_paths for pool in p.pools}
+    for name in sorted(wanted - by_name.keys()):
+        raise GrowthError(f"SSD cannot find node {name!r} in the model's trace")
+    nodes = {p.node for f in flows for p in f.activation_paths}
+    entries: list[list[tuple]] = [[] for _ in flows]
+    with scoring_mode(model):
+        for inputs, targets in batches:
+            recorder = _Recorder(graph_module, nodes)
+            seen: dict[str, tuple[torch.Tensor, tuple[int, ...]]] = {}
+            handles = [modules[f.producer].register_forward_hook(
+                lambda m, i, o, name=f.producer, seen=seen: seen.__setitem__(
+                    name, (i[0].detach(), tuple(o.shape[2:])))) for f in flows]
+            try:
+                loss = check_loss(loss_fn(recorder.run(inputs), targets))
+            finally:
+                for h in handles:
+                    h.remove()
+            names = sorted(recorder.h)
+            grads = dict(zip(names, torch.autograd.grad(
+                loss, [recorder.h[n] for n in names], allow_unused=True), strict=True))
+            for out, flow in zip(entries, flows, strict=True):
+                producer = modules[flow.producer]
+                x, size = seen[flow.producer]
+                patches = _patches(producer, x)
+                n = int(producer.weight.shape[0])
+                flat = isinstance(producer, nn.Linear)
+                k = len(flow.activation_paths)
+                for path in flow.activation_paths:
+                    start = path.offset or 0
+                    z = recorder.z[path.node][:, start:start + n]
+                    g = grads[path.node]
+                    g = torch.zeros_like(z) if g is None else g[:, start:start + n].detach()
+                    c = _coefficient(path, n, modules)
+                    if c is not None:
+                        g = g * (c * c).reshape(1, n, *([1] * (g.ndim - 2)))
+                    out.append((_pooled(patches, size, [by_name[p] for p in path.pools],
+                                        modules),
+                                _positions(g * k, flat), _positions(z, flat)))
+    return [SplittingStatistics(activation=str(flow.activation_paths[0].kind), bn_scale=None,
+                                batches=tuple(e)) for flow, e in zip(flows, entries, strict=True)]
