@@ -26,12 +26,11 @@ import torch
 import torch.fx
 from torch import nn
 
-from simcore.growth import GrowthError, SplittingStatistics, bn_coefficient
-from simcore.growth.growers import check_loss
+from simcore.growth import GrowthError, SplittingStatistics
 
-from .capture import _patches, _positions, scoring_mode
-from .flows import BATCH_NORM, TorchFlow, TorchPath
-from .group_capture import _Recorder
+from .capture import _bn_scale, _patches, _positions, scoring_mode
+from .flows import TorchFlow, TorchPath
+from .group_capture import recorded_pass
 from .paths import path_refusal
 
 __all__ = ["path_splitting_statistics"]
@@ -58,17 +57,12 @@ def _pooled(patches: torch.Tensor, size: tuple[int, ...], pools: Sequence[torch.
     return _positions(t, False)
 
 
-def _coefficient(path: TorchPath, n: int, modules: dict[str, nn.Module]) -> torch.Tensor | None:
-    if path.norm is None:
-        return None
-    bn = modules[path.norm]
-    if not isinstance(bn, BATCH_NORM) or bn.running_var is None:
-        raise GrowthError(f"SSD cannot score through {path.norm!r}: the BN coefficient needs a "
-                          "BatchNorm with running statistics")
-    var = bn.running_var.detach()
-    scale = bn.weight.detach() if bn.weight is not None else torch.ones_like(var)
+def _coefficient(flow: TorchFlow, path: TorchPath, n: int,
+                 modules: dict[str, nn.Module]) -> torch.Tensor | None:
+    """Path ``path``'s BatchNorm coefficient of the flow's ``n`` channels, or None."""
+    full = _bn_scale(TorchFlow(flow.producer, norm=path.norm), modules)
     start = path.norm_offset or 0
-    return bn_coefficient(scale, var, eps=bn.eps)[start:start + n]
+    return None if full is None else full[start:start + n]
 
 
 def path_splitting_statistics(
@@ -93,23 +87,13 @@ def path_splitting_statistics(
     entries: list[list[tuple]] = [[] for _ in flows]
     with scoring_mode(model):
         for inputs, targets in batches:
-            recorder = _Recorder(graph_module, nodes)
-            seen: dict[str, tuple[torch.Tensor, tuple[int, ...]]] = {}
-            handles = [modules[f.producer].register_forward_hook(
-                lambda m, i, o, name=f.producer, seen=seen: seen.__setitem__(
-                    name, (i[0].detach(), tuple(o.shape[2:])))) for f in flows]
-            try:
-                loss = check_loss(loss_fn(recorder.run(inputs), targets))
-            finally:
-                for h in handles:
-                    h.remove()
-            names = sorted(recorder.h)
-            grads = dict(zip(names, torch.autograd.grad(
-                loss, [recorder.h[n] for n in names], allow_unused=True), strict=True))
+            seen, recorder, grads = recorded_pass(
+                graph_module, nodes, [modules[f.producer] for f in flows], inputs, targets,
+                loss_fn)
             for out, flow in zip(entries, flows, strict=True):
                 producer = modules[flow.producer]
-                x, size = seen[flow.producer]
-                patches = _patches(producer, x)
+                x, shape = seen[producer]
+                patches, size = _patches(producer, x), shape[2:]
                 n = int(producer.weight.shape[0])
                 flat = isinstance(producer, nn.Linear)
                 k = len(flow.activation_paths)
@@ -118,7 +102,7 @@ def path_splitting_statistics(
                     z = recorder.z[path.node][:, start:start + n]
                     g = grads[path.node]
                     g = torch.zeros_like(z) if g is None else g[:, start:start + n].detach()
-                    c = _coefficient(path, n, modules)
+                    c = _coefficient(flow, path, n, modules)
                     if c is not None:
                         g = g * (c * c).reshape(1, n, *([1] * (g.ndim - 2)))
                     out.append((_pooled(patches, size, [by_name[p] for p in path.pools],
