@@ -16,8 +16,6 @@ from simcore.adapters.torch.growers import FireflyGrower, RandomGrower, SSDGrowe
 from simcore.adapters.torch.zoo import build
 from torch import nn
 
-from simcore.growth import GrowthError
-
 pytestmark = [pytest.mark.filterwarnings("ignore::UserWarning"),
               pytest.mark.usefixtures("torch_one_thread")]
 
@@ -51,12 +49,32 @@ class EfficientNetLike(nn.Module):
         return self.head(self.block(F.silu(self.bn(self.stem(x)))).mean((2, 3)))
 
 
-GATED = ("block.expand", "block.fc2")
+class StreamSE(nn.Module):
+    """A block without expansion on the stream: stem -> depthwise -> SE -> project -> + stem.
+
+    The projection is a member of the stem's group (it adds to the stream) and one of its
+    consumers (it reads the stream through the depthwise conv and the gate).
+    """
+
+    def __init__(self):
+        super().__init__()
+        self.stem, self.bn = nn.Conv2d(3, 4, 3, padding=1), nn.BatchNorm2d(4)
+        self.dw = nn.Conv2d(4, 4, 3, padding=1, groups=4, bias=False)
+        self.bn_dw = nn.BatchNorm2d(4)
+        self.fc1, self.fc2 = nn.Conv2d(4, 2, 1), nn.Conv2d(2, 4, 1)
+        self.project, self.bn_p = nn.Conv2d(4, 4, 1, bias=False), nn.BatchNorm2d(4)
+        self.head = nn.Linear(4, 3)
+
+    def forward(self, x):
+        s = F.silu(self.bn(self.stem(x)))
+        h = F.silu(self.bn_dw(self.dw(s)))
+        h = h * torch.sigmoid(self.fc2(F.silu(self.fc1(F.adaptive_avg_pool2d(h, 1)))))
+        return self.head(F.silu(s + self.bn_p(self.project(h))).mean((2, 3)))
 
 
-def _setup():
+def _setup(make=EfficientNetLike):
     torch.manual_seed(0)
-    net = EfficientNetLike()
+    net = make()
     x, y = torch.randn(8, 3, 8, 8), torch.randint(0, 3, (8,))
     opt = torch.optim.SGD(net.parameters(), lr=0.1, momentum=0.9)
     for _ in range(3):  # running statistics and momentum that are not the initial ones
@@ -145,21 +163,46 @@ def test_a_grown_gated_net_round_trips_through_a_checkpoint(tmp_path):
     torch.testing.assert_close(loaded(x), net.eval()(x))
 
 
-def test_se_net_grows_its_gates_and_names_the_one_group_it_cannot():
+def test_se_net_grows_every_gate():
     model = build("se_net", width=0.125, seed=0)
     x = torch.randn(4, 3, 32, 32)
     survey = survey_flows(model, x[:1])
     gates = {m.producer for f in survey.flows for m in f.members if m.gate}
-    assert len(gates) == 8  # every SE block but the first
-    assert set(survey.skipped) == {"features.0.0", "features.1.block.1.fc2",
-                                   "features.1.block.2.0"}
-    assert survey.skipped["features.0.0"].startswith(
-        "'features.1.block.2.0' both reads and produces the channels of its group")
-    with pytest.raises(GrowthError, match="both reads and produces"):
-        RandomGrower().grow(model, None, None, example_input=x[:1], layers=["features.0.0"])
+    assert len(gates) == 9 and survey.skipped == {}  # every SE block's fc2
     report = RandomGrower(seed=0).grow(model, None, None, example_input=x[:1], ratio=0.35)
-    assert report.growable_share > 0.98
+    assert report.growable_share == 1.0
     widths = dict(model.named_modules())
     assert (widths["features.4.block.0.0"].out_channels
             == widths["features.4.block.2.fc2"].out_channels
             == widths["features.4.block.2.fc1"].in_channels)
+
+
+def test_a_projection_that_reads_and_adds_to_its_group_is_a_member_and_a_consumer():
+    flow = discover_flows(StreamSE(), torch.zeros(1, 3, 8, 8), layers=["stem"])[0]
+    assert [(m.producer, m.gate) for m in flow.members] == [("fc2", True), ("project", False)]
+    assert sorted(c.module for c in flow.consumers) == ["fc1", "head", "project"]
+
+
+@pytest.mark.parametrize("method", ["random", "ssd", "firefly"])
+def test_a_projection_reading_its_own_group_grows_its_inputs_and_outputs_together(method):
+    net, opt, x, y = _setup(StreamSE)
+    net.eval()
+    before = net(x).detach()
+    GROWERS[method]().grow(net, [(x, y)], F.cross_entropy, opt, ratio=0.5, layers=["stem"])
+    grown = net.stem.out_channels
+    assert grown > 4 and net.project.weight.shape[:2] == (grown, grown)
+    assert net.fc2.out_channels == net.fc1.in_channels == net.dw.out_channels == grown
+    net.eval()
+    change = (net(x).detach() - before).abs().max().item() / before.abs().max().item()
+    assert change < 1e-5 if method == "random" else 0 < change < 1e-2
+    for p in net.parameters():
+        assert all(v.shape == p.shape for v in opt.state[p].values() if v.ndim)
+    net.train()
+    opt.zero_grad()
+    loss = F.cross_entropy(net(x), y)
+    loss.backward()
+    opt.step()
+    assert torch.isfinite(loss)
+    save_checkpoint(path := __import__("tempfile").mktemp(suffix=".pt"), net)
+    loaded = load_checkpoint(path, model=StreamSE()).model.eval()
+    torch.testing.assert_close(loaded(x), net.eval()(x))

@@ -665,14 +665,14 @@ def check_flows(model: nn.Module, flows: Iterable[TorchFlow]) -> None:
             more = _readers(graph_module, producer)
             passed, readers, reaches_output = passed | more[0], readers | more[1], (
                 reaches_output or more[2])
-        readers -= set(flow.producers)
+        named = {c.module for c in flow.consumers}
+        readers -= set(flow.producers) - named  # a member may read its own group
         where = f"flow of {flow.producer!r}"
         if reaches_output:
             raise GrowthError(
                 f"{where}: its channels reach the network's output in the traced graph; "
                 "growing it would change the output's shape"
             )
-        named = {c.module for c in flow.consumers}
         for name in sorted(named - readers):
             raise GrowthError(
                 f"{where}: {name!r} does not read the channels of {flow.producer!r} in the "

@@ -77,11 +77,6 @@ def _reason(names: list[str], walks: list[Any], nodes: Mapping[str, torch.fx.Nod
             how = "multiplied by" if any(add in w.products for w in walks) else "added to"
             return f"its output is {how} {what} in {owner(nodes[add])}"
     if len(walks) > 1:
-        reading = sorted(set(names) & set().union(*(w.consumers for w in walks)))
-        if reading:  # stream -> depthwise (-> gate) -> projection -> + stream: one layer, both
-            return (f"{reading[0]!r} both reads and produces the channels of its group (its "
-                    "input reaches it through channel-wise layers only): a growth widens the "
-                    "inputs and the outputs of a layer in separate flows")
         seen: dict[str, tuple] = {}
         for walk in walks:
             for module, where in (*walk.consumers.items(), *walk.downstream_norms.items()):

@@ -269,9 +269,11 @@ class ChannelFlow:
     and BatchNorm); ``consumers`` read the channels. All names refer to entries of ``params``.
 
     A residual stream is one flow with ``members``: the other producers whose outputs are added
-    to the producer's (:class:`Member`); they all grow by the same channels. ``downstream_norms``
-    are BatchNorms that read the channels after an add or a concatenation (pre-activation
-    ResNets, DenseNet), with an ``offset`` after a concatenation.
+    to the producer's (:class:`Member`); they all grow by the same channels. A member may also
+    be one of the ``consumers`` (it reads the stream it adds to through channel-wise layers,
+    a MobileNet block without expansion): every operator grows its rows, then its columns.
+    ``downstream_norms`` are BatchNorms that read the channels after an add or a
+    concatenation (pre-activation ResNets, DenseNet), with an ``offset`` after a concatenation.
     """
 
     producer: str
@@ -304,7 +306,11 @@ class ChannelFlow:
             object.__setattr__(self, field, value)
         for i, dw in enumerate(self.depthwise):
             _check_norm(dw.norm, f"ChannelFlow.depthwise[{i}].norm")
-        names = [e.name for e in self._named()]
+        # A producer of the group may also read it (a projection fed by the stream it adds
+        # to, through channel-wise layers): its rows and its columns grow, rows first.
+        named = self._named()
+        reading = {e.name for e in named if e.role == "consumer"} & set(self.producers)
+        names = [e.name for e in named if not (e.role == "consumer" and e.name in reading)]
         duplicates = sorted({n for n in names if names.count(n) > 1})
         if duplicates:
             raise ValueError(f"ChannelFlow names {duplicates[0]!r} more than once")

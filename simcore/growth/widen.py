@@ -400,7 +400,7 @@ def add_neurons(
     xp = namespace_of(params[flow.producer], f"params[{flow.producer!r}]")
     consumer_index = depthwise_index = 0
     for entry in entries:
-        a = params[entry.name]
+        a = out[entry.name]  # a member that also reads the group: its rows grew already
         rows = channel_rows(xp, a, entry)
         width = int(rows.shape[1])
         if entry.role == "producer":
@@ -427,9 +427,13 @@ def add_neurons(
             depthwise_index += 1
         elif entry.role == "consumer":
             if outgoing_given:
+                given = int(channel_rows(xp, params[entry.name], entry).shape[1])
                 extra = _rows_argument(
-                    outgoing[consumer_index], count, width, f"outgoing[{consumer_index}]", a
+                    outgoing[consumer_index], count, given, f"outgoing[{consumer_index}]", a
                 )
+                if given < width:  # the member's new rows read the new channels with 0
+                    extra = xp.concat([extra, xp.zeros((count, width - given), dtype=a.dtype,
+                                                       device=device_of(a))], axis=1)
             elif outgoing == "small":
                 extra = _host_array(xp, symmetric_uniform(gen, scale, (count, width)), a)
             else:
@@ -470,9 +474,9 @@ def replicate_neurons(
     if not parents:
         return out, cmap
     xp = namespace_of(params[flow.producer], f"params[{flow.producer!r}]")
-    for entry in entries:
+    for entry in entries:  # from ``out``: a member that also reads the group grows twice
         out[entry.name] = _grow_by_map(
-            xp, params[entry.name], entry, cmap, divide=entry.role == "consumer"
+            xp, out[entry.name], entry, cmap, divide=entry.role == "consumer"
         )
     return out, cmap
 
@@ -546,7 +550,7 @@ def split_neurons(
 
     gates = {index for index, m in enumerate(flow.members, start=1) if m.gate}
     for entry in entries:
-        a = params[entry.name]
+        a = out[entry.name]  # a member that also reads the group: its rows split already
         if entry.role == "producer":
             rows = _take(xp, channel_rows(xp, a, entry), cmap.sources, a)
             if entry.member not in gates:  # a gate is copied exactly (Member.gate)
