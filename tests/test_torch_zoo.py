@@ -135,10 +135,11 @@ def test_skip_reasons_name_modules_never_graph_nodes(name):
             assert quoted in known or quoted in ("permute", "transpose", "unflatten"), (layer, why)
 
 
-def test_permute_is_refused_per_layer_with_the_module_named():
+def test_a_layer_norm_over_the_channels_is_refused_per_layer_with_the_module_named():
     convnext = build("convnext", width=WIDTH, seed=0)
-    with pytest.raises(GrowthError, match=r"cannot grow 'stages.5': its output feeds a 'permute' "
-                                          r"that moves the channel axis in 'stages.6'"):
+    with pytest.raises(GrowthError, match=r"cannot grow 'stages.5': its output feeds the "
+                                          r"LayerNorm 'stages.6.norm', which normalises over "
+                                          r"the channels"):
         RandomGrower().grow(convnext, None, None, example_input=torch.zeros(1, 3, 32, 32),
                             layers=["stages.5"])
 

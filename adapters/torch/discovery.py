@@ -49,6 +49,7 @@ from .flows import (
     unwrap,
 )
 from .groups import residual_groups
+from .layouts import CHANNELS_LAST_PASS, layer_norm_reason, layer_scale, permuted_layout
 from .paths import (
     LINEAR_POOL_FUNCTIONS,
     LINEAR_POOL_MODULES,
@@ -120,6 +121,7 @@ class _Walk:
     adds: dict = field(default_factory=dict)  # add (or product) node -> the arguments reached
     products: dict = field(default_factory=dict)  # x * gate(x) node -> sides reached (.products)
     paths: list = field(default_factory=list)  # every activation reached, for SSD (.paths)
+    pending: str | None = None  # a refusal that holds only if nothing else refuses (.layouts)
     seen: set = field(default_factory=set)  # (node, offset, merged) already walked
     activation: str | None = None
     activation_kind: str | None = None
@@ -186,7 +188,10 @@ def _analyse(model, example_input):
             continue
         walk = _Walk()
         ndim = 2 if isinstance(module, nn.Linear) else 4
-        _follow(node, walk, modules, calls, segment=-1, ndim=ndim, spatial=None, pooled=False)
+        last = isinstance(module, nn.Linear) and len(_shape(node) or ()) == 4  # channels-last
+        _follow(node, walk, modules, calls, segment=-1, ndim=4 if last else ndim, spatial=None,
+                pooled=False, last=last)
+        walk.blocked = walk.blocked or walk.pending
         if walk.blocked is None and not walk.consumers:
             walk.blocked = "its output is not read by any layer"
         if walk.blocked is not None:
@@ -220,8 +225,9 @@ def _flow_of(names, walks):
         producer=names[0],
         consumers=tuple(TorchConsumer(m, s, o) for m, (s, o) in consumers.items()),
         norm=first.norms.get(-1),
-        depthwise=tuple(TorchDepthwise(conv, walk.norms.get(k))
-                        for walk in walks for k, conv in enumerate(walk.depthwise)),
+        depthwise=tuple({conv: TorchDepthwise(conv, walk.norms.get(k))  # a stream's: once
+                         for walk in walks[::-1] for k, conv in enumerate(walk.depthwise)
+                         }.values())[::-1],
         activation=first.activation,
         activation_kind=first.activation_kind,
         activation_node=first.activation_node if len(walks) > 1 or first.activation_merged
@@ -294,13 +300,14 @@ def _merge_reason(node, user, label):
 
 
 def _follow(node, walk, modules, calls, *, segment, ndim, spatial, pooled, offset=None,
-            merged=False, route=START):
+            merged=False, route=START, last=False):
     """Depth-first walk over the users of ``node`` while they are channel-wise.
 
     ``offset``: where the producer's channels start after the concatenations passed (None:
     none passed); ``merged``: an add or a concatenation was passed (a BatchNorm after it reads
     the stream, not the producer alone); ``route``: the norm and poolings passed before an
-    activation (:mod:`.paths`; None once one was passed).
+    activation (:mod:`.paths`; None once one was passed); ``last``: the channels are on the
+    last axis (:mod:`.layouts`).
     """
     key = (node.name, offset, segment, spatial)
     if key in walk.seen:  # paths that meet again (an add reached twice) are walked once
@@ -310,7 +317,7 @@ def _follow(node, walk, modules, calls, *, segment, ndim, spatial, pooled, offse
         if walk.blocked is not None:
             return
         _visit(node, user, walk, modules, calls, segment, ndim, spatial, pooled, offset, merged,
-               route)
+               route, last)
 
 
 def _note_activation(walk, segment, name, kind, node=None, merged=False):
@@ -389,14 +396,28 @@ def _product(node, user, walk, modules, calls, go, role):
     return _follow(user, walk, modules, calls, **{**go, "merged": True})
 
 
+def _reads_channels_last(user, modules):
+    """Whether ``user`` may read channels on the last axis (:mod:`.layouts`)."""
+    if user.op == "call_module":
+        return isinstance(modules[user.target], (nn.Linear, nn.LayerNorm, *_PASS_MODULES)) and (
+            not isinstance(modules[user.target], (nn.MaxPool2d, nn.AvgPool2d,
+                                                  nn.AdaptiveAvgPool2d, nn.AdaptiveMaxPool2d)))
+    target = user.target
+    return (target in _ADD_FUNCTIONS | PRODUCT_FUNCTIONS | _AXIS_MOVES | CHANNELS_LAST_PASS
+            or target in _ADD_METHODS | PRODUCT_METHODS
+            or call_activation(target, user.args, user.kwargs) is not None)
+
+
 def _visit(node, user, walk, modules, calls, segment, ndim, spatial, pooled, offset, merged,
-           route):
+           route, last):
     go = dict(segment=segment, ndim=ndim, spatial=spatial, pooled=pooled, offset=offset,
-              merged=merged, route=route)
+              merged=merged, route=route, last=last)
     flat = spatial is not None
     if user.op == "output":
         walk.blocked = _OUTPUT
         return
+    if last and not _reads_channels_last(user, modules):
+        return _block(walk, user, f"{_label(user, modules)} on channels moved to the last axis")
     if user.op == "call_module":
         module = modules[user.target]
         stateful = any(True for _ in module.parameters()) or any(True for _ in module.buffers())
@@ -416,6 +437,10 @@ def _visit(node, user, walk, modules, calls, segment, ndim, spatial, pooled, off
                 return _block(walk, user, "a second BatchNorm on the same channels")
             walk.norms[segment] = user.target
             return _follow(user, walk, modules, calls, **go)
+        if isinstance(module, nn.LayerNorm):
+            walk.blocked = walk.blocked or layer_norm_reason(
+                f"the LayerNorm {user.target!r}", module.normalized_shape, last or ndim == 2)
+            return None
         if isinstance(module, ACTIVATION_TYPES):
             _note_activation(walk, segment, user.target, module_activation(module), user, merged)
             return _follow(user, walk, modules, calls,
@@ -433,8 +458,8 @@ def _visit(node, user, walk, modules, calls, segment, ndim, spatial, pooled, off
                 return _block(walk, user, "a flatten that does not start at dim 1")
             return _flatten(node, user, walk, modules, calls, go)
         if is_depthwise_conv(module):
-            if merged:
-                return _block(walk, user, "a depthwise conv after an add or a concatenation")
+            if offset is not None:  # after an add it filters the group's stream, channel-wise
+                return _block(walk, user, "a depthwise conv after a concatenation")
             if flat or ndim != 4:
                 return _block(walk, user, "depthwise conv after a flatten")
             walk.depthwise.append(user.target)
@@ -446,7 +471,7 @@ def _visit(node, user, walk, modules, calls, segment, ndim, spatial, pooled, off
                 return _block(walk, user, "a conv reading flattened channels")
             return _consumer(walk, user, 1, offset)
         if isinstance(module, nn.Linear):
-            if ndim != 2 and not flat:
+            if ndim != 2 and not flat and not last:
                 return _block(walk, user, "a Linear applied to a 4-d tensor reads W, not channels")
             return _consumer(walk, user, spatial or 1, offset)
         return _block(walk, user, f"unsupported module {describe_module(module)}")
@@ -460,12 +485,27 @@ def _visit(node, user, walk, modules, calls, segment, ndim, spatial, pooled, off
             role = product_role(node, user)
             if role is not None:
                 return _product(node, user, walk, modules, calls, go, role)
+            scale = layer_scale(node, user, last)
+            if scale is not None:  # refused only if nothing further on is (.layouts)
+                walk.pending = walk.pending or (
+                    f"its output feeds a layer scale in {_owner(user)}: a multiplication with "
+                    f"the parameter {scale!r}, which growth does not widen")
+                return _follow(user, walk, modules, calls, **go)
         if user.op == "call_function" and target in _MERGE_LABELS:
             return _block(walk, user, _merge_reason(node, user, _MERGE_LABELS[target]))
         if user.op == "call_method" and target in _MERGE_METHODS:
             return _block(walk, user, _merge_reason(node, user, _MERGE_METHODS[target]))
+        if target is _F.layer_norm:
+            size = user.args[1] if len(user.args) > 1 else user.kwargs.get("normalized_shape")
+            walk.blocked = walk.blocked or layer_norm_reason(
+                f"a LayerNorm in {_owner(user)}", tuple(size), last or ndim == 2)
+            return None
         if target in _AXIS_MOVES:
-            return _block(walk, user, f"a {_target_name(user)} that moves the channel axis")
+            layout = permuted_layout(user, ndim, last)
+            if layout is None or flat:
+                return _block(walk, user, f"a {_target_name(user)} that moves the channel axis")
+            return _follow(user, walk, modules, calls, **{
+                **go, "last": layout, "route": after_unfollowable(route, user, "a permute")})
         if user.args and user.args[0] is not node:
             return _block(walk, user,
                           f"an operation ({_target_name(user)}) reading it as a non-input argument")
@@ -536,6 +576,12 @@ def _flatten(node, user, walk, modules, calls, go):
         )
         return _block(walk, user, "a flatten of unknown H*W")
     return _follow(user, walk, modules, calls, **{**go, "spatial": spatial, "ndim": 2})
+
+
+def _label(user, modules):
+    if user.op == "call_module":
+        return f"{describe_module(modules[user.target])} {user.target!r}"
+    return f"{_target_name(user)} in {_owner(user)}"
 
 
 def _target_name(node):
