@@ -91,6 +91,24 @@ GROWERS = {
 }
 
 
+def _kept_followed_and_trains(net, opt, x, y, before, method):
+    """Random keeps the outputs, splits move them O(eps); the optimizer follows; it trains."""
+    net.eval()
+    change = (net(x).detach() - before).abs().max().item() / before.abs().max().item()
+    if method == "random":
+        assert change < 1e-5
+    else:
+        assert 0 < change < 1e-2  # splits of eps 1e-3 (SSD), Firefly's eps 0.01: O(eps)
+    for p in net.parameters():
+        assert all(v.shape == p.shape for v in opt.state[p].values() if v.ndim)
+    net.train()
+    opt.zero_grad()
+    loss = F.cross_entropy(net(x), y)
+    loss.backward()
+    opt.step()
+    assert torch.isfinite(loss)
+
+
 def test_the_gated_producer_and_the_gate_are_one_group():
     flows = {f.producer: f for f in discover_flows(EfficientNetLike(), torch.zeros(1, 3, 8, 8))}
     flow = flows["block.expand"]
@@ -111,20 +129,7 @@ def test_gated_channels_grow_together_and_keep_the_function(method):
     grown = report.widths_after["block.expand"]
     assert grown > 8 and net.block.fc2.out_channels == grown == net.block.dw.out_channels
     assert net.block.fc1.in_channels == grown == net.block.project.in_channels
-    net.eval()
-    change = (net(x).detach() - before).abs().max().item() / before.abs().max().item()
-    if method == "random":
-        assert change < 1e-5
-    else:
-        assert 0 < change < 1e-2  # splits of eps 1e-3 (SSD), Firefly's eps 0.01: O(eps)
-    for p in net.parameters():  # the optimizer follows, and the grown net trains
-        assert all(v.shape == p.shape for v in opt.state[p].values() if v.ndim)
-    net.train()
-    opt.zero_grad()
-    loss = F.cross_entropy(net(x), y)
-    loss.backward()
-    opt.step()
-    assert torch.isfinite(loss)
+    _kept_followed_and_trains(net, opt, x, y, before, method)
 
 
 def test_a_split_copies_the_gate_exactly_and_halves_every_consumer():
@@ -184,7 +189,8 @@ def test_a_projection_that_reads_and_adds_to_its_group_is_a_member_and_a_consume
 
 
 @pytest.mark.parametrize("method", ["random", "ssd", "firefly"])
-def test_a_projection_reading_its_own_group_grows_its_inputs_and_outputs_together(method):
+def test_a_projection_reading_its_own_group_grows_its_inputs_and_outputs_together(method,
+                                                                                   tmp_path):
     net, opt, x, y = _setup(StreamSE)
     net.eval()
     before = net(x).detach()
@@ -192,17 +198,7 @@ def test_a_projection_reading_its_own_group_grows_its_inputs_and_outputs_togethe
     grown = net.stem.out_channels
     assert grown > 4 and net.project.weight.shape[:2] == (grown, grown)
     assert net.fc2.out_channels == net.fc1.in_channels == net.dw.out_channels == grown
-    net.eval()
-    change = (net(x).detach() - before).abs().max().item() / before.abs().max().item()
-    assert change < 1e-5 if method == "random" else 0 < change < 1e-2
-    for p in net.parameters():
-        assert all(v.shape == p.shape for v in opt.state[p].values() if v.ndim)
-    net.train()
-    opt.zero_grad()
-    loss = F.cross_entropy(net(x), y)
-    loss.backward()
-    opt.step()
-    assert torch.isfinite(loss)
-    save_checkpoint(path := __import__("tempfile").mktemp(suffix=".pt"), net)
-    loaded = load_checkpoint(path, model=StreamSE()).model.eval()
+    _kept_followed_and_trains(net, opt, x, y, before, method)
+    save_checkpoint(tmp_path / "grown.pt", net)
+    loaded = load_checkpoint(tmp_path / "grown.pt", model=StreamSE()).model.eval()
     torch.testing.assert_close(loaded(x), net.eval()(x))
