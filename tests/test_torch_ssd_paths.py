@@ -119,3 +119,35 @@ def test_ssd_grows_every_densenet_layer():
                          F.cross_entropy)
     assert check.grew and check.skipped == {} and check.growable_share == 1.0
     assert check.trains and 0 < check.output_change < 0.05
+
+
+class DenseMLP(nn.Module):
+    """Dense connectivity of Linear layers: fc1 reaches two SiLUs, at offsets 0 and 4."""
+
+    def __init__(self):
+        super().__init__()
+        self.fc1, self.fc2, self.head = nn.Linear(5, 4), nn.Linear(9, 4), nn.Linear(13, 3)
+
+    def forward(self, x):
+        a = torch.cat([self.fc1(x), x], 1)
+        return self.head(F.silu(torch.cat([self.fc2(F.silu(a)), a], 1)))
+
+
+def test_a_concatenated_linear_layer_sums_its_paths_too():
+    errors = []
+    for eps in (0.04, 0.02):
+        torch.manual_seed(0)
+        model = DenseMLP().double()
+        gen = torch.Generator().manual_seed(1)
+        batches = [(torch.randn(16, 5, generator=gen, dtype=torch.float64),
+                    torch.randint(0, 3, (16,), generator=gen))]
+        flow = discover_flows(model, batches[0][0][:1], layers=["fc1"])[0]
+        assert [p.offset for p in flow.activation_paths] == [0, 4]
+        before = _loss(model, batches)
+        report = SSDGrower("exact", eps=eps, rows_per_dim=None).grow(
+            model, batches, F.cross_entropy, ratio=0.25, layers=["fc1"])
+        predicted = eps**2 / 2 * float(report.scores["fc1"].min())
+        change = _loss(model, batches) - before
+        assert abs(change - predicted) <= 0.05 * abs(predicted), (change, predicted)
+        errors.append(abs(change - predicted))
+    assert errors[1] < errors[0] / 3

@@ -98,13 +98,15 @@ def path_splitting_statistics(
                 flat = isinstance(producer, nn.Linear)
                 k = len(flow.activation_paths)
                 for path in flow.activation_paths:
-                    start = path.offset or 0
-                    z = recorder.z[path.node][:, start:start + n]
+                    start, axis = path.offset or 0, -1 if flat else 1  # a Linear's: last
+                    z = recorder.z[path.node].narrow(axis, start, n)
                     g = grads[path.node]
-                    g = torch.zeros_like(z) if g is None else g[:, start:start + n].detach()
+                    g = torch.zeros_like(z) if g is None else g.narrow(axis, start, n).detach()
                     c = _coefficient(flow, path, n, modules)
                     if c is not None:
-                        g = g * (c * c).reshape(1, n, *([1] * (g.ndim - 2)))
+                        along = [1] * g.ndim
+                        along[axis] = n
+                        g = g * (c * c).reshape(along)
                     out.append((_pooled(patches, size, [by_name[p] for p in path.pools],
                                         modules),
                                 _positions(g * k, flat), _positions(z, flat)))
