@@ -51,6 +51,23 @@ from .flows import (
 )
 from .groups import residual_groups
 from .streams import routed_streams
+from .layouts import CHANNELS_LAST_PASS, layer_norm_reason, layer_scale, permuted_layout
+from .paths import (
+    LINEAR_POOL_FUNCTIONS,
+    LINEAR_POOL_MODULES,
+    START,
+    activation_path,
+    after_norm,
+    after_pooling,
+    after_unfollowable,
+)
+from .products import (
+    PRODUCT_FUNCTIONS,
+    PRODUCT_METHODS,
+    broadcasts_over_space,
+    is_gate,
+    product_role,
+)
 
 __all__ = ["FlowSurvey", "check_flows", "discover_flows", "find_flow", "survey_flows"]
 
@@ -103,7 +120,10 @@ class _Walk:
     depthwise: list = field(default_factory=list)
     consumers: dict = field(default_factory=dict)  # module name -> (spatial, offset)
     downstream_norms: dict = field(default_factory=dict)  # BN after an add or a cat -> offset
-    adds: dict = field(default_factory=dict)  # add node -> the argument nodes reached
+    adds: dict = field(default_factory=dict)  # add (or product) node -> the arguments reached
+    products: dict = field(default_factory=dict)  # x * gate(x) node -> sides reached (.products)
+    paths: list = field(default_factory=list)  # every activation reached, for SSD (.paths)
+    pending: str | None = None  # a refusal that holds only if nothing else refuses (.layouts)
     seen: set = field(default_factory=set)  # (node, offset, merged) already walked
     activation: str | None = None
     activation_kind: str | None = None
@@ -170,7 +190,10 @@ def _analyse(model, example_input):
             continue
         walk = _Walk()
         ndim = 2 if isinstance(module, nn.Linear) else 4
-        _follow(node, walk, modules, calls, segment=-1, ndim=ndim, spatial=None, pooled=False)
+        last = isinstance(module, nn.Linear) and len(_shape(node) or ()) == 4  # channels-last
+        _follow(node, walk, modules, calls, segment=-1, ndim=4 if last else ndim, spatial=None,
+                pooled=False, last=last)
+        walk.blocked = walk.blocked or walk.pending
         if walk.blocked is None and not walk.consumers:
             walk.blocked = "its output is not read by any layer"
         if walk.blocked is not None:
@@ -212,15 +235,17 @@ def _flow_of(names, walks):
         producer=names[0],
         consumers=tuple(TorchConsumer(m, s, o) for m, (s, o) in consumers.items()),
         norm=first.norms.get(-1),
-        depthwise=tuple(
-            TorchDepthwise(conv, first.norms.get(k)) for k, conv in enumerate(first.depthwise)
-        ),
+        depthwise=tuple({conv: TorchDepthwise(conv, walk.norms.get(k))  # a stream's: once
+                         for walk in walks[::-1] for k, conv in enumerate(walk.depthwise)
+                         }.values())[::-1],
         activation=first.activation,
         activation_kind=first.activation_kind,
         activation_node=first.activation_node if len(walks) > 1 or first.activation_merged
         else None,
+        activation_paths=tuple(first.paths) if len(walks) == 1 and (
+            first.activation_merged or len(first.paths) > 1) else (),
         members=tuple(TorchMember(name, w.norms.get(-1), w.activation, w.activation_kind,
-                                  w.activation_node)
+                                  w.activation_node, gate=is_gate(w))
                       for name, w in zip(names[1:], walks[1:], strict=True)),
         downstream_norms=tuple(TorchNorm(m, o) for m, o in norms.items()),
     )
@@ -275,26 +300,9 @@ def _block(walk, user, why):
         walk.blocked = f"its output feeds {why} in {_owner(user)}"
 
 
-def _depends_on(later, earlier):
-    stack, seen = [later], set()
-    while stack:
-        node = stack.pop()
-        if node is earlier:
-            return True
-        if node not in seen:
-            seen.add(node)
-            stack.extend(node.all_input_nodes)
-    return False
-
-
 def _merge_reason(node, user, label):
-    """Why a merge refuses growth, naming a squeeze-excitation gate or a parameter operand."""
+    """Why a merge refuses growth, naming a parameter operand."""
     others = [a for a in user.all_input_nodes if a is not node]
-    if "multiplication" in label:
-        if any(_depends_on(a, node) for a in others):
-            return "a squeeze-excitation channel gate x * gate(x)"
-        if any(_depends_on(node, a) for a in others):
-            return "the channel gate of a squeeze-excitation x * gate(x)"
     parameters = [a.target for a in others if a.op == "get_attr"]
     if parameters:
         return f"{label} with the parameter {parameters[0]!r}"
@@ -302,12 +310,14 @@ def _merge_reason(node, user, label):
 
 
 def _follow(node, walk, modules, calls, *, segment, ndim, spatial, pooled, offset=None,
-            merged=False):
+            merged=False, route=START, last=False):
     """Depth-first walk over the users of ``node`` while they are channel-wise.
 
     ``offset``: where the producer's channels start after the concatenations passed (None:
     none passed); ``merged``: an add or a concatenation was passed (a BatchNorm after it reads
-    the stream, not the producer alone).
+    the stream, not the producer alone); ``route``: the norm and poolings passed before an
+    activation (:mod:`.paths`; None once one was passed); ``last``: the channels are on the
+    last axis (:mod:`.layouts`).
     """
     key = (node.name, offset, segment, spatial)
     if key in walk.seen:  # paths that meet again (an add reached twice) are walked once
@@ -316,7 +326,8 @@ def _follow(node, walk, modules, calls, *, segment, ndim, spatial, pooled, offse
     for user in list(node.users):
         if walk.blocked is not None:
             return
-        _visit(node, user, walk, modules, calls, segment, ndim, spatial, pooled, offset, merged)
+        _visit(node, user, walk, modules, calls, segment, ndim, spatial, pooled, offset, merged,
+               route, last)
 
 
 def _note_activation(walk, segment, name, kind, node=None, merged=False):
@@ -331,6 +342,14 @@ def _note_reshaping(walk, segment, node, user):
     """A pooling before the producer's activation: its pre-activation is not the layer's own."""
     if segment == -1 and not walk.activation_seen and _shape(node) != _shape(user):
         walk.resized = True
+
+
+def _path_to(walk, go, user, kind):
+    """Record the route's path ending at activation ``user``; later ones are not the layer's."""
+    path = activation_path(go["route"], user, kind, go["offset"])
+    if path is not None:
+        walk.paths.append(path)
+    return {**go, "route": None}
 
 
 def _consumer(walk, user, spatial, offset):
@@ -376,13 +395,39 @@ def _merge(node, user, walk, modules, calls, go):
     return _follow(user, walk, modules, calls, **{**go, "merged": len(tensors) > 1 or go["merged"]})
 
 
-def _visit(node, user, walk, modules, calls, segment, ndim, spatial, pooled, offset, merged):
+def _product(node, user, walk, modules, calls, go, role):
+    """A squeeze-excitation ``x * gate(x)``: joins the group like an add (:mod:`.products`)."""
+    if go["offset"] is not None or go["spatial"] is not None:
+        return _block(walk, user, "a squeeze-excitation product after a concatenation or a flatten")
+    if not broadcasts_over_space(_shape(node), _shape(user)):
+        return _block(walk, user, f"a product that broadcasts {_shape(node)} to {_shape(user)}")
+    walk.adds.setdefault(user.name, set()).add(node.name)
+    walk.products.setdefault(user.name, set()).add(role)
+    return _follow(user, walk, modules, calls, **{**go, "merged": True})
+
+
+def _reads_channels_last(user, modules):
+    """Whether ``user`` may read channels on the last axis (:mod:`.layouts`)."""
+    if user.op == "call_module":
+        return isinstance(modules[user.target], (nn.Linear, nn.LayerNorm, *_PASS_MODULES)) and (
+            not isinstance(modules[user.target], (nn.MaxPool2d, nn.AvgPool2d,
+                                                  nn.AdaptiveAvgPool2d, nn.AdaptiveMaxPool2d)))
+    target = user.target
+    return (target in _ADD_FUNCTIONS | PRODUCT_FUNCTIONS | _AXIS_MOVES | CHANNELS_LAST_PASS
+            or target in _ADD_METHODS | PRODUCT_METHODS
+            or call_activation(target, user.args, user.kwargs) is not None)
+
+
+def _visit(node, user, walk, modules, calls, segment, ndim, spatial, pooled, offset, merged,
+           route, last):
     go = dict(segment=segment, ndim=ndim, spatial=spatial, pooled=pooled, offset=offset,
-              merged=merged)
+              merged=merged, route=route, last=last)
     flat = spatial is not None
     if user.op == "output":
         walk.blocked = _OUTPUT
         return
+    if last and not _reads_channels_last(user, modules):
+        return _block(walk, user, f"{_label(user, modules)} on channels moved to the last axis")
     if user.op == "call_module":
         module = modules[user.target]
         stateful = any(True for _ in module.parameters()) or any(True for _ in module.buffers())
@@ -393,6 +438,7 @@ def _visit(node, user, walk, modules, calls, segment, ndim, spatial, pooled, off
         if isinstance(module, BATCH_NORM):
             if flat:
                 return _block(walk, user, "BatchNorm after a flatten")
+            go["route"] = after_norm(route, user.target, offset if merged else None)
             if merged:  # it normalises the stream or the concatenation, not the producer alone
                 if walk.downstream_norms.setdefault(user.target, offset) != offset:
                     return _block(walk, user, "a BatchNorm reading the channels twice")
@@ -401,34 +447,41 @@ def _visit(node, user, walk, modules, calls, segment, ndim, spatial, pooled, off
                 return _block(walk, user, "a second BatchNorm on the same channels")
             walk.norms[segment] = user.target
             return _follow(user, walk, modules, calls, **go)
+        if isinstance(module, nn.LayerNorm):
+            walk.blocked = walk.blocked or layer_norm_reason(
+                f"the LayerNorm {user.target!r}", module.normalized_shape, last or ndim == 2)
+            return None
         if isinstance(module, ACTIVATION_TYPES):
             _note_activation(walk, segment, user.target, module_activation(module), user, merged)
-            return _follow(user, walk, modules, calls, **go)
+            return _follow(user, walk, modules, calls,
+                           **_path_to(walk, go, user, module_activation(module)))
         if isinstance(module, _PASS_MODULES):
             pool_one = isinstance(module, (nn.AdaptiveAvgPool2d, nn.AdaptiveMaxPool2d)) and (
                 module.output_size in (1, (1, 1))
             )
             _note_reshaping(walk, segment, node, user)
+            go["route"] = after_pooling(route, node, user, isinstance(module, LINEAR_POOL_MODULES),
+                                        _shape)
             return _follow(user, walk, modules, calls, **{**go, "pooled": pooled or pool_one})
         if isinstance(module, nn.Flatten):
             if module.start_dim != 1 or module.end_dim != -1:
                 return _block(walk, user, "a flatten that does not start at dim 1")
             return _flatten(node, user, walk, modules, calls, go)
         if is_depthwise_conv(module):
-            if merged:
-                return _block(walk, user, "a depthwise conv after an add or a concatenation")
+            if offset is not None:  # after an add it filters the group's stream, channel-wise
+                return _block(walk, user, "a depthwise conv after a concatenation")
             if flat or ndim != 4:
                 return _block(walk, user, "depthwise conv after a flatten")
             walk.depthwise.append(user.target)
             _note_activation(walk, segment, None, None)  # a later activation is not the producer's
             new = len(walk.depthwise) - 1
-            return _follow(user, walk, modules, calls, **{**go, "segment": new})
+            return _follow(user, walk, modules, calls, **{**go, "segment": new, "route": None})
         if isinstance(module, nn.Conv2d) and module.groups == 1:
             if flat or ndim != 4:
                 return _block(walk, user, "a conv reading flattened channels")
             return _consumer(walk, user, 1, offset)
         if isinstance(module, nn.Linear):
-            if ndim != 2 and not flat:
+            if ndim != 2 and not flat and not last:
                 return _block(walk, user, "a Linear applied to a 4-d tensor reads W, not channels")
             return _consumer(walk, user, spatial or 1, offset)
         return _block(walk, user, f"unsupported module {describe_module(module)}")
@@ -437,19 +490,39 @@ def _visit(node, user, walk, modules, calls, segment, ndim, spatial, pooled, off
         if (user.op == "call_function" and target in _ADD_FUNCTIONS | _CAT_FUNCTIONS) or (
                 user.op == "call_method" and target in _ADD_METHODS):
             return _merge(node, user, walk, modules, calls, go)
+        if (user.op == "call_function" and target in PRODUCT_FUNCTIONS) or (
+                user.op == "call_method" and target in PRODUCT_METHODS):
+            role = product_role(node, user)
+            if role is not None:
+                return _product(node, user, walk, modules, calls, go, role)
+            scale = layer_scale(node, user, last)
+            if scale is not None:  # refused only if nothing further on is (.layouts)
+                walk.pending = walk.pending or (
+                    f"its output feeds a layer scale in {_owner(user)}: a multiplication with "
+                    f"the parameter {scale!r}, which growth does not widen")
+                return _follow(user, walk, modules, calls, **go)
         if user.op == "call_function" and target in _MERGE_LABELS:
             return _block(walk, user, _merge_reason(node, user, _MERGE_LABELS[target]))
         if user.op == "call_method" and target in _MERGE_METHODS:
             return _block(walk, user, _merge_reason(node, user, _MERGE_METHODS[target]))
+        if target is _F.layer_norm:
+            size = user.args[1] if len(user.args) > 1 else user.kwargs.get("normalized_shape")
+            walk.blocked = walk.blocked or layer_norm_reason(
+                f"a LayerNorm in {_owner(user)}", tuple(size), last or ndim == 2)
+            return None
         if target in _AXIS_MOVES:
-            return _block(walk, user, f"a {_target_name(user)} that moves the channel axis")
+            layout = permuted_layout(user, ndim, last)
+            if layout is None or flat:
+                return _block(walk, user, f"a {_target_name(user)} that moves the channel axis")
+            return _follow(user, walk, modules, calls, **{
+                **go, "last": layout, "route": after_unfollowable(route, user, "a permute")})
         if user.args and user.args[0] is not node:
             return _block(walk, user,
                           f"an operation ({_target_name(user)}) reading it as a non-input argument")
         kind = call_activation(target, user.args, user.kwargs)
         if kind is not None:  # F.relu, torch.relu, x.relu_(), ...: as its module form
             _note_activation(walk, segment, None, kind, user, merged)
-            return _follow(user, walk, modules, calls, **go)
+            return _follow(user, walk, modules, calls, **_path_to(walk, go, user, kind))
         if user.op == "call_function" and target in _PASS_FUNCTIONS:
             size = user.args[1] if len(user.args) > 1 else user.kwargs.get("output_size")
             pool_one = target in (_F.adaptive_avg_pool2d, _F.adaptive_max_pool2d) and size in (
@@ -457,6 +530,7 @@ def _visit(node, user, walk, modules, calls, segment, ndim, spatial, pooled, off
                 (1, 1),
             )
             _note_reshaping(walk, segment, node, user)
+            go["route"] = after_pooling(route, node, user, target in LINEAR_POOL_FUNCTIONS, _shape)
             return _follow(user, walk, modules, calls, **{**go, "pooled": pooled or pool_one})
         if user.op == "call_method" and target in ("contiguous", "clone"):
             return _follow(user, walk, modules, calls, **go)
@@ -470,6 +544,7 @@ def _visit(node, user, walk, modules, calls, segment, ndim, spatial, pooled, off
             dims = tuple(dims) if isinstance(dims, (tuple, list)) else (dims,)
             if ndim == 4 and not flat and set(dims) in ({2, 3}, {-1, -2}):
                 keep = user.kwargs.get("keepdim", False) or (len(user.args) > 2 and user.args[2])
+                go["route"] = after_pooling(route, node, user, True, _shape)
                 return _follow(
                     user, walk, modules, calls, **{**go, "ndim": 4 if keep else 2, "pooled": True}
                 )
@@ -498,6 +573,7 @@ def _visit(node, user, walk, modules, calls, segment, ndim, spatial, pooled, off
 def _flatten(node, user, walk, modules, calls, go):
     if go["spatial"] is not None or go["ndim"] == 2:
         return _follow(user, walk, modules, calls, **go)  # already flat: a no-op for channels
+    go = {**go, "route": after_unfollowable(go["route"], user, "a flatten")}
     shape = _shape(node)
     if shape is not None:
         spatial = math.prod(shape[2:])
@@ -510,6 +586,12 @@ def _flatten(node, user, walk, modules, calls, go):
         )
         return _block(walk, user, "a flatten of unknown H*W")
     return _follow(user, walk, modules, calls, **{**go, "spatial": spatial, "ndim": 2})
+
+
+def _label(user, modules):
+    if user.op == "call_module":
+        return f"{describe_module(modules[user.target])} {user.target!r}"
+    return f"{_target_name(user)} in {_owner(user)}"
 
 
 def _target_name(node):
@@ -588,7 +670,7 @@ def survey_flows(model: nn.Module, example_input: Any = None) -> FlowSurvey:
     >>> survey_flows(Block())
     FlowSurvey(flows=(TorchFlow(producer='a', consumers=(TorchConsumer(module='b', spatial=1, \
 offset=None),), norm=None, depthwise=(), activation=None, activation_kind='relu', members=(), \
-activation_node=None, downstream_norms=()),), \
+activation_node=None, downstream_norms=(), activation_paths=()),), \
 skipped={'b': "its output is added to the network's input in the model's forward"})
     """
     model = unwrap(model) if isinstance(model, nn.Module) else model
@@ -639,15 +721,15 @@ def check_flows(model: nn.Module, flows: Iterable[TorchFlow]) -> None:
             more = _readers(graph_module, producer)
             passed, readers, reaches_output = passed | more[0], readers | more[1], (
                 reaches_output or more[2])
-        readers -= set(flow.producers)
+        routing = flow.routing
+        named = {c.module for c in flow.consumers} | set(routing.consumers if routing else ())
+        readers -= set(flow.producers) - named  # a member may read its own group
         where = f"flow of {flow.producer!r}"
         if reaches_output:
             raise GrowthError(
                 f"{where}: its channels reach the network's output in the traced graph; "
                 "growing it would change the output's shape"
             )
-        routing = flow.routing
-        named = {c.module for c in flow.consumers} | set(routing.consumers if routing else ())
         for name in sorted(named - readers):
             raise GrowthError(
                 f"{where}: {name!r} does not read the channels of {flow.producer!r} in the "
