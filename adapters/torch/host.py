@@ -24,8 +24,8 @@ from .distributed import GrowthCollectives, mean_over_ranks
 from .distributed import shared_seed as seed_of_rank_0
 from .flows import TorchFlow
 from .group_capture import group_splitting_statistics
-from .permutations import physical_state
 from .path_capture import path_splitting_statistics
+from .permutations import physical_state
 from .surgery import apply_growths
 
 __all__ = ["TorchGrowthHost", "parameter_count"]
