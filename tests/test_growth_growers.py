@@ -22,6 +22,7 @@ from simcore.growth import (
     Consumer,
     FireflyCandidates,
     FireflyGrower,
+    FireflySelection,
     FireflyState,
     GrowableLayer,
     GrowthHost,
@@ -31,9 +32,12 @@ from simcore.growth import (
     SplittingStatistics,
     SSDGrower,
     SSDState,
+    firefly_apply,
+    firefly_candidates,
     growth_budget,
     map_optimizer_state,
 )
+from simcore.growth.growers import neuron_cost
 
 
 def mse(outputs, targets):
@@ -190,6 +194,20 @@ def test_parameter_budget_counts_what_a_neuron_costs():
     assert report.budget == growth_budget(10, 0.2, unit="parameters",
                                           params_per_neuron=per_neuron,
                                           total_params=report.params_before)
+
+
+def test_a_stand_in_consumer_grows_like_any_consumer_and_costs_nothing():
+    params = {"w1": np.ones((4, 3)), "w2": np.ones((2, 4)), "w2@p": np.ones((5, 4))}
+    plain = ChannelFlow("w1", consumers=(Consumer("w2"),))
+    flow = ChannelFlow("w1", consumers=(Consumer("w2"), Consumer("w2@p", stand_in=True)))
+    assert neuron_cost(flow, params) == neuron_cost(plain, params) == 3 + 2
+    [candidates] = firefly_candidates(params, [flow], rng=0, new_per_layer=3)
+    assert candidates.new_outgoing[1].shape == (3, 5)  # new neurons get columns there too
+    picks = [FireflySelection(np.zeros(0, dtype=np.int64), np.asarray([1]))]
+    grown, _ = firefly_apply(params, [flow], [candidates], picks)
+    np.testing.assert_array_equal(grown["w2@p"][:, 4], candidates.new_outgoing[1][1])
+    with pytest.raises(TypeError, match="stand_in must be a bool"):
+        Consumer("w2", stand_in=1)
 
 
 def test_ssd_lambda_min_predicts_the_loss_change_of_a_split():

@@ -10,6 +10,7 @@ growth with the optimizer state in one transaction (:func:`.surgery.apply_growth
 from __future__ import annotations
 
 import copy
+import dataclasses
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
@@ -26,6 +27,7 @@ from .flows import TorchFlow
 from .group_capture import group_splitting_statistics
 from .path_capture import path_splitting_statistics
 from .permutations import physical_state
+from .stream_outgoing import StandIns, stand_ins
 from .surgery import apply_growths
 
 __all__ = ["TorchGrowthHost", "parameter_count"]
@@ -56,12 +58,30 @@ class TorchGrowthHost:
         # What the scoring averages over ranks, for a timeout's message: the core averages
         # the scoring's tensors, then the final scores as NumPy arrays.
         self._scoring = "the scoring's values"
+        self._stand_in_cache: dict[str, StandIns] | None = None
 
     def layers(self) -> list[GrowableLayer]:
-        return [GrowableLayer(f.producer, f.channel_flow(self.model)) for f in self.flows]
+        layers = []
+        for f in self.flows:
+            flow = f.channel_flow(self.model)
+            if f.routing is not None:  # its new channels' columns (stream_outgoing.py)
+                flow = dataclasses.replace(
+                    flow, consumers=(*flow.consumers, *self._stand_ins()[f.producer].consumers()))
+            layers.append(GrowableLayer(f.producer, flow))
+        return layers
 
     def read_state(self) -> dict[str, torch.Tensor]:
-        return {k: v.detach() for k, v in self.model.state_dict().items()}
+        state = {k: v.detach() for k, v in self.model.state_dict().items()}
+        for stand_ins in self._stand_ins().values():
+            state.update(stand_ins.arrays)
+        return state
+
+    def _stand_ins(self) -> dict[str, StandIns]:
+        """The routed flows' stand-in consumer arrays for the model as it is (until apply)."""
+        if self._stand_in_cache is None:
+            self._stand_in_cache = {f.producer: stand_ins(self.model, f) for f in self.flows
+                                    if f.routing is not None}
+        return self._stand_in_cache
 
     def parameter_count(self) -> int:
         return parameter_count(self.model)
@@ -145,5 +165,6 @@ class TorchGrowthHost:
                 value = new_state[name]
                 if isinstance(value, torch.Tensor) and not value.is_contiguous():
                     new_state[name] = value.contiguous()
+        self._stand_in_cache = None  # the model changes (or a failure left it as it was)
         apply_growths(self.model, growths[::-1], new_state, self.optimizer,
                       self.optimizer_mode, self.lr)

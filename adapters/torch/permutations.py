@@ -10,8 +10,10 @@ the old and the new width (docs/design.md, 'Routed streams'):
   modules' entries follow it;
 - a split's copy takes another slot of its parent's path, and both get half the parent's
   columns (the function kept to O(eps^2), as everywhere);
-- fresh channels take the remaining slots with zero columns (the function kept exactly), fresh
-  depthwise filters (He-normal) and identity BatchNorms on their path;
+- fresh channels take the remaining slots with zero columns (the function kept exactly), or
+  the columns the core gave them in the stand-in arrays of :mod:`.stream_outgoing` (Firefly's
+  new neurons, shrunk to ``new_eps``), fresh depthwise filters (He-normal) and identity
+  BatchNorms on their path;
 - if the slots left over are more than the fresh channels, copies without a slot on their
   parent's path fill them as new channels: zero columns, and the parent's row back to the mean
   of the two (its own, unperturbed);
@@ -38,9 +40,11 @@ from torch import nn
 
 from .flows import GrowthError, TorchFlow
 from .optim import OptimizerGrowth, as_channel_maps
+from .stream_outgoing import stand_in_name
 from .streams import SlotMap, slot_tracer
 
-__all__ = ["StreamLayout", "composed_sources", "physical_state", "stream_layout"]
+__all__ = ["StreamLayout", "composed_sources", "physical_state", "plain_row_sources",
+           "stream_layout"]
 
 _FRESH_NORM = {"weight": 1.0, "bias": 0.0, "running_mean": 0.0, "running_var": 1.0}
 
@@ -166,9 +170,14 @@ class StreamLayout:
         return out
 
     # -- values ------------------------------------------------------------------------
-    def physical(self, model: nn.Module, values: Mapping[str, torch.Tensor]) -> dict[str, Any]:
+    def physical(self, model: nn.Module, values: Mapping[str, torch.Tensor],
+                 row_sources: Mapping[str, np.ndarray] | None = None) -> dict[str, Any]:
         """The model's tensors from ``values``: the core's rows for producers and their norms
-        (appended layout), the current tensors for consumers and indexed modules."""
+        (appended layout), the current tensors for consumers and indexed modules, and the
+        stand-ins (:mod:`.stream_outgoing`) for the new channels' columns where ``values``
+        holds them. ``row_sources``: per consumer whose rows grew already in ``values``, the
+        old row each row copies (-1 fresh), from :meth:`row_sources` or
+        :func:`~simcore.adapters.torch.permutations.composed_sources`."""
         out = {}
         units = self._units()
         for name, kind, axis in self.entries(model):
@@ -181,7 +190,9 @@ class StreamLayout:
                 reads = self._reads(module)
                 index = [max(old, 0) for _, _, old in reads]
                 factor = [pl.outgoing[slot] if old >= 0 else 0.0 for pl, slot, old in reads]
-                out[name] = _scaled(value.index_select(axis, _long(index, value)), factor, axis)
+                out[name] = self._fresh_columns(
+                    module, _scaled(value.index_select(axis, _long(index, value)), factor, axis),
+                    values, row_sources or {})
             else:
                 reads = self._reads(module)
                 index = [max(old, 0) for _, _, old in reads]
@@ -190,7 +201,40 @@ class StreamLayout:
                                         attr, module)
         return out
 
-    def grown(self, model: nn.Module, values: dict[str, Any]) -> dict[str, torch.Tensor]:
+    def _fresh_columns(self, module: str, value: torch.Tensor, values: Mapping[str, Any],
+                       row_sources: Mapping[str, np.ndarray]) -> torch.Tensor:
+        """``value`` (a consumer's columns, fresh ones zero) with each fresh channel's column
+        taken from the stand-in of its producer, where ``values`` holds one."""
+        by_producer: dict[int, tuple[list[int], list[int]]] = {}
+        for i, (p, slot) in enumerate(self.new.reads[module]):
+            placement = self.placements[p]
+            if placement.source[slot] < 0:
+                positions, logical = by_producer.setdefault(p, ([], []))
+                positions.append(i)
+                logical.append(int(placement.logical[slot]))
+        for p, (positions, logical) in by_producer.items():
+            stand_in = values.get(stand_in_name(module, self.flow.routing.producers[p]))
+            if stand_in is None:
+                continue
+            columns = stand_in.index_select(1, _long(logical, value)).to(value.dtype)
+            if columns.shape[0] != value.shape[0]:  # the consumer's own rows grew meanwhile
+                sources = row_sources.get(module)
+                if sources is None or len(sources) != value.shape[0]:
+                    raise GrowthError(f"the rows of {module!r} grew, but not by a known map")
+                columns = _scaled(columns.index_select(0, _long(np.maximum(sources, 0), value)),
+                                  (np.asarray(sources) >= 0).astype(float), 0)
+            value = value.index_copy(1, _long(positions, value), columns)
+        return value
+
+    def row_sources(self) -> dict[str, np.ndarray]:
+        """Per producer of the flow, the old channel each of its final rows copies (-1 fresh),
+        for the stand-in columns of a routed flow that reads it (:meth:`physical`)."""
+        producers = (self.flow.producer, *(m.producer for m in self.flow.members))
+        return {name: placement.source for name, placement in zip(producers, self.placements,
+                                                                  strict=True)}
+
+    def grown(self, model: nn.Module, values: dict[str, Any],
+              row_sources: Mapping[str, np.ndarray] | None = None) -> dict[str, torch.Tensor]:
         """:meth:`physical` of ``values`` (the grown arrays; entries it lacks are read from
         ``model``), written back into ``values`` so the next routed flow moves its own axis."""
         for name, kind, _ in self.entries(model):
@@ -200,7 +244,7 @@ class StreamLayout:
             module, _, attr = name.rpartition(".")
             value = values[name] if name in values else getattr(model.get_submodule(module), attr)
             values[name] = torch.as_tensor(value).detach()
-        physical = self.physical(model, values)
+        physical = self.physical(model, values, row_sources)
         values.update(physical)
         return physical
 
@@ -313,19 +357,37 @@ def stream_layout(model: nn.Module, flow: TorchFlow, channel_map: Any) -> Stream
     return StreamLayout(flow, old_width, width, placements, old, new)
 
 
+def plain_row_sources(flow: TorchFlow, channel_map: Any) -> dict[str, np.ndarray]:
+    """Per producer of a flow that is not routed, the old row each grown row copies (-1 fresh),
+    in the core's layout (the model's)."""
+    sources = np.asarray(composed_sources(channel_map), dtype=np.int64)
+    return dict.fromkeys(flow.producers, sources)
+
+
 def physical_state(model: nn.Module, growths: Sequence[tuple[TorchFlow, Any]]):
     """A function mapping the core's grown state to the model's layout for routed ``growths``.
 
     For Firefly's widened forward pass (the state changes at every call, the layout not):
     each routed flow's layout is planned once from ``model`` as it is before the growth.
+    Routed flows are laid out last to first, as :func:`~.surgery.apply_growths` writes them,
+    so a consumer's rows are in the model's order when its stand-in columns are placed. The
+    stand-in arrays are left out of the result.
     """
-    layouts = [stream_layout(model, flow, cmap) for flow, cmap in growths
+    plain: dict[str, np.ndarray] = {}
+    for flow, cmap in growths:
+        if flow.routing is None:
+            plain.update(plain_row_sources(flow, cmap))
+    layouts = [stream_layout(model, flow, cmap) for flow, cmap in reversed(growths)
                if flow.routing is not None]
+    stand_ins = {stand_in_name(module, producer) for layout in layouts
+                 for module in layout.flow.routing.consumers
+                 for producer in layout.flow.routing.producers}
 
     def physical(state: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-        values = dict(state)
+        values, row_sources = dict(state), dict(plain)
         for layout in layouts:
-            values.update(layout.physical(model, values))
-        return values
+            values.update(layout.physical(model, values, row_sources))
+            row_sources.update(layout.row_sources())
+        return {name: value for name, value in values.items() if name not in stand_ins}
 
     return physical

@@ -363,6 +363,27 @@ class _SlotTracer(torch.fx.Interpreter):
             return self.env[first]  # an activation call passes the ids
         return super().run_node(n)
 
+    def reaching(self) -> dict[str, tuple[int, ...]]:
+        """Per consumer, the producers (indices) whose channels can reach it at any width:
+        those its input depends on in the trace (a channel's path depends on the width)."""
+        producers = self.routing.producers
+        out = {}
+        for node in self.needed:
+            if node.op != "call_module" or node.target not in self.routing.consumers:
+                continue
+            found, seen, stack = set(), set(), list(node.all_input_nodes)
+            while stack:
+                n = stack.pop()
+                if n in seen or n not in self.needed:
+                    continue
+                seen.add(n)
+                if n.op == "call_module" and n.target in producers:
+                    found.add(producers.index(n.target))
+                else:
+                    stack.extend(n.all_input_nodes)
+            out[str(node.target)] = tuple(sorted(found))
+        return out
+
     def slots(self, width: int) -> SlotMap:
         """Where each channel goes when every producer has ``width`` channels."""
         self.width, self.inputs = width, {}

@@ -35,7 +35,7 @@ from .optim import (
     check_optimizer_mode,
     plan_optimizer_growth,
 )
-from .permutations import stream_layout
+from .permutations import plain_row_sources, stream_layout
 
 __all__ = [
     "GrowthError",
@@ -290,7 +290,9 @@ class GrowthTransaction:
         self.model = unwrap(model)
         self.optimizer, self.optimizer_mode, self.lr = optimizer, optimizer_mode, lr
         self._applied: list[list[_Swap]] = []
-        self._routed: list[tuple[Mapping[str, Any], dict[str, Any]]] = []  # grown -> moved
+        # Per grown dict: the routed flows' working copy, and the rows grown so far per module
+        # (the old row each row copies), which a routed flow's stand-in columns follow.
+        self._routed: list[tuple[Mapping[str, Any], dict[str, Any], dict[str, Any]]] = []
 
     def apply(self, flow: TorchFlow, new_params: Mapping[str, torch.Tensor],
               channel_map: ChannelMaps, *,
@@ -303,16 +305,19 @@ class GrowthTransaction:
         but the flow's own.
         """
         _check_growth(flow, new_params)
-        if flow.routing is not None:  # the routed flows of one growth share a working copy
-            values = next((copy for grown, copy in self._routed if grown is new_params), None)
-            if values is None:
-                values = dict(new_params)
-                self._routed.append((new_params, values))
+        working = next((w for w in self._routed if w[0] is new_params), None)
+        if working is None:  # the routed flows of one growth share a working copy
+            working = (new_params, dict(new_params), {})
+            self._routed.append(working)
+        _, values, row_sources = working
+        if flow.routing is not None:
             swaps = _routed_swaps(self.model, flow, values, channel_map, self.optimizer,
-                                  self.optimizer_mode, self.lr)
+                                  self.optimizer_mode, self.lr, row_sources)
         else:
             swaps = _growth_swaps(self.model, flow, new_params, channel_map, self.optimizer,
                                   self.optimizer_mode, self.lr, positions)
+            if channel_map is not None:
+                row_sources.update(plain_row_sources(flow, channel_map))
         # Recorded before the first change, so a rollback sees it wherever an interrupt lands.
         self._applied.append(swaps)
         _commit(swaps)
@@ -399,16 +404,18 @@ def _tensor_swap(swaps, replaced, name, module, attr, value):
     return value
 
 
-def _routed_swaps(model, flow, values, channel_map, optimizer, optimizer_mode, lr):
+def _routed_swaps(model, flow, values, channel_map, optimizer, optimizer_mode, lr, row_sources):
     """A routed stream's growth (:mod:`.permutations`) as reversible swaps (nothing applied).
 
     ``values``: the grown arrays (the core's appended layout), updated in place with this
     flow's physical layout, so routed flows sharing a module (one's consumer is another's
     producer) each move their own axis of it in turn. Entries it lacks come from the model.
+    ``row_sources``: the rows grown so far per module, updated with this flow's producers.
     """
     layout = stream_layout(model, flow, channel_map)
     modules = dict(model.named_modules())
-    physical = layout.grown(model, values)
+    physical = layout.grown(model, values, row_sources)
+    row_sources.update(layout.row_sources())
     swaps: list[Any] = []
     replaced: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
     for name, value in physical.items():

@@ -175,6 +175,13 @@ class Consumer:
     its input channels ``[offset, offset + n)``, the other inputs of the concatenation the rest;
     new channels are inserted at ``offset + n``. None (the default): the consumer reads
     exactly the flow's ``n`` channels.
+
+    ``stand_in=True``: ``weight`` names an array that is not a layer of the model but holds
+    the outgoing columns the flow's channels would have where the adapter places new channels
+    itself after the growth (a routed stream's consumers, docs/design.md 'Routed streams'). The
+    operators grow it as any consumer (zero columns for Random, candidates' columns for
+    Firefly, which scores them); it is not a parameter, so :func:`~.growers.neuron_cost`
+    leaves it out.
     """
 
     weight: str
@@ -182,6 +189,7 @@ class Consumer:
     spatial: int = 1
     channels_last: bool = False
     offset: int | None = None
+    stand_in: bool = False
 
     def __post_init__(self) -> None:
         _check_name(self.weight, "Consumer.weight", optional=False)
@@ -194,6 +202,8 @@ class Consumer:
                 f"Consumer.channels_last must be a bool, got {type(self.channels_last).__name__}"
             )
         _check_offset(self.offset, "Consumer.offset")
+        if not isinstance(self.stand_in, bool):
+            raise TypeError(f"Consumer.stand_in must be a bool, got {type(self.stand_in).__name__}")
         if self.offset is not None and self.channels_last:
             raise ValueError(
                 f"Consumer {self.weight!r}: an offset into a channels-last flatten interleaves "

@@ -97,7 +97,8 @@ def neuron_cost(flow: ChannelFlow, state: Mapping[str, Array]) -> int:
     """Parameters one more channel of ``flow`` costs (incoming row, norms, depthwise, consumers).
 
     Norm statistics are buffers, not parameters: only a norm's scale and shift count. A
-    residual group's channel costs a row in every member.
+    residual group's channel costs a row in every member; stand-in consumers
+    (:class:`~.flow.Consumer`'s ``stand_in``) are not parameters and cost nothing.
     """
     cost = _per_channel(state[flow.producer], flow.out_axis) + (flow.bias is not None)
     for m in flow.members:
@@ -108,6 +109,8 @@ def neuron_cost(flow: ChannelFlow, state: Mapping[str, Array]) -> int:
     for d in flow.depthwise:
         cost += _per_channel(state[d.weight], d.channel_axis) + (d.bias is not None)
     for c in flow.consumers:
+        if c.stand_in:
+            continue
         cost += _per_channel(state[c.weight], c.in_axis) * c.spatial
     return cost
 
