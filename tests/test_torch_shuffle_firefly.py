@@ -7,8 +7,12 @@ pytestmark = pytest.mark.usefixtures("torch_one_thread")
 
 import numpy as np  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
-from simcore.adapters.torch import FireflyGrower, load_checkpoint, save_checkpoint  # noqa: E402
-from simcore.adapters.torch import surgery  # noqa: E402
+from simcore.adapters.torch import (  # noqa: E402
+    FireflyGrower,
+    load_checkpoint,
+    save_checkpoint,
+    surgery,
+)
 from simcore.adapters.torch.stream_outgoing import stand_in_name  # noqa: E402
 from simcore.adapters.torch.zoo import build  # noqa: E402
 

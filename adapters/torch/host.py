@@ -16,6 +16,7 @@ from typing import Any
 
 import numpy as np
 import torch
+import torch.fx
 from torch import nn
 
 from simcore.growth import ChannelMap, GrowableLayer, SplittingStatistics
@@ -72,15 +73,16 @@ class TorchGrowthHost:
 
     def read_state(self) -> dict[str, torch.Tensor]:
         state = {k: v.detach() for k, v in self.model.state_dict().items()}
-        for stand_ins in self._stand_ins().values():
-            state.update(stand_ins.arrays)
+        for flow_stand_ins in self._stand_ins().values():
+            state.update(flow_stand_ins.arrays)
         return state
 
     def _stand_ins(self) -> dict[str, StandIns]:
         """The routed flows' stand-in consumer arrays for the model as it is (until apply)."""
         if self._stand_in_cache is None:
-            self._stand_in_cache = {f.producer: stand_ins(self.model, f) for f in self.flows
-                                    if f.routing is not None}
+            routed = [f for f in self.flows if f.routing is not None]
+            traced = torch.fx.symbolic_trace(self.model) if routed else None
+            self._stand_in_cache = {f.producer: stand_ins(self.model, f, traced) for f in routed}
         return self._stand_in_cache
 
     def parameter_count(self) -> int:

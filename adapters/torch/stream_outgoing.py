@@ -20,6 +20,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 
 import torch
+import torch.fx
 from torch import nn
 
 from simcore.growth import Consumer
@@ -46,17 +47,25 @@ class StandIns:
         return tuple(Consumer(name, in_axis=1, stand_in=True) for name in self.arrays)
 
 
-def stand_ins(model: nn.Module, flow: TorchFlow) -> StandIns:
-    """The stand-in arrays of routed ``flow`` in ``model`` as it is now."""
+def stand_ins(model: nn.Module, flow: TorchFlow,
+              graph_module: torch.fx.GraphModule | None = None) -> StandIns:
+    """The stand-in arrays of routed ``flow`` in ``model`` as it is now (``graph_module``: a
+    ``torch.fx.symbolic_trace`` of ``model`` to share between flows)."""
     routing = flow.routing
     if routing is None:
         raise ValueError(f"the flow of {flow.producer!r} is not a routed stream")
-    tracer = slot_tracer(model, routing)
-    width = int(model.get_submodule(flow.producer).out_channels)
+    tracer = slot_tracer(model, routing, graph_module)
+    producer = model.get_submodule(flow.producer)
+    if not isinstance(producer, nn.Conv2d):
+        raise TypeError(f"a routed stream's producer must be a Conv2d, got {type(producer)}")
+    width = producer.out_channels
     reads = tracer.slots(width).reads
     arrays: dict[str, torch.Tensor] = {}
     for consumer, producers in sorted(tracer.reaching().items()):
-        weight = model.get_submodule(consumer).weight.detach()
+        conv = model.get_submodule(consumer)
+        if not isinstance(conv, nn.Conv2d):
+            raise TypeError(f"a routed stream's consumer must be a Conv2d, got {type(conv)}")
+        weight = conv.weight.detach()
         for p in producers:
             at = [(i, c) for i, (q, c) in enumerate(reads[consumer]) if q == p]
             columns = weight.new_zeros((weight.shape[0], width, *weight.shape[2:]))

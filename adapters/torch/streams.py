@@ -409,9 +409,11 @@ def trace_slots(model: nn.Module, routing: StreamRouting, width: int) -> SlotMap
     return slot_tracer(model, routing).slots(width)
 
 
-def slot_tracer(model: nn.Module, routing: StreamRouting) -> _SlotTracer:
-    """A tracer of ``routing``'s region in ``model`` (see :func:`trace_slots`)."""
-    return _SlotTracer(torch.fx.symbolic_trace(model), routing)
+def slot_tracer(model: nn.Module, routing: StreamRouting,
+                graph_module: torch.fx.GraphModule | None = None) -> _SlotTracer:
+    """A tracer of ``routing``'s region in ``model`` (see :func:`trace_slots`); pass
+    ``graph_module``, a ``torch.fx.symbolic_trace`` of ``model``, to share one trace."""
+    return _SlotTracer(graph_module or torch.fx.symbolic_trace(model), routing)
 
 
 def _slot_map(routing: StreamRouting, width: int, inputs: dict[str, torch.Tensor]) -> SlotMap:
