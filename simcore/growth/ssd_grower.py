@@ -19,12 +19,12 @@ from .growers import Grower, PerLayerState, check_real_range
 from .protocol import GrowthError, GrowthHost, SplittingStatistics
 from .ssd import (
     hvp_from_statistics,
-    min_eigenpairs,
     rayleigh_min_direction,
     splitting_matrices,
     ssd_split,
     subsample_rows,
 )
+from .ssd_exact import exact_min_eigenpairs
 
 __all__ = ["EXACT_MAX_BYTES", "ROWS_PER_DIM", "SSDGrower", "SSDState", "exact_bytes"]
 
@@ -142,17 +142,26 @@ class SSDGrower(Grower[SSDState]):
         if self.rows_per_dim is not None:
             limit = self.rows_per_dim * int(batches[0][0].shape[-1])
             batches = tuple(subsample_rows(x, g, z, limit, rows_rng) for x, g, z in batches)
-        if self.mode == "exact":
-            s = sum(splitting_matrices(x, g, z, activation=kind, bn_scale=bn_scale)
-                    for x, g, z in batches) / nb
-            return min_eigenpairs(host.mean_over_replicas(s))
         hvps = [hvp_from_statistics(x, g, z, activation=kind, bn_scale=bn_scale)
                 for x, g, z in batches]
 
         def hvp(v):
             return host.mean_over_replicas(sum(h(v) for h in hvps) / nb)
 
-        return rayleigh_min_direction(hvp, hvps[0].n, hvps[0].d, rng=rng, like=hvps[0].like,
+        n, d, like = hvps[0].n, hvps[0].d, hvps[0].like
+        if self.mode == "exact":
+            def form(index):
+                """The splitting matrices of the neurons ``index`` only."""
+                xp = namespace_of(like, "patches")
+                keep = xp.asarray(index, device=device_of(like))
+                scale = None if bn_scale is None else xp.take(bn_scale, keep, axis=0)
+                s = sum(splitting_matrices(x, xp.take(g, keep, axis=-1), xp.take(z, keep, axis=-1),
+                                           activation=kind, bn_scale=scale)
+                        for x, g, z in batches) / nb
+                return host.mean_over_replicas(s)
+
+            return exact_min_eigenpairs(hvp, n, d, form, rng=rng, like=like)
+        return rayleigh_min_direction(hvp, n, d, rng=rng, like=like,
                                       steps=self.rayleigh_steps, power_steps=self.power_steps)
 
     def widen(self, params, core_flow, index, picks, state, rng):
