@@ -22,7 +22,7 @@ import numpy as np
 
 from .._arrays import check_floating, check_int, compute_dtype, device_of, namespace_of
 from ._host import as_generator, to_numpy
-from .ssd import _canonical_sign, _unit_rows, min_eigenpairs
+from .ssd import _blas_controller, _canonical_sign, _unit_rows, min_eigenpairs
 
 __all__ = ["LANCZOS_MIN_DIM", "exact_min_eigenpairs", "lanczos_min_eigenpairs"]
 
@@ -100,13 +100,11 @@ def lanczos_min_eigenpairs(
     device = device_of(like)
     start = as_generator(rng).standard_normal((n, d))
     q = _unit_rows(xp, xp.asarray(start, dtype=dtype, device=device))
-    # The basis keeps one shape, (n, steps, d), zero beyond step k (slot k set with a one-hot
-    # mask, not by assignment): JAX compiles each operation once per shape, and JAX arrays take
-    # no item assignment.
-    slots = xp.arange(steps, device=device)
-    basis = xp.where((slots == 0)[None, :, None], q[:, None, :], xp.zeros((n, steps, d),
-                                                                          dtype=dtype,
-                                                                          device=device))
+    # The basis has room for `capacity` vectors, zero beyond step k, and doubles when full; slot
+    # k is set with a one-hot mask, not by assignment (JAX arrays take none), so JAX compiles
+    # each operation for a handful of shapes, not one per step.
+    capacity = min(steps, 32)
+    basis = _placed(xp, q, 0, xp.zeros((n, capacity, d), dtype=dtype, device=device))
     alpha, beta = np.zeros((n, steps)), np.zeros((n, steps))
     # Per neuron, frozen when it converges: Krylov size, lowest Ritz value and its coefficients
     # (a broken-down neuron's later basis vectors are zero and would add spurious Ritz values).
@@ -121,13 +119,13 @@ def lanczos_min_eigenpairs(
                                 device=device)
         w = w - a[:, None] * q - b_previous[:, None] * previous
         for _ in range(2):
-            overlap = xp.matmul(basis, w[:, :, None])       # (n, steps, 1)
+            overlap = xp.matmul(basis, w[:, :, None])       # (n, capacity, 1)
             w = w - xp.matmul(xp.permute_dims(overlap, (0, 2, 1)), basis)[:, 0, :]
         b = xp.sqrt(xp.sum(w * w, axis=1))
         alpha[:, k - 1] = to_numpy(a, "alpha")
         beta[:, k - 1] = to_numpy(b, "beta")
         open_ = np.flatnonzero(size == 0)
-        ritz, vectors = np.linalg.eigh(_tridiagonal(alpha[open_, :k], beta[open_, :k - 1]))
+        ritz, vectors = _eigh_small(_tridiagonal(alpha[open_, :k], beta[open_, :k - 1]))
         scale = np.abs(ritz).max(axis=1)
         residual = np.abs(beta[open_, k - 1] * vectors[:, -1, 0])
         done = (residual <= tol * scale) | (k == steps)
@@ -139,8 +137,13 @@ def lanczos_min_eigenpairs(
             break
         previous = q
         q = w / xp.where(b > 0, b, xp.ones_like(b))[:, None]
-        basis = xp.where((slots == k)[None, :, None], q[:, None, :], basis)
-    u = xp.asarray(coefficients, dtype=dtype, device=device)
+        if k == capacity:
+            grown = min(steps, 2 * capacity)
+            basis = xp.concat([basis, xp.zeros((n, grown - capacity, d), dtype=dtype,
+                                               device=device)], axis=1)
+            capacity = grown
+        basis = _placed(xp, q, k, basis)
+    u = xp.asarray(coefficients[:, :capacity], dtype=dtype, device=device)
     v = _unit_rows(xp, xp.matmul(u[:, None, :], basis)[:, 0, :])
     sv = product(v)
     lam = xp.sum(v * sv, axis=1)
@@ -148,6 +151,23 @@ def lanczos_min_eigenpairs(
     checked = to_numpy(xp.sqrt(xp.sum(r * r, axis=1)), "residual")
     converged = checked <= 2.0 * tol * np.maximum(norm, np.abs(to_numpy(lam, "lambda")))
     return lam, _canonical_sign(xp, v), converged
+
+
+def _placed(xp: Any, q: Any, k: int, basis: Any) -> Any:
+    """``basis`` (n, capacity, d) with slot ``k`` replaced by ``q`` (n, d)."""
+    slot = xp.arange(basis.shape[1], device=device_of(basis)) == k
+    return xp.where(slot[None, :, None], q[:, None, :], basis)
+
+
+def _eigh_small(t: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """``numpy.linalg.eigh`` of small matrices with NumPy's BLAS held to one thread (where
+    threadpoolctl is installed): with its threads waking on cores busy with torch's, a 35 x 35
+    matrix took 25-35 ms instead of 0.1 ms."""
+    controller = _blas_controller()
+    if controller is None:
+        return np.linalg.eigh(t)
+    with controller.limit(limits=1, user_api="blas"):
+        return np.linalg.eigh(t)
 
 
 def _tridiagonal(alpha: np.ndarray, beta: np.ndarray) -> np.ndarray:
