@@ -155,3 +155,15 @@ def test_bad_arguments_are_refused():
 
 
 _NUMPY = next(b for b in available_backends() if b.name == "numpy")
+
+
+def test_a_non_finite_product_leaves_the_neuron_to_the_direct_solve():
+    s = np.stack([np.diag([3.0, -1.0, 2.0]), np.diag([1.0, 2.0, 3.0])])
+    s[0, 0, 0] = np.nan
+
+    def hvp(v):
+        return np.einsum("nij,nj->ni", s, v)
+
+    lam, v, converged = lanczos_min_eigenpairs(hvp, 2, 3, rng=0, like=s)
+    assert converged.tolist() == [False, True]
+    np.testing.assert_allclose(lam[1], 1.0)

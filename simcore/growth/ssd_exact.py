@@ -109,6 +109,7 @@ def lanczos_min_eigenpairs(
     # Per neuron, frozen when it converges: Krylov size, lowest Ritz value and its coefficients
     # (a broken-down neuron's later basis vectors are zero and would add spurious Ritz values).
     size = np.zeros(n, dtype=np.int64)
+    failed = np.zeros(n, dtype=bool)
     norm = np.zeros(n)
     coefficients = np.zeros((n, steps))
     previous = xp.zeros_like(q)
@@ -124,7 +125,13 @@ def lanczos_min_eigenpairs(
         b = xp.sqrt(xp.sum(w * w, axis=1))
         alpha[:, k - 1] = to_numpy(a, "alpha")
         beta[:, k - 1] = to_numpy(b, "beta")
+        # A non-finite product stops its neuron: the direct solve then sees the same input.
+        broken = (size == 0) & ~(np.isfinite(alpha[:, k - 1]) & np.isfinite(beta[:, k - 1]))
+        failed |= broken
+        size[broken] = k
         open_ = np.flatnonzero(size == 0)
+        if open_.size == 0:
+            break
         ritz, vectors = _eigh_small(_tridiagonal(alpha[open_, :k], beta[open_, :k - 1]))
         scale = np.abs(ritz).max(axis=1)
         residual = np.abs(beta[open_, k - 1] * vectors[:, -1, 0])
@@ -149,7 +156,7 @@ def lanczos_min_eigenpairs(
     lam = xp.sum(v * sv, axis=1)
     r = sv - lam[:, None] * v
     checked = to_numpy(xp.sqrt(xp.sum(r * r, axis=1)), "residual")
-    converged = checked <= 2.0 * tol * np.maximum(norm, np.abs(to_numpy(lam, "lambda")))
+    converged = ~failed & (checked <= 2.0 * tol * np.maximum(norm, np.abs(to_numpy(lam, "lambda"))))
     return lam, _canonical_sign(xp, v), converged
 
 
