@@ -12,6 +12,7 @@ concatenations'). Producers whose outputs meet in an ``add`` (directly, through 
 activations, or along the identity path from one add to the next) form one *residual group*:
 one flow whose ``members`` grow together. A producer whose output enters a ``torch.cat``
 along channels grows with its consumers' columns at its offset in the concatenation.
+Channel shuffles (ShuffleNetV2) are found by :mod:`.streams`: one routed flow per region.
 
 A producer whose channels reach the network output or any operation this module does not
 understand is *not growable*: asking to grow it raises :class:`~simcore.growth.GrowthError`
@@ -49,6 +50,7 @@ from .flows import (
     unwrap,
 )
 from .groups import residual_groups
+from .streams import routed_streams
 
 __all__ = ["FlowSurvey", "check_flows", "discover_flows", "find_flow", "survey_flows"]
 
@@ -177,7 +179,15 @@ def _analyse(model, example_input):
             elif walk.needs_input is not None:
                 raise ValueError(walk.needs_input)
         walks[node.target] = walk
-    flows = []
+    flows: list[TorchFlow] = []
+    for flow in routed_streams(model, graph_module, walks, example_input, _OUTPUT):
+        reason = tie_reason(model, flow.module_names)
+        for name in flow.producers:
+            del walks[name]
+            if reason is not None:
+                blocked[name] = reason
+        if reason is None:
+            flows.append(flow)
     for names, walk_group, reason in residual_groups(walks, graph_module, _owner):
         if reason is None:
             flow = _flow_of(names, walk_group)
@@ -636,7 +646,8 @@ def check_flows(model: nn.Module, flows: Iterable[TorchFlow]) -> None:
                 f"{where}: its channels reach the network's output in the traced graph; "
                 "growing it would change the output's shape"
             )
-        named = {c.module for c in flow.consumers}
+        routing = flow.routing
+        named = {c.module for c in flow.consumers} | set(routing.consumers if routing else ())
         for name in sorted(named - readers):
             raise GrowthError(
                 f"{where}: {name!r} does not read the channels of {flow.producer!r} in the "
@@ -649,7 +660,8 @@ def check_flows(model: nn.Module, flows: Iterable[TorchFlow]) -> None:
             )
         through: list[str | None] = [
             flow.norm, *(d.conv for d in flow.depthwise), *(d.norm for d in flow.depthwise),
-            *(m.norm for m in flow.members), *(n.module for n in flow.downstream_norms)]
+            *(m.norm for m in flow.members), *(n.module for n in flow.downstream_norms),
+            *(routing.indexed if routing else ())]
         for step in through:
             if step is not None and step not in passed:
                 raise GrowthError(

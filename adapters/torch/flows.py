@@ -14,6 +14,7 @@ which is what the framework-neutral growth operators take. Flows are found by
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch import nn
@@ -147,6 +148,9 @@ class TorchFlow:
     #: add, a concatenation or a pooling (a residual group's stream; a concatenated layer).
     activation_node: str | None = None
     downstream_norms: tuple[TorchNorm, ...] = ()
+    #: A routed stream (:mod:`.streams`): its channels reach ``routing.consumers`` through a
+    #: channel shuffle, placed by :mod:`.permutations`; ``consumers`` is then empty.
+    routing: Any = None
 
     def __post_init__(self):
         if not isinstance(self.producer, str):
@@ -186,6 +190,8 @@ class TorchFlow:
                 names.append(d.norm)
         names.extend(n.module for n in self.downstream_norms)
         names.extend(c.module for c in self.consumers)
+        if self.routing is not None:
+            names.extend(self.routing.modules)
         return tuple(names)
 
     def check(self, model: nn.Module) -> None:

@@ -24,6 +24,7 @@ from .distributed import GrowthCollectives, mean_over_ranks
 from .distributed import shared_seed as seed_of_rank_0
 from .flows import TorchFlow
 from .group_capture import group_splitting_statistics
+from .permutations import physical_state
 from .surgery import apply_growths
 
 __all__ = ["TorchGrowthHost", "parameter_count"]
@@ -100,8 +101,10 @@ class TorchGrowthHost:
         for p in shadow.parameters():
             p.requires_grad_(False)
 
+        physical = physical_state(self.model, growths)  # routed streams: the model's order
+
         def forward(state: Mapping[str, torch.Tensor], inputs: Any) -> Any:
-            return torch.func.functional_call(shadow, dict(state), (inputs,))
+            return torch.func.functional_call(shadow, physical(state), (inputs,))
 
         return forward
 

@@ -35,6 +35,7 @@ from .optim import (
     check_optimizer_mode,
     plan_optimizer_growth,
 )
+from .permutations import stream_layout
 
 __all__ = [
     "GrowthError",
@@ -161,7 +162,8 @@ def apply_growths(
     for flow, _ in growths:
         _check_growth(flow, new_params)
     transaction = GrowthTransaction(model, optimizer, optimizer_mode, lr)
-    growths = _shifted(growths)
+    # Routed streams last: they permute rows other flows write in the core's order.
+    growths = _shifted(sorted(growths, key=lambda g: g[0].routing is not None))
     positions = _written_positions(unwrap(model), growths)
     # Not a ``with`` block: its normal exit calls __exit__ outside the block's handler, so an
     # interrupt landing there would escape with the growth made.
@@ -288,6 +290,7 @@ class GrowthTransaction:
         self.model = unwrap(model)
         self.optimizer, self.optimizer_mode, self.lr = optimizer, optimizer_mode, lr
         self._applied: list[list[_Swap]] = []
+        self._routed: list[tuple[Mapping[str, Any], dict[str, Any]]] = []  # grown -> moved
 
     def apply(self, flow: TorchFlow, new_params: Mapping[str, torch.Tensor],
               channel_map: ChannelMaps, *,
@@ -300,8 +303,16 @@ class GrowthTransaction:
         but the flow's own.
         """
         _check_growth(flow, new_params)
-        swaps = _growth_swaps(self.model, flow, new_params, channel_map, self.optimizer,
-                              self.optimizer_mode, self.lr, positions)
+        if flow.routing is not None:  # the routed flows of one growth share a working copy
+            values = next((copy for grown, copy in self._routed if grown is new_params), None)
+            if values is None:
+                values = dict(new_params)
+                self._routed.append((new_params, values))
+            swaps = _routed_swaps(self.model, flow, values, channel_map, self.optimizer,
+                                  self.optimizer_mode, self.lr)
+        else:
+            swaps = _growth_swaps(self.model, flow, new_params, channel_map, self.optimizer,
+                                  self.optimizer_mode, self.lr, positions)
         # Recorded before the first change, so a rollback sees it wherever an interrupt lands.
         self._applied.append(swaps)
         _commit(swaps)
@@ -355,7 +366,8 @@ def _growth_swaps(model, flow, new_params, channel_map, optimizer, optimizer_mod
         )
 
     # ---- compute phase: build every new object; nothing in the model changes here.
-    swaps, replaced = [], {}  # replaced: state_dict name -> (old parameter, new parameter)
+    swaps: list[Any] = []
+    replaced: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}  # name -> (old, new) parameter
     written = {}
     for name in named:
         module_name, _, attr = name.rpartition(".")
@@ -366,17 +378,47 @@ def _growth_swaps(model, flow, new_params, channel_map, optimizer, optimizer_mod
         if positions is not None and name in positions:
             value = _at_positions(name, value, positions[name])
         value = _leading_part(name, value, old, grown_axis[name])
-        value = _own_contiguous(value.to(device=old.device, dtype=old.dtype), old)
-        written[name] = value
-        if attr in module._parameters:
-            new = nn.Parameter(value, requires_grad=old.requires_grad)
-            swaps.append(_Swap(module._parameters, attr, new))
-            replaced[name] = (old, new)
-        else:
-            swaps.append(_Swap(module._buffers, attr, value))
+        written[name] = _tensor_swap(swaps, replaced, name, module, attr, value)
     swaps.extend(_size_swaps(flow, modules, written))
     if optimizer is not None:
         swaps.extend(_optimizer_swaps(optimizer, replaced, core_flow, maps, optimizer_mode, lr))
+    return swaps
+
+
+def _tensor_swap(swaps, replaced, name, module, attr, value):
+    """Plan ``module.attr = value`` (a new Parameter for a parameter); returns the tensor."""
+    old = getattr(module, attr)
+    value = _own_contiguous(value.to(device=old.device, dtype=old.dtype), old)
+    if attr in module._parameters:
+        new = nn.Parameter(value, requires_grad=old.requires_grad)
+        swaps.append(_Swap(module._parameters, attr, new))
+        replaced[name] = (old, new)
+    else:
+        swaps.append(_Swap(module._buffers, attr, value))
+    return value
+
+
+def _routed_swaps(model, flow, values, channel_map, optimizer, optimizer_mode, lr):
+    """A routed stream's growth (:mod:`.permutations`) as reversible swaps (nothing applied).
+
+    ``values``: the grown arrays (the core's appended layout), updated in place with this
+    flow's physical layout, so routed flows sharing a module (one's consumer is another's
+    producer) each move their own axis of it in turn. Entries it lacks come from the model.
+    """
+    layout = stream_layout(model, flow, channel_map)
+    modules = dict(model.named_modules())
+    physical = layout.grown(model, values)
+    swaps: list[Any] = []
+    replaced: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
+    for name, value in physical.items():
+        module_name, _, attr = name.rpartition(".")
+        _check_rank(name, getattr(modules[module_name], attr), value)
+        _tensor_swap(swaps, replaced, name, modules[module_name], attr, value)
+    for module_name, attr, size in layout.sizes(model):
+        if getattr(modules[module_name], attr) != size:
+            swaps.append(_Swap(modules[module_name].__dict__, attr, size))
+    if optimizer is not None and replaced:
+        swaps.append(layout.optimizer_growth(model, optimizer, replaced, optimizer_mode, lr))
     return swaps
 
 
