@@ -100,11 +100,8 @@ def lanczos_min_eigenpairs(
     device = device_of(like)
     start = as_generator(rng).standard_normal((n, d))
     q = _unit_rows(xp, xp.asarray(start, dtype=dtype, device=device))
-    # The basis has room for `capacity` vectors, zero beyond step k, and doubles when full; slot
-    # k is set with a one-hot mask, not by assignment (JAX arrays take none), so JAX compiles
-    # each operation for a handful of shapes, not one per step.
-    capacity = min(steps, 32)
-    basis = _placed(xp, q, 0, xp.zeros((n, capacity, d), dtype=dtype, device=device))
+    basis = _Basis(xp, n, d, dtype, device)
+    basis.append(q)
     alpha, beta = np.zeros((n, steps)), np.zeros((n, steps))
     # Per neuron, frozen when it converges: Krylov size, lowest Ritz value and its coefficients
     # (a broken-down neuron's later basis vectors are zero and would add spurious Ritz values).
@@ -119,9 +116,7 @@ def lanczos_min_eigenpairs(
         b_previous = xp.asarray(beta[:, k - 2] if k > 1 else np.zeros(n), dtype=dtype,
                                 device=device)
         w = w - a[:, None] * q - b_previous[:, None] * previous
-        for _ in range(2):
-            overlap = xp.matmul(basis, w[:, :, None])       # (n, capacity, 1)
-            w = w - xp.matmul(xp.permute_dims(overlap, (0, 2, 1)), basis)[:, 0, :]
+        w = basis.orthogonalise(basis.orthogonalise(w))
         b = xp.sqrt(xp.sum(w * w, axis=1))
         alpha[:, k - 1] = to_numpy(a, "alpha")
         beta[:, k - 1] = to_numpy(b, "beta")
@@ -144,14 +139,8 @@ def lanczos_min_eigenpairs(
             break
         previous = q
         q = w / xp.where(b > 0, b, xp.ones_like(b))[:, None]
-        if k == capacity:
-            grown = min(steps, 2 * capacity)
-            basis = xp.concat([basis, xp.zeros((n, grown - capacity, d), dtype=dtype,
-                                               device=device)], axis=1)
-            capacity = grown
-        basis = _placed(xp, q, k, basis)
-    u = xp.asarray(coefficients[:, :capacity], dtype=dtype, device=device)
-    v = _unit_rows(xp, xp.matmul(u[:, None, :], basis)[:, 0, :])
+        basis.append(q)
+    v = _unit_rows(xp, basis.combine(coefficients))
     sv = product(v)
     lam = xp.sum(v * sv, axis=1)
     r = sv - lam[:, None] * v
@@ -160,10 +149,54 @@ def lanczos_min_eigenpairs(
     return lam, _canonical_sign(xp, v), converged
 
 
-def _placed(xp: Any, q: Any, k: int, basis: Any) -> Any:
-    """``basis`` (n, capacity, d) with slot ``k`` replaced by ``q`` (n, d)."""
-    slot = xp.arange(basis.shape[1], device=device_of(basis)) == k
-    return xp.where(slot[None, :, None], q[:, None, :], basis)
+class _Basis:
+    """Lanczos vectors of all neurons in blocks of shape ``(n, BLOCK, d)``, zero past the last.
+
+    A step reads only the blocks in use, and every block has one shape: JAX compiles each
+    operation once, not once per step. A slot is set with a one-hot mask, not by assignment
+    (JAX arrays take none).
+    """
+
+    BLOCK = 16
+
+    def __init__(self, xp: Any, n: int, d: int, dtype: Any, device: Any):
+        self.xp, self.n, self.d, self.dtype, self.device = xp, n, d, dtype, device
+        self.blocks: list[Any] = []
+        self.count = 0
+        self.slots = xp.arange(self.BLOCK, device=device)
+
+    def append(self, q: Any) -> None:
+        xp = self.xp
+        slot = self.count % self.BLOCK
+        if slot == 0:
+            self.blocks.append(xp.zeros((self.n, self.BLOCK, self.d), dtype=self.dtype,
+                                        device=self.device))
+        self.blocks[-1] = xp.where((self.slots == slot)[None, :, None], q[:, None, :],
+                                   self.blocks[-1])
+        self.count += 1
+
+    def orthogonalise(self, w: Any) -> Any:
+        """One classical Gram-Schmidt pass of each ``w[i]`` against neuron ``i``'s vectors."""
+        xp = self.xp
+        overlaps = [xp.matmul(block, w[:, :, None]) for block in self.blocks]  # (n, BLOCK, 1)
+        for block, overlap in zip(self.blocks, overlaps, strict=True):
+            w = w - xp.matmul(xp.permute_dims(overlap, (0, 2, 1)), block)[:, 0, :]
+        return w
+
+    def combine(self, coefficients: np.ndarray) -> Any:
+        """``sum_j coefficients[i, j] * vector_j`` for each neuron ``i`` (``(n, >= count)``)."""
+        xp = self.xp
+        width = len(self.blocks) * self.BLOCK
+        c = np.zeros((self.n, width))
+        used = min(width, coefficients.shape[1])
+        c[:, :used] = coefficients[:, :used]
+        total = None
+        for j, block in enumerate(self.blocks):
+            part = xp.asarray(c[:, None, j * self.BLOCK:(j + 1) * self.BLOCK], dtype=self.dtype,
+                              device=self.device)
+            term = xp.matmul(part, block)[:, 0, :]
+            total = term if total is None else total + term
+        return total
 
 
 def _eigh_small(t: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
