@@ -24,6 +24,7 @@ from .distributed import GrowthCollectives, mean_over_ranks
 from .distributed import shared_seed as seed_of_rank_0
 from .flows import TorchFlow
 from .group_capture import group_splitting_statistics
+from .path_capture import path_splitting_statistics
 from .permutations import physical_state
 from .surgery import apply_growths
 
@@ -68,12 +69,16 @@ class TorchGrowthHost:
     def splitting_statistics(self, batches, loss_fn) -> list[SplittingStatistics]:
         self._scoring = "SSD's splitting statistics"
         groups = [f for f in self.flows if f.members]
-        plain = [f for f in self.flows if not f.members]
+        routed = [f for f in self.flows if f.activation_paths and not f.members]
+        plain = [f for f in self.flows if not f.members and not f.activation_paths]
         by_flow = dict(zip(plain, splitting_statistics(self.model, plain, batches, loss_fn)
                            if plain else [], strict=True))
         if groups:  # residual groups: read at the trace's nodes (group_capture.py)
             by_flow.update(zip(groups, group_splitting_statistics(self.model, groups, batches,
                                                                   loss_fn), strict=True))
+        if routed:  # several activations, or one after a pooling (path_capture.py)
+            by_flow.update(zip(routed, path_splitting_statistics(self.model, routed, batches,
+                                                                 loss_fn), strict=True))
         return [by_flow[f] for f in self.flows]
 
     def forward_with(

@@ -348,7 +348,7 @@ def _growth_swaps(model, flow, new_params, channel_map, optimizer, optimizer_mod
     """Every change a growth makes, computed up front as reversible swaps (nothing applied)."""
     core_flow = flow.channel_flow(model)
     modules = dict(model.named_modules())
-    named = core_flow.names()
+    named = tuple(dict.fromkeys(core_flow.names()))  # a member reading its group: once
     for name in named:
         if name not in new_params:
             raise ValueError(
@@ -357,8 +357,9 @@ def _growth_swaps(model, flow, new_params, channel_map, optimizer, optimizer_mod
     # Validates every grown entry's size along its channel axis against the others.
     subset = {name: torch.as_tensor(new_params[name]).detach() for name in named}
     new_channels = core_flow.channels(subset)
-    entries = {e.name: e for e in core_flow.entries(subset)}
-    grown_axis = {name: e.axis for name, e in entries.items()}
+    grown_axes: dict[str, set[int]] = {}
+    for e in core_flow.entries(subset):
+        grown_axes.setdefault(e.name, set()).add(e.axis)
     maps = () if channel_map is None else as_channel_maps(channel_map)
     if maps and len(maps[-1].sources) != new_channels:
         raise ValueError(
@@ -377,7 +378,7 @@ def _growth_swaps(model, flow, new_params, channel_map, optimizer, optimizer_mod
         _check_rank(name, old, value)
         if positions is not None and name in positions:
             value = _at_positions(name, value, positions[name])
-        value = _leading_part(name, value, old, grown_axis[name])
+        value = _leading_part(name, value, old, grown_axes[name])
         written[name] = _tensor_swap(swaps, replaced, name, module, attr, value)
     swaps.extend(_size_swaps(flow, modules, written))
     if optimizer is not None:
@@ -438,8 +439,8 @@ def _own_contiguous(value: torch.Tensor, old: torch.Tensor) -> torch.Tensor:
     return value if owns_storage else value.clone(memory_format=torch.contiguous_format)
 
 
-def _leading_part(name, value, old, axis):
-    """``value`` cut to ``old``'s size on every axis but the flow's own ``axis``.
+def _leading_part(name, value, old, axes):
+    """``value`` cut to ``old``'s size on every axis but the flow's own ``axes``.
 
     A growth of several layers passes one dict holding every layer's final arrays; a consumer
     that is also the producer of another flow is then wider on the other flow's axis than the
@@ -447,12 +448,12 @@ def _leading_part(name, value, old, axis):
     has now; that other flow's own application writes the full array.
     """
     for dim in range(value.ndim):
-        if dim == axis or value.shape[dim] == old.shape[dim]:
+        if dim in axes or value.shape[dim] == old.shape[dim]:
             continue
         if value.shape[dim] < old.shape[dim]:
             raise ValueError(
                 f"new_params[{name!r}] has shape {tuple(value.shape)}; the model's is "
-                f"{tuple(old.shape)}: only axis {axis} may change for this flow"
+                f"{tuple(old.shape)}: only axis {sorted(axes)[0]} may change for this flow"
             )
         value = value.narrow(dim, 0, old.shape[dim])
     return value
