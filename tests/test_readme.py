@@ -49,7 +49,7 @@ def test_readme_python_example_runs(block, tmp_path):
     script = tmp_path / "example.py"
     script.write_text(block)
     result = subprocess.run(
-        ["python3", str(script)], cwd=tmp_path, capture_output=True, text=True, timeout=300
+        [sys.executable, str(script)], cwd=tmp_path, capture_output=True, text=True, timeout=300
     )
     assert result.returncode == 0, result.stderr
 

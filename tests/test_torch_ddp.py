@@ -20,6 +20,8 @@ from simcore.adapters.torch.distributed import regrow_ddp  # noqa: E402
 from simcore.adapters.torch.growers import FireflyGrower, RandomGrower, SSDGrower  # noqa: E402
 from torch import nn  # noqa: E402
 
+from simcore.growth import ssd_exact  # noqa: E402
+
 WORLD = 2
 
 
@@ -35,7 +37,7 @@ def _net():
 def _grower(name):
     if name == "random":
         return RandomGrower(seed=rank_seed())
-    if name == "ssd":
+    if name in ("ssd", "ssd_lanczos"):
         return SSDGrower("exact", seed=rank_seed())
     return FireflyGrower(new_per_layer=4, seed=rank_seed())
 
@@ -45,7 +47,9 @@ def rank_seed():
     return 100 + dist.get_rank()
 
 
-METHODS = ("random", "ssd", "firefly")
+# ssd_lanczos: exact mode by Lanczos on every layer (one all-reduce per product; each rank must
+# take the same steps and fall back on the same neurons)
+METHODS = ("random", "ssd", "ssd_lanczos", "firefly")
 
 
 def _worker(rank, init_file, out_dir):
@@ -73,7 +77,19 @@ def _grow_and_train(rank, method):
         optimizer.zero_grad()
         loss_fn(model(x), y).backward()
         optimizer.step()
-    report = _grower(method).grow(model, batches, loss_fn, optimizer, ratio=0.5)
+    min_dim, lanczos, lanczos_layers = (ssd_exact.LANCZOS_MIN_DIM,
+                                        ssd_exact.lanczos_min_eigenpairs, [])
+
+    def counted(*args, **kwargs):
+        lanczos_layers.append(args[2])
+        return lanczos(*args, **kwargs)
+
+    if method == "ssd_lanczos":
+        ssd_exact.LANCZOS_MIN_DIM, ssd_exact.lanczos_min_eigenpairs = 1, counted
+    try:
+        report = _grower(method).grow(model, batches, loss_fn, optimizer, ratio=0.5)
+    finally:
+        ssd_exact.LANCZOS_MIN_DIM, ssd_exact.lanczos_min_eigenpairs = min_dim, lanczos
     widths = [report.widths_after[k] for k in sorted(report.widths_after)]
     # Before re-wrapping (which broadcasts rank 0's values): each rank's own growth result.
     grown = [p.detach().clone() for p in model.module.parameters()]
@@ -96,6 +112,7 @@ def _grow_and_train(rank, method):
     dist.all_gather(gathered, final)
     return {
         "widths": widths,
+        "lanczos_layers": lanczos_layers,
         "added": report.total_added,
         "budget": report.budget,
         "grown_gap": grown_gap,
@@ -128,6 +145,8 @@ def ddp_results():
 def test_ddp_growth_is_identical_across_ranks_and_training_continues(ddp_results, method):
     r0, r1 = (r[method] for r in ddp_results)
     results = (r0, r1)
+    assert r0["lanczos_layers"] == r1["lanczos_layers"] == (
+        [27, 36] if method == "ssd_lanczos" else [])  # fan-ins scored by Lanczos
     assert r0["widths"] == r1["widths"]
     assert r0["module_widths"] == r1["module_widths"]
     assert r0["added"] == r1["added"] == r0["budget"] > 0

@@ -229,6 +229,31 @@ def test_ssd_fast_agrees_with_exact():
         np.testing.assert_allclose(fast, exact, rtol=0, atol=1e-3 * scale)
 
 
+def test_ssd_exact_by_lanczos_matches_the_formed_matrices(monkeypatch):
+    """Exact mode's Lanczos path (every layer, forced) scores and splits like the direct path."""
+    import simcore.growth.ssd_exact as ssd_exact
+
+    grown = {}
+    for path, min_dim in (("direct", 10**9), ("lanczos", 1)):
+        monkeypatch.setattr(ssd_exact, "LANCZOS_MIN_DIM", min_dim)
+        formed = []
+        direct = ssd_exact.min_eigenpairs
+        monkeypatch.setattr(ssd_exact, "min_eigenpairs",
+                            lambda s, direct=direct, formed=formed: formed.append(s) or direct(s))
+        model = _small(torch.float64)
+        report = SSDGrower("exact").grow(model, _data((4, 3, 8, 8), 4, dtype=torch.float64),
+                                         F.cross_entropy, ratio=0.5)
+        assert (len(formed) == 0) == (path == "lanczos")  # Lanczos converged on every layer
+        grown[path] = report, model.state_dict()
+    (direct, direct_weights), (lanczos, lanczos_weights) = grown["direct"], grown["lanczos"]
+    assert lanczos.added == direct.added
+    for layer, scores in direct.scores.items():
+        np.testing.assert_allclose(lanczos.scores[layer], scores, rtol=0,
+                                   atol=1e-12 * np.abs(scores).max())
+    for name, weight in direct_weights.items():
+        torch.testing.assert_close(lanczos_weights[name], weight, rtol=0, atol=1e-12)
+
+
 class _Keep(FireflyGrower):
     """Keeps the scored candidates (state) for the finite-difference check."""
 

@@ -1,8 +1,8 @@
 """SSD growth (Liu, Wang, Wu 2019): split the neurons whose splitting matrix is most negative.
 
 The host captures each layer's statistics (:meth:`GrowthHost.splitting_statistics`); the
-splitting matrices, their smallest eigenpairs (or the Rayleigh descent of the fast mode) and the
-split itself are the core's :mod:`simcore.growth.ssd`.
+splitting matrices, their smallest eigenpairs (Lanczos, :mod:`simcore.growth.ssd_exact`, or the
+Rayleigh descent of the fast mode) and the split itself are the core's :mod:`simcore.growth.ssd`.
 """
 
 from __future__ import annotations
@@ -19,12 +19,12 @@ from .growers import Grower, PerLayerState, check_real_range
 from .protocol import GrowthError, GrowthHost, SplittingStatistics
 from .ssd import (
     hvp_from_statistics,
-    min_eigenpairs,
     rayleigh_min_direction,
     splitting_matrices,
     ssd_split,
     subsample_rows,
 )
+from .ssd_exact import exact_min_eigenpairs
 
 __all__ = ["EXACT_MAX_BYTES", "ROWS_PER_DIM", "SSDGrower", "SSDState", "exact_bytes"]
 
@@ -43,7 +43,9 @@ def exact_bytes(n: int, d: int, itemsize: int) -> int:
     """Peak bytes exact mode needs for one layer of ``n`` neurons of fan-in ``d``.
 
     Three ``(n, d, d)`` arrays of ``itemsize`` bytes (the dtype the maths runs in): ``S``, its
-    scaled copy for ``eigh`` and the eigenvectors ``eigh`` returns.
+    scaled copy for ``eigh`` and the eigenvectors ``eigh`` returns. That is the worst case, where
+    Lanczos leaves every neuron to the direct solve (:mod:`simcore.growth.ssd_exact`); Lanczos
+    itself keeps ``(n, max_steps, d)``.
 
     >>> exact_bytes(512, 4608, 4) / 1e9                      # a 512-channel 3x3 conv, float32
     130.459631616
@@ -62,15 +64,17 @@ class SSDState(PerLayerState[Any]):
 class SSDGrower(Grower[SSDState]):
     """Splitting steepest descent: split neurons along ``lambda_min(S_i)``.
 
-    ``mode="exact"`` forms every splitting matrix and takes ``linalg.eigh``;
-    ``mode="fast"`` (energy-aware splitting) never forms them and minimises
+    ``mode="exact"`` takes each splitting matrix's lowest eigenpair to the solver's precision
+    (Lanczos on Hessian-vector products from fan-in 96 on, forming and solving the matrices of
+    the neurons it leaves unconverged and of smaller layers: :mod:`simcore.growth.ssd_exact`);
+    ``mode="fast"`` (energy-aware splitting) never forms a matrix and minimises
     the Rayleigh quotient from Hessian-vector products (``power_steps`` to estimate
     ``||S_i||``, then ``rayleigh_steps`` descent steps). The ``budget`` neurons
     with the most negative ``lambda_min`` over all layers split into
     ``theta +/- eps v`` with halved outgoing weights (function kept to O(eps^2)).
     ``only_negative=True`` splits only where ``lambda_min < 0`` (SSD's theory;
-    the reference code does not check). Splitting matrices (exact) and
-    Hessian-vector products (fast) are averaged over replicas.
+    the reference code does not check). Hessian-vector products and the splitting
+    matrices formed are averaged over replicas (every replica takes the same Lanczos steps).
 
     ``rows_per_dim``: a layer with fan-in ``d`` is scored on at most ``rows_per_dim * d``
     (sample, position) rows per batch, drawn at random and reweighted
@@ -130,7 +134,8 @@ class SSDGrower(Grower[SSDState]):
         if need > self.exact_max_bytes:
             flops = 2.0 * n * d * d * rows + 9.0 * n * d**3
             raise GrowthError(
-                f"SSD exact on {name!r} would form {n} splitting matrices of {d} x {d}: about "
+                f"SSD exact on {name!r} may form {n} splitting matrices of {d} x {d} (all of "
+                "them where Lanczos converges on none): about "
                 f"{need / 2**30:.1f} GiB (limit exact_max_bytes={self.exact_max_bytes / 2**30:.1f}"
                 f" GiB) and {flops / 1e9:.0f} GFLOP; use mode=\"fast\" (O(rows * (n + d)) "
                 "memory) or raise exact_max_bytes"
@@ -142,17 +147,27 @@ class SSDGrower(Grower[SSDState]):
         if self.rows_per_dim is not None:
             limit = self.rows_per_dim * int(batches[0][0].shape[-1])
             batches = tuple(subsample_rows(x, g, z, limit, rows_rng) for x, g, z in batches)
-        if self.mode == "exact":
-            s = sum(splitting_matrices(x, g, z, activation=kind, bn_scale=bn_scale)
-                    for x, g, z in batches) / nb
-            return min_eigenpairs(host.mean_over_replicas(s))
         hvps = [hvp_from_statistics(x, g, z, activation=kind, bn_scale=bn_scale)
                 for x, g, z in batches]
 
         def hvp(v):
             return host.mean_over_replicas(sum(h(v) for h in hvps) / nb)
 
-        return rayleigh_min_direction(hvp, hvps[0].n, hvps[0].d, rng=rng, like=hvps[0].like,
+        n, d, like = hvps[0].n, hvps[0].d, hvps[0].like
+        if self.mode == "exact":
+            def form(index):
+                """The splitting matrices of the neurons ``index`` only."""
+                xp = namespace_of(like, "patches")
+                keep = xp.asarray(index, device=device_of(like))
+                scale = None if bn_scale is None else xp.take(bn_scale, keep, axis=0)
+                s = sum(splitting_matrices(x, xp.take(g, keep, axis=g.ndim - 1),
+                                           xp.take(z, keep, axis=z.ndim - 1),
+                                           activation=kind, bn_scale=scale)
+                        for x, g, z in batches) / nb
+                return host.mean_over_replicas(s)
+
+            return exact_min_eigenpairs(hvp, n, d, form, rng=rng, like=like)
+        return rayleigh_min_direction(hvp, n, d, rng=rng, like=like,
                                       steps=self.rayleigh_steps, power_steps=self.power_steps)
 
     def widen(self, params, core_flow, index, picks, state, rng):
