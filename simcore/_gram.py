@@ -23,6 +23,8 @@ from __future__ import annotations
 
 from typing import Any
 
+import numpy as np
+
 from ._tiles import InPlaceKernel
 
 __all__ = ["raw_gram_value_and_grad"]
@@ -38,69 +40,77 @@ def raw_gram_value_and_grad(kernel: InPlaceKernel, w: Any, zero_tol: float,
     ``g_a = M[a, a:] W[a:]`` and ``g[below] += M[a, below]^T W_a``. ``a_i`` is complete
     only after every strip, so with several strips the diagonal term ``-(2/m) a_i w_i /
     r_i^2`` is one pass over ``g`` at the end; with one strip it sits on ``M``'s diagonal.
-    Vectors use only the operators and methods NumPy and torch share (``x.max()``,
-    ``x ** -0.5``): the array-API wrappers cost more than these ``n``-vectors.
+    The ``n``-vectors live on the host as NumPy views of the kernel's memory (the path runs
+    only where that is free): a NumPy operation on them costs a fraction of a torch one,
+    and this path's fixed cost counts at small ``n``.
     """
     n, d = int(w.shape[0]), int(w.shape[1])
     height = max(1, min(height, n))
     single = height == n
-    strip = kernel.scratch("strip", (height * n,), w)
-    signs = kernel.scratch("signs", (height * n,), w)
+    size = height * n
+    buffers = kernel.scratch("gram", (2 * size,), w)
+    strip, signs = buffers[:size], buffers[size:]
     if single:
         gram = kernel.reshape(strip[: n * n], (n, n))
         with kernel.overflow_allowed():  # checked right after, from the diagonal
             kernel.gram_strip(w, w, gram)
-        squares = kernel.diagonal(gram)
+        squares = np.array(kernel.host(kernel.diagonal(gram)))
     else:
-        squares = kernel.row_dots(w, w)
+        squares = np.array(kernel.host(kernel.row_dots(w, w)))
     factors = _row_factors(kernel, w, squares, zero_tol, d)
     if factors is None:
         return None
     inv_norms, pair_scale, mean_scale = factors
     row_factors = inv_norms * pair_scale  # (2 / m) / r_i
-    sums = kernel.empty((n,), w)  # r_i a_i, summed strip by strip
-    sums[...] = 0
+    inv_on_kernel = kernel.from_host(inv_norms, w)
+    row_factors_on_kernel = kernel.from_host(row_factors, w)
+    sums = np.zeros_like(inv_norms)  # r_i a_i, summed strip by strip
     g = kernel.empty((n, d), w)
     for start in reversed(range(0, n, height)):
         stop = min(start + height, n)
         rows, width = stop - start, n - start
         w_a = w[start:stop]
         gram = kernel.reshape(strip[: rows * width], (rows, width))
-        m_strip = kernel.reshape(signs[: rows * width], (rows, width))
+        weights = kernel.reshape(signs[: rows * width], (rows, width))
         if not single:
             kernel.gram_strip(w_a, w[start:], gram)
         # A neuron is not paired with itself.
         kernel.zero_diagonal_(gram[:, :rows])
-        kernel.sign_into(gram, m_strip)
+        kernel.sign_into(gram, weights)
         kernel.abs_(gram)
-        sums[start:stop] += kernel.matvec(gram, inv_norms[start:])
-        if width > rows:
-            sums[stop:] += kernel.vecmat(inv_norms[start:stop], gram[:, rows:])
-        kernel.scale_rows(m_strip, row_factors[start:stop])
-        kernel.scale_columns_(m_strip, inv_norms[start:])
+        inv_columns = inv_on_kernel[start:]
+        sums[start:stop] += kernel.host(kernel.matvec(gram, inv_columns))
+        if width > rows:  # the strip's pairs with the rows below it, by symmetry
+            sums[stop:] += kernel.host(kernel.vecmat(inv_columns[:rows], gram[:, rows:]))
+        kernel.scale_rows(weights, row_factors_on_kernel[start:stop])
+        kernel.scale_columns_(weights, inv_columns)
         if single:
-            kernel.set_diagonal_(m_strip, -(row_factors * inv_norms) * (inv_norms * sums))
-        kernel.matmul(m_strip, w[start:], g[start:stop])
+            diagonal = -(row_factors * inv_norms) * (inv_norms * sums)
+            kernel.set_diagonal_(weights, kernel.from_host(diagonal, w))
+        kernel.matmul(weights, w[start:], g[start:stop])
         if width > rows:
-            kernel.add_matmul(g[stop:], m_strip[:, rows:].T, w_a)
+            kernel.add_matmul(g[stop:], weights[:, rows:].T, w_a)
     absolute_sums = inv_norms * sums  # a_i
     if not single:
-        kernel.subtract_scaled_rows(g, w, (row_factors * inv_norms) * absolute_sums)
-    return absolute_sums.sum() * mean_scale, g
+        kernel.subtract_scaled_rows(g, w, kernel.from_host(
+            (row_factors * inv_norms) * absolute_sums, w))
+    loss = np.asarray(absolute_sums.sum() * mean_scale, dtype=absolute_sums.dtype)
+    return kernel.from_host(loss, w), g
 
 
 def _row_factors(kernel, w, squares, zero_tol, d):
     """``(1/r_i on active rows and 0 elsewhere, 2/m, 1/m)``, or ``None`` where ``G`` is unsafe.
 
-    A row is active when ``r_i > zero_tol * max_k r_k``, i.e. ``G_ii > zero_tol^2 max G``.
-    ``G`` is trusted when its largest diagonal entry is at most a quarter of the dtype's
-    largest number (no entry, sum or product of ``G`` overflows; Inf and NaN fail the test
-    too) and every row whose activity depends on it has ``G_ii >= d * tiny / eps``: the
-    products that underflow (at most ``d`` per entry, each off by at most ``tiny``) then cost
-    each cosine at most ``eps`` relative. Rows below that bound are allowed only where they
-    are inactive either way: under a threshold itself above the bound, or exactly zero.
+    ``squares`` holds the ``G_ii`` (NumPy). A row is active when ``r_i > zero_tol * max_k
+    r_k``, i.e. ``G_ii > zero_tol^2 max G``. ``G`` is trusted when its largest diagonal entry
+    is at most a quarter of the dtype's largest number (no entry, sum or product of ``G``
+    overflows; Inf and NaN fail the test too) and every row whose activity depends on it has
+    ``G_ii >= d * tiny / eps``: the products that underflow (at most ``d`` per entry, each
+    off by at most ``tiny``) then cost each cosine at most ``eps`` relative. Rows below that
+    bound are allowed only where they are inactive either way: under a threshold itself
+    above the bound, or exactly zero.
     """
-    info = kernel.xp.finfo(w.dtype)
+    info = np.finfo(squares.dtype)
     largest = float(squares.max())
     if not largest <= float(info.max) / 4:
         return None
@@ -109,10 +119,10 @@ def _row_factors(kernel, w, squares, zero_tol, d):
     active = squares > threshold
     if threshold < reliable:
         doubtful = squares < reliable
-        if bool(doubtful.any()) and not kernel.rows_are_zero(w, doubtful):
+        if doubtful.any() and not kernel.rows_are_zero(w, doubtful):
             return None
     # Inactive rows see 1 (not 0) under the power, then get 0.
     inv_norms = (squares + ~active) ** -0.5 * active
-    count = int(active.sum())
+    count = int(np.count_nonzero(active))
     pairs = count * (count - 1)
     return inv_norms, (2.0 / pairs if pairs else 0.0), 1.0 / max(pairs, 1)

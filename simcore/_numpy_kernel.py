@@ -129,5 +129,14 @@ class NumpyKernel(InPlaceKernel):
     def set_diagonal_(self, x, values):
         np.fill_diagonal(x, values)
 
+    def rows_are_zero(self, rows, mask):
+        return not rows[mask].any()
+
+    def host(self, x):
+        return x
+
+    def from_host(self, x, like):
+        return x
+
 
 register_in_place_kernel(NumpyKernel)

@@ -180,11 +180,17 @@ class InPlaceKernel(RowOps):
         """Write ``values`` on the main diagonal of the square 2-D view ``x``."""
         raise NotImplementedError
 
-    def rows_are_zero(self, rows: Array, mask: Array) -> bool:
-        """Whether every row of ``rows`` where ``mask`` is true is exactly zero."""
-        xp = self.xp
-        picked = xp.take(rows, xp.nonzero(mask)[0], axis=0)
-        return not bool(xp.any(picked != 0))
+    def rows_are_zero(self, rows: Array, mask: Any) -> bool:
+        """Whether every row of ``rows`` where the NumPy bool vector ``mask`` is true is 0."""
+        raise NotImplementedError
+
+    def host(self, x: Array) -> Any:
+        """A NumPy view of the kernel's array ``x`` (no copy: host memory)."""
+        raise NotImplementedError
+
+    def from_host(self, x: Any, like: Array) -> Array:
+        """The NumPy array ``x`` as an array of ``like``'s library (no copy)."""
+        raise NotImplementedError
 
     def diagonal_block(self, rows: int) -> int:
         """Rows of the pieces a strip's ``rows x rows`` diagonal block is built from.
@@ -192,10 +198,10 @@ class InPlaceKernel(RowOps):
         With a half-cost ``a @ a.T`` (``symmetric_gram``) each piece is one, and the blocks
         right of it are GEMMs. Without one, each piece of ``b`` rows is a single GEMM from
         its diagonal to the strip's end (wasting the lower half of its ``b x b`` diagonal
-        block, ``b / (2 rows)`` of the diagonal block's products): 64 rows, or ``rows / 16``
-        up to 256 for tall strips, were the fastest on torch's CPU GEMM (docs/design.md).
+        block, ``b / (2 rows)`` of the diagonal block's products): ``rows / 8`` within
+        ``[32, 256]`` was the fastest on torch's CPU GEMM (docs/design.md).
         """
-        return rows if self.symmetric_gram else max(64, min(256, rows // 16))
+        return rows if self.symmetric_gram else max(32, min(256, rows // 8))
 
     def gram_strip(self, u_a: Array, u_rest: Array, out: Array) -> None:
         """``out[...] = u_a @ u_rest.T`` where ``u_rest`` starts with the rows of ``u_a``.

@@ -99,5 +99,14 @@ class TorchKernel(InPlaceKernel):
     def set_diagonal_(self, x, values):
         x.diagonal().copy_(values)
 
+    def rows_are_zero(self, rows, mask):
+        return not bool(rows[torch.from_numpy(mask)].any())
+
+    def host(self, x):
+        return x.numpy()
+
+    def from_host(self, x, like):
+        return torch.from_numpy(x)
+
 
 register_in_place_kernel(TorchKernel)
