@@ -101,7 +101,7 @@ class NumpyKernel(InPlaceKernel):
         return x.reshape(shape)
 
     def overflow_allowed(self):
-        return np.errstate(over="ignore", invalid="ignore")
+        return np.errstate(over="ignore", under="ignore", invalid="ignore")
 
     def diagonal(self, x):
         return x.diagonal().copy()
