@@ -54,9 +54,9 @@ def raw_gram_value_and_grad(kernel: InPlaceKernel, w: Any, zero_tol: float,
         gram = kernel.reshape(strip[: n * n], (n, n))
         with kernel.overflow_allowed():  # checked right after, from the diagonal
             kernel.gram_strip(w, w, gram)
-        squares = np.array(kernel.host(kernel.diagonal(gram)))
+        squares = kernel.host(kernel.diagonal(gram))  # a copy: the diagonal is zeroed below
     else:
-        squares = np.array(kernel.host(kernel.row_dots(w, w)))
+        squares = kernel.host(kernel.row_dots(w, w))
     factors = _row_factors(kernel, w, squares, zero_tol, d)
     if factors is None:
         return None
@@ -122,7 +122,9 @@ def _row_factors(kernel, w, squares, zero_tol, d):
         if doubtful.any() and not kernel.rows_are_zero(w, doubtful):
             return None
     # Inactive rows see 1 (not 0) under the power, then get 0.
-    inv_norms = (squares + ~active) ** -0.5 * active
+    inv_norms = squares + ~active
+    inv_norms **= -0.5
+    inv_norms *= active
     count = int(np.count_nonzero(active))
     pairs = count * (count - 1)
     return inv_norms, (2.0 / pairs if pairs else 0.0), 1.0 / max(pairs, 1)
