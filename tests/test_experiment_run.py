@@ -100,7 +100,10 @@ def test_every_method_grows_with_and_without_the_phase(experiment):
             # time of an epoch, which the steps of every epoch add up to
             assert len(run["epoch_seconds"]) == TINY.epochs
             assert 0 < run["mean_epoch_seconds"] < run["training_seconds"]
-            assert sum(run["epoch_seconds"]) < run["training_seconds"] - run["growth_seconds"]
+            # training time is exactly the steps, the growths and the weights-only phases
+            phases = sum(g["phase_seconds"] for g in run["growths"])
+            assert sum(run["epoch_seconds"]) + run["growth_seconds"] + phases == pytest.approx(
+                run["training_seconds"])
             (growth,) = run["growths"]
             assert growth["growth_epochs"] == pytest.approx(
                 growth["growth_seconds"] / run["mean_epoch_seconds"])
@@ -416,3 +419,33 @@ def test_the_similarity_benchmark_reports_rows_into_a_file_while_it_runs(tmp_pat
     assert any(any("x 1152" in line for line in lines)
                and not any("peak extra memory" in line for line in lines)
                for lines in snapshots), snapshots[-1:]
+
+
+@pytest.mark.parametrize("config", [TINY.replace(method="random", terms="both"), JOINT],
+                         ids=["weights_only", "joint"])
+def test_reported_times_leave_out_the_accuracies_measured_around_a_growth(
+        tmp_path, monkeypatch, config):
+    """``Time (s)`` is training, growth and phase: the accuracies a growth record reports
+    (before and after the growth and its phase) are measured off the clock."""
+    from simcore.experiment import measure, runner
+
+    offset = [0.0]
+    real_clock = time.perf_counter
+    monkeypatch.setattr(time, "perf_counter", lambda: real_clock() + offset[0])
+
+    def slow(accuracies):
+        def measured(*args, **kwargs):
+            offset[0] += 1000.0  # each diagnostic evaluation "takes" 1000 s
+            return accuracies(*args, **kwargs)
+        return measured
+
+    monkeypatch.setattr(runner, "accuracies", slow(runner.accuracies))
+    monkeypatch.setattr(measure, "accuracies", slow(measure.accuracies))
+    data = load_digits_dataset(0, train_limit=64, test_limit=32)
+    result = run_one(config, tmp_path / "run", dataset=data)
+    growth = result["growths"][0]
+    assert growth["accuracy"]["after_phase"] is not None  # the phase was measured
+    for key in ("training_seconds", "phase_seconds", "growth_seconds"):
+        assert result[key] < 1000.0, key
+    assert growth["growth_seconds"] < 1000.0 and growth["phase_seconds"] < 1000.0
+    assert max(result["epoch_seconds"]) < 1000.0

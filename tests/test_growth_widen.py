@@ -465,3 +465,60 @@ def test_directions_from_another_library_are_rejected(backend):
     params, flow = _mlp_flow()
     with pytest.raises(TypeError, match="directions"):
         split_neurons(growth_nets.on_backend(backend, params), flow, [0], np.ones((1, 5)))
+
+
+def test_a_split_copies_a_gate_member_exactly_and_keeps_the_gated_product():
+    """``x * sigmoid(g)`` with ``g``'s producer a gate member: its rows are never perturbed, so
+    the consumer reads ``mean(x+, x-) * g``, the old product to O(eps^2)."""
+    from simcore.growth.flow import Member
+
+    rng = np.random.default_rng(0)
+    params = {"wx": rng.normal(size=(3, 4)), "wg": rng.normal(size=(3, 2)),
+              "out": rng.normal(size=(2, 3))}
+    flow = ChannelFlow("wx", consumers=(Consumer("out"),), members=(Member("wg", gate=True),))
+    directions = [rng.normal(size=(2, 4)), rng.normal(size=(2, 2))]
+    grown, cmap = split_neurons(params, flow, [0, 2], directions, eps=1e-3)
+    np.testing.assert_array_equal(grown["wg"], params["wg"][list(cmap.sources)])
+    assert not np.array_equal(grown["wx"][:3], params["wx"])
+    x, s = rng.normal(size=(4, 5)), rng.normal(size=(2, 5))
+
+    def f(p):
+        return p["out"] @ (np.tanh(p["wx"] @ x) / (1 + np.exp(-(p["wg"] @ s))))
+
+    assert np.abs(f(grown) - f(params)).max() < 1e-5
+    with pytest.raises(TypeError, match="Member.gate must be a bool"):
+        Member("wg", gate=1)
+
+
+def test_a_member_that_reads_its_own_group_grows_rows_then_columns():
+    """``s = Wa x; out = head tanh(s + Wp tanh(s))``: Wp adds to the stream it reads, so it
+    is a member and a consumer of one flow; every operator keeps the function and the
+    optimizer state follows both of its axes."""
+    from simcore.growth import map_optimizer_state
+    from simcore.growth.flow import Member
+
+    rng = np.random.default_rng(1)
+    params = {"wa": rng.normal(size=(3, 4)), "wp": rng.normal(size=(3, 3)) / 2,
+              "head": rng.normal(size=(2, 3))}
+    flow = ChannelFlow("wa", consumers=(Consumer("wp"), Consumer("head")),
+                       members=(Member("wp"),))
+    x = rng.normal(size=(4, 5))
+
+    def f(p):
+        s = p["wa"] @ x
+        return p["head"] @ np.tanh(s + p["wp"] @ np.tanh(s))
+
+    grown, _ = add_neurons(params, flow, 2, rng=0)
+    assert grown["wp"].shape == (5, 5) and grown["wp"][3:, :3].any()  # fresh rows: random
+    np.testing.assert_array_equal(grown["wp"][:3, 3:], 0.0)  # old rows read new channels 0
+    np.testing.assert_allclose(f(grown), f(params), atol=1e-12)
+    grown, _ = replicate_neurons(params, flow, [0, 2])
+    np.testing.assert_allclose(f(grown), f(params), atol=1e-12)
+    directions = [rng.normal(size=(2, 4)), rng.normal(size=(2, 3))]
+    grown, cmap = split_neurons(params, flow, [0, 2], directions, eps=1e-4)
+    assert grown["wp"].shape == (5, 5)
+    assert np.abs(f(grown) - f(params)).max() < 1e-6
+    state = {"wp": {"momentum": np.arange(9.0).reshape(3, 3)}}
+    moved = map_optimizer_state(state, flow, cmap)["wp"]["momentum"]
+    np.testing.assert_array_equal(moved, state["wp"]["momentum"][np.ix_(cmap.sources,
+                                                                         cmap.sources)])

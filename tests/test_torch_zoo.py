@@ -135,44 +135,36 @@ def test_skip_reasons_name_modules_never_graph_nodes(name):
             assert quoted in known or quoted in ("permute", "transpose", "unflatten"), (layer, why)
 
 
-def test_squeeze_excitation_and_permute_are_refused_per_layer_with_the_module_named():
-    se_net = build("se_net", width=WIDTH, seed=0)
-    with pytest.raises(GrowthError, match=r"cannot grow 'features.4.block.0.0': its output feeds "
-                                          r"a squeeze-excitation channel gate x \* gate\(x\) in "
-                                          r"'features.4.block.2'"):
-        RandomGrower().grow(se_net, None, None, example_input=torch.zeros(1, 3, 32, 32),
-                            layers=["features.4.block.0.0"])
+def test_a_layer_norm_over_the_channels_is_refused_per_layer_with_the_module_named():
     convnext = build("convnext", width=WIDTH, seed=0)
-    with pytest.raises(GrowthError, match=r"cannot grow 'stages.5': its output feeds a 'permute' "
-                                          r"that moves the channel axis in 'stages.6'"):
+    with pytest.raises(GrowthError, match=r"cannot grow 'stages.5': its output feeds the "
+                                          r"LayerNorm 'stages.6.norm', which normalises over "
+                                          r"the channels"):
         RandomGrower().grow(convnext, None, None, example_input=torch.zeros(1, 3, 32, 32),
                             layers=["stages.5"])
 
 
-class _Gated(nn.Module):
-    """conv1 -> relu -> squeeze-excitation gate -> conv2 -> head: conv1 and the gate's fc2 skip."""
+class _Product(nn.Module):
+    """Two branches multiplied (a GLU-style gate, neither computed from the other): both skip."""
 
     def __init__(self):
         super().__init__()
         self.conv1, self.conv2 = nn.Conv2d(3, 6, 3, padding=1), nn.Conv2d(6, 5, 3, padding=1)
-        self.fc1, self.fc2 = nn.Conv2d(6, 2, 1), nn.Conv2d(2, 6, 1)
+        self.fc1, self.fc2 = nn.Conv2d(3, 2, 1), nn.Conv2d(2, 6, 1)
         self.head = nn.Linear(5, 3)
 
     def forward(self, x):
-        h = F.relu(self.conv1(x))
-        h = h * torch.sigmoid(self.fc2(F.relu(self.fc1(F.adaptive_avg_pool2d(h, 1)))))
+        h = F.relu(self.conv1(x)) * torch.sigmoid(self.fc2(F.relu(self.fc1(x))))
         return self.head(F.relu(self.conv2(h)).mean((2, 3)))
 
 
 def test_report_lists_skipped_layers_and_the_growable_share():
-    report = RandomGrower(seed=0).grow(_Gated(), None, None, example_input=torch.zeros(1, 3, 8, 8),
-                                       ratio=0.5)
+    report = RandomGrower(seed=0).grow(_Product(), None, None,
+                                       example_input=torch.zeros(1, 3, 8, 8), ratio=0.5)
     assert report.widths_before == {"fc1": 2, "conv2": 5}
     assert report.skipped == {
-        "conv1": "its output feeds a squeeze-excitation channel gate x * gate(x) in the model's "
-                 "forward",
-        "fc2": "its output feeds the channel gate of a squeeze-excitation x * gate(x) in the "
-               "model's forward",
+        "conv1": "its output feeds a multiplication in the model's forward",
+        "fc2": "its output feeds a multiplication in the model's forward",
     }
     assert report.skipped_widths == {"conv1": 6, "fc2": 6}
     assert report.growable_share == pytest.approx(7 / 19)

@@ -7,8 +7,9 @@ these modules wrap it into PyTorch's autograd, modules, optimizers and files.
 # ruff: noqa: F401, I001
 
 from .models import VGG16, MobileNetV1, architecture, build, mobilenet_v1, vgg16, widths
-from .penalty import GrowthObjectiveFunction, SimilarityLossFunction, SimilarityPenalty
-from .penalty import growth_objective, similarity_loss
+from .functions import GrowthObjectiveFunction, SimilarityLossFunction
+from .penalty import SimilarityPenalty
+from .functions import growth_objective, similarity_loss
 from .optim import OptimizerGrowth, grow_optimizer, plan_optimizer_growth
 from .checkpoint import Checkpoint, load_checkpoint, save_checkpoint
 from .flows import GrowthError, TorchConsumer, TorchDepthwise, TorchFlow

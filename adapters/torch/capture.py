@@ -27,6 +27,7 @@ from simcore.growth.growers import check_loss
 
 from .activations import call_activation, is_known_activation, tensor_method_name
 from .flows import BATCH_NORM, TorchFlow
+from .paths import path_refusal
 
 __all__ = ["scoring_mode", "splitting_statistics", "ssd_refusal"]
 
@@ -148,6 +149,8 @@ def _differentiable(module, inputs, output):
 
 def ssd_refusal(model: nn.Module, flow: TorchFlow) -> str | None:
     """Why SSD cannot score ``flow``'s layer (no second derivative of its activation), or None."""
+    if flow.activation_paths and not flow.members:
+        return path_refusal(flow)  # several activations, or one after a pooling: paths.py
     if flow.activation_node is not None and not flow.members:
         return ("its channels reach their activation only after a concatenation or a pooling: "
                 "SSD reads a layer's own pre-activation; grow it with Random or Firefly")

@@ -14,6 +14,7 @@ which is what the framework-neutral growth operators take. Flows are found by
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch import nn
@@ -31,6 +32,7 @@ __all__ = [
     "TorchFlow",
     "TorchMember",
     "TorchNorm",
+    "TorchPath",
     "describe_module",
     "is_depthwise_conv",
     "is_producer",
@@ -96,6 +98,8 @@ class TorchMember:
     ``activation``/``activation_kind`` as for :class:`TorchFlow` (the activation its channels
     reach, after the add); ``activation_node`` the name of that activation's node in the
     ``torch.fx`` trace of the model (SSD reads the group's pre-activations there).
+    ``gate``: its output multiplies the group's channels (a squeeze-excitation's ``fc2``,
+    :class:`simcore.growth.flow.Member`): a split copies it exactly and SSD scores it 0.
     """
 
     producer: str
@@ -103,6 +107,27 @@ class TorchMember:
     activation: str | None = None
     activation_kind: str | None = None
     activation_node: str | None = None
+    gate: bool = False
+
+
+@dataclass(frozen=True)
+class TorchPath:
+    """One activation the producer's channels reach, for SSD (:mod:`.paths`).
+
+    ``node``: the activation's node in the ``torch.fx`` trace, ``kind`` its name for
+    ``sigma''``; the producer's channels are its input channels ``[offset, offset + n)`` (None:
+    exactly ``n``). ``norm`` is the BatchNorm on the way (its channels from ``norm_offset``),
+    ``pools`` the average poolings passed (node names, in order); ``blocked`` says why the
+    capture cannot follow this path (SSD then refuses the layer with that reason).
+    """
+
+    node: str
+    kind: str | None = None
+    offset: int | None = None
+    norm: str | None = None
+    norm_offset: int | None = None
+    pools: tuple[str, ...] = ()
+    blocked: str | None = None
 
 
 @dataclass(frozen=True)
@@ -147,6 +172,12 @@ class TorchFlow:
     #: add, a concatenation or a pooling (a residual group's stream; a concatenated layer).
     activation_node: str | None = None
     downstream_norms: tuple[TorchNorm, ...] = ()
+    #: A routed stream (:mod:`.streams`): its channels reach ``routing.consumers`` through a
+    #: channel shuffle, placed by :mod:`.permutations`; ``consumers`` is then empty.
+    routing: Any = None
+    #: Every activation the channels reach, when there are several or the first comes after a
+    #: concatenation or a pooling (SSD sums their terms, :mod:`.path_capture`); else empty.
+    activation_paths: tuple[TorchPath, ...] = ()
 
     def __post_init__(self):
         if not isinstance(self.producer, str):
@@ -186,6 +217,8 @@ class TorchFlow:
                 names.append(d.norm)
         names.extend(n.module for n in self.downstream_norms)
         names.extend(c.module for c in self.consumers)
+        if self.routing is not None:
+            names.extend(self.routing.modules)
         return tuple(names)
 
     def check(self, model: nn.Module) -> None:
@@ -256,7 +289,7 @@ class TorchFlow:
             members=tuple(
                 Member(weight=f"{m.producer}.weight", out_axis=0,
                        bias=f"{m.producer}.bias" if modules[m.producer].bias is not None else None,
-                       norm=_batch_norm(m.norm, modules))
+                       norm=_batch_norm(m.norm, modules), gate=m.gate)
                 for m in self.members
             ),
             downstream_norms=tuple(_batch_norm(n.module, modules, n.offset)

@@ -25,14 +25,19 @@ from .activations import is_known_activation, module_activation
 from .capture import _bn_scale, _differentiable, _patches, _positions, scoring_mode
 from .flows import TorchFlow, TorchMember
 
-__all__ = ["group_splitting_statistics"]
+__all__ = ["group_splitting_statistics", "recorded_pass"]
 
 
 def _units(flow: TorchFlow) -> list[TorchMember]:
-    """The producers of a group as members (its own first)."""
+    """The producers of a group as members (its own first); a gate as one without activation.
+
+    A squeeze-excitation gate (``TorchMember.gate``) is copied exactly by a split, so it has no
+    direction to score: its splitting matrices are taken as zero (docs/design.md).
+    """
     own = TorchMember(flow.producer, flow.norm, flow.activation, flow.activation_kind,
                       flow.activation_node)
-    return [own, *flow.members]
+    return [own, *(TorchMember(m.producer, m.norm, gate=True) if m.gate else m
+                   for m in flow.members)]
 
 
 def _kind(unit: TorchMember, modules: dict[str, nn.Module]) -> str:
@@ -69,6 +74,32 @@ class _Recorder(torch.fx.Interpreter):
         return super().run_node(n)
 
 
+def recorded_pass(graph_module: torch.fx.GraphModule, nodes: set[str],
+                  producers: Sequence[nn.Module], inputs: Any, targets: Any,
+                  loss_fn: Callable[[Any, Any], torch.Tensor]
+                  ) -> tuple[dict[nn.Module, tuple[torch.Tensor, tuple[int, ...]]], _Recorder,
+                             dict[str, torch.Tensor | None]]:
+    """Run the trace on one batch, in the caller's scoring mode.
+
+    Returns each producer's ``(input, output shape)``, the recorder (``z`` and ``h`` at
+    ``nodes``) and the loss's gradient with respect to each recorded ``h``.
+    """
+    recorder = _Recorder(graph_module, nodes)
+    seen: dict[nn.Module, tuple[torch.Tensor, tuple[int, ...]]] = {}
+    handles = [p.register_forward_hook(
+        lambda m, i, o: seen.__setitem__(m, (i[0].detach(), tuple(o.shape))))
+        for p in set(producers)]
+    try:
+        loss = check_loss(loss_fn(recorder.run(inputs), targets))
+    finally:
+        for h in handles:
+            h.remove()
+    names = sorted(recorder.h)
+    grads: dict[str, torch.Tensor | None] = dict(zip(names, torch.autograd.grad(
+        loss, [recorder.h[n] for n in names], allow_unused=True), strict=True)) if names else {}
+    return seen, recorder, grads
+
+
 def group_splitting_statistics(
     model: nn.Module,
     flows: Sequence[TorchFlow],
@@ -87,26 +118,16 @@ def group_splitting_statistics(
     captured: list[list[list[tuple]]] = [[[] for _ in group] for group in units]
     with scoring_mode(model):
         for inputs, targets in batches:
-            recorder = _Recorder(graph_module, nodes)
-            seen: dict[str, torch.Tensor] = {}
-            handles = [modules[u.producer].register_forward_hook(
-                lambda m, i, o, name=u.producer, seen=seen: seen.__setitem__(name, i[0].detach()))
-                for group in units for u in group]
-            try:
-                loss = check_loss(loss_fn(recorder.run(inputs), targets))
-            finally:
-                for h in handles:
-                    h.remove()
-            names = sorted(recorder.h)
-            grads = dict(zip(names, torch.autograd.grad(
-                loss, [recorder.h[n] for n in names], allow_unused=True), strict=True)
-                ) if names else {}
+            seen, recorder, grads = recorded_pass(
+                graph_module, nodes, [modules[u.producer] for group in units for u in group],
+                inputs, targets, loss_fn)
             for g_index, group in enumerate(units):
                 for u_index, unit in enumerate(group):
-                    x = _patches(modules[unit.producer], seen[unit.producer])
+                    x = _patches(modules[unit.producer], seen[modules[unit.producer]][0])
                     node = unit.activation_node
                     if node is None:  # no activation: sigma'' = 0, any z of the right shape
-                        out = model.get_submodule(unit.producer)(seen[unit.producer]).detach()
+                        out = model.get_submodule(unit.producer)(
+                            seen[modules[unit.producer]][0]).detach()
                         z = g = out
                     else:
                         z = recorder.z[node]

@@ -7,7 +7,8 @@ conv of every identity block of a stage are one group, and a projection shortcut
 new one with its block's second conv. A group can grow only if every tensor argument of each
 of its adds carries a member's channels; an argument that no growable producer of the group
 feeds (the network input, a shared or grouped conv) keeps the whole group fixed, with that
-reason. See docs/design.md, 'Residual streams and concatenations'.
+reason. A squeeze-excitation product ``x * gate(x)`` joins producers the same way
+(:mod:`.products`). See docs/design.md, 'Residual streams and concatenations'.
 """
 
 from __future__ import annotations
@@ -73,12 +74,11 @@ def _reason(names: list[str], walks: list[Any], nodes: Mapping[str, torch.fx.Nod
         if missing:
             what = ("the network's input" if missing[0].op == "placeholder"
                     else "channels that no growable layer of its residual group produces")
-            return f"its output is added to {what} in {owner(nodes[add])}"
+            how = "multiplied by" if any(add in w.products for w in walks) else "added to"
+            return f"its output is {how} {what} in {owner(nodes[add])}"
     if len(walks) > 1:
         seen: dict[str, tuple] = {}
         for walk in walks:
-            if walk.depthwise:
-                return "a depthwise conv follows a member of a residual group"
             for module, where in (*walk.consumers.items(), *walk.downstream_norms.items()):
                 if seen.setdefault(module, where) != where:
                     return f"{module!r} reads the residual stream at two different positions"

@@ -24,6 +24,8 @@ from .distributed import GrowthCollectives, mean_over_ranks
 from .distributed import shared_seed as seed_of_rank_0
 from .flows import TorchFlow
 from .group_capture import group_splitting_statistics
+from .path_capture import path_splitting_statistics
+from .permutations import physical_state
 from .surgery import apply_growths
 
 __all__ = ["TorchGrowthHost", "parameter_count"]
@@ -67,12 +69,16 @@ class TorchGrowthHost:
     def splitting_statistics(self, batches, loss_fn) -> list[SplittingStatistics]:
         self._scoring = "SSD's splitting statistics"
         groups = [f for f in self.flows if f.members]
-        plain = [f for f in self.flows if not f.members]
+        routed = [f for f in self.flows if f.activation_paths and not f.members]
+        plain = [f for f in self.flows if not f.members and not f.activation_paths]
         by_flow = dict(zip(plain, splitting_statistics(self.model, plain, batches, loss_fn)
                            if plain else [], strict=True))
         if groups:  # residual groups: read at the trace's nodes (group_capture.py)
             by_flow.update(zip(groups, group_splitting_statistics(self.model, groups, batches,
                                                                   loss_fn), strict=True))
+        if routed:  # several activations, or one after a pooling (path_capture.py)
+            by_flow.update(zip(routed, path_splitting_statistics(self.model, routed, batches,
+                                                                 loss_fn), strict=True))
         return [by_flow[f] for f in self.flows]
 
     def forward_with(
@@ -100,8 +106,10 @@ class TorchGrowthHost:
         for p in shadow.parameters():
             p.requires_grad_(False)
 
+        physical = physical_state(self.model, growths)  # routed streams: the model's order
+
         def forward(state: Mapping[str, torch.Tensor], inputs: Any) -> Any:
-            return torch.func.functional_call(shadow, dict(state), (inputs,))
+            return torch.func.functional_call(shadow, physical(state), (inputs,))
 
         return forward
 

@@ -35,6 +35,7 @@ from .optim import (
     check_optimizer_mode,
     plan_optimizer_growth,
 )
+from .permutations import stream_layout
 
 __all__ = [
     "GrowthError",
@@ -161,7 +162,8 @@ def apply_growths(
     for flow, _ in growths:
         _check_growth(flow, new_params)
     transaction = GrowthTransaction(model, optimizer, optimizer_mode, lr)
-    growths = _shifted(growths)
+    # Routed streams last: they permute rows other flows write in the core's order.
+    growths = _shifted(sorted(growths, key=lambda g: g[0].routing is not None))
     positions = _written_positions(unwrap(model), growths)
     # Not a ``with`` block: its normal exit calls __exit__ outside the block's handler, so an
     # interrupt landing there would escape with the growth made.
@@ -288,6 +290,7 @@ class GrowthTransaction:
         self.model = unwrap(model)
         self.optimizer, self.optimizer_mode, self.lr = optimizer, optimizer_mode, lr
         self._applied: list[list[_Swap]] = []
+        self._routed: list[tuple[Mapping[str, Any], dict[str, Any]]] = []  # grown -> moved
 
     def apply(self, flow: TorchFlow, new_params: Mapping[str, torch.Tensor],
               channel_map: ChannelMaps, *,
@@ -300,8 +303,16 @@ class GrowthTransaction:
         but the flow's own.
         """
         _check_growth(flow, new_params)
-        swaps = _growth_swaps(self.model, flow, new_params, channel_map, self.optimizer,
-                              self.optimizer_mode, self.lr, positions)
+        if flow.routing is not None:  # the routed flows of one growth share a working copy
+            values = next((copy for grown, copy in self._routed if grown is new_params), None)
+            if values is None:
+                values = dict(new_params)
+                self._routed.append((new_params, values))
+            swaps = _routed_swaps(self.model, flow, values, channel_map, self.optimizer,
+                                  self.optimizer_mode, self.lr)
+        else:
+            swaps = _growth_swaps(self.model, flow, new_params, channel_map, self.optimizer,
+                                  self.optimizer_mode, self.lr, positions)
         # Recorded before the first change, so a rollback sees it wherever an interrupt lands.
         self._applied.append(swaps)
         _commit(swaps)
@@ -337,7 +348,7 @@ def _growth_swaps(model, flow, new_params, channel_map, optimizer, optimizer_mod
     """Every change a growth makes, computed up front as reversible swaps (nothing applied)."""
     core_flow = flow.channel_flow(model)
     modules = dict(model.named_modules())
-    named = core_flow.names()
+    named = tuple(dict.fromkeys(core_flow.names()))  # a member reading its group: once
     for name in named:
         if name not in new_params:
             raise ValueError(
@@ -346,8 +357,9 @@ def _growth_swaps(model, flow, new_params, channel_map, optimizer, optimizer_mod
     # Validates every grown entry's size along its channel axis against the others.
     subset = {name: torch.as_tensor(new_params[name]).detach() for name in named}
     new_channels = core_flow.channels(subset)
-    entries = {e.name: e for e in core_flow.entries(subset)}
-    grown_axis = {name: e.axis for name, e in entries.items()}
+    grown_axes: dict[str, set[int]] = {}
+    for e in core_flow.entries(subset):
+        grown_axes.setdefault(e.name, set()).add(e.axis)
     maps = () if channel_map is None else as_channel_maps(channel_map)
     if maps and len(maps[-1].sources) != new_channels:
         raise ValueError(
@@ -355,7 +367,8 @@ def _growth_swaps(model, flow, new_params, channel_map, optimizer, optimizer_mod
         )
 
     # ---- compute phase: build every new object; nothing in the model changes here.
-    swaps, replaced = [], {}  # replaced: state_dict name -> (old parameter, new parameter)
+    swaps: list[Any] = []
+    replaced: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}  # name -> (old, new) parameter
     written = {}
     for name in named:
         module_name, _, attr = name.rpartition(".")
@@ -365,18 +378,48 @@ def _growth_swaps(model, flow, new_params, channel_map, optimizer, optimizer_mod
         _check_rank(name, old, value)
         if positions is not None and name in positions:
             value = _at_positions(name, value, positions[name])
-        value = _leading_part(name, value, old, grown_axis[name])
-        value = _own_contiguous(value.to(device=old.device, dtype=old.dtype), old)
-        written[name] = value
-        if attr in module._parameters:
-            new = nn.Parameter(value, requires_grad=old.requires_grad)
-            swaps.append(_Swap(module._parameters, attr, new))
-            replaced[name] = (old, new)
-        else:
-            swaps.append(_Swap(module._buffers, attr, value))
+        value = _leading_part(name, value, old, grown_axes[name])
+        written[name] = _tensor_swap(swaps, replaced, name, module, attr, value)
     swaps.extend(_size_swaps(flow, modules, written))
     if optimizer is not None:
         swaps.extend(_optimizer_swaps(optimizer, replaced, core_flow, maps, optimizer_mode, lr))
+    return swaps
+
+
+def _tensor_swap(swaps, replaced, name, module, attr, value):
+    """Plan ``module.attr = value`` (a new Parameter for a parameter); returns the tensor."""
+    old = getattr(module, attr)
+    value = _own_contiguous(value.to(device=old.device, dtype=old.dtype), old)
+    if attr in module._parameters:
+        new = nn.Parameter(value, requires_grad=old.requires_grad)
+        swaps.append(_Swap(module._parameters, attr, new))
+        replaced[name] = (old, new)
+    else:
+        swaps.append(_Swap(module._buffers, attr, value))
+    return value
+
+
+def _routed_swaps(model, flow, values, channel_map, optimizer, optimizer_mode, lr):
+    """A routed stream's growth (:mod:`.permutations`) as reversible swaps (nothing applied).
+
+    ``values``: the grown arrays (the core's appended layout), updated in place with this
+    flow's physical layout, so routed flows sharing a module (one's consumer is another's
+    producer) each move their own axis of it in turn. Entries it lacks come from the model.
+    """
+    layout = stream_layout(model, flow, channel_map)
+    modules = dict(model.named_modules())
+    physical = layout.grown(model, values)
+    swaps: list[Any] = []
+    replaced: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
+    for name, value in physical.items():
+        module_name, _, attr = name.rpartition(".")
+        _check_rank(name, getattr(modules[module_name], attr), value)
+        _tensor_swap(swaps, replaced, name, modules[module_name], attr, value)
+    for module_name, attr, size in layout.sizes(model):
+        if getattr(modules[module_name], attr) != size:
+            swaps.append(_Swap(modules[module_name].__dict__, attr, size))
+    if optimizer is not None and replaced:
+        swaps.append(layout.optimizer_growth(model, optimizer, replaced, optimizer_mode, lr))
     return swaps
 
 
@@ -396,8 +439,8 @@ def _own_contiguous(value: torch.Tensor, old: torch.Tensor) -> torch.Tensor:
     return value if owns_storage else value.clone(memory_format=torch.contiguous_format)
 
 
-def _leading_part(name, value, old, axis):
-    """``value`` cut to ``old``'s size on every axis but the flow's own ``axis``.
+def _leading_part(name, value, old, axes):
+    """``value`` cut to ``old``'s size on every axis but the flow's own ``axes``.
 
     A growth of several layers passes one dict holding every layer's final arrays; a consumer
     that is also the producer of another flow is then wider on the other flow's axis than the
@@ -405,12 +448,12 @@ def _leading_part(name, value, old, axis):
     has now; that other flow's own application writes the full array.
     """
     for dim in range(value.ndim):
-        if dim == axis or value.shape[dim] == old.shape[dim]:
+        if dim in axes or value.shape[dim] == old.shape[dim]:
             continue
         if value.shape[dim] < old.shape[dim]:
             raise ValueError(
                 f"new_params[{name!r}] has shape {tuple(value.shape)}; the model's is "
-                f"{tuple(old.shape)}: only axis {axis} may change for this flow"
+                f"{tuple(old.shape)}: only axis {sorted(axes)[0]} may change for this flow"
             )
         value = value.narrow(dim, 0, old.shape[dim])
     return value

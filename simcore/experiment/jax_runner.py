@@ -419,10 +419,12 @@ def run_one(config: RunConfig, out_dir: str | Path, *, dataset: ImageDataset | N
                     phase_started = time.perf_counter()
                     layers = state.phase_layers
                     run.set_kernels(layers, phase.after_optimizer_step(run.kernels(layers)))
+                    state.phase_seconds += time.perf_counter() - phase_started
                     if not phase.active:  # the joint phase's last step: measure it
+                        measuring = time.perf_counter()
                         _measure_phase(state.growths[-1], run, phase_before, layers)
                         phase_before = []
-                    state.phase_seconds += time.perf_counter() - phase_started
+                        started += time.perf_counter() - measuring  # a report: not timed
                 loss_value = float(loss)  # waits for the step
                 if images.shape not in run.compiled:  # this call compiled the step
                     run.compiled.add(images.shape)
@@ -440,10 +442,11 @@ def run_one(config: RunConfig, out_dir: str | Path, *, dataset: ImageDataset | N
             inner.close()
             record = state.epoch_record(epoch, _learning_rate(config, epoch + 1))
             if schedule.should_grow(epoch):
-                started = time.perf_counter()
+                timed = state.growth_seconds + state.phase_seconds
                 growth, phase_before = _grow(run, epoch, phase, state)
                 state.growths.append(growth)
-                state.train_seconds += time.perf_counter() - started
+                # the growth's own timers: its diagnostic evaluations are not training
+                state.train_seconds += state.growth_seconds + state.phase_seconds - timed
             record["test_accuracy"] = run.evaluate()
             record["val_accuracy"] = run.evaluate("val")
             record["parameters"] = run.parameters()

@@ -248,11 +248,13 @@ def run_one(config: RunConfig, out_dir: str | Path, *, dataset: ImageDataset | N
                         phase_started = time.perf_counter()
                         if not phase.coupled:
                             phase.after_optimizer_step()
+                        state.phase_seconds += time.perf_counter() - phase_started
                         if not phase.active:  # the joint phase's last step: measure it
+                            measuring = time.perf_counter()
                             measure_phase(state.growths[-1], model, dataset, phase_before,
                                            state.phase_layers)
                             phase_before = []
-                        state.phase_seconds += time.perf_counter() - phase_started
+                            started += time.perf_counter() - measuring  # a report: not timed
                     loss_value = float(loss.detach())
                     if not math.isfinite(loss_value):
                         # raised before anything is saved: the last checkpoint stays the last
@@ -281,16 +283,20 @@ def run_one(config: RunConfig, out_dir: str | Path, *, dataset: ImageDataset | N
                 consistent, unsaved = False, True
                 scheduler.step()
                 record = state.epoch_record(epoch, optimizer.param_groups[0]["lr"])
+                latest = None  # the model's accuracies if the growth just measured them
                 if schedule.should_grow(epoch):
-                    started = time.perf_counter()
+                    timed = state.growth_seconds + state.phase_seconds
                     record_, phase_before = _grow(config, epoch, model, optimizer, dataset,
                                                   loss_fn, phase, state, stats_layer)
                     state.growths.append(record_)
-                    state.train_seconds += time.perf_counter() - started
+                    # the growth's own timers: its diagnostic evaluations are not training
+                    state.train_seconds += state.growth_seconds + state.phase_seconds - timed
                     _check_finite(model, config, f"in the growth after epoch {epoch + 1} or "
                                   "its similarity phase")
-                record["test_accuracy"] = evaluate(model, dataset)
-                record["val_accuracy"] = evaluate(model, dataset, split="val")
+                    latest = _last_accuracies(record_, phase)
+                if latest is None:
+                    latest = accuracies(model, dataset)
+                record["test_accuracy"], record["val_accuracy"] = latest["test"], latest["val"]
                 record["parameters"] = parameter_count(model)
                 record["widths"] = widths(model)
                 state.history.append(record)
@@ -347,6 +353,14 @@ def _phase(config: RunConfig):
                       steps=config.phase_steps_or_default, lam=config.lam_or_default,
                       lr=config.phase_lr_or_default, form=config.form, anchor=config.anchor,
                       step=config.phase_step, generator=generator)
+
+
+def _last_accuracies(record, phase):
+    """The accuracies the growth measured last, if the model has not changed since."""
+    accuracy = record["accuracy"]
+    if accuracy["after_phase"] is not None:
+        return accuracy["after_phase"]
+    return accuracy["after_growth"] if phase is None else None  # a joint phase: not yet run
 
 
 def _grow(config, epoch, model, optimizer, dataset, loss_fn, phase, state, stats_layer):

@@ -67,6 +67,7 @@ from .flow import ChannelFlow
 from .widen import (
     ChannelMap,
     _check_params,
+    _grow_by_map,
     _host_array,
     add_neurons,
     channel_rows,
@@ -363,6 +364,18 @@ def _compose(first: ChannelMap, second: ChannelMap) -> tuple[int, ...]:
     return tuple(first.sources[s] if s >= 0 else -1 for s in second.sources)
 
 
+def _split_columns(xp: Any, rows: Any, consumer: Any, shape: tuple[int, ...],
+                   split_map: ChannelMap) -> Any:
+    """New incoming ``rows`` of a member that reads its own group, after the group's splits.
+
+    Each row's weights on a split channel are halved between the channel and its copy, as
+    the split does to the member's existing rows (:func:`~.widen.split_neurons`).
+    """
+    per_row = (int(rows.shape[0]), *shape[1:])  # (k, in, kh, kw): axis 1 is the group's
+    grown = _grow_by_map(xp, xp.reshape(rows, per_row), consumer, split_map, divide=True)
+    return xp.reshape(grown, (int(rows.shape[0]), -1))
+
+
 def firefly_apply(
     params: Mapping[str, Any],
     flows: Sequence[ChannelFlow],
@@ -431,6 +444,15 @@ def firefly_apply(
             out, split_map = split_neurons(out, flow, split_parents.tolist(), directions, eps=1.0)
             picked = xp.asarray(new_index, device=device_of(w))
             incoming = [xp.take(rows, picked, axis=0) for rows in cand.all_incoming]
+            # A member that also reads the group (ChannelFlow docstring) has the split copies'
+            # columns by now: its new rows and its outgoing columns follow the split.
+            reading = {e.name: e for e in entries if e.role == "consumer"}
+            reading = {n: e for n, e in reading.items() if n in flow.producers}
+            if reading and split_parents.size:
+                producers = [e for e in entries if e.role == "producer"]
+                incoming = [_split_columns(xp, rows, reading[e.name], original_shapes[e.name],
+                                           split_map) if e.name in reading else rows
+                            for e, rows in zip(producers, incoming, strict=True)]
             outgoing = []
             consumers = [e for e in entries if e.role == "consumer"]
             if len(cand.new_outgoing) != len(consumers):
@@ -445,6 +467,9 @@ def firefly_apply(
                     row_axis, sources = grown_rows[entry.name]
                     cols = _regrow_rows(xp, cols, entry, original_shapes[entry.name], row_axis,
                                         sources)
+                elif entry.name in reading and split_parents.size:
+                    cols = _regrow_rows(xp, cols, entry, original_shapes[entry.name], 0,
+                                        split_map.sources)
                 outgoing.append(cols)
             if len(cand.new_depthwise) != len(flow.depthwise):
                 raise ValueError(

@@ -209,18 +209,27 @@ class Member:
     ``c`` of each member is summed into channel ``c`` of the stream, so a copy of ``c`` is
     copied in every member (split directions and fresh rows are each member's own), and the
     consumers of the sum read it once. ``norm`` is the member's own BatchNorm before the add.
+
+    ``gate=True``: the member's output *multiplies* the group's channels instead of being added
+    to them (the ``fc2`` of a squeeze-excitation ``x * gate(x)``). A split copies its rows
+    exactly (no direction), so both copies of a channel are scaled by the parent's gate and the
+    product stays linear in the split producer's channels (docs/design.md, 'Squeeze-excitation
+    gates'); fresh channels get fresh rows like any member.
     """
 
     weight: str
     out_axis: int = 0
     bias: str | None = None
     norm: BatchNorm | None = None
+    gate: bool = False
 
     def __post_init__(self) -> None:
         _check_name(self.weight, "Member.weight", optional=False)
         _check_int(self.out_axis, "Member.out_axis")
         _check_name(self.bias, "Member.bias", optional=True)
         _check_norm(self.norm, "Member.norm")
+        if not isinstance(self.gate, bool):
+            raise TypeError(f"Member.gate must be a bool, got {type(self.gate).__name__}")
 
 
 def _check_norm(norm: Any, field: str, offset_allowed: bool = False) -> None:
@@ -260,9 +269,11 @@ class ChannelFlow:
     and BatchNorm); ``consumers`` read the channels. All names refer to entries of ``params``.
 
     A residual stream is one flow with ``members``: the other producers whose outputs are added
-    to the producer's (:class:`Member`); they all grow by the same channels. ``downstream_norms``
-    are BatchNorms that read the channels after an add or a concatenation (pre-activation
-    ResNets, DenseNet), with an ``offset`` after a concatenation.
+    to the producer's (:class:`Member`); they all grow by the same channels. A member may also
+    be one of the ``consumers`` (it reads the stream it adds to through channel-wise layers,
+    a MobileNet block without expansion): every operator grows its rows, then its columns.
+    ``downstream_norms`` are BatchNorms that read the channels after an add or a
+    concatenation (pre-activation ResNets, DenseNet), with an ``offset`` after a concatenation.
     """
 
     producer: str
@@ -295,7 +306,11 @@ class ChannelFlow:
             object.__setattr__(self, field, value)
         for i, dw in enumerate(self.depthwise):
             _check_norm(dw.norm, f"ChannelFlow.depthwise[{i}].norm")
-        names = [e.name for e in self._named()]
+        # A producer of the group may also read it (a projection fed by the stream it adds
+        # to, through channel-wise layers): its rows and its columns grow, rows first.
+        named = self._named()
+        reading = {e.name for e in named if e.role == "consumer"} & set(self.producers)
+        names = [e.name for e in named if not (e.role == "consumer" and e.name in reading)]
         duplicates = sorted({n for n in names if names.count(n) > 1})
         if duplicates:
             raise ValueError(f"ChannelFlow names {duplicates[0]!r} more than once")

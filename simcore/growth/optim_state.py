@@ -147,7 +147,7 @@ def map_optimizer_state(
         name = declared.name
         if name not in state:
             continue
-        per_param = state[name]
+        per_param = out[name]  # a producer that also reads its group: rows, then columns
         if not isinstance(per_param, Mapping):
             raise TypeError(
                 f"state[{name!r}] must be a Mapping of str -> value, got {type(per_param).__name__}"

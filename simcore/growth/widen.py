@@ -400,7 +400,7 @@ def add_neurons(
     xp = namespace_of(params[flow.producer], f"params[{flow.producer!r}]")
     consumer_index = depthwise_index = 0
     for entry in entries:
-        a = params[entry.name]
+        a = out[entry.name]  # a member that also reads the group: its rows grew already
         rows = channel_rows(xp, a, entry)
         width = int(rows.shape[1])
         if entry.role == "producer":
@@ -427,9 +427,13 @@ def add_neurons(
             depthwise_index += 1
         elif entry.role == "consumer":
             if outgoing_given:
+                given = int(channel_rows(xp, params[entry.name], entry).shape[1])
                 extra = _rows_argument(
-                    outgoing[consumer_index], count, width, f"outgoing[{consumer_index}]", a
+                    outgoing[consumer_index], count, given, f"outgoing[{consumer_index}]", a
                 )
+                if given < width:  # the member's new rows read the new channels with 0
+                    extra = xp.concat([extra, xp.zeros((count, width - given), dtype=a.dtype,
+                                                       device=device_of(a))], axis=1)
             elif outgoing == "small":
                 extra = _host_array(xp, symmetric_uniform(gen, scale, (count, width)), a)
             else:
@@ -470,9 +474,9 @@ def replicate_neurons(
     if not parents:
         return out, cmap
     xp = namespace_of(params[flow.producer], f"params[{flow.producer!r}]")
-    for entry in entries:
+    for entry in entries:  # from ``out``: a member that also reads the group grows twice
         out[entry.name] = _grow_by_map(
-            xp, params[entry.name], entry, cmap, divide=entry.role == "consumer"
+            xp, out[entry.name], entry, cmap, divide=entry.role == "consumer"
         )
     return out, cmap
 
@@ -492,8 +496,9 @@ def split_neurons(
     without ``out_axis``), row ``i`` the direction ``delta`` of ``parents[i]`` (SSD: the
     eigenvector of the smallest eigenvalue of the splitting matrix; Firefly: the trained
     ``delta``); a residual group (a flow with ``members``) takes a sequence with one such
-    array per producer and splits channel ``i`` in every member. The consumer columns of a
-    parent are halved and the copy gets the other half;
+    array per producer and splits channel ``i`` in every member (a gate member,
+    ``Member(gate=True)``, is copied exactly: its direction is not used). The consumer columns
+    of a parent are halved and the copy gets the other half;
     bias, BatchNorm and depthwise entries are duplicated. The function is kept to O(eps^2)
     (exactly at ``eps=0``), since ``(f(h + e) + f(h - e)) / 2 = f(h) + O(e^2)``. Like the
     loss, the operators never inspect values (they trace under ``jax.jit``): NaN or Inf in
@@ -543,11 +548,14 @@ def split_neurons(
         perturbation.append(_take(xp, padded, slot.tolist(), block)
                             * _host_array(xp, eps * sign[:, None], block))
 
+    gates = {index for index, m in enumerate(flow.members, start=1) if m.gate}
     for entry in entries:
-        a = params[entry.name]
+        a = out[entry.name]  # a member that also reads the group: its rows split already
         if entry.role == "producer":
             rows = _take(xp, channel_rows(xp, a, entry), cmap.sources, a)
-            out[entry.name] = write_channel_rows(xp, a, entry, rows + perturbation[entry.member])
+            if entry.member not in gates:  # a gate is copied exactly (Member.gate)
+                rows = rows + perturbation[entry.member]
+            out[entry.name] = write_channel_rows(xp, a, entry, rows)
         else:
             out[entry.name] = _grow_by_map(xp, a, entry, cmap, divide=entry.role == "consumer")
     return out, cmap
