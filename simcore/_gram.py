@@ -44,24 +44,48 @@ def raw_gram_value_and_grad(kernel: InPlaceKernel, w: Any, zero_tol: float,
     only where that is free): a NumPy operation on them costs a fraction of a torch one,
     and this path's fixed cost counts at small ``n``.
     """
-    n, d = int(w.shape[0]), int(w.shape[1])
+    n = int(w.shape[0])
     height = max(1, min(height, n))
-    single = height == n
     size = height * n
     buffers = kernel.scratch("gram", (2 * size,), w)
-    strip, signs = buffers[:size], buffers[size:]
-    if single:
-        gram = kernel.reshape(strip[: n * n], (n, n))
-        with kernel.overflow_allowed():  # checked right after, from the diagonal
-            kernel.gram_strip(w, w, gram)
-        squares = kernel.host(kernel.diagonal(gram))  # a copy: the diagonal is zeroed below
+    if height == n:
+        result = _one_strip(kernel, w, zero_tol, kernel.reshape(buffers[:size], (n, n)),
+                            kernel.reshape(buffers[size:], (n, n)))
     else:
-        squares = kernel.host(kernel.row_dots(w, w))
-    factors = _row_factors(kernel, w, squares, zero_tol, d)
+        result = _strips(kernel, w, zero_tol, height, buffers[:size], buffers[size:])
+    if result is None:
+        return None
+    absolute_sums, mean_scale, g = result  # a_i, 1/m, dmu/dW
+    loss = np.asarray(absolute_sums.sum() * mean_scale, dtype=absolute_sums.dtype)
+    return kernel.from_host(loss, w), g
+
+
+def _one_strip(kernel, w, zero_tol, gram, weights):
+    """The whole ``G`` at once (``n <= height``): its diagonal gives the norms, and ``a`` is
+    complete before the one product, so the diagonal term sits on ``M``'s diagonal."""
+    with kernel.overflow_allowed():  # checked right after, from the diagonal
+        kernel.gram_strip(w, w, gram)
+    factors = _row_factors(kernel, w, kernel.host(kernel.diagonal(gram)), zero_tol)
     if factors is None:
         return None
-    inv_norms, pair_scale, mean_scale = factors
-    row_factors = inv_norms * pair_scale  # (2 / m) / r_i
+    inv_norms, row_factors, mean_scale = factors
+    sums = _pair_weights(kernel, gram, weights, kernel.from_host(inv_norms, w),
+                         kernel.from_host(row_factors, w))
+    absolute_sums = inv_norms * kernel.host(sums)
+    kernel.set_diagonal_(weights, kernel.from_host(-(row_factors * inv_norms) * absolute_sums,
+                                                   w))
+    g = kernel.empty(tuple(w.shape), w)
+    kernel.matmul(weights, w, g)
+    return absolute_sums, mean_scale, g
+
+
+def _strips(kernel, w, zero_tol, height, strip, signs):
+    """Strips of ``height`` rows, last to first; the diagonal term is one pass at the end."""
+    n, d = int(w.shape[0]), int(w.shape[1])
+    factors = _row_factors(kernel, w, kernel.host(kernel.row_dots(w, w)), zero_tol)
+    if factors is None:
+        return None
+    inv_norms, row_factors, mean_scale = factors
     inv_on_kernel = kernel.from_host(inv_norms, w)
     row_factors_on_kernel = kernel.from_host(row_factors, w)
     sums = np.zeros_like(inv_norms)  # r_i a_i, summed strip by strip
@@ -72,34 +96,37 @@ def raw_gram_value_and_grad(kernel: InPlaceKernel, w: Any, zero_tol: float,
         w_a = w[start:stop]
         gram = kernel.reshape(strip[: rows * width], (rows, width))
         weights = kernel.reshape(signs[: rows * width], (rows, width))
-        if not single:
-            kernel.gram_strip(w_a, w[start:], gram)
-        # A neuron is not paired with itself.
-        kernel.zero_diagonal_(gram[:, :rows])
-        kernel.sign_into(gram, weights)
-        kernel.abs_(gram)
+        kernel.gram_strip(w_a, w[start:], gram)
         inv_columns = inv_on_kernel[start:]
-        sums[start:stop] += kernel.host(kernel.matvec(gram, inv_columns))
+        sums[start:stop] += kernel.host(_pair_weights(
+            kernel, gram, weights, inv_columns, row_factors_on_kernel[start:stop]))
         if width > rows:  # the strip's pairs with the rows below it, by symmetry
             sums[stop:] += kernel.host(kernel.vecmat(inv_columns[:rows], gram[:, rows:]))
-        kernel.scale_rows(weights, row_factors_on_kernel[start:stop])
-        kernel.scale_columns_(weights, inv_columns)
-        if single:
-            diagonal = -(row_factors * inv_norms) * (inv_norms * sums)
-            kernel.set_diagonal_(weights, kernel.from_host(diagonal, w))
         kernel.matmul(weights, w[start:], g[start:stop])
         if width > rows:
             kernel.add_matmul(g[stop:], weights[:, rows:].T, w_a)
-    absolute_sums = inv_norms * sums  # a_i
-    if not single:
-        kernel.subtract_scaled_rows(g, w, kernel.from_host(
-            (row_factors * inv_norms) * absolute_sums, w))
-    loss = np.asarray(absolute_sums.sum() * mean_scale, dtype=absolute_sums.dtype)
-    return kernel.from_host(loss, w), g
+    absolute_sums = inv_norms * sums
+    kernel.subtract_scaled_rows(g, w, kernel.from_host(
+        (row_factors * inv_norms) * absolute_sums, w))
+    return absolute_sums, mean_scale, g
 
 
-def _row_factors(kernel, w, squares, zero_tol, d):
-    """``(1/r_i on active rows and 0 elsewhere, 2/m, 1/m)``, or ``None`` where ``G`` is unsafe.
+def _pair_weights(kernel, gram, weights, inv_columns, row_factors):
+    """``weights = M`` off the diagonal from the strip ``gram = G`` (left holding ``|G|``,
+    0 on the diagonal: a neuron is not paired with itself); returns ``sum_j |G_ij| / r_j``
+    over the strip's columns, one per row."""
+    kernel.zero_diagonal_(gram[:, : int(gram.shape[0])])
+    kernel.sign_into(gram, weights)
+    kernel.abs_(gram)
+    sums = kernel.matvec(gram, inv_columns)
+    kernel.scale_rows(weights, row_factors)
+    kernel.scale_columns_(weights, inv_columns)
+    return sums
+
+
+def _row_factors(kernel, w, squares, zero_tol):
+    """``(1/r_i and (2/m)/r_i on active rows, 0 elsewhere; 1/m)``, or ``None`` where ``G`` is
+    unsafe.
 
     ``squares`` holds the ``G_ii`` (NumPy). A row is active when ``r_i > zero_tol * max_k
     r_k``, i.e. ``G_ii > zero_tol^2 max G``. ``G`` is trusted when its largest diagonal entry
@@ -114,7 +141,7 @@ def _row_factors(kernel, w, squares, zero_tol, d):
     largest = float(squares.max())
     if not largest <= float(info.max) / 4:
         return None
-    reliable = max(d, 1) * float(info.smallest_normal) / float(info.eps)
+    reliable = max(int(w.shape[1]), 1) * float(info.smallest_normal) / float(info.eps)
     threshold = zero_tol * zero_tol * largest
     active = squares > threshold
     if threshold < reliable:
@@ -127,4 +154,4 @@ def _row_factors(kernel, w, squares, zero_tol, d):
     inv_norms *= active
     count = int(np.count_nonzero(active))
     pairs = count * (count - 1)
-    return inv_norms, (2.0 / pairs if pairs else 0.0), 1.0 / max(pairs, 1)
+    return inv_norms, inv_norms * (2.0 / pairs if pairs else 0.0), 1.0 / max(pairs, 1)

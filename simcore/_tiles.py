@@ -199,9 +199,10 @@ class InPlaceKernel(RowOps):
         right of it are GEMMs. Without one, each piece of ``b`` rows is a single GEMM from
         its diagonal to the strip's end (wasting the lower half of its ``b x b`` diagonal
         block, ``b / (2 rows)`` of the diagonal block's products): ``rows / 8`` within
-        ``[32, 256]`` was the fastest on torch's CPU GEMM (docs/design.md).
+        ``[64, 256]`` was the fastest on torch's CPU GEMM, Python's cost per piece included
+        (docs/design.md).
         """
-        return rows if self.symmetric_gram else max(32, min(256, rows // 8))
+        return rows if self.symmetric_gram else max(64, min(256, rows // 8))
 
     def gram_strip(self, u_a: Array, u_rest: Array, out: Array) -> None:
         """``out[...] = u_a @ u_rest.T`` where ``u_rest`` starts with the rows of ``u_a``.
