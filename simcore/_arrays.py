@@ -103,6 +103,8 @@ def to_rows(xp: Namespace, w: Array, axis: int) -> Array:
 def from_rows(xp: Namespace, rows: Array, shape: Sequence[int], axis: int) -> Array:
     """Inverse of :func:`to_rows`: give ``rows`` the layout of an array of ``shape``."""
     shape = tuple(int(s) for s in shape)
+    if axis == 0 and tuple(rows.shape) == shape:
+        return rows
     moved = (shape[axis], *(s for i, s in enumerate(shape) if i != axis))
     out = xp.reshape(rows, moved)
     if axis != 0:

@@ -81,18 +81,57 @@ class NumpyKernel(InPlaceKernel):
             np.add(out[start:stop], product, out=out[start:stop])
 
     def sign_(self, x):
+        self.sign_into(x, x)
+
+    def zero_diagonal_(self, x):
+        np.fill_diagonal(x, 0)
+
+    def cheap_host_reads(self, u):
+        return True
+
+    def reshape(self, x, shape):
+        return x.reshape(shape)
+
+    def overflow_allowed(self):
+        return np.errstate(over="ignore", under="ignore", invalid="ignore")
+
+    def diagonal(self, x):
+        return x.diagonal().copy()
+
+    def sign_into(self, x, out):
         # np.sign in place loses its SIMD loop (13x slower than out of place, NumPy 2.4).
         # Scaling by 2**(2 maxexp - 4) takes every non-zero magnitude, the smallest
         # subnormal included, to >= 1 (or inf), and clip maps it to exactly +-1; zeros
         # stay 0 and NaN stays NaN.
         big = np.asarray(2.0 ** (np.finfo(x.dtype).maxexp - 2), dtype=x.dtype)
         with np.errstate(over="ignore"):
-            np.multiply(x, big, out=x)
-            np.multiply(x, big, out=x)
-        np.clip(x, -1, 1, out=x)
+            np.multiply(x, big, out=out)
+            np.multiply(out, big, out=out)
+        np.clip(out, -1, 1, out=out)
 
-    def zero_diagonal_(self, x):
-        np.fill_diagonal(x, 0)
+    def abs_(self, x):
+        np.abs(x, out=x)
+
+    def matvec(self, a, v):
+        return a @ v
+
+    def vecmat(self, v, a):
+        return v @ a
+
+    def scale_columns_(self, x, factors):
+        np.multiply(x, factors, out=x)
+
+    def set_diagonal_(self, x, values):
+        np.fill_diagonal(x, values)
+
+    def rows_are_zero(self, rows, mask):
+        return not rows[mask].any()
+
+    def host(self, x):
+        return x
+
+    def from_host(self, x, like):
+        return x
 
 
 register_in_place_kernel(NumpyKernel)

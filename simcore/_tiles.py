@@ -22,6 +22,7 @@ kernels that cannot accumulate in the GEMM) one ``h x d`` product buffer.
 
 from __future__ import annotations
 
+import contextlib
 import importlib
 import threading
 from typing import Any
@@ -139,21 +140,86 @@ class InPlaceKernel(RowOps):
         """``out[...] = source.T``."""
         raise NotImplementedError
 
-    def diagonal_block(self, rows: int) -> int:
-        """Rows of the square blocks a strip's ``rows x rows`` diagonal block is built from.
+    def cheap_host_reads(self, u: Array) -> bool:
+        """Whether reading a few values of ``u`` on the host costs no device sync.
 
-        Only the blocks on and above the diagonal are multiplied; the ones below are mirror
-        copies. Without a half-cost ``a @ a.T`` every diagonal block wastes its lower half,
-        so they are kept small (1/8 of the strip: 1/16 of the strip's products wasted).
+        Only then does the loss take the raw-Gram path (simcore/_gram.py), which decides on
+        the host whether the raw Gram matrix is safe; kernels that leave this ``False`` need
+        none of the methods below it."""
+        return False
+
+    def overflow_allowed(self) -> Any:
+        """A context in which products may overflow without a warning or error."""
+        return contextlib.nullcontext()
+
+    def diagonal(self, x: Array) -> Array:
+        """A copy of the main diagonal of the square 2-D ``x``."""
+        raise NotImplementedError
+
+    def sign_into(self, x: Array, out: Array) -> None:
+        """``out[...] = sign(x)`` (``sign(0) = 0``)."""
+        raise NotImplementedError
+
+    def abs_(self, x: Array) -> None:
+        """``x[...] = |x|``."""
+        raise NotImplementedError
+
+    def matvec(self, a: Array, v: Array) -> Array:
+        """``a @ v`` for a 2-D ``a`` and a vector ``v`` (a new vector)."""
+        raise NotImplementedError
+
+    def vecmat(self, v: Array, a: Array) -> Array:
+        """``v @ a`` for a vector ``v`` and a 2-D ``a`` (a new vector)."""
+        raise NotImplementedError
+
+    def scale_columns_(self, x: Array, factors: Array) -> None:
+        """``x[...] = x * factors[None, :]``."""
+        raise NotImplementedError
+
+    def set_diagonal_(self, x: Array, values: Array) -> None:
+        """Write ``values`` on the main diagonal of the square 2-D view ``x``."""
+        raise NotImplementedError
+
+    def rows_are_zero(self, rows: Array, mask: Any) -> bool:
+        """Whether every row of ``rows`` where the NumPy bool vector ``mask`` is true is 0."""
+        raise NotImplementedError
+
+    def host(self, x: Array) -> Any:
+        """A NumPy view of the kernel's array ``x`` (no copy: host memory)."""
+        raise NotImplementedError
+
+    def from_host(self, x: Any, like: Array) -> Array:
+        """The NumPy array ``x`` as an array of ``like``'s library (no copy)."""
+        raise NotImplementedError
+
+    def diagonal_block(self, rows: int) -> int:
+        """Rows of the pieces a strip's ``rows x rows`` diagonal block is built from.
+
+        With a half-cost ``a @ a.T`` (``symmetric_gram``) each piece is one, and the blocks
+        right of it are GEMMs. Without one, each piece of ``b`` rows is a single GEMM from
+        its diagonal to the strip's end (wasting the lower half of its ``b x b`` diagonal
+        block, ``b / (2 rows)`` of the diagonal block's products): ``rows / 8`` within
+        ``[64, 256]`` was the fastest on torch's CPU GEMM, Python's cost per piece included
+        (docs/design.md).
         """
-        return rows if self.symmetric_gram else max(64, rows // 8)
+        return rows if self.symmetric_gram else max(64, min(256, rows // 8))
 
     def gram_strip(self, u_a: Array, u_rest: Array, out: Array) -> None:
-        """``out[...] = u_a @ u_rest.T`` where ``u_rest`` starts with the rows of ``u_a``."""
+        """``out[...] = u_a @ u_rest.T`` where ``u_rest`` starts with the rows of ``u_a``.
+
+        Only the products on and above the diagonal are computed; the lower triangle of the
+        diagonal block is a mirror copy."""
         rows = int(u_a.shape[0])
+        block = self.diagonal_block(rows)
+        if not self.symmetric_gram:
+            for start in range(0, rows, block):
+                stop = min(start + block, rows)
+                self.matmul(u_a[start:stop], u_rest[start:].T, out[start:stop, start:])
+                if stop < rows:
+                    self.copy_transposed(out[start:stop, stop:rows], out[stop:rows, start:stop])
+            return
         if u_rest.shape[0] > rows:
             self.matmul(u_a, u_rest[rows:].T, out[:, rows:])
-        block = self.diagonal_block(rows)
         for start in range(0, rows, block):
             stop = min(start + block, rows)
             part = u_a[start:stop]

@@ -62,6 +62,7 @@ from ._arrays import (
     normalize_axis,
     to_rows,
 )
+from ._gram import raw_gram_value_and_grad
 from ._numpy_kernel import NumpyKernel  # noqa: F401 - registers NumPy's in-place kernel
 from ._tiles import RowOps, in_place_kernel, strip_products
 from ._types import Array, GramFunction
@@ -98,18 +99,10 @@ class UnitRows:
 
     def __init__(self, w: Any, neuron_axis: Any, zero_tol: Any, name: str = "w",
                  in_place: bool = False):
-        xp = check_weight(w, name)
+        xp, self.axis, tol, rows = _checked_rows(w, neuron_axis, zero_tol, name)
         self.xp = xp
-        self.axis = normalize_axis(neuron_axis, w.ndim)
         self.shape = tuple(w.shape)
         self.dtype = w.dtype
-        tol = check_zero_tol(zero_tol)
-        tol = DEFAULT_ZERO_TOL if tol is None else tol
-
-        rows = to_rows(xp, w, self.axis)
-        work = compute_dtype(xp, w.dtype)
-        if work != w.dtype:
-            rows = xp.astype(rows, work)
         kernel = in_place_kernel(xp, rows) if in_place else None
         #: The in-place kernel the gradient runs on (``None``: the functional path).
         self.kernel = kernel
@@ -127,7 +120,7 @@ class UnitRows:
 
     def out(self, x: Any) -> Any:
         """Cast a result back to the caller's dtype."""
-        return x if x.dtype == self.dtype else self.xp.astype(x, self.dtype)
+        return _cast(self.xp, x, self.dtype)
 
     def grad_from(self, g: Any, scale: Any, dots: Any = None) -> Any:
         """``scale * g`` (``g = dmu/du`` up to ``scale``) projected onto each row's
@@ -149,6 +142,19 @@ class UnitRows:
         """Row ranges ``(start, stop)`` of the square tiles the Gram matrix is built from."""
         size = min(DEFAULT_TILE if block_size is None else block_size, self.n)
         return [(start, min(start + size, self.n)) for start in range(0, self.n, size)]
+
+
+def _checked_rows(w, neuron_axis, zero_tol, name="w"):
+    """``(xp, axis, tol, rows)``: ``w`` validated and seen as ``(n, d)`` rows in the compute
+    dtype, the neuron axis made non-negative and ``zero_tol`` defaulted."""
+    xp = check_weight(w, name)
+    axis = normalize_axis(neuron_axis, w.ndim)
+    tol = check_zero_tol(zero_tol)
+    rows = to_rows(xp, w, axis)
+    work = compute_dtype(xp, w.dtype)
+    if work != w.dtype:
+        rows = xp.astype(rows, work)
+    return xp, axis, DEFAULT_ZERO_TOL if tol is None else tol, rows
 
 
 def _unit_rows(ops, rows, zero_tol):
@@ -192,6 +198,10 @@ def _value_and_grad(w, neuron_axis, block_size, zero_tol, with_grad, gram=None):
     an adapter supply its own kernel for the symmetric diagonal tiles (CuPy's SYRK).
     """
     block_size = check_block_size(block_size)
+    if with_grad and gram is None:
+        result = _raw_gram_path(w, neuron_axis, block_size, zero_tol)
+        if result is not None:
+            return result
     rows = UnitRows(w, neuron_axis, zero_tol, in_place=with_grad and gram is None)
     if rows.kernel is not None:
         return _in_place_value_and_grad(rows, block_size)
@@ -224,6 +234,32 @@ def _value_and_grad(w, neuron_axis, block_size, zero_tol, with_grad, gram=None):
         return loss, None
     g = grads[0] if len(grads) == 1 else xp.concat(grads, axis=0)
     return loss, rows.grad_from(g, 2.0 * scale)
+
+
+def _raw_gram_path(w, neuron_axis, block_size, zero_tol):
+    """The loss and gradient from the raw Gram matrix (simcore/_gram.py), or ``None``: no
+    in-place kernel with cheap host reads runs ``w``, or its squared norms over- or
+    underflow (the caller then takes the pre-scaled path)."""
+    xp, axis, tol, rows = _checked_rows(w, neuron_axis, zero_tol)
+    kernel = in_place_kernel(xp, rows)
+    if kernel is None or not kernel.cheap_host_reads(rows):
+        return None
+    n, d = int(rows.shape[0]), int(rows.shape[1])
+    if d == 1:
+        # One weight per neuron: its direction cannot turn, the gradient is exactly 0, and
+        # the pre-scaled path's projection (u_i = +-1) gives that 0 rather than rounding.
+        return None
+    height = block_size or kernel.strip_height(n, d, xp.finfo(rows.dtype).bits // 8)
+    result = raw_gram_value_and_grad(kernel, rows, tol, height)
+    if result is None:
+        return None
+    loss, g = result
+    grad = from_rows(xp, g, w.shape, axis)
+    return _cast(xp, loss, w.dtype), _cast(xp, grad, w.dtype)
+
+
+def _cast(xp, x, dtype):
+    return x if x.dtype == dtype else xp.astype(x, dtype)
 
 
 def _in_place_value_and_grad(rows, block_size):

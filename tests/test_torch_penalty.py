@@ -66,6 +66,31 @@ def test_grad_output_scales_gradient_and_dtype_is_kept():
     torch.testing.assert_close(w.grad, 3.0 * core_grad)
 
 
+def test_a_retained_graph_gives_the_same_gradient_on_every_backward():
+    # The first backward hands the kept gradient itself to autograd; a second one
+    # recomputes it from the saved weight rather than reuse a tensor the caller now owns.
+    w = _weights_away_from_zero_cosines((6, 5), seed=3).requires_grad_(True)
+    _, core_grad = simcore.similarity_loss_and_grad(w.detach())
+    loss = similarity_loss(w)
+    (first,) = torch.autograd.grad(2.0 * loss, w, retain_graph=True)
+    first.zero_()  # the caller's tensor to do with as it likes
+    (second,) = torch.autograd.grad(loss, w, retain_graph=True)
+    torch.testing.assert_close(second, core_grad, rtol=1e-12, atol=1e-15)
+    loss.backward(retain_graph=True)
+    loss.backward()
+    torch.testing.assert_close(w.grad, 2.0 * core_grad, rtol=1e-12, atol=1e-15)
+
+
+def test_a_second_backward_after_changing_the_weight_in_place_raises():
+    w = _weights_away_from_zero_cosines((6, 5), seed=3).requires_grad_(True)
+    loss = similarity_loss(w)
+    loss.backward(retain_graph=True)
+    with torch.no_grad():
+        w.mul_(2.0)
+    with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+        loss.backward()
+
+
 def test_orthogonal_rows_give_exactly_zero_gradient():
     w = torch.zeros(4, 6, dtype=torch.float32)
     w[0, 0], w[1, 3], w[2, 1], w[3, 5] = 2.0, -0.5, 1.0, 7.0

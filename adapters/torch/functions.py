@@ -72,8 +72,11 @@ def _eager(fn: Callable) -> Callable:
     """
 
     def run(*args, **kwargs):
+        active = [d for d in _AUTOCAST_DEVICES if torch.is_autocast_enabled(d)]
+        if not active:  # the usual case: entering the contexts would cost more than the loss
+            return fn(*args, **kwargs)
         with contextlib.ExitStack() as stack:
-            for device_type in _AUTOCAST_DEVICES:
+            for device_type in active:
                 stack.enter_context(torch.autocast(device_type, enabled=False))
             return fn(*args, **kwargs)
 
@@ -142,10 +145,16 @@ class SimilarityLossFunction(torch.autograd.Function):
     """Eq. 2 with the core's analytic gradient: ``apply(w, neuron_axis, block_size, zero_tol)``.
 
     ``forward`` computes the value and ``dmu/dw`` once (the gradient only when
-    ``w`` needs one) and saves the gradient; ``backward`` returns
+    ``w`` needs one) and keeps the gradient; ``backward`` returns
     ``grad_output * dmu/dw`` in ``w``'s dtype. First order only:
     differentiating that gradient again raises.
     Prefer :func:`similarity_loss`.
+
+    The first backward scales the kept gradient in place and hands that very tensor to
+    autograd, which keeps it as ``w.grad`` without a copy (an ``n x d`` allocation and pass
+    fewer per step: on the CPU the fresh pages of a new gradient cost as much as a pass).
+    A second backward through a retained graph (``retain_graph=True``, ``gradcheck``)
+    recomputes the gradient from ``w``, saved for it with autograd's version check.
     """
 
     @staticmethod
@@ -155,17 +164,22 @@ class SimilarityLossFunction(torch.autograd.Function):
             detached, neuron_axis, block_size, zero_tol, ctx.needs_input_grad[0]
         )
         if grad is not None:
-            ctx.save_for_backward(grad)
-            # Only for the edge that makes a second-order use raise (no copy, no version check).
+            ctx.grad = grad
+            ctx.arguments = (neuron_axis, block_size, zero_tol)
+            ctx.save_for_backward(w)
+            # Also for the edge that makes a second-order use raise (no copy, no version check).
             ctx.inputs = (w,)
         return value
 
     @staticmethod
     def backward(ctx, grad_output):
-        (grad,) = ctx.saved_tensors
+        grad, ctx.grad = ctx.grad, None
+        if grad is None:  # a second backward through a retained graph
+            (w,) = ctx.saved_tensors
+            grad = _core_similarity(w.detach(), *ctx.arguments, True)[1]
         with torch.no_grad():
-            scaled = (grad_output * grad).to(grad.dtype)
-        return (*_first_order_only([scaled], ctx.inputs), None, None, None)
+            grad.mul_(grad_output)
+        return (*_first_order_only([grad], ctx.inputs), None, None, None)
 
 
 def similarity_loss(

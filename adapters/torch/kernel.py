@@ -71,5 +71,42 @@ class TorchKernel(InPlaceKernel):
     def zero_diagonal_(self, x):
         x.diagonal().zero_()
 
+    def cheap_host_reads(self, u):
+        # On a GPU the raw-Gram path's host checks would sync the device on every call.
+        return u.device.type == "cpu"
+
+    def reshape(self, x, shape):
+        return x.view(shape)
+
+    def diagonal(self, x):
+        return x.diagonal().clone()
+
+    def sign_into(self, x, out):
+        torch.sign(x, out=out)
+
+    def abs_(self, x):
+        x.abs_()
+
+    def matvec(self, a, v):
+        return torch.mv(a, v)
+
+    def vecmat(self, v, a):
+        return torch.mv(a.T, v)
+
+    def scale_columns_(self, x, factors):
+        x.mul_(factors)
+
+    def set_diagonal_(self, x, values):
+        x.diagonal().copy_(values)
+
+    def rows_are_zero(self, rows, mask):
+        return not bool(rows[torch.from_numpy(mask)].any())
+
+    def host(self, x):
+        return x.numpy()
+
+    def from_host(self, x, like):
+        return torch.from_numpy(x)
+
 
 register_in_place_kernel(TorchKernel)
