@@ -2,7 +2,7 @@
 
 Forming the ``n`` splitting matrices of a layer costs ``~2 n M d^2`` flops for ``M`` (sample,
 position) rows and solving them ``~4/3 n d^3`` more (:func:`~simcore.growth.ssd.splitting_matrices`,
-:func:`~simcore.growth.ssd.min_eigenpairs`). The lowest eigenpair alone needs far less: Lanczos
+:func:`~simcore.growth.eigen.min_eigenpairs`). The lowest eigenpair alone needs far less: Lanczos
 with full reorthogonalisation, run for all neurons at once from the products
 ``V -> [S_i v_i]_i`` (:func:`~simcore.growth.ssd.hvp_from_statistics`, two ``(M, d) x (d, n)``
 GEMMs, ``4 M d n`` flops), reaches a residual ``||S_i v - lambda v||`` of a few float32 ulps of
@@ -22,7 +22,7 @@ import numpy as np
 
 from .._arrays import check_floating, check_int, compute_dtype, device_of, namespace_of
 from ._host import as_generator, to_numpy
-from .ssd import _blas_controller, _canonical_sign, _unit_rows, min_eigenpairs
+from .eigen import _blas_controller, _canonical_sign, _unit_rows, min_eigenpairs
 
 __all__ = ["LANCZOS_MIN_DIM", "exact_min_eigenpairs", "lanczos_min_eigenpairs"]
 
@@ -57,7 +57,7 @@ def lanczos_min_eigenpairs(
     """The lowest eigenpair of each ``S_i`` from ``hvp(V) = [S_i v_i]_i`` (Lanczos, all at once).
 
     Returns ``(lambda (n,), v (n, d), converged)``: Rayleigh quotients, unit vectors signed like
-    :func:`~simcore.growth.ssd.min_eigenpairs`, and a NumPy bool array saying which pairs passed
+    :func:`~simcore.growth.eigen.min_eigenpairs`, and a NumPy bool array saying which pairs passed
     the check ``||S_i v - lambda v|| <= 2 tol ||S_i||`` (``||S_i||`` estimated by the largest Ritz
     value). ``tol`` defaults to ``16 * eps`` of the dtype; each neuron stops when its Lanczos
     residual estimate reaches ``tol`` or after ``max_steps`` steps (default
@@ -237,7 +237,7 @@ def exact_min_eigenpairs(
     ``form(index)`` returns the ``(len(index), d, d)`` splitting matrices of the neurons
     ``index`` (a sorted NumPy int array): all of them when ``d < LANCZOS_MIN_DIM``, else only
     those :func:`lanczos_min_eigenpairs` left unconverged, which
-    :func:`~simcore.growth.ssd.min_eigenpairs` then solves. Same result as
+    :func:`~simcore.growth.eigen.min_eigenpairs` then solves. Same result as
     ``min_eigenpairs(form(arange(n)))`` to the solver's precision.
     """
     if d < LANCZOS_MIN_DIM:
