@@ -270,6 +270,7 @@ def _output_while_running(command, path, timeout=300):
     return snapshots
 
 
+@pytest.mark.slow  # a subprocess run end to end; the full tier (CI) runs it
 def test_the_console_command_reports_progress_into_a_file_while_it_runs(tmp_path):
     """stdout redirected (block-buffered unless told otherwise): the plan line with its time
     estimate, then a line per finished run, each in the file before the table is."""
@@ -409,6 +410,7 @@ def test_an_n_sweep_picks_n_best_on_the_validation_split(tmp_path):
     assert "N_best" in outcome["table"]
 
 
+@pytest.mark.slow  # a subprocess run end to end; the full tier (CI) runs it
 def test_the_similarity_benchmark_reports_rows_into_a_file_while_it_runs(tmp_path):
     # Benchmarks are long commands too: each row reaches a redirected stdout as it is measured.
     script = os.path.join(os.path.dirname(__file__), "..", "benchmarks", "bench_similarity.py")

@@ -214,6 +214,7 @@ def _every_interruption_is_rolled_back(grow, template, committed_at=(), opcodes=
     return k - 1
 
 
+@pytest.mark.slow  # one interrupt per line of the commit; the fast tier keeps the block test
 @pytest.mark.parametrize("mode", ["carry", "fresh"])
 @pytest.mark.parametrize("opt_kind", ["sgd", "adam"])
 def test_an_interrupt_at_any_line_of_the_commit_leaves_everything_bit_for_bit(opt_kind, mode):
