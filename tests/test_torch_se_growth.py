@@ -162,9 +162,13 @@ def test_the_squeeze_excitation_hidden_layer_grows_on_its_own():
 
 def test_a_grown_gated_net_round_trips_through_a_checkpoint(tmp_path):
     net, opt, x, y = _setup()
+    before = {k: v.shape for k, v in net.state_dict().items()}
     RandomGrower(seed=0).grow(net, [(x, y)], F.cross_entropy, opt, ratio=0.5)
+    grown = {k: v.shape for k, v in net.state_dict().items()}
+    assert grown != before  # the checkpoint has grown widths to restore
     save_checkpoint(tmp_path / "grown.pt", net)
     loaded = load_checkpoint(tmp_path / "grown.pt", model=EfficientNetLike()).model.eval()
+    assert {k: v.shape for k, v in loaded.state_dict().items()} == grown
     torch.testing.assert_close(loaded(x), net.eval()(x))
 
 
