@@ -5,7 +5,7 @@ scored layer's activation output ``h``; ``jax.value_and_grad`` with respect to t
 gives ``dL/dh`` of the batch-mean loss for the whole batch. The same run keeps the producer's
 input, unfolded into the rows its kernel multiplies by a convolution with an identity kernel
 (same strides, padding and dilation, so the rows are ordered like
-:func:`simcore.growth.widen.channel_rows` of the kernel), the pre-activation ``z`` and the
+:func:`simcore.growth.channel_rows.channel_rows` of the kernel), the pre-activation ``z`` and the
 per-channel factors between the producer and the activation (BatchNorm's
 ``scale / sqrt(var + eps)``, read from the computation itself).
 """

@@ -114,7 +114,7 @@ def apply_growth(
     the core operators (``simcore.growth.add_neurons`` and friends, called on
     ``dict(model.state_dict())`` and ``flow.channel_flow(model)``); entries the
     flow does not name are ignored. ``channel_map`` is the operator's
-    :class:`~simcore.growth.widen.ChannelMap` (or a sequence of them applied in
+    :class:`~simcore.growth.channel_map.ChannelMap` (or a sequence of them applied in
     order). The optimizer is pointed at the new parameters
     (:mod:`simcore.adapters.torch.optim`): ``optimizer_mode="carry"`` grows the
     grown parameters' state with the channel map (new channels start at zero);

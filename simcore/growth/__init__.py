@@ -2,15 +2,18 @@
 
 Everything works on a flat ``Mapping[str, array]`` of parameters and a
 :class:`ChannelFlow` that names the entries one growable layer's channels flow through;
-operators return new dicts and never mutate. See :mod:`simcore.growth.flow` and
-:mod:`simcore.growth.widen`; budgets and selection in :mod:`simcore.growth.budget`,
-optimizer state in :mod:`simcore.growth.optim_state`, the paper's seeds as plain data in
+operators return new dicts and never mutate. See :mod:`simcore.growth.flow`,
+:mod:`simcore.growth.widen` (the operators), :mod:`simcore.growth.channel_map` (what they
+return) and :mod:`simcore.growth.channel_rows` (the per-channel view they work on); budgets
+and selection in :mod:`simcore.growth.budget`, optimizer state in
+:mod:`simcore.growth.optim_state`, the paper's seeds as plain data in
 :mod:`simcore.growth.presets`. The growth algorithms (:class:`RandomGrower`, :class:`SSDGrower`,
 :class:`FireflyGrower`) drive a framework through the small protocol of
 :mod:`simcore.growth.protocol` (:class:`GrowthHost`), which each adapter implements.
 """
 
 from .budget import UNITS, count_parameters, growth_budget, round_half_up, select_lowest
+from .channel_map import ChannelMap
 from .flow import (
     ROLES,
     BatchNorm,
@@ -22,7 +25,7 @@ from .flow import (
     is_growable_depthwise,
 )
 from .optim_state import map_optimizer_state
-from .widen import ChannelMap, add_neurons, replicate_neurons, split_neurons
+from .widen import add_neurons, replicate_neurons, split_neurons
 
 __all__ = [
     "ROLES",

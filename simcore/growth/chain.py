@@ -22,8 +22,9 @@ from typing import Any
 import numpy as np
 
 from .._arrays import device_of, namespace_of
+from .channel_map import ChannelMap
+from .channel_rows import channel_rows, from_channel_rows, write_channel_rows
 from .flow import ChannelFlow, FlowEntry
-from .widen import ChannelMap, channel_rows, from_channel_rows, write_channel_rows
 
 __all__ = ["GrowthChain"]
 

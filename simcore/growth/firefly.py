@@ -25,7 +25,7 @@ Firefly grows a network by trying many small changes at once and keeping the bes
 Layouts: candidates are stored as *channel rows* like the widening operators'
 ``incoming``/``outgoing``/``directions`` arguments: producer rows in ``to_rows`` order
 (neuron axis first, the rest flattened), consumer columns as ``(K, columns per channel)``
-(:func:`simcore.growth.widen.channel_rows` of the consumer). :func:`candidate_weights`
+(:func:`simcore.growth.channel_rows.channel_rows` of the consumer). :func:`candidate_weights`
 gives them in the weights' own layouts for a gated forward pass.
 
 Known bugs of the reference code we do not copy: the classifier is not a growable
@@ -61,19 +61,12 @@ from .._arrays import (
 from ._host import as_generator, as_index, symmetric_uniform, to_numpy
 from .budget import select_lowest
 from .chain import GrowthChain, _regrow_rows
+from .channel_map import ChannelMap
+from .channel_rows import channel_rows, from_channel_rows
 from .firefly_scales import SCALES, _rms, _row_norms, relative_amplitudes
 from .firefly_scores import new_neuron_gate_scores, split_gate_scores
 from .flow import ChannelFlow
-from .widen import (
-    ChannelMap,
-    _check_params,
-    _grow_by_map,
-    _host_array,
-    add_neurons,
-    channel_rows,
-    from_channel_rows,
-    split_neurons,
-)
+from .widen import _check_params, _grow_by_map, _host_array, add_neurons, split_neurons
 
 __all__ = [
     "FireflyCandidates",

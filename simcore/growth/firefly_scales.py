@@ -35,8 +35,8 @@ import numpy as np
 
 from .._arrays import device_of, namespace_of
 from ._host import to_numpy
+from .channel_rows import channel_rows
 from .flow import BatchNorm, ChannelFlow
-from .widen import channel_rows
 
 __all__ = ["SCALES", "function_keeping_candidates", "relative_amplitudes"]
 

@@ -26,9 +26,10 @@ from .._arrays import check_choice
 from ._host import to_numpy
 from .budget import UNITS, growth_budget, select_lowest
 from .chain import GrowthChain
+from .channel_map import ChannelMap
 from .flow import ChannelFlow
 from .protocol import Array, Batch, GrowableLayer, GrowthError, GrowthHost, LossFn
-from .widen import INCOMING, OUTGOING, ChannelMap, add_neurons
+from .widen import INCOMING, OUTGOING, add_neurons
 
 __all__ = [
     "Grower",

@@ -10,8 +10,9 @@ object re-key it to the new object.
 ``mode="carry"`` (the default; see docs/design.md, 'Growth') maps every per-parameter array
 along the grown axis of its parameter -- the producer's ``out_axis``, each consumer's
 ``in_axis`` (all ``spatial`` columns of a channel), bias, BatchNorm and depthwise
-vectors/filters -- exactly as :class:`~simcore.growth.widen.ChannelMap` says: old channels keep
-their state, a copy (replicate or split) takes its parent's state, a fresh channel gets zeros.
+vectors/filters -- exactly as :class:`~simcore.growth.channel_map.ChannelMap` says: old
+channels keep their state, a copy (replicate or split) takes its parent's state, a fresh channel
+gets zeros.
 Scalars (``step``) and 0-d arrays are kept.
 
 What a copy's state is, and why (replicate and split alike): every moment is COPIED, unscaled,
@@ -37,7 +38,7 @@ strings, bools) are kept.
 
 >>> import numpy as np
 >>> from simcore.growth.flow import ChannelFlow, Consumer
->>> from simcore.growth.widen import ChannelMap
+>>> from simcore.growth.channel_map import ChannelMap
 >>> flow = ChannelFlow("w1", consumers=(Consumer("w2"),))
 >>> state = {"w1": {"momentum": np.array([[1.0], [2.0]]), "step": 3},
 ...          "w2": {"momentum": np.array([[5.0, 6.0]])}}
@@ -63,8 +64,9 @@ import numpy as np
 
 from .._arrays import check_choice, device_of, normalize_axis
 from .._deprecation import renamed_choice
+from .channel_map import ChannelMap
+from .channel_rows import channel_rows, write_channel_rows
 from .flow import ChannelFlow, FlowEntry
-from .widen import ChannelMap, channel_rows, write_channel_rows
 
 __all__ = ["MODES", "map_optimizer_state"]
 

@@ -17,8 +17,8 @@ from dataclasses import dataclass
 from typing import Any, Protocol, TypeAlias, runtime_checkable
 
 from .._types import Array
+from .channel_map import ChannelMap
 from .flow import ChannelFlow
-from .widen import ChannelMap
 
 __all__ = [
     "Array",

@@ -4,7 +4,9 @@ Each operator takes the flat ``params`` mapping and a :class:`~simcore.growth.fl
 and returns ``(new_params, channel_map)``: a NEW dict in which the flow's entries are new arrays
 of the same library, dtype and device, grown along their channel axis, and every other entry is
 passed through by identity. Nothing is mutated. The old channels keep their indices; the new
-ones are appended, and :class:`ChannelMap` records where each came from.
+ones are appended, and a :class:`~simcore.growth.channel_map.ChannelMap` records where each came
+from. The operators read and write arrays through the one-row-per-channel view of
+:mod:`simcore.growth.channel_rows`.
 
 Function preservation (see docs/design.md, 'Growth'), with ``h`` the producer's output and ``a`` the
 consumer's column block of a channel:
@@ -50,35 +52,23 @@ from __future__ import annotations
 
 import math
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 
-from .._arrays import (
-    check_choice,
-    check_real,
-    compute_dtype,
-    device_of,
-    from_rows,
-    namespace_of,
-    to_rows,
-)
+from .._arrays import check_choice, check_real, compute_dtype, device_of, namespace_of
 from ._host import as_generator, as_index, as_indices, symmetric_uniform
+from .channel_map import ChannelMap
+from .channel_rows import channel_rows, write_channel_rows
 from .flow import ChannelFlow, FlowEntry
 
 __all__ = [
-    "ChannelMap",
     "add_neurons",
-    "channel_rows",
-    "from_channel_rows",
     "producer_rows_argument",
-    "write_channel_rows",
     "replicate_neurons",
     "split_neurons",
 ]
 
-KINDS = ("add", "replicate", "split")
 INCOMING = ("he", "match_norm")
 OUTGOING = ("zero", "small")
 
@@ -86,130 +76,7 @@ OUTGOING = ("zero", "small")
 _FRESH_CONSTANT = {"bias": 0.0, "shift": 0.0, "mean": 0.0, "scale": 1.0, "var": 1.0}
 
 
-@dataclass(frozen=True)
-class ChannelMap:
-    """How the grown layer's channels relate to the old ones.
-
-    ``sources[j]`` is the old channel that new channel ``j`` copies (itself for the leading
-    ``old_channels`` entries, which are ``0, 1, ..., n-1`` in order) or ``-1`` for a fresh
-    neuron; ``kind`` is ``"add"``, ``"replicate"`` or ``"split"``.
-
-    >>> cmap = ChannelMap((0, 1, 2, 1), "split")
-    >>> cmap.old_channels, cmap.new_channels, cmap.copies, cmap.fresh
-    (3, 4, ((3, 1),), ())
-    >>> cmap.multiplicity().tolist()
-    [1, 2, 1]
-    """
-
-    sources: tuple[int, ...]
-    kind: str
-
-    def __post_init__(self) -> None:
-        check_choice(self.kind, KINDS, "ChannelMap.kind")
-        sources = tuple(as_index(s, f"ChannelMap.sources[{i}]") for i, s in enumerate(self.sources))
-        object.__setattr__(self, "sources", sources)
-        n = self.old_channels
-        for j, s in enumerate(sources[n:], start=n):
-            if not -1 <= s < n:
-                raise ValueError(
-                    f"ChannelMap.sources[{j}]={s} must be -1 or an old channel in [0, {n})"
-                )
-            if (s == -1) != (self.kind == "add"):
-                what = "fresh (-1)" if self.kind == "add" else "copies of old channels"
-                raise ValueError(
-                    f"new channels of a {self.kind!r} map must be {what}; sources[{j}]={s}"
-                )
-        parents = [s for s in sources[n:]]
-        if self.kind == "split" and len(set(parents)) != len(parents):
-            raise ValueError("a 'split' map must split each parent at most once")
-
-    @property
-    def old_channels(self) -> int:
-        """Number of channels before growth (the leading run ``0, 1, ..., n-1`` of ``sources``)."""
-        n = 0
-        while n < len(self.sources) and self.sources[n] == n:
-            n += 1
-        return n
-
-    @property
-    def new_channels(self) -> int:
-        """Number of channels after growth."""
-        return len(self.sources)
-
-    @property
-    def fresh(self) -> tuple[int, ...]:
-        """New indices of the fresh (randomly initialised) channels."""
-        return tuple(j for j, s in enumerate(self.sources) if s == -1)
-
-    @property
-    def copies(self) -> tuple[tuple[int, int], ...]:
-        """``(new index, parent)`` for every appended copy of an old channel."""
-        n = self.old_channels
-        return tuple((j, s) for j, s in enumerate(self.sources) if j >= n and s >= 0)
-
-    def multiplicity(self) -> np.ndarray:
-        """Per old channel, how many channels of the grown layer carry it (1 + its copies)."""
-        counts = np.ones(self.old_channels, dtype=np.int64)
-        for _, parent in self.copies:
-            counts[parent] += 1
-        return counts
-
-
-# --- channel-row views -------------------------------------------------------------------------
-
-
-def channel_rows(xp: Any, a: Any, entry: FlowEntry) -> Any:
-    """View an entry as an ``(n, r)`` matrix with one row per channel of the producer.
-
-    Consumers with ``spatial > 1`` put all columns of one channel into its row (``spatial``
-    blocks of the remaining axes, in flatten order).
-    """
-    rows = to_rows(xp, a, entry.axis)  # (n * spatial, rest)
-    s = entry.spatial
-    if entry.offset is not None:  # the flow's block of a concatenation
-        rows = rows[entry.offset * s:(entry.offset + entry.channels) * s, ...]
-    if s == 1:
-        return rows
-    n, rest = rows.shape[0] // s, rows.shape[1]
-    if entry.channels_last:
-        rows = xp.permute_dims(xp.reshape(rows, (s, n, rest)), (1, 0, 2))
-    return xp.reshape(rows, (n, s * rest))
-
-
-def from_channel_rows(xp: Any, rows: Any, old_shape: tuple[int, ...], entry: FlowEntry) -> Any:
-    """Inverse of :func:`channel_rows` for a grown row count ``m = rows.shape[0]``.
-
-    Only the flow's own channels: an entry with an ``offset`` (a concatenation) is put back
-    together with its other channels by :func:`write_channel_rows`.
-    """
-    m, s = int(rows.shape[0]), entry.spatial
-    shape = list(old_shape)
-    shape[entry.axis] = m * s
-    if s > 1:
-        rest = int(rows.shape[1]) // s
-        rows = xp.reshape(rows, (m, s, rest))
-        if entry.channels_last:
-            rows = xp.permute_dims(rows, (1, 0, 2))
-        rows = xp.reshape(rows, (m * s, rest))
-    return from_rows(xp, rows, shape, entry.axis)
-
-
-def write_channel_rows(xp: Any, a: Any, entry: FlowEntry, rows: Any) -> Any:
-    """``a`` with the flow's channel rows replaced by ``rows`` (any count): a new array.
-
-    The inverse of :func:`channel_rows` on the whole entry: with an ``offset`` the channels of
-    the concatenation's other inputs are kept before and after the new block.
-    """
-    grown = from_channel_rows(xp, rows, tuple(a.shape), entry)
-    if entry.offset is None:
-        return grown
-    s, axis = entry.spatial, entry.axis
-    full = to_rows(xp, a, axis)
-    start, stop = entry.offset * s, (entry.offset + entry.channels) * s
-    spliced = xp.concat([full[:start, ...], to_rows(xp, grown, axis), full[stop:, ...]], axis=0)
-    shape = list(a.shape)
-    shape[axis] = int(spliced.shape[0])
-    return from_rows(xp, spliced, shape, axis)
+# --- growing channel rows ----------------------------------------------------------------------
 
 
 def _host_array(xp: Any, values: np.ndarray, like: Any) -> Any:
