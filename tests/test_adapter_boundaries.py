@@ -1,7 +1,8 @@
 """Module boundaries of the adapters, read from the source (no framework is imported).
 
 The torch growth modules talk to each other through public names only: the growers and the
-host use ``apply_growths``/``GrowthTransaction``, never the swaps behind them.
+host use ``apply_growths``/``GrowthTransaction``, never the swaps behind them, and only the
+surgery imports the module that plans those swaps.
 """
 
 from __future__ import annotations
@@ -16,7 +17,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from source_imports import resolve  # noqa: E402
 
 ADAPTERS = Path(__file__).resolve().parent.parent / "adapters"
-GUARDED = {"simcore.adapters.torch.surgery"}
+SWAP_PLANNER = "simcore.adapters.torch.surgery_swaps"
+GUARDED = {"simcore.adapters.torch.surgery", SWAP_PLANNER}
 
 
 def _module_name(path: Path) -> str:
@@ -64,6 +66,25 @@ def test_the_adapters_were_found():
 @pytest.mark.parametrize("path", SOURCES, ids=lambda p: str(p.relative_to(ADAPTERS)))
 def test_no_adapter_module_uses_a_private_name_of_the_surgery(path):
     assert _private_uses(path) == []
+
+
+def _imports_swap_planner(path: Path) -> bool:
+    module = _module_name(path)
+    tree = ast.parse(path.read_text(), filename=str(path))
+    for node in ast.walk(tree):
+        if isinstance(node, ast.ImportFrom):
+            source = resolve(module, path.name == "__init__.py", node)
+            if SWAP_PLANNER in (source, *(f"{source}.{alias.name}" for alias in node.names)):
+                return True
+        elif isinstance(node, ast.Import):
+            if any(alias.name == SWAP_PLANNER for alias in node.names):
+                return True
+    return False
+
+
+def test_only_the_surgery_imports_the_planning_of_its_swaps():
+    importers = [_module_name(path) for path in SOURCES if _imports_swap_planner(path)]
+    assert importers == ["simcore.adapters.torch.surgery"]
 
 
 def test_the_check_sees_a_private_import(tmp_path, monkeypatch):

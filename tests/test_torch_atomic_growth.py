@@ -1,11 +1,11 @@
 """Growth is atomic against interruption: an exception at any line of the commit phase.
 
 A ``KeyboardInterrupt`` (the CLI's second Ctrl-C raises at once) can land between any two
-lines. ``sys.settrace`` raises it at the k-th line event inside ``adapters/torch/surgery.py``
-and ``adapters/torch/optim.py`` (where the growth is planned, committed and rolled back, the
-optimizer's remapping included), for k = 1, 2, ... until the growth completes; after every
-interrupted attempt the model, its buffers and the optimizer must be exactly as before, bit
-for bit, and the very same parameter objects.
+lines. ``sys.settrace`` raises it at the k-th line event inside ``adapters/torch/surgery.py``,
+``adapters/torch/surgery_swaps.py`` and ``adapters/torch/optim.py`` (where the growth is planned,
+committed and rolled back, the optimizer's remapping included), for k = 1, 2, ... until the
+growth completes; after every interrupted attempt the model, its buffers and the optimizer must
+be exactly as before, bit for bit, and the very same parameter objects.
 """
 
 from __future__ import annotations
@@ -20,7 +20,7 @@ import pytest
 
 torch = pytest.importorskip("torch")
 from simcore.adapters.torch import optim as torch_optim  # noqa: E402
-from simcore.adapters.torch import surgery  # noqa: E402
+from simcore.adapters.torch import surgery, surgery_swaps  # noqa: E402
 from simcore.adapters.torch.surgery import (  # noqa: E402
     GrowthTransaction,
     apply_growths,
@@ -32,7 +32,7 @@ from simcore.growth import add_neurons, replicate_neurons  # noqa: E402
 
 pytestmark = pytest.mark.usefixtures("torch_one_thread")
 
-TRACED_FILES = {surgery.__file__, torch_optim.__file__}
+TRACED_FILES = {surgery.__file__, surgery_swaps.__file__, torch_optim.__file__}
 
 OPTIMIZERS = {
     "sgd": lambda params: torch.optim.SGD(params, lr=0.1, momentum=0.9),
@@ -92,7 +92,7 @@ def _snapshot(model, optimizer):
 
 #: The functions that change the model or the optimizer: traced bytecode by bytecode too.
 COMMIT_FUNCTIONS = {"apply_growths", "GrowthTransaction.apply", "GrowthTransaction.__exit__",
-                    "_commit", "_Swap.apply", "OptimizerGrowth.apply"}
+                    "_commit", "Swap.apply", "OptimizerGrowth.apply"}
 
 
 @functools.cache

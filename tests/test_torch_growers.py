@@ -379,7 +379,7 @@ def test_a_failing_layer_rolls_back_the_whole_growth(monkeypatch):
     params = {n: p for n, p in model.named_parameters()}
     values = {k: v.clone() for k, v in model.state_dict().items()}
     momentum = {p: s["momentum_buffer"].clone() for p, s in optimizer.state.items()}
-    real = surgery._growth_swaps
+    real = surgery.growth_swaps
     calls = {"n": 0}
 
     def third_fails(*args, **kwargs):
@@ -388,7 +388,7 @@ def test_a_failing_layer_rolls_back_the_whole_growth(monkeypatch):
             raise RuntimeError("injected")
         return real(*args, **kwargs)
 
-    monkeypatch.setattr(surgery, "_growth_swaps", third_fails)
+    monkeypatch.setattr(surgery, "growth_swaps", third_fails)
     with pytest.raises(RuntimeError, match="injected"):
         RandomGrower().grow(model, batches, F.cross_entropy, optimizer, ratio=0.9)
     assert calls["n"] == 3

@@ -202,14 +202,14 @@ def test_an_add_with_the_network_input_keeps_the_group_fixed():
 
 @pytest.mark.parametrize("method", ["random", "firefly"])
 def test_a_failed_group_growth_leaves_model_and_optimizer_as_they_were(method, monkeypatch):
-    from simcore.adapters.torch import host, surgery
+    from simcore.adapters.torch import host, surgery_swaps
 
     net, opt, x, y = _setup(residual_nets.ResNet, _adam)
     state = {k: v.clone() for k, v in net.state_dict().items()}
     moments = {id(p): {k: v.clone() for k, v in opt.state[p].items()} for p in net.parameters()}
     params = list(net.parameters())
     calls = {"n": 0, "armed": False}
-    original, apply = surgery._Swap.apply, host.TorchGrowthHost.apply
+    original, apply = surgery_swaps.Swap.apply, host.TorchGrowthHost.apply
 
     def failing(self):  # fail late in the model's own write (not Firefly's shadow copy)
         calls["n"] += calls["armed"]
@@ -221,7 +221,7 @@ def test_a_failed_group_growth_leaves_model_and_optimizer_as_they_were(method, m
         calls["armed"] = True
         apply(self, *args)
 
-    monkeypatch.setattr(surgery._Swap, "apply", failing)
+    monkeypatch.setattr(surgery_swaps.Swap, "apply", failing)
     monkeypatch.setattr(host.TorchGrowthHost, "apply", armed)
     with pytest.raises(RuntimeError, match="injected"):
         _grower(method).grow(net, [(x, y)], F.cross_entropy, opt, ratio=0.6)

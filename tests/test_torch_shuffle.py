@@ -17,7 +17,7 @@ from simcore.adapters.torch import (  # noqa: E402
     SSDGrower,
     load_checkpoint,
     save_checkpoint,
-    surgery,  # noqa: E402
+    surgery_swaps,  # noqa: E402
 )
 from simcore.adapters.torch.discovery import survey_flows  # noqa: E402
 from simcore.adapters.torch.permutations import stream_layout  # noqa: E402
@@ -241,8 +241,8 @@ def test_a_failure_after_planning_leaves_model_and_optimizer_untouched(monkeypat
             raise GrowthError("forced failure after planning")
         return real(*args)
 
-    real = surgery.stream_layout
-    monkeypatch.setattr(surgery, "stream_layout", failing)
+    real = surgery_swaps.stream_layout
+    monkeypatch.setattr(surgery_swaps, "stream_layout", failing)
     with pytest.raises(GrowthError, match="forced failure"):
         RandomGrower(seed=0).grow(model, batches, F.cross_entropy, optimizer, ratio=0.35)
     assert len(calls) == 3
@@ -321,7 +321,7 @@ def _spy(monkeypatch, model):
     """Records the plan's written candidates and selection, and each routed stream's layout in
     ``model`` (not in Firefly's widened shadow of it)."""
     seen = {"layouts": []}
-    apply, layout = firefly_grower.firefly_apply, surgery.stream_layout
+    apply, layout = firefly_grower.firefly_apply, surgery_swaps.stream_layout
 
     def recording_apply(params, flows, candidates, selection):
         seen.update(flows=flows, candidates=candidates, selection=selection)  # the last: plan's
@@ -334,7 +334,7 @@ def _spy(monkeypatch, model):
         return made
 
     monkeypatch.setattr(firefly_grower, "firefly_apply", recording_apply)
-    monkeypatch.setattr(surgery, "stream_layout", recording_layout)
+    monkeypatch.setattr(surgery_swaps, "stream_layout", recording_layout)
     return seen
 
 

@@ -9,7 +9,7 @@ import pytest
 
 torch = pytest.importorskip("torch")
 import torch.nn.functional as F  # noqa: E402
-from simcore.adapters.torch import surgery  # noqa: E402
+from simcore.adapters.torch import surgery, surgery_swaps  # noqa: E402
 from simcore.adapters.torch.models import mobilenet_v1, vgg16  # noqa: E402
 from simcore.adapters.torch.optim import OptimizerGrowth  # noqa: E402
 from simcore.adapters.torch.surgery import (  # noqa: E402
@@ -386,10 +386,10 @@ def test_failure_at_any_point_of_the_swap_leaves_model_and_optimizer_untouched(
     flow = find_flow(model, "features.6")
     grown, cmap = split_neurons(dict(model.state_dict()), flow.channel_flow(model), [1, 2],
                                 torch.randn(2, 8), eps=0.01)
-    count = len(surgery._growth_swaps(model, flow, grown, cmap, optimizer, "carry"))
+    count = len(surgery_swaps.growth_swaps(model, flow, grown, cmap, optimizer, "carry"))
     assert count > 15  # parameters, buffers, sizes, groups, the optimizer
     snapshot = _snapshot(model, optimizer)
-    real_swap, real_optimizer = surgery._Swap.apply, OptimizerGrowth.apply
+    real_swap, real_optimizer = surgery_swaps.Swap.apply, OptimizerGrowth.apply
     for fail_at in range(count):
         calls = {"n": 0}
 
@@ -398,7 +398,7 @@ def test_failure_at_any_point_of_the_swap_leaves_model_and_optimizer_untouched(
                 raise RuntimeError("injected")
             calls["n"] += 1
 
-        monkeypatch.setattr(surgery._Swap, "apply",
+        monkeypatch.setattr(surgery_swaps.Swap, "apply",
                             lambda self, tick=tick: (tick(), real_swap(self))[1])
         monkeypatch.setattr(OptimizerGrowth, "apply",
                             lambda self, tick=tick: (tick(), real_optimizer(self))[1])
@@ -423,7 +423,7 @@ def test_failure_while_setting_an_attribute_is_rolled_back(monkeypatch):
             super().__setitem__(key, value)
 
     bn = model.features[4]
-    real_swap = surgery._Swap
+    real_swap = surgery_swaps.Swap
 
     class Spy(real_swap):
         __slots__ = ()
@@ -433,7 +433,7 @@ def test_failure_while_setting_an_attribute_is_rolled_back(monkeypatch):
                 Exploding(self.container)[self.key] = self.new
             real_swap.apply(self)
 
-    monkeypatch.setattr(surgery, "_Swap", Spy)
+    monkeypatch.setattr(surgery_swaps, "Swap", Spy)
     with pytest.raises(RuntimeError, match="setter failed"):
         apply_growth(model, flow, grown, cmap)
     _assert_same(model, None, snapshot)
@@ -549,7 +549,7 @@ def test_apply_growths_is_one_transaction_over_several_flows(monkeypatch):
     growths = list(zip(reversed(flows), maps, strict=True))
     widths = [f.channels(model) for f in flows]
     snapshot = _snapshot(model, optimizer)
-    real = surgery._growth_swaps
+    real = surgery.growth_swaps
     calls = {"n": 0}
 
     def last_fails(*args, **kwargs):
@@ -558,7 +558,7 @@ def test_apply_growths_is_one_transaction_over_several_flows(monkeypatch):
             raise RuntimeError("injected")
         return real(*args, **kwargs)
 
-    monkeypatch.setattr(surgery, "_growth_swaps", last_fails)
+    monkeypatch.setattr(surgery, "growth_swaps", last_fails)
     with pytest.raises(RuntimeError, match="injected"):
         apply_growths(model, growths, grown, optimizer)
     _assert_same(model, optimizer, snapshot)

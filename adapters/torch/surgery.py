@@ -9,6 +9,10 @@ raises during the swap, every change already made is undone, so the model and
 the optimizer are exactly as before. :func:`apply_growths` and
 :class:`GrowthTransaction` do the same for several flows as one change.
 
+This module is the commit phase and the transaction: the order flows are written in, the
+positions of a shared dict each one writes, applying swaps and undoing them. The changes
+themselves, computed before anything is applied, are planned in :mod:`.surgery_swaps`.
+
 Flow description (:mod:`.flows`) and discovery (:mod:`.discovery`) live in their own modules;
 their public names are importable from here too.
 """
@@ -29,13 +33,9 @@ from simcore.growth.growers import check_real_range
 
 from .discovery import discover_flows, find_flow
 from .flows import GrowthError, TorchConsumer, TorchDepthwise, TorchFlow, TorchNorm, unwrap
-from .optim import (
-    as_channel_maps,
-    check_growable_optimizer,
-    check_optimizer_mode,
-    plan_optimizer_growth,
-)
-from .permutations import plain_row_sources, stream_layout
+from .optim import as_channel_maps, check_growable_optimizer, check_optimizer_mode
+from .permutations import plain_row_sources
+from .surgery_swaps import Swap, growth_swaps, routed_swaps
 
 __all__ = [
     "GrowthError",
@@ -52,30 +52,6 @@ __all__ = [
 
 #: One channel map, or several applied in order (Firefly: split, then add); None: no map.
 ChannelMaps: TypeAlias = ChannelMap | Sequence[ChannelMap] | None
-
-
-class _Swap:
-    """One reversible change: set ``container[key] = new``; the old value is recorded up front.
-
-    ``undo()`` is safe whether or not ``apply()`` ran (or was interrupted), and idempotent:
-    it puts back what the container held when the swap was planned.
-    """
-
-    __slots__ = ("container", "key", "new", "old", "had_key")
-
-    def __init__(self, container, key, new):
-        self.container, self.key, self.new = container, key, new
-        self.had_key = key in container
-        self.old = container[key] if self.had_key else None
-
-    def apply(self):
-        self.container[self.key] = self.new
-
-    def undo(self):
-        if self.had_key:
-            self.container[self.key] = self.old
-        else:
-            self.container.pop(self.key, None)
 
 
 def _commit(swaps):
@@ -289,7 +265,7 @@ class GrowthTransaction:
             lr = check_real_range(lr, "lr", low=0.0, low_open=True)
         self.model = unwrap(model)
         self.optimizer, self.optimizer_mode, self.lr = optimizer, optimizer_mode, lr
-        self._applied: list[list[_Swap]] = []
+        self._applied: list[list[Swap]] = []
         # Per grown dict: the routed flows' working copy, and the rows grown so far per module
         # (the old row each row copies), which a routed flow's stand-in columns follow.
         self._routed: list[tuple[Mapping[str, Any], dict[str, Any], dict[str, Any]]] = []
@@ -311,10 +287,10 @@ class GrowthTransaction:
             self._routed.append(working)
         _, values, row_sources = working
         if flow.routing is not None:
-            swaps = _routed_swaps(self.model, flow, values, channel_map, self.optimizer,
+            swaps = routed_swaps(self.model, flow, values, channel_map, self.optimizer,
                                   self.optimizer_mode, self.lr, row_sources)
         else:
-            swaps = _growth_swaps(self.model, flow, new_params, channel_map, self.optimizer,
+            swaps = growth_swaps(self.model, flow, new_params, channel_map, self.optimizer,
                                   self.optimizer_mode, self.lr, positions)
             if channel_map is not None:
                 row_sources.update(plain_row_sources(flow, channel_map))
@@ -346,189 +322,3 @@ def _check_growth(flow: Any, new_params: Any) -> None:
         raise TypeError(f"flow must be a TorchFlow, got {type(flow).__name__}")
     if not isinstance(new_params, Mapping):
         raise TypeError(f"new_params must be a mapping of state_dict names, got {type(new_params)}")
-
-
-def _growth_swaps(model, flow, new_params, channel_map, optimizer, optimizer_mode, lr=None,
-                  positions=None):
-    """Every change a growth makes, computed up front as reversible swaps (nothing applied)."""
-    core_flow = flow.channel_flow(model)
-    modules = dict(model.named_modules())
-    named = tuple(dict.fromkeys(core_flow.names()))  # a member reading its group: once
-    for name in named:
-        if name not in new_params:
-            raise ValueError(
-                f"new_params has no entry {name!r} named by the flow of {flow.producer!r}"
-            )
-    # Validates every grown entry's size along its channel axis against the others.
-    subset = {name: torch.as_tensor(new_params[name]).detach() for name in named}
-    new_channels = core_flow.channels(subset)
-    grown_axes: dict[str, set[int]] = {}
-    for e in core_flow.entries(subset):
-        grown_axes.setdefault(e.name, set()).add(e.axis)
-    maps = () if channel_map is None else as_channel_maps(channel_map)
-    if maps and len(maps[-1].sources) != new_channels:
-        raise ValueError(
-            f"channel_map has {len(maps[-1].sources)} channels but new_params has {new_channels}"
-        )
-
-    # ---- compute phase: build every new object; nothing in the model changes here.
-    swaps: list[Any] = []
-    replaced: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}  # name -> (old, new) parameter
-    written = {}
-    for name in named:
-        module_name, _, attr = name.rpartition(".")
-        module = modules[module_name]
-        old = getattr(module, attr)
-        value = subset[name]
-        _check_rank(name, old, value)
-        if positions is not None and name in positions:
-            value = _at_positions(name, value, positions[name])
-        value = _leading_part(name, value, old, grown_axes[name])
-        written[name] = _tensor_swap(swaps, replaced, name, module, attr, value)
-    swaps.extend(_size_swaps(flow, modules, written))
-    if optimizer is not None:
-        swaps.extend(_optimizer_swaps(optimizer, replaced, core_flow, maps, optimizer_mode, lr))
-    return swaps
-
-
-def _tensor_swap(swaps, replaced, name, module, attr, value):
-    """Plan ``module.attr = value`` (a new Parameter for a parameter); returns the tensor."""
-    old = getattr(module, attr)
-    value = _own_contiguous(value.to(device=old.device, dtype=old.dtype), old)
-    if attr in module._parameters:
-        new = nn.Parameter(value, requires_grad=old.requires_grad)
-        swaps.append(_Swap(module._parameters, attr, new))
-        replaced[name] = (old, new)
-    else:
-        swaps.append(_Swap(module._buffers, attr, value))
-    return value
-
-
-def _routed_swaps(model, flow, values, channel_map, optimizer, optimizer_mode, lr, row_sources):
-    """A routed stream's growth (:mod:`.permutations`) as reversible swaps (nothing applied).
-
-    ``values``: the grown arrays (the core's appended layout), updated in place with this
-    flow's physical layout, so routed flows sharing a module (one's consumer is another's
-    producer) each move their own axis of it in turn. Entries it lacks come from the model.
-    ``row_sources``: the rows grown so far per module, updated with this flow's producers.
-    """
-    layout = stream_layout(model, flow, channel_map)
-    modules = dict(model.named_modules())
-    physical = layout.grown(model, values, row_sources)
-    row_sources.update(layout.row_sources())
-    swaps: list[Any] = []
-    replaced: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
-    for name, value in physical.items():
-        module_name, _, attr = name.rpartition(".")
-        _check_rank(name, getattr(modules[module_name], attr), value)
-        _tensor_swap(swaps, replaced, name, modules[module_name], attr, value)
-    for module_name, attr, size in layout.sizes(model):
-        if getattr(modules[module_name], attr) != size:
-            swaps.append(_Swap(modules[module_name].__dict__, attr, size))
-    if optimizer is not None and replaced:
-        swaps.append(layout.optimizer_growth(model, optimizer, replaced, optimizer_mode, lr))
-    return swaps
-
-
-def _own_contiguous(value: torch.Tensor, old: torch.Tensor) -> torch.Tensor:
-    """``value`` as a contiguous tensor owning all of its storage, copied only if it is not.
-
-    Contiguous like a freshly built layer: the core's arrays may carry permuted strides, and
-    a checkpoint-rebuilt model must run the very same kernels. A view (a leading part, a
-    permutation) is copied so it does not keep a larger array alive; an array the core just
-    made is used as it is, which keeps a growth from holding every grown layer twice.
-    """
-    owns_storage = (
-        value.is_contiguous() and value.storage_offset() == 0
-        and value.untyped_storage().nbytes() == value.numel() * value.element_size()
-        and value.untyped_storage().data_ptr() != old.untyped_storage().data_ptr()
-    )
-    return value if owns_storage else value.clone(memory_format=torch.contiguous_format)
-
-
-def _leading_part(name, value, old, axes):
-    """``value`` cut to ``old``'s size on every axis but the flow's own ``axes``.
-
-    A growth of several layers passes one dict holding every layer's final arrays; a consumer
-    that is also the producer of another flow is then wider on the other flow's axis than the
-    model yet is. Channel maps keep old channels first, so the leading part is what the model
-    has now; that other flow's own application writes the full array.
-    """
-    for dim in range(value.ndim):
-        if dim in axes or value.shape[dim] == old.shape[dim]:
-            continue
-        if value.shape[dim] < old.shape[dim]:
-            raise ValueError(
-                f"new_params[{name!r}] has shape {tuple(value.shape)}; the model's is "
-                f"{tuple(old.shape)}: only axis {sorted(axes)[0]} may change for this flow"
-            )
-        value = value.narrow(dim, 0, old.shape[dim])
-    return value
-
-
-def _at_positions(name, value, positions):
-    """``value`` restricted, along each axis in ``positions``, to those positions."""
-    for axis, index in positions.items():
-        if len(index) and int(index[-1]) >= value.shape[axis]:
-            raise ValueError(f"new_params[{name!r}] has {value.shape[axis]} entries along axis "
-                             f"{axis}, fewer than the growths of its flows add up to")
-        if len(index) != value.shape[axis]:
-            value = value.index_select(axis, torch.as_tensor(index, device=value.device))
-    return value
-
-
-def _check_rank(name, old, value):
-    if value.ndim != old.ndim:
-        raise ValueError(f"new_params[{name!r}] has {value.ndim} dims, the model's has {old.ndim}")
-    if not (value.is_floating_point() or value.is_complex()) and old.is_floating_point():
-        raise TypeError(f"new_params[{name!r}] has dtype {value.dtype}, expected floating point")
-    if value.is_floating_point() and not bool(torch.isfinite(value).all()):
-        raise ValueError(f"new_params[{name!r}] holds NaN or inf")
-
-
-def _size_swaps(flow, modules, values):
-    """The size attributes of every module the flow touches, read off the arrays written.
-
-    From the arrays, not the flow's channel count: a consumer of a concatenation reads more
-    channels than the flow has, and a residual group has several producers.
-    """
-    swaps = []
-
-    def set_attr(module, attr, value):
-        if getattr(module, attr) != value:
-            swaps.append(_Swap(module.__dict__, attr, value))
-
-    def size(module_name, axis):
-        return int(values[f"{module_name}.weight"].shape[axis])
-
-    for name in flow.producers:
-        producer = modules[name]
-        out_attr = "out_features" if isinstance(producer, nn.Linear) else "out_channels"
-        set_attr(producer, out_attr, size(name, 0))
-    norms = [flow.norm, *(d.norm for d in flow.depthwise), *(m.norm for m in flow.members),
-             *(n.module for n in flow.downstream_norms)]
-    for name in norms:
-        if name is not None:
-            bn = modules[name]
-            vector = next(values[f"{name}.{attr}"] for attr in
-                          ("weight", "running_mean", "bias", "running_var")
-                          if f"{name}.{attr}" in values)
-            set_attr(bn, "num_features", int(vector.shape[0]))
-    for d in flow.depthwise:
-        conv = modules[d.conv]
-        for attr in ("in_channels", "out_channels", "groups"):
-            set_attr(conv, attr, size(d.conv, 0))
-    for c in flow.consumers:
-        consumer = modules[c.module]
-        attr = "in_features" if isinstance(consumer, nn.Linear) else "in_channels"
-        set_attr(consumer, attr, size(c.module, 1))
-    return swaps
-
-
-def _optimizer_swaps(optimizer, replaced, core_flow, maps, mode, lr):
-    """The optimizer's part of a growth, planned by optim.py (applied and undone as a swap)."""
-    if not replaced:
-        return []
-    if not maps:
-        raise ValueError("channel_map is required to carry the optimizer state of grown parameters")
-    return [plan_optimizer_growth(optimizer, replaced, core_flow, maps, mode=mode, lr=lr)]
