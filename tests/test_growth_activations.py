@@ -1,14 +1,16 @@
 """Every registered activation's derivatives against torch autograd, and the kink rule.
 
 Away from kinks ``sigma'`` is autograd's first derivative and ``sigma''`` is autograd's
-second derivative plus the documented smoothed-corner terms (simcore/growth/activations.py);
-each listed kink is a real jump of autograd's ``sigma'`` and there is no other on [-8, 8].
+second derivative plus the documented smoothed-corner terms
+(simcore/growth/activation_derivatives.py); each listed kink is a real jump of autograd's
+``sigma'`` and there is no other on [-8, 8].
 """
 
 import numpy as np
 import pytest
 
 from simcore.growth import activations as acts
+from simcore.growth.activation_derivatives import RELU_SURROGATE_BETA
 
 torch = pytest.importorskip("torch")
 F = torch.nn.functional
@@ -48,7 +50,7 @@ def _autograd(fn, z):
 
 
 def _corners(kinks, z):
-    beta = acts.RELU_SURROGATE_BETA
+    beta = RELU_SURROGATE_BETA
     total = np.zeros_like(z)
     for at, jump in kinks:
         s = 1.0 / (1.0 + np.exp(-beta * (z - at)))

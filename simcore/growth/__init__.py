@@ -49,8 +49,8 @@ __all__ = [
 ]
 
 # SSD / Firefly / activations (owned by the SSD-Firefly engineer) are imported below.
+from .activation_derivatives import RELU_SURROGATE_BETA  # noqa: E402
 from .activations import (  # noqa: E402
-    RELU_SURROGATE_BETA,
     activation_kinks,
     activation_names,
     activation_spec,
