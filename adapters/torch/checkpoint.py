@@ -16,9 +16,9 @@ running statistics included), the optimizer's and scheduler's ``state_dict``
 (with the names of the optimizer's parameters in its order, which is how a
 resume checks it rebuilt the optimizer over the same parameters),
 the Python, NumPy (legacy global generator) and torch RNG states (CUDA too
-where CUDA is initialised), and ``extra`` (e.g. the epoch, the growth schedule's
-position). Restoring all of it makes a resumed run continue bitwise-identically
-on the same machine and software (tested).
+where CUDA is initialised; :mod:`.random_states`), and ``extra`` (e.g. the epoch,
+the growth schedule's position). Restoring all of it makes a resumed run continue
+bitwise-identically on the same machine and software (tested).
 
 A file is not trusted (tests/test_torch_checkpoint.py, 'untrusted files'): a SHA-256
 content hash over every stored tensor's bytes and every other field
@@ -46,21 +46,20 @@ from __future__ import annotations
 
 import hashlib
 import os
-import random
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 from torch import nn
 
 from . import models
 from .layer_sizes import layer_sizes, resize_to
+from .random_states import is_rng_state, rng_state, set_rng_state
 
 __all__ = ["FORMAT", "Checkpoint", "CheckpointError", "content_digest", "load_checkpoint",
-           "rng_state", "save_checkpoint", "set_rng_state"]
+           "save_checkpoint"]
 
 #: Stored under "format"; bumped if the layout changes.
 FORMAT = "simcore.torch.checkpoint/4"
@@ -108,35 +107,6 @@ def _check_storable(value: Any, where: str) -> None:
         f"{where} holds a {type(value).__name__}; a checkpoint stores only tensors, numbers, "
         f"strings, None and lists/tuples/dicts of them"
     )
-
-
-def rng_state() -> dict[str, Any]:
-    """The Python, NumPy and torch RNG states as tensors and primitive lists."""
-    version, words, gauss = random.getstate()
-    # The legacy global generator on purpose: it is the one scripts seed with np.random.seed.
-    name, keys, pos, has_gauss, cached = np.random.get_state(legacy=True)  # noqa: NPY002
-    state = {
-        "python": {"version": version, "state": list(words), "gauss": gauss},
-        "numpy": {"name": name, "keys": torch.from_numpy(np.asarray(keys, dtype=np.int64)),
-                  "pos": int(pos), "has_gauss": int(has_gauss), "cached_gaussian": float(cached)},
-        "torch": torch.get_rng_state(),
-    }
-    if torch.cuda.is_available() and torch.cuda.is_initialized():
-        state["cuda"] = torch.cuda.get_rng_state_all()
-    return state
-
-
-def set_rng_state(state: Mapping[str, Any]) -> None:
-    """Restore what :func:`rng_state` returned."""
-    py = state["python"]
-    random.setstate((py["version"], tuple(py["state"]), py["gauss"]))
-    npy = state["numpy"]
-    keys = npy["keys"].numpy().astype(np.uint32)
-    legacy = (npy["name"], keys, npy["pos"], npy["has_gauss"], npy["cached_gaussian"])
-    np.random.set_state(legacy)  # noqa: NPY002
-    torch.set_rng_state(state["torch"])
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
 
 
 def content_digest(payload: Mapping[str, Any]) -> str:
@@ -433,26 +403,9 @@ def _checked_payload(payload: Any, path: Any) -> Mapping[str, Any]:
         raise _fail(path, "'optimizer_kind' is not a name")
     if payload["scheduler"] is not None and not isinstance(payload["scheduler"], Mapping):
         raise _fail(path, "'scheduler' is not a scheduler state_dict")
-    _check_rng(payload["rng"], path)
-    return payload
-
-
-def _check_rng(rng: Any, path: Any) -> None:
-    python = rng.get("python") if isinstance(rng, Mapping) else None
-    legacy = rng.get("numpy") if isinstance(rng, Mapping) else None
-    ok = (
-        isinstance(python, Mapping) and isinstance(python.get("version"), int)
-        and isinstance(python.get("state"), list)
-        and all(isinstance(w, int) for w in python["state"])
-        and (python.get("gauss") is None or isinstance(python["gauss"], float))
-        and isinstance(legacy, Mapping) and isinstance(legacy.get("name"), str)
-        and isinstance(legacy.get("keys"), torch.Tensor)
-        and all(isinstance(legacy.get(k), int) for k in ("pos", "has_gauss"))
-        and isinstance(legacy.get("cached_gaussian"), float)
-        and isinstance(rng.get("torch"), torch.Tensor) and rng["torch"].dtype == torch.uint8
-    )
-    if not ok:
+    if not is_rng_state(payload["rng"]):
         raise _fail(path, "'rng' is not the Python, NumPy and torch RNG states")
+    return payload
 
 
 def _make(description: Mapping[str, Any], builder: Callable[..., nn.Module] | None) -> nn.Module:
