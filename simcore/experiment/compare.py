@@ -202,8 +202,9 @@ def run_experiment(
             if status == REUSED:
                 trained = f"reused from an earlier run (which trained {seconds:.1f} s)"
             elif status == REUSED_OTHER_CODE:
-                trained = (f"reused from an earlier run of other code ({_code(result)}) as "
-                           f"{REUSE_FLAG} asks (which trained {seconds:.1f} s)")
+                trained = (f"reused from an earlier run of other code "
+                           f"({result.get('code') or 'not recorded'}) as {REUSE_FLAG} asks "
+                           f"(which trained {seconds:.1f} s)")
             else:
                 trained = (f"{seconds:.1f} s of training steps, growths and phases (evaluation "
                            f"excluded)")
@@ -254,10 +255,6 @@ def run_experiment(
     return {"results": results, "summary": summary, "table": table, "files": files,
             "conclusion": conclusion(paired_differences(results)), "n_sweeps": sweeps,
             "statuses": [status for status, _ in statuses]}
-
-
-def _code(result: dict[str, Any]) -> str:
-    return result.get("code") or "not recorded"
 
 
 def code_note(statuses: Sequence[str]) -> str:

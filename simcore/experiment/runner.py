@@ -167,6 +167,8 @@ def run_status(config: RunConfig, out_dir: str | Path, *,
     status = finished_status(config, out, reuse_other_code=reuse_other_code)
     if status is not None:
         return status, (0 if status == CODE_CHANGED else config.epochs)
+    if (out / RESULT).exists():
+        return NEW, 0  # other settings or unreadable: run_one refuses it with the way out
     try:
         extra = _saved_extra(out / CHECKPOINT)
     except ValueError:
