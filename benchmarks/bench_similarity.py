@@ -3,8 +3,13 @@
 Absolute times on shared machines are noise; ratios measured side by side are not. For
 each weight shape ``n x d`` (fp32) every contender's value+grad time is divided by one
 ``n x d x n`` GEMM (``A @ B``, distinct operands: no SYRK shortcut) *of its own library
-and device*, timed in the same interleaved loop; the best of ``--repeats`` rounds counts.
-The floor is about 1.5x: half a GEMM for the Gram matrix by symmetry, one GEMM back.
+and device*, timed in the same interleaved loop; the best of ``--repeats`` rounds counts,
+and each sample repeats the call for at least ``--min-sample`` seconds. Libraries are timed
+one after another, never interleaved with each other (their thread pools would compete).
+The floor is about 1.5x: half a GEMM for the Gram matrix by symmetry, one GEMM back. Each
+library's ``products`` column measures that floor as the library reaches it: ``w @ w.T``
+then ``(n x n) @ w``, plainly (SYRK where the library has one for ``w @ w.T``: NumPy); the
+loss cannot cost less than those two products plus its ``n x n`` elementwise work.
 
 Contenders (each where its library is installed and asked for with ``--backends``):
 
@@ -25,8 +30,8 @@ Contenders (each where its library is installed and asked for with ``--backends`
 Then the peak extra memory of the NumPy path against its ``n x d`` gradient.
 
 Run: ``python benchmarks/bench_similarity.py [--quick] [--json PATH] [--threads N]
-[--clock cpu] [--backends numpy,torch,jax] [--shapes 4096x4096,...]``. ``--clock cpu``
-times process CPU time instead of wall time: on a machine shared with other jobs it
+[--clock cpu] [--backends numpy,torch,jax] [--shapes 4096x4096,...] [--min-sample S]``.
+``--clock cpu`` times process CPU time instead of wall time: on a machine shared with other jobs it
 measures the work rather than the waiting (CPU backends only).
 """
 
@@ -66,19 +71,28 @@ import simcore  # noqa: E402
 
 class Contender:
     """One column: ``run()`` computes value and gradient; ``gemm()`` is its ``library``'s GEMM
-    (the baseline of every column of that library and device)."""
+    (the baseline of every column of that library and device), ``products()`` the two products
+    any value+grad needs, done plainly by that library: ``G = w @ w.T``, then ``G @ w``."""
 
-    def __init__(self, name, run, gemm, sync=None, library=None):
-        self.name, self.run, self.gemm = name, run, gemm
+    def __init__(self, name, run, gemm, sync=None, library=None, products=None):
+        self.name, self.run, self.gemm, self.products = name, run, gemm, products
         self.sync = sync or (lambda: None)
         self.library = library or name
 
 
 def _numpy(w, other):
+    gram = np.empty((w.shape[0], w.shape[0]), dtype=w.dtype)
+    back = np.empty_like(w)
+
     def gemm():
         return w @ other
 
-    return [Contender("numpy", lambda: simcore.similarity_loss_and_grad(w), gemm)]
+    def products():  # NumPy's w @ w.T of one array is SYRK (half a GEMM)
+        np.matmul(w, w.T, out=gram)
+        np.matmul(gram, w, out=back)
+
+    return [Contender("numpy", lambda: simcore.similarity_loss_and_grad(w), gemm,
+                      products=products)]
 
 
 def _torch(w, other, device):
@@ -88,11 +102,17 @@ def _torch(w, other, device):
     x = torch.from_numpy(w).to(device)
     y = torch.from_numpy(other).to(device)
     param = x.clone().requires_grad_(True)
+    gram = torch.empty((x.shape[0], x.shape[0]), dtype=x.dtype, device=device)
+    back = torch.empty_like(x)
     sync = torch.cuda.synchronize if device == "cuda" else None
     suffix = "" if device == "cpu" else " cuda"
 
     def gemm():
         return x @ y
+
+    def products():
+        torch.mm(x, x.T, out=gram)
+        torch.mm(gram, x, out=back)
 
     def ours():
         param.grad = None
@@ -107,7 +127,7 @@ def _torch(w, other, device):
         (c.abs()[off_diagonal].sum() / (n * (n - 1))).backward()
 
     library = f"torch{suffix}"
-    return [Contender(library, ours, gemm, sync),
+    return [Contender(library, ours, gemm, sync, products=products),
             Contender(f"torch autograd{suffix}", autograd, gemm, sync, library)]
 
 
@@ -131,12 +151,14 @@ def _jax(w, other, regularizer):
 
     x, y = jnp.asarray(w), jnp.asarray(other)
     gemm_jit = jax.jit(lambda a, b: a @ b)
+    products_jit = jax.jit(lambda a: (a @ a.T) @ a)
     ours_jit = jax.jit(jax.value_and_grad(similarity_loss))
 
     def gemm():
         return gemm_jit(x, y).block_until_ready()
 
-    contenders = [Contender("jax", lambda: jax.block_until_ready(ours_jit(x)), gemm)]
+    contenders = [Contender("jax", lambda: jax.block_until_ready(ours_jit(x)), gemm,
+                            products=lambda: products_jit(x).block_until_ready())]
     if regularizer is not None:
         keras_jit = jax.jit(jax.value_and_grad(regularizer))
         contenders.append(Contender("keras (jax)", lambda: jax.block_until_ready(keras_jit(x)),
@@ -151,7 +173,9 @@ def _cupy(w, other):
     x, y = cupy.asarray(w), cupy.asarray(other)
     sync = cupy.cuda.get_current_stream().synchronize
     return [Contender(f"cupy {method}", lambda method=method: similarity_loss_and_grad(
-        x, method=method), lambda: x @ y, sync, "cupy") for method in ("gemm", "syrk")]
+        x, method=method), lambda: x @ y, sync, "cupy",
+        products=(lambda: (x @ x.T) @ x) if method == "gemm" else None)
+        for method in ("gemm", "syrk")]
 
 
 def contenders_for(backends, w, other, regularizer):
@@ -174,44 +198,68 @@ def _timer(clock):
     return time.process_time if clock == "cpu" else time.perf_counter
 
 
-def _timed(fn, sync, clock):
+def _timed(fn, sync, clock, number=1):
+    """Seconds per call of ``number`` calls in a row."""
     timer = _timer(clock)
     sync()
     start = timer()
-    fn()
+    for _ in range(number):
+        fn()
     sync()
-    return timer() - start
+    return (timer() - start) / number
 
 
-def time_shapes(shapes, repeats, backends=("numpy", "torch"), clock="wall", regularizer=None):
-    """Yield ``((n, d), {column: numpy GEMM ms or ratio})`` per shape, as soon as it is measured.
+def _calls_per_sample(fn, sync, min_sample):
+    """How many calls make one sample last ``min_sample`` seconds (wall clock): a single
+    call of a small shape lasts a millisecond, where one thread wake-up or timer tick is a
+    large part of it."""
+    once = _timed(fn, sync, "wall")
+    return max(1, min(1000, int(min_sample / max(once, 1e-9)) + 1))
 
-    Each column's ratio is its best time over its own library's best GEMM time; GEMMs and
-    contenders run interleaved, so drifting machine load hits all alike.
+
+def time_shapes(shapes, repeats, backends=("numpy", "torch"), clock="wall", regularizer=None,
+                min_sample=0.05):
+    """Yield ``((n, d), {library: GEMM ms}, {column: ratio}, {library: ratio of its two plain
+    products})`` per shape, as soon as it is measured.
+
+    Each ratio is a best time over its own library's best GEMM time. One library at a time:
+    two libraries interleaved fight over the cores (OpenBLAS's threads spin on after a call,
+    while torch's OpenMP threads want the same cores), which says nothing about either. Within
+    a library, its GEMM, its plain products and its contenders run interleaved, so drifting
+    machine load hits all alike; each sample is as many calls as last ``min_sample`` seconds.
     """
     rng = np.random.default_rng(0)
     for n, d in shapes:
         w = rng.standard_normal((n, d), dtype=np.float32)
         other = rng.standard_normal((d, n), dtype=np.float32)
         columns = contenders_for(backends, w, other, regularizer)
-        gemms = {}  # one baseline per library and device
+        libraries = {}
         for column in columns:
-            gemms.setdefault(column.library, (column.gemm, column.sync))
-        for column in columns:  # warm-up: threads, allocators, jit compilation, workspaces
-            column.run()
-            column.gemm()
-            column.sync()
-        best = {name: float("inf") for name in [*(f"{g} GEMM" for g in gemms),
-                                                 *(c.name for c in columns)]}
-        for _ in range(repeats):
-            for library, (gemm, sync) in gemms.items():
-                key = f"{library} GEMM"
-                best[key] = min(best[key], _timed(gemm, sync, clock))
-            for column in columns:
-                best[column.name] = min(best[column.name], _timed(column.run, column.sync, clock))
-        ratios = {c.name: best[c.name] / best[f"{c.library} GEMM"] for c in columns}
-        yield (n, d), {library: best[f"{library} GEMM"] * 1e3 for library in gemms}, ratios
-        del columns
+            libraries.setdefault(column.library, []).append(column)
+        gemm_ms, ratios, products = {}, {}, {}
+        for library, group in libraries.items():
+            first = group[0]
+            entries = {"GEMM": (first.gemm, first.sync)}
+            if first.products is not None:
+                entries["products"] = (first.products, first.sync)
+            entries.update((column.name, (column.run, column.sync)) for column in group)
+            for fn, sync in entries.values():  # warm-up: threads, allocators, jit, workspaces
+                fn()
+                sync()
+            numbers = {name: _calls_per_sample(fn, sync, min_sample)
+                       for name, (fn, sync) in entries.items()}
+            best = dict.fromkeys(entries, float("inf"))
+            for _ in range(repeats):
+                for name, (fn, sync) in entries.items():
+                    best[name] = min(best[name], _timed(fn, sync, clock, numbers[name]))
+            gemm_ms[library] = best["GEMM"] * 1e3
+            ratios.update((column.name, best[column.name] / best["GEMM"]) for column in group)
+            if "products" in best:
+                products[library] = best["products"] / best["GEMM"]
+            del entries
+            gc.collect()
+        yield (n, d), gemm_ms, ratios, products
+        del columns, libraries
         gc.collect()
 
 
@@ -238,8 +286,12 @@ def block_memory(n, d, block_size):
     return peak
 
 
-def expected_seconds(shapes, repeats, column_count):
-    """A rough duration from this machine's GEMM speed (a 1024^3 GEMM, extrapolated)."""
+def expected_seconds(shapes, repeats, entries, min_sample):
+    """A rough duration from this machine's GEMM speed (a 1024^3 GEMM, extrapolated).
+
+    ``entries`` counts what is timed per shape (GEMMs, plain products, contenders); each
+    costs about two GEMMs a call (the loss's 1.5-2 GEMMs, autograd's more, the GEMM one) but
+    at least ``min_sample`` a sample, over ``repeats`` rounds plus warm-up and calibration."""
     a = np.ones((1024, 1024), dtype=np.float32)
     best = float("inf")
     for _ in range(3):  # the best of a few: one sample can land on a load spike
@@ -247,10 +299,8 @@ def expected_seconds(shapes, repeats, column_count):
         a @ a
         best = min(best, time.perf_counter() - start)
     rate = 2 * 1024**3 / max(best, 1e-6)
-    gemm_seconds = sum(2 * n * n * d / rate for n, d in shapes)
-    # each round: one GEMM per library and ~2 GEMMs per column (calibrated on a busy 2-core
-    # machine, where big GEMMs run nearer peak than the probe), warm-up round included
-    return gemm_seconds * (repeats + 1) * (1 + 2 * column_count) + 5 * column_count
+    per_sample = [max(2 * (2 * n * n * d / rate), min_sample) for n, d in shapes]
+    return sum(per_sample) * (repeats + 2) * entries + 3 * entries
 
 
 def _available(backend):
@@ -290,6 +340,8 @@ def main(argv=None):
     parser.add_argument("--threads", type=int, help="BLAS/OpenMP threads (default: the library's)")
     parser.add_argument("--json", metavar="PATH", help="also write the results as JSON here")
     parser.add_argument("--no-memory", action="store_true", help="skip the memory measurement")
+    parser.add_argument("--min-sample", type=float, default=0.05, metavar="SECONDS",
+                        help="repeat a call within one sample until it lasts this long")
     args = parser.parse_args(argv)
     if args.threads:
         try:
@@ -312,6 +364,7 @@ def main(argv=None):
         if note:
             notes.append(note)
     results = {"shapes": [], "notes": notes, "clock": args.clock, "repeats": args.repeats,
+               "min_sample": args.min_sample,
                "threads": args.threads, "backends": backends, "machine": {
                    "platform": platform.platform(), "python": platform.python_version(),
                    "cpus": os.cpu_count(), "numpy": np.__version__}}
@@ -324,25 +377,32 @@ def main(argv=None):
               f"{check['ratio']:.6f} (Keras's value is factor * Eq. 2; default factor 0.01)",
               flush=True)
 
-    column_count = sum(len(c) for c in ([1] if "numpy" in backends else [],
-                                        [1, 1] if "torch" in backends else [],
-                                        [1, 1] if "jax" in backends else []))
-    estimate = expected_seconds(shapes, args.repeats, max(column_count, 1))
-    print(f"timing {len(shapes)} shapes x {len(backends)} backends, {args.repeats} interleaved "
-          f"rounds each (best round counts, {args.clock} clock); expected to take about "
-          f"{estimate:.0f} s here (from this machine's GEMM speed; the default run took 320 s on "
-          f"a busy 2-core CPU, --quick seconds). Each row prints as it is measured.", flush=True)
-    print("value+grad time / one n x d x n GEMM of the same library and device (fp32)",
-          flush=True)
+    per_library = {"numpy": 2, "torch": 3, "torch_cuda": 3, "jax": 3, "cupy": 3}
+    entries = sum(per_library[b] + (b == "jax" and regularizer is not None) for b in backends)
+    estimate = expected_seconds(shapes, args.repeats, max(entries, 1), args.min_sample)
+    print(f"timing {len(shapes)} shapes x {len(backends)} backends, one library at a time, "
+          f"{args.repeats} interleaved rounds each (best round counts, {args.clock} clock, each "
+          f"sample at least {args.min_sample * 1e3:.0f} ms of calls); expected to take about "
+          f"{estimate:.0f} s here (from this machine's GEMM speed). Each row prints as it is "
+          f"measured.", flush=True)
+    print("value+grad time / one n x d x n GEMM of the same library and device (fp32); "
+          "'<library> products': w @ w.T then (n x n) @ w, the two products any value+grad "
+          "needs, as that library does them plainly (NumPy's w @ w.T is SYRK)", flush=True)
     started = time.perf_counter()
-    for index, ((n, d), gemm_ms, ratios) in enumerate(
-            time_shapes(shapes, args.repeats, backends, args.clock, regularizer)):
+    for index, ((n, d), gemm_ms, ratios, products) in enumerate(
+            time_shapes(shapes, args.repeats, backends, args.clock, regularizer,
+                        args.min_sample)):
+        cells = {**ratios, **{f"{library} products": ratio for library, ratio in products.items()}}
+        widths = [max(15, len(name)) for name in cells]
         if index == 0:
-            print(f"{'n x d':>12} {'GEMM ms':>9} " + " ".join(f"{name:>15}" for name in ratios))
+            print(f"{'n x d':>12} {'GEMM ms':>9} " + " ".join(
+                f"{name:>{width}}" for name, width in zip(cells, widths, strict=True)))
         first_gemm = next(iter(gemm_ms.values()))
-        cells = " ".join(f"{ratio:>14.2f}x" for ratio in ratios.values())
-        print(f"{f'{n} x {d}':>12} {first_gemm:>9.1f} {cells}", flush=True)
-        results["shapes"].append({"n": n, "d": d, "gemm_ms": gemm_ms, "ratios": ratios})
+        values = zip(cells.values(), widths, strict=True)
+        print(f"{f'{n} x {d}':>12} {first_gemm:>9.2f} " + " ".join(
+            f"{ratio:>{width - 1}.2f}x" for ratio, width in values), flush=True)
+        results["shapes"].append({"n": n, "d": d, "gemm_ms": gemm_ms, "ratios": ratios,
+                                  "products": products})
     results["seconds"] = time.perf_counter() - started
     if results["shapes"]:
         print(f"(GEMM ms: one {next(iter(results['shapes'][0]['gemm_ms']))} GEMM, {args.clock} "

@@ -114,12 +114,18 @@ def summarize(out: Path, dry_run: bool) -> int:
         lines.append(f"| {s['name']} | {status} | {s['seconds']:.1f} | "
                      f"`{s['command_or_reason']}` |")
     if bench and bench.get("shapes"):
-        names = list(bench["shapes"][0]["ratios"])
+        def cells_of(row):  # the contenders, then each library's two plain products
+            return {**row["ratios"], **{f"{library} products": ratio
+                                        for library, ratio in row.get("products", {}).items()}}
+
+        names = list(cells_of(bench["shapes"][0]))
         lines += ["", "value+grad / one GEMM of the same library and device (fp32, best of "
-                  f"{bench.get('repeats')} rounds):", "",
+                  f"{bench.get('repeats')} rounds; '<library> products': w @ w.T then "
+                  "(n x n) @ w, done plainly):", "",
                   "| n x d | " + " | ".join(names) + " |", "|---" * (len(names) + 1) + "|"]
         for row in bench["shapes"]:
-            cells = " | ".join(f"{row['ratios'].get(name, float('nan')):.2f}x" for name in names)
+            found = cells_of(row)
+            cells = " | ".join(f"{found.get(name, float('nan')):.2f}x" for name in names)
             lines.append(f"| {row['n']} x {row['d']} | {cells} |")
         for note in bench.get("notes", []):
             lines.append(f"\nnote: {note}")

@@ -16,6 +16,10 @@ The default (``DEFAULT_PHASE_LR["relative"]``) is the largest ``lr`` whose mean 
 under one point. Takes about 5 minutes on 2 CPU cores with ``--jobs 2``:
 
     python benchmarks/phase_strength.py --out runs/phase-strength
+
+Run again with the same ``--out``, it reuses the runs this code finished and trains again
+those another version of simcore wrote (saying how many); ``--reuse-runs-from-other-code``
+reuses them anyway.
 """
 
 from __future__ import annotations
@@ -27,7 +31,7 @@ from pathlib import Path
 import numpy as np
 
 from simcore.experiment import preset
-from simcore.experiment.compare import run_experiment
+from simcore.experiment.compare import REUSE_FLAG, code_note, run_experiment
 from simcore.experiment.statistics import paired_differences
 
 
@@ -40,32 +44,44 @@ def _phase_means(result):
     return moved, ratio, cost, result["phase_seconds"] / result["training_seconds"]
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--lr", type=float, nargs="+",
                         default=[0.003, 0.005, 0.01, 0.015, 0.02, 0.03, 0.1])
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2, 3, 4])
     parser.add_argument("--jobs", type=int, default=2)
     parser.add_argument("--out", type=Path, default=Path("runs/phase-strength"))
-    args = parser.parse_args()
+    parser.add_argument(REUSE_FLAG, action="store_true",
+                        help="reuse runs in --out that another version of simcore finished "
+                        "(by default they are trained again)")
+    args = parser.parse_args(argv)
     base = preset("quick")
     started = time.perf_counter()
     common = dict(methods=["firefly"], seeds=args.seeds, figures=False, echo=None,
-                  jobs=args.jobs)
-    baseline = run_experiment(base, terms=["none"], out_dir=args.out / "baseline",
-                              **common)["results"]
+                  jobs=args.jobs, reuse_other_code=args.reuse_runs_from_other_code)
+    statuses = []
+
+    def run(config, terms, folder):
+        outcome = run_experiment(config, terms=terms, out_dir=args.out / folder, **common)
+        statuses.extend(outcome["statuses"])
+        return outcome["results"]
+
+    baseline = run(base, ["none"], "baseline")
     print(f"{'lr':>6}  {'moved':>6}  {'|cos| x':>7}  {'cost':>6}  {'final |cos| x':>13}  "
           f"{'vs baseline [95% CI]':>22}  {'phase share':>11}", flush=True)
     for lr in args.lr:
-        runs = run_experiment(base.replace(phase_lr=lr), terms=["both"],
-                              out_dir=args.out / f"lr{lr:g}", **common)["results"]
+        runs = run(base.replace(phase_lr=lr), ["both"], f"lr{lr:g}")
         (paired,) = paired_differences(baseline + runs)
         moved, ratio, cost, share = np.mean([_phase_means(r) for r in runs], axis=0)
         interval = f"{paired['mean']:+.2f} [{paired['ci_low']:+.2f}, {paired['ci_high']:+.2f}]"
         print(f"{lr:6g}  {100 * moved:5.1f}%  {ratio:7.2f}  {cost:+6.1f}  "
               f"{paired['similarity_ratio']:13.2f}  {interval:>22}  {100 * share:10.1f}%",
               flush=True)
-    print(f"{len(args.seeds)} seeds per row; {time.perf_counter() - started:.0f} s")
+    print(f"{len(args.seeds)} seeds per row; {time.perf_counter() - started:.0f} s; "
+          f"{statuses.count('reused')} of {len(statuses)} runs reused from earlier (same code)")
+    note = code_note(statuses)
+    if note:
+        print(note)
 
 
 if __name__ == "__main__":

@@ -20,7 +20,7 @@ __all__ = ["NumpyKernel"]
 _WORKSPACE = Workspace()
 
 #: Diagonal blocks of at least this many rows are built from quarters (see gram_strip).
-_SPLIT_FROM = 1024
+_SPLIT_FROM = 256
 
 
 class NumpyKernel(InPlaceKernel):
@@ -59,9 +59,10 @@ class NumpyKernel(InPlaceKernel):
         return np.subtract(g, product, out=g)
 
     def diagonal_block(self, rows):
-        # SYRK, in quarters once the block is large: OpenBLAS's SYRK (with NumPy's mirroring
-        # of its triangle) costs about 0.63 of a GEMM, four quarter SYRKs, six GEMMs and six
-        # mirror copies about 0.57 (measured at 2048 x 2048).
+        # SYRK, in quarters from 256 rows: OpenBLAS's SYRK (with NumPy's mirroring of its
+        # triangle) costs about 0.63 of a GEMM at 2048 x 2048, four quarter SYRKs, six GEMMs
+        # and six mirror copies about 0.57; at 256 x 1152 0.67 against 0.63 on one thread,
+        # 0.83 against 0.73 on two (OpenBLAS threads its SYRK poorly at that size).
         return rows // 4 if rows >= _SPLIT_FROM else rows
 
     def copy_transposed(self, source, out):

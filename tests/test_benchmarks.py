@@ -25,10 +25,31 @@ def test_the_benchmark_writes_a_json_of_its_ratios(tmp_path, capsys):
     assert written == json.loads(json.dumps(results))
     assert [(row["n"], row["d"]) for row in written["shapes"]] == [(48, 20), (64, 9)]
     assert all(row["ratios"]["numpy"] > 0 and row["gemm_ms"]["numpy"] > 0
-               for row in written["shapes"])
+               and row["products"]["numpy"] > 0 for row in written["shapes"])
     assert written["memory"]["peak_bytes"] > 0
     out = capsys.readouterr().out
-    assert "expected to take about" in out and "64 x 9" in out
+    assert "expected to take about" in out and "64 x 9" in out and "numpy products" in out
+
+
+def test_each_sample_repeats_a_short_call_and_libraries_are_timed_apart(monkeypatch):
+    calls = []
+    monkeypatch.setattr(bench_similarity, "_calls_per_sample", lambda fn, sync, least: 3)
+
+    def contenders(backends, w, other, regularizer):
+        def column(name, library):
+            return bench_similarity.Contender(
+                name, lambda: calls.append(name), lambda: calls.append(f"{library} GEMM"),
+                library=library, products=lambda: calls.append(f"{library} products"))
+        return [column("first", "a"), column("second", "b")]
+
+    monkeypatch.setattr(bench_similarity, "contenders_for", contenders)
+    (_, gemm_ms, ratios, products), = bench_similarity.time_shapes([(4, 3)], repeats=2)
+    assert set(ratios) == {"first", "second"} and set(products) == set(gemm_ms) == {"a", "b"}
+    # every call of library a (warm-up, then 2 rounds of 3 calls per entry) before any of b
+    last_a = max(i for i, name in enumerate(calls) if name in ("first", "a GEMM", "a products"))
+    first_b = min(i for i, name in enumerate(calls) if name in ("second", "b GEMM", "b products"))
+    assert last_a < first_b
+    assert calls.count("first") == 1 + 2 * 3 and calls.count("a GEMM") == 1 + 2 * 3
 
 
 def test_the_keras_column_is_skipped_with_a_note_without_keras(monkeypatch):
@@ -59,7 +80,8 @@ def _fake_run(out, statuses, ratio):
                                            for name, status in statuses))
     (out / "bench.json").write_text(json.dumps({"repeats": 3, "notes": [], "shapes": [
         {"n": 4096, "d": 4096, "gemm_ms": {"cupy": 1.0},
-         "ratios": {"cupy gemm": ratio, "torch autograd cuda": 4.0}}]}))
+         "ratios": {"cupy gemm": ratio, "torch autograd cuda": 4.0},
+         "products": {"cupy": 1.5}}]}))
 
 
 def test_the_summary_reports_steps_and_the_gpu_target(tmp_path):
@@ -67,7 +89,7 @@ def test_the_summary_reports_steps_and_the_gpu_target(tmp_path):
     assert gpu_check_summary.main(["--summarize", str(tmp_path / "ok")]) == 0
     summary = json.loads((tmp_path / "ok" / "summary.json").read_text())
     assert summary["passed"] and summary["gpu_target"]["met"] == {"cupy gemm": True}
-    assert "| 4096 x 4096 | 1.25x | 4.00x |" in (tmp_path / "ok" / "summary.md").read_text()
+    assert "| 4096 x 4096 | 1.25x | 4.00x | 1.50x |" in (tmp_path / "ok" / "summary.md").read_text()
 
     _fake_run(tmp_path / "bad", [("tests", "1"), ("grow", "124")], 1.6)
     assert gpu_check_summary.main(["--summarize", str(tmp_path / "bad")]) == 1

@@ -4,7 +4,8 @@ the similarity phase, and report accuracy, training time, N and parameters like 
 Modules: :mod:`.config` (a run's choices and the presets), :mod:`.data` (bundled digits,
 local CIFAR through a restricted unpickler, augmentation), :mod:`.terms` (the post-growth
 phase for each term of the ablation), :mod:`.runner` (one run, checkpointed and resumable),
-:mod:`.compare` (several runs and their table), :mod:`.report` (JSON, CSV, tables),
+:mod:`.compare` (several runs and their table), :mod:`.fingerprint` (which code made a run:
+earlier runs are reused only when it matches), :mod:`.report` (JSON, CSV, tables),
 :mod:`.figures` and :mod:`.gradcam` (the paper's Fig. 4 and Fig. 6), :mod:`.cli` (the
 ``grow`` subcommand's arguments).
 """

@@ -9,7 +9,9 @@ their confidence intervals. ``--preset paper`` is the paper's CIFAR-10 setting
 methods; ``--ablation`` adds the two single-term variants (the paper's Table 3);
 several ``--N`` sweep N and choose N_best on the validation split.
 Every option overrides the preset. Re-running the same command reuses finished
-runs and resumes an interrupted one from its checkpoint; ``--fresh`` starts over.
+runs and resumes an interrupted one from its checkpoint, when the same code wrote
+them (runs of other code are trained again, unless ``--reuse-runs-from-other-code``);
+``--fresh`` starts over.
 
 >>> args = build_parser().parse_args(["--method", "ssd", "--epochs", "3", "--seeds", "0", "1"])
 >>> plan(args)["methods"], plan(args)["terms"], plan(args)["seeds"], plan(args)["base"].epochs
@@ -180,6 +182,11 @@ def build_parser() -> argparse.ArgumentParser:
                      help="output folder (default: simcore-grow/<preset>)")
     run.add_argument("--fresh", action="store_true",
                      help="discard earlier runs in the output folder instead of resuming")
+    run.add_argument("--reuse-runs-from-other-code", action="store_true",
+                     help="reuse finished runs (and resume checkpoints) that another version "
+                     "of simcore wrote with the same settings, e.g. after an edit known not to "
+                     "change results; by default they are trained again and their files kept "
+                     "beside as *.code-<fingerprint>.*")
     run.add_argument("--threads", type=int, default=None,
                      help="CPU threads for torch (default: 1 on a CPU device, where the small "
                      "growth seeds gain little from threads and, on a machine busy with other "
@@ -288,7 +295,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             chosen["base"], methods=chosen["methods"], terms=chosen["terms"],
             seeds=chosen["seeds"], phase_steps=chosen["phase_steps"], out_dir=chosen["out"],
             fresh=args.fresh, figures=not args.no_figures, progress=progress,
-            echo=None if args.quiet else print, jobs=jobs, threads=threads or 1)
+            echo=None if args.quiet else print, jobs=jobs, threads=threads or 1,
+            reuse_other_code=args.reuse_runs_from_other_code)
     except KeyboardInterrupt:
         print(f"\nsimcore grow: interrupted; the checkpoint is in {chosen['out']}/runs/. "
               f"Run the same command again to resume.", file=sys.stderr)

@@ -2,8 +2,10 @@
 
 :func:`run_experiment` is what ``simcore grow`` calls: every run lives in
 ``<out>/runs/<label>/`` (its checkpoint and ``result.json``), so re-running the
-same command reuses finished runs and resumes an interrupted one; the
-combined results, the paper-shaped table and the figures go to ``<out>/``.
+same command reuses finished runs and resumes an interrupted one, as long as the
+same code wrote them (:mod:`.fingerprint`: otherwise they run again, unless
+``reuse_other_code``); the combined results, the paper-shaped table and the
+figures go to ``<out>/``.
 """
 
 from __future__ import annotations
@@ -23,16 +25,21 @@ import torch
 
 from .config import METHODS, TERMS, RunConfig, estimate_seconds
 from .data import ImageDataset, load_dataset, normalize
+from .fingerprint import code_fingerprint
 from .gradcam import grad_cam
 from .lock import OutputLock
 from .measure import growth_line
 from .report import format_n_sweep, format_table, summarize, write_results
+from .run_common import CODE_CHANGED, RESUMED, RESUMED_OTHER_CODE, REUSED, REUSED_OTHER_CODE
 from .runner import CHECKPOINT, Hooks, load_model, resolve_device
 from .runner import run_one as run_torch
 from .runner import run_status as torch_status
 from .statistics import MODEL_NAMES, conclusion, paired_differences, select_n_best, terms_label
 
-__all__ = ["gradcam_figure", "run_experiment"]
+__all__ = ["REUSE_FLAG", "code_note", "gradcam_figure", "run_experiment"]
+
+#: The command-line flag that reuses runs written by other code (named in the messages).
+REUSE_FLAG = "--reuse-runs-from-other-code"
 
 
 def _check_list(values: Sequence[Any], allowed: Sequence[Any] | None, name: str) -> list:
@@ -69,12 +76,13 @@ def run_one(config: RunConfig, out_dir: Path, **kwargs: Any) -> dict[str, Any]:
     return run_torch(config, out_dir, **kwargs)
 
 
-def run_status(config: RunConfig, out_dir: Path) -> tuple[str, int]:
+def run_status(config: RunConfig, out_dir: Path, *,
+               reuse_other_code: bool = False) -> tuple[str, int]:
     if config.framework == "jax":
         from .jax_runner import run_status as jax_status
 
-        return jax_status(config, out_dir)
-    return torch_status(config, out_dir)
+        return jax_status(config, out_dir, reuse_other_code=reuse_other_code)
+    return torch_status(config, out_dir, reuse_other_code=reuse_other_code)
 
 
 def data_device(config: RunConfig) -> torch.device:
@@ -139,6 +147,7 @@ def run_experiment(
     echo: Callable[[str], None] | None = print,
     jobs: int = 1,
     threads: int = 1,
+    reuse_other_code: bool = False,
 ) -> dict[str, Any]:
     """Run every (method, terms, N, seed) on ``base``, then write results, table and figures.
 
@@ -147,9 +156,11 @@ def run_experiment(
     validation split. ``jobs > 1`` runs that many
     runs at once in worker processes of ``threads`` torch threads each (then
     ``hooks`` cannot be used). Returns ``{"results": [...], "summary": [...],
-    "table": str, "files": {kind: path}}``. ``fresh`` discards earlier runs in
-    ``out_dir`` (otherwise finished runs are reused and an interrupted one
-    resumes).
+    "table": str, "files": {kind: path}, "statuses": [...]}`` (each run's
+    ``run_status``: "new", "reused", "code_changed", ...). ``fresh`` discards earlier runs
+    in ``out_dir``; otherwise finished runs are reused and an interrupted one resumes when
+    this code wrote them, and those of other code run again (kept beside as
+    ``*.code-<fingerprint>.*``; the table says how many) unless ``reuse_other_code``.
     """
     if not isinstance(base, RunConfig):
         raise TypeError(f"base must be a RunConfig, got {type(base).__name__}")
@@ -162,6 +173,9 @@ def run_experiment(
         raise ValueError(f"jobs must be >= 1, got {jobs}")
     if jobs > 1 and hooks is not None:
         raise ValueError("hooks run in this process: use jobs=1 with hooks")
+    if fresh and reuse_other_code:
+        raise ValueError(f"--fresh discards the earlier runs that {REUSE_FLAG} would reuse: "
+                         f"choose one")
     configs = [base.replace(method=m, terms=t, seed=s, phase_steps=n)
                for m in methods for t in terms for n in (phase_steps if t != "none" else [None])
                for s in seeds]  # validates every seed and N
@@ -175,7 +189,8 @@ def run_experiment(
             run_dir = out / "runs" / config.label
             if fresh and run_dir.exists():
                 shutil.rmtree(run_dir)
-        statuses = [run_status(config, out / "runs" / config.label) for config in configs]
+        statuses = [run_status(config, out / "runs" / config.label,
+                               reuse_other_code=reuse_other_code) for config in configs]
         say(_plan_line(base, configs, statuses, dataset, run_device(base), jobs, out))
         done = 0
 
@@ -184,14 +199,23 @@ def run_experiment(
             done += 1
             status, epoch = statuses[configs.index(config)]
             seconds = result["training_seconds"]
-            if status == "reused":
+            if status == REUSED:
                 trained = f"reused from an earlier run (which trained {seconds:.1f} s)"
+            elif status == REUSED_OTHER_CODE:
+                trained = (f"reused from an earlier run of other code "
+                           f"({result.get('code') or 'not recorded'}) as {REUSE_FLAG} asks "
+                           f"(which trained {seconds:.1f} s)")
             else:
                 trained = (f"{seconds:.1f} s of training steps, growths and phases (evaluation "
                            f"excluded)")
-                if status == "resumed":
+                if status in (RESUMED, RESUMED_OTHER_CODE):
                     trained = (f"resumed from epoch {epoch} of {config.epochs}; {trained}, "
                                f"all sessions")
+                if status == RESUMED_OTHER_CODE:
+                    trained += f"; its checkpoint was other code's, resumed as {REUSE_FLAG} asks"
+                if status == CODE_CHANGED:
+                    trained = (f"trained again, the code changed since its earlier run (kept "
+                               f"as *.code-<fingerprint>.*); {trained}")
             say(f"[{done}/{len(configs)}] {config.label}: accuracy "
                 f"{result['final_accuracy']:.2f}%, {result['parameters_seed']} -> "
                 f"{result['parameters_final']} parameters, {trained}")
@@ -205,14 +229,18 @@ def run_experiment(
             for config in configs:
                 result = run_one(config, out / "runs" / config.label, dataset=dataset,
                                  progress=progress, hooks=_with_ticks(hooks, lines),
-                                 resume=not fresh)
+                                 resume=not fresh, reuse_other_code=reuse_other_code)
                 report(config, result)
                 results.append(result)
         else:
-            results = _run_parallel(configs, out, jobs, threads, progress, report, lines)
+            results = _run_parallel(configs, out, jobs, threads, progress, report, lines,
+                                    reuse_other_code)
         files = write_results(results, out)
         summary = summarize(results)
         table = format_table(summary)
+        note = code_note([status for status, _ in statuses])
+        if note:
+            table += "\n" + note
         sweeps = {}
         if len(phase_steps) > 1:  # N_best from the validation split, never the test split
             sweeps = {m: select_n_best(results, method=m, model=base.model) for m in methods
@@ -225,7 +253,27 @@ def run_experiment(
                 say("Grad-CAM (Fig. 4) is drawn from PyTorch checkpoints: not for "
                     f"--framework {base.framework} runs")
     return {"results": results, "summary": summary, "table": table, "files": files,
-            "conclusion": conclusion(paired_differences(results)), "n_sweeps": sweeps}
+            "conclusion": conclusion(paired_differences(results)), "n_sweeps": sweeps,
+            "statuses": [status for status, _ in statuses]}
+
+
+def code_note(statuses: Sequence[str]) -> str:
+    """One line per run status that involves other code: how many of the runs were trained
+    again because the code changed, and how many other code's runs were reused anyway;
+    "" when every run is this code's."""
+    total = len(statuses)
+    again = sum(status == CODE_CHANGED for status in statuses)
+    taken = sum(status in (REUSED_OTHER_CODE, RESUMED_OTHER_CODE) for status in statuses)
+    lines = []
+    if again:
+        lines.append(f"{again} of {total} run(s) trained again because the code changed since "
+                     f"their earlier runs (this code: {code_fingerprint()}; the earlier files "
+                     f"are kept beside as *.code-<fingerprint>.*)")
+    if taken:
+        lines.append(f"{taken} of {total} run(s) reused or resumed from other code as "
+                     f"{REUSE_FLAG} asks: their numbers are not all this code's "
+                     f"({code_fingerprint()})")
+    return "\n".join(lines)
 
 
 def _plan_line(base: RunConfig, configs: Sequence[RunConfig], statuses: Sequence[tuple[str, int]],
@@ -241,19 +289,30 @@ def _plan_line(base: RunConfig, configs: Sequence[RunConfig], statuses: Sequence
     if base.train_limit is not None and base.train_limit > held:
         line += (f"\n  note: --train-limit {base.train_limit} is more than the {held} training "
                  f"images of {dataset.name}: all of them are used")
-    reused = sum(status == "reused" for status, _ in statuses)
-    resumed = [(c.label, epoch) for c, (status, epoch) in zip(configs, statuses, strict=True)
-               if status == "resumed"]
+    reused = sum(status == REUSED for status, _ in statuses)
+    reused_other = sum(status == REUSED_OTHER_CODE for status, _ in statuses)
+    again = sum(status == CODE_CHANGED for status, _ in statuses)
     if reused:
         line += f"\n  {reused} run(s) finished earlier in {out}: reused, not trained again"
-    for label, epoch in resumed:
-        line += f"\n  {label}: resumed from its checkpoint after epoch {epoch}"
+    if reused_other:
+        line += (f"\n  {reused_other} run(s) finished earlier in {out} by other code: reused, "
+                 f"not trained again, as {REUSE_FLAG} asks")
+    if again:
+        line += (f"\n  {again} run(s) in {out} were written by other code (or before runs "
+                 f"recorded their code; this code: {code_fingerprint()}): trained again, their "
+                 f"files kept beside as *.code-<fingerprint>.* ({REUSE_FLAG} would reuse them)")
+    for c, (status, epoch) in zip(configs, statuses, strict=True):
+        if status == RESUMED:
+            line += f"\n  {c.label}: resumed from its checkpoint after epoch {epoch}"
+        if status == RESUMED_OTHER_CODE:
+            line += (f"\n  {c.label}: resumed from its checkpoint after epoch {epoch}, "
+                     f"written by other code, as {REUSE_FLAG} asks")
     epochs_left = sum(c.epochs - epoch for c, (status, epoch) in zip(configs, statuses,
                                                                       strict=True)
-                      if status != "reused")
+                      if status not in (REUSED, REUSED_OTHER_CODE))
     if epochs_left:
         seconds = estimate_seconds(base.replace(device=device.split(":")[0]), epochs_left,
-                                   train, min(jobs, len(configs) - reused))
+                                   train, min(jobs, len(configs) - reused - reused_other))
         line += ("\n  expected time: " + (
             f"about {_duration(seconds)} for the training (measured on a 2-core CPU; "
             f"imports, data and figures add 10-20 s)" if seconds is not None else
@@ -277,13 +336,15 @@ def _worker_dataset(config: RunConfig) -> ImageDataset:
     return _load(config).to(data_device(config))
 
 
-def _worker_run(config: RunConfig, run_dir: Path, threads: int, events: Any) -> dict[str, Any]:
+def _worker_run(config: RunConfig, run_dir: Path, threads: int, events: Any,
+                reuse_other_code: bool) -> dict[str, Any]:
     """One run in a worker process; each finished epoch is reported on ``events``."""
     torch.set_num_threads(threads)
     data_config = config.replace(method="random", terms="none", seed=0, phase_steps=None)
     hooks = Hooks(on_epoch_end=lambda _epoch, _record: events.put(1))
     # resume: the parent already removed the folders of a fresh start
-    return run_one(config, run_dir, dataset=_worker_dataset(data_config), hooks=hooks)
+    return run_one(config, run_dir, dataset=_worker_dataset(data_config), hooks=hooks,
+                   reuse_other_code=reuse_other_code)
 
 
 #: Seconds between two plain progress lines (when no progress bar is drawn).
@@ -328,8 +389,8 @@ def _with_ticks(hooks: Hooks | None, lines: _EpochLines) -> Hooks:
                  on_epoch_end=on_epoch_end)
 
 
-def _run_parallel(configs, out, jobs, threads, progress, report,
-                  lines) -> list[dict[str, Any]]:
+def _run_parallel(configs, out, jobs, threads, progress, report, lines,
+                  reuse_other_code) -> list[dict[str, Any]]:
     from tqdm.auto import tqdm
 
     context = multiprocessing.get_context("spawn")  # fork after torch's thread pools can hang
@@ -349,7 +410,7 @@ def _run_parallel(configs, out, jobs, threads, progress, report,
         try:
             with concurrent.futures.ProcessPoolExecutor(jobs, mp_context=context) as pool:
                 futures = {pool.submit(_worker_run, config, out / "runs" / config.label,
-                                       threads, events): index
+                                       threads, events, reuse_other_code): index
                            for index, config in enumerate(configs)}
                 for future in concurrent.futures.as_completed(futures):
                     index = futures[future]

@@ -46,12 +46,14 @@ from simcore import growth as core
 from .config import RunConfig
 from .data import ImageDataset, iter_batches
 from .run_common import (
+    CODE_CHANGED,
+    NEW,
     RESULT,
     Hooks,
     RunState,
     begin_run,
     derive_seed,
-    finished_result,
+    finished_status,
     growth_record,
     make_result,
     phase_layer_record,
@@ -91,14 +93,16 @@ def resolve_device(name: str) -> Any:
     return devices[number]
 
 
-def run_status(config: RunConfig, out_dir: str | Path) -> tuple[str, int]:
-    """``("reused", epochs)`` for a finished run with ``config``'s settings, else ``("new", 0)``."""
-    try:
-        if finished_result(config, Path(out_dir), resume=True) is not None:
-            return "reused", config.epochs
-    except ValueError:
-        pass  # other settings or an unreadable file: run_one says so
-    return "new", 0
+def run_status(config: RunConfig, out_dir: str | Path, *,
+               reuse_other_code: bool = False) -> tuple[str, int]:
+    """``("reused", epochs)`` for a finished run with ``config``'s settings and this code;
+    ``("code_changed", 0)`` for one that other code (or a version that recorded none) wrote,
+    which :func:`run_one` sets aside and runs again, unless ``reuse_other_code`` (then
+    ``("reused_other_code", epochs)``); else ``("new", 0)``. Changes nothing."""
+    status = finished_status(config, Path(out_dir), reuse_other_code=reuse_other_code)
+    if status is None:
+        return NEW, 0  # nothing, other settings or an unreadable file: run_one says so
+    return status, (0 if status == CODE_CHANGED else config.epochs)
 
 
 def _build_model(config: RunConfig, num_classes: int):
@@ -368,12 +372,13 @@ def _measure_phase(record: dict[str, Any], run: _Run, before: list, layers: list
 
 def run_one(config: RunConfig, out_dir: str | Path, *, dataset: ImageDataset | None = None,
             progress: bool = False, hooks: Hooks | None = None,
-            resume: bool = True) -> dict[str, Any]:
+            resume: bool = True, reuse_other_code: bool = False) -> dict[str, Any]:
     """Run (or reuse the finished result of) one JAX configuration in ``out_dir``.
 
     Writes ``result.json`` (atomically) and returns the result dictionary. ``hooks`` are
     called as by the PyTorch runner; ``KeyboardInterrupt`` stops the run without a
-    checkpoint (it starts over next time).
+    checkpoint (it starts over next time). A result of other code is set aside and the run
+    starts again, unless ``reuse_other_code``, as in the PyTorch runner.
     """
     import jax
 
@@ -383,7 +388,7 @@ def run_one(config: RunConfig, out_dir: str | Path, *, dataset: ImageDataset | N
         raise ValueError(f"config.framework is {config.framework!r}: the JAX runner runs "
                          f"framework 'jax' configurations")
     hooks = hooks or Hooks()
-    out, previous = begin_run(config, out_dir, resume=resume)
+    out, previous = begin_run(config, out_dir, resume=resume, reuse_other_code=reuse_other_code)
     if previous is not None:
         return previous
     device = resolve_device(config.device)

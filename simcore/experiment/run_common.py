@@ -1,18 +1,21 @@
 """What the PyTorch and the JAX runner of ``simcore grow`` share, written without a framework.
 
 The seeds of every random stream (:func:`derive_seed`), the state a run carries from epoch to
-epoch (:class:`RunState`), the run's JSON files, the similarity records of a layer
-(:func:`weight_record`, :func:`phase_layer_record`, :func:`similarity_summary`: NumPy
-float64 arrays with neurons on axis 0, whatever layout the framework keeps them in) and the
-result dictionary (:func:`make_result`) that :mod:`.report`, :mod:`.statistics` and
-:mod:`.figures` read. :mod:`.runner` (PyTorch) and :mod:`.jax_runner` (JAX) import this
-module and never each other.
+epoch (:class:`RunState`), the run's JSON files, whether an earlier run in its folder is
+reused, resumed or run again (:func:`code_status`: same settings and same code), the
+similarity records of a layer (:func:`weight_record`, :func:`phase_layer_record`,
+:func:`similarity_summary`: NumPy float64 arrays with neurons on axis 0, whatever layout the
+framework keeps them in) and the result dictionary (:func:`make_result`) that :mod:`.report`,
+:mod:`.statistics` and :mod:`.figures` read. :mod:`.runner` (PyTorch) and :mod:`.jax_runner`
+(JAX) import this module and never each other.
 """
 
 from __future__ import annotations
 
 import json
-from collections.abc import Callable, Mapping
+import os
+import re
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -23,13 +26,25 @@ import simcore
 
 from .config import RunConfig
 from .files import write_atomic
+from .fingerprint import FINGERPRINT_LENGTH, code_fingerprint
 
-__all__ = ["RESULT", "Hooks", "RunInterrupted", "RunState", "begin_run", "derive_seed",
-           "finished_result", "growth_record", "run_dataset",
+__all__ = ["CODE_CHANGED", "NEW", "RESULT", "RESUMED", "RESUMED_OTHER_CODE", "REUSED",
+           "REUSED_OTHER_CODE", "Hooks", "RunInterrupted", "RunState", "begin_run",
+           "code_status", "derive_seed", "finished_result", "finished_status", "growth_record",
            "make_result", "phase_layer_record", "progress_bar", "raise_mismatch", "read_json",
-           "similarity_summary", "weight_record", "write_json"]
+           "run_dataset", "saved_code", "set_aside", "similarity_summary", "weight_record",
+           "write_json"]
 
 RESULT = "result.json"
+
+# What a run folder holds for a run, as ``run_status`` of either runner reports it:
+NEW = "new"                                   # nothing of these settings: trained from the start
+REUSED = "reused"                             # finished by this code: its result is reused
+RESUMED = "resumed"                           # a checkpoint of this code: training resumes
+CODE_CHANGED = "code_changed"                 # finished or begun by other code: run again
+REUSED_OTHER_CODE = "reused_other_code"       # finished by other code, reused as asked
+RESUMED_OTHER_CODE = "resumed_other_code"     # begun by other code, resumed as asked
+_FINGERPRINT = re.compile(f"[0-9a-f]{{{FINGERPRINT_LENGTH}}}")
 _STREAMS = {"init": 1, "epoch": 2, "growth": 3, "growth_data": 4, "control": 5}
 
 
@@ -118,35 +133,92 @@ def raise_mismatch(out: Path, old: dict, new: dict) -> None:
                      f"output folder or pass --fresh to start over")
 
 
-def finished_result(config: RunConfig, out: Path, *, resume: bool) -> dict[str, Any] | None:
-    """The finished result in ``out`` when it has ``config``'s settings and ``resume`` is on.
+def saved_code(saved: Mapping[str, Any]) -> str | None:
+    """The code fingerprint a result or checkpoint records; ``None`` for one written before
+    fingerprints were recorded (or holding something else)."""
+    code = saved.get("code")
+    return code if isinstance(code, str) and _FINGERPRINT.fullmatch(code) else None
 
-    ``resume=False`` removes it at once (an interrupted fresh run leaves no stale result);
-    a result of other settings is refused with the way out.
+
+def code_status(saved: Mapping[str, Any], *, finished: bool, reuse_other_code: bool) -> str:
+    """What becomes of a saved run with this run's settings (a result when ``finished``, else
+    a checkpoint's extra): reused or resumed when this code wrote it; otherwise run again
+    (:data:`CODE_CHANGED`), unless ``reuse_other_code`` asks to take it anyway."""
+    if saved_code(saved) == code_fingerprint():
+        return REUSED if finished else RESUMED
+    if reuse_other_code:
+        return REUSED_OTHER_CODE if finished else RESUMED_OTHER_CODE
+    return CODE_CHANGED
+
+
+def set_aside(path: Path, saved: Mapping[str, Any]) -> Path:
+    """Rename ``path``, a file another version of the code wrote, to ``<stem>.code-<its
+    fingerprint><suffix>`` beside it (``code-unknown`` when it records none).
+
+    An earlier file of that name is replaced: the same code with the same settings wrote it,
+    so it holds the same run.
     """
-    result_path, key = out / RESULT, config.training_key()
-    if not resume:
-        result_path.unlink(missing_ok=True)
-        return None
+    target = path.with_name(f"{path.stem}.code-{saved_code(saved) or 'unknown'}{path.suffix}")
+    os.replace(path, target)
+    return target
+
+
+def _read_result(result_path: Path) -> dict[str, Any] | None:
     if not result_path.exists():
         return None
     previous = read_json(result_path)
     if not isinstance(previous, dict):
         raise ValueError(f"{result_path} is not a run result; delete it or pass --fresh "
                          f"to start over")
-    if previous.get("key") != key:
-        raise_mismatch(out, previous.get("key", {}), key)
     return previous
 
 
-def begin_run(config: RunConfig, out_dir: str | Path, *,
-              resume: bool) -> tuple[Path, dict[str, Any] | None]:
+def finished_status(config: RunConfig, out: Path, *, reuse_other_code: bool) -> str | None:
+    """:func:`code_status` of the finished result in ``out``; ``None`` when there is none, it
+    cannot be read or it has other settings (:func:`finished_result` says so). Changes
+    nothing."""
+    try:
+        previous = _read_result(out / RESULT)
+    except ValueError:
+        return None
+    if previous is None or previous.get("key") != config.training_key():
+        return None
+    return code_status(previous, finished=True, reuse_other_code=reuse_other_code)
+
+
+def finished_result(config: RunConfig, out: Path, *, resume: bool,
+                    reuse_other_code: bool = False) -> dict[str, Any] | None:
+    """The finished result in ``out`` when it has ``config``'s settings, this code wrote it
+    (or ``reuse_other_code`` is on) and ``resume`` is on.
+
+    ``resume=False`` removes it at once (an interrupted fresh run leaves no stale result);
+    a result of other settings is refused with the way out; one of other code is set aside
+    (:func:`set_aside`) and the run starts again.
+    """
+    result_path, key = out / RESULT, config.training_key()
+    if not resume:
+        result_path.unlink(missing_ok=True)
+        return None
+    previous = _read_result(result_path)
+    if previous is None:
+        return None
+    if previous.get("key") != key:
+        raise_mismatch(out, previous.get("key", {}), key)
+    status = code_status(previous, finished=True, reuse_other_code=reuse_other_code)
+    if status == CODE_CHANGED:
+        set_aside(result_path, previous)
+        return None
+    return previous
+
+
+def begin_run(config: RunConfig, out_dir: str | Path, *, resume: bool,
+              reuse_other_code: bool = False) -> tuple[Path, dict[str, Any] | None]:
     """``config`` checked and ``out_dir`` made; with it the finished result to reuse, if any."""
     if not isinstance(config, RunConfig):
         raise TypeError(f"config must be a RunConfig, got {type(config).__name__}")
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    return out, finished_result(config, out, resume=resume)
+    return out, finished_result(config, out, resume=resume, reuse_other_code=reuse_other_code)
 
 
 def run_dataset(config: RunConfig, dataset: Any = None) -> Any:
@@ -204,8 +276,13 @@ def similarity_summary(layers: Mapping[str, np.ndarray]) -> dict[str, Any]:
 
 
 def make_result(config: RunConfig, key: dict, state: RunState, *, device: str,
-                parameters_final: int, widths_final: list[int]) -> dict[str, Any]:
-    """The JSON-ready result of a finished run (what ``result.json`` holds)."""
+                parameters_final: int, widths_final: list[int],
+                resumed_from_code: Sequence[str] = ()) -> dict[str, Any]:
+    """The JSON-ready result of a finished run (what ``result.json`` holds).
+
+    ``code`` is this code's fingerprint; ``resumed_from_code`` lists the fingerprints of other
+    code that trained part of the run (resumed with ``reuse_other_code``), usually none.
+    """
     final = state.history[-1]
     accuracies = [h["test_accuracy"] for h in state.history[1:]]
     # training steps only (a joint phase's steps included): the unit a growth's cost is given in
@@ -215,7 +292,8 @@ def make_result(config: RunConfig, key: dict, state: RunState, *, device: str,
         record["growth_epochs"] = (record["growth_seconds"] / epoch_seconds
                                    if epoch_seconds else None)
     return {
-        "label": config.label, "key": key, "config": config.to_dict(),
+        "label": config.label, "key": key, "code": code_fingerprint(),
+        "resumed_from_code": list(resumed_from_code), "config": config.to_dict(),
         "device": device,
         "final_accuracy": final["test_accuracy"], "best_accuracy": max(accuracies),
         "final_val_accuracy": final.get("val_accuracy"),

@@ -25,7 +25,6 @@ end-of-epoch checkpoint.
 
 from __future__ import annotations
 
-import json
 import math
 import signal
 import sys
@@ -53,6 +52,7 @@ from simcore.adapters.torch import (
 
 from .config import RunConfig
 from .data import ImageDataset, iter_batches
+from .fingerprint import code_fingerprint
 from .measure import (
     accuracies,
     evaluate,
@@ -64,16 +64,23 @@ from .measure import (
     similarity_layers,
 )
 from .run_common import (
+    CODE_CHANGED,
+    NEW,
     RESULT,
+    RESUMED_OTHER_CODE,
     Hooks,
     RunInterrupted,
     begin_run,
+    code_status,
     derive_seed,
+    finished_status,
     growth_record,
     make_result,
     progress_bar,
     raise_mismatch,
     run_dataset,
+    saved_code,
+    set_aside,
     write_json,
 )
 from .run_common import RunState as _State
@@ -145,44 +152,88 @@ class _DeferredSigint:
         return False
 
 
-def run_status(config: RunConfig, out_dir: str | Path) -> tuple[str, int]:
-    """What :func:`run_one` will do in ``out_dir``: ``("reused", epochs)`` for a finished run
-    with the same settings, ``("resumed", epoch)`` for a checkpoint after ``epoch`` finished
-    epochs, else ``("new", 0)`` (also when the files hold other settings: run_one says so)."""
+def run_status(config: RunConfig, out_dir: str | Path, *,
+               reuse_other_code: bool = False) -> tuple[str, int]:
+    """What :func:`run_one` will do in ``out_dir``, and after how many epochs it starts.
+
+    ``("reused", epochs)`` for a finished run with the same settings and code, ``("resumed",
+    epoch)`` for a checkpoint of them after ``epoch`` finished epochs; ``("code_changed", 0)``
+    when the files hold the same settings but were written by other code (or before the code
+    was recorded): the run starts again and they are set aside, unless ``reuse_other_code``
+    (then ``"reused_other_code"`` or ``"resumed_other_code"``); else ``("new", 0)`` (also when
+    the files hold other settings: run_one says so). Changes nothing.
+    """
     out = Path(out_dir)
-    key = config.training_key()
+    status = finished_status(config, out, reuse_other_code=reuse_other_code)
+    if status is not None:
+        return status, (0 if status == CODE_CHANGED else config.epochs)
+    if (out / RESULT).exists():
+        return NEW, 0  # other settings or unreadable: run_one refuses it with the way out
     try:
-        if (out / RESULT).exists():
-            previous = json.loads((out / RESULT).read_text())
-            if isinstance(previous, dict) and previous.get("key") == key:
-                return "reused", config.epochs
-        if (out / CHECKPOINT).exists():
-            extra = torch.load(out / CHECKPOINT, map_location="cpu", weights_only=True)["extra"]
-            if isinstance(extra, dict) and extra.get("key") == key:
-                return "resumed", int(extra["state"]["epoch"])
-    except (OSError, ValueError, RuntimeError, KeyError, TypeError, EOFError):
-        pass  # unreadable files: run_one reports them with the way out
-    return "new", 0
+        extra = _saved_extra(out / CHECKPOINT)
+    except ValueError:
+        return NEW, 0  # unreadable: run_one reports it with the way out
+    if extra is None or extra.get("key") != config.training_key():
+        return NEW, 0
+    status = code_status(extra, finished=False, reuse_other_code=reuse_other_code)
+    return status, (0 if status == CODE_CHANGED else int(extra["state"]["epoch"]))
+
+
+def _saved_extra(path: Path) -> dict[str, Any] | None:
+    """The ``extra`` of the checkpoint at ``path`` (its settings, code and run state), read
+    without building the model; ``None`` when there is no checkpoint."""
+    if not path.exists():
+        return None
+    try:
+        extra = torch.load(path, map_location="cpu", weights_only=True)["extra"]
+    except (OSError, RuntimeError, ValueError, KeyError, TypeError, EOFError) as err:
+        raise ValueError(f"cannot read checkpoint {path} ({err}); delete it or pass --fresh "
+                         f"to start over") from None
+    return extra if isinstance(extra, dict) else {}
+
+
+def _other_code_resumed(path: Path, key: dict[str, Any], reuse_other_code: bool) -> list[str]:
+    """The fingerprints of other code that trained part of the run the checkpoint at ``path``
+    resumes (usually none). A checkpoint of ``key``'s settings that other code wrote is set
+    aside, so that the run starts again, unless ``reuse_other_code``."""
+    saved = _saved_extra(path)
+    if saved is None or saved.get("key") != key:  # none, or other settings: _restore refuses
+        return []
+    status = code_status(saved, finished=False, reuse_other_code=reuse_other_code)
+    if status == CODE_CHANGED:
+        set_aside(path, saved)
+        return []
+    earlier = [str(code) for code in saved.get("resumed_from_code", [])]
+    other = saved_code(saved) or "unknown"
+    if status == RESUMED_OTHER_CODE and other not in earlier:
+        earlier.append(other)
+    return earlier
 
 
 def run_one(config: RunConfig, out_dir: str | Path, *, dataset: ImageDataset | None = None,
             progress: bool = False, hooks: Hooks | None = None,
-            resume: bool = True) -> dict[str, Any]:
+            resume: bool = True, reuse_other_code: bool = False) -> dict[str, Any]:
     """Run (or resume, or reuse the finished result of) one configuration in ``out_dir``.
 
     ``out_dir`` receives ``checkpoint.pt`` (kept at the end: the grown model,
     used for Grad-CAM) and ``result.json``. With ``resume=False`` any previous
     state in ``out_dir`` is ignored and overwritten (a finished ``result.json``
     is removed at once, so an interrupted fresh run leaves no stale result).
+    A result or checkpoint of the same settings written by other code (its ``code``
+    fingerprint differs, or it has none) is not reused: it is renamed
+    ``result.code-<fingerprint>.json`` / ``checkpoint.code-<fingerprint>.pt`` and the run
+    starts again, unless ``reuse_other_code`` (then it is reused or resumed as if this code
+    had written it; a resumed run's result lists the other code in ``resumed_from_code``).
     ``dataset`` skips loading (compare mode shares one). Returns the result
     dictionary, also written to ``result.json`` atomically.
     """
     hooks = hooks or Hooks()
-    out, previous = begin_run(config, out_dir, resume=resume)
+    out, previous = begin_run(config, out_dir, resume=resume, reuse_other_code=reuse_other_code)
     if previous is not None:
         return previous
     result_path, ckpt_path = out / RESULT, out / CHECKPOINT
     key = config.training_key()
+    resumed_from_code = _other_code_resumed(ckpt_path, key, reuse_other_code) if resume else []
     device = resolve_device(config.device)
     dataset = run_dataset(config, dataset).to(device)
     schedule = GrowthSchedule(every=config.grow_every, ratio=config.ratio, unit=config.unit,
@@ -217,7 +268,9 @@ def run_one(config: RunConfig, out_dir: str | Path, *, dataset: ImageDataset | N
 
     def save() -> None:
         nonlocal unsaved
-        extra: dict[str, Any] = {"key": key, "state": state.to_extra()}
+        extra: dict[str, Any] = {"key": key, "code": code_fingerprint(),
+                                 "resumed_from_code": resumed_from_code,
+                                 "state": state.to_extra()}
         if phase is not None and phase.active:
             extra["phase_refs"] = [r.detach().cpu() for r in phase.penalty.refs]
             extra["phase_before"] = [w.detach().cpu() for w in phase_before]
@@ -322,7 +375,8 @@ def run_one(config: RunConfig, out_dir: str | Path, *, dataset: ImageDataset | N
         raise
     bar.close()
     result = make_result(config, key, state, device=str(device),
-                         parameters_final=parameter_count(model), widths_final=widths(model))
+                         parameters_final=parameter_count(model), widths_final=widths(model),
+                         resumed_from_code=resumed_from_code)
     write_json(result_path, result)
     return result
 
