@@ -15,7 +15,6 @@ from collections.abc import Mapping, Sequence
 from typing import Any
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 
 from simcore import growth
@@ -67,7 +66,7 @@ def grow_mirrors(
             value = state[prefix + leaf_name(p)]["slot"]
             leaves.append(x if value.shape == x.shape and value is not None and
                           (prefix + leaf_name(p)) not in grown_names else
-                          jnp.asarray(value, dtype=x.dtype))
+                          jax.device_put(np.asarray(value, dtype=x.dtype)))
         return jax.tree_util.tree_unflatten(node_def if new_treedef is None else new_treedef,
                                             leaves)
 

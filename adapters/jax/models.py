@@ -93,14 +93,27 @@ def _as_widths(widths: Any, count: int) -> tuple[int, ...]:
     return (check_int(widths, "widths", minimum=1),) * count
 
 
+def _example_mask(mask: Any, x: jax.Array) -> jax.Array | None:
+    """``mask`` (one bool per example) shaped to broadcast over NHWC ``x``, or None."""
+    if mask is None:
+        return None
+    mask = jnp.asarray(mask)
+    if mask.shape != x.shape[:1] or mask.dtype != jnp.bool_:
+        raise ValueError(f"mask must be a bool array of shape {x.shape[:1]} (one entry per "
+                         f"example), got {mask.dtype} {mask.shape}")
+    return mask[:, None, None, None]
+
+
 def _run_layers(module: nn.Module, layers: list[dict[str, Any]], x: jax.Array, train: bool,
-                num_classes: int) -> jax.Array:
+                num_classes: int, mask: jax.Array | None = None) -> jax.Array:
     """Apply a core layer list (``simcore.growth.presets``) to NHWC ``x`` inside ``module``.
 
     Names follow the module docstring: a conv with a ``width_index`` is ``conv{i}``, any
-    other conv before the classifier is the depthwise conv of the next block.
+    other conv before the classifier is the depthwise conv of the next block. ``mask``
+    (training only): the examples BatchNorm takes its batch statistics over.
     """
     conv_name = bn_name = ""
+    where = _example_mask(mask, x) if train else None
     for layer in layers:
         kind = layer["kind"]
         if kind == "conv":
@@ -121,7 +134,7 @@ def _run_layers(module: nn.Module, layers: list[dict[str, Any]], x: jax.Array, t
                         name=conv_name, parent=module)(x)
         elif kind == "batchnorm":
             x = nn.BatchNorm(use_running_average=not train, momentum=_BN_MOMENTUM,
-                             epsilon=_BN_EPSILON, name=bn_name, parent=module)(x)
+                             epsilon=_BN_EPSILON, name=bn_name, parent=module)(x, mask=where)
         elif kind == "activation":
             x = ACTIVATIONS[layer["name"]](x)
         elif kind == "maxpool":
@@ -152,7 +165,9 @@ class VGG16(nn.Module):
     """VGG16 for 32x32 NHWC inputs with per-layer conv widths (see the module docstring).
 
     ``model.apply(variables, x, train=True, mutable=["batch_stats"])`` trains (batch
-    statistics, running averages updated); ``train=False`` (default) evaluates.
+    statistics, running averages updated); ``train=False`` (default) evaluates. ``mask``
+    (training, optional): one bool per example, the examples the batch statistics are taken
+    over, so that a batch padded to a fixed size normalises as its real examples alone do.
     """
 
     widths: Sequence[int] = VGG16_SEED_WIDTHS
@@ -166,17 +181,18 @@ class VGG16(nn.Module):
         super().__post_init__()
 
     @nn.compact
-    def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
+    def __call__(self, x: jax.Array, train: bool = False,
+                 mask: jax.Array | None = None) -> jax.Array:
         _check_input(x)
         layers = vgg16_cifar(self.widths, in_channels=int(x.shape[-1]), classes=self.num_classes)
-        return _run_layers(self, layers, x, train, self.num_classes)
+        return _run_layers(self, layers, x, train, self.num_classes, mask)
 
 
 class MobileNetV1(nn.Module):
     """MobileNetV1 for 32x32 NHWC inputs with per-layer widths (see the module docstring).
 
     ``widths``: the stem and the 13 pointwise convs; ``activation``: ``"swish"`` (the
-    paper's) or ``"relu"``.
+    paper's) or ``"relu"``; ``train`` and ``mask`` as for :class:`VGG16`.
     """
 
     widths: Sequence[int] = MOBILENET_V1_SEED_WIDTHS
@@ -194,11 +210,12 @@ class MobileNetV1(nn.Module):
         super().__post_init__()
 
     @nn.compact
-    def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
+    def __call__(self, x: jax.Array, train: bool = False,
+                 mask: jax.Array | None = None) -> jax.Array:
         _check_input(x)
         layers = mobilenet_v1_cifar(self.widths, in_channels=int(x.shape[-1]),
                                     classes=self.num_classes, activation=self.activation)
-        return _run_layers(self, layers, x, train, self.num_classes)
+        return _run_layers(self, layers, x, train, self.num_classes, mask)
 
 
 def vgg16(num_classes: int = 10, width: int | Sequence[int] = 16) -> VGG16:

@@ -24,11 +24,15 @@ same result dictionary (``result.json``), so :mod:`.report`, :mod:`.statistics` 
 What a JAX run does not give: Grad-CAM (Fig. 4 is drawn from PyTorch checkpoints only) and
 checkpoints: an interrupted JAX run starts over (a finished one is reused from its
 ``result.json``). The joint phase with absolute steps (Eq. 5 added to the loss) is refused.
-Training time includes XLA's compilation of the training step (for each model size and
-batch shape: at the start and after each growth); ``compile_seconds`` in the result is the
-part spent in those first steps, so ``training_seconds - compile_seconds`` compares with a
-PyTorch run's training time. This module imports no PyTorch model, optimizer or growth
-code; the data pipeline is PyTorch's (CPU tensors), as for the PyTorch run.
+Training time includes XLA's compilation of the training step, once per model size (at the
+start and after each growth): every batch is padded to the batch size with a mask of its
+real examples (the loss is their mean, BatchNorm's statistics are theirs), every array is
+committed to the run's device, and the step is compiled ahead of time on its first call, so
+a later call that would compile again fails instead. ``compile_seconds`` in the result is
+the time those compilations took and ``compiles`` their number, so ``training_seconds -
+compile_seconds`` compares with a PyTorch run's training time. This module imports no
+PyTorch model, optimizer or growth code; the data pipeline is PyTorch's (CPU tensors), as
+for the PyTorch run.
 """
 
 from __future__ import annotations
@@ -66,6 +70,9 @@ from .run_common import (
 
 __all__ = ["STATS_LAYER", "resolve_device", "run_one", "run_status"]
 
+#: Evaluation reads every split in batches of this many images, the last one padded, so that
+#: the evaluation compiles once per model size whatever the splits' sizes.
+EVAL_BATCH = 256
 #: The layer whose similarity histogram the run records (the paper's Fig. 6: layer 2, i.e.
 #: VGG16's second conv, MobileNetV1's first pointwise conv; both named ``conv1``).
 STATS_LAYER = "conv1"
@@ -135,26 +142,61 @@ def _loss(logits, labels):
     return optax.softmax_cross_entropy_with_integer_labels(logits, labels).mean()
 
 
-def _steps(model, tx) -> tuple[Callable, Callable]:
-    """The jitted training step and prediction of ``model`` (rebuilt after each growth)."""
+def _masked_loss(logits, labels, mask):
+    """The mean cross-entropy over the real examples of a padded batch (``mask`` True)."""
+    import jax.numpy as jnp
+    import optax
+
+    losses = optax.softmax_cross_entropy_with_integer_labels(logits, labels)
+    return jnp.where(mask, losses, 0.0).sum() / mask.sum()
+
+
+class _Compiled:
+    """``jax.jit(fn)`` compiled ahead of time on its first call, and only then.
+
+    A later call with other shapes raises instead of compiling again unseen (each compilation
+    of the training step costs seconds on a CPU), and :attr:`seconds` is what lowering and
+    compiling took, measured apart from running.
+    """
+
+    def __init__(self, fn: Callable):
+        import jax
+
+        self.jitted, self.executable, self.seconds = jax.jit(fn), None, 0.0
+
+    def __call__(self, *args):
+        if self.executable is None:
+            started = time.perf_counter()
+            self.executable = self.jitted.lower(*args).compile()
+            self.seconds = time.perf_counter() - started
+        return self.executable(*args)
+
+
+def _steps(model, tx) -> tuple[_Compiled, _Compiled]:
+    """The training step and the evaluation count of ``model`` (rebuilt after each growth).
+
+    Both take batches padded to one size with a mask of their real examples (the loss is the
+    mean over those, BatchNorm's statistics are theirs), so each compiles once per model size:
+    an epoch's smaller last batch, or a split's, is padded instead of compiled for.
+    """
     import jax
     import optax
 
-    def train_step(params, batch_stats, opt_state, x, y, lr):
+    def train_step(params, batch_stats, opt_state, x, y, mask, lr):
         def loss_of(p):
             logits, updates = model.apply({"params": p, "batch_stats": batch_stats}, x,
-                                          train=True, mutable=["batch_stats"])
-            return _loss(logits, y), (logits, updates["batch_stats"])
+                                          train=True, mask=mask, mutable=["batch_stats"])
+            return _masked_loss(logits, y, mask), (logits, updates["batch_stats"])
 
         (loss, (logits, stats)), grads = jax.value_and_grad(loss_of, has_aux=True)(params)
         updates, opt_state = tx.update(grads, opt_state, params)
         params = optax.apply_updates(params, jax.tree_util.tree_map(lambda u: -lr * u, updates))
-        return params, stats, opt_state, loss, (logits.argmax(-1) == y).sum()
+        return params, stats, opt_state, loss, ((logits.argmax(-1) == y) & mask).sum()
 
-    def predict(variables, x):
-        return model.apply(variables, x).argmax(-1)
+    def count_correct(variables, x, y, mask):
+        return ((model.apply(variables, x).argmax(-1) == y) & mask).sum()
 
-    return jax.jit(train_step), jax.jit(predict)
+    return _Compiled(train_step), _Compiled(count_correct)
 
 
 def _kernel_path(params: dict, layer: str) -> tuple[str, ...]:
@@ -210,20 +252,42 @@ class _Run:
         key = jax.random.key(derive_seed(config.seed, "init") & 0xFFFFFFFF)
         variables = jax.jit(self.model.init)(key, self.to_device(np.zeros((1, 32, 32, 3),
                                                                           np.float32)))
-        self.params, self.batch_stats = variables["params"], variables["batch_stats"]
-        self.opt_state = self.tx.init(self.params)
-        self.train_step, self.predict = _steps(self.model, self.tx)
-        self.compiled: set[tuple[int, ...]] = set()  # batch shapes the train step has seen
-        self._eval: dict[str, list] = {}
+        self.params = self.to_device(variables["params"])
+        self.batch_stats = self.to_device(variables["batch_stats"])
+        self.opt_state = self.to_device(self.tx.init(self.params))
+        self.train_steps: list[_Compiled] = []  # one per model size, compiled when first run
+        self.build_steps()
+        self._eval: dict[str, tuple[list, int]] = {}
+        self._masks: dict[tuple[int, int], Any] = {}
 
-    def to_device(self, array: Any) -> Any:
+    def build_steps(self) -> None:
+        self.train_step, self.count_correct = _steps(self.model, self.tx)
+        self.train_steps.append(self.train_step)
+
+    def to_device(self, tree: Any) -> Any:
+        """Arrays (NumPy or JAX, or a tree of them) committed to the run's device: every call
+        of a compiled step then sees the same placement (a jitted function compiles again
+        when an argument's placement changes)."""
         import jax
 
-        return jax.device_put(np.asarray(array), self.device)
+        return jax.device_put(tree, self.device)
 
     def batch(self, x, y) -> tuple[Any, Any]:
         """A pipeline batch (NCHW torch tensors) as NHWC images and labels on the device."""
         return self.to_device(x.permute(0, 2, 3, 1).numpy()), self.to_device(y.numpy())
+
+    def padded_batch(self, x, y, size: int) -> tuple[Any, Any, Any]:
+        """:meth:`batch` padded with zeros to ``size`` examples, and the mask of its real
+        ones: one shape for every batch, so the steps compile once per model size."""
+        count = int(y.shape[0])
+        images, labels = x.permute(0, 2, 3, 1).numpy(), y.numpy()
+        if count < size:
+            images = np.concatenate([images, np.zeros((size - count, *images.shape[1:]),
+                                                      images.dtype)])
+            labels = np.concatenate([labels, np.zeros(size - count, labels.dtype)])
+        if (count, size) not in self._masks:
+            self._masks[count, size] = self.to_device(np.arange(size) < count)
+        return self.to_device(images), self.to_device(labels), self._masks[count, size]
 
     @property
     def variables(self) -> dict[str, Any]:
@@ -236,14 +300,14 @@ class _Run:
 
     def evaluate(self, split: str = "test") -> float | None:
         if split not in self._eval:  # the evaluation batches never change: convert once
-            self._eval[split] = [self.batch(x, y) for x, y in
-                                 iter_batches(self.dataset, split, 500)]
-        count = sum(int(y.shape[0]) for _, y in self._eval[split])
+            pairs = list(iter_batches(self.dataset, split, EVAL_BATCH))
+            self._eval[split] = ([self.padded_batch(x, y, EVAL_BATCH) for x, y in pairs],
+                                 sum(int(y.shape[0]) for _, y in pairs))
+        batches, count = self._eval[split]
         if count == 0:
             return None
-        correct = sum(int((self.predict(self.variables, x) == y).sum())
-                      for x, y in self._eval[split])
-        return 100.0 * correct / count
+        counts = [self.count_correct(self.variables, *batch) for batch in batches]
+        return 100.0 * sum(int(c) for c in counts) / count
 
     def accuracies(self) -> dict[str, float | None]:
         return {"test": self.evaluate(), "val": self.evaluate("val")}
@@ -286,11 +350,10 @@ class _Run:
         grown = grow(_make_grower(config, epoch), self.model, self.variables, batches=batches,
                      loss_fn=_loss, opt_state=self.opt_state, ratio=config.ratio,
                      unit=config.unit)
-        self.model, self.opt_state = grown.model, grown.opt_state
-        self.params = grown.variables["params"]
-        self.batch_stats = grown.variables["batch_stats"]
-        self.train_step, self.predict = _steps(self.model, self.tx)
-        self.compiled = set()
+        self.model, self.opt_state = grown.model, self.to_device(grown.opt_state)
+        self.params = self.to_device(grown.variables["params"])
+        self.batch_stats = self.to_device(grown.variables["batch_stats"])
+        self.build_steps()
         return grown.report
 
 
@@ -407,19 +470,18 @@ def run_one(config: RunConfig, out_dir: str | Path, *, dataset: ImageDataset | N
                               "train_accuracy": None, "lr": config.lr})
         phase = _phase(config)
         phase_before: list = []
-        compile_seconds = 0.0  # first steps of each model and batch shape (part of training)
         batches_per_epoch = math.ceil(dataset.train_labels.shape[0] / config.batch_size)
         bar = progress_bar(config.epochs, 0, config.label, progress)
         for epoch in range(config.epochs):
-            lr = _learning_rate(config, epoch)
+            lr = float(_learning_rate(config, epoch))  # one argument type: one compile
             generator = _generator(derive_seed(config.seed, "epoch", epoch))
             inner = progress_bar(batches_per_epoch, 0, f"epoch {epoch + 1}",
                                  progress and batches_per_epoch > 50, leave=False)
             started = time.perf_counter()
             for x, y in iter_batches(dataset, "train", config.batch_size, generator=generator):
-                images, labels = run.batch(x, y)
+                images, labels, mask = run.padded_batch(x, y, config.batch_size)
                 run.params, run.batch_stats, run.opt_state, loss, correct = run.train_step(
-                    run.params, run.batch_stats, run.opt_state, images, labels, lr)
+                    run.params, run.batch_stats, run.opt_state, images, labels, mask, lr)
                 if phase is not None and phase.active:
                     phase_started = time.perf_counter()
                     layers = state.phase_layers
@@ -430,10 +492,8 @@ def run_one(config: RunConfig, out_dir: str | Path, *, dataset: ImageDataset | N
                         _measure_phase(state.growths[-1], run, phase_before, layers)
                         phase_before = []
                         started += time.perf_counter() - measuring  # a report: not timed
-                loss_value = float(loss)  # waits for the step
-                if images.shape not in run.compiled:  # this call compiled the step
-                    run.compiled.add(images.shape)
-                    compile_seconds += time.perf_counter() - started
+                loss_value, correct = jax.device_get((loss, correct))  # waits for the step
+                loss_value = float(loss_value)
                 _check_finite(loss_value, config, epoch, state.batch + 1)
                 state.loss_sum += loss_value * int(y.shape[0])
                 state.correct += int(correct)
@@ -469,6 +529,8 @@ def run_one(config: RunConfig, out_dir: str | Path, *, dataset: ImageDataset | N
             {name: run.kernel_rows(name) for name in _similarity_layers(run.model)})
         result = make_result(config, config.training_key(), state, device=str(device),
                              parameters_final=run.parameters(), widths_final=widths(run.model))
-    result["compile_seconds"] = compile_seconds
+    # the training step's lowering and XLA compilation, once per model size (training time)
+    result["compile_seconds"] = sum(step.seconds for step in run.train_steps)
+    result["compiles"] = sum(step.executable is not None for step in run.train_steps)
     write_json(out / RESULT, result)
     return result
