@@ -171,3 +171,81 @@ def test_each_runner_leaves_the_other_framework_unimported():
             "importlib.reload(jax_runner)\n"
             "assert 'simcore.experiment.runner' not in sys.modules, 'torch runner imported'\n")
     subprocess.run([sys.executable, "-c", code], check=True, timeout=300)
+
+
+def _compile_counter():
+    """A list that gains one entry per XLA compilation until the returned stop() is called."""
+    compiles: list[str] = []
+
+    def listener(event, _seconds, **_kwargs):
+        if event == "/jax/core/compile/backend_compile_duration":
+            compiles.append(event)
+
+    jax.monitoring.register_event_duration_secs_listener(listener)
+    return compiles, lambda: jax.monitoring.unregister_event_duration_listener(listener)
+
+
+def test_a_padded_batch_trains_as_its_real_examples_and_the_step_compiles_once():
+    from simcore.adapters.jax.models import vgg16
+
+    model = vgg16(num_classes=10, width=4)
+    tx = optax.chain(optax.add_decayed_weights(5e-4), optax.trace(decay=0.9))
+    rng = np.random.default_rng(0)
+    images = rng.standard_normal((8, 32, 32, 3)).astype(np.float32)
+    labels = rng.integers(0, 10, 8).astype(np.int32)
+    variables = jax.jit(model.init)(jax.random.key(0), images[:1])
+    params, stats = variables["params"], variables["batch_stats"]
+    state = tx.init(params)
+
+    def unpadded_step(x, y):  # the plain mean over a batch of its own size
+        def loss_of(p):
+            logits, updates = model.apply({"params": p, "batch_stats": stats}, x, train=True,
+                                          mutable=["batch_stats"])
+            return jax_runner._loss(logits, y), updates["batch_stats"]
+
+        (loss, new_stats), grads = jax.value_and_grad(loss_of, has_aux=True)(params)
+        updates, _ = tx.update(grads, state, params)
+        return optax.apply_updates(params, jax.tree_util.tree_map(lambda u: -0.1 * u,
+                                                                  updates)), new_stats, loss
+
+    step, _ = jax_runner._steps(model, tx)
+    compiles, stop = _compile_counter()
+    try:
+        real = 5  # an epoch's smaller last batch, padded to the batch size with zeros
+        padded = np.concatenate([images[:real], np.zeros_like(images[real:])])
+        mask = np.arange(8) < real
+        new_params, new_stats, _, loss, correct = step(params, stats, state, padded,
+                                                       labels * mask, mask, 0.1)
+        full = step(params, stats, state, images, labels, np.ones(8, bool), 0.1)
+        assert len(compiles) == 1  # the full batch ran on the same executable
+        with pytest.raises(TypeError):  # another shape fails instead of compiling again
+            step(params, stats, state, images[:real], labels[:real], mask[:real], 0.1)
+    finally:
+        stop()
+    assert step.seconds > 0 and int(full[4]) <= 8
+    want_params, want_stats, want_loss = jax.jit(unpadded_step)(images[:real], labels[:real])
+    assert float(loss) == pytest.approx(float(want_loss), rel=1e-5)
+    for got, want in zip(jax.tree_util.tree_leaves((new_params, new_stats)),
+                         jax.tree_util.tree_leaves((want_params, want_stats)), strict=True):
+        np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=1e-4, atol=2e-5)
+    assert 0 <= int(correct) <= real
+
+
+@pytest.mark.slow
+def test_random_growth_of_the_jax_seed_compiles_no_program_per_array():
+    from simcore.adapters.jax import grow
+    from simcore.adapters.jax.models import vgg16
+
+    # widths no other test uses: an eager operation on a new shape would compile here
+    model = vgg16(num_classes=10, width=[3, 5, 7, 9, 11, 13, 15, 17, 19, 21, 23, 25, 27])
+    x = jax.numpy.zeros((2, 32, 32, 3))
+    variables = jax.jit(model.init)(jax.random.key(0), x)
+    compiles, stop = _compile_counter()
+    try:
+        grown = grow(simcore.growth.RandomGrower(seed=11), model, variables,
+                     batches=[(x, jax.numpy.zeros(2, dtype=int))], ratio=0.35)
+    finally:
+        stop()
+    assert sum(grown.model.widths) > sum(model.widths)
+    # before: one program per grown array (about 27 for VGG16's kernels and BatchNorms)
+    assert len(compiles) <= 3, f"{len(compiles)} XLA compilations during one Random growth"

@@ -37,6 +37,7 @@ for the PyTorch run.
 
 from __future__ import annotations
 
+import contextlib
 import math
 import time
 from collections.abc import Callable
@@ -68,7 +69,8 @@ from .run_common import (
     write_json,
 )
 
-__all__ = ["STATS_LAYER", "resolve_device", "run_one", "run_status"]
+__all__ = ["CPU_COMPILER_OPTIONS", "EVAL_BATCH", "STATS_LAYER", "resolve_device", "run_one",
+           "run_status"]
 
 #: Evaluation reads every split in batches of this many images, the last one padded, so that
 #: the evaluation compiles once per model size whatever the splits' sizes.
@@ -156,23 +158,40 @@ class _Compiled:
 
     A later call with other shapes raises instead of compiling again unseen (each compilation
     of the training step costs seconds on a CPU), and :attr:`seconds` is what lowering and
-    compiling took, measured apart from running.
+    compiling took, measured apart from running. ``options``: XLA compiler options, dropped
+    when this XLA does not know them.
     """
 
-    def __init__(self, fn: Callable):
+    def __init__(self, fn: Callable, options: dict[str, Any] | None = None):
         import jax
 
-        self.jitted, self.executable, self.seconds = jax.jit(fn), None, 0.0
+        self.jitted, self.options = jax.jit(fn), options or None
+        self.executable: Any = None
+        self.seconds = 0.0
 
     def __call__(self, *args):
         if self.executable is None:
             started = time.perf_counter()
-            self.executable = self.jitted.lower(*args).compile()
+            lowered = self.jitted.lower(*args)
+            try:
+                self.executable = lowered.compile(compiler_options=self.options)
+            except RuntimeError as error:  # another XLA: its own defaults
+                if self.options is None or "compile option" not in str(error):
+                    raise
+                self.executable = lowered.compile()
             self.seconds = time.perf_counter() - started
         return self.executable(*args)
 
 
-def _steps(model, tx) -> tuple[_Compiled, _Compiled]:
+#: XLA options for the steps on a CPU. Measured on this project's loaded 2-core machine
+#: (docs/design.md, "`simcore grow` on JAX"): XLA's older fusion emitters and LLVM at -O1
+#: compile a grown VGG16's training step (odd widths) in about half the time (8.2 s -> 4.2 s)
+#: and run it as fast; a grown MobileNetV1's, 11.5 s -> 6.9 s.
+CPU_COMPILER_OPTIONS: dict[str, Any] = {"xla_cpu_use_fusion_emitters": False,
+                                        "xla_backend_optimization_level": 1}
+
+
+def _steps(model, tx, options: dict[str, Any] | None = None) -> tuple[_Compiled, _Compiled]:
     """The training step and the evaluation count of ``model`` (rebuilt after each growth).
 
     Both take batches padded to one size with a mask of their real examples (the loss is the
@@ -196,7 +215,7 @@ def _steps(model, tx) -> tuple[_Compiled, _Compiled]:
     def count_correct(variables, x, y, mask):
         return ((model.apply(variables, x).argmax(-1) == y) & mask).sum()
 
-    return _Compiled(train_step), _Compiled(count_correct)
+    return _Compiled(train_step, options), _Compiled(count_correct, options)
 
 
 def _kernel_path(params: dict, layer: str) -> tuple[str, ...]:
@@ -261,7 +280,8 @@ class _Run:
         self._masks: dict[tuple[int, int], Any] = {}
 
     def build_steps(self) -> None:
-        self.train_step, self.count_correct = _steps(self.model, self.tx)
+        options = CPU_COMPILER_OPTIONS if self.device.platform == "cpu" else None
+        self.train_step, self.count_correct = _steps(self.model, self.tx, options)
         self.train_steps.append(self.train_step)
 
     def to_device(self, tree: Any) -> Any:
@@ -375,6 +395,21 @@ def _phase(config: RunConfig):
                       neuron_axis=-1, rng=rng if config.terms == "control" else None)
 
 
+@contextlib.contextmanager
+def _one_blas_thread():
+    """NumPy's BLAS on one thread while the phase runs on the host: its matrices are tiny
+    (neurons x fan-in), and on a busy CPU a BLAS pool's wake-ups cost more than they save
+    (a grown VGG16's 20-step phase: 0.2-0.6 s on two threads, 0.07-0.1 s on one, with
+    spikes of 4 s seen in runs). Without threadpoolctl, NumPy's own choice."""
+    try:
+        from threadpoolctl import threadpool_limits
+    except ImportError:
+        yield
+        return
+    with threadpool_limits(limits=1, user_api="blas"):
+        yield
+
+
 def _check_finite(value: float, config: RunConfig, epoch: int, batch: int) -> None:
     if not math.isfinite(value):
         raise FloatingPointError(
@@ -401,7 +436,8 @@ def _grow(run: _Run, epoch: int, phase, state: RunState) -> tuple[dict[str, Any]
     started = time.perf_counter()
     before = [run.kernel_rows(name) for name in layers]
     record["phase"] = {"steps": run.config.phase_steps_or_default, "layers": {}}
-    run.set_kernels(layers, phase.start(run.kernels(layers)))
+    with _one_blas_thread():
+        run.set_kernels(layers, phase.start(run.kernels(layers)))
     state.phase_layers = layers
     state.phase_remaining = phase.remaining
     seconds = time.perf_counter() - started
@@ -485,7 +521,8 @@ def run_one(config: RunConfig, out_dir: str | Path, *, dataset: ImageDataset | N
                 if phase is not None and phase.active:
                     phase_started = time.perf_counter()
                     layers = state.phase_layers
-                    run.set_kernels(layers, phase.after_optimizer_step(run.kernels(layers)))
+                    with _one_blas_thread():
+                        run.set_kernels(layers, phase.after_optimizer_step(run.kernels(layers)))
                     state.phase_seconds += time.perf_counter() - phase_started
                     if not phase.active:  # the joint phase's last step: measure it
                         measuring = time.perf_counter()
