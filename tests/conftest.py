@@ -9,7 +9,11 @@ otherwise; ``HYPOTHESIS_PROFILE`` picks one explicitly.
 Two tiers: tests marked ``@pytest.mark.slow`` (long end-to-end runs, the biggest
 parametrisations) are left out of a plain ``pytest`` run, which covers every backend and
 module within a few minutes on 2 CPU cores; ``SIMCORE_FULL_TESTS=1`` (or any ``-m``
-expression, e.g. ``-m slow``) runs them too.
+expression, e.g. ``-m slow``) runs them too. ``@pytest.mark.slow_if(when=predicate)`` marks
+only the parametrised cases whose ``callspec.params`` satisfy ``predicate`` slow (e.g. the
+JAX cases of a parametrisation whose other backends run every case in the fast tier).
+Hypothesis draws half as many examples per property in the fast tier as with
+``SIMCORE_FULL_TESTS=1``.
 """
 
 from __future__ import annotations
@@ -21,18 +25,23 @@ from hypothesis import HealthCheck, settings
 
 from simcore.testing import available_backends
 
+#: Examples per property (JAX backends get a sixth, at least 2: see
+#: ``simcore.testing.strategies.given_for``); the full tier draws twice the fast tier's.
+FULL_TIER = os.environ.get("SIMCORE_FULL_TESTS") == "1"
+MAX_EXAMPLES = 12 if FULL_TIER else 6
+
 settings.register_profile(
     "ci",
     derandomize=True,
     deadline=None,
-    max_examples=12,
+    max_examples=MAX_EXAMPLES,
     print_blob=True,
     suppress_health_check=[HealthCheck.too_slow],
 )
 settings.register_profile(
     "dev",
     deadline=None,
-    max_examples=12,
+    max_examples=MAX_EXAMPLES,
     suppress_health_check=[HealthCheck.too_slow],
 )
 _DEFAULT_PROFILE = "ci" if os.environ.get("CI") else "dev"
@@ -44,9 +53,21 @@ _PAIRS = [(b, d) for b in _BACKENDS for d in b.dtypes if d in _FULL]
 _HALF_PAIRS = [(b, d) for b in _BACKENDS for d in b.dtypes if d not in _FULL]
 
 
+def pytest_configure(config):
+    config.addinivalue_line(
+        "markers", "slow_if(when): mark slow the parametrised cases whose callspec.params "
+        "satisfy when(params)")
+
+
+# First, so that ``-m slow`` / ``-m 'not slow'`` see the marks ``slow_if`` adds.
+@pytest.hookimpl(tryfirst=True)
 def pytest_collection_modifyitems(config, items):
     """Leave out the slow tier unless ``SIMCORE_FULL_TESTS=1`` or ``-m`` chooses."""
-    if os.environ.get("SIMCORE_FULL_TESTS") == "1" or config.getoption("markexpr"):
+    for item in items:
+        for mark in item.iter_markers("slow_if"):
+            if mark.kwargs["when"](item.callspec.params):
+                item.add_marker(pytest.mark.slow)
+    if FULL_TIER or config.getoption("markexpr"):
         return
     slow = [item for item in items if item.get_closest_marker("slow")]
     if slow:
@@ -55,7 +76,7 @@ def pytest_collection_modifyitems(config, items):
 
 
 def pytest_report_header(config):
-    full = os.environ.get("SIMCORE_FULL_TESTS") == "1" or config.getoption("markexpr")
+    full = FULL_TIER or config.getoption("markexpr")
     return ("tier: full (slow tests included)" if full else
             "tier: fast (tests marked slow left out; SIMCORE_FULL_TESTS=1 runs them)")
 

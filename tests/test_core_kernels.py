@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 import simcore
-from simcore import reference
+from simcore import _numpy_kernel, reference
 from simcore._gram import raw_gram_value_and_grad
 from simcore._numpy_kernel import NumpyKernel
 from simcore._tiles import in_place_kernel
@@ -34,13 +34,27 @@ def test_every_strip_height_matches_the_reference(height):
     assert np.all(grad[[4, 17]] == 0.0)
 
 
-def test_numpy_runs_in_place_and_large_diagonal_blocks_are_split():
-    w = RNG.standard_normal((1100, 3)).astype(np.float32)
+def test_numpy_runs_in_place_and_large_diagonal_blocks_are_split(monkeypatch):
+    # Against the reference with the split threshold lowered (the reference's loops take
+    # seconds at the real threshold's sizes): 23 rows in pieces of 5, the last one short.
+    w = _weights()
     assert isinstance(in_place_kernel(np, w), NumpyKernel)
-    value, grad = simcore.similarity_loss_and_grad(w, block_size=1100)  # quartered diagonal
-    want_value, want_grad = reference.similarity_loss_and_grad(w.astype(np.float64))
-    np.testing.assert_allclose(value, want_value, rtol=1e-5)
-    np.testing.assert_allclose(grad, want_grad, rtol=1e-3, atol=1e-6)
+    monkeypatch.setattr(_numpy_kernel, "_SPLIT_FROM", 8)
+    assert NumpyKernel(np).diagonal_block(23) == 5
+    value, grad = simcore.similarity_loss_and_grad(w, block_size=23)
+    want_value, want_grad = reference.similarity_loss_and_grad(w)
+    np.testing.assert_allclose(value, want_value, rtol=1e-12)
+    np.testing.assert_allclose(grad, want_grad, rtol=1e-10, atol=1e-14)
+    assert np.all(grad[[4, 17]] == 0.0)
+    # At the real threshold, against strips too short to be split (128 rows < 256), which
+    # the reference checks above and in test_every_strip_height_matches_the_reference.
+    monkeypatch.undo()
+    w = RNG.standard_normal((1100, 3)).astype(np.float32)
+    assert NumpyKernel(np).diagonal_block(1100) == 275  # quartered diagonal
+    value, grad = simcore.similarity_loss_and_grad(w, block_size=1100)
+    unsplit_value, unsplit_grad = simcore.similarity_loss_and_grad(w, block_size=128)
+    np.testing.assert_allclose(value, unsplit_value, rtol=1e-5)
+    np.testing.assert_allclose(grad, unsplit_grad, rtol=1e-3, atol=1e-6)
 
 
 def test_results_are_never_workspace_buffers():

@@ -15,7 +15,7 @@ from hypothesis import strategies as st
 
 import simcore
 from simcore.testing import assert_close, strategies
-from simcore.testing.strategies import given_for, size_limits, structured_shape
+from simcore.testing.strategies import given_for, is_compiling, size_limits, structured_shape
 
 #: Machine epsilon (one unit in the last place of 1.0) per dtype.
 EPS = {"float64": 2.0**-52, "float32": 2.0**-23, "float16": 2.0**-10, "bfloat16": 2.0**-7}
@@ -27,6 +27,27 @@ def _eps(dtype):
 
 def _all_dtypes(backend):
     return backend.dtypes
+
+
+def _jax_cases_outside(*kept):
+    """A ``slow_if`` predicate: the JAX cases other than ``kept`` (backend names, or
+    ``(backend name, dtype)`` pairs) go to the full tier.
+
+    Under JAX every case compiles its own programs (a second or more on 2 cores). For an
+    approximate property the fast tier runs one JAX mode per dtype, eager for some
+    properties and ``jit`` for others; ``test_core_reference.py`` checks every function
+    against the reference in both modes, and the eager backends check every property. The
+    exact properties (zeros, NaN, mutation) keep both JAX modes.
+    """
+    def when(params):
+        backend, dtype = params.get("backend"), None
+        for key in ("backend_dtype", "backend_half"):
+            if key in params:
+                backend, dtype = params[key]
+        return (is_compiling(backend) and backend.name not in kept
+                and (backend.name, dtype) not in kept)
+
+    return when
 
 
 # ----------------------------------------------------------------------------- exact values
@@ -56,6 +77,7 @@ def test_parallel_and_antiparallel_rows_give_loss_one(backend):
     check()
 
 
+@pytest.mark.slow_if(when=_jax_cases_outside(("jax", "float32"), ("jax_jit", "float64")))
 def test_two_rows_at_angle_t_give_abs_cos_t(backend_dtype):
     backend, dtype = backend_dtype
 
@@ -69,6 +91,7 @@ def test_two_rows_at_angle_t_give_abs_cos_t(backend_dtype):
     check()
 
 
+@pytest.mark.slow_if(when=_jax_cases_outside("jax_jit"))
 def test_gaussian_rows_have_mean_abs_cosine_sqrt_2_over_pi_d(backend):
     """E|cos| of Gaussian rows: Gamma(d/2) / (sqrt(pi) Gamma((d+1)/2)), about sqrt(2/(pi d))."""
     n, d = 200, 64
@@ -83,6 +106,7 @@ def test_gaussian_rows_have_mean_abs_cosine_sqrt_2_over_pi_d(backend):
 # ----------------------------------------------------------------------------- bounds
 
 
+@pytest.mark.slow_if(when=_jax_cases_outside("jax_jit"))
 def test_loss_lies_in_unit_interval_and_respects_the_welch_bound(backend):
     @given_for(backend, st.data())
     def check(data):
@@ -107,6 +131,7 @@ def _loss_and_grad(backend, w):
     return float(backend.to_numpy(loss)), backend.to_numpy(grad)
 
 
+@pytest.mark.slow_if(when=_jax_cases_outside("jax"))
 def test_invariances_and_gradient_equivariances(backend):
     """Row permutation, positive row scaling, sign flips and right rotation W -> W Q."""
 
@@ -143,6 +168,7 @@ def test_invariances_and_gradient_equivariances(backend):
     check()
 
 
+@pytest.mark.slow_if(when=_jax_cases_outside("jax"))
 def test_gradient_is_orthogonal_to_its_row_and_scales_inversely(backend):
     @given_for(backend, st.data())
     def check(data):
@@ -229,6 +255,7 @@ def test_growth_objective_gradient_matches_central_finite_differences(data):
 # ----------------------------------------------------------------------------- block path
 
 
+@pytest.mark.slow_if(when=_jax_cases_outside(("jax", "float32"), ("jax_jit", "float64")))
 def test_block_path_equals_full_path(backend_dtype):
     backend, dtype = backend_dtype
 
@@ -382,6 +409,7 @@ def test_well_posed_weight_sum_forms_are_finite_for_all_zero_arrays(backend, for
 # ----------------------------------------------------------------------------- Eq. 5, decorrelate
 
 
+@pytest.mark.slow_if(when=_jax_cases_outside("jax"))
 def test_growth_objective_is_the_sum_over_layers(backend):
     @given_for(backend, st.data())
     def check(data):
@@ -406,6 +434,7 @@ def test_growth_objective_is_the_sum_over_layers(backend):
     check()
 
 
+@pytest.mark.slow_if(when=_jax_cases_outside("jax"))
 def test_decorrelate_lowers_the_objective_and_mutates_nothing(backend):
     # The shapes size_limits gives JAX, so no extra compilation.
     rng = np.random.default_rng(11)
@@ -451,6 +480,7 @@ def test_no_function_mutates_its_inputs(backend):
         np.testing.assert_array_equal(backend.to_numpy(x_ref), w_ref, err_msg=fn.__name__)
 
 
+@pytest.mark.slow_if(when=_jax_cases_outside("jax_jit"))
 def test_objective_without_the_similarity_term_is_lam_times_eq4(backend):
     """similarity=False (the Table 3 ablation) is exactly lam * sum of Eq. 4 over layers, and
     descending on it leaves every cosine alone (the RMS form only rescales rows)."""
@@ -473,6 +503,7 @@ def test_objective_without_the_similarity_term_is_lam_times_eq4(backend):
         simcore.growth_objective(xs, None, lam=0.0, similarity=False)
 
 
+@pytest.mark.slow_if(when=_jax_cases_outside(("jax", "bfloat16"), ("jax_jit", "float16")))
 def test_half_precision_stats_are_computed_from_float32_cosines(backend_half):
     """float16/bfloat16 input: the statistics come from float32 cosines of the (rounded)
     input, so they match the reference to float32 accuracy, not half-precision accuracy."""

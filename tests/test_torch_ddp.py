@@ -6,6 +6,7 @@ must hold identical widths and parameters, and training must go on in the re-wra
 
 from __future__ import annotations
 
+import datetime
 import gc
 import json
 import os
@@ -54,10 +55,15 @@ METHODS = ("random", "ssd", "ssd_lanczos", "firefly")
 
 def _worker(rank, init_file, out_dir):
     torch.set_num_threads(1)
+    # A short timeout (torch's default is 30 min): without the up-front check of the unequal
+    # batches the ranks would wait on each other.
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank,
-                            world_size=WORLD)
+                            world_size=WORLD, timeout=datetime.timedelta(seconds=60))
     try:
         results = {method: _grow_and_train(rank, method) for method in METHODS}
+        # Last, in the same spawn (process start-up dominates): the refusal leaves no
+        # collective half done, and nothing after it shares the group.
+        results["unequal"] = _refuse_unequal_batches(rank)
         with open(os.path.join(out_dir, f"rank{rank}.json"), "w") as f:
             json.dump(results, f)
     finally:
@@ -137,7 +143,8 @@ def _spawn(worker):
 
 @pytest.fixture(scope="module")
 def ddp_results():
-    """One spawn of 2 gloo ranks growing with every method (process start-up dominates)."""
+    """One spawn of 2 gloo ranks growing with every method, then refusing unequal batches
+    (process start-up dominates)."""
     return _spawn(_worker)
 
 
@@ -216,37 +223,28 @@ def test_regrow_ddp_refuses_what_it_cannot_carry(one_rank):
 # --------------------------------------------------------------------------- per-rank preconditions
 
 
-def _unequal_worker(rank, init_file, out_dir):
-    import datetime
-
-    torch.set_num_threads(1)
-    # A short timeout: without the up-front check the ranks would wait on each other.
-    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank,
-                            world_size=WORLD, timeout=datetime.timedelta(seconds=30))
+def _refuse_unequal_batches(rank):
+    """A growth whose ranks hold different numbers of scoring batches (2 and 3): its outcome."""
+    model = nn.parallel.DistributedDataParallel(_net())
+    data = torch.Generator().manual_seed(rank)
+    batches = [(torch.randn(4, 3, 8, 8, generator=data),
+                torch.randint(0, 5, (4,), generator=data)) for _ in range(2 + rank)]
+    grower = FireflyGrower(new_per_layer=2, train_candidates=False, seed=0)
     try:
-        model = nn.parallel.DistributedDataParallel(_net())
-        data = torch.Generator().manual_seed(rank)
-        batches = [(torch.randn(4, 3, 8, 8, generator=data),
-                    torch.randint(0, 5, (4,), generator=data)) for _ in range(2 + rank)]
-        grower = FireflyGrower(new_per_layer=2, train_candidates=False, seed=0)
-        try:
-            grower.grow(model, batches, nn.functional.cross_entropy, ratio=0.5)
-            outcome = {"error": None}
-        except Exception as error:  # noqa: BLE001 - recorded for the test to judge
-            outcome = {"error": type(error).__name__, "message": str(error)}
-        with open(os.path.join(out_dir, f"rank{rank}.json"), "w") as f:
-            json.dump(outcome, f)
-        # Release DDP's reducer while the default group still holds the process group: if the
-        # reducer dropped the last reference at function exit, the group's destructor would join
-        # a gloo thread that waits for the GIL this thread holds (a deadlock seen 1 run in 4).
-        del model
-        gc.collect()
-    finally:
-        dist.destroy_process_group()
+        grower.grow(model, batches, nn.functional.cross_entropy, ratio=0.5)
+        outcome = {"error": None}
+    except Exception as error:  # noqa: BLE001 - recorded for the test to judge
+        outcome = {"error": type(error).__name__, "message": str(error)}
+    # Release DDP's reducer while the default group still holds the process group: if the
+    # reducer dropped the last reference at function exit, the group's destructor would join
+    # a gloo thread that waits for the GIL this thread holds (a deadlock seen 1 run in 4).
+    del model
+    gc.collect()
+    return outcome
 
 
-def test_unequal_scoring_batches_are_refused_on_every_rank_before_scoring():
-    for outcome in _spawn(_unequal_worker):
+def test_unequal_scoring_batches_are_refused_on_every_rank_before_scoring(ddp_results):
+    for outcome in (r["unequal"] for r in ddp_results):
         assert outcome["error"] == "GrowthError", outcome
         assert "scoring_batches" in outcome["message"] and "{0: 2, 1: 3}" in outcome["message"]
 
@@ -275,8 +273,6 @@ def _same(a, b):
 def _lost_rank_worker(rank, init_file, out_dir):
     """Two growths: in the first, rank 1 stalls (alive, not taking part) until rank 0 gave up;
     in the second, rank 1 is killed as by kill -9 in the middle of scoring."""
-    import datetime
-
     torch.set_num_threads(1)
     # The default group's own timeout is 60 s: without the growth's short timeout the
     # surviving rank would fail after it (or 30 minutes by torch's default).

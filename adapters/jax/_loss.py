@@ -38,7 +38,14 @@ import jax.numpy as jnp
 import numpy as np
 
 import simcore
-from simcore.extend import Objective, UnitRows, as_objective, check_block_size
+from simcore.extend import (
+    Objective,
+    UnitRows,
+    as_objective,
+    check_block_size,
+    check_int,
+    check_zero_tol,
+)
 
 #: Tile rows when no ``block_size`` is given (the core's default).
 _DEFAULT_TILE = simcore.similarity.DEFAULT_TILE
@@ -91,6 +98,12 @@ def _scanned_products(u, tile, with_grad):
     return total, grads.reshape(count * tile, d)[:n]
 
 
+# Jitted with the options static: ``lax.scan`` caches its trace by the identity of its body,
+# and the bodies are closures made anew on every call, so an eager call used to trace and
+# compile the whole loop again each time (65 ms per value+grad of a 64 x 27 layer). Under an
+# outer ``jit`` this is one more nested call, inlined by XLA.
+@functools.partial(jax.jit, static_argnames=("neuron_axis", "block_size", "zero_tol",
+                                             "with_grad"))
 def _scanned(w, neuron_axis, block_size, zero_tol, with_grad):
     """Eq. 2 (and its gradient) with the core's conventions, the tiles in ``lax.scan``."""
     block_size = check_block_size(block_size)
@@ -146,7 +159,9 @@ def similarity_loss(
     (0.0, 0.0)
     """
     _check_jax_array(w, "w")
-    return _similarity_loss(w, neuron_axis, block_size, zero_tol)
+    # Checked here, as the core would, because they become static (hashed) arguments below.
+    return _similarity_loss(w, check_int(neuron_axis, "neuron_axis"),
+                            check_block_size(block_size), check_zero_tol(zero_tol))
 
 
 # -- Eq. 5 over several layers --------------------------------------------------------------
