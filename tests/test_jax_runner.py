@@ -19,7 +19,7 @@ optax = pytest.importorskip("optax")
 torch = pytest.importorskip("torch")
 pytest.importorskip("flax")
 
-from simcore.experiment import jax_runner  # noqa: E402
+from simcore.experiment import jax_runner, jax_steps  # noqa: E402
 from simcore.experiment.array_phase import ArrayPhase  # noqa: E402
 from simcore.experiment.config import RunConfig  # noqa: E402
 
@@ -201,14 +201,14 @@ def test_a_padded_batch_trains_as_its_real_examples_and_the_step_compiles_once()
         def loss_of(p):
             logits, updates = model.apply({"params": p, "batch_stats": stats}, x, train=True,
                                           mutable=["batch_stats"])
-            return jax_runner._loss(logits, y), updates["batch_stats"]
+            return jax_steps.cross_entropy(logits, y), updates["batch_stats"]
 
         (loss, new_stats), grads = jax.value_and_grad(loss_of, has_aux=True)(params)
         updates, _ = tx.update(grads, state, params)
         return optax.apply_updates(params, jax.tree_util.tree_map(lambda u: -0.1 * u,
                                                                   updates)), new_stats, loss
 
-    step, _ = jax_runner._steps(model, tx)
+    step, _ = jax_steps.compiled_steps(model, tx)
     compiles, stop = _compile_counter()
     try:
         real = 5  # an epoch's smaller last batch, padded to the batch size with zeros

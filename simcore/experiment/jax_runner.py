@@ -40,7 +40,6 @@ from __future__ import annotations
 import contextlib
 import math
 import time
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -50,6 +49,7 @@ from simcore import growth as core
 
 from .config import RunConfig
 from .data import ImageDataset, iter_batches
+from .jax_steps import CPU_COMPILER_OPTIONS, CompiledOnce, compiled_steps, cross_entropy
 from .run_common import (
     CODE_CHANGED,
     NEW,
@@ -69,7 +69,7 @@ from .run_common import (
     write_json,
 )
 
-__all__ = ["CPU_COMPILER_OPTIONS", "EVAL_BATCH", "STATS_LAYER", "resolve_device", "run_one",
+__all__ = ["EVAL_BATCH", "STATS_LAYER", "resolve_device", "run_one",
            "run_status"]
 
 #: Evaluation reads every split in batches of this many images, the last one padded, so that
@@ -138,86 +138,6 @@ def _learning_rate(config: RunConfig, epoch: int) -> float:
     return config.lr
 
 
-def _loss(logits, labels):
-    import optax
-
-    return optax.softmax_cross_entropy_with_integer_labels(logits, labels).mean()
-
-
-def _masked_loss(logits, labels, mask):
-    """The mean cross-entropy over the real examples of a padded batch (``mask`` True)."""
-    import jax.numpy as jnp
-    import optax
-
-    losses = optax.softmax_cross_entropy_with_integer_labels(logits, labels)
-    return jnp.where(mask, losses, 0.0).sum() / mask.sum()
-
-
-class _Compiled:
-    """``jax.jit(fn)`` compiled ahead of time on its first call, and only then.
-
-    A later call with other shapes raises instead of compiling again unseen (each compilation
-    of the training step costs seconds on a CPU), and :attr:`seconds` is what lowering and
-    compiling took, measured apart from running. ``options``: XLA compiler options, dropped
-    when this XLA does not know them.
-    """
-
-    def __init__(self, fn: Callable, options: dict[str, Any] | None = None):
-        import jax
-
-        self.jitted, self.options = jax.jit(fn), options or None
-        self.executable: Any = None
-        self.seconds = 0.0
-
-    def __call__(self, *args):
-        if self.executable is None:
-            started = time.perf_counter()
-            lowered = self.jitted.lower(*args)
-            try:
-                self.executable = lowered.compile(compiler_options=self.options)
-            except RuntimeError as error:  # another XLA: its own defaults
-                if self.options is None or "compile option" not in str(error):
-                    raise
-                self.executable = lowered.compile()
-            self.seconds = time.perf_counter() - started
-        return self.executable(*args)
-
-
-#: XLA options for the steps on a CPU. Measured on this project's loaded 2-core machine
-#: (docs/design.md, "`simcore grow` on JAX"): XLA's older fusion emitters and LLVM at -O1
-#: compile a grown VGG16's training step (odd widths) in about half the time (8.2 s -> 4.2 s)
-#: and run it as fast; a grown MobileNetV1's, 11.5 s -> 6.9 s.
-CPU_COMPILER_OPTIONS: dict[str, Any] = {"xla_cpu_use_fusion_emitters": False,
-                                        "xla_backend_optimization_level": 1}
-
-
-def _steps(model, tx, options: dict[str, Any] | None = None) -> tuple[_Compiled, _Compiled]:
-    """The training step and the evaluation count of ``model`` (rebuilt after each growth).
-
-    Both take batches padded to one size with a mask of their real examples (the loss is the
-    mean over those, BatchNorm's statistics are theirs), so each compiles once per model size:
-    an epoch's smaller last batch, or a split's, is padded instead of compiled for.
-    """
-    import jax
-    import optax
-
-    def train_step(params, batch_stats, opt_state, x, y, mask, lr):
-        def loss_of(p):
-            logits, updates = model.apply({"params": p, "batch_stats": batch_stats}, x,
-                                          train=True, mask=mask, mutable=["batch_stats"])
-            return _masked_loss(logits, y, mask), (logits, updates["batch_stats"])
-
-        (loss, (logits, stats)), grads = jax.value_and_grad(loss_of, has_aux=True)(params)
-        updates, opt_state = tx.update(grads, opt_state, params)
-        params = optax.apply_updates(params, jax.tree_util.tree_map(lambda u: -lr * u, updates))
-        return params, stats, opt_state, loss, ((logits.argmax(-1) == y) & mask).sum()
-
-    def count_correct(variables, x, y, mask):
-        return ((model.apply(variables, x).argmax(-1) == y) & mask).sum()
-
-    return _Compiled(train_step, options), _Compiled(count_correct, options)
-
-
 def _kernel_path(params: dict, layer: str) -> tuple[str, ...]:
     """The module path of ``layer`` in ``params`` (``"conv3"``, ``"params/conv3/kernel"``)."""
     parts = [p for p in layer.split("/") if p]
@@ -274,14 +194,14 @@ class _Run:
         self.params = self.to_device(variables["params"])
         self.batch_stats = self.to_device(variables["batch_stats"])
         self.opt_state = self.to_device(self.tx.init(self.params))
-        self.train_steps: list[_Compiled] = []  # one per model size, compiled when first run
+        self.train_steps: list[CompiledOnce] = []  # one per model size, compiled when first run
         self.build_steps()
         self._eval: dict[str, tuple[list, int]] = {}
         self._masks: dict[tuple[int, int], Any] = {}
 
     def build_steps(self) -> None:
         options = CPU_COMPILER_OPTIONS if self.device.platform == "cpu" else None
-        self.train_step, self.count_correct = _steps(self.model, self.tx, options)
+        self.train_step, self.count_correct = compiled_steps(self.model, self.tx, options)
         self.train_steps.append(self.train_step)
 
     def to_device(self, tree: Any) -> Any:
@@ -368,7 +288,7 @@ class _Run:
         # the grower is seeded as the PyTorch run's is: the same draws where the maths is
         # deterministic (Random growth picks the same widths on both frameworks)
         grown = grow(_make_grower(config, epoch), self.model, self.variables, batches=batches,
-                     loss_fn=_loss, opt_state=self.opt_state, ratio=config.ratio,
+                     loss_fn=cross_entropy, opt_state=self.opt_state, ratio=config.ratio,
                      unit=config.unit)
         self.model, self.opt_state = grown.model, self.to_device(grown.opt_state)
         self.params = self.to_device(grown.variables["params"])
