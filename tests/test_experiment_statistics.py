@@ -239,6 +239,16 @@ def test_write_results_writes_runs_pairs_summary_and_table_atomically(tmp_path):
     assert summary["conclusion"].startswith("Firefly+ours vs Firefly: +2.00 points")
     text = paths["table"].read_text()
     assert LEGEND in text and "no measurable difference" in text
+    # which code made the numbers: one version, or each with its count
+    assert "\nCode: not recorded (simcore's source fingerprint, every run)\n" in text
+    assert per_run[0]["code"] == ""
+    for i, r in enumerate(runs):
+        r["code"] = "a" * 12 if i < 7 else "b" * 12
+    paths = write_results(runs, tmp_path)
+    assert (f"\nCode: several versions of simcore's source: {'a' * 12} (7 runs), {'b' * 12} "
+            "(2 runs)\n") in paths["table"].read_text()
+    with paths["csv"].open() as handle:
+        assert [row["code"] for row in csv.DictReader(handle)][6:8] == ["a" * 12, "b" * 12]
 
 
 def test_write_results_reports_an_n_sweep_and_refuses_to_choose_without_validation(tmp_path):

@@ -29,7 +29,7 @@ from .fingerprint import code_fingerprint
 from .gradcam import grad_cam
 from .lock import OutputLock
 from .measure import growth_line
-from .report import format_n_sweep, format_table, summarize, write_results
+from .report import code_line, format_n_sweep, format_table, summarize, write_results
 from .run_common import CODE_CHANGED, RESUMED, RESUMED_OTHER_CODE, REUSED, REUSED_OTHER_CODE
 from .runner import CHECKPOINT, Hooks, load_model, resolve_device
 from .runner import run_one as run_torch
@@ -237,7 +237,7 @@ def run_experiment(
                                     reuse_other_code)
         files = write_results(results, out)
         summary = summarize(results)
-        table = format_table(summary)
+        table = format_table(summary) + "\n" + code_line(results)
         note = code_note([status for status, _ in statuses])
         if note:
             table += "\n" + note

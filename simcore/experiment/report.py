@@ -57,13 +57,13 @@ from .statistics import (
     terms_label,
 )
 
-__all__ = ["LEGEND", "format_n_sweep", "format_table", "summarize", "write_results"]
+__all__ = ["LEGEND", "code_line", "format_n_sweep", "format_table", "summarize", "write_results"]
 
 _CSV_FIELDS = ("label", "model", "method", "terms", "seed", "data_seed", "dataset", "epochs",
                "form", "final_accuracy", "final_val_accuracy", "best_accuracy",
                "training_seconds", "phase_seconds", "growth_seconds", "phase_steps",
                "parameters_seed", "parameters_final", "final_mean_abs_cosine",
-               "final_share_within_half")
+               "final_share_within_half", "code")
 _PAIRED_FIELDS = ("model", "method", "terms", "phase_steps", "metric", "n", "mean", "sd",
                   "ci_low", "ci_high", "confidence", "wins", "losses", "ties", "treated_mean",
                   "baseline_mean", "ratio_mean", "similarity_ratio", "parameters_final",
@@ -242,6 +242,7 @@ def _csv_row(r: dict[str, Any]) -> dict[str, Any]:
         "parameters_final": r["parameters_final"],
         "final_mean_abs_cosine": metric_value(r, SIMILARITY_METRIC),
         "final_share_within_half": metric_value(r, "final_similarity.share_within_half"),
+        "code": r.get("code"),
     }
 
 
@@ -291,7 +292,8 @@ def write_results(results: Sequence[dict[str, Any]], out_dir: str | Path) -> dic
     ``paired``: ``paired.csv`` (the paired differences of test accuracy, and of validation
     accuracy and final mean |cos| when every run has them); ``summary``: ``summary.json``
     (``{"rows": summarize(...), "paired": [...], "n_sweeps": [...], "conclusion": str}``);
-    ``table``: ``table.txt`` (the table, its legend and the conclusion).
+    ``table``: ``table.txt`` (the table, its legend, the code that made it (:func:`code_line`)
+    and the conclusion).
     """
     results = list(results)
     out = Path(out_dir)
@@ -309,5 +311,19 @@ def write_results(results: Sequence[dict[str, Any]], out_dir: str | Path) -> dic
     write_atomic(paths["summary"], json.dumps(
         {"rows": rows, "paired": paired, "n_sweeps": _n_sweeps(results), "conclusion": text},
         indent=1))
-    write_atomic(paths["table"], format_table(rows) + ("\n\n" + text if text else "") + "\n")
+    write_atomic(paths["table"], format_table(rows) + "\n" + code_line(results)
+                 + ("\n\n" + text if text else "") + "\n")
     return paths
+
+
+def code_line(results: Sequence[dict[str, Any]]) -> str:
+    """Which version of simcore produced ``results``: their code fingerprints
+    (:mod:`.fingerprint`), with the number of runs of each when there are several."""
+    counts: dict[str, int] = {}
+    for r in results:
+        code = r.get("code") or "not recorded"
+        counts[code] = counts.get(code, 0) + 1
+    if len(counts) == 1:
+        return f"Code: {next(iter(counts))} (simcore's source fingerprint, every run)"
+    parts = ", ".join(f"{code} ({n} run{'s' * (n > 1)})" for code, n in counts.items())
+    return f"Code: several versions of simcore's source: {parts}"
