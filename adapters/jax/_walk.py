@@ -5,7 +5,8 @@ Every variable of the flat program (:mod:`._program`) gets an :class:`_Info`: da
 is computed from, and whether it went through ``sqrt``/``rsqrt``/a division, which is how a
 BatchNorm's variance is told from its scale) or a constant. :class:`Analysis` runs the steps in
 order, starting a :class:`Walk` at every producer and recording, per walk, its per-channel
-parameters, depthwise convs, consumers, activation and why it cannot grow.
+parameters, depthwise convs, consumers, activation and why it cannot grow; an add of two
+producers' channels joins their walks into one residual group (:mod:`._residual`).
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ from dataclasses import dataclass, field, replace
 from typing import Any
 
 from ._program import ACTIVATIONS, PRIMITIVE_ACTIVATIONS, Lit, Program, Step
+from ._residual import ADDS, Groups, merge_add, pending_of
 
 __all__ = ["Analysis", "Walk", "layer_of"]
 
@@ -34,8 +36,8 @@ _KEEPS_VALUES = {"convert_element_type", "copy", "copy_p", "reduce_precision",
 _INVERTS = {"sqrt", "rsqrt"}
 _REDUCTIONS = {"reduce_sum", "reduce_max", "reduce_min", "reduce_prod", "reduce_and",
                "reduce_or", "argmax", "argmin"}
-_MERGE_LABELS = {"add": "residual add", "add_any": "residual add", "sub": "subtraction",
-                 "mul": "multiplication", "div": "division", "concatenate": "concatenation"}
+_MERGE_LABELS = {"sub": "subtraction", "mul": "multiplication", "div": "division",
+                 "concatenate": "concatenation"}
 _OUTPUT_REASON = "it is the network's output layer (a classifier is a consumer only)"
 
 
@@ -55,6 +57,8 @@ class _Tag:
     spatial: int = 1
     channels_last: bool = False
     pre: bool = True  # still on the affine chain from the producer to its activation
+    pending: tuple[int, ...] = ()  # merged: the members whose activation is still ahead
+    merged: bool = False  # the sum of a residual group (:mod:`._residual`)
 
 
 @dataclass
@@ -118,6 +122,7 @@ class Analysis:
         self.walks: dict[int, Walk] = {}
         self.made_by: dict[int, int] = {}
         self.kernel_uses: dict[int, list[int]] = {}
+        self.groups = Groups()
         for index, ref in enumerate(program.inputs):
             if index < len(names):
                 ndim = len(program.shape(ref))
@@ -146,10 +151,10 @@ class Analysis:
 
     def settle_activation(self, tag: _Tag, ref: int) -> None:
         """A pre-activation value leaves the affine chain without an activation: identity."""
-        walk = self.walks[tag.pid]
-        if tag.pre and walk.activation is None and walk.problem is None:
-            walk.activation = ("identity", ref, ref, self.made_by.get(ref, walk.step))
-            walk.z_axis = tag.axis
+        for walk in (self.walks[pid] for pid in pending_of(tag)):
+            if walk.activation is None and walk.problem is None:
+                walk.activation = ("identity", ref, ref, self.made_by.get(ref, walk.step))
+                walk.z_axis = tag.axis
 
     # -- the walk ------------------------------------------------------------------------------
     def run(self) -> None:
@@ -189,9 +194,6 @@ class Analysis:
             if len(sharing) > 1:
                 for pid in sharing:
                     self.block(pid, f"{self.names[leaf]!r} is shared with another layer")
-        for walk in self.walks.values():
-            if walk.blocked is None and not walk.consumers:
-                walk.blocked = "its output is not read by any layer"
 
     def flow_leaves(self, walk: Walk) -> set[int]:
         leaves = {walk.leaf} | {leaf for leaf, _ in walk.depthwise}
@@ -353,7 +355,11 @@ class Analysis:
         tag = first.tag
         assert tag is not None
         pids = {info.tag.pid for _, info in tagged}
-        if len(pids) > 1:
+        if step.name in ADDS and len(tagged) == 2 and len({info.tag for _, info in tagged}) > 1:
+            self.set_out(step, _Info("data", tag=merge_add(
+                self, step, [info.tag for _, info in tagged])))
+            return
+        if len({self.groups.find(pid) for pid in pids}) > 1:
             label = _MERGE_LABELS.get(step.name, f"'{step.name}'")
             layers = sorted(self.name(pid) for pid in pids)
             for pid in pids:
@@ -405,30 +411,34 @@ class Analysis:
                                         f"channels in '{step.name}'")
                     self.set_out(step, _Info("data"))
                     return
+                if info.kind == "param" and tag.merged:  # a norm after an add
+                    self.block(tag.pid, f"a per-channel parameter meets its residual stream "
+                                        f"after the add in '{step.name}'")
+                    self.set_out(step, _Info("data"))
+                    return
                 if info.kind == "param":
                     per = {leaf: flag for leaf, flag in info.leaves.items()
                            if math.prod(self.shapes[leaf]) == n}
                     walk.events.setdefault(tag.segment, []).append((step.name, per))
-            if tag.pre and step.name in ("mul", "div") and affine:
-                if any(s != 1 for a, s in enumerate(shape) if a != tag.axis):
-                    walk.problem = walk.problem or "a per-position factor scales its output"
-                walk.multipliers.append((index, step.ins[i], step.name, tag.axis))
-        pre = tag.pre
-        if pre and walk.activation is None and walk.problem is None:
-            unit = step.unit or ("relu" if relu else None)
+            if step.name in ("mul", "div") and affine:
+                for target in (self.walks[pid] for pid in pending_of(tag)):
+                    if any(s != 1 for a, s in enumerate(shape) if a != tag.axis):
+                        target.problem = target.problem or "a per-position factor scales its " \
+                                                           "output"
+                    target.multipliers.append((index, step.ins[i], step.name, tag.axis))
+        unit = step.unit or ("relu" if relu else None)
+        for target in (self.walks[pid] for pid in pending_of(tag)):
+            if target.activation is not None or target.problem is not None:
+                continue
             if unit is not None:
                 kind = ACTIVATIONS.get(unit, PRIMITIVE_ACTIVATIONS.get(unit))
-                walk.activation = (kind, ref, step.outs[0], index)
-                walk.z_axis = tag.axis
+                target.activation = (kind, ref, step.outs[0], index)
+                target.z_axis = tag.axis
                 if kind is None:
-                    walk.problem = f"no second derivative is known for its activation {unit!r}"
-                pre = False
+                    target.problem = f"no second derivative is known for its activation {unit!r}"
             elif not affine:
-                walk.problem = f"'{step.name}' after it is not an activation SSD knows"
-                pre = False
-        elif pre and not affine:
-            pre = False
-        self.set_out(step, _Info("data", tag=replace(tag, pre=pre)))
+                target.problem = f"'{step.name}' after it is not an activation SSD knows"
+        self.set_out(step, _Info("data", tag=replace(tag, pre=tag.pre and affine)))
 
     def structural(self, index: int, step: Step, tag: _Tag, ref: Any) -> None:
         p = step.params

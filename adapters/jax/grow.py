@@ -64,7 +64,9 @@ def discover_flows(model: Any, variables: Any, inputs: Any, *,
     """The growable layers of ``model`` traced on ``inputs``, producers in forward order.
 
     With ``layers`` (module paths, e.g. ``"Conv_0"``) only those, in that order; a layer
-    that cannot grow raises :class:`~simcore.growth.GrowthError` with the reason.
+    that cannot grow raises :class:`~simcore.growth.GrowthError` with the reason. A residual
+    group (producers whose outputs are added) is one flow, named by its first producer and
+    picked by any of them.
 
     >>> import jax, jax.numpy as jnp, flax.linen as nn
     >>> model = nn.Sequential([nn.Dense(8), nn.relu, nn.Dense(3)])
@@ -77,11 +79,12 @@ def discover_flows(model: Any, variables: Any, inputs: Any, *,
     flows, blocked, _, _ = trace_flows(kind, inputs)
     if layers is None:
         return flows
-    by_name = {f.name: f for f in flows}
-    picked = []
+    by_name = {layer: f for f in flows for layer in f.layers}  # a group by any producer
+    picked: list[JaxFlow] = []
     for name in [layers] if isinstance(layers, str) else layers:
         if name in by_name:
-            picked.append(by_name[name])
+            if all(by_name[name] is not f for f in picked):
+                picked.append(by_name[name])
         elif name in blocked:
             raise GrowthError(f"cannot grow {name!r}: {blocked[name]}")
         else:
@@ -141,7 +144,7 @@ def check_flows(flows: Sequence[ChannelFlow], traced: Sequence[JaxFlow],
                     f"{where}: entry {name!r} is {got.get(name)} in the flow but "
                     f"{want.get(name)} in the traced computation ((role, axis, spatial, "
                     "channels_last); None: absent)")
-        checked.append(JaxFlow(found.name, flow, found.capture))
+        checked.append(JaxFlow(found.name, flow, found.capture, found.members))
     return checked
 
 

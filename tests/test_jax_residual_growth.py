@@ -1,0 +1,199 @@
+"""Residual streams grow on JAX: producers whose outputs are added are one group.
+
+A small Flax linen ResNet (stem conv + BatchNorm + relu, two basic blocks with identity
+shortcuts, a block with a 1x1 projection shortcut that doubles the width and one more identity
+block, global average pooling, a dense head) -- the layout of ``tests/residual_nets.py``'s
+``ResNet``, with explicit paddings so the same weights give the same outputs in PyTorch.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import numpy as np
+import pytest
+
+jax = pytest.importorskip("jax")
+jnp = pytest.importorskip("jax.numpy")
+nn = pytest.importorskip("flax.linen")
+optax = pytest.importorskip("optax")
+
+from simcore.adapters.jax import discover_flows, grow  # noqa: E402
+
+from simcore.growth import GrowthError, RandomGrower  # noqa: E402
+
+#: The producers of each stream, first producer first (the flow's), in forward order.
+STREAM_1 = ("Conv_0", "Block_0/Conv_1", "Block_1/Conv_1")
+STREAM_2 = ("Block_2/Conv_1", "Block_2/Conv_2", "Block_3/Conv_1")
+
+
+class Block(nn.Module):
+    width: int
+    mid: int
+    stride: int = 1
+
+    @nn.compact
+    def __call__(self, x, train: bool = False):
+        out = nn.Conv(self.mid, (3, 3), self.stride, padding=1, use_bias=False)(x)
+        out = nn.relu(nn.BatchNorm(use_running_average=not train)(out))
+        out = nn.Conv(self.width, (3, 3), padding=1, use_bias=False)(out)
+        out = nn.BatchNorm(use_running_average=not train)(out)
+        if self.stride != 1 or x.shape[-1] != self.width:
+            x = nn.Conv(self.width, (1, 1), self.stride, padding=0, use_bias=False)(x)
+            x = nn.BatchNorm(use_running_average=not train)(x)
+        return nn.relu(out + x)
+
+
+class ResNet(nn.Module):
+    # one width per growable flow, forward order: stream 1, the mids of blocks 0-2, stream 2,
+    # the mid of block 3
+    widths: Sequence[int] = (4, 4, 4, 8, 8, 8)
+
+    @nn.compact
+    def __call__(self, x, train: bool = False):
+        stream_1, mid_0, mid_1, mid_2, stream_2, mid_3 = self.widths
+        x = nn.Conv(stream_1, (3, 3), padding=1, use_bias=False)(x)
+        x = nn.relu(nn.BatchNorm(use_running_average=not train)(x))
+        x = Block(stream_1, mid_0)(x, train)
+        x = Block(stream_1, mid_1)(x, train)
+        x = Block(stream_2, mid_2, 2)(x, train)
+        x = Block(stream_2, mid_3)(x, train)
+        return nn.Dense(3)(x.mean(axis=(1, 2)))
+
+
+def loss_fn(outputs, targets):
+    return optax.softmax_cross_entropy_with_integer_labels(outputs, targets).mean()
+
+
+def _perturb(tree, seed, scale=0.1):
+    rng = np.random.default_rng(seed)  # NumPy: eager jax.random compiles per shape
+    return jax.tree_util.tree_map(
+        lambda a: jnp.asarray(np.asarray(a) + scale * rng.uniform(size=a.shape), a.dtype), tree)
+
+
+@pytest.fixture(scope="module")
+def resnet():
+    rng = np.random.default_rng(0)
+    x = jnp.asarray(rng.standard_normal((8, 8, 8, 3)), jnp.float32)
+    y = jnp.asarray(rng.integers(0, 3, 8))
+    model = ResNet()
+    variables = _perturb(jax.jit(model.init)(jax.random.key(0), x), 1)  # BN stats not 0/1
+    return model, variables, x, y
+
+
+def _kernel(variables, layer):
+    tree = variables["params"]
+    for part in layer.split("/"):
+        tree = tree[part]
+    return tree["kernel"]
+
+
+def test_discovery_finds_each_stream_as_one_group_with_its_members(resnet):
+    model, variables, x, _ = resnet
+    flows = discover_flows(model, variables, x)
+    assert [f.name for f in flows] == ["Conv_0", "Block_0/Conv_0", "Block_1/Conv_0",
+                                       "Block_2/Conv_0", "Block_2/Conv_1", "Block_3/Conv_0"]
+    groups = {f.name: f for f in flows if f.flow.members}
+    assert [f.layers for f in groups.values()] == [STREAM_1, STREAM_2]
+    first = groups["Conv_0"].flow
+    assert first.norm.scale == "params/BatchNorm_0/scale"
+    assert [m.norm.var for m in first.members] == ["batch_stats/Block_0/BatchNorm_1/var",
+                                                  "batch_stats/Block_1/BatchNorm_1/var"]
+    # the sum's readers: every block's first conv and the projection shortcut
+    assert [c.weight for c in first.consumers] == [
+        "params/Block_0/Conv_0/kernel", "params/Block_1/Conv_0/kernel",
+        "params/Block_2/Conv_0/kernel", "params/Block_2/Conv_2/kernel"]
+    second = groups["Block_2/Conv_1"].flow
+    assert [(c.weight, c.in_axis) for c in second.consumers] == [
+        ("params/Block_3/Conv_0/kernel", 2), ("params/Dense_0/kernel", 0)]
+    # a group is asked for by any of its producers
+    assert discover_flows(model, variables, x, layers=["Block_3/Conv_1", "Block_2/Conv_2"]) \
+        == [groups["Block_2/Conv_1"]]
+
+
+def test_random_growth_keeps_the_function_and_the_grown_resnet_trains(resnet):
+    model, variables, x, y = resnet
+    tx = optax.sgd(0.1, momentum=0.9)
+    opt_state = tx.init(variables["params"])
+    grown = grow(RandomGrower(seed=0), model, variables, batches=[(x, y)], opt_state=opt_state,
+                 ratio=0.5)
+    added = grown.report.added
+    assert added["Conv_0"] > 0 and added["Block_2/Conv_1"] > 0, added
+    stream_1, stream_2 = (grown.report.widths_after[g[0]] for g in (STREAM_1, STREAM_2))
+    assert tuple(grown.model.widths) == tuple(grown.report.widths_after.values())
+    before = jax.jit(model.apply)(variables, x)
+    after = jax.jit(grown.model.apply)(grown.variables, x)
+    change = float(jnp.abs(after - before).max() / jnp.abs(before).max())
+    assert change < 1e-5
+
+    params, stats = grown.variables["params"], grown.variables["batch_stats"]
+    for layers, width in ((STREAM_1, stream_1), (STREAM_2, stream_2)):
+        for layer in layers:  # every member and its own BatchNorm
+            assert _kernel(grown.variables, layer).shape[-1] == width, layer
+            block, _, conv = layer.rpartition("/")
+            norm = (block + "/" if block else "") + "BatchNorm_" + conv.split("_")[1]
+            tree, stat = params, stats
+            for part in norm.split("/"):
+                tree, stat = tree[part], stat[part]
+            assert tree["scale"].shape == stat["var"].shape == (width,), norm
+    for reader in ("Block_0/Conv_0", "Block_1/Conv_0", "Block_2/Conv_0", "Block_2/Conv_2"):
+        assert _kernel(grown.variables, reader).shape[-2] == stream_1, reader
+    assert _kernel(grown.variables, "Block_3/Conv_0").shape[-2] == stream_2
+    assert params["Dense_0"]["kernel"].shape == (stream_2, 3)
+    trace = grown.opt_state[0].trace
+    assert jax.tree_util.tree_map(jnp.shape, trace) == jax.tree_util.tree_map(jnp.shape, params)
+
+    new_model = grown.model
+
+    @jax.jit
+    def step(variables, opt_state):
+        def loss_of(p):
+            return loss_fn(new_model.apply({**variables, "params": p}, x), y)
+
+        loss, grads = jax.value_and_grad(loss_of)(variables["params"])
+        updates, opt_state = tx.update(grads, opt_state, variables["params"])
+        return loss, optax.apply_updates(variables["params"], updates)
+
+    loss, trained = step(grown.variables, grown.opt_state)
+    assert np.isfinite(float(loss))
+    moved = jax.tree_util.tree_map(lambda a, b: float(jnp.abs(a - b).max()), trained, params)
+    assert min(jax.tree_util.tree_leaves(moved)) > 0  # every parameter trains, grown ones too
+
+
+class AddsAGroupedConv(nn.Module):
+    @nn.compact
+    def __call__(self, x):
+        a = nn.Conv(4, (3, 3))(x)
+        b = nn.Conv(4, (3, 3), feature_group_count=2)(x)  # grouped: cannot grow
+        return nn.Dense(2)(nn.relu(nn.Conv(4, (3, 3))(a) + b).mean(axis=(1, 2)))
+
+
+def test_an_add_with_a_refused_layers_channels_refuses_the_group_naming_the_reason():
+    model, x = AddsAGroupedConv(), jnp.ones((2, 8, 8, 4))
+    variables = model.init(jax.random.key(0), x)
+    assert [f.name for f in discover_flows(model, variables, x)] == ["Conv_0"]
+    with pytest.raises(GrowthError, match=r"'Conv_2'.*combined with other data in 'add'"):
+        discover_flows(model, variables, x, layers=["Conv_2"])
+    with pytest.raises(GrowthError, match=r"'Conv_1'.*grouped convolution"):
+        discover_flows(model, variables, x, layers=["Conv_1"])
+
+
+class NormAfterAdd(nn.Module):
+    """A pre-activation block: a BatchNorm reads the stream after the add."""
+
+    @nn.compact
+    def __call__(self, x):
+        h = nn.relu(nn.Conv(4, (3, 3))(x))
+        h = nn.BatchNorm(use_running_average=True)(nn.Conv(4, (3, 3))(h) + h)
+        return nn.Dense(2)(nn.relu(h).mean(axis=(1, 2)))
+
+
+def test_a_group_with_a_refused_member_is_refused_as_a_whole_naming_the_member():
+    model, x = NormAfterAdd(), jnp.ones((2, 8, 8, 3))
+    variables = model.init(jax.random.key(0), x)
+    assert discover_flows(model, variables, x) == []
+    for layer in ("Conv_0", "Conv_1"):  # either member names the group's reason
+        with pytest.raises(GrowthError, match=r"cannot grow '.*': 'Conv_0': a per-channel "
+                                              r"parameter meets its residual stream after "
+                                              r"the add"):
+            discover_flows(model, variables, x, layers=[layer])
