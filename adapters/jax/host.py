@@ -16,6 +16,7 @@ With several processes (``jax.distributed``) scores and statistics are averaged 
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping, Sequence
+from dataclasses import replace
 from typing import Any
 
 import jax
@@ -111,7 +112,9 @@ class JaxGrowthHost:
         return self.kind.parameter_count(self._leaves(self.state))
 
     def splitting_statistics(self, batches, loss_fn) -> list[SplittingStatistics]:
-        names = [f.name for f in self.flows]
+        # every producer's statistics, by its module path; a residual group's members are
+        # then handed to the core as the group's ``members``
+        names = [layer for f in self.flows for layer in f.layers]
         per_batch = []
         leaves = list(self.kind.leaves.values())
         for inputs, targets in batches:
@@ -120,7 +123,9 @@ class JaxGrowthHost:
             key = str(key)
             if key not in self._stat_fns:
                 found, blocked, program, out_tree = trace_flows(self.kind, inputs)
-                by_name = {f.name: f.capture for f in found}
+                by_name = {layer: capture for f in found
+                           for layer, capture in zip(f.layers, (f.capture, *f.members),
+                                                     strict=True)}
                 missing = [n for n in names if n not in by_name]
                 if missing:
                     reason = blocked.get(missing[0], "it is not found on this batch")
@@ -135,7 +140,9 @@ class JaxGrowthHost:
             if self.host_arrays:
                 found = jax.tree_util.tree_map(np.asarray, found)
             per_batch.append(found)
-        return to_statistics(per_batch, names, activations)
+        by_layer = dict(zip(names, to_statistics(per_batch, names, activations), strict=True))
+        return [replace(by_layer[f.name], members=tuple(by_layer[m] for m in f.layers[1:]))
+                for f in self.flows]
 
     def forward_with(self, widened_state: Mapping[str, Any],
                      channel_maps: Sequence[Any]) -> Callable[[Mapping[str, Any], Any], Any]:
