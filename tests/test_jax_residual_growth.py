@@ -20,7 +20,7 @@ optax = pytest.importorskip("optax")
 
 from simcore.adapters.jax import discover_flows, grow  # noqa: E402
 
-from simcore.growth import GrowthError, RandomGrower, SSDGrower  # noqa: E402
+from simcore.growth import FireflyGrower, GrowthError, RandomGrower, SSDGrower  # noqa: E402
 
 #: The producers of each stream, first producer first (the flow's), in forward order.
 STREAM_1 = ("Conv_0", "Block_0/Conv_1", "Block_1/Conv_1")
@@ -77,8 +77,32 @@ def resnet():
     x = jnp.asarray(rng.standard_normal((8, 8, 8, 3)), jnp.float32)
     y = jnp.asarray(rng.integers(0, 3, 8))
     model = ResNet()
-    variables = _perturb(jax.jit(model.init)(jax.random.key(0), x), 1)  # BN stats not 0/1
+    shapes = jax.eval_shape(model.init, jax.random.key(0), x)  # compiles nothing
+
+    def draw(path, leaf):  # He kernels; BatchNorms away from their identity initialisation
+        name = jax.tree_util.keystr(path)
+        if "kernel" in name:
+            fan_in = int(np.prod(leaf.shape[:-1]))
+            return rng.standard_normal(leaf.shape) * np.sqrt(2.0 / fan_in)
+        low, high = {"scale": (0.5, 1.5), "var": (0.5, 2.0)}.get(path[-1].key, (-0.3, 0.3))
+        return rng.uniform(low, high, leaf.shape)
+
+    variables = jax.tree_util.tree_map_with_path(
+        lambda p, leaf: jnp.asarray(draw(p, leaf), jnp.float32), shapes)
     return model, variables, x, y
+
+
+def _firefly():
+    """Firefly with the settings under which it promises to keep the function (as for torch,
+    tests/test_torch_residual_growth.py)."""
+    return FireflyGrower(seed=0, new_per_layer=4, split_scale=1e-4, outgoing_scale=1e-6,
+                         train_candidates=False)
+
+
+def _zeros(model, x):
+    """Variables of the right shapes for tracing (no compilation, unlike an eager init)."""
+    shapes = jax.eval_shape(model.init, jax.random.key(0), x)
+    return jax.tree_util.tree_map(lambda s: jnp.asarray(np.zeros(s.shape, s.dtype)), shapes)
 
 
 def _kernel(variables, layer):
@@ -170,7 +194,7 @@ class AddsAGroupedConv(nn.Module):
 
 def test_an_add_with_a_refused_layers_channels_refuses_the_group_naming_the_reason():
     model, x = AddsAGroupedConv(), jnp.ones((2, 8, 8, 4))
-    variables = model.init(jax.random.key(0), x)
+    variables = _zeros(model, x)
     assert [f.name for f in discover_flows(model, variables, x)] == ["Conv_0"]
     with pytest.raises(GrowthError, match=r"'Conv_2'.*combined with other data in 'add'"):
         discover_flows(model, variables, x, layers=["Conv_2"])
@@ -190,7 +214,7 @@ class NormAfterAdd(nn.Module):
 
 def test_a_group_with_a_refused_member_is_refused_as_a_whole_naming_the_member():
     model, x = NormAfterAdd(), jnp.ones((2, 8, 8, 3))
-    variables = model.init(jax.random.key(0), x)
+    variables = _zeros(model, x)
     assert discover_flows(model, variables, x) == []
     for layer in ("Conv_0", "Conv_1"):  # either member names the group's reason
         with pytest.raises(GrowthError, match=r"cannot grow '.*': 'Conv_0': a per-channel "
@@ -199,12 +223,12 @@ def test_a_group_with_a_refused_member_is_refused_as_a_whole_naming_the_member()
             discover_flows(model, variables, x, layers=[layer])
 
 
-@pytest.mark.parametrize("mode", ["exact", "fast"])
+@pytest.mark.parametrize("mode", ["exact", pytest.param("fast", marks=pytest.mark.slow)])
 def test_ssd_splits_the_streams_and_keeps_the_function_to_order_eps_squared(resnet, mode):
     model, variables, x, y = resnet
     before = jax.jit(model.apply)(variables, x)
     changes = []
-    for eps in (1e-2, 1e-3):  # the same picks and directions, split ten times less
+    for eps in (1e-3, 1e-4):  # the same picks and directions, split ten times less
         grown = grow(SSDGrower(mode, eps=eps, rayleigh_steps=20), model, variables,
                      batches=[(x, y)], loss_fn=loss_fn, ratio=0.5)
         report = grown.report
@@ -215,8 +239,8 @@ def test_ssd_splits_the_streams_and_keeps_the_function_to_order_eps_squared(resn
         after = jax.jit(grown.model.apply)(grown.variables, x)
         changes.append(float(jnp.abs(after - before).max()))
     # O(eps^2) where no pre-activation crosses ReLU's kink (O(eps) where one does): measured
-    # 3.4e-3 -> 1.1e-4 (32x) for exact
-    assert changes[1] < 1e-3 * float(jnp.abs(before).max())
+    # 1.3e-2, 5.8e-4, 1.3e-5 at eps 1e-2, 1e-3, 1e-4 (outputs up to 8.4), both modes
+    assert changes[0] < 1e-3 * float(jnp.abs(before).max())
     assert changes[0] > 20 * changes[1], changes
 
 
@@ -301,3 +325,54 @@ def test_ssd_scores_of_each_group_equal_the_torch_adapters_on_the_same_weights()
         np.testing.assert_allclose(j_report.scores[j_name], expected, rtol=1e-3,
                                    atol=1e-4 * np.abs(expected).max(), err_msg=t_name)
     assert j_report.widths_after == {names[k]: v for k, v in t_report.widths_after.items()}
+
+
+@pytest.mark.slow  # Firefly compiles the widened ResNet's gradient: about 25 s on 2 cores
+def test_firefly_grows_the_streams_keeps_the_function_and_grows_adam_state(resnet):
+    model, variables, x, y = resnet
+    tx = optax.adam(1e-3)
+    grown = grow(_firefly(), model, variables, batches=[(x, y)], loss_fn=loss_fn,
+                 opt_state=tx.init(variables["params"]), ratio=0.5)
+    report = grown.report
+    for group in (STREAM_1, STREAM_2):
+        width = report.widths_after[group[0]]
+        assert width > report.widths_before[group[0]], report.added
+        assert all(_kernel(grown.variables, layer).shape[-1] == width for layer in group)
+    before = jax.jit(model.apply)(variables, x)
+    change = jnp.abs(jax.jit(grown.model.apply)(grown.variables, x) - before).max()
+    assert float(change) < 1e-3 * float(jnp.abs(before).max())
+    shapes = jax.tree_util.tree_map(jnp.shape, grown.variables["params"])
+    assert jax.tree_util.tree_map(jnp.shape, grown.opt_state[0].mu) == shapes
+
+
+class DenseResidual(nn.Module):
+    """``h + Dense_1(h)``: Dense_1 reads the stream it adds to (a member and a consumer)."""
+
+    width: int = 8
+
+    @nn.compact
+    def __call__(self, x):
+        h = nn.relu(nn.Dense(self.width)(x))
+        h = nn.Dense(self.width)(h) + h
+        return nn.Dense(2)(nn.relu(h))
+
+
+@pytest.mark.parametrize("method", ["random", "ssd", "firefly"])
+def test_a_member_reading_its_own_group_grows_its_rows_and_columns(method):
+    rng = np.random.default_rng(0)
+    x = jnp.asarray(rng.standard_normal((16, 5)), jnp.float32)
+    y = jnp.asarray(rng.integers(0, 2, 16))
+    model = DenseResidual()
+    variables = model.init(jax.random.key(0), x)
+    (flow,) = discover_flows(model, variables, x)
+    assert flow.layers == ("Dense_0", "Dense_1")
+    assert [c.weight for c in flow.flow.consumers] == ["params/Dense_1/kernel",
+                                                       "params/Dense_2/kernel"]
+    grower = {"random": RandomGrower(seed=0), "ssd": SSDGrower("exact", eps=1e-4),
+              "firefly": _firefly()}[method]
+    grown = grow(grower, model, variables, batches=[(x, y)], loss_fn=loss_fn, ratio=0.5,
+                 rebuild=lambda widths: DenseResidual(widths["Dense_0"]))
+    assert grown.variables["params"]["Dense_1"]["kernel"].shape == (12, 12)
+    before = model.apply(variables, x)
+    change = float(jnp.abs(grown.model.apply(grown.variables, x) - before).max())
+    assert change < (1e-6 if method == "random" else 1e-4) * float(jnp.abs(before).max())

@@ -57,6 +57,7 @@ from .._arrays import (
     device_of,
     from_rows,
     namespace_of,
+    to_rows,
 )
 from ._host import as_generator, as_index, symmetric_uniform, to_numpy
 from .budget import select_lowest
@@ -357,16 +358,20 @@ def _compose(first: ChannelMap, second: ChannelMap) -> tuple[int, ...]:
     return tuple(first.sources[s] if s >= 0 else -1 for s in second.sources)
 
 
-def _split_columns(xp: Any, rows: Any, consumer: Any, shape: tuple[int, ...],
+def _split_columns(xp: Any, rows: Any, consumer: Any, shape: tuple[int, ...], row_axis: int,
                    split_map: ChannelMap) -> Any:
     """New incoming ``rows`` of a member that reads its own group, after the group's splits.
 
     Each row's weights on a split channel are halved between the channel and its copy, as
-    the split does to the member's existing rows (:func:`~.widen.split_neurons`).
+    the split does to the member's existing rows (:func:`~.widen.split_neurons`). ``shape``
+    is the member's weight's and ``row_axis`` its output axis (0 in torch's layout, -1 in
+    Flax's): the rows are put in that layout to grow the consumer's axis.
     """
-    per_row = (int(rows.shape[0]), *shape[1:])  # (k, in, kh, kw): axis 1 is the group's
-    grown = _grow_by_map(xp, xp.reshape(rows, per_row), consumer, split_map, divide=True)
-    return xp.reshape(grown, (int(rows.shape[0]), -1))
+    per_row = list(shape)
+    per_row[row_axis] = int(rows.shape[0])
+    grown = _grow_by_map(xp, from_rows(xp, rows, per_row, row_axis), consumer, split_map,
+                         divide=True)
+    return to_rows(xp, grown, row_axis)
 
 
 def firefly_apply(
@@ -441,10 +446,11 @@ def firefly_apply(
             # columns by now: its new rows and its outgoing columns follow the split.
             reading = {e.name: e for e in entries if e.role == "consumer"}
             reading = {n: e for n, e in reading.items() if n in flow.producers}
+            producers = [e for e in entries if e.role == "producer"]
+            row_axes = {e.name: e.axis for e in producers}
             if reading and split_parents.size:
-                producers = [e for e in entries if e.role == "producer"]
                 incoming = [_split_columns(xp, rows, reading[e.name], original_shapes[e.name],
-                                           split_map) if e.name in reading else rows
+                                           e.axis, split_map) if e.name in reading else rows
                             for e, rows in zip(producers, incoming, strict=True)]
             outgoing = []
             consumers = [e for e in entries if e.role == "consumer"]
@@ -461,8 +467,8 @@ def firefly_apply(
                     cols = _regrow_rows(xp, cols, entry, original_shapes[entry.name], row_axis,
                                         sources)
                 elif entry.name in reading and split_parents.size:
-                    cols = _regrow_rows(xp, cols, entry, original_shapes[entry.name], 0,
-                                        split_map.sources)
+                    cols = _regrow_rows(xp, cols, entry, original_shapes[entry.name],
+                                        row_axes[entry.name], split_map.sources)
                 outgoing.append(cols)
             if len(cand.new_depthwise) != len(flow.depthwise):
                 raise ValueError(
