@@ -17,6 +17,8 @@ jax = pytest.importorskip("jax")
 jnp = pytest.importorskip("jax.numpy")
 nn = pytest.importorskip("flax.linen")
 optax = pytest.importorskip("optax")
+eqx = pytest.importorskip("equinox")
+nnx = pytest.importorskip("flax.nnx")
 
 from simcore.adapters.jax import discover_flows, grow  # noqa: E402
 
@@ -376,3 +378,68 @@ def test_a_member_reading_its_own_group_grows_its_rows_and_columns(method):
     before = model.apply(variables, x)
     change = float(jnp.abs(grown.model.apply(grown.variables, x) - before).max())
     assert change < (1e-6 if method == "random" else 1e-4) * float(jnp.abs(before).max())
+
+
+class NnxBlock(nnx.Module):
+    """A stem and one identity block, as nnx's documentation writes modules."""
+
+    def __init__(self, rngs):
+        self.stem, self.bn0 = nnx.Conv(3, 4, (3, 3), rngs=rngs), nnx.BatchNorm(4, rngs=rngs)
+        self.conv1, self.bn1 = nnx.Conv(4, 4, (3, 3), rngs=rngs), nnx.BatchNorm(4, rngs=rngs)
+        self.conv2, self.bn2 = nnx.Conv(4, 4, (3, 3), rngs=rngs), nnx.BatchNorm(4, rngs=rngs)
+        self.head = nnx.Linear(4, 3, rngs=rngs)
+
+    def __call__(self, x):
+        x = nnx.relu(self.bn0(self.stem(x)))
+        h = nnx.relu(self.bn1(self.conv1(x)))
+        x = nnx.relu(self.bn2(self.conv2(h)) + x)
+        return self.head(x.mean(axis=(1, 2)))
+
+
+class EqxBlock(eqx.Module):
+    """The same without BatchNorm in Equinox (channels first, one sample per call)."""
+
+    stem: eqx.nn.Conv2d
+    conv1: eqx.nn.Conv2d
+    conv2: eqx.nn.Conv2d
+    head: eqx.nn.Linear
+
+    def __init__(self, key):
+        keys = jax.random.split(key, 4)
+        self.stem = eqx.nn.Conv2d(3, 4, 3, padding=1, key=keys[0])
+        self.conv1 = eqx.nn.Conv2d(4, 4, 3, padding=1, key=keys[1])
+        self.conv2 = eqx.nn.Conv2d(4, 4, 3, padding=1, key=keys[2])
+        self.head = eqx.nn.Linear(4, 3, key=keys[3])
+
+    def __call__(self, x):
+        x = jax.nn.relu(self.stem(x))
+        x = jax.nn.relu(self.conv2(jax.nn.relu(self.conv1(x))) + x)
+        return self.head(x.mean(axis=(1, 2)))
+
+
+@pytest.mark.parametrize("framework", ["nnx", "equinox"])
+def test_nnx_and_equinox_streams_grow_as_one_group(framework):
+    rng = np.random.default_rng(0)
+    x = jnp.asarray(rng.standard_normal((4, 8, 8, 3)), jnp.float32)
+    y = jnp.asarray(rng.integers(0, 3, 4))
+    if framework == "nnx":
+        model = NnxBlock(nnx.Rngs(0))
+        model.eval()
+        forward = jax.jit(lambda m, x: m(x))  # new shapes after growth: a new trace
+    else:
+        model = EqxBlock(jax.random.key(0))  # float64 where the suite enables x64
+        x = jnp.transpose(x, (0, 3, 1, 2)).astype(model.stem.weight.dtype)
+        forward = eqx.filter_jit(lambda m, x: jax.vmap(m)(x))
+    (group, _) = discover_flows(model, None, x)
+    assert group.layers == ("stem", "conv2")
+    grown = grow(RandomGrower(seed=0), model, batches=[(x, y)], ratio=0.5)
+    width = grown.report.widths_after["stem"]
+    assert width > 4
+    if framework == "nnx":
+        grown.model.eval()
+        assert grown.model.conv2.out_features == grown.model.bn2.num_features == width
+    else:
+        assert grown.model.conv2.out_channels == grown.model.conv1.in_channels == width
+    before = forward(model, x)
+    after = forward(grown.model, x)
+    assert float(jnp.abs(after - before).max()) < 1e-5 * float(jnp.abs(before).max())
