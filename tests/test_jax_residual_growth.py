@@ -9,6 +9,7 @@ block, global average pooling, a dense head) -- the layout of ``tests/residual_n
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import replace
 
 import numpy as np
 import pytest
@@ -67,31 +68,29 @@ def loss_fn(outputs, targets):
     return optax.softmax_cross_entropy_with_integer_labels(outputs, targets).mean()
 
 
-def _perturb(tree, seed, scale=0.1):
-    rng = np.random.default_rng(seed)  # NumPy: eager jax.random compiles per shape
-    return jax.tree_util.tree_map(
-        lambda a: jnp.asarray(np.asarray(a) + scale * rng.uniform(-1, 1, a.shape), a.dtype), tree)
-
-
 @pytest.fixture(scope="module")
 def resnet():
     rng = np.random.default_rng(0)
     x = jnp.asarray(rng.standard_normal((8, 8, 8, 3)), jnp.float32)
     y = jnp.asarray(rng.integers(0, 3, 8))
     model = ResNet()
-    shapes = jax.eval_shape(model.init, jax.random.key(0), x)  # compiles nothing
+    return model, _random_variables(model, x, rng), x, y
 
-    def draw(path, leaf):  # He kernels; BatchNorms away from their identity initialisation
-        name = jax.tree_util.keystr(path)
-        if "kernel" in name:
+
+def _random_variables(model, x, rng):
+    """He kernels, biases and BatchNorms away from their identity initialisation, drawn with
+    NumPy for the shapes ``model.init`` gives (no compilation, unlike an eager init)."""
+
+    def draw(path, leaf):
+        if path[-1].key == "kernel":
             fan_in = int(np.prod(leaf.shape[:-1]))
             return rng.standard_normal(leaf.shape) * np.sqrt(2.0 / fan_in)
         low, high = {"scale": (0.5, 1.5), "var": (0.5, 2.0)}.get(path[-1].key, (-0.3, 0.3))
         return rng.uniform(low, high, leaf.shape)
 
-    variables = jax.tree_util.tree_map_with_path(
+    shapes = jax.eval_shape(model.init, jax.random.key(0), x)
+    return jax.tree_util.tree_map_with_path(
         lambda p, leaf: jnp.asarray(draw(p, leaf), jnp.float32), shapes)
-    return model, variables, x, y
 
 
 def _firefly():
@@ -443,3 +442,48 @@ def test_nnx_and_equinox_streams_grow_as_one_group(framework):
     before = forward(model, x)
     after = forward(grown.model, x)
     assert float(jnp.abs(after - before).max()) < 1e-5 * float(jnp.abs(before).max())
+
+
+def test_discovered_groups_pass_as_hand_given_flows(resnet):
+    model, variables, x, y = resnet
+    flows = [f.flow for f in discover_flows(model, variables, x)]
+    grown = grow(RandomGrower(seed=0), model, variables, batches=[(x, y)], flows=flows,
+                 ratio=0.5)
+    width = grown.report.widths_after["Block_2/Conv_1"]
+    assert width > 8
+    assert all(_kernel(grown.variables, layer).shape[-1] == width for layer in STREAM_2)
+    with pytest.raises(GrowthError, match="'params/Block_3/Conv_0/kernel' reads its channels"):
+        grow(RandomGrower(seed=0), model, variables, batches=[(x, y)], ratio=0.5,
+             flows=[replace(flows[4], consumers=flows[4].consumers[1:])])
+
+
+class DepthwiseOnTheStream(nn.Module):
+    widths: Sequence[int] = (4, 4, 6)
+
+    @nn.compact
+    def __call__(self, x):
+        stream, mid, out = self.widths
+        s = nn.relu(nn.BatchNorm(use_running_average=True)(nn.Conv(stream, (3, 3))(x)))
+        h = nn.relu(nn.Conv(mid, (3, 3))(s))
+        s = nn.relu(nn.Conv(stream, (3, 3))(h) + s)
+        d = nn.Conv(stream, (3, 3), feature_group_count=stream)(s)  # filters the sum
+        d = nn.relu(nn.BatchNorm(use_running_average=True)(d))
+        return nn.Dense(3)(nn.relu(nn.Conv(out, (1, 1))(d)).mean(axis=(1, 2)))
+
+
+def test_a_depthwise_conv_on_the_sum_grows_with_the_group():
+    rng = np.random.default_rng(0)
+    x = jnp.asarray(rng.standard_normal((4, 8, 8, 3)), jnp.float32)
+    model = DepthwiseOnTheStream()
+    variables = _random_variables(model, x, rng)
+    group = discover_flows(model, variables, x)[0]
+    assert group.layers == ("Conv_0", "Conv_2")
+    (depthwise,) = group.flow.depthwise
+    assert (depthwise.weight, depthwise.norm.var) == ("params/Conv_3/kernel",
+                                                      "batch_stats/BatchNorm_1/var")
+    grown = grow(RandomGrower(seed=0), model, variables, batches=[(x, None)], ratio=0.5)
+    width = grown.report.widths_after["Conv_0"]
+    assert width > 4 and _kernel(grown.variables, "Conv_3").shape == (3, 3, 1, width)
+    before = model.apply(variables, x)
+    change = float(jnp.abs(grown.model.apply(grown.variables, x) - before).max())
+    assert change < 1e-5 * float(jnp.abs(before).max())
