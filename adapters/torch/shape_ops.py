@@ -219,6 +219,16 @@ def _channel_size(user: torch.fx.Node) -> tuple[tuple[torch.fx.Node, ...], str |
     return (), None
 
 
+def _index_text(index: Any) -> str:
+    """``index`` as written in Python: ``[:, :8, None]``."""
+    def item(i: Any) -> str:
+        if isinstance(i, slice):
+            text = f"{'' if i.start is None else i.start}:{'' if i.stop is None else i.stop}"
+            return text if i.step is None else f"{text}:{i.step}"
+        return "..." if i is Ellipsis else repr(i)
+    return f"[{', '.join(map(item, index if isinstance(index, tuple) else (index,)))}]"
+
+
 def _index_keeps_channels(index: Any, rank: int) -> bool:
     """``[:, :, None, None]`` or ``[..., None]`` on ``(N, C)``: only new axes after C."""
     index = index if isinstance(index, tuple) else (index,)
@@ -254,7 +264,8 @@ def reshape_step(node: torch.fx.Node, user: torch.fx.Node, before: tuple | None,
     if user.target is operator.getitem:
         if not _index_keeps_channels(user.args[1], len(before)) or not _singleton_tail(
                 before, after):
-            return ReshapeStep(refusal=f"indexing {user.args[1]!r} that selects or moves channels")
+            return ReshapeStep(refusal=(f"indexing {_index_text(user.args[1])} that selects or "
+                                        "moves channels"))
         return ReshapeStep(ndim=len(after))
     if user.target in ("unsqueeze", torch.unsqueeze):
         dim = user.args[1] if len(user.args) > 1 else user.kwargs.get("dim")
