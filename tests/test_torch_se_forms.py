@@ -171,3 +171,8 @@ def test_reshapes_that_move_channels_and_other_uses_of_the_count_are_refused(for
     skipped = survey_flows(Net(form), torch.zeros(2, 3, 8, 8)).skipped
     assert words in skipped[layer]
     assert {"c1", "se.fc.2"} <= set(skipped)  # the gate never grows without its conv
+
+
+def test_a_gate_reshape_without_an_example_input_asks_for_one():
+    with pytest.raises(ValueError, match="example_input is needed: a 'view' in 'se'"):
+        survey_flows(Net(SENet))

@@ -41,7 +41,7 @@ from .products import (
     product_role,
 )
 from .shape_ops import is_reshape, is_shape_read, read_uses, reshape_step
-from .tracing import node_shape, trace_model
+from .tracing import node_shape, target_name, trace_model
 
 __all__ = [
     "DEPTHWISE_REASON",
@@ -385,7 +385,7 @@ def _visit(node, user, walk, modules, calls, segment, ndim, spatial, pooled, off
         if target in _AXIS_MOVES:
             layout = permuted_layout(user, ndim, last)
             if layout is None or flat:
-                return _block(walk, user, f"a {_target_name(user)} that moves the channel axis")
+                return _block(walk, user, f"a {target_name(user)} that moves the channel axis")
             return follow(user, walk, modules, calls, **{
                 **go, "last": layout, "route": after_unfollowable(route, user, "a permute")})
         if is_shape_read(node, user):  # x.size(), x.shape, g.expand_as(x) (.shape_ops)
@@ -396,7 +396,7 @@ def _visit(node, user, walk, modules, calls, segment, ndim, spatial, pooled, off
             return None
         if user.args and user.args[0] is not node:
             return _block(walk, user,
-                          f"an operation ({_target_name(user)}) reading it as a non-input argument")
+                          f"an operation ({target_name(user)}) reading it as a non-input argument")
         kind = call_activation(target, user.args, user.kwargs)
         if kind is not None:  # F.relu, torch.relu, x.relu_(), ...: as its module form
             _note_activation(walk, segment, None, kind, user, merged)
@@ -433,11 +433,11 @@ def _visit(node, user, walk, modules, calls, segment, ndim, spatial, pooled, off
             step = reshape_step(node, user, node_shape(node), node_shape(user), offset, spatial)
             if step.unknown:
                 walk.needs_input = (
-                    f"example_input is needed: a {_target_name(user)} in {owner_of(user)} may "
+                    f"example_input is needed: a {target_name(user)} in {owner_of(user)} may "
                     "move channels; pass an input batch, e.g. torch.zeros(1, 3, 32, 32)")
             if step.refusal is not None:
                 return _block(walk, user, step.refusal)
-            where = f"{_target_name(user)} in {owner_of(user)}"
+            where = f"{target_name(user)} in {owner_of(user)}"
             walk.shape_sources.update(dict.fromkeys((s.name for s in step.sources), where))
             if step.flatten:
                 return _flatten(node, user, walk, modules, calls, go)
@@ -445,7 +445,7 @@ def _visit(node, user, walk, modules, calls, segment, ndim, spatial, pooled, off
             return follow(user, walk, modules, calls, **{
                 **go, "ndim": step.ndim, "spatial": None,
                 "route": after_unfollowable(route, user, "a reshape")})
-        return _block(walk, user, f"an unsupported operation {_target_name(user)}")
+        return _block(walk, user, f"an unsupported operation {target_name(user)}")
     return _block(walk, user, f"an unsupported {user.op} node")
 
 
@@ -470,10 +470,4 @@ def _flatten(node, user, walk, modules, calls, go):
 def _label(user, modules):
     if user.op == "call_module":
         return f"{describe_module(modules[user.target])} {user.target!r}"
-    return f"{_target_name(user)} in {owner_of(user)}"
-
-
-def _target_name(node):
-    target = node.target
-    return repr(target if isinstance(target, str) else getattr(target, "__name__", str(target)))
-
+    return f"{target_name(user)} in {owner_of(user)}"

@@ -34,7 +34,7 @@ from typing import Any
 import torch
 import torch.fx
 
-from .tracing import node_shape
+from .tracing import node_shape, target_name
 
 __all__ = ["ReshapeStep", "is_reshape", "is_shape_read", "read_uses", "reshape_step",
            "shape_reason"]
@@ -58,11 +58,6 @@ class ReshapeStep:
     refusal: str | None = None
     unknown: bool = False
     sources: tuple[torch.fx.Node, ...] = ()
-
-
-def _name(node: torch.fx.Node) -> str:
-    target = node.target
-    return repr(target if isinstance(target, str) else getattr(target, "__name__", str(target)))
 
 
 def is_reshape(node: torch.fx.Node) -> bool:
@@ -120,7 +115,7 @@ def _size_use(value: torch.fx.Node, user: torch.fx.Node) -> str | None:
         user.op == "call_function" and user.target is torch.reshape)
     if sized and user.args[0] is not value:
         return None
-    return (f"a size() query whose channel count feeds {_name(user)} (a channel count is "
+    return (f"a size() query whose channel count feeds {target_name(user)} (a channel count is "
             "followed only into the sizes of a reshape of the same channels)")
 
 
@@ -251,7 +246,7 @@ def reshape_step(node: torch.fx.Node, user: torch.fx.Node, before: tuple | None,
     ``offset``/``spatial`` as for :func:`read_uses`: only a flatten (its rule as before) passes
     after a concatenation or a flatten of more than one column per channel.
     """
-    what = _name(user).strip("'") if user.target is not operator.getitem else "indexing"
+    what = target_name(user).strip("'") if user.target is not operator.getitem else "indexing"
     if before is None or after is None:
         return ReshapeStep(unknown=True, refusal=f"a {what} whose shapes are unknown")
     flatten = (user.target in _SIZED_METHODS - {"expand"} or user.target is torch.reshape) and (
@@ -304,7 +299,7 @@ def shape_reason(walks: Sequence[Any], nodes: Mapping[str, torch.fx.Node]) -> st
     for walk in walks:
         for use, where in walk.shape_uses.items():
             if use not in walked:
-                return (f"its channel count, read in {where}, sizes a {_name(nodes[use])} of "
+                return (f"its channel count, read in {where}, sizes a {target_name(nodes[use])} of "
                         "channels that no layer of its residual group produces")
         for source, where in walk.shape_sources.items():
             if source not in plain:

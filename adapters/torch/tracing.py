@@ -2,8 +2,9 @@
 
 :func:`trace_model` traces a model and, given an example input, propagates shapes through the
 graph (BatchNorm in eval mode, every module's own mode restored after); :func:`node_shape`
-reads a node's propagated shape. :mod:`.channel_walk` and :mod:`.shape_ops` decide from these
-shapes which operations keep the channel axis.
+reads a node's propagated shape and :func:`target_name` names its operation for messages.
+:mod:`.channel_walk` and :mod:`.shape_ops` decide from these shapes which operations keep the
+channel axis.
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ from torch.fx.passes.shape_prop import ShapeProp
 
 from .flows import GrowthError
 
-__all__ = ["node_shape", "trace_model"]
+__all__ = ["node_shape", "target_name", "trace_model"]
 
 
 def trace_model(model, example_input):
@@ -50,3 +51,9 @@ def node_shape(node):
     """The shape propagated to ``node`` as a tuple, or None (no example input, not a tensor)."""
     meta = node.meta.get("tensor_meta")
     return None if meta is None or not hasattr(meta, "shape") else tuple(meta.shape)
+
+
+def target_name(node):
+    """The operation of a ``call_function``/``call_method`` node, quoted: ``'view'``."""
+    target = node.target
+    return repr(target if isinstance(target, str) else getattr(target, "__name__", str(target)))
