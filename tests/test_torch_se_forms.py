@@ -176,3 +176,49 @@ def test_reshapes_that_move_channels_and_other_uses_of_the_count_are_refused(for
 def test_a_gate_reshape_without_an_example_input_asks_for_one():
     with pytest.raises(ValueError, match="example_input is needed: a 'view' in 'se'"):
         survey_flows(Net(SENet))
+
+
+class SEBasicBlock(nn.Module):
+    """SE-ResNet's block: the gate scales the residual branch before the add."""
+
+    def __init__(self, c):
+        super().__init__()
+        self.conv1, self.bn1 = nn.Conv2d(c, c, 3, padding=1, bias=False), nn.BatchNorm2d(c)
+        self.conv2, self.bn2 = nn.Conv2d(c, c, 3, padding=1, bias=False), nn.BatchNorm2d(c)
+        self.se = SENet(c)
+
+    def forward(self, x):
+        out = self.se(self.bn2(self.conv2(F.relu(self.bn1(self.conv1(x))))))
+        return F.relu(out + x)
+
+
+class SEResNet(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.stem, self.bn = nn.Conv2d(3, 16, 3, padding=1, bias=False), nn.BatchNorm2d(16)
+        self.block = SEBasicBlock(16)
+        self.fc = nn.Linear(16, 10)
+
+    def forward(self, x):
+        x = self.block(F.relu(self.bn(self.stem(x))))
+        return self.fc(F.adaptive_avg_pool2d(x, 1).view(x.size(0), -1))
+
+
+def test_a_gate_before_a_residual_add_is_the_groups_gate_and_a_split_copies_it():
+    survey = survey_flows(SEResNet(), torch.zeros(2, 3, 8, 8))
+    assert survey.skipped == {}
+    flow = next(f for f in survey.flows if f.producer == "stem")
+    assert [(m.producer, m.gate) for m in flow.members] == [("block.conv2", False),
+                                                           ("block.se.fc.2", True)]
+    torch.manual_seed(0)
+    net, (x, y) = SEResNet(), _batch()
+    gate = net.block.se.fc[2].weight.detach().clone()
+    net.eval()
+    before = net(x).detach()
+    GROWERS["ssd"]().grow(net, [(x, y)], F.cross_entropy, ratio=0.5, layers=["stem"])
+    grown = net.block.se.fc[2].weight.detach()
+    assert grown.shape[0] == net.stem.out_channels > 16
+    torch.testing.assert_close(grown[:16], gate, rtol=0, atol=0)
+    assert torch.cdist(grown[16:], gate).min(1).values.max() == 0  # copies, not split rows
+    change = (net.eval()(x) - before).abs().max() / before.abs().max()
+    assert 0 < change < 1e-2

@@ -107,6 +107,7 @@ class Walk:
     downstream_norms: dict = field(default_factory=dict)  # BN after an add or a cat -> offset
     adds: dict = field(default_factory=dict)  # add (or product) node -> the arguments reached
     products: dict = field(default_factory=dict)  # x * gate(x) node -> sides reached (.products)
+    joins: set = field(default_factory=set)  # adds and products reached before any other one
     paths: list = field(default_factory=list)  # every activation reached, for SSD (.paths)
     pending: str | None = None  # a refusal that holds only if nothing else refuses (.layouts)
     seen: set = field(default_factory=set)  # (node, offset, merged) already walked
@@ -263,6 +264,8 @@ def _merge(node, user, walk, modules, calls, go):
         if go["offset"] is not None or go["spatial"] is not None:
             return _block(walk, user, "a residual add after a concatenation or a flatten")
         walk.adds.setdefault(user.name, set()).add(node.name)
+        if not go["merged"]:
+            walk.joins.add(user.name)
     return follow(user, walk, modules, calls, **{**go, "merged": len(tensors) > 1 or go["merged"]})
 
 
@@ -275,6 +278,8 @@ def _product(node, user, walk, modules, calls, go, role):
                       f"a product that broadcasts {node_shape(node)} to {node_shape(user)}")
     walk.adds.setdefault(user.name, set()).add(node.name)
     walk.products.setdefault(user.name, set()).add(role)
+    if not go["merged"]:
+        walk.joins.add(user.name)
     return follow(user, walk, modules, calls, **{**go, "merged": True})
 
 
