@@ -30,7 +30,8 @@ Gram matrix with a backend's own kernel; the CuPy adapter passes cuBLAS SYRK.
 
 The unit rows of Eq. 1: :class:`UnitRows` (validation, the unit rows, Eq. 2's pair
 count and the gradient's tangent projection), for adapters that form the Gram products
-their own way.
+their own way; :class:`RawRows` (the same loss from the Gram matrix of the raw rows, with
+whether that is exact as an array, for a traced branch: the JAX adapter's).
 
 In-place kernels: :class:`InPlaceKernel` (the buffer operations of the loss's strip path,
 simcore/_tiles.py), :class:`Workspace` (per-thread reused buffers) and
@@ -73,6 +74,7 @@ from ._arrays import (
     to_rows,
 )
 from ._deprecation import renamed_choice, warn_deprecated
+from ._raw_rows import RawRows
 from ._tiles import InPlaceKernel, Workspace, register_in_place_kernel
 from ._types import Array, GramFunction, Namespace
 from .growth.flow import DEPTHWISE, is_depthwise, is_growable_depthwise
@@ -82,6 +84,7 @@ from .similarity import UnitRows
 __all__ = [
     "DEPTHWISE",
     "InPlaceKernel",
+    "RawRows",
     "UnitRows",
     "Workspace",
     "register_in_place_kernel",

@@ -60,8 +60,68 @@ def test_value_and_grad_match_reference(draw):
 def test_grad_is_the_core_gradient_scaled_by_the_cotangent():
     w = _f32(np.random.default_rng(0).standard_normal((6, 5)))
     _, core_grad = simcore.similarity_loss_and_grad(w)
-    grad = jax.grad(lambda x: 3.0 * sj.similarity_loss(x))(w)
-    np.testing.assert_allclose(np.asarray(grad), 3.0 * np.asarray(core_grad), rtol=1e-6)
+    grad = jax.grad(sj.similarity_loss)(w)
+    scaled = jax.grad(lambda x: 3.0 * sj.similarity_loss(x))(w)
+    np.testing.assert_allclose(np.asarray(scaled), 3.0 * np.asarray(grad), rtol=1e-6)
+    # The same gradient as NumPy's, to float32 rounding (the two sum in different orders).
+    assert_close(grad, np.asarray(core_grad), backend=JAX, dtype="float32")
+
+
+def _layer(scale=1.0, zero_row=False, n=10, d=7, row_scale=0.0):
+    rows = np.random.default_rng(5).standard_normal((n, d))
+    if zero_row:
+        rows[3] *= row_scale
+    return rows * scale
+
+
+# The raw Gram matrix overflows (1e20^2 d), underflows (1e-21^2), or a row's square underflows
+# to 0 where that decides its activity (zero_tol=0: a zero row cannot be told from it): the
+# unit rows' branch runs there.
+RAW_GRAM_CASES = {
+    "ordinary": (_layer(), None, True),
+    "zero row": (_layer(zero_row=True), None, True),
+    "huge": (_layer(1e20), None, False),
+    "tiny": (_layer(1e-21), None, False),
+    "zero row, zero_tol=0": (_layer(zero_row=True), 0.0, False),
+    "underflowing row, zero_tol=0": (_layer(zero_row=True, row_scale=1e-25), 0.0, False),
+}
+
+
+@pytest.mark.parametrize("case", list(RAW_GRAM_CASES))
+def test_the_raw_gram_branch_runs_where_it_is_exact_and_both_match_the_reference(case):
+    from simcore.extend import RawRows
+
+    rows, zero_tol, safe = RAW_GRAM_CASES[case]
+    w = _f32(rows)
+    assert bool(RawRows(w, 0, zero_tol).safe) is safe
+    value, grad = jax.jit(jax.value_and_grad(
+        lambda x: sj.similarity_loss(x, zero_tol=zero_tol, block_size=4)))(w)
+    want_value, want_grad = reference.similarity_loss_and_grad(rows, zero_tol=zero_tol)
+    assert_close(value, np.asarray(want_value), backend=JAX, dtype="float32")
+    assert_close(grad, want_grad, backend=JAX, dtype="float32")
+
+
+@pytest.mark.parametrize("block_size", [None, 4, 3])
+def test_the_raw_gram_and_unit_row_branches_agree_over_tiles_and_padding(block_size):
+    from simcore.adapters.jax import _loss
+
+    w = _f32(_layer(zero_row=True, n=11, d=9))
+    tol = simcore.DEFAULT_ZERO_TOL
+    raw = _loss._from_raw_gram(w, -1, block_size, tol, True)
+    unit = _loss._from_unit_rows(w, -1, block_size, tol, True)
+    assert_close(raw[0], np.asarray(unit[0]), backend=JAX, dtype="float32")
+    assert_close(raw[1], np.asarray(unit[1]), backend=JAX, dtype="float32")
+    assert float(jnp.abs(raw[1]).max()) > 0
+
+
+def test_a_batch_mixing_exact_and_inexact_raw_grams_is_right_for_each_layer():
+    layers = [_layer(), _layer(1e20), _layer(1e-21), _layer(zero_row=True)]
+    batch = jnp.stack([_f32(rows) for rows in layers])
+    values, grads = jax.vmap(jax.value_and_grad(sj.similarity_loss))(batch)
+    for rows, value, grad in zip(layers, values, grads, strict=True):
+        want_value, want_grad = reference.similarity_loss_and_grad(rows)
+        assert_close(value, np.asarray(want_value), backend=JAX, dtype="float32")
+        assert_close(grad, want_grad, backend=JAX, dtype="float32")
 
 
 def test_orthonormal_rows_get_an_exactly_zero_gradient_unlike_jnp_abs_autodiff():
@@ -209,10 +269,10 @@ def test_growth_objective_without_refs_is_the_sum_of_similarity_losses():
     np.testing.assert_allclose(
         float(value), float(sj.similarity_loss(ws[0]) + sj.similarity_loss(ws[1])), rtol=1e-6
     )
-    # the loss runs as one compiled program, the objective op by op: float32 rounding apart
-    np.testing.assert_allclose(
-        np.asarray(grads[0]), np.asarray(jax.grad(sj.similarity_loss)(ws[0])), rtol=1e-6
-    )
+    # the loss runs as one compiled program from the raw Gram matrix, the objective op by op
+    # from the unit rows: float32 rounding apart
+    assert_close(grads[0], np.asarray(jax.grad(sj.similarity_loss)(ws[0])), backend=JAX,
+                 dtype="float32")
 
 
 def test_growth_objective_without_similarity_is_lam_times_the_reference_weight_sum_penalty():

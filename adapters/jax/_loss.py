@@ -23,8 +23,11 @@ Compile time: the core's tile loop is a Python loop, which ``jit`` unrolls (at
 n = 20000, 210 tiles took 87 s and 3.6 GB to compile). Here the rows are padded with
 zero rows to whole tiles and the tiles run in two ``lax.scan`` loops (diagonal tiles,
 then the upper off-diagonal pairs), so the traced program is the same size for every
-``n``. The unit rows, Eq. 2's pair count and the gradient's projection are the core's
-(:class:`simcore.extend.UnitRows`); zero padding rows have no sign and add nothing.
+``n``. The tiles come from the raw weights where their Gram matrix is exact
+(:class:`simcore.extend.RawRows`: no pass over the weights besides the products and one at
+the end), else from the pre-scaled unit rows (:class:`simcore.extend.UnitRows`), chosen by
+``lax.cond`` on an array, since nothing can be read on the host under ``jit``; zero padding
+rows have no sign and add nothing.
 """
 
 from __future__ import annotations
@@ -40,6 +43,7 @@ import numpy as np
 import simcore
 from simcore.extend import (
     Objective,
+    RawRows,
     UnitRows,
     as_objective,
     check_block_size,
@@ -88,14 +92,88 @@ def _scanned_products(u, tile, with_grad):
 
     carry = (jnp.zeros((), u.dtype), grads)
     carry, _ = jax.lax.scan(diagonal, carry, jnp.arange(count))
-    upper = np.array([(a, b) for a in range(count) for b in range(a + 1, count)],
-                     dtype=np.int32).reshape(-1, 2)
+    upper = _upper_pairs(count)
     if len(upper):
         carry, _ = jax.lax.scan(pair, carry, jnp.asarray(upper))
     total, grads = carry
     if grads is None:
         return total, None
     return total, grads.reshape(count * tile, d)[:n]
+
+
+def _raw_scanned_products(raw, tile, with_grad):
+    """``(a, P or None)`` of :class:`~simcore.extend.RawRows` ``raw``, tile by tile in
+    ``lax.scan``: ``a_i = sum_{j != i} |C_ij|`` and ``P_i = sum_{j != i} S_ij w_j / r_j``.
+
+    The tiles of the raw Gram matrix, upper ones only, as in :func:`_scanned_products`;
+    padding rows have ``1 / r = 0`` and so no pairs.
+    """
+    w, inv = raw.rows, raw.inv_norms
+    n, d = w.shape
+    count = -(-n // tile)
+    tiles = jnp.pad(w, ((0, count * tile - n), (0, 0))).reshape(count, tile, d)
+    inv_tiles = jnp.pad(inv, (0, count * tile - n)).reshape(count, tile)
+    off_diagonal = 1.0 - jnp.eye(tile, dtype=w.dtype)
+    products = jnp.zeros_like(tiles) if with_grad else None
+
+    def diagonal(carry, a):
+        sums, products = carry
+        w_a, inv_a = tiles[a], inv_tiles[a]
+        absolute, signs = raw.pair_terms(w_a @ w_a.T, inv_a, inv_a, off_diagonal)
+        sums = sums.at[a].add(jnp.sum(absolute, axis=1))
+        if with_grad:
+            products = products.at[a].add((signs * inv_a[None, :]) @ w_a)
+        return (sums, products), None
+
+    def pair(carry, ab):
+        sums, products = carry
+        w_a, w_b, inv_a, inv_b = tiles[ab[0]], tiles[ab[1]], inv_tiles[ab[0]], inv_tiles[ab[1]]
+        absolute, signs = raw.pair_terms(w_a @ w_b.T, inv_a, inv_b)
+        sums = sums.at[ab[0]].add(jnp.sum(absolute, axis=1)).at[ab[1]].add(
+            jnp.sum(absolute, axis=0))
+        if with_grad:
+            products = products.at[ab[0]].add((signs * inv_b[None, :]) @ w_b).at[ab[1]].add(
+                (signs * inv_a[:, None]).T @ w_a)
+        return (sums, products), None
+
+    carry = (jnp.zeros((count, tile), w.dtype), products)
+    carry, _ = jax.lax.scan(diagonal, carry, jnp.arange(count))
+    upper = _upper_pairs(count)
+    if len(upper):
+        carry, _ = jax.lax.scan(pair, carry, jnp.asarray(upper))
+    sums, products = carry
+    sums = sums.reshape(count * tile)[:n]
+    return sums, None if products is None else products.reshape(count * tile, d)[:n]
+
+
+def _upper_pairs(count):
+    return np.array([(a, b) for a in range(count) for b in range(a + 1, count)],
+                    dtype=np.int32).reshape(-1, 2)
+
+
+def _tile_rows(block_size, n):
+    return min(_DEFAULT_TILE if block_size is None else block_size, n)
+
+
+def _from_raw_gram(w, neuron_axis, block_size, zero_tol, with_grad):
+    """Eq. 2 (and its gradient) from the raw Gram matrix: the products and one ``n x d``
+    pass at the end (exact only where :attr:`RawRows.safe` holds)."""
+    raw = RawRows(w, neuron_axis, zero_tol)
+    sums, products = _raw_scanned_products(raw, _tile_rows(block_size, raw.n), with_grad)
+    scale = raw.mean_scale()
+    loss = raw.out(jnp.sum(sums) * scale)
+    return loss, None if products is None else raw.grad_from(products, sums, 2.0 * scale)
+
+
+def _from_unit_rows(w, neuron_axis, block_size, zero_tol, with_grad):
+    """Eq. 2 (and its gradient) from the pre-scaled unit rows: exact for any finite ``w``."""
+    rows = UnitRows(w, neuron_axis, zero_tol)
+    total, products = _scanned_products(rows.unit, _tile_rows(block_size, rows.n), with_grad)
+    scale = rows.mean_scale()
+    loss = rows.out(total * scale)
+    if not with_grad:
+        return loss, None
+    return loss, rows.grad_from(products, 2.0 * scale)
 
 
 # Jitted with the options static: ``lax.scan`` caches its trace by the identity of its body,
@@ -105,16 +183,17 @@ def _scanned_products(u, tile, with_grad):
 @functools.partial(jax.jit, static_argnames=("neuron_axis", "block_size", "zero_tol",
                                              "with_grad"))
 def _scanned(w, neuron_axis, block_size, zero_tol, with_grad):
-    """Eq. 2 (and its gradient) with the core's conventions, the tiles in ``lax.scan``."""
+    """Eq. 2 (and its gradient) with the core's conventions, the tiles in ``lax.scan``.
+
+    From the raw Gram matrix where that is exact (every ordinary layer), else from the
+    pre-scaled unit rows: both are compiled, ``lax.cond`` runs one (under ``vmap`` with a
+    batched decision, both).
+    """
     block_size = check_block_size(block_size)
-    rows = UnitRows(w, neuron_axis, zero_tol)
-    tile = min(_DEFAULT_TILE if block_size is None else block_size, rows.n)
-    total, products = _scanned_products(rows.unit, tile, with_grad)
-    scale = rows.mean_scale()
-    loss = rows.out(total * scale)
-    if not with_grad:
-        return loss, None
-    return loss, rows.grad_from(products, 2.0 * scale)
+    options = (neuron_axis, block_size, zero_tol, with_grad)
+    safe = RawRows(w, neuron_axis, zero_tol).safe
+    return jax.lax.cond(safe, lambda x: _from_raw_gram(x, *options),
+                        lambda x: _from_unit_rows(x, *options), w)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(1, 2, 3))
