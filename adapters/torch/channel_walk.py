@@ -2,9 +2,10 @@
 
 From one producer node, :func:`follow` follows the output channels through the
 channel-wise operations it understands (BatchNorm, activations, pooling, dropout, depthwise
-convs, flatten, adds, concatenations, squeeze-excitation products, channels-last permutes) and
-records in a :class:`Walk` the consumers that read them, the activation(s) they reach, or why
-the walk stopped. :mod:`.discovery` turns walks into flows.
+convs, flatten, adds, concatenations, squeeze-excitation products with the reshapes and size
+reads of their gates (:mod:`.shape_ops`), channels-last permutes) and records in a
+:class:`Walk` the consumers that read them, the activation(s) they reach, or why the walk
+stopped. :mod:`.discovery` turns walks into flows.
 """
 
 from __future__ import annotations
@@ -16,12 +17,10 @@ from dataclasses import dataclass, field
 import torch
 import torch.fx
 from torch import nn
-from torch.fx.passes.shape_prop import ShapeProp
 
 from .activations import ACTIVATION_TYPES, call_activation, module_activation
 from .flows import (
     BATCH_NORM,
-    GrowthError,
     describe_module,
     is_depthwise_conv,
 )
@@ -41,6 +40,8 @@ from .products import (
     broadcasts_over_space,
     product_role,
 )
+from .shape_ops import is_reshape, is_shape_read, read_uses, reshape_step
+from .tracing import node_shape, target_name, trace_model
 
 __all__ = [
     "DEPTHWISE_REASON",
@@ -106,6 +107,7 @@ class Walk:
     downstream_norms: dict = field(default_factory=dict)  # BN after an add or a cat -> offset
     adds: dict = field(default_factory=dict)  # add (or product) node -> the arguments reached
     products: dict = field(default_factory=dict)  # x * gate(x) node -> sides reached (.products)
+    joins: set = field(default_factory=set)  # adds and products reached before any other one
     paths: list = field(default_factory=list)  # every activation reached, for SSD (.paths)
     pending: str | None = None  # a refusal that holds only if nothing else refuses (.layouts)
     seen: set = field(default_factory=set)  # (node, offset, merged) already walked
@@ -117,35 +119,8 @@ class Walk:
     resized: bool = False  # a pooling came before the activation
     blocked: str | None = None
     needs_input: str | None = None
-
-
-def trace_model(model, example_input):
-    if not isinstance(model, nn.Module):
-        raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
-    try:
-        graph_module = torch.fx.symbolic_trace(model)
-    except Exception as exc:  # fx raises many types; all mean "describe the flow by hand"
-        raise GrowthError(
-            f"torch.fx could not trace {type(model).__name__} ({type(exc).__name__}: {exc}); "
-            "describe its flows by hand with TorchFlow(producer, norm=..., consumers=...)"
-        ) from exc
-    if example_input is not None:
-        inputs = example_input if isinstance(example_input, tuple) else (example_input,)
-        modes = [(m, m.training) for m in model.modules()]
-        model.eval()  # shape propagation must not touch BatchNorm running stats
-        try:
-            with torch.no_grad():
-                ShapeProp(graph_module).propagate(*inputs)
-        finally:
-            for m, mode in modes:  # each module's own mode, not model.train(...) for all
-                m.training = mode
-    return graph_module
-
-
-def node_shape(node):
-    meta = node.meta.get("tensor_meta")
-    return None if meta is None or not hasattr(meta, "shape") else tuple(meta.shape)
-
+    shape_uses: dict = field(default_factory=dict)  # reshape fed a channel count -> where read
+    shape_sources: dict = field(default_factory=dict)  # tensor whose count is read -> by what
 
 
 def reaches_output(node, modules):
@@ -289,6 +264,8 @@ def _merge(node, user, walk, modules, calls, go):
         if go["offset"] is not None or go["spatial"] is not None:
             return _block(walk, user, "a residual add after a concatenation or a flatten")
         walk.adds.setdefault(user.name, set()).add(node.name)
+        if not go["merged"]:
+            walk.joins.add(user.name)
     return follow(user, walk, modules, calls, **{**go, "merged": len(tensors) > 1 or go["merged"]})
 
 
@@ -301,6 +278,8 @@ def _product(node, user, walk, modules, calls, go, role):
                       f"a product that broadcasts {node_shape(node)} to {node_shape(user)}")
     walk.adds.setdefault(user.name, set()).add(node.name)
     walk.products.setdefault(user.name, set()).add(role)
+    if not go["merged"]:
+        walk.joins.add(user.name)
     return follow(user, walk, modules, calls, **{**go, "merged": True})
 
 
@@ -411,12 +390,18 @@ def _visit(node, user, walk, modules, calls, segment, ndim, spatial, pooled, off
         if target in _AXIS_MOVES:
             layout = permuted_layout(user, ndim, last)
             if layout is None or flat:
-                return _block(walk, user, f"a {_target_name(user)} that moves the channel axis")
+                return _block(walk, user, f"a {target_name(user)} that moves the channel axis")
             return follow(user, walk, modules, calls, **{
                 **go, "last": layout, "route": after_unfollowable(route, user, "a permute")})
+        if is_shape_read(node, user):  # x.size(), x.shape, g.expand_as(x) (.shape_ops)
+            uses, reason = read_uses(node, user, go["offset"], spatial)
+            if reason is not None:
+                return _block(walk, user, reason)
+            walk.shape_uses.update(dict.fromkeys((use.name for use in uses), owner_of(user)))
+            return None
         if user.args and user.args[0] is not node:
             return _block(walk, user,
-                          f"an operation ({_target_name(user)}) reading it as a non-input argument")
+                          f"an operation ({target_name(user)}) reading it as a non-input argument")
         kind = call_activation(target, user.args, user.kwargs)
         if kind is not None:  # F.relu, torch.relu, x.relu_(), ...: as its module form
             _note_activation(walk, segment, None, kind, user, merged)
@@ -433,11 +418,6 @@ def _visit(node, user, walk, modules, calls, segment, ndim, spatial, pooled, off
             return follow(user, walk, modules, calls, **{**go, "pooled": pooled or pool_one})
         if user.op == "call_method" and target in ("contiguous", "clone"):
             return follow(user, walk, modules, calls, **go)
-        if target == "size" and user.op == "call_method":
-            dims = user.args[1:] or tuple(user.kwargs.values())
-            if dims in ((0,),):
-                return None  # the batch size does not depend on the channel count
-            return _block(walk, user, "a size() query that reads the channel count")
         if (user.op == "call_method" and target == "mean") or target is torch.mean:
             dims = user.args[1] if len(user.args) > 1 else user.kwargs.get("dim")
             dims = tuple(dims) if isinstance(dims, (tuple, list)) else (dims,)
@@ -454,18 +434,23 @@ def _visit(node, user, walk, modules, calls, segment, ndim, spatial, pooled, off
             if start != 1 or end != -1:
                 return _block(walk, user, "a flatten that does not start at dim 1")
             return _flatten(node, user, walk, modules, calls, go)
-        if target in ("view", "reshape") or target is torch.reshape:
-            before, after = node_shape(node), node_shape(user)
-            if before is None or after is None:
+        if is_reshape(user):  # view, reshape, unsqueeze, expand, [:, :, None] (.shape_ops)
+            step = reshape_step(node, user, node_shape(node), node_shape(user), offset, spatial)
+            if step.unknown:
                 walk.needs_input = (
-                    f"example_input is needed: a {target} in {owner_of(user)} may flatten "
-                    "channels; pass an input batch, e.g. torch.zeros(1, 3, 32, 32), to check it"
-                )
-                return _block(walk, user, f"a {target} whose shapes are unknown")
-            if len(after) == 2 and after[0] == before[0] and after[1] == math.prod(before[1:]):
+                    f"example_input is needed: a {target_name(user)} in {owner_of(user)} may "
+                    "move channels; pass an input batch, e.g. torch.zeros(1, 3, 32, 32)")
+            if step.refusal is not None:
+                return _block(walk, user, step.refusal)
+            where = f"{target_name(user)} in {owner_of(user)}"
+            walk.shape_sources.update(dict.fromkeys((s.name for s in step.sources), where))
+            if step.flatten:
                 return _flatten(node, user, walk, modules, calls, go)
-            return _block(walk, user, f"a {target} to {after}, not a flatten from dim 1")
-        return _block(walk, user, f"an unsupported operation {_target_name(user)}")
+            _note_reshaping(walk, segment, node, user)
+            return follow(user, walk, modules, calls, **{
+                **go, "ndim": step.ndim, "spatial": None,
+                "route": after_unfollowable(route, user, "a reshape")})
+        return _block(walk, user, f"an unsupported operation {target_name(user)}")
     return _block(walk, user, f"an unsupported {user.op} node")
 
 
@@ -490,10 +475,4 @@ def _flatten(node, user, walk, modules, calls, go):
 def _label(user, modules):
     if user.op == "call_module":
         return f"{describe_module(modules[user.target])} {user.target!r}"
-    return f"{_target_name(user)} in {owner_of(user)}"
-
-
-def _target_name(node):
-    target = node.target
-    return repr(target if isinstance(target, str) else getattr(target, "__name__", str(target)))
-
+    return f"{target_name(user)} in {owner_of(user)}"

@@ -8,7 +8,9 @@ new one with its block's second conv. A group can grow only if every tensor argu
 of its adds carries a member's channels; an argument that no growable producer of the group
 feeds (the network input, a shared or grouped conv) keeps the whole group fixed, with that
 reason. A squeeze-excitation product ``x * gate(x)`` joins producers the same way
-(:mod:`.products`). See docs/design.md, 'Residual streams and concatenations'.
+(:mod:`.products`). A channel count read with ``x.size()`` must size only reshapes of the
+group's own channels (:mod:`.shape_ops`). See docs/design.md, 'Residual streams and
+concatenations'.
 """
 
 from __future__ import annotations
@@ -17,6 +19,8 @@ from collections.abc import Callable, Iterator, Mapping
 from typing import Any
 
 import torch.fx
+
+from .shape_ops import shape_reason
 
 __all__ = ["residual_groups"]
 
@@ -76,6 +80,9 @@ def _reason(names: list[str], walks: list[Any], nodes: Mapping[str, torch.fx.Nod
                     else "channels that no growable layer of its residual group produces")
             how = "multiplied by" if any(add in w.products for w in walks) else "added to"
             return f"its output is {how} {what} in {owner(nodes[add])}"
+    reason = shape_reason(walks, nodes)
+    if reason is not None:
+        return reason
     if len(walks) > 1:
         seen: dict[str, tuple] = {}
         for walk in walks:

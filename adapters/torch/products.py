@@ -75,11 +75,11 @@ def broadcasts_over_space(before: tuple | None, after: tuple | None) -> bool:
 
 
 def is_gate(walk) -> bool:
-    """Whether a walked producer reaches its group only as the gate of ``x * gate(x)``.
+    """Whether a walked producer joins its group only as the gate of ``x * gate(x)``.
 
     ``walk.products`` maps each product node the walk reached to the sides it reached it by;
-    ``walk.adds`` every add or product. A producer that also reaches an add, or a product as
-    its gated input, is an ordinary member.
+    ``walk.joins`` the adds and products it reached first, before passing any other. A producer
+    that joins by an add, or by a product as its gated input, is an ordinary member; what the
+    gated product reaches afterwards (SE-ResNet's residual add) is the group's stream.
     """
-    roles = set().union(*walk.products.values()) if walk.products else set()
-    return roles == {GATE} and set(walk.adds) == set(walk.products)
+    return bool(walk.joins) and all(walk.products.get(j) == {GATE} for j in walk.joins)
