@@ -1,6 +1,8 @@
 """The torch similarity penalty: gradients, layer choice, snapshots, compile and autocast."""
 
 import math
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -306,6 +308,17 @@ def test_compile_smoke_matches_eager():
     torch.testing.assert_close(compiled_loss, eager_loss)
     for p, g in zip(model.parameters(), eager_grads, strict=True):
         torch.testing.assert_close(p.grad, g)
+
+
+def test_importing_the_adapter_leaves_dynamo_for_the_first_loss():
+    # dynamo takes as long to import as torch itself: every `simcore grow` and every process
+    # that grows a model without the loss would pay it (the functions import it when called)
+    code = ("import sys\n"
+            "import simcore.adapters.torch, simcore.adapters.torch.penalty\n"
+            "assert 'torch._dynamo' not in sys.modules, 'importing the adapter imported dynamo'\n")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                          timeout=120)
+    assert done.returncode == 0, done.stderr[-2000:]
 
 
 def test_autocast_bf16_keeps_fp32_reductions():
