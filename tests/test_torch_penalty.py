@@ -295,7 +295,8 @@ def _train_step(model, penalty, x, y):
 def test_compile_smoke_matches_eager():
     # aot_eager runs dynamo and AOTAutograd (what meets the autograd.Function) without
     # inductor's C++ build, which takes minutes on a small CPU; the core itself runs
-    # eagerly behind a graph break (it is wrapped in torch.compiler.disable).
+    # eagerly behind a graph break (torch._disable_dynamo, torch.compiler.disable imported at
+    # the first call).
     torch.manual_seed(4)
     model = vgg16(width=4)
     penalty = SimilarityPenalty(model, lam=0.1)
