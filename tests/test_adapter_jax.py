@@ -311,6 +311,13 @@ def test_growth_objective_argument_errors():
 # -- kernels in Flax and Equinox trees -----------------------------------------------------
 
 
+def _zeros_like_init(module, x):
+    """Zeros in the structure and shapes of ``module.init``'s variables: all that finding kernels
+    reads, without drawing the random initial values (eager init compiles each draw)."""
+    shapes = jax.eval_shape(module.init, jax.random.key(0), x)
+    return jax.tree_util.tree_map(lambda s: jnp.zeros(s.shape, s.dtype), shapes)
+
+
 def test_find_kernels_in_linen_params():
     nn = pytest.importorskip("flax.linen")
 
@@ -323,7 +330,7 @@ def test_find_kernels_in_linen_params():
             x = nn.LayerNorm()(x)
             return nn.Dense(3)(x.reshape((x.shape[0], -1)))
 
-    variables = Net().init(jax.random.key(0), jnp.zeros((1, 4, 4, 2)))
+    variables = _zeros_like_init(Net(), jnp.zeros((1, 4, 4, 2)))
     params = variables["params"]
     assert sj.find_kernels(params, depthwise="include") == {
         "Conv_0/kernel": -1,
@@ -420,7 +427,7 @@ def test_grouped_but_not_depthwise_convs_are_not_depthwise():
     linen_model = nn.Sequential(
         [nn.Conv(4, (3, 3), feature_group_count=2), nn.Conv(4, (3, 3), feature_group_count=4)]
     )
-    params = linen_model.init(jax.random.key(2), jnp.zeros((1, 5, 5, 4)))["params"]
+    params = _zeros_like_init(linen_model, jnp.zeros((1, 5, 5, 4)))["params"]
     assert sj.find_kernels(params, depthwise="only") == {"layers_1/kernel": -1}
 
 

@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import json
 import os
 import pickle
+import select
 import struct
 import subprocess
 import sys
+import tempfile
 
 import numpy as np
 import pytest
@@ -257,19 +260,10 @@ def _cifar10_with_test_batch(root, seed, change):
 _FORGED_OBJECT_ARRAY = _array_opcodes(("O8", False, True), (3, "|", None, None, None, -1, -1, 0),
                                       (2,), _raw(b"\x41" * 16))
 
-_LOAD_IN_CHILD = """
-import sys
-from simcore.experiment.data import UnsafePickleError, load_cifar
-try:
-    load_cifar(sys.argv[1], "cifar10")
-except UnsafePickleError as err:
-    print("REFUSED", err)
-"""
-
-
 @pytest.mark.slow  # long: see tests/conftest.py for the two tiers
 @pytest.mark.parametrize("where", ["labels", "data"])
-def test_a_forged_object_dtype_array_is_refused_without_crashing(tmp_path, where):
+def test_a_forged_object_dtype_array_is_refused_without_crashing(tmp_path, where,
+                                                                 loader_child):
     # an object dtype whose state clears its object flags, then an array of it whose raw
     # bytes would be read as object pointers: with the real NumPy callables this crashes
     rng = np.random.default_rng(5)
@@ -279,11 +273,9 @@ def test_a_forged_object_dtype_array_is_refused_without_crashing(tmp_path, where
     blob = (_batch_pickle(_FORGED_OBJECT_ARRAY, good_data) if where == "labels"
             else _batch_pickle(good_labels, _FORGED_OBJECT_ARRAY))
     (tmp_path / "cifar-10-batches-py" / "data_batch_1").write_bytes(blob)
-    child = subprocess.run([sys.executable, "-c", _LOAD_IN_CHILD, str(tmp_path)],
-                           capture_output=True, text=True, timeout=120)
-    assert child.returncode == 0, child.stderr[-2000:]
-    assert "REFUSED" in child.stdout and "data_batch_1" in child.stdout
-    assert "refused dtype('O8', False, True)" in child.stdout
+    out = loader_child.load_cifar(tmp_path, timeout=120)
+    assert out.startswith("REFUSED UnsafePickleError") and "data_batch_1" in out
+    assert "refused dtype('O8', False, True)" in out
 
 
 @pytest.mark.parametrize("dtype_args, state, shape, raw, match", [
@@ -324,24 +316,86 @@ def test_stand_ins_never_leak_out_of_a_load():
 
 # ---------------------------------------------------------------- bounded loading
 
-_REFUSE_IN_CHILD = """
-import sys
+_LOADER_CHILD = """
+import json, sys
+from simcore.experiment.cifar import restricted_load
 from simcore.experiment.data import load_cifar
-try:
-    load_cifar(sys.argv[1], "cifar10")
-except ValueError as err:
-    print("REFUSED", type(err).__name__, err)
-else:
-    print("LOADED")
+
+print(json.dumps("READY"), flush=True)
+for line in sys.stdin:  # one request a line: a function and a path, tab-separated
+    function, path = line.rstrip("\\n").split("\\t")
+    try:
+        load_cifar(path, "cifar10") if function == "load_cifar" else restricted_load(path)
+    except ValueError as err:
+        reply = f"REFUSED {type(err).__name__} {str(err)[:2000]}"
+    else:
+        reply = "LOADED"
+    print(json.dumps(reply), flush=True)
 """
 
 
-def _load_cifar_in_child(root, timeout=20):
-    """``load_cifar(root)`` in a child process, so that a loader that hangs fails the test."""
-    child = subprocess.run([sys.executable, "-c", _REFUSE_IN_CHILD, str(root)],
-                           capture_output=True, text=True, timeout=timeout)
-    assert child.returncode == 0, child.stderr[-2000:]
-    return child.stdout
+class _LoaderChild:
+    """The CIFAR loader in a child process, so that a loader that crashes the interpreter or
+    hangs fails the test that made it, not the session.
+
+    One child serves the module's requests (starting one costs seconds, a load milliseconds;
+    the loader keeps no state between loads); after a crash or a hang the next request starts
+    a fresh one. ``timeout`` counts from the request, after the child has started.
+    """
+
+    def __init__(self):
+        self._process = None
+        self._stderr = None
+
+    def _start(self):
+        self._stderr = tempfile.TemporaryFile(mode="w+")
+        self._process = subprocess.Popen([sys.executable, "-c", _LOADER_CHILD], text=True,
+                                         stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                                         stderr=self._stderr)
+        assert self._reply("starting", timeout=120) == "READY"
+
+    def _reply(self, doing, timeout):
+        ready, _, _ = select.select([self._process.stdout], [], [], timeout)
+        reply = self._process.stdout.readline() if ready else ""
+        if not reply:  # no answer in time, or the child died
+            self._process.kill()
+            returncode = self._process.wait()
+            self._stderr.seek(0)
+            stderr = self._stderr.read()[-2000:]
+            self.close()
+            why = f"took more than {timeout} s" if not ready else f"exited with {returncode}"
+            pytest.fail(f"the loader child {why} {doing}: {stderr}")
+        return json.loads(reply)
+
+    def _request(self, function, path, timeout):
+        if self._process is None or self._process.poll() is not None:
+            self._start()
+        self._process.stdin.write(f"{function}\t{path}\n")
+        self._process.stdin.flush()
+        return self._reply(f"on {function}({path})", timeout)
+
+    def load_cifar(self, root, timeout=20):
+        """``load_cifar(root, "cifar10")``: ``"LOADED"`` or ``"REFUSED <error type> <message>"``."""
+        return self._request("load_cifar", root, timeout)
+
+    def restricted_load(self, path, timeout=60):
+        """``restricted_load(path)``, answered as :meth:`load_cifar` answers."""
+        return self._request("restricted_load", path, timeout)
+
+    def close(self):
+        if self._process is not None:
+            self._process.stdin.close()  # the child's loop ends
+            self._process.wait(timeout=60)
+            self._process.stdout.close()
+            self._stderr.close()
+            self._process = None
+
+
+@pytest.fixture(scope="module")
+def loader_child():
+    child = _LoaderChild()
+    yield child
+    child.close()
 
 
 def _shared_tuples(depth, width=2):
@@ -352,24 +406,24 @@ def _shared_tuples(depth, width=2):
     return level
 
 
-def test_a_tiny_file_of_deeply_shared_tuples_is_refused_at_once(tmp_path):
+def test_a_tiny_file_of_deeply_shared_tuples_is_refused_at_once(tmp_path, loader_child):
     # 282 bytes that a walk without a memo expands to 2**40 nodes (the loader hung forever)
     _cifar10(tmp_path, np.random.default_rng(7))
     bomb = tmp_path / "cifar-10-batches-py" / "data_batch_2"
     _write(bomb, {b"data": _shared_tuples(40), b"labels": []})
     assert bomb.stat().st_size < 300
-    out = _load_cifar_in_child(tmp_path)
+    out = loader_child.load_cifar(tmp_path)
     assert out.startswith("REFUSED UnsafePickleError") and "data_batch_2" in out
     assert "nested deeper than" in out
 
 
-def test_shared_objects_are_walked_once(tmp_path):
+def test_shared_objects_are_walked_once(tmp_path, loader_child):
     # shallow enough for a CIFAR batch, but 10**8 nodes when every reference is walked
     rng = np.random.default_rng(8)
     batches, _ = _cifar10(tmp_path, rng)
     shared = _shared_tuples(2, width=10_000)
     _write(tmp_path / "cifar-10-batches-py" / "data_batch_1", {**batches[0], b"extra": shared})
-    assert _load_cifar_in_child(tmp_path).startswith("LOADED")
+    assert loader_child.load_cifar(tmp_path) == "LOADED"
     from simcore.experiment.cifar import restricted_load
     loaded = restricted_load(tmp_path / "cifar-10-batches-py" / "data_batch_1")
     assert loaded[b"extra"] == shared and loaded[b"extra"][0] is loaded[b"extra"][1]
@@ -463,18 +517,9 @@ def test_simcore_grow_refuses_a_crafted_file_in_one_line(tmp_path, crafted):
     assert not (tmp_path / "pwned").exists()
 
 
-_HASH_IN_CHILD = """
-import sys
-from simcore.experiment.cifar import restricted_load
-try:
-    restricted_load(sys.argv[1])
-except ValueError as err:
-    print("REFUSED", type(err).__name__, str(err)[:500])
-"""
-
-
 @pytest.mark.parametrize("through", ["tuples", "tuples between array objects"])
-def test_a_dict_keyed_by_a_deep_tuple_is_refused_before_unpickling_crashes(tmp_path, through):
+def test_a_dict_keyed_by_a_deep_tuple_is_refused_before_unpickling_crashes(tmp_path, through,
+                                                                          loader_child):
     # hashing a tuple nested a million deep recurses in C without a limit (the process died)
     deep = b")" + b"\x85" * 1_000_000
     if through == "tuples between array objects":  # each OBJ pops up to its mark, not below
@@ -482,8 +527,6 @@ def test_a_dict_keyed_by_a_deep_tuple_is_refused_before_unpickling_crashes(tmp_p
         deep = b")" + (b"\x85" * 3 + dtype) * 250_000 + b"\x85"
     bomb = tmp_path / "test_batch"
     bomb.write_bytes(b"\x80\x02}" + deep + b"K\x01s.")
-    child = subprocess.run([sys.executable, "-c", _HASH_IN_CHILD, str(bomb)],
-                           capture_output=True, text=True, timeout=60)
-    assert child.returncode == 0, child.stderr[-2000:]
-    assert child.stdout.startswith("REFUSED UnsafePickleError") and "test_batch" in child.stdout
-    assert "nested deeper than" in child.stdout
+    out = loader_child.restricted_load(bomb)
+    assert out.startswith("REFUSED UnsafePickleError") and "test_batch" in out
+    assert "nested deeper than" in out

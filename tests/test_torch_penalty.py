@@ -1,6 +1,8 @@
 """The torch similarity penalty: gradients, layer choice, snapshots, compile and autocast."""
 
 import math
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -293,7 +295,8 @@ def _train_step(model, penalty, x, y):
 def test_compile_smoke_matches_eager():
     # aot_eager runs dynamo and AOTAutograd (what meets the autograd.Function) without
     # inductor's C++ build, which takes minutes on a small CPU; the core itself runs
-    # eagerly behind a graph break (it is wrapped in torch.compiler.disable).
+    # eagerly behind a graph break (torch._disable_dynamo, torch.compiler.disable imported at
+    # the first call).
     torch.manual_seed(4)
     model = vgg16(width=4)
     penalty = SimilarityPenalty(model, lam=0.1)
@@ -306,6 +309,17 @@ def test_compile_smoke_matches_eager():
     torch.testing.assert_close(compiled_loss, eager_loss)
     for p, g in zip(model.parameters(), eager_grads, strict=True):
         torch.testing.assert_close(p.grad, g)
+
+
+def test_importing_the_adapter_leaves_dynamo_for_the_first_loss():
+    # dynamo takes as long to import as torch itself: every `simcore grow` and every process
+    # that grows a model without the loss would pay it (the functions import it when called)
+    code = ("import sys\n"
+            "import simcore.adapters.torch, simcore.adapters.torch.penalty\n"
+            "assert 'torch._dynamo' not in sys.modules, 'importing the adapter imported dynamo'\n")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                          timeout=120)
+    assert done.returncode == 0, done.stderr[-2000:]
 
 
 def test_autocast_bf16_keeps_fp32_reductions():

@@ -80,7 +80,14 @@ def _eager(fn: Callable) -> Callable:
                 stack.enter_context(torch.autocast(device_type, enabled=False))
             return fn(*args, **kwargs)
 
-    return torch.compiler.disable(run)
+    return _disable_dynamo(run)
+
+
+# torch.compiler.disable, except that dynamo (an import as long as torch's own) is imported at
+# the first call rather than with this module: a process that never calls the loss never pays
+# it. Dynamo knows the wrapper and graph-breaks at it as at disable. Private to torch (which uses
+# it on its own functions), hence the fallback.
+_disable_dynamo = getattr(torch, "_disable_dynamo", torch.compiler.disable)
 
 
 _AUTOCAST_DEVICES = ("cpu", "cuda") if torch.cuda.is_available() else ("cpu",)
