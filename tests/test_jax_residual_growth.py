@@ -358,7 +358,10 @@ class DenseResidual(nn.Module):
         return nn.Dense(2)(nn.relu(h))
 
 
-@pytest.mark.parametrize("method", ["random", "ssd", "firefly"])
+# Firefly compiles a widened model's gradient (7 s): full tier, which CI runs; it is the test
+# of core Firefly's member layout (Flax's output axis -1).
+@pytest.mark.parametrize("method", ["random", "ssd",
+                                    pytest.param("firefly", marks=pytest.mark.slow)])
 def test_a_member_reading_its_own_group_grows_its_rows_and_columns(method):
     rng = np.random.default_rng(0)
     x = jnp.asarray(rng.standard_normal((16, 5)), jnp.float32)
@@ -416,7 +419,8 @@ class EqxBlock(eqx.Module):
         return self.head(x.mean(axis=(1, 2)))
 
 
-@pytest.mark.parametrize("framework", ["nnx", "equinox"])
+# Equinox in the full tier: nnx already runs the same discovery and growth of a group.
+@pytest.mark.parametrize("framework", ["nnx", pytest.param("equinox", marks=pytest.mark.slow)])
 def test_nnx_and_equinox_streams_grow_as_one_group(framework):
     rng = np.random.default_rng(0)
     x = jnp.asarray(rng.standard_normal((4, 8, 8, 3)), jnp.float32)
