@@ -22,6 +22,7 @@ from simcore.adapters import jax as sj  # noqa: E402
 
 import simcore  # noqa: E402
 from simcore import reference  # noqa: E402
+from simcore.extend import RawRows  # noqa: E402
 from simcore.testing import assert_close, get_backend, strategies  # noqa: E402
 
 JAX = get_backend("jax")
@@ -88,8 +89,6 @@ RAW_GRAM_CASES = {
 
 
 def test_the_raw_gram_branch_runs_where_it_is_exact_and_both_match_the_reference():
-    from simcore.extend import RawRows
-
     # One compiled function per zero_tol (a static option), not per case.
     value_and_grad = jax.jit(jax.value_and_grad(
         lambda x, tol: sj.similarity_loss(x, zero_tol=tol, block_size=4)), static_argnums=1)
@@ -108,7 +107,7 @@ def test_the_raw_gram_and_unit_row_branches_agree_over_tiles_and_padding(block_s
 
     w = _f32(_layer(zero_row=True, n=11, d=9))
     tol = simcore.DEFAULT_ZERO_TOL
-    raw = _loss._from_raw_gram(w, -1, block_size, tol, True)
+    raw = _loss._from_raw_gram(RawRows(w, -1, tol), block_size, True)
     unit = _loss._from_unit_rows(w, -1, block_size, tol, True)
     assert_close(raw[0], np.asarray(unit[0]), backend=JAX, dtype="float32")
     assert_close(raw[1], np.asarray(unit[1]), backend=JAX, dtype="float32")

@@ -155,10 +155,9 @@ def _tile_rows(block_size, n):
     return min(_DEFAULT_TILE if block_size is None else block_size, n)
 
 
-def _from_raw_gram(w, neuron_axis, block_size, zero_tol, with_grad):
-    """Eq. 2 (and its gradient) from the raw Gram matrix: the products and one ``n x d``
-    pass at the end (exact only where :attr:`RawRows.safe` holds)."""
-    raw = RawRows(w, neuron_axis, zero_tol)
+def _from_raw_gram(raw, block_size, with_grad):
+    """Eq. 2 (and its gradient) of :class:`~simcore.extend.RawRows` ``raw`` from the raw Gram
+    matrix: the products and one ``n x d`` pass at the end (exact only where ``raw.safe``)."""
     sums, products = _raw_scanned_products(raw, _tile_rows(block_size, raw.n), with_grad)
     scale = raw.mean_scale()
     loss = raw.out(jnp.sum(sums) * scale)
@@ -190,10 +189,10 @@ def _scanned(w, neuron_axis, block_size, zero_tol, with_grad):
     batched decision, both).
     """
     block_size = check_block_size(block_size)
-    options = (neuron_axis, block_size, zero_tol, with_grad)
-    safe = RawRows(w, neuron_axis, zero_tol).safe
-    return jax.lax.cond(safe, lambda x: _from_raw_gram(x, *options),
-                        lambda x: _from_unit_rows(x, *options), w)
+    raw = RawRows(w, neuron_axis, zero_tol)
+    return jax.lax.cond(raw.safe, lambda: _from_raw_gram(raw, block_size, with_grad),
+                        lambda: _from_unit_rows(w, neuron_axis, block_size, zero_tol,
+                                                with_grad))
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(1, 2, 3))
