@@ -106,6 +106,7 @@ def test_linen_random_growth_keeps_the_function_and_grows_adam_state(linen_setup
     report = grown.report
     assert report.widths_before == {"Conv_0": 4, "Conv_2": 6, "Dense_0": 8}
     assert report.total_added == 5 and report.params_after > report.params_before
+    assert report.skipped == {} and report.growable_share == 1.0  # the output layer is no skip
     assert tuple(grown.model.widths) == tuple(report.widths_after.values())
     before = jax.jit(model.apply)(variables, x)
     after = jax.jit(grown.model.apply)(grown.variables, x)
@@ -410,6 +411,31 @@ class Concatenated(nn.Module):
         a = nn.relu(nn.Dense(4)(x))
         b = nn.relu(nn.Dense(3)(x))
         return nn.Dense(2)(jnp.concatenate([a, b], axis=-1))
+
+
+class HalfConcatenated(nn.Module):
+    widths: Sequence[int] = (4,)  # the one growable layer's
+
+    @nn.compact
+    def __call__(self, x):
+        h = nn.relu(nn.Dense(self.widths[0])(x))
+        h = nn.relu(nn.Dense(5)(h))
+        return nn.Dense(2)(jnp.concatenate([h, x], axis=-1))
+
+
+def test_the_report_names_the_layers_found_but_not_grown_with_why_and_width():
+    model = HalfConcatenated()
+    x = jnp.ones((2, 3))
+    variables = jax.jit(model.init)(jax.random.key(0), x)
+    report = grow(RandomGrower(seed=0), model, variables, batches=[(x, None)]).report
+    assert list(report.widths_before) == ["Dense_0"]
+    assert list(report.skipped) == ["Dense_1"] and "concatenation" in report.skipped["Dense_1"]
+    assert report.skipped_widths == {"Dense_1": 5}
+    assert report.growable_share == 4 / 9
+    # Told which layers to grow, the adapter does not survey the others (as in PyTorch).
+    told = grow(RandomGrower(seed=0), model, variables, batches=[(x, None)],
+                layers=["Dense_0"]).report
+    assert told.skipped == {} and told.skipped_widths == {}
 
 
 def test_a_concatenation_is_refused():

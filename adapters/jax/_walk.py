@@ -38,7 +38,8 @@ _REDUCTIONS = {"reduce_sum", "reduce_max", "reduce_min", "reduce_prod", "reduce_
                "reduce_or", "argmax", "argmin"}
 _MERGE_LABELS = {"sub": "subtraction", "mul": "multiplication", "div": "division",
                  "concatenate": "concatenation"}
-_OUTPUT_REASON = "it is the network's output layer (a classifier is a consumer only)"
+#: Never grown by design (a consumer only): not reported as skipped.
+OUTPUT_REASON = "it is the network's output layer (a classifier is a consumer only)"
 
 
 def layer_of(leaf: str) -> str:
@@ -179,7 +180,7 @@ class Analysis:
         for ref in self.program.outputs:
             info = self.get(ref)
             if info.tag is not None:
-                self.block(info.tag.pid, _OUTPUT_REASON)
+                self.block(info.tag.pid, OUTPUT_REASON)
         for leaf, steps in self.kernel_uses.items():
             if len(steps) > 1:
                 for walk in self.walks.values():

@@ -168,17 +168,18 @@ def _flow(analysis: Analysis, group: ResidualGroup) -> growth.ChannelFlow:
                               members=tuple(members))
 
 
-def analyse(program: Program, names: Sequence[str],
-            shapes: Sequence[tuple[int, ...]]) -> tuple[list[JaxFlow], dict[str, str]]:
-    """Every producer's flow (a residual group's: its first producer's), in forward order, and
-    ``{layer: reason}`` of the refused ones (every member of a refused group).
+def analyse(program: Program, names: Sequence[str], shapes: Sequence[tuple[int, ...]]
+            ) -> tuple[list[JaxFlow], dict[str, str], dict[str, int]]:
+    """Every producer's flow (a residual group's: its first producer's), in forward order,
+    ``{layer: reason}`` of the refused ones (every member of a refused group) and
+    ``{layer: width}`` of the refused ones.
 
     ``names``/``shapes`` describe the program's first ``len(names)`` inputs (the model's
     leaves); the remaining inputs are data.
     """
     analysis = Analysis(program, names, shapes)
     analysis.run()
-    flows, blocked = [], {}
+    flows, blocked, widths = [], {}, {}
     for group in residual_groups(analysis):
         layers = [layer_of(names[walk.leaf]) for walk in group.walks]
         reason = group.blocked
@@ -190,8 +191,9 @@ def analyse(program: Program, names: Sequence[str],
                 reason = message if len(layers) > 1 else message.split(": ", 1)[-1]
         if reason is not None:
             blocked.update(dict.fromkeys(layers, reason))
+            widths.update({layer: walk.n for layer, walk in zip(layers, group.walks, strict=True)})
             continue
         own, *others = group.walks
         flows.append(JaxFlow(layers[0], flow, _capture(own),
                              tuple(_capture(walk) for walk in others)))
-    return flows, blocked
+    return flows, blocked, widths

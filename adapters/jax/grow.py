@@ -20,7 +20,7 @@ called with the new shapes (the closure must use the new model: rebuild the step
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 import numpy as np
@@ -29,6 +29,7 @@ from simcore.growth import ChannelFlow, FireflyGrower, Grower, GrowthError, Grow
 from simcore.growth.growers import as_batches
 
 from ._models import model_kind
+from ._walk import OUTPUT_REASON
 from .discovery import JaxFlow, layer_of
 from .host import JaxGrowthHost, trace_flows
 
@@ -45,7 +46,9 @@ class JaxGrowth:
     ``nnx.state`` if a state was given, else None; Equinox -- the grown ``eqx.nn.State`` if
     one was given, else None. ``opt_state``: the grown optax state (None if none was given).
     ``report``: the core's :class:`~simcore.growth.GrowthReport` (widths per layer, keyed
-    by module path, before and after).
+    by module path, before and after); where neither ``layers`` nor ``flows`` was given, its
+    ``skipped`` names every dense or conv layer found but not growable, with why, as the
+    PyTorch adapter's does (the output layer, a consumer only, is not listed).
     """
 
     model: Any
@@ -76,7 +79,8 @@ def discover_flows(model: Any, variables: Any, inputs: Any, *,
     [('layers_0', 'params/layers_2/kernel')]
     """
     kind = _kind(model, variables, apply_fn, None)
-    flows, blocked, _, _ = trace_flows(kind, inputs)
+    traced = trace_flows(kind, inputs)
+    flows, blocked = traced.flows, traced.blocked
     if layers is None:
         return flows
     by_name = {layer: f for f in flows for layer in f.layers}  # a group by any producer
@@ -201,20 +205,25 @@ def grow(
     if seed is not None:
         grower.rng = np.random.default_rng(seed)
     kind = _kind(model, variables, apply_fn, rebuild)
-    traced, blocked, _, _ = trace_flows(kind, batches[0][0])
+    traced = trace_flows(kind, batches[0][0])
+    blocked = traced.blocked
+    skipped: dict[str, str] = {}
     if flows is not None:
-        found = check_flows(list(flows), traced, kind.leaves, blocked)
+        found = check_flows(list(flows), traced.flows, kind.leaves, blocked)
     elif layers is not None:
         found = discover_flows(model, variables, batches[0][0], layers=layers,
                                apply_fn=apply_fn)
     else:
-        found = traced
+        found = traced.flows
+        skipped = {name: why for name, why in blocked.items() if why != OUTPUT_REASON}
     if not found:
         reasons = "; ".join(f"{k}: {v}" for k, v in blocked.items())
         raise GrowthError(f"{type(model).__name__} has no growable layer ({reasons})")
     host = JaxGrowthHost(kind, found, batches[0][0], opt_state,
                          host_arrays=not isinstance(grower, FireflyGrower))
     report = grower.grow(host, batches, loss_fn, ratio=ratio, unit=unit, caps=caps)
+    report = replace(report, skipped=skipped,
+                     skipped_widths={name: traced.blocked_widths[name] for name in skipped})
     assert host.result is not None
     new_model, new_variables, new_opt_state = host.result
     return JaxGrowth(new_model, new_variables, new_opt_state, report)

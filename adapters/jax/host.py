@@ -17,7 +17,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import replace
-from typing import Any
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -37,8 +37,19 @@ __all__ = ["JaxGrowthHost", "trace_flows"]
 _VECTOR_ROLES = ("bias", "scale", "shift", "mean", "var")
 
 
-def trace_flows(kind: ModelKind, inputs: Any):
-    """``(flows, blocked, program, out_tree)`` of ``kind``'s model traced on ``inputs``."""
+class Traced(NamedTuple):
+    """``kind``'s model traced on one batch: its flows, the layers it cannot grow (why, and
+    their widths), and the traced program with its output tree."""
+
+    flows: list[JaxFlow]
+    blocked: dict[str, str]
+    blocked_widths: dict[str, int]
+    program: Any
+    out_tree: Any
+
+
+def trace_flows(kind: ModelKind, inputs: Any) -> Traced:
+    """:class:`Traced` of ``kind``'s model traced on ``inputs``."""
     names = list(kind.leaves)
     definition = kind.definition
 
@@ -52,8 +63,9 @@ def trace_flows(kind: ModelKind, inputs: Any):
     except Exception as error:  # noqa: BLE001 - the model's own errors, any type
         raise GrowthError(f"tracing the {kind.framework} model on the batch failed "
                           f"({type(error).__name__}: {str(error)[:300]})") from error
-    flows, blocked = analyse(program, names, [tuple(np.shape(a)) for a in kind.leaves.values()])
-    return flows, blocked, program, out_tree
+    flows, blocked, widths = analyse(program, names,
+                                     [tuple(np.shape(a)) for a in kind.leaves.values()])
+    return Traced(flows, blocked, widths, program, out_tree)
 
 
 def _vector_views(flows: Sequence[ChannelFlow], leaves: Mapping[str, Any]) -> dict[str, tuple]:
@@ -122,8 +134,9 @@ class JaxGrowthHost:
                                          inputs)
             key = str(key)
             if key not in self._stat_fns:
-                found, blocked, program, out_tree = trace_flows(self.kind, inputs)
-                by_name = {layer: capture for f in found
+                traced = trace_flows(self.kind, inputs)
+                blocked, program, out_tree = traced.blocked, traced.program, traced.out_tree
+                by_name = {layer: capture for f in traced.flows
                            for layer, capture in zip(f.layers, (f.capture, *f.members),
                                                      strict=True)}
                 missing = [n for n in names if n not in by_name]
@@ -132,7 +145,11 @@ class JaxGrowthHost:
                     raise GrowthError(f"SSD cannot score {missing[0]!r}: {reason}")
                 run = batch_statistics(program, out_tree, {n: by_name[n] for n in names},
                                        loss_fn)
-                activations = {n: by_name[n].activation for n in names}
+                activations: dict[str, str] = {}
+                for n in names:
+                    activation = by_name[n].activation
+                    assert activation is not None  # batch_statistics refuses a capture without
+                    activations[n] = activation
                 self._stat_fns[key] = (jax.jit(run), activations)
             run, activations = self._stat_fns[key]
             args = jax.tree_util.tree_leaves((leaves, inputs))
