@@ -129,6 +129,12 @@ def _first_order_only(grads: Sequence[Any], inputs: Sequence[Any]) -> tuple:
     )
 
 
+def _is_cpu_one(grad_output: torch.Tensor) -> bool:
+    """Whether ``grad_output`` is a CPU scalar equal to 1 (read without a device sync)."""
+    return (grad_output.device.type == "cpu" and grad_output.numel() == 1
+            and not grad_output.requires_grad and bool(grad_output == 1))
+
+
 @_eager
 def _core_similarity(w, neuron_axis, block_size, zero_tol, with_grad):
     if with_grad:
@@ -184,8 +190,9 @@ class SimilarityLossFunction(torch.autograd.Function):
         if grad is None:  # a second backward through a retained graph
             (w,) = ctx.saved_tensors
             grad = _core_similarity(w.detach(), *ctx.arguments, True)[1]
-        with torch.no_grad():
-            grad.mul_(grad_output)
+        if not _is_cpu_one(grad_output):  # loss.backward() seeds 1: no pass over the weights
+            with torch.no_grad():
+                grad.mul_(grad_output)
         return (*_first_order_only([grad], ctx.inputs), None, None, None)
 
 
