@@ -21,7 +21,7 @@ def test_readme_opens_with_the_two_commands():
     commands = re.search(r"```bash\n(.*?)```", README, flags=re.DOTALL).group(1).splitlines()
     main_job, tests = commands[:2]
     assert "simcore " in main_job
-    assert "-m pytest" in tests
+    assert "-m pytest -n auto" in tests  # every core: the tier's minutes are measured so
     assert README.index("```bash") < README.index("## ")
 
 
