@@ -132,7 +132,7 @@ def _first_order_only(grads: Sequence[Any], inputs: Sequence[Any]) -> tuple:
 def _is_cpu_one(grad_output: torch.Tensor) -> bool:
     """Whether ``grad_output`` is a CPU scalar equal to 1 (read without a device sync)."""
     return (grad_output.device.type == "cpu" and grad_output.numel() == 1
-            and not grad_output.requires_grad and bool(grad_output == 1))
+            and not grad_output.requires_grad and grad_output.item() == 1)
 
 
 @_eager
