@@ -401,3 +401,53 @@ def test_new_neurons_of_a_shuffled_stream_are_scored_chosen_and_reach_their_path
     save_checkpoint(path, model)
     loaded = load_checkpoint(path, model=build("shufflenet_v2", width=0.125, seed=1)).model
     torch.testing.assert_close(_outputs(loaded, batch[0]), _outputs(model, batch[0]))
+
+
+def test_fresh_depthwise_filters_on_a_path_come_from_the_growths_seed():
+    from simcore.growth import add_neurons
+
+    model = build("shufflenet_v2", width=0.125, seed=0)
+    flow = next(f for f in survey_flows(model, torch.zeros(1, 3, 32, 32)).flows if f.routing)
+    state = dict(model.state_dict())
+    grown, cmap = add_neurons(state, flow.channel_flow(model), 2, rng=0)
+
+    def depthwise_after(seed):
+        layout = stream_layout(model, flow, cmap, seed)
+        physical = layout.physical(model, {**state, **grown})
+        return {name: value for name, value in physical.items()
+                if value.ndim == 4 and value.shape[1] == 1}  # (C, 1, kh, kw): depthwise
+
+    first, again, other = depthwise_after(1), depthwise_after(1), depthwise_after(2)
+    assert first  # the stream reaches a depthwise conv (the next stage's branch1)
+    for name, filters in first.items():
+        old = state[name]
+        fresh = [c for c in range(len(filters))
+                 if not any(torch.equal(filters[c], row) for row in old)]
+        assert len(fresh) == len(filters) - len(old) > 0
+        torch.testing.assert_close(again[name], filters)  # the same growth, the same filters
+        for c in fresh:  # another seed, other filters; He-normal over 9 taps, never zero
+            assert not torch.equal(other[name][c], filters[c])
+            assert 0 < float(filters[c].norm()) < 10 * (2 / 9) ** 0.5 * 3
+
+
+def test_a_growers_seed_reaches_the_fresh_depthwise_filters_on_a_path(monkeypatch):
+    from simcore.adapters.torch import permutations
+
+    seeds = []
+    draw = permutations._with_fresh
+
+    def spy(value, fresh, attr, module, seed):
+        if value.ndim > 1 and any(fresh):
+            seeds.append(seed)
+        return draw(value, fresh, attr, module, seed)
+
+    monkeypatch.setattr(permutations, "_with_fresh", spy)
+    x = _batches()[0][0][:1]
+    drawn = {}
+    for grower_seed in (0, 1):
+        seeds.clear()
+        model = build("shufflenet_v2", width=0.125, seed=0)
+        RandomGrower(seed=grower_seed).grow(model, None, None, example_input=x, ratio=0.2)
+        drawn[grower_seed] = set(seeds)
+    # One seed per growth, its own: each grower seed gives the growth another one.
+    assert len(drawn[0]) == len(drawn[1]) == 1 and drawn[0] != drawn[1]

@@ -60,6 +60,9 @@ class TorchGrowthHost:
         # the scoring's tensors, then the final scores as NumPy arrays.
         self._scoring = "the scoring's values"
         self._stand_in_cache: dict[str, StandIns] | None = None
+        # The growth's seed (shared_seed), for the only values drawn here: the depthwise
+        # filters of fresh channels in routed streams.
+        self._seed = 0
 
     def layers(self) -> list[GrowableLayer]:
         layers = []
@@ -123,12 +126,13 @@ class TorchGrowthHost:
         shadow = copy.deepcopy(self.model, memo)
         growths = [(flow, cmap) for flow, cmap in zip(self.flows, channel_maps, strict=True)
                    if cmap is not None]
-        apply_growths(shadow, growths[::-1], widened_state)
+        apply_growths(shadow, growths[::-1], widened_state, seed=self._seed)
         shadow.eval()
         for p in shadow.parameters():
             p.requires_grad_(False)
 
-        physical = physical_state(self.model, growths)  # routed streams: the model's order
+        # routed streams: the model's order
+        physical = physical_state(self.model, growths, self._seed)
 
         def forward(state: Mapping[str, torch.Tensor], inputs: Any) -> Any:
             return torch.func.functional_call(shadow, physical(state), (inputs,))
@@ -150,8 +154,10 @@ class TorchGrowthHost:
 
     def shared_seed(self, seed: int) -> int:
         if self.collectives is None:
-            return seed_of_rank_0(seed)
-        return self.collectives.shared_seed(seed)
+            self._seed = seed_of_rank_0(seed)
+        else:
+            self._seed = self.collectives.shared_seed(seed)
+        return self._seed
 
     def apply(self, new_state: Mapping[str, torch.Tensor],
               channel_maps: Sequence[ChannelMap | Sequence[ChannelMap] | None]) -> None:
@@ -169,4 +175,4 @@ class TorchGrowthHost:
                     new_state[name] = value.contiguous()
         self._stand_in_cache = None  # the model changes (or a failure left it as it was)
         apply_growths(self.model, growths[::-1], new_state, self.optimizer,
-                      self.optimizer_mode, self.lr)
+                      self.optimizer_mode, self.lr, seed=self._seed)

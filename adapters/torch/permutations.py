@@ -29,6 +29,7 @@ it), and :meth:`StreamLayout.optimizer_growth` moves the optimizer's state the s
 from __future__ import annotations
 
 import math
+import zlib
 from collections import Counter
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -121,6 +122,7 @@ class StreamLayout:
     placements: tuple[_Placement, ...]
     old: SlotMap
     new: SlotMap
+    seed: int = 0  # of the fresh depthwise filters (with the module's name)
 
     # -- the modules and their entries --------------------------------------------------
     def _row_modules(self) -> list[tuple[int, str]]:
@@ -198,7 +200,7 @@ class StreamLayout:
                 index = [max(old, 0) for _, _, old in reads]
                 fresh = [bool(pl.fresh_path[slot]) or old < 0 for pl, slot, old in reads]
                 out[name] = _with_fresh(value.index_select(0, _long(index, value)), fresh,
-                                        attr, module)
+                                        attr, module, self.seed)
         return out
 
     def _fresh_columns(self, module: str, value: torch.Tensor, values: Mapping[str, Any],
@@ -318,14 +320,17 @@ def _rows(value: torch.Tensor, placement: _Placement) -> torch.Tensor:
     return rows
 
 
-def _with_fresh(value: torch.Tensor, fresh: Sequence[bool], attr: str, module: str
+def _with_fresh(value: torch.Tensor, fresh: Sequence[bool], attr: str, module: str, seed: int
                 ) -> torch.Tensor:
     if not any(fresh):
         return value
     mask = torch.as_tensor(fresh, device=value.device).reshape(-1, *[1] * (value.ndim - 1))
     if value.ndim > 1:  # a depthwise filter: He-normal over its taps, never zero
         taps = math.prod(value.shape[1:])
-        generator = torch.Generator().manual_seed(len(fresh))
+        # The growth's seed and the module (zlib: str hashes change between processes), so
+        # modules differ and the same growth draws the same filters every time it is asked.
+        entropy = np.random.SeedSequence([seed, zlib.crc32(module.encode())])
+        generator = torch.Generator().manual_seed(int(entropy.generate_state(1)[0]))
         init = torch.randn(value.shape, generator=generator, dtype=torch.float64)
         init = (init * math.sqrt(2.0 / taps)).to(dtype=value.dtype, device=value.device)
     else:
@@ -334,8 +339,10 @@ def _with_fresh(value: torch.Tensor, fresh: Sequence[bool], attr: str, module: s
     return torch.where(mask, init, value)
 
 
-def stream_layout(model: nn.Module, flow: TorchFlow, channel_map: Any) -> StreamLayout:
-    """Plan where ``flow``'s channels go when the core grew it by ``channel_map``."""
+def stream_layout(model: nn.Module, flow: TorchFlow, channel_map: Any,
+                  seed: int = 0) -> StreamLayout:
+    """Plan where ``flow``'s channels go when the core grew it by ``channel_map``; ``seed``
+    (a non-negative int) draws the depthwise filters of its fresh channels."""
     sources = composed_sources(channel_map)
     producer = model.get_submodule(flow.producer)
     if not isinstance(producer, nn.Conv2d):
@@ -354,7 +361,7 @@ def stream_layout(model: nn.Module, flow: TorchFlow, channel_map: Any) -> Stream
     width = old_width + kept
     placements = tuple(_place(before, after, sources, width)
                        for before, after in zip(old.paths, new.paths, strict=True))
-    return StreamLayout(flow, old_width, width, placements, old, new)
+    return StreamLayout(flow, old_width, width, placements, old, new, seed)
 
 
 def plain_row_sources(flow: TorchFlow, channel_map: Any) -> dict[str, np.ndarray]:
@@ -364,20 +371,20 @@ def plain_row_sources(flow: TorchFlow, channel_map: Any) -> dict[str, np.ndarray
     return dict.fromkeys(flow.producers, sources)
 
 
-def physical_state(model: nn.Module, growths: Sequence[tuple[TorchFlow, Any]]):
+def physical_state(model: nn.Module, growths: Sequence[tuple[TorchFlow, Any]], seed: int = 0):
     """A function mapping the core's grown state to the model's layout for routed ``growths``.
 
     For Firefly's widened forward pass (the state changes at every call, the layout not):
     each routed flow's layout is planned once from ``model`` as it is before the growth.
     Routed flows are laid out last to first, as :func:`~.surgery.apply_growths` writes them,
     so a consumer's rows are in the model's order when its stand-in columns are placed. The
-    stand-in arrays are left out of the result.
+    stand-in arrays are left out of the result. ``seed`` as in :func:`stream_layout`.
     """
     plain: dict[str, np.ndarray] = {}
     for flow, cmap in growths:
         if flow.routing is None:
             plain.update(plain_row_sources(flow, cmap))
-    layouts = [stream_layout(model, flow, cmap) for flow, cmap in reversed(growths)
+    layouts = [stream_layout(model, flow, cmap, seed) for flow, cmap in reversed(growths)
                if flow.routing is not None]
     stand_ins = {stand_in_name(module, producer) for layout in layouts
                  for module in layout.flow.routing.consumers

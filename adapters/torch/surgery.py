@@ -27,6 +27,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from simcore.extend import check_int
 from simcore.growth import ChannelMap
 from simcore.growth.chain import shifted_offset
 from simcore.growth.growers import check_real_range
@@ -83,6 +84,8 @@ def apply_growth(
     optimizer: torch.optim.Optimizer | None = None,
     optimizer_mode: str = "carry",
     lr: float | None = None,
+    *,
+    seed: int = 0,
 ) -> None:
     """Write a grown flow into ``model`` (and ``optimizer``) in place, atomically.
 
@@ -99,7 +102,9 @@ def apply_growth(
     implementations' behaviour; unlike the core's ``map_optimizer_state(mode="zero")``,
     which zeros only the flow's entries). ``lr``, if given, sets every param group's
     learning rate (the reference resets it after a growth). Parameters stay on
-    their device and dtype and keep ``requires_grad``.
+    their device and dtype and keep ``requires_grad``. ``seed`` (an int >= 0) draws the
+    depthwise filters of fresh channels in a routed stream (the only values the core does not
+    give; the growers pass their own growth's seed).
 
     >>> import numpy as np, torch
     >>> from torch import nn
@@ -114,7 +119,8 @@ def apply_growth(
     >>> net[2]
     Linear(in_features=6, out_features=2, bias=True)
     """
-    apply_growths(model, [(flow, channel_map)], new_params, optimizer, optimizer_mode, lr)
+    apply_growths(model, [(flow, channel_map)], new_params, optimizer, optimizer_mode, lr,
+                  seed=seed)
 
 
 def apply_growths(
@@ -124,6 +130,8 @@ def apply_growths(
     optimizer: torch.optim.Optimizer | None = None,
     optimizer_mode: str = "carry",
     lr: float | None = None,
+    *,
+    seed: int = 0,
 ) -> None:
     """Write several grown flows into ``model`` (and ``optimizer``) as one atomic change.
 
@@ -137,7 +145,7 @@ def apply_growths(
         raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
     for flow, _ in growths:
         _check_growth(flow, new_params)
-    transaction = GrowthTransaction(model, optimizer, optimizer_mode, lr)
+    transaction = GrowthTransaction(model, optimizer, optimizer_mode, lr, seed=seed)
     # Routed streams last: they permute rows other flows write in the core's order.
     growths = _shifted(sorted(growths, key=lambda g: g[0].routing is not None))
     positions = _written_positions(unwrap(model), growths)
@@ -250,6 +258,8 @@ class GrowthTransaction:
         optimizer: torch.optim.Optimizer | None = None,
         optimizer_mode: str = "carry",
         lr: float | None = None,
+        *,
+        seed: int = 0,
     ):
         if not isinstance(model, nn.Module):
             raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
@@ -265,6 +275,7 @@ class GrowthTransaction:
             lr = check_real_range(lr, "lr", low=0.0, low_open=True)
         self.model = unwrap(model)
         self.optimizer, self.optimizer_mode, self.lr = optimizer, optimizer_mode, lr
+        self.seed = check_int(seed, "seed", minimum=0)
         self._applied: list[list[Swap]] = []
         # Per grown dict: the routed flows' working copy, and the rows grown so far per module
         # (the old row each row copies), which a routed flow's stand-in columns follow.
@@ -288,7 +299,7 @@ class GrowthTransaction:
         _, values, row_sources = working
         if flow.routing is not None:
             swaps = routed_swaps(self.model, flow, values, channel_map, self.optimizer,
-                                  self.optimizer_mode, self.lr, row_sources)
+                                  self.optimizer_mode, self.lr, row_sources, self.seed)
         else:
             swaps = growth_swaps(self.model, flow, new_params, channel_map, self.optimizer,
                                   self.optimizer_mode, self.lr, positions)

@@ -104,15 +104,17 @@ def _tensor_swap(swaps, replaced, name, module, attr, value):
     return value
 
 
-def routed_swaps(model, flow, values, channel_map, optimizer, optimizer_mode, lr, row_sources):
+def routed_swaps(model, flow, values, channel_map, optimizer, optimizer_mode, lr, row_sources,
+                 seed=0):
     """A routed stream's growth (:mod:`.permutations`) as reversible swaps (nothing applied).
 
     ``values``: the grown arrays (the core's appended layout), updated in place with this
     flow's physical layout, so routed flows sharing a module (one's consumer is another's
     producer) each move their own axis of it in turn. Entries it lacks come from the model.
     ``row_sources``: the rows grown so far per module, updated with this flow's producers.
+    ``seed`` draws the depthwise filters of fresh channels.
     """
-    layout = stream_layout(model, flow, channel_map)
+    layout = stream_layout(model, flow, channel_map, seed)
     modules = dict(model.named_modules())
     physical = layout.grown(model, values, row_sources)
     row_sources.update(layout.row_sources())
