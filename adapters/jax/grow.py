@@ -31,7 +31,7 @@ from simcore.growth.growers import as_batches
 from ._models import model_kind
 from ._walk import OUTPUT_REASON
 from .discovery import JaxFlow, layer_of
-from .host import JaxGrowthHost, trace_flows
+from .host import JaxGrowthHost, Traced, trace_flows
 
 __all__ = ["JaxGrowth", "check_flows", "discover_flows", "grow"]
 
@@ -78,8 +78,11 @@ def discover_flows(model: Any, variables: Any, inputs: Any, *,
     ...                                                               jnp.zeros((2, 4)))]
     [('layers_0', 'params/layers_2/kernel')]
     """
-    kind = _kind(model, variables, apply_fn, None)
-    traced = trace_flows(kind, inputs)
+    return _picked(trace_flows(_kind(model, variables, apply_fn, None), inputs), layers)
+
+
+def _picked(traced: Traced, layers: Sequence[str] | None) -> list[JaxFlow]:
+    """:func:`discover_flows`'s answer from a traced model."""
     flows, blocked = traced.flows, traced.blocked
     if layers is None:
         return flows
@@ -211,8 +214,7 @@ def grow(
     if flows is not None:
         found = check_flows(list(flows), traced.flows, kind.leaves, blocked)
     elif layers is not None:
-        found = discover_flows(model, variables, batches[0][0], layers=layers,
-                               apply_fn=apply_fn)
+        found = _picked(traced, layers)
     else:
         found = traced.flows
         skipped = {name: why for name, why in blocked.items() if why != OUTPUT_REASON}
