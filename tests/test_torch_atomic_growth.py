@@ -270,3 +270,18 @@ def test_an_unapplied_optimizer_change_undoes_to_nothing():
     change.undo()
     change.undo()
     assert _snapshot(model, optimizer) == before
+
+
+@pytest.mark.parametrize("seed, error", [(-1, ValueError), (1.5, TypeError), (True, TypeError)])
+def test_a_bad_seed_is_refused_before_anything_changes(seed, error):
+    net = nn.Sequential(nn.Linear(3, 4), nn.ReLU(), nn.Linear(4, 2))
+    before = {k: v.clone() for k, v in net.state_dict().items()}
+    flow = discover_flows(net)[0]
+    grown, cmap = add_neurons(dict(net.state_dict()), flow.channel_flow(net), 2, rng=0)
+    with pytest.raises(error, match="seed"):
+        surgery.apply_growth(net, flow, grown, cmap, seed=seed)
+    with pytest.raises(error, match="seed"):
+        GrowthTransaction(net, seed=seed)
+    assert net[0].out_features == 4
+    for k, v in net.state_dict().items():
+        assert torch.equal(v, before[k])
